@@ -1,0 +1,30 @@
+"""A small HTTP/1.1 server on trio + h11, shared by seed and p2pd.
+
+Keep-alive, HEAD, streamed request and response bodies (Content-Length and chunked),
+``Expect: 100-continue``, header-size and idle/read/send timeouts, graceful shutdown, and
+``os.sendfile`` for file bodies when the transport is a plain socket.
+"""
+
+from ._server import (
+    FileBody,
+    Handler,
+    Headers,
+    Request,
+    RequestBody,
+    Response,
+    ServerInfo,
+    ServerLimits,
+    serve_http,
+)
+
+__all__ = [
+    "FileBody",
+    "Handler",
+    "Headers",
+    "Request",
+    "RequestBody",
+    "Response",
+    "ServerInfo",
+    "ServerLimits",
+    "serve_http",
+]

@@ -1,0 +1,134 @@
+"""Chunk maps: the per-chunk sha256 list that lets a peer verify every chunk it receives.
+
+The seed computes a map while a blob is pushed (or later, on demand) and serves it
+msgpack-encoded; p2pd checks each chunk from another node against it before the chunk is
+written, served, or advertised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+import msgpack
+
+from .digest import Digest
+from .errors import OCIError
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
+    "MIN_CHUNK_SIZE",
+    "ChunkHasher",
+    "ChunkMap",
+    "chunk_count",
+    "validate_chunk_size",
+]
+
+MIN_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+_FORMAT_VERSION = 1
+
+
+def validate_chunk_size(size: int) -> int:
+    """Chunk sizes are powers of two between 64 KiB and 64 MiB."""
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE or size & (size - 1):
+        raise OCIError("BAD_REQUEST", "chunk size must be a power of two between 64 KiB and 64 MiB",
+                       detail={"size": size})
+    return size
+
+
+def chunk_count(blob_size: int, chunk_size: int) -> int:
+    return max(1, -(-blob_size // chunk_size)) if blob_size else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMap:
+    digest: Digest
+    size: int
+    chunk_size: int
+    hashes: tuple[bytes, ...]  # raw 32-byte sha256 digests, one per chunk
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``index``."""
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
+    def verify_chunk(self, index: int, data: bytes | memoryview) -> bool:
+        if not 0 <= index < len(self.hashes) or len(data) != self.chunk_bounds(index)[1]:
+            return False
+        return hmac.compare_digest(hashlib.sha256(data).digest(), self.hashes[index])
+
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "v": _FORMAT_VERSION,
+            "digest": str(self.digest),
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "chunks": list(self.hashes),
+        })
+
+    @classmethod
+    def decode(cls, data: bytes, *, expected_digest: Digest | None = None,
+               expected_size: int | None = None) -> ChunkMap:
+        """Parses an encoded map and checks that its shape is self-consistent.
+
+        Raises:
+            OCIError: BAD_REQUEST when the map is malformed or describes another blob.
+        """
+        def bad(message: str) -> OCIError:
+            return OCIError("BAD_REQUEST", f"invalid chunk map: {message}")
+
+        try:
+            obj = msgpack.unpackb(data, max_bin_len=32, max_str_len=300, max_array_len=1 << 24,
+                                  max_map_len=16)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise bad("not msgpack") from exc
+        if not isinstance(obj, dict) or obj.get("v") != _FORMAT_VERSION:
+            raise bad("unknown format")
+        digest_text, size, chunk_size, chunks = (obj.get(k) for k in ("digest", "size", "chunk_size", "chunks"))
+        if not isinstance(digest_text, str) or not isinstance(size, int) or not isinstance(chunk_size, int):
+            raise bad("missing fields")
+        digest = Digest.parse(digest_text)
+        validate_chunk_size(chunk_size)
+        if size < 0 or not isinstance(chunks, list) or len(chunks) != chunk_count(size, chunk_size):
+            raise bad("chunk count does not match size")
+        if not all(isinstance(h, bytes) and len(h) == 32 for h in chunks):
+            raise bad("chunk hashes must be 32-byte sha256 digests")
+        if expected_digest is not None and digest != expected_digest:
+            raise bad("digest mismatch")
+        if expected_size is not None and size != expected_size:
+            raise bad("size mismatch")
+        return cls(digest, size, chunk_size, tuple(chunks))
+
+
+class ChunkHasher:
+    """Builds a chunk map from bytes fed in order, in any piece sizes."""
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self.chunk_size = validate_chunk_size(chunk_size)
+        self._hashes: list[bytes] = []
+        self._current = hashlib.sha256()
+        self._filled = 0
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self.size += len(view)
+        while view:
+            take = min(len(view), self.chunk_size - self._filled)
+            self._current.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_size:
+                self._hashes.append(self._current.digest())
+                self._current = hashlib.sha256()
+                self._filled = 0
+
+    def finish(self, digest: Digest) -> ChunkMap:
+        hashes = list(self._hashes)
+        if self._filled:
+            hashes.append(self._current.digest())
+        return ChunkMap(digest, self.size, self.chunk_size, tuple(hashes))

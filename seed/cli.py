@@ -1,0 +1,86 @@
+"""``seed`` command line: ``seed serve`` and ``seed gc``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from .config import ConfigError, SeedConfig, load_config
+from .registry import serve_seed
+from .storage import Storage
+
+__all__ = ["main"]
+
+log = logging.getLogger("seed")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seed", description="The p2pd seed: a complete OCI registry.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the registry")
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
+    serve.add_argument("--data", type=Path, help="data directory")
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+
+    gc = commands.add_parser("gc", help="remove blobs that no manifest references")
+    gc.add_argument("--data", type=Path, help="data directory")
+    gc.add_argument("--config", type=Path, help="TOML configuration file")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    gc.add_argument("--grace", type=float, help="keep unreferenced blobs younger than this many seconds")
+    return parser
+
+
+async def _serve(config: SeedConfig) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(on_signals)
+        info, _registry = await nursery.start(partial(serve_seed, config, shutdown=shutdown))
+        log.info("seed listening on %s, data in %s", info.url, config.storage.data)
+        print(f"seed listening on {info.url}", flush=True)
+        await shutdown.wait()
+    log.info("seed stopped")
+
+
+def _gc(config: SeedConfig, dry_run: bool, grace: float | None) -> int:
+    storage = Storage(config.storage.data, chunk_size=config.storage.chunk_size)
+    report = storage.collect_garbage(dry_run=dry_run, grace=config.storage.gc_grace if grace is None else grace)
+    verb = "would remove" if dry_run else "removed"
+    for digest in report.removed_blobs:
+        print(f"{verb} {digest}")
+    print(f"{verb} {len(report.removed_blobs)} blobs ({report.removed_bytes} bytes), kept {report.kept_blobs}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            config = load_config(args.config, listen=args.listen, data=args.data)
+            trio.run(_serve, config)
+            return 0
+        config = load_config(args.config, data=args.data)
+        return _gc(config, args.dry_run, args.grace)
+    except ConfigError as exc:
+        print(f"seed: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""The seed's HTTP API: OCI Distribution 1.1 (pull, push, delete, tags, catalog, referrers),
+the chunk-map endpoint for peers, ``/metrics`` and ``/healthz``.
+
+Routing checks the grammar of every name, tag and digest before storage sees it. Storage
+calls that write (and fsync) run in worker threads; cheap metadata reads run inline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from p2pd.httpd import FileBody, Request, Response, ServerInfo, serve_http
+from p2pd.oci import mediatypes
+from p2pd.oci.digest import Digest
+from p2pd.oci.errors import OCIError
+from p2pd.oci.grammar import validate_name, validate_reference
+from p2pd.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest, referrers_index
+from p2pd.oci.ranges import parse_range
+
+from .config import SeedConfig
+from .metrics import SeedMetrics
+from .storage import Storage, UploadSession, is_disk_full
+
+__all__ = ["CHUNK_MAP_MEDIA_TYPE", "SeedRegistry", "serve_seed"]
+
+log = logging.getLogger("seed.registry")
+
+CHUNK_MAP_MEDIA_TYPE = "application/vnd.p2pd.chunkmap.v1+msgpack"
+_API_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+_WRITE_BUFFER = 1024 * 1024
+_CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})")
+
+# (route name, method set, pattern) in match order: more specific paths first, because
+# repository names may themselves contain "blobs" or "manifests" as components.
+_ROUTES: list[tuple[str, re.Pattern[str]]] = [
+    ("catalog", re.compile(r"/v2/_catalog")),
+    ("chunks", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)/chunks")),
+    ("upload", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/(?P<upload>[^/]*)")),
+    ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")),
+    ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")),
+    ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
+    ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")),
+]
+
+
+def _method_not_allowed(allowed: str) -> OCIError:
+    return OCIError("UNSUPPORTED", "method not allowed", status=405, headers=[("Allow", allowed)])
+
+
+def _range_header(size: int) -> str:
+    return f"0-{max(size - 1, 0)}"
+
+
+class SeedRegistry:
+    """Request handler of one seed instance.
+
+    Args:
+        config: the loaded configuration.
+        storage: where content lives (``Storage(config.storage.data, ...)``).
+        metrics: Prometheus metrics of this instance.
+    """
+
+    def __init__(self, config: SeedConfig, storage: Storage, metrics: SeedMetrics) -> None:
+        self.config = config
+        self.storage = storage
+        self.metrics = metrics
+        self._upload_locks: dict[str, trio.Lock] = {}
+        self.metrics.uploads_in_progress.set(sum(1 for _ in storage.list_uploads()))
+
+    async def handle(self, request: Request) -> Response:
+        path = request.path
+        if path == "/healthz":
+            request.route = "healthz"
+            return Response(200, [("Content-Type", "text/plain")], b"ok\n")
+        if path == "/metrics":
+            request.route = "metrics"
+            return Response(200, [("Content-Type", "text/plain; version=0.0.4")], self.metrics.render())
+        if not (path == "/v2" or path.startswith("/v2/")):
+            raise OCIError("NOT_FOUND", "not found")
+        response = await self._dispatch(request)
+        response.headers.append(_API_HEADER)
+        return response
+
+    async def _dispatch(self, request: Request) -> Response:
+        path = request.path
+        if path in ("/v2", "/v2/"):
+            request.route = "base"
+            if request.method not in ("GET", "HEAD"):
+                raise _method_not_allowed("GET, HEAD")
+            return Response(200, [("Content-Type", "application/json")], b"{}")
+        for route, pattern in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            request.route = route
+            params = match.groupdict()
+            if "name" in params:
+                validate_name(params["name"])
+            handler = self._handlers.get((route, request.method))
+            if handler is None:
+                if request.method == "HEAD" and (route, "GET") in self._handlers:
+                    handler = self._handlers[(route, "GET")]
+                else:
+                    allowed = sorted({m for (r, m) in self._handlers if r == route})
+                    raise _method_not_allowed(", ".join(allowed))
+            try:
+                return await handler(self, request, **params)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise OCIError("UNAVAILABLE", "registry storage is full", status=507) from exc
+                raise
+        raise OCIError("NOT_FOUND", "no such API endpoint", detail={"path": path[:200]})
+
+    # ---- pull -------------------------------------------------------------------------
+
+    async def get_blob(self, request: Request, name: str, digest: str) -> Response:
+        parsed = Digest.parse(digest)
+        fd, size = self.storage.open_blob(name, parsed)
+        try:
+            byte_range = parse_range(request.headers.get("range"), size)
+        except OCIError:
+            os.close(fd)
+            raise
+        headers = [("Content-Type", mediatypes.OCTET_STREAM), ("Docker-Content-Digest", str(parsed)),
+                   ("Accept-Ranges", "bytes"), ("ETag", f'"{parsed}"'),
+                   ("Cache-Control", "max-age=31536000")]
+        if byte_range is None:
+            return Response(200, headers, FileBody(fd, 0, size))
+        headers.append(("Content-Range", byte_range.content_range(size)))
+        return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length))
+
+    async def get_manifest(self, request: Request, name: str, reference: str) -> Response:
+        validate_reference(reference)
+        stored, body = self.storage.get_manifest(name, reference)
+        headers = [("Content-Type", stored.media_type), ("Docker-Content-Digest", str(stored.digest)),
+                   ("ETag", f'"{stored.digest}"')]
+        return Response(200, headers, body)
+
+    async def get_chunks(self, request: Request, name: str, digest: str) -> Response:
+        parsed = Digest.parse(digest)
+        size_text = request.query_one("size")
+        if size_text is None:
+            chunk_size = self.config.storage.chunk_size
+        elif size_text.isdigit() and len(size_text) < 12:
+            chunk_size = int(size_text)
+        else:
+            raise OCIError("BAD_REQUEST", "size must be a number of bytes")
+        encoded = await trio.to_thread.run_sync(self.storage.chunk_map, name, parsed, chunk_size)
+        return Response(200, [("Content-Type", CHUNK_MAP_MEDIA_TYPE), ("Docker-Content-Digest", str(parsed))],
+                        encoded)
+
+    # ---- discovery --------------------------------------------------------------------
+
+    def _page(self, request: Request, items: list[str], base_path: str) -> tuple[list[str], list[tuple[str, str]]]:
+        limit = self.config.registry.max_page_size
+        n_text, last = request.query_one("n"), request.query_one("last")
+        if n_text is not None:
+            if not n_text.isdigit() or len(n_text) > 9:
+                raise OCIError("PAGINATION_NUMBER_INVALID", "n must be a non-negative integer",
+                               detail={"n": n_text[:20]})
+            limit = min(int(n_text), limit)
+        if last:
+            items = [item for item in items if item > last]
+        page = items[:limit]
+        headers: list[tuple[str, str]] = []
+        if limit and len(items) > limit:
+            query = urllib.parse.urlencode({"n": limit, "last": page[-1]})
+            headers.append(("Link", f'<{base_path}?{query}>; rel="next"'))
+        return page, headers
+
+    async def list_tags(self, request: Request, name: str) -> Response:
+        tags = self.storage.list_tags(name)
+        page, headers = self._page(request, tags, f"/v2/{name}/tags/list")
+        return _json(200, {"name": name, "tags": page}, headers)
+
+    async def list_catalog(self, request: Request) -> Response:
+        repositories = await trio.to_thread.run_sync(self.storage.list_repositories)
+        page, headers = self._page(request, repositories, "/v2/_catalog")
+        return _json(200, {"repositories": page}, headers)
+
+    async def get_referrers(self, request: Request, name: str, digest: str) -> Response:
+        subject = Digest.parse(digest)
+        artifact_type = request.query_one("artifactType")
+        body = referrers_index(self.storage.referrers(name, subject), artifact_type)
+        headers = [("Content-Type", mediatypes.OCI_INDEX)]
+        if artifact_type is not None:
+            headers.append(("OCI-Filters-Applied", "artifactType"))
+        return Response(200, headers, body)
+
+    # ---- push -------------------------------------------------------------------------
+
+    def _upload_lock(self, upload_id: str) -> trio.Lock:
+        return self._upload_locks.setdefault(upload_id, trio.Lock())
+
+    async def _receive_into(self, request: Request, session: UploadSession) -> int:
+        """Streams the request body onto the end of the upload; returns the new size."""
+        size = session.size()
+        buffer = bytearray()
+        append = partial(self.storage.append_upload, session, max_size=self.config.storage.max_blob_size)
+        async for piece in request.body:
+            buffer += piece
+            self.metrics.bytes_received.inc(len(piece))
+            if len(buffer) >= _WRITE_BUFFER:
+                size = await trio.to_thread.run_sync(append, bytes(buffer))
+                buffer.clear()
+        if buffer:
+            size = await trio.to_thread.run_sync(append, bytes(buffer))
+        return size
+
+    def _check_content_range(self, request: Request, session: UploadSession) -> None:
+        header = request.headers.get("content-range")
+        if header is None:
+            return
+        match = _CONTENT_RANGE_RE.fullmatch(header.strip())
+        current = session.size()
+        if match is None:
+            raise OCIError("BLOB_UPLOAD_INVALID", "malformed Content-Range", detail={"range": header[:100]})
+        start, end = int(match.group(1)), int(match.group(2))
+        if start != current or end < start:
+            raise OCIError("RANGE_INVALID", "chunk out of order", status=416,
+                           headers=[("Location", self._upload_location(session)),
+                                    ("Range", _range_header(current)),
+                                    ("Docker-Upload-UUID", session.id)],
+                           detail={"expected_start": current})
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) != end - start + 1:
+            raise OCIError("BLOB_UPLOAD_INVALID", "Content-Range does not match Content-Length")
+
+    @staticmethod
+    def _upload_location(session: UploadSession) -> str:
+        return f"/v2/{session.name}/blobs/uploads/{session.id}"
+
+    def _upload_status(self, status: int, session: UploadSession, size: int) -> Response:
+        return Response(status, [("Location", self._upload_location(session)), ("Range", _range_header(size)),
+                                 ("Docker-Upload-UUID", session.id)])
+
+    def _blob_created(self, name: str, digest: Digest) -> Response:
+        return Response(201, [("Location", f"/v2/{name}/blobs/{digest}"), ("Docker-Content-Digest", str(digest))])
+
+    async def start_upload(self, request: Request, name: str, upload: str) -> Response:
+        if upload:
+            raise _method_not_allowed("GET, PATCH, PUT, DELETE")
+        mount, source = request.query_one("mount"), request.query_one("from")
+        if mount is not None:
+            digest = Digest.parse(mount)
+            if source and await trio.to_thread.run_sync(self.storage.mount_blob, name, digest, source):
+                return self._blob_created(name, digest)
+        session = await trio.to_thread.run_sync(self.storage.create_upload, name)
+        self.metrics.uploads_in_progress.inc()
+        digest_text = request.query_one("digest")
+        if digest_text is None:
+            return self._upload_status(202, session, 0)
+        # Single-request upload: the body is the whole blob.
+        return await self._finish_upload(request, session, digest_text)
+
+    async def patch_upload(self, request: Request, name: str, upload: str) -> Response:
+        session = self.storage.get_upload(name, upload)
+        async with self._upload_lock(session.id):
+            self._check_content_range(request, session)
+            size = await self._receive_into(request, session)
+        return self._upload_status(202, session, size)
+
+    async def put_upload(self, request: Request, name: str, upload: str) -> Response:
+        session = self.storage.get_upload(name, upload)
+        digest_text = request.query_one("digest")
+        if digest_text is None:
+            raise OCIError("DIGEST_INVALID", "digest query parameter is required to finish an upload")
+        async with self._upload_lock(session.id):
+            return await self._finish_upload(request, session, digest_text)
+
+    async def _finish_upload(self, request: Request, session: UploadSession, digest_text: str) -> Response:
+        try:
+            digest = Digest.parse(digest_text)
+            self._check_content_range(request, session)
+            await self._receive_into(request, session)
+            await trio.to_thread.run_sync(self.storage.commit_upload, session, digest)
+        except OCIError as exc:
+            if exc.code in ("DIGEST_INVALID", "SIZE_INVALID", "UNSUPPORTED"):
+                await trio.to_thread.run_sync(self.storage.cancel_upload, session)
+                self._forget_upload(session)
+            raise
+        self._forget_upload(session)
+        return self._blob_created(session.name, digest)
+
+    def _forget_upload(self, session: UploadSession) -> None:
+        self._upload_locks.pop(session.id, None)
+        self.metrics.uploads_in_progress.set(sum(1 for _ in self.storage.list_uploads()))
+
+    async def upload_status(self, request: Request, name: str, upload: str) -> Response:
+        session = self.storage.get_upload(name, upload)
+        return self._upload_status(204, session, session.size())
+
+    async def cancel_upload(self, request: Request, name: str, upload: str) -> Response:
+        session = self.storage.get_upload(name, upload)
+        async with self._upload_lock(session.id):
+            await trio.to_thread.run_sync(self.storage.cancel_upload, session)
+        self._forget_upload(session)
+        return Response(204)
+
+    async def put_manifest(self, request: Request, name: str, reference: str) -> Response:
+        validate_reference(reference)
+        body = await request.body.read(MAX_MANIFEST_SIZE)
+        self.metrics.bytes_received.inc(len(body))
+        parsed = parse_manifest(body, request.headers.get("content-type"))
+        tag = None
+        if ":" in reference:
+            if Digest.parse(reference) != parsed.digest:
+                raise OCIError("DIGEST_INVALID", "manifest digest does not match the reference",
+                               detail={"reference": reference, "actual": str(parsed.digest)})
+        else:
+            tag = reference
+        await trio.to_thread.run_sync(self.storage.put_manifest, name, body, parsed, tag)
+        headers = [("Location", f"/v2/{name}/manifests/{parsed.digest}"),
+                   ("Docker-Content-Digest", str(parsed.digest))]
+        if parsed.subject is not None:
+            headers.append(("OCI-Subject", str(parsed.subject.digest)))
+        return Response(201, headers)
+
+    # ---- delete -----------------------------------------------------------------------
+
+    def _check_delete_enabled(self) -> None:
+        if not self.config.registry.delete_enabled:
+            raise OCIError("UNSUPPORTED", "deletes are disabled on this registry", status=405)
+
+    async def delete_manifest(self, request: Request, name: str, reference: str) -> Response:
+        self._check_delete_enabled()
+        validate_reference(reference)
+        if ":" in reference:
+            await trio.to_thread.run_sync(self.storage.delete_manifest, name, Digest.parse(reference))
+        else:
+            await trio.to_thread.run_sync(self.storage.delete_tag, name, reference)
+        return Response(202)
+
+    async def delete_blob(self, request: Request, name: str, digest: str) -> Response:
+        self._check_delete_enabled()
+        await trio.to_thread.run_sync(self.storage.delete_blob, name, Digest.parse(digest))
+        return Response(202)
+
+    async def purge_stale_uploads(self) -> int:
+        purged = await trio.to_thread.run_sync(self.storage.purge_uploads, self.config.storage.upload_max_age)
+        if purged:
+            log.info("purged %d stale upload sessions", purged)
+            self.metrics.uploads_purged.inc(purged)
+        self.metrics.uploads_in_progress.set(sum(1 for _ in self.storage.list_uploads()))
+        return purged
+
+    _handlers: dict[tuple[str, str], Callable[..., Awaitable[Response]]] = {
+        ("catalog", "GET"): list_catalog,
+        ("chunks", "GET"): get_chunks,
+        ("upload", "POST"): start_upload,
+        ("upload", "PATCH"): patch_upload,
+        ("upload", "PUT"): put_upload,
+        ("upload", "GET"): upload_status,
+        ("upload", "DELETE"): cancel_upload,
+        ("blob", "GET"): get_blob,
+        ("blob", "DELETE"): delete_blob,
+        ("manifest", "GET"): get_manifest,
+        ("manifest", "PUT"): put_manifest,
+        ("manifest", "DELETE"): delete_manifest,
+        ("tags", "GET"): list_tags,
+        ("referrers", "GET"): get_referrers,
+    }
+
+
+def _json(status: int, document: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    import json
+
+    return Response(status, [("Content-Type", "application/json"), *(headers or [])],
+                    json.dumps(document, separators=(",", ":")).encode())
+
+
+async def _purge_periodically(registry: SeedRegistry, interval: float) -> None:
+    while True:
+        await registry.purge_stale_uploads()
+        await trio.sleep(interval)
+
+
+async def serve_seed(
+    config: SeedConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[tuple[ServerInfo, SeedRegistry]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Runs a seed registry until cancelled or until ``shutdown`` is set.
+
+    ``task_status.started`` receives the bound address and the registry (for tests and
+    the CLI's readiness notification).
+    """
+    storage = await trio.to_thread.run_sync(
+        partial(Storage, config.storage.data, chunk_size=config.storage.chunk_size))
+    registry = SeedRegistry(config, storage, SeedMetrics())
+    async with trio.open_nursery() as nursery:
+
+        async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
+            await serve_http(registry.handle, config.server.host, config.server.port,
+                             limits=config.server.limits, observer=registry.metrics.observe,
+                             shutdown=shutdown, task_status=task_status)
+            nursery.cancel_scope.cancel()  # graceful shutdown finished: stop the purge loop too
+
+        nursery.start_soon(_purge_periodically, registry, config.storage.purge_interval)
+        info = await nursery.start(run_server)
+        task_status.started((info, registry))

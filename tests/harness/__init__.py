@@ -1,0 +1,14 @@
+"""Test harness: start real tools (registry, skopeo, umoci, containerd) in temp dirs on loopback.
+
+Plain synchronous helpers (subprocess based). From trio tests call them through
+``trio.to_thread.run_sync``. This package must not import ``p2pd`` or ``seed``.
+
+Modules:
+    net                 free_port, wait_http_ok, loopback guards
+    tools               require_tool, require_root, run, start_process, stop_process
+    reference_registry  ReferenceRegistry (CNCF distribution ``docker-registry serve``)
+    images              OciLayout, build_busybox_layout, add_random_layer, write_layout_image
+    skopeo              copy, inspect_raw, inspect_digest
+    containerd          PrivateContainerd, write_hosts_toml
+    fixtures            pytest fixtures (registered in tests/conftest.py)
+"""

@@ -1,0 +1,48 @@
+"""pytest fixtures for the harness; registered in tests/conftest.py via ``pytest_plugins``.
+
+    reference_registry  function  ReferenceRegistry on a free 127.0.0.1 port (storage in tmp_path)
+    busybox_layout      session   OciLayout with tag ``busybox`` (runnable busybox-static image)
+    big_layout          session   separate OciLayout: tags ``busybox`` and ``big`` (= busybox + 50 MiB random)
+    containerd          function  PrivateContainerd (needs root), namespace ``test``
+
+Session layouts are shared: treat them as read-only (copy the directory to modify it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .containerd import PrivateContainerd
+from .images import OciLayout, add_random_layer, build_busybox_layout
+from .reference_registry import ReferenceRegistry
+
+BIG_LAYER_MIB = 50
+
+
+@pytest.fixture
+def reference_registry(tmp_path: Path) -> Iterator[ReferenceRegistry]:
+    with ReferenceRegistry(tmp_path / "reference-registry") as registry:
+        yield registry
+
+
+@pytest.fixture(scope="session")
+def busybox_layout(tmp_path_factory: pytest.TempPathFactory) -> OciLayout:
+    return build_busybox_layout(tmp_path_factory.mktemp("busybox-image"))
+
+
+@pytest.fixture(scope="session")
+def big_layout(tmp_path_factory: pytest.TempPathFactory, busybox_layout: OciLayout) -> OciLayout:
+    layout = OciLayout(tmp_path_factory.mktemp("big-image") / "oci")
+    shutil.copytree(busybox_layout.path, layout.path)
+    add_random_layer(layout, "busybox", "big", BIG_LAYER_MIB)
+    return layout
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[PrivateContainerd]:
+    with PrivateContainerd(tmp_path / "containerd") as ctd:
+        yield ctd
