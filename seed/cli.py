@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from functools import partial
 from pathlib import Path
 
 import trio
+
+from p2pd.sdnotify import notify
 
 from .config import ConfigError, SeedConfig, load_config
 from .registry import serve_seed
@@ -38,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(config: SeedConfig) -> None:
+async def _serve(config: SeedConfig, notify_socket: str | None = None) -> None:
+    """Runs the seed until SIGTERM/SIGINT; tells systemd (``Type=notify``) when it is ready and when it stops."""
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
 
@@ -53,7 +57,9 @@ async def _serve(config: SeedConfig) -> None:
         info, _registry = await nursery.start(partial(serve_seed, config, shutdown=shutdown))
         log.info("seed listening on %s, data in %s", info.url, config.storage.data)
         print(f"seed listening on {info.url}", flush=True)
+        notify(f"READY=1\nSTATUS=serving on {info.url}", notify_socket)
         await shutdown.wait()
+        notify("STOPPING=1\nSTATUS=shutting down", notify_socket)
     log.info("seed stopped")
 
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = load_config(args.config, listen=args.listen, data=args.data)
-            trio.run(_serve, config)
+            trio.run(_serve, config, os.environ.get("NOTIFY_SOCKET"))
             return 0
         config = load_config(args.config, data=args.data)
         return _gc(config, args.dry_run, args.grace)

@@ -5,6 +5,7 @@ Example ``seed.toml``::
     [server]
     listen = "0.0.0.0:5000"
     idle_timeout = 75.0
+    use_sendfile = true    # false: send blobs with pread + send instead of os.sendfile
 
     [storage]
     data = "/var/lib/seed"
@@ -19,21 +20,18 @@ Example ``seed.toml``::
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from p2pd.errors import ConfigError
 from p2pd.httpd import ServerLimits
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, validate_chunk_size
 from p2pd.oci.errors import OCIError
+from p2pd.tomlconfig import build_section, parse_listen, read_toml
 
 __all__ = ["ConfigError", "RegistryConfig", "SeedConfig", "ServerConfig", "StorageConfig", "load_config",
            "parse_listen"]
-
-
-class ConfigError(Exception):
-    """The configuration file or flags are invalid."""
 
 
 @dataclass(frozen=True)
@@ -66,49 +64,18 @@ class SeedConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[v6]:PORT`` → (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"listen address must be HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _build(cls: type, table: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in known:
-            raise ConfigError(f"unknown setting {where}.{key}")
-        default = getattr(cls(), key)
-        if isinstance(default, Path):
-            value = Path(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.{key} must be true or false")
-        elif isinstance(default, int | float) and (not isinstance(value, int | float) or isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key} must be a number")
-        values[key] = type(default)(value) if isinstance(default, int | float) else value
-    return cls(**values)
-
-
 def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
     """Reads the TOML file (if any), then applies command-line overrides.
 
     Overrides: ``listen`` ("HOST:PORT"), ``data`` (path).
     """
-    document: dict[str, Any] = {}
-    if path is not None:
-        try:
-            document = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    document = read_toml(path)
     unknown = set(document) - {"server", "storage", "registry"}
     if unknown:
         raise ConfigError(f"unknown sections: {', '.join(sorted(unknown))}")
     server_table = dict(document.get("server", {}))
     listen = overrides.get("listen") or server_table.pop("listen", None)
-    limits = _build(ServerLimits, {k: v for k, v in server_table.items() if k in _LIMIT_KEYS}, "server")
+    limits = build_section(ServerLimits, {k: v for k, v in server_table.items() if k in _LIMIT_KEYS}, "server")
     rest = {k: v for k, v in server_table.items() if k not in _LIMIT_KEYS}
     if rest:
         raise ConfigError(f"unknown setting server.{sorted(rest)[0]}")
@@ -116,14 +83,14 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
     if listen:
         host, port = parse_listen(listen)
         server = replace(server, host=host, port=port)
-    storage = _build(StorageConfig, document.get("storage", {}), "storage")
+    storage = build_section(StorageConfig, document.get("storage", {}), "storage")
     if overrides.get("data"):
         storage = replace(storage, data=Path(overrides["data"]))
     try:
         validate_chunk_size(storage.chunk_size)
     except OCIError as exc:
         raise ConfigError(f"storage.chunk_size: {exc.message}") from exc
-    registry = _build(RegistryConfig, document.get("registry", {}), "registry")
+    registry = build_section(RegistryConfig, document.get("registry", {}), "registry")
     if registry.max_page_size < 1:
         raise ConfigError("registry.max_page_size must be positive")
     return SeedConfig(server=server, storage=storage, registry=registry)

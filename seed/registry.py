@@ -119,6 +119,13 @@ class SeedRegistry:
                 raise
         raise OCIError("NOT_FOUND", "no such API endpoint", detail={"path": path[:200]})
 
+    def observe(self, request: Request, status: int, bytes_sent: int, seconds: float) -> None:
+        """Called by the HTTP server after every response: metrics, and a DEBUG access-log line."""
+        self.metrics.observe(request, status, bytes_sent, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %d in=%d out=%d range=%s %.3fs", request.method, request.target[:200], status,
+                      request.body.received, bytes_sent, request.headers.get("content-range", "-"), seconds)
+
     # ---- pull -------------------------------------------------------------------------
 
     async def get_blob(self, request: Request, name: str, digest: str) -> Response:
@@ -401,7 +408,7 @@ async def serve_seed(
 
         async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
             await serve_http(registry.handle, config.server.host, config.server.port,
-                             limits=config.server.limits, observer=registry.metrics.observe,
+                             limits=config.server.limits, observer=registry.observe,
                              shutdown=shutdown, task_status=task_status)
             nursery.cancel_scope.cancel()  # graceful shutdown finished: stop the purge loop too
 

@@ -362,7 +362,10 @@ class Storage:
                 name = str(state["name"])
             except (OSError, ValueError, KeyError):
                 # A crash between mkdir and the state write: age it by the directory.
-                created, name = directory.stat().st_mtime, ""
+                try:
+                    created, name = directory.stat().st_mtime, ""
+                except FileNotFoundError:
+                    continue  # committed or cancelled by a concurrent request meanwhile
             yield UploadSession(directory.name, name, directory, created)
 
     def purge_uploads(self, max_age: float, now: float | None = None) -> int:

@@ -10,8 +10,9 @@ Rules/invariants:
   response, so unread bytes are never parsed as the next request.
 - Exceptions from a handler become an OCI error response (``OCIError``) or a 500; they never
   take the server down. Cancellation is not caught.
-- File bodies are sent with ``os.sendfile`` on plain sockets; the file descriptor is always
-  closed by the server, whatever happens.
+- File bodies are sent with ``os.sendfile`` on plain sockets (unless ``ServerLimits.use_sendfile``
+  is false: then they are read with ``os.pread`` in a worker thread and sent); the file
+  descriptor is always closed by the server, whatever happens.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class ServerLimits:
     send_timeout: float = 60.0
     graceful_timeout: float = 5.0
     max_connections: int = 2048
+    # Send file bodies with os.sendfile on plain sockets; false reads them into memory
+    # (pread in a worker thread) and sends the bytes, e.g. to compare the two.
+    use_sendfile: bool = True
 
 
 class Headers:
@@ -119,6 +123,8 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: ResponseBody = b""
     content_length: int | None = None
+    # Called once the response is finished or abandoned (e.g. to release a cache entry).
+    on_close: Callable[[], None] | None = None
 
     @classmethod
     def error(cls, exc: OCIError) -> Response:
@@ -206,29 +212,44 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.bytes_sent = 0
 
-    async def _receive_event(self, deadline_seconds: float) -> h11.Event | type[h11.PAUSED]:
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            with trio.move_on_after(deadline_seconds) as scope:
-                try:
-                    data = await self.stream.receive_some(_RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise _ClientGone from exc
-            if scope.cancelled_caught:
-                raise _ClientGone("receive timed out")
-            self.h11.receive_data(data)
+    async def _receive_raw(self) -> bytes:
+        try:
+            return await self.stream.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ClientGone from exc
+
+    async def _receive_event(self, seconds: float) -> h11.Event | type[h11.PAUSED]:
+        """The next h11 event, which must arrive whole within ``seconds``.
+
+        The deadline covers the whole event, not each read: a client that trickles a request
+        head one byte at a time is cut off like one that sends nothing.
+        """
+        with trio.move_on_after(seconds):
+            while True:
+                event = self.h11.next_event()
+                if event is not h11.NEED_DATA:
+                    return event  # type: ignore[return-value]
+                self.h11.receive_data(await self._receive_raw())
+        raise _ClientGone("receive timed out")
 
     async def receive_request(self, idle: bool) -> h11.Request | None:
         """The next request head; None when the client closed an idle connection."""
-        # An idle keep-alive connection may wait longer for the first byte than a
-        # client that has started sending a request head.
-        timeout = self.limits.idle_timeout if idle else self.limits.header_timeout
-        event = await self._receive_event(timeout)
+        if idle and not self.h11.trailing_data[0]:
+            # An idle keep-alive connection may wait longer for the next request to start
+            # than a client that has started sending a request head.
+            with trio.move_on_after(self.limits.idle_timeout) as scope:
+                data = await self._receive_raw()
+            if scope.cancelled_caught:
+                raise _ClientGone("idle timeout")
+            self.h11.receive_data(data)
+        event = await self._receive_event(self.limits.header_timeout)
         if isinstance(event, h11.ConnectionClosed):
             return None
         if isinstance(event, h11.Request):
+            # h11 bounds only a head that is still incomplete; one that arrived whole in a
+            # single read is measured here.
+            if _head_size(event) > self.limits.max_header_bytes:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             return event
         raise _ClientGone(f"unexpected event {event!r}")
 
@@ -276,10 +297,10 @@ class _Connection:
                 await self.send_bytes(bytes(piece))
 
     async def _send_file_span(self, body: FileBody) -> None:
-        socket = getattr(self.stream, "socket", None)
+        socket = getattr(self.stream, "socket", None) if self.limits.use_sendfile else None
         offset, remaining = body.offset, body.length
         if socket is None:
-            # Not a plain socket (tests with memory streams, TLS): read and send.
+            # Not a plain socket (tests with memory streams, TLS), or sendfile disabled: read and send.
             while remaining:
                 data = await trio.to_thread.run_sync(os.pread, body.fd, min(remaining, _FALLBACK_READ), offset)
                 if not data:
@@ -311,11 +332,20 @@ class _Connection:
             deadline = trio.current_time() + self.limits.send_timeout
 
 
+def _head_size(request: h11.Request) -> int:
+    """Approximate size on the wire of a request head (request line and header lines)."""
+    return (len(request.method) + len(request.target) + 12
+            + sum(len(name) + len(value) + 4 for name, value in request.headers))
+
+
 def _parse_target(target: str) -> tuple[str, dict[str, list[str]]]:
     raw_path, _, raw_query = target.partition("?")
     if not raw_path.startswith("/"):
         raise OCIError("BAD_REQUEST", "request target must be an absolute path")
-    path = urllib.parse.unquote(raw_path, errors="strict")
+    try:
+        path = urllib.parse.unquote(raw_path, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise OCIError("BAD_REQUEST", "request path is not valid UTF-8") from exc
     try:
         query = urllib.parse.parse_qs(raw_query, keep_blank_values=True, max_num_fields=_MAX_QUERY_FIELDS,
                                       errors="strict")
@@ -327,12 +357,15 @@ def _parse_target(target: str) -> tuple[str, dict[str, list[str]]]:
 def _prepare_headers(response: Response, method: str) -> tuple[list[tuple[str, str]], int | None]:
     headers = [(name, value) for name, value in response.headers if name.lower() != "content-length"]
     body = response.body
-    if isinstance(body, bytes):
-        length: int | None = len(body)
+    if response.content_length is not None:
+        # Explicit lengths win: a HEAD answer announces the size of a body it does not send.
+        length: int | None = response.content_length
+    elif isinstance(body, bytes):
+        length = len(body)
     elif isinstance(body, FileBody):
         length = body.length
     else:
-        length = response.content_length
+        length = None
     no_body_status = response.status in (204, 304) or 100 <= response.status < 200
     if length is not None and not no_body_status:
         headers.append(("Content-Length", str(length)))
@@ -368,10 +401,25 @@ async def _send_response(conn: _Connection, request: h11.Request, response: Resp
         elif isinstance(body, FileBody):
             await conn.send_file(body)
         else:
-            async for piece in body:
-                if piece:
-                    await conn.send_data(piece)
+            await _send_stream(conn, body)
     await conn.send_event(h11.EndOfMessage())
+
+
+async def _send_stream(conn: _Connection, body: AsyncIterable[bytes]) -> None:
+    # The status line is already on the wire: a body that fails now can only be cut
+    # short. Closing the connection tells the client the body is incomplete (it sees
+    # fewer bytes than Content-Length, or no final chunk) so it can retry or fall back.
+    iterator = body.__aiter__()
+    while True:
+        try:
+            piece = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            log.info("aborting response body: %s", exc)
+            raise _ClientGone(str(exc)) from exc
+        if piece:
+            await conn.send_data(piece)
 
 
 
@@ -476,6 +524,8 @@ async def _handle_one(conn: _Connection, head: h11.Request, handler: Handler,
         raise _ClientGone("framing error") from None
     finally:
         await _close_file(response.body)
+        if response.on_close is not None:
+            response.on_close()
         if observer is not None:
             observer(request, status, conn.bytes_sent, time.monotonic() - started)
     return conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE and not close_after

@@ -163,7 +163,9 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
         config = _descriptor(document.get("config"), "config")
         layers = _descriptor_list(document.get("layers", []), "layers")
         references = [config, *layers]
-        if artifact_type is None and config.media_type != "application/vnd.oci.image.config.v1+json":
+        if artifact_type is None:
+            # distribution-spec 1.1, listing referrers: without an artifactType, a referrer's
+            # artifactType is its config's mediaType (whatever that type is).
             artifact_type = config.media_type
 
     subject = None

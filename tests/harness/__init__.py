@@ -10,5 +10,6 @@ Modules:
     images              OciLayout, build_busybox_layout, add_random_layer, write_layout_image
     skopeo              copy, inspect_raw, inspect_digest
     containerd          PrivateContainerd, write_hosts_toml
+    seed_process        SeedProcess (the seed as a real subprocess: kill9, restart, metrics)
     fixtures            pytest fixtures (registered in tests/conftest.py)
 """

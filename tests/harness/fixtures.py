@@ -4,6 +4,7 @@
     busybox_layout      session   OciLayout with tag ``busybox`` (runnable busybox-static image)
     big_layout          session   separate OciLayout: tags ``busybox`` and ``big`` (= busybox + 50 MiB random)
     containerd          function  PrivateContainerd (needs root), namespace ``test``
+    seed_process        function  SeedProcess: the seed as a subprocess on a free port (data in tmp_path)
 
 Session layouts are shared: treat them as read-only (copy the directory to modify it).
 """
@@ -19,6 +20,7 @@ import pytest
 from .containerd import PrivateContainerd
 from .images import OciLayout, add_random_layer, build_busybox_layout
 from .reference_registry import ReferenceRegistry
+from .seed_process import SeedProcess
 
 BIG_LAYER_MIB = 50
 
@@ -46,3 +48,9 @@ def big_layout(tmp_path_factory: pytest.TempPathFactory, busybox_layout: OciLayo
 def containerd(tmp_path: Path) -> Iterator[PrivateContainerd]:
     with PrivateContainerd(tmp_path / "containerd") as ctd:
         yield ctd
+
+
+@pytest.fixture
+def seed_process(tmp_path: Path) -> Iterator[SeedProcess]:
+    with SeedProcess(tmp_path / "seed-data") as seed:
+        yield seed

@@ -1,0 +1,169 @@
+"""The agent's configuration: one frozen dataclass tree, loaded once from TOML and flags.
+
+No other module reads the environment or configuration files. Example ``p2pd.toml``::
+
+    listen = "127.0.0.1:5080"
+    data = "/var/lib/p2pd"
+    default_upstream = "http://seed.example:5000"   # for registries without their own entry
+
+    [[upstream]]
+    namespace = "docker.io"
+    url = "https://registry-1.docker.io"
+    username = "robot"
+    password_file = "/etc/p2pd/dockerhub.password"
+
+    [[upstream]]
+    namespace = "seed.local:5000"
+    url = "http://10.0.0.5:5000"
+
+    [cache]
+    max_bytes = 21474836480
+    tag_ttl = 60.0
+    pinned = ["sha256:…"]
+
+    [fetch]
+    stall_timeout = 10.0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from p2pd.httpd import ServerLimits
+from p2pd.oci.digest import Digest
+
+from .errors import ConfigError
+from .tomlconfig import build_section, parse_listen, read_toml
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "AgentConfig",
+    "CacheConfig",
+    "FetchConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_listen",
+]
+
+DEFAULT_LISTEN = "127.0.0.1:5080"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry, selected by the ``ns=`` value containerd sends."""
+
+    namespace: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    tls_verify: bool = True
+
+    def secret(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_bytes: int = 20 * 1024**3
+    tag_ttl: float = 60.0  # seconds a resolved tag is trusted before asking the upstream again
+    tag_stale_max: float = 7 * 24 * 3600.0  # how long a tag is answered from cache while the upstream fails
+    pinned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    stall_timeout: float = 10.0  # a client stream with no new bytes for this long is closed
+    first_byte_timeout: float = 5.0  # a miss with no bytes after this long is answered 404 (containerd falls back)
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 5  # upstream (re)tries per blob, each resuming with Range
+    manifest_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host: str = "127.0.0.1"
+    port: int = 5080
+    data: Path = Path("/var/lib/p2pd")
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    default_upstream: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+    @property
+    def listen(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_upstream_flag(value: str) -> UpstreamConfig:
+    """``NS=URL`` from the command line."""
+    namespace, sep, url = value.partition("=")
+    if not sep or not namespace or not url:
+        raise ConfigError(f"--upstream takes NS=URL, got {value!r}")
+    return _checked_upstream(UpstreamConfig(namespace=namespace.strip(), url=url.strip()))
+
+
+def _checked_upstream(upstream: UpstreamConfig) -> UpstreamConfig:
+    if not upstream.url.startswith(("http://", "https://")):
+        raise ConfigError(f"upstream URL must start with http:// or https://: {upstream.url!r}")
+    if upstream.password is not None and upstream.password_file is not None:
+        raise ConfigError(f"upstream {upstream.namespace}: give password or password_file, not both")
+    return replace(upstream, url=upstream.url.rstrip("/"))
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    listen: str | None = None,
+    data: Path | None = None,
+    upstreams: list[str] | None = None,
+    default_upstream: str | None = None,
+    cache_max_bytes: int | None = None,
+) -> AgentConfig:
+    """Reads the TOML file (if any), then applies command-line overrides.
+
+    Raises:
+        ConfigError: unreadable file, unknown keys, wrong types or invalid values.
+    """
+    document = read_toml(path)
+    top_level = {"listen", "data", "default_upstream", "upstream", "cache", "fetch", "server"}
+    unknown = set(document) - top_level
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+
+    host, port = parse_listen(listen or document.get("listen") or DEFAULT_LISTEN)
+    data_dir = Path(data or document.get("data") or AgentConfig.data)
+    table_upstreams = document.get("upstream", [])
+    if not isinstance(table_upstreams, list):
+        raise ConfigError("[[upstream]] must be an array of tables")
+    configured = [_checked_upstream(build_section(UpstreamConfig, t, "upstream")) for t in table_upstreams]
+    flagged = [parse_upstream_flag(value) for value in upstreams or []]
+    by_namespace = {u.namespace: u for u in configured}
+    for upstream in flagged:  # a flag overrides the URL but keeps the file's credentials
+        base = by_namespace.get(upstream.namespace)
+        by_namespace[upstream.namespace] = replace(base, url=upstream.url) if base else upstream
+    default = default_upstream or document.get("default_upstream")
+    if default is not None and not str(default).startswith(("http://", "https://")):
+        raise ConfigError(f"default upstream must be an http(s) URL: {default!r}")
+
+    cache = build_section(CacheConfig, dict(document.get("cache", {})), "cache")
+    if cache_max_bytes is not None:
+        cache = replace(cache, max_bytes=cache_max_bytes)
+    bad_pins = [d for d in cache.pinned if not Digest.is_valid(d)]
+    if bad_pins:
+        raise ConfigError(f"cache.pinned: invalid digest {bad_pins[0]!r}")
+    if cache.max_bytes <= 0 or cache.tag_ttl < 0:
+        raise ConfigError("cache.max_bytes must be positive and cache.tag_ttl non-negative")
+    fetch = build_section(FetchConfig, dict(document.get("fetch", {})), "fetch")
+    if fetch.max_attempts < 1:
+        raise ConfigError("fetch.max_attempts must be at least 1")
+    limits = build_section(ServerLimits, dict(document.get("server", {})), "server")
+    return AgentConfig(host=host, port=port, data=data_dir, upstreams=tuple(by_namespace.values()),
+                       default_upstream=str(default).rstrip("/") if default else None,
+                       cache=cache, fetch=fetch, limits=limits)

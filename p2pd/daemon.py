@@ -1,0 +1,64 @@
+"""Composition root of the agent: store, upstreams, fetcher and the registry front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from p2pd.httpd import ServerInfo, serve_http
+
+from .config import AgentConfig
+from .fetcher import Fetcher
+from .metrics import AgentMetrics
+from .registry import MirrorFront
+from .store import BlobStore
+from .upstream import UpstreamPool
+
+__all__ = ["Agent", "serve_agent"]
+
+
+@dataclass(frozen=True)
+class Agent:
+    """What a running agent exposes to its caller (the CLI, tests)."""
+
+    info: ServerInfo
+    store: BlobStore
+    fetcher: Fetcher
+    front: MirrorFront
+    metrics: AgentMetrics
+
+
+async def serve_agent(
+    config: AgentConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Runs the agent until cancelled or until ``shutdown`` is set.
+
+    ``task_status.started`` receives an ``Agent`` once the endpoint is listening.
+    """
+    store = await trio.to_thread.run_sync(
+        partial(BlobStore, config.data, max_bytes=config.cache.max_bytes, pinned=config.cache.pinned))
+    metrics = AgentMetrics()
+    metrics.cache_bytes.set(store.total_bytes)
+    upstreams = UpstreamPool(config)
+    try:
+        fetcher = Fetcher(config, store, upstreams, metrics)
+        front = MirrorFront(config, store, fetcher, upstreams, metrics)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.run)
+
+            async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
+                await serve_http(front.handle, config.host, config.port, limits=config.limits,
+                                 observer=metrics.observe, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the server finished its graceful shutdown
+
+            info = await nursery.start(run_server)
+            front.ready = True
+            task_status.started(Agent(info, store, fetcher, front, metrics))
+    finally:
+        with trio.CancelScope(shield=True):
+            await upstreams.aclose()

@@ -1,0 +1,361 @@
+"""Single-flight blob downloads that clients stream from while they grow.
+
+One ``Download`` exists per digest at a time: every request for a blob that is not in the
+store joins it, and reads the partial file as the fetch task releases bytes.
+
+Rules/invariants:
+- Bytes are *released* to readers only once they can no longer turn out wrong: with a
+  trusted chunk map (the seed's), each chunk is released after its sha256 matched; without
+  one, everything but the last ``HOLDBACK`` bytes is released as it arrives and the tail
+  only after the whole blob matched its digest. A client can therefore never receive a
+  complete blob that fails verification; a failed download aborts its readers'
+  connections, and containerd retries elsewhere.
+- Interrupted upstream transfers resume with Range from the last byte written; a partial
+  file left by a restart is resumed after rehashing what it holds.
+- The in-flight table belongs to this module; entries are added synchronously by
+  ``start`` (trio is single-threaded, so no two downloads of one digest can start) and
+  removed by the download task when it ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, ChunkMap
+from p2pd.oci.digest import Digest
+
+from .config import AgentConfig
+from .errors import P2PDError, UpstreamError, UpstreamNotFound, VerificationError
+from .metrics import AgentMetrics
+from .store import BlobStore
+from .upstream import Upstream, UpstreamPool
+
+__all__ = ["HOLDBACK", "Download", "Fetcher"]
+
+log = logging.getLogger("p2pd.fetcher")
+
+HOLDBACK = 1024 * 1024
+_READ_PIECE = 1024 * 1024
+_MAX_TOTAL_ATTEMPTS = 50
+
+
+@dataclass(eq=False)
+class Download:
+    """A blob being fetched; readers wait on it for released bytes."""
+
+    digest: Digest
+    namespace: str | None
+    repository: str
+    size: int | None = None
+    written: int = 0
+    released: int = 0
+    complete: bool = False
+    error: BaseException | None = None
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.complete or self.error is not None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _release(self, released: int) -> None:
+        if released > self.released:
+            self.released = released
+        self._notify()
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        self._notify()
+
+    async def wait_changed(self) -> None:
+        """Returns at the next progress, release, completion or failure."""
+        await self._changed.wait()
+
+    async def wait_size(self) -> int:
+        """The blob's size, once the first upstream response (or chunk map) says it.
+
+        Raises:
+            P2PDError (or the download's error): the download failed first.
+        """
+        while self.size is None:
+            if self.error is not None:
+                raise P2PDError(f"download of {self.digest} failed: {self.error}") from self.error
+            await self.wait_changed()
+        return self.size
+
+
+class Fetcher:
+    """Starts and tracks downloads; ``run`` must be running (``nursery.start(fetcher.run)``).
+
+    Args:
+        config: the agent configuration (fetch limits).
+        store: where partial and complete blobs live.
+        upstreams: maps containerd's ``ns`` to an upstream registry.
+        metrics: counters for bytes by source, in-flight downloads, verification failures.
+    """
+
+    def __init__(self, config: AgentConfig, store: BlobStore, upstreams: UpstreamPool,
+                 metrics: AgentMetrics) -> None:
+        self.config = config
+        self.store = store
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.in_flight: dict[Digest, Download] = {}
+        self._jobs: trio.MemorySendChannel[Download] | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs download tasks until cancelled."""
+        send, receive = trio.open_memory_channel[Download](math.inf)
+        async with trio.open_nursery() as nursery, receive:
+            self._jobs = send
+            task_status.started()
+            async for download in receive:
+                nursery.start_soon(self._download, download)
+
+    def start(self, digest: Digest, namespace: str | None, repository: str) -> Download:
+        """The download of ``digest``: the one in flight, or a new one."""
+        existing = self.in_flight.get(digest)
+        if existing is not None:
+            return existing
+        if self._jobs is None:
+            raise RuntimeError("Fetcher.run is not running")
+        download = Download(digest, namespace, repository)
+        self.in_flight[digest] = download
+        self.metrics.inflight.set(len(self.in_flight))
+        self._jobs.send_nowait(download)
+        return download
+
+    # ---- the download task ------------------------------------------------------------
+
+    async def _download(self, download: Download) -> None:
+        digest = download.digest
+        try:
+            await self._fetch_verified(download)
+        except trio.Cancelled:
+            download._fail(P2PDError("agent shutting down"))
+            raise
+        except Exception as exc:
+            if isinstance(exc, VerificationError):
+                self.metrics.verification_failures.labels("upstream").inc()
+                log.warning("discarding %s: %s", digest, exc)
+            elif not isinstance(exc, UpstreamNotFound):
+                log.warning("download of %s failed: %s", digest, exc)
+            download._fail(exc)
+        finally:
+            self.in_flight.pop(digest, None)
+            self.metrics.inflight.set(len(self.in_flight))
+            self.metrics.cache_bytes.set(self.store.total_bytes)
+
+    async def _fetch_verified(self, download: Download) -> None:
+        upstream, remote_repository = self.upstreams.resolve(download.namespace, download.repository)
+        chunk_map: ChunkMap | None = None
+        with trio.move_on_after(self.config.fetch.first_byte_timeout):
+            try:
+                chunk_map = await upstream.get_chunk_map(remote_repository, download.digest, DEFAULT_CHUNK_SIZE)
+            except UpstreamError as exc:
+                log.debug("no chunk map for %s: %s", download.digest, exc)
+        if chunk_map is not None:
+            download.size = chunk_map.size
+            download._notify()
+        for fresh_start in (False, True):
+            fd, existing = await trio.to_thread.run_sync(self.store.open_partial, download.digest)
+            try:
+                if fresh_start:
+                    os.ftruncate(fd, 0)
+                    existing = 0
+                transfer = _Transfer(download, fd, chunk_map)
+                resumed = await trio.to_thread.run_sync(transfer.adopt_existing, existing)
+                transfer.announce_existing()
+                try:
+                    await self._transfer(transfer, upstream, remote_repository)
+                except VerificationError:
+                    if resumed and not fresh_start:
+                        # The bytes left by an earlier run may be what was wrong: start over once.
+                        log.warning("resumed download of %s failed verification, restarting", download.digest)
+                        continue
+                    await trio.to_thread.run_sync(self.store.discard_partial, download.digest)
+                    raise
+                await trio.to_thread.run_sync(self.store.commit_partial, download.digest, fd, transfer.offset)
+            finally:
+                os.close(fd)
+            download.complete = True
+            download._release(transfer.offset)
+            return
+
+    async def _transfer(self, transfer: _Transfer, upstream: Upstream, repository: str) -> None:
+        """Fetches from the upstream until the blob is complete and verified."""
+        download = transfer.download
+        failures_without_progress = 0
+        attempts = 0
+        while download.size is None or transfer.offset < download.size:
+            attempts += 1
+            start_offset = transfer.offset
+            try:
+                self.metrics.upstream_fetches.inc()
+                async with upstream.open_blob(repository, download.digest, transfer.offset) as response:
+                    transfer.set_size(response.total_size)
+                    async for piece in response.aiter_bytes():
+                        transfer.write(piece)
+                        self.metrics.fetched_bytes.labels("upstream").inc(len(piece))
+            except UpstreamNotFound:
+                raise
+            except UpstreamError as exc:
+                failures_without_progress = 0 if transfer.offset > start_offset else failures_without_progress + 1
+                if failures_without_progress >= self.config.fetch.max_attempts or attempts >= _MAX_TOTAL_ATTEMPTS:
+                    raise
+                log.info("upstream transfer of %s interrupted at %d (%s); resuming", download.digest,
+                         transfer.offset, exc)
+                await trio.sleep(min(0.1 * 2**failures_without_progress, 2.0))
+                continue
+            ended_early_without_progress = (download.size is not None and transfer.offset < download.size
+                                            and transfer.offset == start_offset)
+            if ended_early_without_progress:
+                # The body ended early without an error (e.g. a close-delimited response).
+                failures_without_progress += 1
+                if failures_without_progress >= self.config.fetch.max_attempts:
+                    raise UpstreamError(f"upstream keeps ending {download.digest} early")
+        transfer.finish()
+
+
+class _Transfer:
+    """Writes upstream bytes into the partial file, verifying and releasing them."""
+
+    def __init__(self, download: Download, fd: int, chunk_map: ChunkMap | None) -> None:
+        self.download = download
+        self.fd = fd
+        self.chunk_map = chunk_map
+        self.offset = 0
+        self._sha256 = hashlib.sha256() if download.digest.algorithm == "sha256" else hashlib.sha512()
+        self._chunk = bytearray()
+        self._chunk_index = 0
+
+    def adopt_existing(self, existing: int) -> bool:
+        """Continues from bytes a previous run left (runs in a thread); returns whether any."""
+        keep = existing
+        if self.chunk_map is not None:
+            # Keep only whole chunks that still verify; the rest is fetched again.
+            keep = 0
+            for index in range(len(self.chunk_map.hashes)):
+                offset, length = self.chunk_map.chunk_bounds(index)
+                if offset + length > existing:
+                    break
+                if not self.chunk_map.verify_chunk(index, os.pread(self.fd, length, offset)):
+                    break
+                keep = offset + length
+            self._chunk_index = keep // self.chunk_map.chunk_size if keep else 0
+        os.ftruncate(self.fd, keep)
+        position = 0
+        while position < keep:
+            data = os.pread(self.fd, min(_READ_PIECE, keep - position), position)
+            if not data:
+                break
+            self._sha256.update(data)
+            position += len(data)
+        self.offset = position
+        return position > 0
+
+    def announce_existing(self) -> None:
+        """Tells readers about adopted bytes (in trio; ``adopt_existing`` runs in a thread)."""
+        self.download.written = self.offset
+        if self.chunk_map is not None:
+            self.download._release(self.offset)
+
+    def set_size(self, size: int) -> None:
+        download = self.download
+        if download.size is not None and download.size != size:
+            raise VerificationError(f"upstream says {download.digest} has {size} bytes, expected {download.size}")
+        if download.size is None:
+            download.size = size
+            download._notify()
+
+    def write(self, piece: bytes) -> None:
+        download = self.download
+        assert download.size is not None
+        if self.offset + len(piece) > download.size:
+            raise VerificationError(f"upstream sent more than {download.size} bytes of {download.digest}")
+        written = os.pwrite(self.fd, piece, self.offset)
+        if written != len(piece):
+            raise P2PDError("short write to the partial file")
+        self._sha256.update(piece)
+        self.offset += len(piece)
+        download.written = self.offset
+        if self.chunk_map is None:
+            download._release(min(self.offset, download.size - min(HOLDBACK, download.size)))
+            return
+        self._chunk += piece
+        while self._chunk_index < len(self.chunk_map.hashes):
+            chunk_offset, length = self.chunk_map.chunk_bounds(self._chunk_index)
+            have = self.offset - chunk_offset
+            if have < length:
+                break
+            data = bytes(self._chunk[:length])
+            if not self.chunk_map.verify_chunk(self._chunk_index, data):
+                raise VerificationError(f"chunk {self._chunk_index} of {download.digest} failed verification")
+            del self._chunk[:length]
+            self._chunk_index += 1
+            download._release(chunk_offset + length)
+
+    def finish(self) -> None:
+        download = self.download
+        if download.size is None or self.offset != download.size:
+            raise VerificationError(f"{download.digest}: got {self.offset} bytes, expected {download.size}")
+        if self._sha256.hexdigest() != download.digest.encoded:
+            raise VerificationError(f"{download.digest}: content does not match the digest")
+
+
+async def stream_download(download: Download, store: BlobStore, start: int, end: int,
+                          stall_timeout: float) -> AsyncIterator[bytes]:
+    """Yields bytes ``start..end`` (inclusive) of a download as they are released.
+
+    Raises:
+        P2PDError: the download failed, or released nothing new for ``stall_timeout``
+            seconds; the HTTP layer then closes the connection so the client resumes or
+            falls back instead of waiting forever.
+    """
+    fd: int | None = None
+    position = start
+    try:
+        while position <= end:
+            if download.error is not None:
+                raise P2PDError(f"download of {download.digest} failed: {download.error}")
+            if download.released > position:
+                if fd is None:
+                    fd = _open_growing(store, download.digest)
+                length = min(download.released, end + 1) - position
+                while length > 0:
+                    data = await trio.to_thread.run_sync(os.pread, fd, min(length, _READ_PIECE), position)
+                    if not data:
+                        raise P2PDError(f"{download.digest}: released bytes missing on disk")
+                    position += len(data)
+                    length -= len(data)
+                    yield data
+                continue
+            with trio.move_on_after(stall_timeout) as scope:
+                await download.wait_changed()
+            if scope.cancelled_caught:
+                raise P2PDError(f"download of {download.digest} made no progress for {stall_timeout}s")
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_growing(store: BlobStore, digest: Digest) -> int:
+    # The partial file is renamed into blobs/ on commit; an fd opened before that keeps
+    # working, and after it the complete blob is the same bytes.
+    for path in (store.partial_path(digest), store.blob_path(digest)):
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+    raise P2PDError(f"{digest}: neither partial nor complete file exists")
+

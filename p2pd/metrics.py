@@ -1,0 +1,48 @@
+"""Prometheus metrics of one agent (its own registry, so tests can run several agents)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from p2pd.httpd import Request
+
+__all__ = ["AgentMetrics"]
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("p2pd_http_requests", "Requests to the containerd-facing endpoint",
+                                ["method", "route", "status"], registry=self.registry)
+        self.fetched_bytes = Counter("p2pd_fetched_bytes", "Blob bytes received, by source",
+                                     ["source"], registry=self.registry)
+        self.served_bytes = Counter("p2pd_served_bytes", "Blob and manifest body bytes served to clients",
+                                    registry=self.registry)
+        self.cache_hits = Counter("p2pd_cache_hits", "Requests answered from the local store",
+                                  ["kind"], registry=self.registry)
+        self.cache_misses = Counter("p2pd_cache_misses", "Requests that needed a fetch", ["kind"],
+                                    registry=self.registry)
+        self.cache_bytes = Gauge("p2pd_cache_bytes", "Bytes of complete blobs in the store",
+                                 registry=self.registry)
+        self.inflight = Gauge("p2pd_inflight_fetches", "Blob downloads in progress", registry=self.registry)
+        self.upstream_fetches = Counter("p2pd_upstream_fetches", "Blob GET requests sent to upstreams",
+                                        registry=self.registry)
+        self.verification_failures = Counter("p2pd_verification_failures",
+                                             "Content that failed digest or chunk verification", ["source"],
+                                             registry=self.registry)
+        self.stale_tags = Counter("p2pd_stale_tag_answers",
+                                  "Tags answered from the last known digest while the upstream failed",
+                                  registry=self.registry)
+        self.stalled_streams = Counter("p2pd_stalled_streams", "Client streams closed for lack of progress",
+                                       registry=self.registry)
+
+    def observe(self, request: Request, status: int, bytes_sent: int, seconds: float) -> None:
+        method = request.method if request.method in _METHODS else "OTHER"
+        self.requests.labels(method, request.route, str(status)).inc()
+        if request.route in ("blob", "manifest") and request.method == "GET":
+            self.served_bytes.inc(bytes_sent)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,220 @@
+"""The containerd-facing registry front: a read-only OCI mirror.
+
+containerd (via hosts.toml) sends ``HEAD/GET /v2/<name>/manifests/<ref>?ns=<registry>`` and
+``GET /v2/<name>/blobs/<digest>?ns=<registry>``. Local content is served straight from the
+store; a miss joins (or starts) the single-flight download and streams as bytes are
+released. Whatever cannot be served quickly is answered 404 so containerd falls back to
+the next host; a stream that stops making progress is cut so containerd resumes with Range.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
+
+import trio
+
+from p2pd.httpd import FileBody, Request, Response
+from p2pd.oci.digest import Digest, digest_of
+from p2pd.oci.errors import OCIError
+from p2pd.oci.grammar import validate_name, validate_reference
+from p2pd.oci.manifest import MAX_MANIFEST_SIZE
+from p2pd.oci.ranges import parse_range
+
+from .config import AgentConfig
+from .errors import P2PDError, UpstreamError, UpstreamNotFound, VerificationError
+from .fetcher import Download, Fetcher, stream_download
+from .metrics import AgentMetrics
+from .store import BlobStore, TagRecord
+from .upstream import UpstreamPool
+
+__all__ = ["MirrorFront"]
+
+log = logging.getLogger("p2pd.registry")
+
+_API_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+_MANIFEST_RE = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
+_BLOB_RE = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
+_READ_METHODS = ("GET", "HEAD")
+
+
+def _not_found(code: str, message: str, **detail: str) -> OCIError:
+    return OCIError(code, message, status=404, detail=detail or None)
+
+
+class MirrorFront:
+    """Request handler of the agent's containerd-facing endpoint."""
+
+    def __init__(self, config: AgentConfig, store: BlobStore, fetcher: Fetcher, upstreams: UpstreamPool,
+                 metrics: AgentMetrics) -> None:
+        self.config = config
+        self.store = store
+        self.fetcher = fetcher
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.ready = False
+
+    async def handle(self, request: Request) -> Response:
+        path = request.path
+        if path == "/healthz":
+            request.route = "healthz"
+            return Response(200, [("Content-Type", "text/plain")], b"ok\n")
+        if path == "/readyz":
+            request.route = "readyz"
+            return Response(200 if self.ready else 503, [("Content-Type", "text/plain")],
+                            b"ready\n" if self.ready else b"starting\n")
+        if path == "/metrics":
+            request.route = "metrics"
+            self.metrics.cache_bytes.set(self.store.total_bytes)
+            return Response(200, [("Content-Type", "text/plain; version=0.0.4")], self.metrics.render())
+        if not (path == "/v2" or path.startswith("/v2/")):
+            raise OCIError("NOT_FOUND", "not found")
+        response = await self._dispatch(request)
+        response.headers.append(_API_HEADER)
+        return response
+
+    async def _dispatch(self, request: Request) -> Response:
+        if request.method not in _READ_METHODS:
+            # A read-only mirror: pushes go to the registry itself.
+            request.route = "write"
+            raise OCIError("UNSUPPORTED", "this mirror is read-only", status=405, headers=[("Allow", "GET, HEAD")])
+        path = request.path
+        if path in ("/v2", "/v2/"):
+            request.route = "base"
+            return Response(200, [("Content-Type", "application/json")], b"{}")
+        if match := _MANIFEST_RE.fullmatch(path):
+            request.route = "manifest"
+            return await self._manifest(request, validate_name(match["name"]), match["reference"])
+        if match := _BLOB_RE.fullmatch(path):
+            request.route = "blob"
+            return await self._blob(request, validate_name(match["name"]), Digest.parse(match["digest"]))
+        request.route = "other"
+        raise _not_found("NOT_FOUND", "this mirror serves manifests and blobs only")
+
+    # ---- manifests --------------------------------------------------------------------
+
+    async def _manifest(self, request: Request, name: str, reference: str) -> Response:
+        validate_reference(reference)
+        namespace = request.query_one("ns")
+        media_type: str | None = None
+        if ":" in reference:
+            digest = Digest.parse(reference)
+        else:
+            record = await self._resolve_tag(namespace, name, reference)
+            digest, media_type = record.digest, record.media_type
+        body = await trio.to_thread.run_sync(self.store.read_small, digest, MAX_MANIFEST_SIZE)
+        if body is not None:
+            self.metrics.cache_hits.labels("manifest").inc()
+            media_type = self.store.media_type(digest) or media_type
+        else:
+            self.metrics.cache_misses.labels("manifest").inc()
+            body, media_type = await self._fetch_manifest(namespace, name, digest)
+        headers = [("Content-Type", media_type or "application/vnd.oci.image.manifest.v1+json"),
+                   ("Docker-Content-Digest", str(digest)), ("ETag", f'"{digest}"')]
+        return Response(200, headers, body)
+
+    async def _resolve_tag(self, namespace: str | None, name: str, tag: str) -> TagRecord:
+        """The tag's digest: cached within its TTL, else asked upstream, else stale-if-error."""
+        namespace_key = namespace or ""
+        record = self.store.load_tag(namespace_key, name, tag)
+        now = time.time()
+        if record is not None and now - record.checked < self.config.cache.tag_ttl:
+            self.metrics.cache_hits.labels("tag").inc()
+            return record
+        self.metrics.cache_misses.labels("tag").inc()
+        try:
+            upstream, remote_repository = self.upstreams.resolve(namespace, name)
+            with trio.fail_after(self.config.fetch.manifest_timeout):
+                result = await upstream.head_manifest(remote_repository, tag)
+        except UpstreamNotFound:
+            self.store.forget_tag(namespace_key, name, tag)
+            raise _not_found("MANIFEST_UNKNOWN", "manifest unknown upstream", tag=tag) from None
+        except (UpstreamError, trio.TooSlowError) as exc:
+            if record is not None and now - record.checked < self.config.cache.tag_stale_max:
+                self.metrics.stale_tags.inc()
+                log.warning("upstream failed for %s:%s (%s); answering last known %s", name, tag,
+                            exc or "timeout", record.digest)
+                return record
+            raise _not_found("MANIFEST_UNKNOWN", "upstream unavailable and tag not cached", tag=tag) from exc
+        record = TagRecord(namespace_key, name, tag, result.digest, result.media_type, result.size, now)
+        await trio.to_thread.run_sync(self.store.save_tag, record)
+        if result.body is not None:
+            await trio.to_thread.run_sync(self.store.put_bytes, result.digest, result.body, result.media_type)
+        return record
+
+    async def _fetch_manifest(self, namespace: str | None, name: str, digest: Digest) -> tuple[bytes, str]:
+        try:
+            upstream, remote_repository = self.upstreams.resolve(namespace, name)
+            with trio.fail_after(self.config.fetch.manifest_timeout):
+                result = await upstream.get_manifest(remote_repository, str(digest))
+        except (UpstreamError, trio.TooSlowError) as exc:
+            if isinstance(exc, VerificationError):
+                self.metrics.verification_failures.labels("upstream").inc()
+            raise _not_found("MANIFEST_UNKNOWN", "manifest not available", digest=str(digest)) from exc
+        body = result.body
+        if body is None or digest_of(body, digest.algorithm) != digest:
+            self.metrics.verification_failures.labels("upstream").inc()
+            raise _not_found("MANIFEST_UNKNOWN", "upstream manifest failed verification", digest=str(digest))
+        await trio.to_thread.run_sync(self.store.put_bytes, digest, body, result.media_type)
+        return body, result.media_type
+
+    # ---- blobs ------------------------------------------------------------------------
+
+    async def _blob(self, request: Request, name: str, digest: Digest) -> Response:
+        namespace = request.query_one("ns")
+        headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", str(digest)),
+                   ("Accept-Ranges", "bytes"), ("ETag", f'"{digest}"')]
+        local = self._open_local(digest)
+        if local is not None:
+            self.metrics.cache_hits.labels("blob").inc()
+            fd, size, release = local
+            try:
+                byte_range = parse_range(request.headers.get("range"), size)
+            except OCIError:
+                release()
+                raise
+            if byte_range is None:
+                return Response(200, headers, FileBody(fd, 0, size), on_close=release)
+            headers.append(("Content-Range", byte_range.content_range(size)))
+            return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length), on_close=release)
+
+        self.metrics.cache_misses.labels("blob").inc()
+        download = self.fetcher.start(digest, namespace, name)
+        try:
+            with trio.fail_after(self.config.fetch.first_byte_timeout):
+                size = await download.wait_size()
+        except trio.TooSlowError:
+            raise _not_found("BLOB_UNKNOWN", "blob not available quickly; fetching in the background",
+                             digest=str(digest)) from None
+        except (P2PDError, OCIError) as exc:
+            raise _not_found("BLOB_UNKNOWN", "blob not available", digest=str(digest)) from exc
+        byte_range = parse_range(request.headers.get("range"), size)
+        start, end = (0, size - 1) if byte_range is None else (byte_range.start, byte_range.end)
+        if byte_range is not None:
+            headers.append(("Content-Range", byte_range.content_range(size)))
+        body = self._stream(download, start, end) if request.method == "GET" and size else b""
+        return Response(200 if byte_range is None else 206, headers, body, content_length=end - start + 1)
+
+    def _open_local(self, digest: Digest) -> tuple[int, int, Callable[[], None]] | None:
+        if self.store.size(digest) is None:
+            return None
+        stack = ExitStack()
+        stack.enter_context(self.store.reading(digest))
+        try:
+            fd, size = self.store.open_blob(digest)
+        except KeyError:
+            stack.close()
+            return None
+        return fd, size, stack.close
+
+    async def _stream(self, download: Download, start: int, end: int) -> AsyncIterator[bytes]:
+        try:
+            async for piece in stream_download(download, self.store, start, end, self.config.fetch.stall_timeout):
+                yield piece
+        except P2PDError:
+            if download.error is None:
+                self.metrics.stalled_streams.inc()
+            raise

@@ -1,0 +1,804 @@
+"""Upstream registries: the client p2pd uses when neither the store nor a peer has content.
+
+``HttpUpstream`` speaks the OCI Distribution pull API over one ``httpx.AsyncClient``;
+``UpstreamPool`` maps containerd's ``ns=`` value to an upstream. ``p2pd.testing.MemoryUpstream``
+is the in-memory fake; ``tests/test_upstream_conformance.py`` holds both to one contract.
+
+Rules/invariants:
+- httpx exceptions never leave this module: they become ``UpstreamError`` subclasses at the
+  boundary (``_translate``); statuses are mapped by ``_raise_for_status``.
+- Blob bytes are passed through exactly as the upstream sent them (``aiter_raw``): layers are
+  already compressed and their digest covers the encoded bytes, so a ``Content-Encoding``
+  header is never decoded. Blobs are streamed, never held in memory; digests are checked by
+  the caller (the fetcher), which knows the expected size.
+- Manifests are read up to ``MAX_MANIFEST_SIZE`` bytes and checked here: against the digest
+  reference and against ``Docker-Content-Digest`` when the upstream sent one.
+- Credentials (the configured password, Basic headers, bearer tokens) are only ever sent to
+  the registry's own origin or to the token realm that registry named in a challenge, never
+  logged, and never put into exception messages. Redirects are followed inside httpx, which
+  drops ``Authorization`` when the origin changes; challenges that arrive from another origin
+  (e.g. from a blob storage host after a redirect) are ignored.
+- No ``timeout=`` parameters: connect/read timeouts come from ``FetchConfig`` and bound each
+  network wait; callers bound whole operations with ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import httpx
+import trio
+
+from .config import AgentConfig, FetchConfig, UpstreamConfig
+from .errors import (
+    ConfigError,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+    VerificationError,
+)
+from .oci import mediatypes
+from .oci.chunkmap import ChunkMap, validate_chunk_size
+from .oci.digest import Digest
+from .oci.errors import OCIError
+from .oci.grammar import validate_name, validate_reference
+from .oci.manifest import MAX_MANIFEST_SIZE
+
+__all__ = [
+    "CHUNK_MAP_MEDIA_TYPE",
+    "MAX_CHUNK_MAP_SIZE",
+    "BlobResponse",
+    "HttpUpstream",
+    "ManifestResult",
+    "Upstream",
+    "UpstreamPool",
+    "validate_namespace",
+]
+
+log = logging.getLogger("p2pd.upstream")
+
+# Same value as seed.registry.CHUNK_MAP_MEDIA_TYPE (p2pd must not import seed; a test checks it).
+CHUNK_MAP_MEDIA_TYPE = "application/vnd.p2pd.chunkmap.v1+msgpack"
+MAX_CHUNK_MAP_SIZE = 16 * 1024 * 1024  # bytes
+# After an upstream says it has no chunk-map endpoint, it is not asked again for this long.
+CHUNK_MAP_UNSUPPORTED_TTL = 300.0  # seconds
+MAX_REDIRECTS = 5
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DOCKER_HUB_NAMESPACES = frozenset({"docker.io", "index.docker.io"})
+DEFAULT_NAMESPACE = "default"  # the namespace of the upstream made from ``default_upstream``
+
+_USER_AGENT = "p2pd/0.1"
+_MAX_ERROR_BODY = 4096  # bytes of an error response read for its OCI error code
+_MAX_TOKEN_RESPONSE = 1024 * 1024  # bytes
+_MAX_TOKEN_LENGTH = 64 * 1024  # characters
+_DEFAULT_TOKEN_LIFETIME = 60.0  # seconds, when the token server omits expires_in (token spec)
+_TOKEN_MARGIN = 10.0  # seconds before expiry when a cached token stops being used
+_MAX_CACHED_TOKENS = 1024
+_MAX_CHALLENGE_LENGTH = 8192  # characters of WWW-Authenticate that are parsed
+# Content types that say nothing about which manifest format a body is.
+_GENERIC_TYPES = frozenset({"", "application/json", "text/plain", mediatypes.OCTET_STREAM})
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: safe in a header, no CR/LF
+# One token of a WWW-Authenticate value: a bare auth scheme, or ``name=value`` (value quoted or not).
+_CHALLENGE_TOKEN_RE = re.compile(r"""([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*))?""")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_NAMESPACE_RE = re.compile(rf"(?P<host>{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])(?::(?P<port>[0-9]{{1,5}}))?")
+_REPOSITORY_PATH_RE = re.compile(r"/v2/(.+)/(?:manifests|blobs|tags|referrers)(?:/.*)?")
+
+
+# ---- interface ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResult:
+    """What an upstream said about a manifest.
+
+    Attributes:
+        digest: the manifest's digest (verified against the body for a GET).
+        media_type: the manifest's media type, without parameters.
+        size: the body's length in bytes.
+        body: the exact bytes, or None for a HEAD.
+    """
+
+    digest: Digest
+    media_type: str
+    size: int
+    body: bytes | None  # None for a HEAD
+
+
+class BlobResponse(Protocol):
+    """An open blob download, positioned at the offset that was asked for."""
+
+    total_size: int  # size of the whole blob
+    offset: int  # offset of the first byte this response carries (== requested offset)
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """Yields the blob's bytes from ``offset`` on, as they arrive.
+
+        Raises:
+            UpstreamUnavailable: the connection broke or stalled past the read timeout.
+        """
+        ...
+
+
+class Upstream(Protocol):
+    """A registry that p2pd pulls from when neither the store nor a peer has the content.
+
+    Error handling: every method raises ``UpstreamNotFound`` for unknown content,
+    ``UpstreamUnavailable`` when the upstream cannot be reached or is overloaded,
+    ``UpstreamAuthError`` when it refuses us, ``VerificationError`` when its bytes do not
+    match their digest, and ``UpstreamError`` for any other failure.
+    """
+
+    namespace: str
+
+    async def head_manifest(self, repository: str, reference: str) -> ManifestResult:
+        """Resolves a tag or digest to a digest, media type and size (``body`` is None)."""
+        ...
+
+    async def get_manifest(self, repository: str, reference: str) -> ManifestResult:
+        """Fetches a manifest's exact bytes and verifies them against their digest."""
+        ...
+
+    def open_blob(
+        self, repository: str, digest: Digest, offset: int = 0
+    ) -> AbstractAsyncContextManager[BlobResponse]:
+        """Opens a blob download starting at ``offset`` (for resuming)."""
+        ...
+
+    async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
+        """The blob's chunk map, or None when this upstream does not provide chunk maps."""
+        ...
+
+    async def aclose(self) -> None:
+        """Releases connections; the upstream must not be used afterwards."""
+        ...
+
+
+# ---- error translation --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Turns httpx exceptions raised in the block into our error tree (never Cancelled)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise UpstreamUnavailable(f"{what}: timed out ({type(exc).__name__})") from exc
+    except httpx.TooManyRedirects as exc:
+        raise UpstreamError(f"{what}: more than {MAX_REDIRECTS} redirects") from exc
+    except httpx.TransportError as exc:
+        # Connect and read errors, TLS failures, and bodies cut short (RemoteProtocolError).
+        raise UpstreamUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        raise UpstreamError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
+    """Reads a (decoded) body, refusing more than ``limit`` bytes without reading them all."""
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise UpstreamError(f"{what}: response of {length} bytes is larger than {limit}")
+    parts: list[bytes] = []
+    size = 0
+    with _translate(what):
+        async for piece in response.aiter_bytes():
+            size += len(piece)
+            if size > limit:
+                raise UpstreamError(f"{what}: response is larger than {limit} bytes")
+            parts.append(piece)
+    return b"".join(parts)
+
+
+async def _error_code(response: httpx.Response) -> str:
+    """The first OCI error code in an error response's body, if it has one (best effort)."""
+    if response.request.method == "HEAD":
+        return ""
+    try:
+        body = await _read_capped(response, _MAX_ERROR_BODY, "error body")
+        document = json.loads(body)
+        code = document["errors"][0]["code"]
+    except (UpstreamError, ValueError, LookupError, TypeError):
+        return ""
+    return code if isinstance(code, str) and code.isascii() and len(code) < 64 else ""
+
+
+async def _raise_for_status(response: httpx.Response, what: str) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    code = await _error_code(response)
+    message = f"{what}: HTTP {status}" + (f" {code}" if code else "")
+    if status == 404:
+        raise UpstreamNotFound(message, status=status)
+    if status in (401, 403):
+        raise UpstreamAuthError(message, status=status)
+    if status == 429 or status >= 500:
+        raise UpstreamUnavailable(message, status=status)
+    raise UpstreamError(message, status=status)
+
+
+# ---- authentication -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Credentials:
+    username: str
+    password: str = field(repr=False)
+
+    def basic(self) -> httpx.BasicAuth:
+        return httpx.BasicAuth(self.username, self.password)
+
+    def basic_header(self) -> str:
+        userpass = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(userpass).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class _Challenge:
+    scheme: str  # lower case: "bearer" or "basic"
+    params: dict[str, str]
+
+
+def _parse_challenges(values: list[str]) -> list[_Challenge]:
+    """Parses ``WWW-Authenticate`` values (RFC 9110 section 11.6.1) into challenges."""
+    challenges: list[_Challenge] = []
+    for value in values:
+        for match in _CHALLENGE_TOKEN_RE.finditer(value[:_MAX_CHALLENGE_LENGTH]):
+            name, raw = match.group(1), match.group(2)
+            if raw is None:
+                challenges.append(_Challenge(name.lower(), {}))
+            elif challenges:
+                if raw.startswith('"'):
+                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+                challenges[-1].params.setdefault(name.lower(), raw)
+    return challenges
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default_port = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port if url.port is not None else default_port
+
+
+def _scope_for(url: httpx.URL) -> str | None:
+    """``repository:<name>:pull`` for a request to a repository endpoint, else None."""
+    match = _REPOSITORY_PATH_RE.fullmatch(url.path)
+    return f"repository:{match.group(1)}:pull" if match else None
+
+
+@dataclass(slots=True)
+class _CachedToken:
+    value: str = field(repr=False)
+    expires_at: float  # trio.current_time()
+
+
+class _RegistryAuth(httpx.Auth):
+    """Docker token auth and Basic auth for one registry, as an httpx auth flow.
+
+    On a 401 from the registry's own origin: a ``Bearer`` challenge makes us get a token
+    from the named realm (``GET realm?service=…&scope=repository:<repo>:pull``, with Basic
+    credentials when configured) and retry once; a ``Basic`` challenge makes us retry once
+    with the configured credentials. Tokens are cached per (realm, service, scope) until
+    shortly before they expire, and once a registry has challenged us, later requests get
+    their token (or Basic header) before they are sent, saving the 401 round trip.
+
+    Args:
+        client: the client used to call the token realm (with auth disabled for that call).
+        registry: the registry's base URL; challenges from other origins are ignored.
+        credentials: username and password, or None for anonymous tokens.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, registry: httpx.URL, credentials: _Credentials | None) -> None:
+        self._client = client
+        self._registry_origin = _origin(registry)
+        self._credentials = credentials
+        self._bearer: tuple[str, str] | None = None  # (realm, service) of the last Bearer challenge
+        self._basic = False  # the registry asked for Basic credentials
+        self._tokens: dict[tuple[str, str, str], _CachedToken] = {}
+        self._token_lock = trio.Lock()
+        self.token_requests = 0  # how many times a realm was asked for a token (for tests and metrics)
+
+    def sync_auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:  # type: ignore[override]
+        raise RuntimeError("p2pd's registry auth works with httpx.AsyncClient only")
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        scope = _scope_for(request.url) or ""
+        sent_token: str | None = None
+        sent_basic = False
+        if self._bearer is not None:
+            realm, service = self._bearer
+            sent_token = await self._token(realm, service, scope)
+            request.headers["Authorization"] = f"Bearer {sent_token}"
+        elif self._basic and self._credentials is not None:
+            request.headers["Authorization"] = self._credentials.basic_header()
+            sent_basic = True
+
+        response = yield request
+
+        if response.status_code != 401 or _origin(response.url) != self._registry_origin:
+            # A challenge from another origin (e.g. storage we were redirected to) is not
+            # answered: our credentials are for the registry and its realm only.
+            return
+        challenges = _parse_challenges(response.headers.get_list("www-authenticate"))
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        if bearer is not None:
+            realm = self._checked_realm(bearer.params.get("realm", ""))
+            service = bearer.params.get("service", "")
+            scope = scope or bearer.params.get("scope", "")
+            if sent_token is not None:
+                self._forget_token((realm, service, scope), sent_token)
+            self._bearer = (realm, service)
+            token = await self._token(realm, service, scope)
+            request.headers["Authorization"] = f"Bearer {token}"
+        elif any(c.scheme == "basic" for c in challenges) and self._credentials is not None and not sent_basic:
+            self._basic = True
+            request.headers["Authorization"] = self._credentials.basic_header()
+        else:
+            return
+        yield request
+
+    def _checked_realm(self, realm: str) -> str:
+        """The realm, if it is a URL we may send credentials to; raises UpstreamAuthError."""
+        try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host or url.userinfo or url.fragment:
+            raise UpstreamAuthError(f"registry named an invalid token realm {realm[:200]!r}")
+        if self._registry_origin[0] == "https" and url.scheme != "https":
+            raise UpstreamAuthError(f"refusing plain-http token realm {realm[:200]!r} for an https registry")
+        return str(url)
+
+    def _forget_token(self, key: tuple[str, str, str], refused: str) -> None:
+        cached = self._tokens.get(key)
+        if cached is not None and hmac.compare_digest(cached.value.encode(), refused.encode()):
+            del self._tokens[key]
+
+    async def _token(self, realm: str, service: str, scope: str) -> str:
+        key = (realm, service, scope)
+        cached = self._tokens.get(key)
+        if cached is not None and cached.expires_at > trio.current_time():
+            return cached.value
+        async with self._token_lock:  # one fetch at a time, so concurrent pulls share a token
+            cached = self._tokens.get(key)
+            if cached is not None and cached.expires_at > trio.current_time():
+                return cached.value
+            token, lifetime = await self._fetch_token(realm, service, scope)
+            now = trio.current_time()
+            if len(self._tokens) >= _MAX_CACHED_TOKENS:
+                self._tokens = {k: v for k, v in self._tokens.items() if v.expires_at > now}
+                while len(self._tokens) >= _MAX_CACHED_TOKENS:
+                    del self._tokens[next(iter(self._tokens))]
+            margin = min(_TOKEN_MARGIN, lifetime / 4)
+            self._tokens[key] = _CachedToken(token, now + lifetime - margin)
+            return token
+
+    async def _fetch_token(self, realm: str, service: str, scope: str) -> tuple[str, float]:
+        params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
+        url = httpx.URL(realm).copy_merge_params(params)
+        what = f"token request to {url.host}"
+        self.token_requests += 1
+        log.debug("requesting a token from %s for scope %r", url.host, scope)
+        # httpx.Auth() is "no auth": without it the client would run this flow again.
+        auth = self._credentials.basic() if self._credentials is not None else httpx.Auth()
+        request = self._client.build_request("GET", url, headers={"Accept": "application/json"})
+        with _translate(what):
+            response = await self._client.send(request, auth=auth, stream=True)
+        try:
+            if response.status_code in (401, 403):
+                raise UpstreamAuthError(f"{what}: credentials refused (HTTP {response.status_code})",
+                                        status=response.status_code)
+            await _raise_for_status(response, what)
+            body = await _read_capped(response, _MAX_TOKEN_RESPONSE, what)
+        finally:
+            with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+                await response.aclose()
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise UpstreamAuthError(f"{what}: response is not JSON") from exc
+        token = document.get("token") or document.get("access_token") if isinstance(document, dict) else None
+        if not isinstance(token, str) or len(token) > _MAX_TOKEN_LENGTH or not _TOKEN_RE.fullmatch(token):
+            raise UpstreamAuthError(f"{what}: response has no usable token")
+        lifetime = document.get("expires_in")
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+            lifetime = _DEFAULT_TOKEN_LIFETIME
+        return token, float(lifetime)
+
+
+# ---- the HTTP upstream --------------------------------------------------------------------
+
+
+def _bare_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _header_digest(response: httpx.Response, what: str) -> Digest | None:
+    text = response.headers.get("docker-content-digest")
+    if text is None:
+        return None
+    try:
+        return Digest.parse(text.strip())
+    except OCIError as exc:
+        raise UpstreamError(f"{what}: invalid Docker-Content-Digest header") from exc
+
+
+def _json_media_type(body: bytes) -> tuple[str | None, bool]:
+    """(the body's ``mediaType`` field, whether it holds an index) if it is a JSON object."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, False
+    if not isinstance(document, dict):
+        return None, False
+    declared = document.get("mediaType")
+    return (declared if isinstance(declared, str) and declared else None), "manifests" in document
+
+
+class _HttpBlobResponse:
+    """A streaming blob response; see ``HttpUpstream.open_blob``."""
+
+    def __init__(self, response: httpx.Response, total_size: int, offset: int, skip: int, what: str) -> None:
+        self.total_size = total_size
+        self.offset = offset
+        self._response = response
+        self._skip = skip  # bytes at the start of the body before ``offset`` (Range ignored)
+        self._what = what
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        pieces = self._response.aiter_raw()
+        while True:
+            with _translate(self._what):
+                try:
+                    piece = await anext(pieces)
+                except StopAsyncIteration:
+                    return
+            if self._skip:
+                dropped = min(self._skip, len(piece))
+                self._skip -= dropped
+                piece = piece[dropped:]
+            if piece:
+                yield piece
+
+
+class HttpUpstream:
+    """An OCI Distribution registry reached over HTTP(S) with httpx.
+
+    Args:
+        config: where the registry is and how to authenticate (``namespace`` is kept as
+            this upstream's ``namespace``).
+        fetch: connect and read timeouts.
+        transport: replaces the network (``httpx.MockTransport`` in tests); TLS settings
+            are then unused.
+
+    Resource handling: one connection pool per instance; ``aclose`` closes it.
+
+    Raises:
+        ConfigError: the CA file or password file cannot be read.
+    """
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        fetch: FetchConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.namespace = config.namespace
+        self.url = config.url.rstrip("/")
+        verify: ssl.SSLContext | bool = config.tls_verify
+        try:
+            if config.tls_verify and config.ca_file is not None:
+                verify = ssl.create_default_context(cafile=str(config.ca_file))
+            secret = config.secret() if config.username is not None else None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"upstream {config.namespace}: {exc}") from exc
+        credentials = _Credentials(config.username, secret or "") if config.username is not None else None
+        timeout = httpx.Timeout(connect=fetch.connect_timeout, read=fetch.read_timeout,
+                                write=fetch.read_timeout, pool=fetch.connect_timeout)
+        self._client = httpx.AsyncClient(
+            verify=verify,
+            timeout=timeout,
+            follow_redirects=True,
+            max_redirects=MAX_REDIRECTS,
+            trust_env=False,  # no proxies or .netrc from the environment
+            headers={"User-Agent": _USER_AGENT},
+            transport=transport,
+        )
+        self._auth = _RegistryAuth(self._client, httpx.URL(self.url), credentials)
+        self._chunk_maps_unsupported_until = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"HttpUpstream(namespace={self.namespace!r}, url={self.url!r})"
+
+    @property
+    def token_requests(self) -> int:
+        """How many tokens were requested from the registry's token realm so far."""
+        return self._auth.token_requests
+
+    def _endpoint(self, repository: str, kind: str, reference: str) -> str:
+        validate_name(repository)
+        return f"{self.url}/v2/{repository}/{kind}/{reference}"
+
+    @contextlib.asynccontextmanager
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], what: str, params: dict[str, str] | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        request = self._client.build_request(method, url, headers=headers, params=params)
+        with _translate(what):
+            response = await self._client.send(request, auth=self._auth, stream=True)
+        try:
+            yield response
+        finally:
+            with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+                await response.aclose()
+
+    async def head_manifest(self, repository: str, reference: str) -> ManifestResult:
+        """Resolves a manifest with HEAD; falls back to a GET when headers are missing.
+
+        Returns:
+            The digest from ``Docker-Content-Digest``, the media type from ``Content-Type``
+            and the size from ``Content-Length``; ``body`` is None. When the upstream
+            omits one of them the manifest is fetched (and verified) with a GET instead.
+
+        Raises:
+            UpstreamNotFound, UpstreamUnavailable, UpstreamAuthError, UpstreamError:
+                see ``Upstream``; VerificationError when a digest reference and the
+                upstream's digest disagree.
+        """
+        url = self._endpoint(repository, "manifests", validate_reference(reference))
+        what = f"HEAD manifest {repository}:{reference}"
+        async with self._send("HEAD", url, {"Accept": mediatypes.MANIFEST_ACCEPT}, what) as response:
+            await _raise_for_status(response, what)
+            digest = _header_digest(response, what)
+            media_type = _bare_type(response.headers.get("content-type"))
+            length = response.headers.get("content-length", "")
+        if digest is None or media_type in _GENERIC_TYPES or not length.isdigit():
+            result = await self.get_manifest(repository, reference)
+            return replace(result, body=None)
+        if ":" in reference and Digest.parse(reference) != digest:
+            raise VerificationError(f"{what}: upstream answered with digest {digest}")
+        if int(length) > MAX_MANIFEST_SIZE:
+            raise UpstreamError(f"{what}: manifest of {length} bytes is larger than {MAX_MANIFEST_SIZE}")
+        return ManifestResult(digest, media_type, int(length), None)
+
+    async def get_manifest(self, repository: str, reference: str) -> ManifestResult:
+        """Fetches a manifest and checks it.
+
+        The body is read up to ``MAX_MANIFEST_SIZE`` bytes. It must hash to the reference
+        when that is a digest, and to ``Docker-Content-Digest`` when the upstream sent it.
+        The media type is the ``Content-Type`` (without parameters) or, when that is absent
+        or generic, the body's ``mediaType`` field.
+
+        Raises:
+            VerificationError: the body does not match a digest, or its ``mediaType``
+                contradicts the ``Content-Type``.
+            UpstreamError: the body is too large (and the other errors of ``Upstream``).
+        """
+        url = self._endpoint(repository, "manifests", validate_reference(reference))
+        what = f"GET manifest {repository}:{reference}"
+        headers = {"Accept": mediatypes.MANIFEST_ACCEPT, "Accept-Encoding": "identity"}
+        async with self._send("GET", url, headers, what) as response:
+            await _raise_for_status(response, what)
+            header_digest = _header_digest(response, what)
+            header_type = _bare_type(response.headers.get("content-type"))
+            body = await _read_capped(response, MAX_MANIFEST_SIZE, what)
+
+        expected = [d for d in (Digest.parse(reference) if ":" in reference else None, header_digest) if d]
+        for digest in expected:
+            hasher = digest.hasher()
+            hasher.update(body)
+            if not hmac.compare_digest(hasher.hexdigest(), digest.encoded):
+                raise VerificationError(f"{what}: body does not match digest {digest}")
+        digest = expected[0] if expected else Digest("sha256", hashlib.sha256(body).hexdigest())
+
+        declared, is_index = _json_media_type(body)
+        if header_type not in _GENERIC_TYPES:
+            if declared is not None and declared != header_type:
+                raise VerificationError(f"{what}: mediaType {declared!r} contradicts Content-Type {header_type!r}")
+            media_type = header_type
+        elif declared is not None:
+            media_type = declared
+        elif header_type == "application/json" or body.lstrip().startswith(b"{"):
+            # OCI manifests may omit mediaType; infer it the way the image spec allows.
+            media_type = mediatypes.OCI_INDEX if is_index else mediatypes.OCI_MANIFEST
+        else:
+            raise UpstreamError(f"{what}: response is neither typed nor JSON")
+        return ManifestResult(digest, media_type, len(body), body)
+
+    @contextlib.asynccontextmanager
+    async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> AsyncIterator[BlobResponse]:
+        """Opens ``GET /v2/<repository>/blobs/<digest>``, from ``offset`` on.
+
+        An offset above 0 sends ``Range: bytes=<offset>-``. A 206 must carry a
+        ``Content-Range`` that starts at ``offset`` and states the total size. A server
+        that ignores Range answers 200 with the whole blob: the first ``offset`` bytes are
+        then read and dropped here, so the caller always sees bytes from ``offset`` on
+        (correct, but those bytes cross the network again).
+
+        Bytes are yielded exactly as sent (no Content-Encoding decoding); the caller
+        verifies the digest.
+
+        Raises:
+            UpstreamError: a malformed 206, a missing length, or an offset past the end
+                (and the other errors of ``Upstream``).
+        """
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        url = self._endpoint(repository, "blobs", str(digest))
+        what = f"GET blob {repository}@{digest}" + (f" from {offset}" if offset else "")
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        async with self._send("GET", url, headers, what) as response:
+            await _raise_for_status(response, what)
+            yield self._blob_response(response, offset, what)
+
+    @staticmethod
+    def _blob_response(response: httpx.Response, offset: int, what: str) -> _HttpBlobResponse:
+        length_text = response.headers.get("content-length")
+        length = int(length_text) if length_text is not None and length_text.isdigit() else None
+        if response.status_code == 200:
+            if length is None:
+                raise UpstreamError(f"{what}: response has no Content-Length", status=200)
+            if offset > length:
+                raise UpstreamError(f"{what}: offset is past the end of a {length}-byte blob", status=200)
+            return _HttpBlobResponse(response, length, offset, skip=offset, what=what)
+        if response.status_code != 206 or not offset:
+            raise UpstreamError(f"{what}: unexpected HTTP {response.status_code}", status=response.status_code)
+        match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("content-range", "").strip())
+        if match is None or match.group(3) == "*":
+            raise UpstreamError(f"{what}: 206 without a usable Content-Range", status=206)
+        start, end, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
+        if start != offset or end < start or end >= total:
+            raise UpstreamError(f"{what}: 206 for bytes {start}-{end}/{total}, asked from {offset}", status=206)
+        if length is not None and length != end - start + 1:
+            raise UpstreamError(f"{what}: Content-Length does not match Content-Range", status=206)
+        return _HttpBlobResponse(response, total, offset, skip=0, what=what)
+
+    async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
+        """Fetches ``/v2/<repository>/blobs/<digest>/chunks?size=<chunk_size>`` (a p2pd seed).
+
+        Returns:
+            The decoded map, or None when the upstream has none: it answered 400, 404, 405
+            or 501 or with another content type. Unless the 404 was an OCI ``BLOB_UNKNOWN``
+            / ``NAME_UNKNOWN`` (the endpoint exists, the blob does not), the upstream is
+            not asked again for ``CHUNK_MAP_UNSUPPORTED_TTL`` seconds.
+
+        Raises:
+            ValueError: ``chunk_size`` is not a power of two in [64 KiB, 64 MiB].
+            VerificationError: the map is malformed or describes another blob or size.
+            UpstreamError: the map is larger than ``MAX_CHUNK_MAP_SIZE`` (and the other
+                errors of ``Upstream``).
+        """
+        try:
+            validate_chunk_size(chunk_size)
+        except OCIError as exc:
+            raise ValueError(exc.message) from exc
+        if trio.current_time() < self._chunk_maps_unsupported_until:
+            return None
+        url = self._endpoint(repository, "blobs", f"{digest}/chunks")
+        what = f"GET chunk map {repository}@{digest}"
+        params = {"size": str(chunk_size)}
+        async with self._send("GET", url, {"Accept": CHUNK_MAP_MEDIA_TYPE}, what, params) as response:
+            status = response.status_code
+            if status in (400, 404, 405, 501):
+                if status != 404 or await _error_code(response) not in ("BLOB_UNKNOWN", "NAME_UNKNOWN"):
+                    self._chunk_maps_unsupported_until = trio.current_time() + CHUNK_MAP_UNSUPPORTED_TTL
+                    log.debug("%s has no chunk maps (HTTP %d)", self.url, status)
+                return None
+            await _raise_for_status(response, what)
+            if _bare_type(response.headers.get("content-type")) != CHUNK_MAP_MEDIA_TYPE:
+                self._chunk_maps_unsupported_until = trio.current_time() + CHUNK_MAP_UNSUPPORTED_TTL
+                return None
+            data = await _read_capped(response, MAX_CHUNK_MAP_SIZE, what)
+        try:
+            chunk_map = ChunkMap.decode(data, expected_digest=digest)
+        except OCIError as exc:
+            raise VerificationError(f"{what}: {exc.message}") from exc
+        if chunk_map.chunk_size != chunk_size:
+            raise VerificationError(f"{what}: asked for {chunk_size}-byte chunks, got {chunk_map.chunk_size}")
+        return chunk_map
+
+    async def aclose(self) -> None:
+        """Closes the connection pool."""
+        with contextlib.suppress(httpx.HTTPError):
+            await self._client.aclose()
+
+
+# ---- namespace mapping --------------------------------------------------------------------
+
+
+def validate_namespace(ns: str) -> str:
+    """Checks a ``host[:port]`` namespace (containerd's ``ns=``) and returns it lower-cased.
+
+    Nothing but a DNS name, an IPv4 address or a bracketed IPv6 address, with an optional
+    port, is accepted: no ``/``, ``@``, ``?``, spaces or userinfo can reach a URL.
+
+    Raises:
+        OCIError: NAME_INVALID.
+    """
+    match = _NAMESPACE_RE.fullmatch(ns) if len(ns) <= 260 else None
+    valid = match is not None
+    if match is not None:
+        host, port = match.group("host"), match.group("port")
+        if port is not None and not 0 < int(port) <= 65535:
+            valid = False
+        if host.startswith("["):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                valid = False
+        elif len(host) > 253:
+            valid = False
+    if not valid:
+        raise OCIError("NAME_INVALID", "invalid registry namespace", detail={"ns": ns[:100]})
+    return ns.lower()
+
+
+class UpstreamPool:
+    """Chooses the upstream for containerd's ``ns=`` value and owns the clients.
+
+    Mapping, in order: an ``[[upstream]]`` entry for the namespace; else the configured
+    ``default_upstream`` (with the repository unchanged); else ``https://<ns>``, where
+    ``docker.io`` and ``index.docker.io`` mean ``https://registry-1.docker.io``. For the
+    Docker Hub namespaces a one-component repository gets the ``library/`` prefix.
+
+    Args:
+        config: the agent's configuration (upstreams, default upstream, fetch timeouts).
+
+    Resource handling: one ``HttpUpstream`` per distinct upstream (URL and credentials),
+    created on first use; ``aclose`` closes them all.
+    """
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+        self._explicit = {u.namespace.lower(): u for u in config.upstreams}
+        self._clients: dict[UpstreamConfig, HttpUpstream] = {}
+
+    def resolve(self, ns: str | None, repository: str) -> tuple[Upstream, str]:
+        """The upstream for ``ns`` and the repository name to use there.
+
+        Raises:
+            OCIError: NAME_INVALID for a malformed namespace or repository; NAME_UNKNOWN
+                when there is no ``ns`` and no default upstream.
+            ConfigError: the upstream's CA or password file cannot be read.
+        """
+        namespace = validate_namespace(ns) if ns is not None else None
+        if namespace in DOCKER_HUB_NAMESPACES and "/" not in repository:
+            repository = f"library/{repository}"
+        validate_name(repository)
+        if namespace is not None and namespace in self._explicit:
+            config = self._explicit[namespace]
+        elif self._config.default_upstream is not None:
+            config = UpstreamConfig(namespace=DEFAULT_NAMESPACE, url=self._config.default_upstream)
+        elif namespace is None:
+            raise OCIError("NAME_UNKNOWN", "no ns= in the request and no default upstream configured")
+        elif namespace in DOCKER_HUB_NAMESPACES:
+            config = UpstreamConfig(namespace=namespace, url=DOCKER_HUB_URL)
+        else:
+            config = UpstreamConfig(namespace=namespace, url=f"https://{namespace}")
+        key = replace(config, namespace="")  # one client per URL and credentials
+        upstream = self._clients.get(key)
+        if upstream is None:
+            upstream = self._clients[key] = HttpUpstream(config, self._config.fetch)
+        return upstream, repository
+
+    async def aclose(self) -> None:
+        """Closes every upstream client created so far."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
