@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import httpx
 import trio
 
 from . import __version__, containerd_config
@@ -21,6 +23,7 @@ from .oci.digest import Digest
 from .oci.errors import OCIError
 from .sdnotify import notify
 from .store import BlobStore
+from .swarm.auth import generate_key
 
 __all__ = ["main"]
 
@@ -53,6 +56,28 @@ def _parser() -> argparse.ArgumentParser:
                        help="map containerd's ns= value to an upstream registry (repeatable)")
     serve.add_argument("--default-upstream", metavar="URL", help="upstream for registries without --upstream")
     serve.add_argument("--cache-max-bytes", type=_size, help="evict least-recently-used blobs above this size")
+    peers = serve.add_argument_group("peer-to-peer (off unless --peer-listen is given)")
+    peers.add_argument("--peer-listen", metavar="HOST:PORT", help="endpoint for other nodes (separate from --listen)")
+    peers.add_argument("--advertise", metavar="HOST:PORT", help="address other nodes use (default: --peer-listen)")
+    peers.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="static peer (repeatable)")
+    peers.add_argument("--peer-dns", action="append", default=[], metavar="NAME[:PORT]",
+                       help="DNS name resolved periodically to peer addresses (repeatable)")
+    peers.add_argument("--cluster-key-file", type=Path, help="shared secret of the cluster ('p2pd keygen')")
+    peers.add_argument("--insecure-peers", action="store_true", default=None,
+                       help="run the swarm without peer authentication (testing only)")
+    peers.add_argument("--site", help="locality label (default: the advertised address's /24)")
+    peers.add_argument("--node-id", help="node id (default: generated once, kept in the data directory)")
+    peers.add_argument("--no-mdns", dest="mdns", action="store_false", default=None, help="do not use mDNS")
+    peers.add_argument("--mdns-interface", metavar="IPV4", help="address to run mDNS on (default: advertised host)")
+    peers.add_argument("--upload-rate", type=_size, help="bytes per second served to peers (0: unlimited)")
+    peers.add_argument("--max-uploads", type=int, help="concurrent chunk uploads before answering 429")
+
+    keygen = commands.add_parser("keygen", help="create a cluster key file")
+    keygen.add_argument("--out", type=Path, help="write the key here (mode 0600) instead of printing it")
+
+    status = commands.add_parser("status", help="peers, transfers in flight and bytes by source")
+    status.add_argument("--endpoint", default="http://127.0.0.1:5080", help="the agent's --listen URL")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     cache = commands.add_parser("cache", help="inspect and manage the local cache")
     cache.add_argument("--config", type=Path, help="TOML configuration file")
@@ -130,6 +155,54 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(out: Path | None) -> int:
+    key = generate_key()
+    if out is None:
+        print(key)
+        return 0
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    print(f"wrote a new cluster key to {out}; copy it to every node (mode 0600)")
+    return 0
+
+
+def _status(endpoint: str, raw: bool) -> int:
+    try:
+        response = httpx.get(endpoint.rstrip("/") + "/debug/status", timeout=5, trust_env=False)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"p2pd: cannot read status from {endpoint}: {exc}", file=sys.stderr)
+        return 1
+    status = response.json()
+    if raw:
+        print(json.dumps(status, indent=2))
+        return 0
+    node = status.get("node")
+    if node:
+        print(f"node {node['id']}  site {node['site']}  peers at {node['address']}")
+    else:
+        print("peer-to-peer: off")
+    fetched = status.get("fetched_bytes", {})
+    print("fetched: " + ", ".join(f"{source} {int(value)} B" for source, value in sorted(fetched.items()))
+          + f"; served to containerd {int(status.get('served_bytes', 0))} B"
+          + (f"; served to peers {int(status['peer_served_bytes'])} B" if "peer_served_bytes" in status else ""))
+    peers = status.get("peers", [])
+    if peers:
+        print(f"{len(peers)} peers:")
+        for peer in peers:
+            state = "banned" if peer["banned"] else "suspended" if peer["suspended"] else "live"
+            print(f"  {peer['id']:<20} {peer['address']:<22} site {peer['site']:<16} {state} via {peer['sources']}")
+    transfers = status.get("transfers", [])
+    downloads = status.get("downloads", [])
+    print(f"{len(downloads)} downloads in flight")
+    for transfer in transfers:
+        lease = "holds the upstream lease" if transfer["leased"] else f"lease: {transfer['lessee']}"
+        print(f"  {transfer['digest']}  {transfer['have']}/{transfer['chunks']} chunks  {lease}  "
+              f"from peers {sum(transfer['peer_bytes'].values())} B, upstream {transfer['upstream_bytes']} B")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -137,10 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if args.command == "serve":
+            swarm = {"peer_listen": args.peer_listen, "advertise": args.advertise, "peers": tuple(args.peer),
+                     "peer_dns": tuple(args.peer_dns),
+                     "cluster_key_file": str(args.cluster_key_file) if args.cluster_key_file else None,
+                     "insecure_peers": args.insecure_peers, "site": args.site, "node_id": args.node_id,
+                     "mdns": args.mdns, "mdns_interface": args.mdns_interface, "upload_rate": args.upload_rate,
+                     "max_uploads": args.max_uploads}
             config = load_config(args.config, listen=args.listen, data=args.data, upstreams=args.upstream,
-                                 default_upstream=args.default_upstream, cache_max_bytes=args.cache_max_bytes)
+                                 default_upstream=args.default_upstream, cache_max_bytes=args.cache_max_bytes,
+                                 swarm=swarm)
             trio.run(_serve, config)
             return 0
+        if args.command == "keygen":
+            return _keygen(args.out)
+        if args.command == "status":
+            return _status(args.endpoint, args.json)
         if args.command == "cache":
             return _cache(args)
         return containerd_config.run(args)

@@ -27,8 +27,10 @@ No other module reads the environment or configuration files. Example ``p2pd.tom
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from p2pd.httpd import ServerLimits
 from p2pd.oci.digest import Digest
@@ -41,6 +43,7 @@ __all__ = [
     "AgentConfig",
     "CacheConfig",
     "FetchConfig",
+    "SwarmConfig",
     "UpstreamConfig",
     "load_config",
     "parse_listen",
@@ -86,6 +89,40 @@ class FetchConfig:
 
 
 @dataclass(frozen=True)
+class SwarmConfig:
+    """Peer-to-peer settings; the swarm is off unless ``peer_listen`` is set."""
+
+    peer_listen: str | None = None  # HOST:PORT of the peer endpoint (separate from containerd's)
+    advertise: str | None = None  # HOST:PORT other nodes use to reach us (default: peer_listen)
+    node_id: str | None = None  # default: generated once and kept in <data>/node_id
+    site: str | None = None  # locality label; default: derived from the advertised address
+    peers: tuple[str, ...] = ()  # static HOST:PORT peers
+    peer_dns: tuple[str, ...] = ()  # NAME or NAME:PORT resolved periodically (e.g. a headless service)
+    peer_dns_interval: float = 30.0
+    mdns: bool = True  # announce and browse _p2pd._tcp.local. on mdns_interface
+    mdns_interface: str | None = None  # IPv4 address to bind mDNS to (default: the advertised host)
+    cluster_key_file: Path | None = None
+    insecure_peers: bool = False  # run without a cluster key (explicit opt-in only)
+    chunk_size: int = 1024 * 1024
+    coordinator_backups: int = 2
+    lease_ttl: float = 15.0
+    peer_timeout: float = 5.0  # a chunk request with no progress for this long moves to another source
+    max_parallel_chunks: int = 8
+    max_requests_per_peer: int = 2
+    ban_seconds: float = 300.0  # a peer that sent bad bytes is ignored this long
+    suspend_after_failures: int = 3
+    suspend_seconds: float = 30.0
+    upload_rate: int = 0  # bytes/s served to peers; 0 = unlimited
+    max_uploads: int = 16  # concurrent chunk uploads; more get 429 + Retry-After
+    download_rate: int = 0  # bytes/s fetched from peers; 0 = unlimited
+    upstream_rate: int = 0  # bytes/s fetched from upstreams; 0 = unlimited
+
+    @property
+    def enabled(self) -> bool:
+        return self.peer_listen is not None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     host: str = "127.0.0.1"
     port: int = 5080
@@ -95,6 +132,7 @@ class AgentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
 
     @property
     def listen(self) -> str:
@@ -125,6 +163,7 @@ def load_config(
     upstreams: list[str] | None = None,
     default_upstream: str | None = None,
     cache_max_bytes: int | None = None,
+    swarm: dict[str, Any] | None = None,
 ) -> AgentConfig:
     """Reads the TOML file (if any), then applies command-line overrides.
 
@@ -132,7 +171,7 @@ def load_config(
         ConfigError: unreadable file, unknown keys, wrong types or invalid values.
     """
     document = read_toml(path)
-    top_level = {"listen", "data", "default_upstream", "upstream", "cache", "fetch", "server"}
+    top_level = {"listen", "data", "default_upstream", "upstream", "cache", "fetch", "server", "swarm"}
     unknown = set(document) - top_level
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -164,6 +203,28 @@ def load_config(
     if fetch.max_attempts < 1:
         raise ConfigError("fetch.max_attempts must be at least 1")
     limits = build_section(ServerLimits, dict(document.get("server", {})), "server")
+    swarm_table = dict(document.get("swarm", {}))
+    swarm_table.update({k: v for k, v in (swarm or {}).items() if v not in (None, (), [])})
+    swarm_config = _checked_swarm(build_section(SwarmConfig, swarm_table, "swarm"))
     return AgentConfig(host=host, port=port, data=data_dir, upstreams=tuple(by_namespace.values()),
                        default_upstream=str(default).rstrip("/") if default else None,
-                       cache=cache, fetch=fetch, limits=limits)
+                       cache=cache, fetch=fetch, limits=limits, swarm=swarm_config)
+
+
+def _checked_swarm(swarm: SwarmConfig) -> SwarmConfig:
+    for address in (swarm.peer_listen, swarm.advertise, *swarm.peers):
+        if address is not None:
+            parse_listen(address)
+    if swarm.enabled and swarm.cluster_key_file is None and not swarm.insecure_peers:
+        raise ConfigError("the swarm needs a cluster key: --cluster-key-file FILE (make one with 'p2pd keygen'), "
+                          "or --insecure-peers to run without authentication")
+    if swarm.node_id is not None and not _NODE_ID_RE.fullmatch(swarm.node_id):
+        raise ConfigError("swarm.node_id: 1-63 letters, digits and '-' (no dots)")
+    if swarm.site is not None and not _NODE_ID_RE.fullmatch(swarm.site):
+        raise ConfigError("swarm.site: 1-63 letters, digits and '-'")
+    if swarm.chunk_size & (swarm.chunk_size - 1) or not 64 * 1024 <= swarm.chunk_size <= 64 * 1024 * 1024:
+        raise ConfigError("swarm.chunk_size must be a power of two between 64 KiB and 64 MiB")
+    return swarm
+
+
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")

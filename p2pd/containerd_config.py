@@ -340,8 +340,9 @@ def _render_table(path: list[str], table: Mapping[str, Any], lines: list[str]) -
 def render_hosts_toml(hosts_file: HostsFile, namespace: str) -> str:
     """The TOML text of ``hosts_file``; ``parse_hosts_toml(render_hosts_toml(f, ns)) == f``."""
     scope = "every registry without its own directory" if namespace == DEFAULT_NAMESPACE else namespace
+    last = "server" if hosts_file.server is not None else "the registry named in the image reference"
     lines = [
-        f"# Pulls from {scope}: containerd tries each [host] in order, then server.",
+        f"# Pulls from {scope}: containerd tries each [host] in order, then {last}.",
         "# p2pd comes first and answers 404 when it cannot serve, so containerd falls back to the next host.",
         "# Written by 'p2pd containerd-config'; rerun it rather than editing p2pd's entry by hand.",
     ]
@@ -469,7 +470,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="containerd's hosts directory (config_path), e.g. /etc/containerd/certs.d",
     )
-    parser.add_argument("--endpoint", required=True, help="p2pd's URL as containerd reaches it, e.g. http://127.0.0.1:5080")
+    parser.add_argument(
+        "--endpoint", required=True, help="p2pd's URL as containerd reaches it, e.g. http://127.0.0.1:5080"
+    )
     parser.add_argument(
         "--registry",
         action="append",
@@ -525,12 +528,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         for change in changes:
-            if change.content is None:
-                state = "unchanged"
-            else:
-                state = "would update" if change.existed else "would create"
+            state = "unchanged" if change.content is None else "would update" if change.existed else "would create"
             print(f"# ===== {change.path} ({state})")
             print(change.rendered, end="" if change.rendered.endswith("\n") else "\n")
+            print()
         return 0
 
     now = dt.datetime.now(dt.UTC)

@@ -14,6 +14,7 @@ from .fetcher import Fetcher
 from .metrics import AgentMetrics
 from .registry import MirrorFront
 from .store import BlobStore
+from .swarm.node import SwarmNode, serve_swarm
 from .upstream import UpstreamPool
 
 __all__ = ["Agent", "serve_agent"]
@@ -28,6 +29,7 @@ class Agent:
     fetcher: Fetcher
     front: MirrorFront
     metrics: AgentMetrics
+    swarm: SwarmNode | None = None
 
 
 async def serve_agent(
@@ -50,6 +52,11 @@ async def serve_agent(
         front = MirrorFront(config, store, fetcher, upstreams, metrics)
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
+            swarm_node: SwarmNode | None = None
+            if config.swarm.enabled:
+                swarm_node = await nursery.start(partial(serve_swarm, config, store, metrics, shutdown=shutdown))
+                fetcher.swarm = swarm_node.swarm
+                front.swarm_node = swarm_node
 
             async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
                 await serve_http(front.handle, config.host, config.port, limits=config.limits,
@@ -58,7 +65,7 @@ async def serve_agent(
 
             info = await nursery.start(run_server)
             front.ready = True
-            task_status.started(Agent(info, store, fetcher, front, metrics))
+            task_status.started(Agent(info, store, fetcher, front, metrics, swarm_node))
     finally:
         with trio.CancelScope(shield=True):
             await upstreams.aclose()

@@ -23,8 +23,9 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,10 +33,13 @@ from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, ChunkMap
 from p2pd.oci.digest import Digest
 
 from .config import AgentConfig
-from .errors import P2PDError, UpstreamError, UpstreamNotFound, VerificationError
+from .errors import P2PDError, RemoteError, UpstreamError, UpstreamNotFound, VerificationError
 from .metrics import AgentMetrics
 from .store import BlobStore
 from .upstream import Upstream, UpstreamPool
+
+if TYPE_CHECKING:
+    from .swarm.engine import Swarm
 
 __all__ = ["HOLDBACK", "Download", "Fetcher"]
 
@@ -112,6 +116,8 @@ class Fetcher:
         self.metrics = metrics
         self.in_flight: dict[Digest, Download] = {}
         self._jobs: trio.MemorySendChannel[Download] | None = None
+        # Set by the daemon when peer-to-peer distribution is on.
+        self.swarm: Swarm | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Runs download tasks until cancelled."""
@@ -162,11 +168,14 @@ class Fetcher:
         with trio.move_on_after(self.config.fetch.first_byte_timeout):
             try:
                 chunk_map = await upstream.get_chunk_map(remote_repository, download.digest, DEFAULT_CHUNK_SIZE)
-            except UpstreamError as exc:
+            except RemoteError as exc:  # no map, or a bad one: fall back to whole-digest checks
                 log.debug("no chunk map for %s: %s", download.digest, exc)
         if chunk_map is not None:
             download.size = chunk_map.size
             download._notify()
+        if self.swarm is not None:
+            await self._fetch_swarm(download, upstream, remote_repository, chunk_map)
+            return
         for fresh_start in (False, True):
             fd, existing = await trio.to_thread.run_sync(self.store.open_partial, download.digest)
             try:
@@ -191,6 +200,76 @@ class Fetcher:
             download.complete = True
             download._release(transfer.offset)
             return
+
+    async def _fetch_swarm(self, download: Download, upstream: Upstream, repository: str,
+                           chunk_map: ChunkMap | None) -> None:
+        """Assembles the blob from peers and (once per site) the upstream; see ``p2pd.swarm.engine``."""
+        swarm = self.swarm
+        assert swarm is not None
+        digest = download.digest
+        if download.size is None:
+            with trio.fail_after(self.config.fetch.manifest_timeout):
+                download.size = await upstream.blob_size(repository, digest)
+            download._notify()
+        size = download.size
+        fd, existing = await trio.to_thread.run_sync(self.store.open_partial, digest)
+        transfer = swarm.start_transfer(digest, size, fd, chunk_map)
+        try:
+            await trio.to_thread.run_sync(swarm.adopt_existing, transfer, existing)
+
+            def on_progress() -> None:
+                download.written = transfer.have.cardinality() * transfer.chunk_size
+                download._release(swarm.released(transfer))
+
+            async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> None:
+                await self._upstream_range(upstream, repository, digest, start, end, accept)
+
+            on_progress()
+            await swarm.run_transfer(transfer, upstream_range, on_progress)
+            actual = await trio.to_thread.run_sync(_hash_file, fd, size, digest.algorithm)
+            if actual != digest.encoded:
+                await trio.to_thread.run_sync(self.store.discard_partial, digest)
+                raise VerificationError(f"{digest}: assembled content does not match the digest")
+            swarm.remember_map(transfer)
+            await trio.to_thread.run_sync(self.store.commit_partial, digest, fd, size)
+        finally:
+            swarm.finish_transfer(transfer)
+            os.close(fd)
+        download.complete = True
+        download._release(size)
+        await swarm.announce_complete(digest, size)
+
+    async def _upstream_range(self, upstream: Upstream, repository: str, digest: Digest, start: int, end: int,
+                              accept: Callable[[bytes], Awaitable[None]]) -> None:
+        """Feeds bytes start..end from the upstream to ``accept``, resuming after failures."""
+        position = start
+        failures_without_progress = 0
+        while position <= end:
+            before = position
+            try:
+                self.metrics.upstream_fetches.inc()
+                async with upstream.open_blob(repository, digest, position, end) as response:
+                    async for piece in response.aiter_bytes():
+                        piece = piece[: end + 1 - position]
+                        if not piece:
+                            break
+                        position += len(piece)
+                        await accept(piece)
+                        if position > end:
+                            break
+            except UpstreamNotFound:
+                raise
+            except UpstreamError as exc:
+                failures_without_progress = 0 if position > before else failures_without_progress + 1
+                if failures_without_progress >= self.config.fetch.max_attempts:
+                    raise
+                log.info("upstream range of %s interrupted at %d (%s); resuming", digest, position, exc)
+                await trio.sleep(min(0.1 * 2**failures_without_progress, 2.0))
+                continue
+            if position == before:
+                failures_without_progress += 1
+                if failures_without_progress >= self.config.fetch.max_attempts:
+                    raise UpstreamError(f"upstream keeps ending {digest} early")
 
     async def _transfer(self, transfer: _Transfer, upstream: Upstream, repository: str) -> None:
         """Fetches from the upstream until the blob is complete and verified."""
@@ -347,6 +426,18 @@ async def stream_download(download: Download, store: BlobStore, start: int, end:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _hash_file(fd: int, size: int, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    position = 0
+    while position < size:
+        data = os.pread(fd, min(_READ_PIECE, size - position), position)
+        if not data:
+            break
+        hasher.update(data)
+        position += len(data)
+    return hasher.hexdigest()
 
 
 def _open_growing(store: BlobStore, digest: Digest) -> int:

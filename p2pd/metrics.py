@@ -38,6 +38,22 @@ class AgentMetrics:
         self.stalled_streams = Counter("p2pd_stalled_streams", "Client streams closed for lack of progress",
                                        registry=self.registry)
 
+        # Swarm (peer-to-peer) transfer.
+        self.peer_fetched_bytes = Counter("p2pd_peer_fetched_bytes", "Chunk bytes received, by peer node id",
+                                          ["peer"], registry=self.registry)
+        self.peer_served_bytes = Counter("p2pd_peer_served_bytes", "Chunk bytes served to other nodes",
+                                         registry=self.registry)
+        self.chunks_verified = Counter("p2pd_chunks_verified", "Chunks from peers that matched the chunk map",
+                                       registry=self.registry)
+        self.chunks_failed = Counter("p2pd_chunks_failed", "Chunks from peers that failed verification",
+                                     registry=self.registry)
+        self.peers_known = Gauge("p2pd_peers_known", "Live peers in the member table", registry=self.registry)
+        self.peers_banned = Gauge("p2pd_peers_banned", "Peers banned for sending bad bytes",
+                                  registry=self.registry)
+        self.leases = Counter("p2pd_leases", "Upstream leases this node was granted", registry=self.registry)
+        self.uploads_refused = Counter("p2pd_peer_uploads_refused", "Peer chunk requests answered 429",
+                                       registry=self.registry)
+
     def observe(self, request: Request, status: int, bytes_sent: int, seconds: float) -> None:
         method = request.method if request.method in _METHODS else "OTHER"
         self.requests.labels(method, request.route, str(status)).inc()

@@ -9,6 +9,7 @@ the next host; a stream that stops making progress is cut so containerd resumes 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -16,8 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 
 import trio
+from prometheus_client import Counter
 
 from p2pd.httpd import FileBody, Request, Response
+from p2pd.oci import mediatypes
 from p2pd.oci.digest import Digest, digest_of
 from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import validate_name, validate_reference
@@ -29,7 +32,8 @@ from .errors import P2PDError, UpstreamError, UpstreamNotFound, VerificationErro
 from .fetcher import Download, Fetcher, stream_download
 from .metrics import AgentMetrics
 from .store import BlobStore, TagRecord
-from .upstream import UpstreamPool
+from .swarm.node import SwarmNode
+from .upstream import UpstreamPool, validate_namespace
 
 __all__ = ["MirrorFront"]
 
@@ -39,6 +43,38 @@ _API_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _MANIFEST_RE = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
 _BLOB_RE = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _READ_METHODS = ("GET", "HEAD")
+
+
+def _namespace(request: Request) -> str | None:
+    """containerd's ``ns=``, checked before it can start a download (which would only fail later)."""
+    namespace = request.query_one("ns")
+    if namespace is not None:
+        validate_namespace(namespace)
+    return namespace
+
+
+_PEERS_ASKED_FOR_MANIFESTS = 3
+
+
+def _declared_media_type(body: bytes) -> str:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    declared = document.get("mediaType") if isinstance(document, dict) else None
+    if isinstance(declared, str) and declared in mediatypes.MANIFEST_TYPES:
+        return declared
+    is_index = isinstance(document, dict) and "manifests" in document
+    return mediatypes.OCI_INDEX if is_index else mediatypes.OCI_MANIFEST
+
+
+def _samples(counter: Counter) -> list[tuple[dict[str, str], float]]:
+    return [(sample.labels, sample.value) for metric in counter.collect() for sample in metric.samples
+            if sample.name.endswith("_total")]
+
+
+def _total(counter: Counter) -> float:
+    return sum(value for _labels, value in _samples(counter))
 
 
 def _not_found(code: str, message: str, **detail: str) -> OCIError:
@@ -56,6 +92,7 @@ class MirrorFront:
         self.upstreams = upstreams
         self.metrics = metrics
         self.ready = False
+        self.swarm_node: SwarmNode | None = None  # set by the daemon when the swarm is on
 
     async def handle(self, request: Request) -> Response:
         path = request.path
@@ -66,6 +103,9 @@ class MirrorFront:
             request.route = "readyz"
             return Response(200 if self.ready else 503, [("Content-Type", "text/plain")],
                             b"ready\n" if self.ready else b"starting\n")
+        if path == "/debug/status":
+            request.route = "status"
+            return Response(200, [("Content-Type", "application/json")], json.dumps(self.status()).encode())
         if path == "/metrics":
             request.route = "metrics"
             self.metrics.cache_bytes.set(self.store.total_bytes)
@@ -94,11 +134,37 @@ class MirrorFront:
         request.route = "other"
         raise _not_found("NOT_FOUND", "this mirror serves manifests and blobs only")
 
+    def status(self) -> dict[str, object]:
+        """What ``p2pd status`` prints: peers, transfers in flight, bytes by source."""
+        by_source = {labels["source"]: value for labels, value in _samples(self.metrics.fetched_bytes)}
+        result: dict[str, object] = {
+            "ready": self.ready,
+            "cache_bytes": self.store.total_bytes,
+            "fetched_bytes": by_source,
+            "served_bytes": _total(self.metrics.served_bytes),
+            "downloads": [{"digest": str(d.digest), "size": d.size, "written": d.written, "released": d.released}
+                          for d in self.fetcher.in_flight.values()],
+        }
+        node = self.swarm_node
+        if node is not None:
+            now = time.monotonic()
+            result["node"] = {"id": node.me.node_id, "address": node.me.address, "site": node.me.site}
+            result["peers"] = [{"id": member.node_id, "address": member.address, "site": member.site,
+                                "sources": sources, "failures": failures,
+                                "suspended": suspended > now, "banned": banned > now}
+                               for member, sources, failures, suspended, banned in node.membership.known()]
+            result["transfers"] = [{"digest": str(t.digest), "size": t.size, "chunks": t.count,
+                                    "have": t.have.cardinality(), "leased": t.leased, "lessee": t.lessee,
+                                    "peer_bytes": dict(t.peer_bytes), "upstream_bytes": t.upstream_bytes}
+                                   for t in node.swarm.transfers.values()]
+            result["peer_served_bytes"] = _total(self.metrics.peer_served_bytes)
+        return result
+
     # ---- manifests --------------------------------------------------------------------
 
     async def _manifest(self, request: Request, name: str, reference: str) -> Response:
         validate_reference(reference)
-        namespace = request.query_one("ns")
+        namespace = _namespace(request)
         media_type: str | None = None
         if ":" in reference:
             digest = Digest.parse(reference)
@@ -153,7 +219,10 @@ class MirrorFront:
         except (UpstreamError, trio.TooSlowError) as exc:
             if isinstance(exc, VerificationError):
                 self.metrics.verification_failures.labels("upstream").inc()
-            raise _not_found("MANIFEST_UNKNOWN", "manifest not available", digest=str(digest)) from exc
+            from_peer = await self._manifest_from_peers(digest)
+            if from_peer is None:
+                raise _not_found("MANIFEST_UNKNOWN", "manifest not available", digest=str(digest)) from exc
+            return from_peer
         body = result.body
         if body is None or digest_of(body, digest.algorithm) != digest:
             self.metrics.verification_failures.labels("upstream").inc()
@@ -161,10 +230,31 @@ class MirrorFront:
         await trio.to_thread.run_sync(self.store.put_bytes, digest, body, result.media_type)
         return body, result.media_type
 
+    async def _manifest_from_peers(self, digest: Digest) -> tuple[bytes, str] | None:
+        """A manifest by digest from a peer (verified), when the upstream cannot serve it."""
+        node = self.swarm_node
+        if node is None:
+            return None
+        for member in node.membership.live()[1:][:_PEERS_ASKED_FOR_MANIFESTS]:
+            try:
+                with trio.fail_after(self.config.fetch.manifest_timeout / _PEERS_ASKED_FOR_MANIFESTS):
+                    body = await node.swarm.client.manifest(member.address, digest)
+            except (P2PDError, trio.TooSlowError):
+                continue
+            if digest_of(body, digest.algorithm) != digest:
+                self.metrics.verification_failures.labels("peer").inc()
+                node.membership.ban(member.node_id, node.swarm.ban_seconds)
+                continue
+            media_type = _declared_media_type(body)
+            await trio.to_thread.run_sync(self.store.put_bytes, digest, body, media_type)
+            self.metrics.fetched_bytes.labels("peer").inc(len(body))
+            return body, media_type
+        return None
+
     # ---- blobs ------------------------------------------------------------------------
 
     async def _blob(self, request: Request, name: str, digest: Digest) -> Response:
-        namespace = request.query_one("ns")
+        namespace = _namespace(request)
         headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", str(digest)),
                    ("Accept-Ranges", "bytes"), ("ETag", f'"{digest}"')]
         local = self._open_local(digest)

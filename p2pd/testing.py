@@ -28,9 +28,10 @@ __all__ = ["MemoryBlobResponse", "MemoryUpstream"]
 class MemoryBlobResponse:
     """The ``BlobResponse`` of ``MemoryUpstream.open_blob``."""
 
-    def __init__(self, upstream: MemoryUpstream, data: bytes, offset: int) -> None:
+    def __init__(self, upstream: MemoryUpstream, data: bytes, offset: int, end: int | None = None) -> None:
         self.total_size = len(data)
         self.offset = offset
+        self._limit = len(data) if end is None else min(end + 1, len(data))
         self._upstream = upstream
         self._data = data
 
@@ -40,8 +41,8 @@ class MemoryBlobResponse:
             await trio.sleep(upstream.stall_seconds)
         sent = 0
         position = self.offset
-        while position < len(self._data):
-            piece = self._data[position : position + upstream.piece_size]
+        while position < self._limit:
+            piece = self._data[position : min(position + upstream.piece_size, self._limit)]
             if upstream.truncate_blob_after is not None:
                 piece = piece[: max(0, upstream.truncate_blob_after - sent)]
                 if not piece:
@@ -101,8 +102,9 @@ class MemoryUpstream:
         self._blobs[(validate_name(repository), digest)] = bytes(data)
         return digest
 
-    def add_manifest(self, repository: str, body: bytes, *, media_type: str | None = None,
-                     tag: str | None = None) -> Digest:
+    def add_manifest(
+        self, repository: str, body: bytes, *, media_type: str | None = None, tag: str | None = None
+    ) -> Digest:
         """Stores a manifest's exact bytes (tagged if ``tag`` is given); returns its digest.
 
         The media type defaults to the body's ``mediaType`` field, else the OCI manifest type.
@@ -124,6 +126,7 @@ class MemoryUpstream:
 
     def add_image(self, repository: str, tag: str, layers: Sequence[bytes], config: bytes = b"{}") -> Digest:
         """Stores the blobs and an OCI image manifest for them; returns the manifest digest."""
+
         def descriptor(media_type: str, data: bytes) -> dict[str, object]:
             return {"mediaType": media_type, "digest": str(self.add_blob(repository, data)), "size": len(data)}
 
@@ -165,8 +168,19 @@ class MemoryUpstream:
         result = await self.get_manifest(repository, reference)
         return ManifestResult(result.digest, result.media_type, result.size, None)
 
+    async def blob_size(self, repository: str, digest: Digest) -> int:
+        validate_name(repository)
+        await trio.lowlevel.checkpoint()
+        if self.unavailable:
+            raise UpstreamUnavailable("upstream unavailable (injected by MemoryUpstream.unavailable)")
+        data = self._blobs.get((repository, digest))
+        if data is None:
+            raise UpstreamNotFound(f"blob {repository}@{digest} unknown", status=404)
+        return len(data)
+
     @contextlib.asynccontextmanager
-    async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> AsyncIterator[BlobResponse]:
+    async def open_blob(self, repository: str, digest: Digest, offset: int = 0,
+                        end: int | None = None) -> AsyncIterator[BlobResponse]:
         self.blob_requests += 1
         if offset < 0:
             raise ValueError("offset must not be negative")
@@ -179,7 +193,7 @@ class MemoryUpstream:
             raise UpstreamNotFound(f"blob {repository}@{digest} unknown", status=404)
         if offset and offset >= len(data):
             raise UpstreamError(f"blob {repository}@{digest}: range from {offset} not satisfiable", status=416)
-        yield MemoryBlobResponse(self, data, offset)
+        yield MemoryBlobResponse(self, data, offset, end)
 
     async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
         self.chunk_map_requests += 1

@@ -58,7 +58,7 @@ def build_section(cls: type, table: Any, where: str) -> Any:
                 raise ConfigError(f"{where}.{key} must be a number")
             value = float(value) if annotation.startswith("float") else int(value)
         elif annotation.startswith("tuple"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}.{key} must be a list of strings")
             value = tuple(value)
         elif annotation.startswith("str") and not isinstance(value, str):

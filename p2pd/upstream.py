@@ -33,7 +33,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -59,7 +59,12 @@ from .oci.manifest import MAX_MANIFEST_SIZE
 
 __all__ = [
     "CHUNK_MAP_MEDIA_TYPE",
+    "CHUNK_MAP_UNSUPPORTED_TTL",
+    "DEFAULT_NAMESPACE",
+    "DOCKER_HUB_NAMESPACES",
+    "DOCKER_HUB_URL",
     "MAX_CHUNK_MAP_SIZE",
+    "MAX_REDIRECTS",
     "BlobResponse",
     "HttpUpstream",
     "ManifestResult",
@@ -70,8 +75,7 @@ __all__ = [
 
 log = logging.getLogger("p2pd.upstream")
 
-# Same value as seed.registry.CHUNK_MAP_MEDIA_TYPE (p2pd must not import seed; a test checks it).
-CHUNK_MAP_MEDIA_TYPE = "application/vnd.p2pd.chunkmap.v1+msgpack"
+CHUNK_MAP_MEDIA_TYPE = mediatypes.CHUNK_MAP
 MAX_CHUNK_MAP_SIZE = 16 * 1024 * 1024  # bytes
 # After an upstream says it has no chunk-map endpoint, it is not asked again for this long.
 CHUNK_MAP_UNSUPPORTED_TTL = 300.0  # seconds
@@ -96,7 +100,8 @@ _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: safe in a header, no C
 _CHALLENGE_TOKEN_RE = re.compile(r"""([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*))?""")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _NAMESPACE_RE = re.compile(rf"(?P<host>{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])(?::(?P<port>[0-9]{{1,5}}))?")
-_REPOSITORY_PATH_RE = re.compile(r"/v2/(.+)/(?:manifests|blobs|tags|referrers)(?:/.*)?")
+# The request extension that tells the auth flow which repository a request is for.
+_SCOPE_EXTENSION = "p2pd_token_scope"
 
 
 # ---- interface ----------------------------------------------------------------------------
@@ -153,10 +158,13 @@ class Upstream(Protocol):
         """Fetches a manifest's exact bytes and verifies them against their digest."""
         ...
 
-    def open_blob(
-        self, repository: str, digest: Digest, offset: int = 0
-    ) -> AbstractAsyncContextManager[BlobResponse]:
-        """Opens a blob download starting at ``offset`` (for resuming)."""
+    def open_blob(self, repository: str, digest: Digest, offset: int = 0,
+                  end: int | None = None) -> AbstractAsyncContextManager[BlobResponse]:
+        """Opens a blob download of bytes ``offset..end`` (inclusive; ``end`` None: to the end)."""
+        ...
+
+    async def blob_size(self, repository: str, digest: Digest) -> int:
+        """The blob's size, from a HEAD request (no body crosses the network)."""
         ...
 
     async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
@@ -273,10 +281,9 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port if url.port is not None else default_port
 
 
-def _scope_for(url: httpx.URL) -> str | None:
-    """``repository:<name>:pull`` for a request to a repository endpoint, else None."""
-    match = _REPOSITORY_PATH_RE.fullmatch(url.path)
-    return f"repository:{match.group(1)}:pull" if match else None
+def _pull_scope(repository: str) -> str:
+    """The token scope of a pull from ``repository`` (never more than pull)."""
+    return f"repository:{repository}:pull"
 
 
 @dataclass(slots=True)
@@ -311,11 +318,11 @@ class _RegistryAuth(httpx.Auth):
         self._token_lock = trio.Lock()
         self.token_requests = 0  # how many times a realm was asked for a token (for tests and metrics)
 
-    def sync_auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:  # type: ignore[override]
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         raise RuntimeError("p2pd's registry auth works with httpx.AsyncClient only")
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        scope = _scope_for(request.url) or ""
+        scope = str(request.extensions.get(_SCOPE_EXTENSION, ""))
         sent_token: str | None = None
         sent_basic = False
         if self._bearer is not None:
@@ -399,8 +406,9 @@ class _RegistryAuth(httpx.Auth):
             response = await self._client.send(request, auth=auth, stream=True)
         try:
             if response.status_code in (401, 403):
-                raise UpstreamAuthError(f"{what}: credentials refused (HTTP {response.status_code})",
-                                        status=response.status_code)
+                raise UpstreamAuthError(
+                    f"{what}: credentials refused (HTTP {response.status_code})", status=response.status_code
+                )
             await _raise_for_status(response, what)
             body = await _read_capped(response, _MAX_TOKEN_RESPONSE, what)
         finally:
@@ -410,7 +418,7 @@ class _RegistryAuth(httpx.Auth):
             document = json.loads(body)
         except ValueError as exc:
             raise UpstreamAuthError(f"{what}: response is not JSON") from exc
-        token = document.get("token") or document.get("access_token") if isinstance(document, dict) else None
+        token = (document.get("token") or document.get("access_token")) if isinstance(document, dict) else None
         if not isinstance(token, str) or len(token) > _MAX_TOKEN_LENGTH or not _TOKEN_RE.fullmatch(token):
             raise UpstreamAuthError(f"{what}: response has no usable token")
         lifetime = document.get("expires_in")
@@ -487,7 +495,8 @@ class HttpUpstream:
     Resource handling: one connection pool per instance; ``aclose`` closes it.
 
     Raises:
-        ConfigError: the CA file or password file cannot be read.
+        ConfigError: the URL is not ``http(s)://host[:port]`` (credentials in it are refused),
+            or the CA file or password file cannot be read.
     """
 
     def __init__(
@@ -499,6 +508,13 @@ class HttpUpstream:
     ) -> None:
         self.namespace = config.namespace
         self.url = config.url.rstrip("/")
+        try:
+            parsed = httpx.URL(self.url)
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"upstream {config.namespace}: invalid URL") from exc
+        if parsed.scheme not in ("http", "https") or not parsed.host or parsed.userinfo:
+            # Credentials in the URL would end up in logs and reprs: they belong in username/password.
+            raise ConfigError(f"upstream {config.namespace}: URL must be http(s)://host[:port] without credentials")
         verify: ssl.SSLContext | bool = config.tls_verify
         try:
             if config.tls_verify and config.ca_file is not None:
@@ -507,8 +523,9 @@ class HttpUpstream:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"upstream {config.namespace}: {exc}") from exc
         credentials = _Credentials(config.username, secret or "") if config.username is not None else None
-        timeout = httpx.Timeout(connect=fetch.connect_timeout, read=fetch.read_timeout,
-                                write=fetch.read_timeout, pool=fetch.connect_timeout)
+        timeout = httpx.Timeout(
+            connect=fetch.connect_timeout, read=fetch.read_timeout, write=fetch.read_timeout, pool=fetch.connect_timeout
+        )
         self._client = httpx.AsyncClient(
             verify=verify,
             timeout=timeout,
@@ -535,9 +552,18 @@ class HttpUpstream:
 
     @contextlib.asynccontextmanager
     async def _send(
-        self, method: str, url: str, headers: dict[str, str], what: str, params: dict[str, str] | None = None
+        self,
+        method: str,
+        repository: str,
+        url: str,
+        headers: dict[str, str],
+        what: str,
+        params: dict[str, str] | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        request = self._client.build_request(method, url, headers=headers, params=params)
+        """Sends a request for ``repository`` (which sets its token scope); closes the response."""
+        request = self._client.build_request(
+            method, url, headers=headers, params=params, extensions={_SCOPE_EXTENSION: _pull_scope(repository)}
+        )
         with _translate(what):
             response = await self._client.send(request, auth=self._auth, stream=True)
         try:
@@ -561,7 +587,7 @@ class HttpUpstream:
         """
         url = self._endpoint(repository, "manifests", validate_reference(reference))
         what = f"HEAD manifest {repository}:{reference}"
-        async with self._send("HEAD", url, {"Accept": mediatypes.MANIFEST_ACCEPT}, what) as response:
+        async with self._send("HEAD", repository, url, {"Accept": mediatypes.MANIFEST_ACCEPT}, what) as response:
             await _raise_for_status(response, what)
             digest = _header_digest(response, what)
             media_type = _bare_type(response.headers.get("content-type"))
@@ -591,7 +617,7 @@ class HttpUpstream:
         url = self._endpoint(repository, "manifests", validate_reference(reference))
         what = f"GET manifest {repository}:{reference}"
         headers = {"Accept": mediatypes.MANIFEST_ACCEPT, "Accept-Encoding": "identity"}
-        async with self._send("GET", url, headers, what) as response:
+        async with self._send("GET", repository, url, headers, what) as response:
             await _raise_for_status(response, what)
             header_digest = _header_digest(response, what)
             header_type = _bare_type(response.headers.get("content-type"))
@@ -620,10 +646,13 @@ class HttpUpstream:
         return ManifestResult(digest, media_type, len(body), body)
 
     @contextlib.asynccontextmanager
-    async def open_blob(self, repository: str, digest: Digest, offset: int = 0) -> AsyncIterator[BlobResponse]:
-        """Opens ``GET /v2/<repository>/blobs/<digest>``, from ``offset`` on.
+    async def open_blob(self, repository: str, digest: Digest, offset: int = 0,
+                        end: int | None = None) -> AsyncIterator[BlobResponse]:
+        """Opens ``GET /v2/<repository>/blobs/<digest>``, from ``offset`` on (up to ``end``).
 
-        An offset above 0 sends ``Range: bytes=<offset>-``. A 206 must carry a
+        An offset above 0 or an ``end`` sends ``Range: bytes=<offset>-[<end>]``; with
+        ``end`` the response may still carry more (a server ignoring Range) and the caller
+        stops reading at ``end``. A 206 must carry a
         ``Content-Range`` that starts at ``offset`` and states the total size. A server
         that ignores Range answers 200 with the whole blob: the first ``offset`` bytes are
         then read and dropped here, so the caller always sees bytes from ``offset`` on
@@ -633,6 +662,7 @@ class HttpUpstream:
         verifies the digest.
 
         Raises:
+            VerificationError: ``Docker-Content-Digest`` names another blob.
             UpstreamError: a malformed 206, a missing length, or an offset past the end
                 (and the other errors of ``Upstream``).
         """
@@ -641,14 +671,28 @@ class HttpUpstream:
         url = self._endpoint(repository, "blobs", str(digest))
         what = f"GET blob {repository}@{digest}" + (f" from {offset}" if offset else "")
         headers = {"Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        async with self._send("GET", url, headers, what) as response:
+        ranged = bool(offset) or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={offset}-{'' if end is None else end}"
+        async with self._send("GET", repository, url, headers, what) as response:
             await _raise_for_status(response, what)
-            yield self._blob_response(response, offset, what)
+            header_digest = _header_digest(response, what)
+            if header_digest is not None and header_digest.algorithm == digest.algorithm and header_digest != digest:
+                raise VerificationError(f"{what}: upstream says it is sending {header_digest}")
+            yield self._blob_response(response, offset, what, ranged=ranged)
+
+    async def blob_size(self, repository: str, digest: Digest) -> int:
+        url = self._endpoint(repository, "blobs", str(digest))
+        what = f"HEAD blob {repository}@{digest}"
+        async with self._send("HEAD", repository, url, {"Accept-Encoding": "identity"}, what) as response:
+            await _raise_for_status(response, what)
+            length = response.headers.get("content-length", "")
+            if not length.isdigit():
+                raise UpstreamError(f"{what}: no Content-Length", status=response.status_code)
+            return int(length)
 
     @staticmethod
-    def _blob_response(response: httpx.Response, offset: int, what: str) -> _HttpBlobResponse:
+    def _blob_response(response: httpx.Response, offset: int, what: str, *, ranged: bool) -> _HttpBlobResponse:
         length_text = response.headers.get("content-length")
         length = int(length_text) if length_text is not None and length_text.isdigit() else None
         if response.status_code == 200:
@@ -657,7 +701,7 @@ class HttpUpstream:
             if offset > length:
                 raise UpstreamError(f"{what}: offset is past the end of a {length}-byte blob", status=200)
             return _HttpBlobResponse(response, length, offset, skip=offset, what=what)
-        if response.status_code != 206 or not offset:
+        if response.status_code != 206 or not ranged:
             raise UpstreamError(f"{what}: unexpected HTTP {response.status_code}", status=response.status_code)
         match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("content-range", "").strip())
         if match is None or match.group(3) == "*":
@@ -693,7 +737,7 @@ class HttpUpstream:
         url = self._endpoint(repository, "blobs", f"{digest}/chunks")
         what = f"GET chunk map {repository}@{digest}"
         params = {"size": str(chunk_size)}
-        async with self._send("GET", url, {"Accept": CHUNK_MAP_MEDIA_TYPE}, what, params) as response:
+        async with self._send("GET", repository, url, {"Accept": CHUNK_MAP_MEDIA_TYPE}, what, params) as response:
             status = response.status_code
             if status in (400, 404, 405, 501):
                 if status != 404 or await _error_code(response) not in ("BLOB_UNKNOWN", "NAME_UNKNOWN"):

@@ -64,7 +64,7 @@ async def _serve(config: SeedConfig, notify_socket: str | None = None) -> None:
 
 
 def _gc(config: SeedConfig, dry_run: bool, grace: float | None) -> int:
-    storage = Storage(config.storage.data, chunk_size=config.storage.chunk_size)
+    storage = Storage(config.storage.data, chunk_size=config.storage.chunk_size, clean_tmp=False)
     report = storage.collect_garbage(dry_run=dry_run, grace=config.storage.gc_grace if grace is None else grace)
     verb = "would remove" if dry_run else "removed"
     for digest in report.removed_blobs:

@@ -30,7 +30,8 @@ class SeedMetrics:
         method = request.method if request.method in _METHODS else "OTHER"
         self.requests.labels(method, request.route, str(status)).inc()
         self.duration.labels(request.route).observe(seconds)
-        if request.route == "blob" and request.method == "GET":
+        # Only blob content counts: not the JSON body of an error (404, 416) on the blob route.
+        if request.route == "blob" and request.method == "GET" and status in (200, 206):
             self.blob_bytes_sent.inc(bytes_sent)
 
     def render(self) -> bytes:

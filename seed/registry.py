@@ -33,7 +33,7 @@ __all__ = ["CHUNK_MAP_MEDIA_TYPE", "SeedRegistry", "serve_seed"]
 
 log = logging.getLogger("seed.registry")
 
-CHUNK_MAP_MEDIA_TYPE = "application/vnd.p2pd.chunkmap.v1+msgpack"
+CHUNK_MAP_MEDIA_TYPE = mediatypes.CHUNK_MAP
 _API_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _WRITE_BUFFER = 1024 * 1024
 _CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})")
@@ -156,7 +156,7 @@ class SeedRegistry:
         size_text = request.query_one("size")
         if size_text is None:
             chunk_size = self.config.storage.chunk_size
-        elif size_text.isdigit() and len(size_text) < 12:
+        elif size_text.isascii() and size_text.isdigit() and len(size_text) < 12:
             chunk_size = int(size_text)
         else:
             raise OCIError("BAD_REQUEST", "size must be a number of bytes")
@@ -170,10 +170,15 @@ class SeedRegistry:
         limit = self.config.registry.max_page_size
         n_text, last = request.query_one("n"), request.query_one("last")
         if n_text is not None:
-            if not n_text.isdigit() or len(n_text) > 9:
+            # ASCII only: str.isdigit() also accepts "²", which int() rejects.
+            if not (n_text.isascii() and n_text.isdigit()):
                 raise OCIError("PAGINATION_NUMBER_INVALID", "n must be a non-negative integer",
                                detail={"n": n_text[:20]})
-            limit = min(int(n_text), limit)
+            # A huge n gets the cap, not an error (CVE-2023-2253); one longer than any cap is
+            # not even converted.
+            significant = n_text.lstrip("0")
+            if len(significant) <= 18:
+                limit = min(int(significant or "0"), limit)
         if last:
             items = [item for item in items if item > last]
         page = items[:limit]
@@ -258,7 +263,9 @@ class SeedRegistry:
         mount, source = request.query_one("mount"), request.query_one("from")
         if mount is not None:
             digest = Digest.parse(mount)
-            if source and await trio.to_thread.run_sync(self.storage.mount_blob, name, digest, source):
+            mounted: bool = source is not None and await trio.to_thread.run_sync(
+                self.storage.mount_blob, name, digest, source)
+            if mounted:
                 return self._blob_created(name, digest)
         session = await trio.to_thread.run_sync(self.storage.create_upload, name)
         self.metrics.uploads_in_progress.inc()

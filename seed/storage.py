@@ -110,16 +110,20 @@ class Storage:
     Args:
         root: the data directory (created if missing).
         chunk_size: chunk size of the chunk map computed at push time.
+        clean_tmp: remove leftovers of a crash from ``tmp/`` (the server does at start).
     """
 
-    def __init__(self, root: Path, *, chunk_size: int) -> None:
+    def __init__(self, root: Path, *, chunk_size: int, clean_tmp: bool = True) -> None:
         self.root = Path(root)
         self.chunk_size = validate_chunk_size(chunk_size)
         for sub in ("blobs/sha256", "chunkmaps/sha256", "repositories", "uploads", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._hash_states: dict[str, _HashState] = {}
         self._hash_lock = threading.Lock()
-        self._clean_tmp()
+        if clean_tmp:
+            # Only the serving process may clean: `seed gc` runs beside a live server whose
+            # temporary files are in use.
+            self._clean_tmp()
 
     # ---- low-level helpers -------------------------------------------------------------
 
@@ -252,7 +256,9 @@ class Storage:
             state = json.loads((directory / "state.json").read_bytes())
         except (FileNotFoundError, ValueError) as exc:
             raise unknown from exc
-        if state.get("name") != name:
+        # Without its data file the session is gone: committed (the file became the blob) or
+        # left half-made by a crash; either way only the purge still has business with it.
+        if state.get("name") != name or not (directory / "data").is_file():
             raise unknown
         return UploadSession(upload_id, name, directory, float(state.get("created", 0)))
 

@@ -20,8 +20,14 @@ from p2pd.oci.errors import OCIError
 
 HOST = "127.0.0.1"
 # Small timeouts so the timeout tests are quick; generous enough for a loaded machine.
-FAST = ServerLimits(header_timeout=0.5, idle_timeout=0.5, body_read_timeout=0.5, send_timeout=5.0,
-                    graceful_timeout=3.0, max_header_bytes=4096)
+FAST = ServerLimits(
+    header_timeout=0.5,
+    idle_timeout=0.5,
+    body_read_timeout=0.5,
+    send_timeout=5.0,
+    graceful_timeout=3.0,
+    max_header_bytes=4096,
+)
 
 
 class App:
@@ -38,8 +44,11 @@ class App:
         path = request.path
         if path == "/echo":
             body = await request.body.read(16 * 1024 * 1024)
-            return Response(200, [("X-Method", request.method), ("X-Received", str(len(body))),
-                                  ("X-Query", json.dumps(request.query))], body)
+            return Response(
+                200,
+                [("X-Method", request.method), ("X-Received", str(len(body))), ("X-Query", json.dumps(request.query))],
+                body,
+            )
         if path == "/hello":
             return Response(200, [("Content-Type", "text/plain")], b"hello world")
         if path == "/stream":
@@ -53,8 +62,9 @@ class App:
         if path == "/boom":
             raise RuntimeError("handler bug")
         if path == "/oci":
-            raise OCIError("BLOB_UNKNOWN", "blob unknown to registry", detail={"digest": "sha256:x"},
-                           headers=[("X-Extra", "1")])
+            raise OCIError(
+                "BLOB_UNKNOWN", "blob unknown to registry", detail={"digest": "sha256:x"}, headers=[("X-Extra", "1")]
+            )
         if path == "/noread":
             return Response(200, [], b"did not read")
         if path == "/empty":
@@ -78,12 +88,13 @@ class App:
 
 async def _pieces(pieces: list[bytes]) -> AsyncIterator[bytes]:
     for piece in pieces:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         yield piece
 
 
-async def _start(nursery: trio.Nursery, app: App, limits: ServerLimits = FAST,
-                 shutdown: trio.Event | None = None) -> ServerInfo:
+async def _start(
+    nursery: trio.Nursery, app: App, limits: ServerLimits = FAST, shutdown: trio.Event | None = None
+) -> ServerInfo:
     return await nursery.start(partial(serve_http, app, HOST, 0, limits=limits, shutdown=shutdown))
 
 
@@ -104,8 +115,9 @@ class RawClient:
             if data:
                 await self.stream.send_all(data)
 
-    async def request(self, method: str, target: str, headers: list[tuple[str, str]] | None = None,
-                      body: bytes | None = None) -> tuple[h11.Response, bytes]:
+    async def request(
+        self, method: str, target: str, headers: list[tuple[str, str]] | None = None, body: bytes | None = None
+    ) -> tuple[h11.Response, bytes]:
         all_headers = [("Host", "test"), *(headers or [])]
         if body is not None and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in all_headers):
             all_headers.append(("Content-Length", str(len(body))))
@@ -208,8 +220,7 @@ async def test_head_has_length_and_no_body(nursery: trio.Nursery, tmp_path: Path
     app = App(file_path)
     info = await _start(nursery, app)
     client = await RawClient.connect(info)
-    for target, length in (("/hello", 11), ("/file", 5000), ("/file?offset=100&length=50", 50),
-                           ("/stream-known", 6)):
+    for target, length in (("/hello", 11), ("/file", 5000), ("/file?offset=100&length=50", 50), ("/stream-known", 6)):
         response, body = await client.request("HEAD", target)
         assert response.status_code == 200
         assert _header(response, "content-length") == str(length)
@@ -228,8 +239,9 @@ async def test_head_has_length_and_no_body(nursery: trio.Nursery, tmp_path: Path
 async def test_chunked_request_body(nursery: trio.Nursery) -> None:
     info = await _start(nursery, App())
     client = await RawClient.connect(info)
-    await client.send(h11.Request(method="PUT", target="/echo",
-                                  headers=[("Host", "t"), ("Transfer-Encoding", "chunked")]))
+    await client.send(
+        h11.Request(method="PUT", target="/echo", headers=[("Host", "t"), ("Transfer-Encoding", "chunked")])
+    )
     parts = [b"a" * 10, b"b" * 70_000, b"c", b"d" * 300_000]
     for part in parts:
         await client.send(h11.Data(data=part))
@@ -307,8 +319,7 @@ async def test_expect_100_continue(nursery: trio.Nursery) -> None:
 async def test_expect_100_continue_not_sent_when_body_unread(nursery: trio.Nursery) -> None:
     info = await _start(nursery, App())
     stream = await trio.open_tcp_stream(HOST, info.port)
-    await stream.send_all(b"PUT /noread HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n"
-                          b"Expect: 100-continue\r\n\r\n")
+    await stream.send_all(b"PUT /noread HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
     raw = await _read_until_closed(stream)
     assert raw.startswith(b"HTTP/1.1 200 ")
     assert b"HTTP/1.1 100" not in raw
@@ -369,9 +380,11 @@ async def test_header_just_under_the_limit_is_accepted(nursery: trio.Nursery) ->
 async def test_pipelined_requests(nursery: trio.Nursery) -> None:
     info = await _start(nursery, App())
     stream = await trio.open_tcp_stream(HOST, info.port)
-    await stream.send_all(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
-                          b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
-                          b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    await stream.send_all(
+        b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
     raw = await _read_until_closed(stream)
     assert raw.count(b"HTTP/1.1 200 OK") == 3
     assert raw.index(b"hello world") < raw.index(b"abc") < raw.rindex(b"hello world")
@@ -483,8 +496,9 @@ async def test_body_cut_short(nursery: trio.Nursery) -> None:
 # ---- errors ------------------------------------------------------------------------------
 
 
-async def test_handler_exception_is_500_json_and_server_keeps_serving(nursery: trio.Nursery,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_handler_exception_is_500_json_and_server_keeps_serving(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
     info = await _start(nursery, App())
     client = await RawClient.connect(info)
     response, body = await client.request("GET", "/boom")
@@ -509,8 +523,11 @@ async def test_oci_error_status_headers_and_json(nursery: trio.Nursery) -> None:
         assert r.status_code == 404
         assert r.headers["content-type"] == "application/json"
         assert r.headers["x-extra"] == "1"
-        assert r.json() == {"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry",
-                                        "detail": {"digest": "sha256:x"}}]}
+        assert r.json() == {
+            "errors": [
+                {"code": "BLOB_UNKNOWN", "message": "blob unknown to registry", "detail": {"digest": "sha256:x"}}
+            ]
+        }
         r = await http.head("/oci")
         assert r.status_code == 404
         assert r.content == b""
@@ -530,8 +547,16 @@ async def test_file_body_sendfile_with_offsets(nursery: trio.Nursery, tmp_path: 
     file_path.write_bytes(data)
     app = App(file_path)
     info = await _start(nursery, app)
-    cases = [(0, len(data)), (0, 1), (1, 1000), (4 * 1024 * 1024 - 5, 4 * 1024 * 1024 + 10), (len(data) - 1, 1),
-             (12345, 0), (len(data), 0), (777, len(data) - 777)]
+    cases = [
+        (0, len(data)),
+        (0, 1),
+        (1, 1000),
+        (4 * 1024 * 1024 - 5, 4 * 1024 * 1024 + 10),
+        (len(data) - 1, 1),
+        (12345, 0),
+        (len(data), 0),
+        (777, len(data) - 777),
+    ]
     async with httpx.AsyncClient(base_url=info.url, trust_env=False) as http:
         for offset, length in cases:
             r = await http.get("/file", params={"offset": offset, "length": length})
@@ -599,7 +624,7 @@ async def test_unread_request_body_closes_connection(nursery: trio.Nursery) -> N
 
     # A small body that is entirely buffered but unread: same rule.
     client = await RawClient.connect(info)
-    response, body = await client.request("POST", "/noread", body=b"tiny")
+    response, _ = await client.request("POST", "/noread", body=b"tiny")
     assert _header(response, "connection") == "close"
     assert await _read_until_closed(client.stream) == b""
 

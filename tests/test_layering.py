@@ -60,8 +60,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             found.append((node.lineno, module))
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "__import__":
             found.append((node.lineno, "__import__"))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr == "import_module"):
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module":
             found.append((node.lineno, "importlib.import_module"))
     return found
 
@@ -79,11 +78,9 @@ def test_oci_module_is_pure(path: Path) -> None:
     violations = []
     for line, module in _imports(path):
         top = module.split(".")[0]
-        if module in ("__import__", "importlib.import_module"):
-            violations.append((line, module))
-        elif top in FORBIDDEN:
-            violations.append((line, module))
-        elif top == "p2pd" and not (module == ALLOWED_P2PD or module.startswith(ALLOWED_P2PD + ".")):
+        dynamic = module in ("__import__", "importlib.import_module")
+        outside_core = top == "p2pd" and not (module == ALLOWED_P2PD or module.startswith(ALLOWED_P2PD + "."))
+        if dynamic or top in FORBIDDEN or outside_core:
             violations.append((line, module))
     assert not violations, f"{path.name} imports I/O or non-core modules: {violations}"
 

@@ -37,8 +37,16 @@ def test_validate_chunk_size() -> None:
     assert DEFAULT_CHUNK_SIZE == 1024 * 1024
     for size in (MIN_CHUNK_SIZE, 128 * 1024, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE):
         assert validate_chunk_size(size) == size
-    for size in (0, -1, 1, MIN_CHUNK_SIZE - 1, MIN_CHUNK_SIZE // 2, MIN_CHUNK_SIZE + 1, 3 * MIN_CHUNK_SIZE,
-                 MAX_CHUNK_SIZE * 2):
+    for size in (
+        0,
+        -1,
+        1,
+        MIN_CHUNK_SIZE - 1,
+        MIN_CHUNK_SIZE // 2,
+        MIN_CHUNK_SIZE + 1,
+        3 * MIN_CHUNK_SIZE,
+        MAX_CHUNK_SIZE * 2,
+    ):
         with pytest.raises(OCIError) as info:
             validate_chunk_size(size)
         assert info.value.status == 400
@@ -154,8 +162,14 @@ def test_decode_rejects_tampered_maps() -> None:
         ChunkMap.decode(msgpack.packb(bad_digest))
     assert info.value.status == 400
 
-    for blob in (b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2, 3]), msgpack.packb(good) + b"x",
-                 msgpack.packb("string")):
+    for blob in (
+        b"",
+        b"\xc1",
+        b"not msgpack at all",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb(good) + b"x",
+        msgpack.packb("string"),
+    ):
         with pytest.raises(OCIError) as info:
             ChunkMap.decode(blob)
         assert info.value.status == 400

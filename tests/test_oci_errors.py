@@ -34,8 +34,9 @@ def test_spec_codes_and_statuses(code: str, status: int) -> None:
 
 def test_error_body_shape() -> None:
     document = json.loads(error_body("BLOB_UNKNOWN", "blob unknown to registry", {"digest": "sha256:ab"}))
-    assert document == {"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry",
-                                     "detail": {"digest": "sha256:ab"}}]}
+    assert document == {
+        "errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry", "detail": {"digest": "sha256:ab"}}]
+    }
     # Without detail the key is omitted, which the spec allows.
     assert json.loads(error_body("DENIED", "no")) == {"errors": [{"code": "DENIED", "message": "no"}]}
     # Falsy details other than None are kept.

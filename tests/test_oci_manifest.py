@@ -26,8 +26,12 @@ LAYER2 = _desc(b"layer-2")
 
 
 def _image(**fields: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": mediatypes.OCI_MANIFEST, "config": CONFIG,
-                           "layers": [LAYER1, LAYER2]}
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": mediatypes.OCI_MANIFEST,
+        "config": CONFIG,
+        "layers": [LAYER1, LAYER2],
+    }
     doc.update(fields)
     return {k: v for k, v in doc.items() if v is not None}
 
@@ -78,16 +82,26 @@ def test_oci_index_and_docker_types() -> None:
     assert parsed.is_index
     assert [str(r.digest) for r in parsed.references] == [child["digest"]]
 
-    docker = _encode({"schemaVersion": 2, "mediaType": mediatypes.DOCKER_MANIFEST,
-                      "config": _desc(b"cfg", "application/vnd.docker.container.image.v1+json"),
-                      "layers": [_desc(b"l", "application/vnd.docker.image.rootfs.diff.tar.gzip")]})
+    docker = _encode(
+        {
+            "schemaVersion": 2,
+            "mediaType": mediatypes.DOCKER_MANIFEST,
+            "config": _desc(b"cfg", "application/vnd.docker.container.image.v1+json"),
+            "layers": [_desc(b"l", "application/vnd.docker.image.rootfs.diff.tar.gzip")],
+        }
+    )
     parsed = parse_manifest(docker, mediatypes.DOCKER_MANIFEST)
     assert parsed.media_type == mediatypes.DOCKER_MANIFEST
     assert not parsed.is_index
     assert len(parsed.references) == 2
 
-    docker_list = _encode({"schemaVersion": 2, "mediaType": mediatypes.DOCKER_MANIFEST_LIST,
-                           "manifests": [_desc(b"m", mediatypes.DOCKER_MANIFEST)]})
+    docker_list = _encode(
+        {
+            "schemaVersion": 2,
+            "mediaType": mediatypes.DOCKER_MANIFEST_LIST,
+            "manifests": [_desc(b"m", mediatypes.DOCKER_MANIFEST)],
+        }
+    )
     parsed = parse_manifest(docker_list, mediatypes.DOCKER_MANIFEST_LIST)
     assert parsed.is_index
     assert parsed.media_type == mediatypes.DOCKER_MANIFEST_LIST
@@ -174,16 +188,24 @@ def test_malformed_manifests(body: bytes) -> None:
     ],
 )
 def test_bad_descriptors(descriptor: Any) -> None:
-    for body in (_encode(_image(layers=[LAYER1, descriptor])), _encode(_image(config=descriptor)),
-                 _encode({"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": [descriptor]}),
-                 _encode(_image(subject=descriptor))):
+    for body in (
+        _encode(_image(layers=[LAYER1, descriptor])),
+        _encode(_image(config=descriptor)),
+        _encode({"schemaVersion": 2, "mediaType": mediatypes.OCI_INDEX, "manifests": [descriptor]}),
+        _encode(_image(subject=descriptor)),
+    ):
         assert _invalid(body, None).code == "MANIFEST_INVALID"
 
 
 def test_subject_and_artifact_type() -> None:
     subject = _desc(b"subject-manifest", mediatypes.OCI_MANIFEST)
-    body = _encode(_image(subject=subject, artifactType="application/vnd.example.sbom",
-                          annotations={"org.opencontainers.image.created": "2024-01-01T00:00:00Z"}))
+    body = _encode(
+        _image(
+            subject=subject,
+            artifactType="application/vnd.example.sbom",
+            annotations={"org.opencontainers.image.created": "2024-01-01T00:00:00Z"},
+        )
+    )
     parsed = parse_manifest(body, mediatypes.OCI_MANIFEST)
     assert parsed.subject is not None
     assert str(parsed.subject.digest) == subject["digest"]

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,8 +66,9 @@ def _blob_intact(seed: SeedProcess) -> None:
     assert misnamed_blobs(seed.data_dir / "blobs" / "sha256") == []
 
 
-def _open_streaming_upload(seed: SeedProcess, flow: str, repo: str, blob: Path, digest: str,
-                           send: int) -> tuple[socket.socket, str | None]:
+def _open_streaming_upload(
+    seed: SeedProcess, flow: str, repo: str, blob: Path, digest: str, send: int
+) -> tuple[socket.socket, str | None]:
     """Starts uploading ``blob`` with its full Content-Length but sends only ``send`` bytes.
 
     Flows: ``patch`` (skopeo/docker: POST, then the blob in one PATCH), ``put`` (containerd:
@@ -85,8 +85,10 @@ def _open_streaming_upload(seed: SeedProcess, flow: str, repo: str, blob: Path, 
         location = resp.headers["location"]
         method, target = ("PATCH", location) if flow == "patch" else ("PUT", f"{location}?digest={quoted}")
     sock = socket.create_connection(("127.0.0.1", seed.port), timeout=10)
-    head = (f"{method} {target} HTTP/1.1\r\nHost: {seed.host}\r\nContent-Type: application/octet-stream\r\n"
-            f"Content-Length: {blob.stat().st_size}\r\n\r\n")
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {seed.host}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {blob.stat().st_size}\r\n\r\n"
+    )
     sock.sendall(head.encode())
     with blob.open("rb") as f:
         remaining = send
@@ -119,14 +121,16 @@ def _push_and_verify_big(seed: SeedProcess, layout: OciLayout, dest: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flow", ["patch", "put", "single-post"])
-def test_kill9_during_blob_upload(flow: str, seed_process: SeedProcess, big_layout: OciLayout,
-                                  tmp_path: Path) -> None:
+def test_kill9_during_blob_upload(flow: str, seed_process: SeedProcess, big_layout: OciLayout, tmp_path: Path) -> None:
     digest, size, blob = _big_layer(big_layout)
     seed = seed_process
     sock, location = _open_streaming_upload(seed, flow, "lab/big", blob, digest, send=24 * MiB)
     try:
-        _wait_for(lambda: max(_upload_sizes(seed.data_dir).values(), default=0) >= 16 * MiB, 20,
-                  "16 MiB of the layer on the seed's disk")
+        _wait_for(
+            lambda: max(_upload_sizes(seed.data_dir).values(), default=0) >= 16 * MiB,
+            20,
+            "16 MiB of the layer on the seed's disk",
+        )
         assert seed.metric("seed_bytes_received_total") >= 16 * MiB
         seed.kill9()
     finally:
@@ -147,9 +151,15 @@ def test_kill9_during_blob_upload(flow: str, seed_process: SeedProcess, big_layo
             assert location.endswith(upload_id)
             status = http.get(location)
             assert status.status_code == 204 and status.headers["range"] == f"0-{on_disk - 1}"
-            resp = http.patch(location, content=_file_pieces(blob, on_disk), headers={
-                "Content-Type": "application/octet-stream", "Content-Length": str(size - on_disk),
-                "Content-Range": f"{on_disk}-{size - 1}"})
+            resp = http.patch(
+                location,
+                content=_file_pieces(blob, on_disk),
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(size - on_disk),
+                    "Content-Range": f"{on_disk}-{size - 1}",
+                },
+            )
             assert resp.status_code == 202 and resp.headers["range"] == f"0-{size - 1}"
             # The in-memory hash died with the process: the seed re-reads the file to verify it.
             resp = http.put(httpx.URL(location).copy_add_param("digest", digest))
@@ -230,10 +240,14 @@ def test_kill9_during_skopeo_push(seed_process: SeedProcess, big_layout: OciLayo
     digest, size, _ = _big_layer(big_layout)
     seed = seed_process
     with _ThrottledRelay(seed.port, rate=16 * MiB) as relay, ThreadPoolExecutor(1) as pool:
-        push = pool.submit(skopeo.copy, big_layout.ref("big"), f"docker://127.0.0.1:{relay.port}/lab/big:latest",
-                           timeout=60)
-        _wait_for(lambda: max(_upload_sizes(seed.data_dir).values(), default=0) >= 8 * MiB, 30,
-                  "8 MiB of skopeo's upload on the seed's disk")
+        push = pool.submit(
+            skopeo.copy, big_layout.ref("big"), f"docker://127.0.0.1:{relay.port}/lab/big:latest", timeout=60
+        )
+        _wait_for(
+            lambda: max(_upload_sizes(seed.data_dir).values(), default=0) >= 8 * MiB,
+            30,
+            "8 MiB of skopeo's upload on the seed's disk",
+        )
         seed.kill9()
         with pytest.raises(ToolError):
             push.result(timeout=60)
@@ -264,16 +278,18 @@ class _StressLog:
         self.confirmed_tags: set[str] = set()
         self.blobs: dict[str, bytes] = {}
         self.confirmed_blobs: set[str] = set()
+        self.busy = trio.Event()  # set once len(confirmed_manifests) reaches busy_at
+        self.busy_at = 0
 
 
 def _stress_manifest(base: dict[str, object], iteration: int, worker: int, n: int) -> bytes:
-    manifest = dict(base, annotations={"iteration": str(iteration), "writer": str(worker), "n": str(n),
-                                       "nonce": uuid.uuid4().hex})
+    manifest = dict(
+        base, annotations={"iteration": str(iteration), "writer": str(worker), "n": str(n), "nonce": uuid.uuid4().hex}
+    )
     return json.dumps(manifest, separators=(",", ":")).encode()
 
 
-async def _manifest_writer(url: str, base: dict[str, object], log: _StressLog, iteration: int,
-                           worker: int) -> None:
+async def _manifest_writer(url: str, base: dict[str, object], log: _StressLog, iteration: int, worker: int) -> None:
     """PUTs unique manifests until the seed dies: by tag (own and shared tags) and by digest."""
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=10) as client:
         for n in range(1_000_000):
@@ -284,12 +300,17 @@ async def _manifest_writer(url: str, base: dict[str, object], log: _StressLog, i
             if tag is not None:
                 log.tag_history.setdefault(tag, set()).add(digest)
             try:
-                resp = await client.put(f"/v2/{_STRESS_REPO}/manifests/{tag or digest}", content=body,
-                                        headers={"Content-Type": MT_OCI_MANIFEST})
+                resp = await client.put(
+                    f"/v2/{_STRESS_REPO}/manifests/{tag or digest}",
+                    content=body,
+                    headers={"Content-Type": MT_OCI_MANIFEST},
+                )
             except httpx.TransportError:
                 return  # killed
             assert resp.status_code == 201, resp.text
             log.confirmed_manifests.add(digest)
+            if len(log.confirmed_manifests) >= log.busy_at:
+                log.busy.set()
             if tag is not None:
                 log.confirmed_tags.add(tag)
 
@@ -302,8 +323,7 @@ async def _blob_writer(url: str, log: _StressLog, rng: random.Random) -> None:
             digest = _sha256(data)
             log.blobs[digest] = data
             try:
-                resp = await client.post(f"/v2/{_STRESS_REPO}/blobs/uploads/", params={"digest": digest},
-                                         content=data)
+                resp = await client.post(f"/v2/{_STRESS_REPO}/blobs/uploads/", params={"digest": digest}, content=data)
             except httpx.TransportError:
                 return
             assert resp.status_code == 201, resp.text
@@ -321,8 +341,18 @@ def _tmp_leftovers(data_dir: Path) -> list[bytes]:
     return leftovers
 
 
-async def _check_after_restart(client: httpx.AsyncClient, seed: SeedProcess, log: _StressLog,
-                               leftovers: list[bytes], iteration: int) -> None:
+async def _check_after_restart(
+    client: httpx.AsyncClient,
+    seed: SeedProcess,
+    log: _StressLog,
+    leftovers: list[bytes],
+    iteration: int,
+    since: tuple[int, int],
+) -> dict[str, int]:
+    """Checks the invariants after a kill and restart; returns what the tmp/ leftovers were.
+
+    Manifests and blobs sent before ``since`` (counts) were checked after earlier kills.
+    """
     assert list((seed.data_dir / "tmp").iterdir()) == []  # cleaned at startup
     _blob_intact(seed)
 
@@ -362,32 +392,39 @@ async def _check_after_restart(client: httpx.AsyncClient, seed: SeedProcess, log
             await check(digest, body)  # type: ignore[misc]
 
     async with trio.open_nursery() as nursery:
-        for digest, body in log.manifests.items():
+        for digest, body in list(log.manifests.items())[since[0] :]:
             nursery.start_soon(limited, check_manifest, digest, body)
-        for digest, data in log.blobs.items():
+        for digest, data in list(log.blobs.items())[since[1] :]:
             nursery.start_soon(limited, check_blob, digest, data)
 
     # Files left in tmp/ were never renamed into place: none of them is visible through the API.
     by_body = {body: digest for digest, body in log.manifests.items()}
+    kinds = {"manifest": 0, "tag": 0, "other": 0}
     for content in leftovers:
         if content in by_body:  # a manifest body that was being written
+            kinds["manifest"] += 1
             resp = await client.get(f"/v2/{_STRESS_REPO}/manifests/{by_body[content]}")
             assert resp.status_code == 404
         elif content.decode(errors="replace") in log.manifests:  # a tag file that was being written
+            kinds["tag"] += 1
             assert content.decode() not in resolved.values()
+        else:  # revision metadata, repository links, or a file cut short
+            kinds["other"] += 1
 
     # Pushes still work.
     data = f"after crash {iteration}".encode()
     resp = await client.post(f"/v2/{_STRESS_REPO}/blobs/uploads/", params={"digest": _sha256(data)}, content=data)
     assert resp.status_code == 201
     body = _stress_manifest(json.loads(next(iter(log.manifests.values()))), iteration, -1, 0)
-    resp = await client.put(f"/v2/{_STRESS_REPO}/manifests/after-{iteration}", content=body,
-                            headers={"Content-Type": MT_OCI_MANIFEST})
+    resp = await client.put(
+        f"/v2/{_STRESS_REPO}/manifests/after-{iteration}", content=body, headers={"Content-Type": MT_OCI_MANIFEST}
+    )
     assert resp.status_code == 201
     log.manifests[_sha256(body)] = body
     log.tag_history[f"after-{iteration}"] = {_sha256(body)}
     log.confirmed_manifests.add(_sha256(body))
     log.confirmed_tags.add(f"after-{iteration}")
+    return kinds
     assert (await client.get(f"/v2/{_STRESS_REPO}/manifests/after-{iteration}")).content == body
 
 
@@ -401,34 +438,42 @@ async def test_kill9_during_manifest_writes(seed_process: SeedProcess) -> None:
     layer = rng.randbytes(4096)
     async with httpx.AsyncClient(base_url=seed.url, trust_env=False, timeout=10) as client:
         for data in (config, layer):
-            resp = await client.post(f"/v2/{_STRESS_REPO}/blobs/uploads/", params={"digest": _sha256(data)},
-                                     content=data)
+            resp = await client.post(
+                f"/v2/{_STRESS_REPO}/blobs/uploads/", params={"digest": _sha256(data)}, content=data
+            )
             assert resp.status_code == 201
     base: dict[str, object] = {
-        "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
         "config": {"mediaType": MT_OCI_CONFIG, "digest": _sha256(config), "size": len(config)},
         "layers": [{"mediaType": MT_OCI_LAYER_TAR, "digest": _sha256(layer), "size": len(layer)}],
     }
 
-    caught_in_tmp = 0
+    caught_in_tmp = {"manifest": 0, "tag": 0, "other": 0}
     for iteration in range(5):
-        sent_before = len(log.manifests)
+        sent_before, blobs_before = len(log.manifests), len(log.blobs)
+        log.busy, log.busy_at = trio.Event(), len(log.confirmed_manifests) + 4 * _MANIFEST_WORKERS
         async with trio.open_nursery() as nursery:
             for worker in range(_MANIFEST_WORKERS):
                 nursery.start_soon(_manifest_writer, seed.url, base, log, iteration, worker)
             for _ in range(_BLOB_WORKERS):
                 nursery.start_soon(_blob_writer, seed.url, log, random.Random(rng.random()))
-            await trio.sleep(rng.uniform(0.3, 1.5))
-            seed.kill9()
-        assert len(log.manifests) - sent_before > _MANIFEST_WORKERS  # the writers were busy
+            # Kill at a random moment once the writers are in full swing (writes confirmed).
+            with trio.fail_after(20):
+                await log.busy.wait()
+            await trio.sleep(rng.uniform(0.0, 1.2))
+            await trio.to_thread.run_sync(seed.kill9)
         leftovers = _tmp_leftovers(seed.data_dir)
-        caught_in_tmp += len(leftovers)
         await trio.to_thread.run_sync(seed.restart)
         async with httpx.AsyncClient(base_url=seed.url, trust_env=False, timeout=30) as client:
-            await _check_after_restart(client, seed, log, leftovers, iteration)
-    print(f"{len(log.manifests)} manifests and {len(log.blobs)} blobs sent, "
-          f"{len(log.confirmed_manifests)} and {len(log.confirmed_blobs)} confirmed; "
-          f"{caught_in_tmp} files caught in tmp/ by the kills")
+            kinds = await _check_after_restart(client, seed, log, leftovers, iteration, (sent_before, blobs_before))
+        for kind, count in kinds.items():
+            caught_in_tmp[kind] += count
+    print(
+        f"{len(log.manifests)} manifests and {len(log.blobs)} blobs sent, "
+        f"{len(log.confirmed_manifests)} and {len(log.confirmed_blobs)} confirmed; "
+        f"files caught in tmp/ by the kills: {caught_in_tmp}"
+    )
 
 
 # ---- leftovers of crashes at startup ----------------------------------------------------------
@@ -480,3 +525,56 @@ def test_startup_cleans_tmp_and_purges_stale_uploads(seed_process: SeedProcess) 
         resp = http.put(httpx.URL(location).copy_add_param("digest", digest))
         assert resp.status_code == 201
         assert http.get(f"/v2/lab/live/blobs/{digest}").content == b"x" * 1000
+
+
+def test_session_left_by_a_crash_during_commit(seed_process: SeedProcess) -> None:
+    """A kill between commit's rename (upload data -> blob) and the repository link.
+
+    The moment is too short to hit with a signal, so the test recreates the on-disk state the
+    kill leaves: the session directory without its data file, and an unlinked verified blob.
+    A client that retries its PUT must get 404 BLOB_UPLOAD_UNKNOWN (start over), not a 500.
+    """
+    seed = seed_process
+    data = os.urandom(300_000)
+    digest = _sha256(data)
+    with httpx.Client(base_url=seed.url, trust_env=False, timeout=10) as http:
+        location = http.post("/v2/lab/commit/blobs/uploads/").headers["location"]
+        assert http.patch(location, content=data).status_code == 202
+        seed.kill9()
+        session = seed.data_dir / "uploads" / location.rsplit("/", 1)[1]
+        target = seed.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(session / "data", target)
+
+        seed.restart()
+        assert http.head(f"/v2/lab/commit/blobs/{digest}").status_code == 404  # not linked: invisible
+        for resp in (
+            http.get(location),
+            http.put(httpx.URL(location).copy_add_param("digest", digest)),
+            http.patch(location, content=data[:10], headers={"Content-Range": "0-9"}),
+        ):
+            assert resp.status_code == 404, resp.text
+            assert resp.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+        # Starting over works, and reuses the verified blob already in place.
+        resp = http.post("/v2/lab/commit/blobs/uploads/", params={"digest": digest}, content=data)
+        assert resp.status_code == 201
+        assert http.get(f"/v2/lab/commit/blobs/{digest}").content == data
+    _blob_intact(seed)
+
+
+def test_upload_listing_tolerates_sessions_vanishing(tmp_path: Path) -> None:
+    """Found by the stress test above: a blob upload answered 500 after committing, because the
+    uploads gauge lists every session and another session's directory vanished meanwhile (its
+    own commit removed it). Listing must skip a session that disappears while it is listed.
+    """
+    from seed.storage import Storage
+
+    storage = Storage(tmp_path / "data", chunk_size=1024 * 1024)
+    sessions = [storage.create_upload("lab/a") for _ in range(4)]
+    (sessions[0].directory / "state.json").unlink()  # a crash leftover among them
+    listing = storage.list_uploads()
+    first = next(listing)
+    for session in sessions:
+        if session.id != first.id:
+            storage.cancel_upload(session)  # committed or cancelled by other requests meanwhile
+    assert list(listing) == []

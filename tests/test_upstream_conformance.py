@@ -51,38 +51,50 @@ class Image:
 
 
 def _make_image() -> Image:
-    config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
     layer = random.Random(1).randbytes(5 * CHUNK_SIZE + 1234)  # several chunks and a short last one
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": mediatypes.OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": str(digest_of(config)), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": str(digest_of(layer)), "size": len(layer)}],
-    }).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mediatypes.OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": str(digest_of(config)),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": str(digest_of(layer)),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
     return Image(config, layer, manifest)
 
 
 IMAGE = _make_image()
 
 
-async def push_image(base_url: str, repository: str, tag: str, image: Image,
-                     headers: dict[str, str] | None = None) -> None:
+async def push_image(
+    base_url: str, repository: str, tag: str, image: Image, headers: dict[str, str] | None = None
+) -> None:
     """Pushes with the plain OCI API: ``POST ?digest=`` (finished with PUT if the registry
     answers 202, as distribution 2.8 does), then ``PUT`` the manifest."""
     async with httpx.AsyncClient(base_url=base_url, trust_env=False, headers=headers or {}) as client:
         for blob in (image.config, image.layer):
             digest = str(digest_of(blob))
-            response = await client.post(f"/v2/{repository}/blobs/uploads/", params={"digest": digest},
-                                         content=blob)
+            response = await client.post(f"/v2/{repository}/blobs/uploads/", params={"digest": digest}, content=blob)
             if response.status_code == 202:
                 location = httpx.URL(base_url).join(response.headers["location"])
                 response = await client.put(location.copy_merge_params({"digest": digest}), content=blob)
             assert response.status_code == 201, response.text
-        response = await client.put(f"/v2/{repository}/manifests/{tag}", content=image.manifest,
-                                    headers={"Content-Type": mediatypes.OCI_MANIFEST})
+        response = await client.put(
+            f"/v2/{repository}/manifests/{tag}",
+            content=image.manifest,
+            headers={"Content-Type": mediatypes.OCI_MANIFEST},
+        )
         assert response.status_code == 201, response.text
 
 
@@ -106,8 +118,9 @@ def backend_kind(request: pytest.FixtureRequest) -> tuple[str, ReferenceRegistry
 
 
 @pytest.fixture
-async def backend(backend_kind: tuple[str, ReferenceRegistry | None], nursery: trio.Nursery,
-                  tmp_path: Path) -> AsyncIterator[Backend]:
+async def backend(
+    backend_kind: tuple[str, ReferenceRegistry | None], nursery: trio.Nursery, tmp_path: Path
+) -> AsyncIterator[Backend]:
     kind, reference = backend_kind
     upstream: Upstream
     with trio.fail_after(TIMEOUT):
@@ -154,7 +167,11 @@ async def test_manifest_by_tag_and_digest(backend: Backend) -> None:
         for reference in (TAG, str(IMAGE.manifest_digest)):
             head = await upstream.head_manifest(REPOSITORY, reference)
             assert (head.digest, head.media_type, head.size, head.body) == (
-                IMAGE.manifest_digest, mediatypes.OCI_MANIFEST, len(IMAGE.manifest), None)
+                IMAGE.manifest_digest,
+                mediatypes.OCI_MANIFEST,
+                len(IMAGE.manifest),
+                None,
+            )
 
 
 async def test_unknown_content_is_not_found(backend: Backend) -> None:
@@ -208,7 +225,10 @@ async def test_chunk_map(backend: Backend) -> None:
             return
         assert chunk_map is not None
         assert (chunk_map.digest, chunk_map.size, chunk_map.chunk_size) == (
-            IMAGE.layer_digest, len(IMAGE.layer), CHUNK_SIZE)
+            IMAGE.layer_digest,
+            len(IMAGE.layer),
+            CHUNK_SIZE,
+        )
         assert len(chunk_map.hashes) == 6
         for index in range(len(chunk_map.hashes)):
             offset, length = chunk_map.chunk_bounds(index)

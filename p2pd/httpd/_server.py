@@ -214,7 +214,7 @@ class _Connection:
 
     async def _receive_raw(self) -> bytes:
         try:
-            return await self.stream.receive_some(_RECEIVE_SIZE)
+            return bytes(await self.stream.receive_some(_RECEIVE_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone from exc
 

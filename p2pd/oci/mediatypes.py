@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "CHUNK_MAP",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
     "INDEX_TYPES",
@@ -18,6 +19,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCTET_STREAM = "application/octet-stream"
+# The seed's per-chunk sha256 map of a blob (msgpack), see p2pd.oci.chunkmap.
+CHUNK_MAP = "application/vnd.p2pd.chunkmap.v1+msgpack"
 
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})

@@ -11,5 +11,6 @@ Modules:
     skopeo              copy, inspect_raw, inspect_digest
     containerd          PrivateContainerd, write_hosts_toml
     seed_process        SeedProcess (the seed as a real subprocess: kill9, restart, metrics)
+    verify              misnamed_blobs, image_digests, pull_and_verify (skopeo pull + digest checks)
     fixtures            pytest fixtures (registered in tests/conftest.py)
 """

@@ -74,8 +74,18 @@ class SeedProcess:
         return f"docker://{self.host}/{repo}"
 
     def _argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "seed", "--log-level", self.log_level, "serve",
-                "--listen", self.host, "--data", str(self.data_dir)]
+        argv = [
+            sys.executable,
+            "-m",
+            "seed",
+            "--log-level",
+            self.log_level,
+            "serve",
+            "--listen",
+            self.host,
+            "--data",
+            str(self.data_dir),
+        ]
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         return argv

@@ -1,0 +1,113 @@
+"""Soft state kept by the coordinator of a digest: who holds or downloads it, and which
+node of each site holds the upstream lease.
+
+Rules/invariants:
+- State is soft: every entry expires unless refreshed by the node it describes, so a
+  coordinator that restarts (or a backup that takes over) rebuilds it from announcements.
+- At most one node per (digest, site) holds the upstream lease at a time; it is granted
+  only when the site has no complete holder and no live lease, and it expires
+  ``lease_ttl`` seconds after the holder's last announcement.
+- Memory is bounded: at most ``max_digests`` digests and ``max_holders`` holders each;
+  the least recently touched are dropped first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from p2pd.oci.digest import Digest
+
+from .messages import MAX_HOLDERS, Announce, PeerInfo, Reply
+
+__all__ = ["CoordinatorState"]
+
+
+@dataclass(slots=True)
+class _Holder:
+    info: PeerInfo
+    updated: float
+
+
+@dataclass(slots=True)
+class _Lease:
+    node: str
+    address: str
+    expires: float
+
+
+@dataclass(slots=True)
+class _DigestState:
+    holders: OrderedDict[str, _Holder] = field(default_factory=OrderedDict)
+    leases: dict[str, _Lease] = field(default_factory=dict)  # by site
+
+
+class CoordinatorState:
+    """Pure state machine: ``announce(message, now)`` returns the reply to send."""
+
+    def __init__(self, *, lease_ttl: float = 15.0, holder_ttl: float = 60.0, complete_ttl: float = 1800.0,
+                 max_digests: int = 20_000, max_holders: int = 4096) -> None:
+        self.lease_ttl = lease_ttl
+        self.holder_ttl = holder_ttl
+        self.complete_ttl = complete_ttl
+        self.max_digests = max_digests
+        self.max_holders = max_holders
+        self._digests: OrderedDict[Digest, _DigestState] = OrderedDict()
+        self.announcements = 0
+        self.leases_granted = 0
+
+    def _expire(self, state: _DigestState, now: float) -> None:
+        for node in [n for n, h in state.holders.items()
+                     if now - h.updated > (self.complete_ttl if h.info.complete else self.holder_ttl)]:
+            del state.holders[node]
+        for site in [s for s, lease in state.leases.items() if lease.expires <= now]:
+            del state.leases[site]
+
+    def announce(self, message: Announce, now: float) -> Reply:
+        self.announcements += 1
+        state = self._digests.get(message.digest)
+        if state is None:
+            state = self._digests[message.digest] = _DigestState()
+            while len(self._digests) > self.max_digests:
+                self._digests.popitem(last=False)
+        else:
+            self._digests.move_to_end(message.digest)
+        self._expire(state, now)
+
+        if message.gone:
+            state.holders.pop(message.node, None)
+            lease = state.leases.get(message.site)
+            if lease is not None and lease.node == message.node:
+                del state.leases[message.site]
+        elif message.complete or message.have is not None:
+            state.holders[message.node] = _Holder(
+                PeerInfo(message.node, message.address, message.site, message.complete,
+                         None if message.complete else message.have), now)
+            state.holders.move_to_end(message.node)
+            while len(state.holders) > self.max_holders:
+                state.holders.popitem(last=False)
+
+        lease = state.leases.get(message.site)
+        if lease is not None and lease.node == message.node:
+            if message.complete:
+                del state.leases[message.site]  # done: the blob is in the site now
+                lease = None
+            else:
+                lease.expires = now + self.lease_ttl  # the lessee is alive and working
+        granted = False
+        site_has_copy = any(h.info.complete and h.info.site == message.site for h in state.holders.values())
+        if message.want_lease and lease is None and not site_has_copy and not message.gone:
+            lease = state.leases[message.site] = _Lease(message.node, message.address, now + self.lease_ttl)
+            self.leases_granted += 1
+            granted = True
+        elif lease is not None and lease.node == message.node and message.want_lease:
+            granted = True
+
+        others = [h.info for h in reversed(state.holders.values()) if h.info.node != message.node]
+        # Same-site holders first, complete ones first within each group.
+        others.sort(key=lambda p: (p.site != message.site, not p.complete))
+        return Reply(tuple(others[:MAX_HOLDERS]), lease.node if lease else None, lease.address if lease else None,
+                     granted, self.lease_ttl)
+
+    def digests(self) -> int:
+        return len(self._digests)

@@ -1,0 +1,471 @@
+"""Swarm transfer: a blob assembled from chunks fetched from many peers in parallel, with
+at most one upstream fetch per site, coordinated without a tracker.
+
+Rules/invariants:
+- The coordinator of a digest is the highest-ranked live member (rendezvous hashing), its
+  backups the next ones; a node that cannot reach one tries the next, and with none
+  reachable it fetches from the upstream itself (a pull never fails when the upstream
+  alone could serve it).
+- Only the lease holder of a site fetches from the upstream. Others fetch chunks from
+  holders (rarest first, random among equals, same site first) and may ask the lease
+  holder for chunks it is still downloading (its endpoint waits briefly for them).
+- Every chunk is checked against a chunk map before it is written: the seed's (trusted)
+  when the upstream serves one, otherwise the map the lease holder computed while
+  fetching, delivered in signed metadata. A peer whose bytes fail is banned. The whole
+  blob is checked against its digest before commit and before it is announced complete.
+- Readers on this node (containerd) get the contiguous prefix of verified chunks; when the
+  map is not the seed's, the last ``HOLDBACK`` bytes wait for the whole-digest check.
+- A node that gets no chunk for ``stuck_after`` seconds fetches the missing ranges from
+  the upstream itself; a dead lease holder's lease expires and moves to another node.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pd.metrics import AgentMetrics
+from p2pd.oci.chunkmap import ChunkMap, chunk_count
+from p2pd.oci.digest import Digest
+
+from ..errors import UpstreamError, VerificationError
+from .coordinator import CoordinatorState
+from .membership import Member, Membership
+from .messages import Announce, PeerInfo, Reply
+from .peers import PartialChunkMap, PeerBusy, PeerClient, PeerError, PeerMissing, TokenBucket, parse_have
+from .planning import Bitmap, plan_requests
+from .rendezvous import coordinators
+
+__all__ = ["HOLDBACK", "Swarm", "SwarmTransfer"]
+
+log = logging.getLogger("p2pd.swarm")
+
+HOLDBACK = 1024 * 1024
+_READ_PIECE = 1024 * 1024
+_COMPLETED_MAPS = 4096
+
+# Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
+UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class SwarmTransfer:
+    """One blob being assembled here; shared with the peer service to serve our chunks."""
+
+    digest: Digest
+    size: int
+    chunk_size: int
+    fd: int
+    trusted: bool  # hashes come from the seed (not from a peer or from ourselves)
+    hashes: list[bytes | None]
+    have: Bitmap
+    requested: set[int] = field(default_factory=set)
+    leased: bool = False
+    lessee: str | None = None
+    lessee_address: str | None = None
+    sources: dict[str, Bitmap] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    sites: dict[str, str] = field(default_factory=dict)
+    busy: dict[str, int] = field(default_factory=dict)
+    retry_at: dict[str, float] = field(default_factory=dict)
+    last_progress: float = field(default_factory=time.monotonic)
+    peer_bytes: dict[str, int] = field(default_factory=dict)
+    upstream_bytes: int = 0
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def count(self) -> int:
+        return len(self.hashes)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether every chunk overlapping bytes start..end is here and verified."""
+        if self.size == 0 or end >= self.size:
+            return False
+        return all(index in self.have for index in range(start // self.chunk_size, end // self.chunk_size + 1))
+
+    def partial_map(self) -> PartialChunkMap:
+        return PartialChunkMap(self.digest, self.size, self.chunk_size, tuple(self.hashes))
+
+
+class Swarm:
+    """The node's swarm: coordinator state, peer client, limits, and active transfers.
+
+    Args:
+        me: this node as other members see it.
+        membership: live members (``Membership``).
+        client: signed requests to peers.
+        metrics: the agent's metrics.
+    """
+
+    def __init__(self, *, me: Member, membership: Membership, client: PeerClient, metrics: AgentMetrics,
+                 chunk_size: int, lease_ttl: float, coordinator_backups: int, peer_timeout: float,
+                 max_parallel_chunks: int, max_requests_per_peer: int, ban_seconds: float,
+                 download_rate: int = 0, upstream_rate: int = 0, rng: random.Random | None = None) -> None:
+        self.me = me
+        self.membership = membership
+        self.client = client
+        self.metrics = metrics
+        self.chunk_size = chunk_size
+        self.coordinator = CoordinatorState(lease_ttl=lease_ttl)
+        self.coordinator_backups = coordinator_backups
+        self.peer_timeout = peer_timeout
+        self.max_parallel_chunks = max_parallel_chunks
+        self.max_requests_per_peer = max_requests_per_peer
+        self.ban_seconds = ban_seconds
+        self.stuck_after = max(lease_ttl, 3 * peer_timeout)
+        self.download_bucket = TokenBucket(download_rate)
+        self.upstream_bucket = TokenBucket(upstream_rate)
+        self.transfers: dict[Digest, SwarmTransfer] = {}
+        # Maps of blobs assembled here, for peers that need hashes (bounded, newest kept).
+        self.completed_maps: OrderedDict[Digest, PartialChunkMap] = OrderedDict()
+        self.messages_sent = 0
+        self._rng = rng or random.Random()
+
+    # ---- coordination -----------------------------------------------------------------
+
+    def coordinators_for(self, digest: Digest) -> list[Member]:
+        live = {m.node_id: m for m in self.membership.live()}
+        chosen = coordinators(str(digest), live, 1 + self.coordinator_backups)
+        return [live[node] for node in chosen]
+
+    def announce_interval(self) -> float:
+        # Small clusters refresh their view of each other's chunks often; large ones keep
+        # each coordinator's load near 100 announcements per second per hot digest.
+        return max(0.25, len(self.membership.live()) / 100.0)
+
+    async def announce(self, message: Announce) -> Reply | None:
+        """Sends ``message`` to the digest's coordinator (or its backups); None if none answer."""
+        for member in self.coordinators_for(message.digest):
+            if member.node_id == self.me.node_id:
+                return self.coordinator.announce(message, time.monotonic())
+            self.messages_sent += 1
+            try:
+                with trio.fail_after(self.peer_timeout):
+                    reply = await self.client.announce(member.address, message)
+            except (PeerError, trio.TooSlowError) as exc:
+                log.info("coordinator %s unreachable for %s: %s", member.node_id, message.digest, exc)
+                self.membership.failure(member.node_id)
+                continue
+            self.membership.success(member.node_id)
+            return reply
+        return None
+
+    def _announcement(self, transfer: SwarmTransfer | None, digest: Digest, *, complete: bool = False,
+                      want_lease: bool = False, gone: bool = False, size: int | None = None) -> Announce:
+        have = None if transfer is None or complete else transfer.have.to_bytes()
+        return Announce(digest, self.me.node_id, self.me.address, self.me.site,
+                        transfer.size if transfer else size, self.chunk_size, complete, have, want_lease, gone)
+
+    async def announce_complete(self, digest: Digest, size: int) -> None:
+        with trio.move_on_after(self.peer_timeout * 2):
+            await self.announce(self._announcement(None, digest, complete=True, size=size))
+
+    async def announce_gone(self, digest: Digest) -> None:
+        with trio.move_on_after(self.peer_timeout * 2):
+            await self.announce(self._announcement(None, digest, gone=True))
+
+    # ---- the transfer -----------------------------------------------------------------
+
+    def start_transfer(self, digest: Digest, size: int, fd: int, trusted_map: ChunkMap | None) -> SwarmTransfer:
+        if trusted_map is not None:
+            chunk_size, hashes = trusted_map.chunk_size, list[bytes | None](trusted_map.hashes)
+        else:
+            chunk_size = self.chunk_size
+            hashes = [None] * chunk_count(size, chunk_size)
+        transfer = SwarmTransfer(digest, size, chunk_size, fd, trusted_map is not None, hashes, Bitmap(len(hashes)))
+        self.transfers[digest] = transfer
+        return transfer
+
+    def remember_map(self, transfer: SwarmTransfer) -> None:
+        """Keeps the verified map of a finished blob for peers that ask for it."""
+        self.completed_maps[transfer.digest] = transfer.partial_map()
+        while len(self.completed_maps) > _COMPLETED_MAPS:
+            self.completed_maps.popitem(last=False)
+
+    def finish_transfer(self, transfer: SwarmTransfer) -> None:
+        if self.transfers.get(transfer.digest) is transfer:
+            del self.transfers[transfer.digest]
+        transfer.notify()
+
+    def adopt_existing(self, transfer: SwarmTransfer, existing: int) -> None:
+        """Keeps chunks a previous run left that still verify (runs in a thread)."""
+        if not transfer.trusted:
+            return  # nothing to check them against
+        for index in range(transfer.count):
+            offset, length = transfer.bounds(index)
+            if offset + length > existing:
+                break
+            data = os.pread(transfer.fd, length, offset)
+            expected = transfer.hashes[index]
+            if expected is not None and len(data) == length and hashlib.sha256(data).digest() == expected:
+                transfer.have.set(index)
+
+    def released(self, transfer: SwarmTransfer) -> int:
+        """Bytes a local reader may send: the verified prefix, minus the holdback if untrusted."""
+        prefix = min(transfer.have.prefix() * transfer.chunk_size, transfer.size)
+        if not transfer.trusted:
+            prefix = min(prefix, transfer.size - min(HOLDBACK, transfer.size))
+        return prefix
+
+    async def run_transfer(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
+                           on_progress: Callable[[], None]) -> None:
+        """Fills ``transfer`` from peers and (when leased, or stuck) the upstream."""
+        async with trio.open_nursery() as nursery:
+            next_announce = 0.0
+            upstream_running = False
+            while not transfer.have.is_full():
+                now = time.monotonic()
+                if now >= next_announce:
+                    reply = await self.announce(self._announcement(transfer, transfer.digest,
+                                                                   want_lease=not transfer.leased))
+                    next_announce = time.monotonic() + self.announce_interval()
+                    if reply is None:
+                        log.warning("no coordinator reachable for %s; fetching from the upstream", transfer.digest)
+                        transfer.leased = True
+                    else:
+                        self._absorb(transfer, reply)
+                stuck = time.monotonic() - transfer.last_progress > self.stuck_after
+                if (transfer.leased or stuck) and not upstream_running:
+                    if stuck and not transfer.leased:
+                        log.warning("no chunks of %s from peers for %.0fs; fetching from the upstream",
+                                    transfer.digest, self.stuck_after)
+                    upstream_running = True
+                    nursery.start_soon(self._upstream_worker, transfer, upstream_range, on_progress)
+                await self._schedule_peer_requests(transfer, nursery, on_progress)
+                with trio.move_on_after(min(0.5, self.announce_interval())):
+                    await transfer.wait_changed()
+            nursery.cancel_scope.cancel()
+
+    def _absorb(self, transfer: SwarmTransfer, reply: Reply) -> None:
+        if reply.granted and not transfer.leased:
+            log.info("holding the upstream lease for %s", transfer.digest)
+            self.metrics.leases.inc()
+        transfer.leased = transfer.leased or reply.granted
+        transfer.lessee, transfer.lessee_address = reply.lease_holder, reply.lease_address
+        for peer in reply.holders:
+            self._learn(transfer, peer)
+        if transfer.lessee and transfer.lessee != self.me.node_id and transfer.lessee_address:
+            transfer.addresses.setdefault(transfer.lessee, transfer.lessee_address)
+
+    def _learn(self, transfer: SwarmTransfer, peer: PeerInfo) -> None:
+        if peer.node == self.me.node_id:
+            return
+        transfer.addresses[peer.node] = peer.address
+        transfer.sites[peer.node] = peer.site
+        if peer.complete:
+            transfer.sources[peer.node] = Bitmap.full(transfer.count)
+        elif peer.have is not None:
+            with contextlib.suppress(ValueError):
+                transfer.sources[peer.node] = Bitmap(transfer.count, peer.have)
+
+    def _candidate_sources(self, transfer: SwarmTransfer) -> dict[str, Bitmap]:
+        now = time.monotonic()
+        sources = {node: bitmap for node, bitmap in transfer.sources.items()
+                   if self.membership.is_usable(node) and transfer.retry_at.get(node, 0.0) <= now}
+        lessee = transfer.lessee
+        if (lessee and lessee != self.me.node_id and self.membership.is_usable(lessee)
+                and transfer.retry_at.get(lessee, 0.0) <= now):
+            # The lease holder is fetching everything: it will have any chunk soon, and its
+            # endpoint waits briefly for a chunk in flight.
+            sources[lessee] = Bitmap.full(transfer.count)
+        return sources
+
+    async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
+                                      on_progress: Callable[[], None]) -> None:
+        room = self.max_parallel_chunks - sum(transfer.busy.values())
+        if room <= 0:
+            return
+        needed = [i for i in range(transfer.count) if i not in transfer.have and i not in transfer.requested]
+        if not needed:
+            return
+        sources = self._candidate_sources(transfer)
+        if not sources:
+            return
+        same_site = [node for node in sources if transfer.sites.get(node) == self.me.site]
+        lessee = [transfer.lessee] if transfer.lessee else []
+        plan = plan_requests(needed, sources, busy=transfer.busy, max_per_source=self.max_requests_per_peer,
+                             limit=room, preferred=same_site, fallback=lessee, rng=self._rng)
+        if any(transfer.hashes[request.index] is None for request in plan):
+            await self._refresh_hashes(transfer)
+            plan = [r for r in plan if transfer.hashes[r.index] is not None]
+        for request in plan:
+            transfer.requested.add(request.index)
+            transfer.busy[request.source] = transfer.busy.get(request.source, 0) + 1
+            nursery.start_soon(self._fetch_chunk, transfer, request.index, request.source, on_progress)
+
+    async def _refresh_hashes(self, transfer: SwarmTransfer) -> None:
+        """Fills unknown chunk hashes from the lease holder or a complete holder (signed)."""
+        candidates = [transfer.lessee] if transfer.lessee and transfer.lessee != self.me.node_id else []
+        candidates += [n for n, b in transfer.sources.items() if b.is_full() and n not in candidates]
+        for node in candidates:
+            address = transfer.addresses.get(node)
+            if address is None or not self.membership.is_usable(node):
+                continue
+            self.messages_sent += 1
+            try:
+                with trio.fail_after(self.peer_timeout):
+                    chunk_map = await self.client.chunk_map(address, transfer.digest)
+            except (PeerError, trio.TooSlowError) as exc:
+                log.debug("chunk map of %s from %s failed: %s", transfer.digest, node, exc)
+                continue
+            if chunk_map.size != transfer.size or chunk_map.chunk_size != transfer.chunk_size:
+                continue
+            for index, value in enumerate(chunk_map.chunks):
+                if transfer.hashes[index] is None and value is not None:
+                    transfer.hashes[index] = value
+            return
+
+    async def _fetch_chunk(self, transfer: SwarmTransfer, index: int, node: str,
+                           on_progress: Callable[[], None]) -> None:
+        offset, length = transfer.bounds(index)
+        address = transfer.addresses.get(node)
+        data = bytearray()
+        try:
+            if address is None:
+                return
+            with trio.fail_after(self.peer_timeout):
+                async with self.client.open_range(address, transfer.digest, offset, offset + length - 1) as (
+                        response, pieces):
+                    have = parse_have(response)
+                    if have is not None and node != transfer.lessee:
+                        with contextlib.suppress(ValueError):
+                            transfer.sources[node] = Bitmap(transfer.count, have)
+                    async for piece in pieces:
+                        data += piece
+                        if len(data) > length:
+                            break
+                        await self.download_bucket.take(len(piece))
+            expected = transfer.hashes[index]
+            if len(data) != length or expected is None or hashlib.sha256(data).digest() != expected:
+                self.metrics.chunks_failed.inc()
+                self.metrics.verification_failures.labels("peer").inc()
+                log.warning("chunk %d of %s from %s failed verification", index, transfer.digest, node)
+                self.membership.ban(node, self.ban_seconds)
+                transfer.sources.pop(node, None)
+                return
+            if index in transfer.have:
+                return
+            await trio.to_thread.run_sync(_pwrite_all, transfer.fd, bytes(data), offset)
+            transfer.have.set(index)
+            transfer.peer_bytes[node] = transfer.peer_bytes.get(node, 0) + length
+            transfer.last_progress = time.monotonic()
+            self.metrics.chunks_verified.inc()
+            self.metrics.fetched_bytes.labels("peer").inc(length)
+            self.metrics.peer_fetched_bytes.labels(node).inc(length)
+            self.membership.success(node)
+            on_progress()
+        except PeerBusy as exc:
+            transfer.retry_at[node] = time.monotonic() + exc.retry_after
+        except PeerMissing:
+            transfer.retry_at[node] = time.monotonic() + 0.2
+            if node != transfer.lessee:
+                transfer.sources.pop(node, None)
+        except (PeerError, trio.TooSlowError) as exc:
+            log.info("chunk %d of %s from %s failed: %s", index, transfer.digest, node, exc or "timeout")
+            self.membership.failure(node)
+            transfer.retry_at[node] = time.monotonic() + 1.0
+        finally:
+            transfer.requested.discard(index)
+            transfer.busy[node] = max(0, transfer.busy.get(node, 1) - 1)
+            transfer.notify()  # a request slot is free (and maybe a chunk landed): plan again
+
+    async def _upstream_worker(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
+                               on_progress: Callable[[], None]) -> None:
+        """Fetches runs of missing chunks from the upstream, in order, until all are here."""
+        while not transfer.have.is_full():
+            first = next((i for i in range(transfer.count)
+                          if i not in transfer.have and i not in transfer.requested), None)
+            if first is None:
+                await transfer.wait_changed()
+                continue
+            last = first
+            while last + 1 < transfer.count and last + 1 not in transfer.have and last + 1 not in transfer.requested:
+                last += 1
+            run = range(first, last + 1)
+            transfer.requested.update(run)
+            try:
+                await self._fetch_run_from_upstream(transfer, first, last, upstream_range, on_progress)
+            finally:
+                transfer.requested.difference_update(run)
+                transfer.notify()
+
+    async def _fetch_run_from_upstream(self, transfer: SwarmTransfer, first: int, last: int,
+                                       upstream_range: UpstreamRange, on_progress: Callable[[], None]) -> None:
+        start = transfer.bounds(first)[0]
+        end_offset, end_length = transfer.bounds(last)
+        end = end_offset + end_length - 1
+        state = {"index": first, "buffer": bytearray()}
+
+        async def accept(piece: bytes) -> None:
+            await self.upstream_bucket.take(len(piece))
+            buffer = state["buffer"]
+            assert isinstance(buffer, bytearray)
+            buffer += piece
+            while True:
+                index = state["index"]
+                assert isinstance(index, int)
+                if index > last:
+                    if buffer:
+                        raise VerificationError("upstream sent more bytes than asked")
+                    return
+                offset, length = transfer.bounds(index)
+                if len(buffer) < length:
+                    return
+                data = bytes(buffer[:length])
+                del buffer[:length]
+                digest = hashlib.sha256(data).digest()
+                expected = transfer.hashes[index]
+                if expected is None:
+                    transfer.hashes[index] = digest  # we are the lease holder: our map for peers
+                elif digest != expected:
+                    self.metrics.verification_failures.labels("upstream").inc()
+                    raise VerificationError(f"chunk {index} of {transfer.digest} from the upstream failed")
+                if index not in transfer.have:
+                    await trio.to_thread.run_sync(_pwrite_all, transfer.fd, data, offset)
+                    transfer.have.set(index)
+                    transfer.upstream_bytes += length
+                    self.metrics.fetched_bytes.labels("upstream").inc(length)
+                transfer.last_progress = time.monotonic()
+                state["index"] = index + 1
+                transfer.notify()
+                on_progress()
+
+        await upstream_range(start, end, accept)
+        if state["index"] != last + 1:
+            raise UpstreamError(f"upstream ended {transfer.digest} early")
+
+    def have_header(self, digest: Digest) -> str | None:
+        transfer = self.transfers.get(digest)
+        if transfer is None:
+            return None
+        return base64.b64encode(transfer.have.to_bytes()).decode()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+

@@ -1,0 +1,233 @@
+"""The member table: which peers are live, fed by every discovery source.
+
+Rules/invariants:
+- One task owns the table (``Membership.run``); discovery sources hand it ``Sighting``s
+  through a memory channel. Other tasks only read (``live``) or report outcomes
+  (``failure``, ``success``, ``ban``), which are plain synchronous updates in trio's
+  single thread.
+- A sighting is only a hint: an address becomes a member after an authenticated hello
+  (the peer proves it holds the cluster key and tells its node id and site), so a spoofed
+  mDNS answer or a stale DNS record cannot add a member.
+- A peer that fails ``suspend_after`` times in a row is suspended for ``suspend_seconds``
+  and probed again afterwards; a banned peer (bad bytes) is ignored until its ban ends.
+  mDNS goodbyes and vanished DNS records remove members found only by that source.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .discovery import Sighting
+
+__all__ = ["Member", "Membership"]
+
+log = logging.getLogger("p2pd.swarm.membership")
+
+_PROBE_INTERVAL = 10.0  # longest wait between re-probes of an address that does not answer (seconds)
+_PROBE_TICK = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    node_id: str
+    address: str  # host:port of the peer endpoint
+    site: str
+
+
+@dataclass(slots=True)
+class _Entry:
+    member: Member
+    sources: set[str] = field(default_factory=set)
+    failures: int = 0
+    suspended_until: float = 0.0
+    banned_until: float = 0.0
+
+
+# Hello: address → (node id, site), raising on failure or bad authentication.
+HelloFunction = Callable[[str], Awaitable[tuple[str, str]]]
+
+
+class Membership:
+    """Live peers by node id, plus our own entry.
+
+    Args:
+        me: this node.
+        hello: authenticated probe of an address (``PeerClient.hello``).
+        suspend_after: consecutive failures before a peer is suspended.
+        suspend_seconds: how long a suspension lasts.
+    """
+
+    def __init__(self, me: Member, hello: HelloFunction, *, suspend_after: int = 3,
+                 suspend_seconds: float = 30.0) -> None:
+        self.me = me
+        self._hello = hello
+        self.suspend_after = suspend_after
+        self.suspend_seconds = suspend_seconds
+        self._entries: dict[str, _Entry] = {}
+        self._by_address: dict[str, str] = {}
+        self._pending: dict[str, set[str]] = {}  # address → sources, not yet confirmed by hello
+        self._changed = trio.Event()
+        send, receive = trio.open_memory_channel[Sighting](1024)
+        self.sightings: trio.MemorySendChannel[Sighting] = send
+        self._receive = receive
+
+    # ---- reads ------------------------------------------------------------------------
+
+    def live(self, now: float | None = None) -> list[Member]:
+        """Members to use now (never suspended or banned ones), ourselves included."""
+        now = time.monotonic() if now is None else now
+        members = [self.me]
+        for entry in self._entries.values():
+            if entry.banned_until <= now and entry.suspended_until <= now:
+                members.append(entry.member)
+        return members
+
+    def get(self, node_id: str) -> Member | None:
+        if node_id == self.me.node_id:
+            return self.me
+        entry = self._entries.get(node_id)
+        return entry.member if entry else None
+
+    def is_usable(self, node_id: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        entry = self._entries.get(node_id)
+        return entry is None or (entry.banned_until <= now and entry.suspended_until <= now)
+
+    def known(self) -> list[tuple[Member, str, int, float, float]]:
+        """(member, sources, failures, suspended_until, banned_until) for ``p2pd status``."""
+        return [(e.member, ",".join(sorted(e.sources)), e.failures, e.suspended_until, e.banned_until)
+                for e in self._entries.values()]
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    # ---- outcome reports --------------------------------------------------------------
+
+    def success(self, node_id: str) -> None:
+        entry = self._entries.get(node_id)
+        if entry is not None:
+            entry.failures = 0
+
+    def failure(self, node_id: str) -> None:
+        entry = self._entries.get(node_id)
+        if entry is None:
+            return
+        entry.failures += 1
+        if entry.failures >= self.suspend_after and entry.suspended_until <= time.monotonic():
+            entry.suspended_until = time.monotonic() + self.suspend_seconds
+            log.info("suspending peer %s (%s) for %.0fs after %d failures", node_id, entry.member.address,
+                     self.suspend_seconds, entry.failures)
+            self._notify()
+
+    def ban(self, node_id: str, seconds: float) -> None:
+        entry = self._entries.get(node_id)
+        if entry is None:
+            return
+        entry.banned_until = time.monotonic() + seconds
+        log.warning("banning peer %s (%s) for %.0fs", node_id, entry.member.address, seconds)
+        self._notify()
+
+    def banned(self) -> int:
+        now = time.monotonic()
+        return sum(1 for e in self._entries.values() if e.banned_until > now)
+
+    # ---- the owner task ---------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def add(self, member: Member, source: str) -> None:
+        """Adds or refreshes a confirmed member (owner task, or tests)."""
+        if member.node_id == self.me.node_id:
+            return
+        entry = self._entries.get(member.node_id)
+        if entry is None:
+            entry = self._entries[member.node_id] = _Entry(member)
+            log.info("peer %s joined at %s (site %s, via %s)", member.node_id, member.address, member.site, source)
+        elif entry.member != member:
+            self._by_address.pop(entry.member.address, None)
+            entry.member = member
+        entry.sources.add(source)
+        entry.failures = 0
+        entry.suspended_until = 0.0
+        self._by_address[member.address] = member.node_id
+        self._notify()
+
+    def remove_address(self, address: str, source: str) -> None:
+        self._pending.pop(address, None)
+        node_id = self._by_address.get(address)
+        if node_id is None:
+            return
+        entry = self._entries[node_id]
+        entry.sources.discard(source)
+        if not entry.sources:
+            del self._entries[node_id]
+            del self._by_address[address]
+            log.info("peer %s left (%s)", node_id, source)
+            self._notify()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Consumes sightings and probes addresses until cancelled."""
+        async with trio.open_nursery() as nursery, self._receive:
+            nursery.start_soon(self._reprobe_loop)
+            task_status.started()
+            async for sighting in self._receive:
+                if sighting.gone:
+                    self.remove_address(sighting.address, sighting.source)
+                    continue
+                known = self._by_address.get(sighting.address)
+                if known is not None and known in self._entries:
+                    entry = self._entries[known]
+                    entry.sources.add(sighting.source)
+                    if entry.suspended_until > time.monotonic() or entry.failures:
+                        nursery.start_soon(self._probe, sighting.address)
+                    continue
+                first = sighting.address not in self._pending
+                self._pending.setdefault(sighting.address, set()).add(sighting.source)
+                if first:
+                    nursery.start_soon(self._probe, sighting.address)
+
+    async def _probe(self, address: str) -> None:
+        try:
+            with trio.fail_after(5):
+                node_id, site = await self._hello(address)
+        except Exception as exc:  # any failure just leaves the address pending
+            log.debug("hello to %s failed: %s", address, exc)
+            known = self._by_address.get(address)
+            if known is not None:
+                self.failure(known)
+            return
+        sources = self._pending.pop(address, set())
+        known = self._by_address.get(address)
+        if known is not None and known in self._entries:
+            sources |= self._entries[known].sources
+        for source in sources or {"probe"}:
+            self.add(Member(node_id, address, site), source)
+
+    async def _reprobe_loop(self) -> None:
+        # Addresses that did not answer are retried with exponential backoff (peers that
+        # start together find each other within a second), capped at _PROBE_INTERVAL.
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
+        while True:
+            await trio.sleep(_PROBE_TICK)
+            now = time.monotonic()
+            addresses = list(self._pending)
+            addresses += [e.member.address for e in self._entries.values() if 0 < e.suspended_until <= now]
+            for address in addresses:
+                if next_try.get(address, 0.0) > now:
+                    continue
+                await self._probe(address)
+                delay = min(backoff.get(address, _PROBE_TICK) * 2, _PROBE_INTERVAL)
+                backoff[address] = delay
+                next_try[address] = time.monotonic() + delay
+            for address in [a for a in backoff if a not in self._pending and a not in self._by_address]:
+                backoff.pop(address, None)
+                next_try.pop(address, None)
+

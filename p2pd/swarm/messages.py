@@ -1,0 +1,144 @@
+"""Peer metadata messages (msgpack): what a node tells a digest's coordinator, and the reply.
+
+Decoding checks every field's type and bounds, so a peer with the cluster key still cannot
+crash a node with a malformed message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from p2pd.oci.digest import Digest
+
+__all__ = ["MAX_MESSAGE_BYTES", "Announce", "MessageError", "PeerInfo", "Reply", "decode", "encode"]
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_HOLDERS = 256  # holders returned per reply
+_MAX_TEXT = 255
+
+
+class MessageError(Exception):
+    """A peer message is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    node: str
+    address: str  # host:port of the peer endpoint
+    site: str
+    complete: bool
+    have: bytes | None  # bitmap of chunks when not complete
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """A node's state for one digest; ``want_lease`` asks for the site's upstream lease."""
+
+    digest: Digest
+    node: str
+    address: str
+    site: str
+    size: int | None
+    chunk_size: int
+    complete: bool
+    have: bytes | None
+    want_lease: bool = False
+    gone: bool = False  # the node no longer has (or wants) the blob
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    holders: tuple[PeerInfo, ...]
+    lease_holder: str | None  # node id holding this site's upstream lease
+    lease_address: str | None
+    granted: bool  # the lease was granted to the asking node
+    lease_ttl: float
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
+        raise MessageError(f"{name} must be a short string")
+    return value
+
+
+def _optional_bytes(value: Any, name: str) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or len(value) > MAX_MESSAGE_BYTES // 8:
+        raise MessageError(f"{name} must be bytes")
+    return value
+
+
+def _peer(value: Any) -> PeerInfo:
+    if not isinstance(value, dict):
+        raise MessageError("holder must be a map")
+    complete = value.get("complete")
+    if not isinstance(complete, bool):
+        raise MessageError("complete must be a boolean")
+    return PeerInfo(_text(value.get("node"), "node"), _text(value.get("address"), "address"),
+                    _text(value.get("site"), "site"), complete, _optional_bytes(value.get("have"), "have"))
+
+
+def encode(message: Announce | Reply) -> bytes:
+    if isinstance(message, Announce):
+        body: dict[str, Any] = {
+            "t": "announce", "digest": str(message.digest), "node": message.node, "address": message.address,
+            "site": message.site, "size": message.size, "chunk_size": message.chunk_size,
+            "complete": message.complete, "have": message.have, "want_lease": message.want_lease,
+            "gone": message.gone,
+        }
+    else:
+        body = {
+            "t": "reply",
+            "holders": [{"node": p.node, "address": p.address, "site": p.site, "complete": p.complete,
+                         "have": p.have} for p in message.holders],
+            "lease_holder": message.lease_holder, "lease_address": message.lease_address,
+            "granted": message.granted, "lease_ttl": message.lease_ttl,
+        }
+    return msgpack.packb(body)
+
+
+def decode(data: bytes) -> Announce | Reply:
+    """Parses and validates one message; raises MessageError."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError("message too large")
+    try:
+        obj = msgpack.unpackb(data, max_array_len=MAX_HOLDERS, max_map_len=32, max_str_len=_MAX_TEXT * 4,
+                              max_bin_len=MAX_MESSAGE_BYTES // 8)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise MessageError("not msgpack") from exc
+    if not isinstance(obj, dict):
+        raise MessageError("message must be a map")
+    kind = obj.get("t")
+    if kind == "announce":
+        size, chunk_size = obj.get("size"), obj.get("chunk_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise MessageError("size must be a non-negative integer")
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+            raise MessageError("chunk_size must be a positive integer")
+        flags = [obj.get(k, False) for k in ("complete", "want_lease", "gone")]
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise MessageError("flags must be booleans")
+        try:
+            digest = Digest.parse(_text(obj.get("digest"), "digest"))
+        except Exception as exc:
+            raise MessageError("invalid digest") from exc
+        return Announce(digest, _text(obj.get("node"), "node"), _text(obj.get("address"), "address"),
+                        _text(obj.get("site"), "site"), size, chunk_size, flags[0],
+                        _optional_bytes(obj.get("have"), "have"), flags[1], flags[2])
+    if kind == "reply":
+        holders = obj.get("holders")
+        if not isinstance(holders, list):
+            raise MessageError("holders must be a list")
+        lease_holder, lease_address = obj.get("lease_holder"), obj.get("lease_address")
+        granted, ttl = obj.get("granted"), obj.get("lease_ttl")
+        if not isinstance(granted, bool) or not isinstance(ttl, int | float) or isinstance(ttl, bool):
+            raise MessageError("bad lease fields")
+        return Reply(tuple(_peer(h) for h in holders),
+                     None if lease_holder is None else _text(lease_holder, "lease_holder"),
+                     None if lease_address is None else _text(lease_address, "lease_address"),
+                     granted, float(ttl))
+    raise MessageError("unknown message type")

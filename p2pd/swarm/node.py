@@ -1,0 +1,166 @@
+"""Starts this node's part of the swarm: identity, membership and discovery, the peer
+endpoint, and the swarm engine the fetcher uses."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from p2pd.config import AgentConfig
+from p2pd.errors import ConfigError
+from p2pd.httpd import Request, Response, ServerInfo, serve_http
+from p2pd.metrics import AgentMetrics
+from p2pd.store import BlobStore
+from p2pd.tomlconfig import parse_listen
+
+from . import auth
+from .discovery import run_dns, run_mdns, run_static
+from .engine import Swarm
+from .membership import Member, Membership
+from .peers import PeerClient
+from .service import PeerService
+
+__all__ = ["SwarmNode", "default_site", "load_cluster_key", "load_node_id", "serve_swarm"]
+
+log = logging.getLogger("p2pd.swarm")
+
+_METRICS_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class SwarmNode:
+    """What a running swarm exposes to the daemon and to tests."""
+
+    me: Member
+    swarm: Swarm
+    membership: Membership
+    peer_info: ServerInfo
+
+
+def load_cluster_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return auth.parse_key(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read cluster key {path}: {exc}") from exc
+    except auth.AuthError as exc:
+        raise ConfigError(f"cluster key {path}: {exc}") from exc
+
+
+def load_node_id(data: Path, configured: str | None) -> str:
+    """The configured id, or one generated once and kept in ``<data>/node_id``."""
+    if configured:
+        return configured
+    path = Path(data) / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    node_id = f"node-{secrets.token_hex(6)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(node_id)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return node_id
+
+
+def default_site(host: str) -> str:
+    """A site label from the advertised address: its /24 (IPv4) or /64 (IPv6) network."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "default"
+    prefix = 24 if address.version == 4 else 64
+    network = ipaddress.ip_network(f"{host}/{prefix}", strict=False)
+    return "net-" + str(network.network_address).replace(".", "-").replace(":", "-").strip("-")
+
+
+async def serve_swarm(
+    config: AgentConfig,
+    store: BlobStore,
+    metrics: AgentMetrics,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[SwarmNode] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Runs membership, discovery and the peer endpoint until cancelled."""
+    settings = config.swarm
+    assert settings.peer_listen is not None
+    key = load_cluster_key(settings.cluster_key_file)
+    if key is None:
+        log.warning("peers are NOT authenticated (--insecure-peers)")
+    peer_host, peer_port = parse_listen(settings.peer_listen)
+    node_id = await trio.to_thread.run_sync(load_node_id, config.data, settings.node_id)
+    client = PeerClient(node_id, key, connect_timeout=min(2.0, settings.peer_timeout),
+                        read_timeout=settings.peer_timeout)
+    try:
+        async with trio.open_nursery() as nursery:
+            # The peer endpoint starts first: with port 0 the advertised port is known only then.
+            service_box: list[PeerService] = []
+
+            async def handle(request: Request) -> Response:
+                return await service_box[0].handle(request)
+
+            peer_info = await nursery.start(partial(serve_http, handle, peer_host, peer_port, limits=config.limits,
+                                                    shutdown=shutdown))
+            advertise = settings.advertise or f"{peer_host}:{peer_info.port}"
+            advertise_host, _ = parse_listen(advertise)
+            if ipaddress.ip_address(advertise_host).is_unspecified if _is_ip(advertise_host) else False:
+                raise ConfigError("--peer-listen on a wildcard address needs --advertise HOST:PORT")
+            me = Member(node_id, advertise, settings.site or default_site(advertise_host))
+            membership = Membership(me, client.hello, suspend_after=settings.suspend_after_failures,
+                                    suspend_seconds=settings.suspend_seconds)
+            swarm = Swarm(me=me, membership=membership, client=client, metrics=metrics,
+                          chunk_size=settings.chunk_size, lease_ttl=settings.lease_ttl,
+                          coordinator_backups=settings.coordinator_backups, peer_timeout=settings.peer_timeout,
+                          max_parallel_chunks=settings.max_parallel_chunks,
+                          max_requests_per_peer=settings.max_requests_per_peer, ban_seconds=settings.ban_seconds,
+                          download_rate=settings.download_rate, upstream_rate=settings.upstream_rate)
+            service_box.append(PeerService(swarm=swarm, store=store, key=key, metrics=metrics,
+                                           max_uploads=settings.max_uploads, upload_rate=settings.upload_rate,
+                                           chunk_wait=min(2.0, settings.peer_timeout / 2)))
+            await nursery.start(membership.run)
+            if settings.peers:
+                await nursery.start(partial(run_static, settings.peers, membership.sightings))
+            if settings.peer_dns:
+                await nursery.start(partial(run_dns, settings.peer_dns, peer_info.port, membership.sightings,
+                                            interval=settings.peer_dns_interval))
+            if settings.mdns:
+                await nursery.start(partial(run_mdns, node_id=node_id, site=me.site, address=advertise,
+                                            interface=settings.mdns_interface or advertise_host,
+                                            send=membership.sightings))
+            nursery.start_soon(_update_gauges, membership, metrics)
+            log.info("swarm node %s (site %s) listening for peers on %s", node_id, me.site, advertise)
+            task_status.started(SwarmNode(me, swarm, membership, peer_info))
+            if shutdown is not None:
+                await shutdown.wait()
+                nursery.cancel_scope.deadline = trio.current_time() + config.limits.graceful_timeout
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _update_gauges(membership: Membership, metrics: AgentMetrics) -> None:
+    while True:
+        metrics.peers_known.set(len(membership.live()) - 1)
+        metrics.peers_banned.set(membership.banned())
+        await trio.sleep(_METRICS_INTERVAL)

@@ -1,0 +1,264 @@
+"""The peer protocol over HTTP: the client one node uses to talk to another, and the
+token bucket that limits what a node uploads.
+
+Endpoints served by ``p2pd.swarm.service.PeerService`` on ``--peer-listen``:
+
+    GET  /p2p/v1/hello                       signed msgpack {node, site, address, v}
+    POST /p2p/v1/announce                    msgpack Announce → signed msgpack Reply (coordinator)
+    GET  /p2p/v1/chunkmap/<digest>           signed msgpack {digest, size, chunk_size, chunks: [bytes|nil]}
+    GET  /p2p/v1/blobs/<digest>   (Range)    chunk bytes; 404 when not held, 429 + Retry-After when busy
+    GET  /p2p/v1/manifests/<digest>          manifest bytes (the requester verifies the digest)
+
+Every request carries the sender's HMAC (``auth.sign_request``); metadata responses carry
+the responder's (``auth.sign_response``). Chunk bytes are not signed: they are verified
+against a chunk map instead. ``X-P2PD-Have`` on blob responses carries the responder's
+current bitmap (base64) as a hint, which keeps requesters' views fresh without extra
+messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgpack
+import trio
+
+from p2pd.errors import RemoteError
+from p2pd.oci.digest import Digest
+
+from . import auth
+from .messages import Announce, MessageError, Reply, decode, encode
+
+__all__ = [
+    "PROTOCOL_PREFIX",
+    "PartialChunkMap",
+    "PeerBusy",
+    "PeerClient",
+    "PeerError",
+    "PeerMissing",
+    "TokenBucket",
+    "decode_chunk_map",
+    "encode_chunk_map",
+]
+
+PROTOCOL_PREFIX = "/p2p/v1"
+NODE_HEADER = "X-P2PD-Node"
+TIME_HEADER = "X-P2PD-Time"
+SIGNATURE_HEADER = "X-P2PD-Signature"
+HAVE_HEADER = "X-P2PD-Have"
+_MAX_METADATA = 8 * 1024 * 1024
+
+
+class PeerError(RemoteError):
+    """A peer failed, refused us, or sent something invalid."""
+
+
+class PeerMissing(PeerError):
+    """The peer does not have the requested content (404)."""
+
+
+class PeerBusy(PeerError):
+    """The peer is at its upload limit (429); try another or come back later."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class PartialChunkMap:
+    """Chunk hashes a peer knows: all of them (a trusted or finished map) or some."""
+
+    digest: Digest
+    size: int
+    chunk_size: int
+    chunks: tuple[bytes | None, ...]
+
+
+def encode_chunk_map(chunk_map: PartialChunkMap) -> bytes:
+    return msgpack.packb({"digest": str(chunk_map.digest), "size": chunk_map.size,
+                          "chunk_size": chunk_map.chunk_size, "chunks": list(chunk_map.chunks)})
+
+
+def decode_chunk_map(data: bytes, digest: Digest) -> PartialChunkMap:
+    try:
+        obj = msgpack.unpackb(data, max_bin_len=32, max_array_len=1 << 22, max_map_len=8, max_str_len=300)
+        size, chunk_size, chunks = obj["size"], obj["chunk_size"], obj["chunks"]
+        ok = (obj["digest"] == str(digest) and isinstance(size, int) and size >= 0 and isinstance(chunk_size, int)
+              and chunk_size > 0 and isinstance(chunks, list) and len(chunks) == -(-size // chunk_size)
+              and all(c is None or (isinstance(c, bytes) and len(c) == 32) for c in chunks))
+    except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise PeerError("malformed chunk map") from exc
+    if not ok:
+        raise PeerError("malformed chunk map")
+    return PartialChunkMap(digest, size, chunk_size, tuple(chunks))
+
+
+class TokenBucket:
+    """Limits a byte rate; ``rate`` 0 means unlimited. Burst is one second of rate."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._tokens = float(rate)
+        self._stamp = time.monotonic()
+
+    async def take(self, amount: int) -> None:
+        """Waits until ``amount`` bytes may be sent."""
+        if self.rate <= 0:
+            return
+        while True:
+            now = time.monotonic()
+            self._tokens = min(float(self.rate), self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= min(amount, self.rate):
+                self._tokens -= amount
+                return
+            await trio.sleep((min(amount, self.rate) - self._tokens) / self.rate)
+
+
+def _auth_headers(key: bytes | None, node_id: str, method: str, target: str, body: bytes = b"") -> dict[str, str]:
+    now = time.time()
+    headers = {NODE_HEADER: node_id, TIME_HEADER: str(int(now))}
+    if key is not None:
+        headers[SIGNATURE_HEADER] = auth.sign_request(key, method, target, node_id, now, body)
+    return headers
+
+
+def _check_response(key: bytes | None, target: str, response: httpx.Response, body: bytes) -> None:
+    if key is None:
+        return
+    try:
+        auth.verify_response(key, target, response.status_code, response.headers.get(NODE_HEADER, ""),
+                             response.headers.get(TIME_HEADER, ""), response.headers.get(SIGNATURE_HEADER, ""),
+                             time.time(), body)
+    except auth.AuthError as exc:
+        raise PeerError(f"unauthenticated response: {exc}") from exc
+
+
+def parse_have(response: httpx.Response) -> bytes | None:
+    value = response.headers.get(HAVE_HEADER)
+    if not value or len(value) > 1 << 20:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+
+
+class PeerClient:
+    """Signed requests to other nodes' peer endpoints over one httpx client.
+
+    Args:
+        node_id: our id, sent with every request.
+        key: the cluster key, or None with ``--insecure-peers``.
+        connect_timeout, read_timeout: per network wait (callers bound whole operations).
+    """
+
+    def __init__(self, node_id: str, key: bytes | None, *, connect_timeout: float = 2.0,
+                 read_timeout: float = 10.0) -> None:
+        self.node_id = node_id
+        self.key = key
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            trust_env=False, follow_redirects=False)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _url(self, address: str, target: str) -> str:
+        return f"http://{address}{target}"
+
+    async def _metadata(self, address: str, method: str, target: str, body: bytes = b"") -> bytes:
+        headers = _auth_headers(self.key, self.node_id, method, target, body)
+        try:
+            async with self._client.stream(method, self._url(address, target), headers=headers,
+                                           content=body if method == "POST" else None) as response:
+                data = b""
+                async for piece in response.aiter_raw():
+                    data += piece
+                    if len(data) > _MAX_METADATA:
+                        raise PeerError("metadata response too large")
+        except httpx.HTTPError as exc:
+            raise PeerError(f"{address}: {type(exc).__name__}") from exc
+        if response.status_code == 404:
+            raise PeerMissing(f"{address}{target}: not found")
+        if response.status_code == 429:
+            raise PeerBusy(f"{address}: busy", _retry_after(response))
+        if response.status_code != 200:
+            raise PeerError(f"{address}{target}: status {response.status_code}")
+        _check_response(self.key, target, response, data)
+        return data
+
+    async def hello(self, address: str) -> tuple[str, str]:
+        """The node id and site of the peer at ``address`` (authenticated)."""
+        data = await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/hello")
+        try:
+            obj: Any = msgpack.unpackb(data, max_str_len=300, max_map_len=8)
+            node, site = obj["node"], obj["site"]
+        except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+            raise PeerError("malformed hello") from exc
+        if not isinstance(node, str) or not isinstance(site, str) or not node or not site:
+            raise PeerError("malformed hello")
+        return node, site
+
+    async def announce(self, address: str, message: Announce) -> Reply:
+        data = await self._metadata(address, "POST", f"{PROTOCOL_PREFIX}/announce", encode(message))
+        try:
+            reply = decode(data)
+        except MessageError as exc:
+            raise PeerError(f"malformed reply: {exc}") from exc
+        if not isinstance(reply, Reply):
+            raise PeerError("expected a reply")
+        return reply
+
+    async def chunk_map(self, address: str, digest: Digest) -> PartialChunkMap:
+        data = await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/chunkmap/{digest}")
+        return decode_chunk_map(data, digest)
+
+    async def manifest(self, address: str, digest: Digest) -> bytes:
+        return await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/manifests/{digest}")
+
+    @contextlib.asynccontextmanager
+    async def open_range(self, address: str, digest: Digest, start: int, end: int
+                         ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
+        """Streams bytes ``start..end`` of a blob from a peer.
+
+        Raises:
+            PeerMissing: 404. PeerBusy: 429. PeerError: anything else.
+        """
+        target = f"{PROTOCOL_PREFIX}/blobs/{digest}"
+        headers = _auth_headers(self.key, self.node_id, "GET", target)
+        headers["Range"] = f"bytes={start}-{end}"
+        try:
+            async with self._client.stream("GET", self._url(address, target), headers=headers) as response:
+                if response.status_code == 404:
+                    raise PeerMissing(f"{address}: no {digest} bytes {start}-{end}")
+                if response.status_code == 429:
+                    raise PeerBusy(f"{address}: busy", _retry_after(response))
+                if response.status_code != 206:
+                    raise PeerError(f"{address}: status {response.status_code} for a chunk")
+                expected = f"bytes {start}-{end}/"
+                if not response.headers.get("content-range", "").startswith(expected):
+                    raise PeerError(f"{address}: wrong Content-Range")
+                yield response, _raw(response)
+        except httpx.HTTPError as exc:
+            raise PeerError(f"{address}: {type(exc).__name__}") from exc
+
+
+async def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    async for piece in response.aiter_raw():
+        yield piece
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.0, min(float(response.headers.get("retry-after", "1")), 60.0))
+    except ValueError:
+        return 1.0

@@ -1,0 +1,230 @@
+"""The peer endpoint (``--peer-listen``): what other nodes ask this node.
+
+Every request must carry a valid HMAC from the cluster key (401 otherwise); metadata
+responses are signed. Chunk bytes are served only when every chunk they overlap is
+verified here; a request for a chunk this node is still downloading waits briefly for it.
+Uploads are limited in number (429 + Retry-After beyond ``max_uploads``) and in rate
+(token bucket).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+
+import msgpack
+import trio
+
+from p2pd.httpd import FileBody, Request, Response
+from p2pd.metrics import AgentMetrics
+from p2pd.oci.chunkmap import ChunkHasher
+from p2pd.oci.digest import Digest
+from p2pd.oci.errors import OCIError
+from p2pd.oci.manifest import MAX_MANIFEST_SIZE
+from p2pd.oci.ranges import parse_range
+from p2pd.store import BlobStore
+
+from . import auth
+from .discovery import PROTOCOL_VERSION
+from .engine import Swarm
+from .messages import Announce, MessageError, decode, encode
+from .peers import (
+    HAVE_HEADER,
+    NODE_HEADER,
+    PROTOCOL_PREFIX,
+    SIGNATURE_HEADER,
+    TIME_HEADER,
+    PartialChunkMap,
+    TokenBucket,
+    encode_chunk_map,
+)
+
+__all__ = ["PeerService"]
+
+log = logging.getLogger("p2pd.swarm.service")
+
+_BLOB_RE = re.compile(rf"{PROTOCOL_PREFIX}/blobs/(?P<digest>[^/]+)")
+_MAP_RE = re.compile(rf"{PROTOCOL_PREFIX}/chunkmap/(?P<digest>[^/]+)")
+_MANIFEST_RE = re.compile(rf"{PROTOCOL_PREFIX}/manifests/(?P<digest>[^/]+)")
+_MAX_ANNOUNCE = 1024 * 1024
+_PIECE = 256 * 1024
+
+
+class PeerService:
+    """Request handler of the peer endpoint."""
+
+    def __init__(self, *, swarm: Swarm, store: BlobStore, key: bytes | None, metrics: AgentMetrics,
+                 max_uploads: int, upload_rate: int, chunk_wait: float) -> None:
+        self.swarm = swarm
+        self.store = store
+        self.key = key
+        self.metrics = metrics
+        self.max_uploads = max_uploads
+        self.uploads = 0
+        self.upload_bucket = TokenBucket(upload_rate)
+        self.chunk_wait = chunk_wait
+
+    async def handle(self, request: Request) -> Response:
+        request.route = "peer"
+        if not request.path.startswith(PROTOCOL_PREFIX + "/"):
+            raise OCIError("NOT_FOUND", "not a peer endpoint")
+        body = b""
+        if request.method == "POST":
+            body = await request.body.read(_MAX_ANNOUNCE)
+        self._authenticate(request, body)
+        path = request.path
+        if path == f"{PROTOCOL_PREFIX}/hello" and request.method == "GET":
+            me = self.swarm.me
+            return self._signed(request, msgpack.packb({"node": me.node_id, "site": me.site, "address": me.address,
+                                                        "v": PROTOCOL_VERSION}))
+        if path == f"{PROTOCOL_PREFIX}/announce" and request.method == "POST":
+            try:
+                message = decode(body)
+            except MessageError as exc:
+                raise OCIError("BAD_REQUEST", f"malformed announcement: {exc}") from exc
+            if not isinstance(message, Announce) or message.node != request.headers.get(NODE_HEADER):
+                raise OCIError("BAD_REQUEST", "announcement must come from its own node")
+            reply = self.swarm.coordinator.announce(message, time.monotonic())
+            return self._signed(request, encode(reply))
+        if request.method not in ("GET", "HEAD"):
+            raise OCIError("UNSUPPORTED", "method not allowed", status=405)
+        if match := _BLOB_RE.fullmatch(path):
+            return await self._blob(request, Digest.parse(match["digest"]))
+        if match := _MAP_RE.fullmatch(path):
+            return await self._chunk_map(request, Digest.parse(match["digest"]))
+        if match := _MANIFEST_RE.fullmatch(path):
+            digest = Digest.parse(match["digest"])
+            data = await trio.to_thread.run_sync(self.store.read_small, digest, MAX_MANIFEST_SIZE)
+            if data is None:
+                raise OCIError("MANIFEST_UNKNOWN", "not here", status=404)
+            return self._signed(request, data)
+        raise OCIError("NOT_FOUND", "no such peer endpoint")
+
+    # ---- authentication ---------------------------------------------------------------
+
+    def _authenticate(self, request: Request, body: bytes) -> None:
+        if self.key is None:
+            return
+        try:
+            auth.verify_request(self.key, request.method, request.target, request.headers.get(NODE_HEADER, "") or "",
+                                request.headers.get(TIME_HEADER, "") or "",
+                                request.headers.get(SIGNATURE_HEADER, "") or "", time.time(), body)
+        except auth.AuthError as exc:
+            log.info("refused unauthenticated peer request from %s: %s", request.client, exc)
+            raise OCIError("UNAUTHORIZED", "peer authentication failed", status=401) from exc
+
+    def _signed(self, request: Request, body: bytes) -> Response:
+        headers = [("Content-Type", "application/msgpack")]
+        now = time.time()
+        headers += [(NODE_HEADER, self.swarm.me.node_id), (TIME_HEADER, str(int(now)))]
+        if self.key is not None:
+            headers.append((SIGNATURE_HEADER, auth.sign_response(self.key, request.target, 200,
+                                                                 self.swarm.me.node_id, now, body)))
+        return Response(200, headers, body)
+
+    # ---- content ----------------------------------------------------------------------
+
+    async def _chunk_map(self, request: Request, digest: Digest) -> Response:
+        transfer = self.swarm.transfers.get(digest)
+        if transfer is not None:
+            return self._signed(request, encode_chunk_map(transfer.partial_map()))
+        size = self.store.size(digest)
+        if size is None:
+            raise OCIError("BLOB_UNKNOWN", "not here", status=404)
+        cached = self.swarm.completed_maps.get(digest)
+        if cached is None:
+            # After a restart: the blob was verified whole, so a map computed from it is sound.
+            cached = await trio.to_thread.run_sync(self._compute_map, digest, size)
+            self.swarm.completed_maps[digest] = cached
+        return self._signed(request, encode_chunk_map(cached))
+
+    def _compute_map(self, digest: Digest, size: int) -> PartialChunkMap:
+        hasher = ChunkHasher(self.swarm.chunk_size)
+        with open(self.store.blob_path(digest), "rb") as handle:
+            while piece := handle.read(1024 * 1024):
+                hasher.update(piece)
+        chunk_map = hasher.finish(digest)
+        return PartialChunkMap(digest, chunk_map.size, chunk_map.chunk_size, tuple(chunk_map.hashes))
+
+    async def _blob(self, request: Request, digest: Digest) -> Response:
+        if self.uploads >= self.max_uploads:
+            self.metrics.uploads_refused.inc()
+            raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
+        headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", str(digest))]
+        size = self.store.size(digest)
+        if size is not None:
+            try:
+                fd, size = self.store.open_blob(digest)
+            except KeyError:
+                size = None
+            else:
+                return self._range_response(request, digest, fd, size, headers)
+        transfer = self.swarm.transfers.get(digest)
+        if transfer is None:
+            raise OCIError("BLOB_UNKNOWN", "not here", status=404)
+        byte_range = parse_range(request.headers.get("range"), transfer.size)
+        start, end = (0, transfer.size - 1) if byte_range is None else (byte_range.start, byte_range.end)
+        # A chunk still on its way here is worth a short wait: this is how the swarm
+        # forwards chunks as soon as they are verified.
+        with trio.move_on_after(self.chunk_wait):
+            while not transfer.covers(start, end):
+                if self.swarm.transfers.get(digest) is not transfer:
+                    break
+                await transfer.wait_changed()
+        have = self.swarm.have_header(digest)
+        if not transfer.covers(start, end):
+            raise OCIError("BLOB_UNKNOWN", "those chunks are not here yet", status=404,
+                           headers=[(HAVE_HEADER, have)] if have else [])
+        try:
+            fd = os.open(self.store.partial_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            try:
+                fd, _size = self.store.open_blob(digest)  # committed meanwhile
+            except KeyError:
+                raise OCIError("BLOB_UNKNOWN", "not here", status=404) from None
+        if have:
+            headers.append((HAVE_HEADER, have))
+        return self._range_response(request, digest, fd, transfer.size, headers)
+
+    def _range_response(self, request: Request, digest: Digest, fd: int, size: int,
+                        headers: list[tuple[str, str]]) -> Response:
+        try:
+            byte_range = parse_range(request.headers.get("range"), size)
+        except OCIError:
+            os.close(fd)
+            raise
+        start, end = (0, size - 1) if byte_range is None else (byte_range.start, byte_range.end)
+        status = 200
+        if byte_range is not None:
+            headers.append(("Content-Range", byte_range.content_range(size)))
+            status = 206
+        self.uploads += 1
+
+        def done() -> None:
+            self.uploads -= 1
+
+        if self.upload_bucket.rate <= 0:
+            body: FileBody | AsyncIterator[bytes] = FileBody(fd, start, end - start + 1)
+            self.metrics.peer_served_bytes.inc(end - start + 1)
+            return Response(status, headers, body, on_close=done)
+        return Response(status, headers, self._limited(fd, start, end), content_length=end - start + 1,
+                        on_close=done)
+
+    async def _limited(self, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+        try:
+            position = start
+            while position <= end:
+                length = min(_PIECE, end + 1 - position)
+                await self.upload_bucket.take(length)
+                data = await trio.to_thread.run_sync(os.pread, fd, length, position)
+                if not data:
+                    return
+                position += len(data)
+                self.metrics.peer_served_bytes.inc(len(data))
+                yield data
+        finally:
+            os.close(fd)
+

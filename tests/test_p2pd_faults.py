@@ -1,0 +1,431 @@
+"""p2pd under faults: a dead agent, a dead upstream, cut, corrupt, slow and stalled upstream
+transfers, concurrent readers, a crash in the middle of a download, and requests it must refuse.
+
+The faults come from ``tests.harness.faulty_proxy`` placed between p2pd and a real upstream
+(the seed or docker-registry). Pulls are done by a private containerd where it matters, and
+by raw httpx requests where the exact bytes on the wire are the point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from p2pd.fetcher import HOLDBACK
+from p2pd.oci.digest import Digest
+from tests.harness import skopeo
+from tests.harness.containerd import PrivateContainerd
+from tests.harness.faulty_proxy import ProxyFaults, serve_faulty_proxy
+from tests.harness.images import MiB, OciLayout
+from tests.harness.p2pd_process import P2pdProcess
+from tests.harness.reference_registry import ReferenceRegistry
+from tests.harness.seed_process import SeedProcess
+from tests.harness.verify import misnamed_blobs
+from tests.p2pd_support import (
+    NS,
+    agent_config,
+    agent_metric,
+    blob_sizes,
+    get_blob_raw,
+    pull,
+    push_blob,
+    random_bytes,
+    seed_metric,
+    start_agent,
+    start_seed,
+    write_hosts,
+)
+
+REF = f"{NS}/lab/busybox:latest"
+
+
+@pytest.fixture(params=["seed", "docker-registry"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A real upstream registry (subprocess): our seed, or docker-registry (no chunk maps)."""
+    if request.param == "seed":
+        with SeedProcess(tmp_path / "seed-data") as seed:
+            yield seed.url
+    else:
+        with ReferenceRegistry(tmp_path / "reference-registry") as registry:
+            yield registry.url
+
+
+async def push_busybox(layout: OciLayout, registry_url: str) -> str:
+    host = registry_url.removeprefix("http://")
+    return await trio.to_thread.run_sync(skopeo.copy, layout.ref("busybox"), f"docker://{host}/lab/busybox:latest")
+
+
+def blob_url(agent_url: str, digest: str, repository: str = "lab/blob") -> str:
+    return f"{agent_url}/v2/{repository}/blobs/{digest}?ns={NS}"
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(30.0, connect=5.0))
+
+
+# ---- containerd falls back or keeps pulling -----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.root
+async def test_pull_succeeds_via_server_when_p2pd_is_down(
+    tmp_path: Path, busybox_layout: OciLayout, reference_registry: ReferenceRegistry,
+    containerd: PrivateContainerd,
+) -> None:
+    pushed = await push_busybox(busybox_layout, reference_registry.url)
+    async with trio.open_nursery() as nursery:
+        agent = await start_agent(nursery, agent_config(tmp_path, reference_registry.url))
+        endpoint = agent.info.url
+        nursery.cancel_scope.cancel()
+    async with client() as http:  # really down: connection refused
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"{endpoint}/v2/")
+    hosts = write_hosts(tmp_path / "hosts", endpoint, reference_registry.url)
+    with trio.fail_after(60):
+        await pull(containerd, REF, hosts, timeout=50)
+    assert containerd.image_digest(REF) == pushed
+
+
+@pytest.mark.slow
+@pytest.mark.root
+async def test_stale_tag_when_upstream_is_down(
+    tmp_path: Path, busybox_layout: OciLayout, reference_registry: ReferenceRegistry,
+    containerd: PrivateContainerd, nursery: trio.Nursery,
+) -> None:
+    pushed = await push_busybox(busybox_layout, reference_registry.url)
+    # tag_ttl = 0: every pull asks the upstream what the tag points to.
+    agent = await start_agent(nursery, agent_config(tmp_path, reference_registry.url, cache={"tag_ttl": 0}))
+    hosts = write_hosts(tmp_path / "hosts", agent.info.url, reference_registry.url)
+    await pull(containerd, REF, hosts, timeout=60)
+    assert agent_metric(agent, "p2pd_stale_tag_answers_total") == 0
+
+    await trio.to_thread.run_sync(reference_registry.stop)  # upstream and containerd's server are gone
+    await trio.to_thread.run_sync(containerd.remove_all)
+    with trio.fail_after(60):
+        await pull(containerd, REF, hosts, timeout=50)
+    assert containerd.image_digest(REF) == pushed
+    assert agent_metric(agent, "p2pd_stale_tag_answers_total") >= 1
+    assert await trio.to_thread.run_sync(containerd.unpack_check, REF) in ("run", "mount")
+
+    # A tag p2pd has never seen cannot be answered: a fast 404, and the pull fails cleanly.
+    async with client() as http:
+        started = time.monotonic()
+        response = await http.get(f"{agent.info.url}/v2/lab/other/manifests/latest?ns={NS}")
+        assert time.monotonic() - started < 2.0
+    assert response.status_code == 404
+    assert response.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    started = time.monotonic()
+    result = await trio.to_thread.run_sync(
+        partial(containerd.pull, f"{NS}/lab/other:latest", hosts_dir=hosts, timeout=50, check=False))
+    assert result.returncode != 0
+    assert time.monotonic() - started < 30
+
+
+# ---- upstream transfers cut short -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.root
+async def test_truncating_upstream_is_resumed_with_range(
+    tmp_path: Path, busybox_layout: OciLayout, registry_url: str, containerd: PrivateContainerd,
+    nursery: trio.Nursery,
+) -> None:
+    pushed = await push_busybox(busybox_layout, registry_url)
+    sizes = blob_sizes(busybox_layout, "busybox")
+    cut = 300_000
+    assert max(sizes.values()) > 2 * cut  # the layer needs several resumes
+    proxy = await nursery.start(serve_faulty_proxy, registry_url, ProxyFaults(truncate_after=cut))
+    agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
+    hosts = write_hosts(tmp_path / "hosts", agent.info.url, registry_url)
+    with trio.fail_after(90):
+        await pull(containerd, REF, hosts, timeout=80)
+    assert containerd.image_digest(REF) == pushed
+    image_bytes = sum(sizes.values())
+    assert agent_metric(agent, "p2pd_served_bytes_total") >= image_bytes
+    # Resumed where it broke off: every byte crossed once, nothing was fetched from zero again.
+    assert agent_metric(agent, "p2pd_fetched_bytes_total", source="upstream") == image_bytes
+    for digest, size in sizes.items():
+        gets = proxy.blob_gets(digest)
+        assert proxy.blob_bytes(digest) == size
+        assert len(gets) == -(-size // cut)
+        assert gets[0].range is None
+        assert [g.range for g in gets[1:]] == [f"bytes={n * cut}-" for n in range(1, len(gets))]
+    assert await trio.to_thread.run_sync(containerd.unpack_check, REF) in ("run", "mount")
+
+
+# ---- upstream sending wrong bytes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upstream", ["seed-with-chunk-map", "docker-registry"])
+async def test_corrupt_upstream_never_yields_a_complete_wrong_blob(
+    tmp_path: Path, upstream: str, nursery: trio.Nursery,
+) -> None:
+    if upstream == "seed-with-chunk-map":
+        registry_url, _ = await start_seed(nursery, tmp_path / "seed")
+        registry = None
+    else:
+        registry = await trio.to_thread.run_sync(ReferenceRegistry, tmp_path / "reference-registry")
+        await trio.to_thread.run_sync(registry.start)
+        registry_url = registry.url
+    try:
+        data = random_bytes(3 * MiB + 12345)
+        digest = await trio.to_thread.run_sync(push_blob, registry_url, "lab/blob", data)
+        proxy = await nursery.start(serve_faulty_proxy, registry_url, ProxyFaults(corrupt=True))
+        agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
+        async with client() as http:
+            with trio.fail_after(20):
+                status, length, received, complete = await get_blob_raw(http, blob_url(agent.info.url, digest))
+        assert not (status == 200 and complete), "a complete blob that fails its digest was served"
+        if status == 200:
+            assert length == len(data) and len(received) < len(data)
+        if upstream == "seed-with-chunk-map":
+            assert [r.route for r in proxy.requests[:2]] == ["chunks", "blob"]
+            # Only chunks that verified were released: everything received is right.
+            assert received == data[: len(received)]
+            assert len(received) <= len(data) // 2
+        else:
+            # Without a chunk map the last HOLDBACK bytes wait for the whole-digest check.
+            assert len(received) <= len(data) - HOLDBACK
+        for _ in range(100):  # the download task records the failure right after the stream ends
+            if agent_metric(agent, "p2pd_verification_failures_total", source="upstream"):
+                break
+            await trio.sleep(0.05)
+        assert agent_metric(agent, "p2pd_verification_failures_total", source="upstream") == 1
+        assert agent.store.size(Digest.parse(digest)) is None
+        assert agent.store.list_partials() == []
+        assert misnamed_blobs(agent.store.root / "blobs" / "sha256") == []
+    finally:
+        if registry is not None:
+            await trio.to_thread.run_sync(registry.stop)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+async def test_pull_with_corrupt_upstream_does_not_hang(
+    tmp_path: Path, busybox_layout: OciLayout, registry_url: str, containerd: PrivateContainerd,
+    nursery: trio.Nursery,
+) -> None:
+    pushed = await push_busybox(busybox_layout, registry_url)
+    proxy = await nursery.start(serve_faulty_proxy, registry_url, ProxyFaults(corrupt=True))
+    agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
+    hosts = write_hosts(tmp_path / "hosts", agent.info.url, registry_url)  # server: the good upstream
+    started = time.monotonic()
+    with trio.fail_after(60):
+        result = await trio.to_thread.run_sync(
+            partial(containerd.pull, REF, hosts_dir=hosts, timeout=50, check=False))
+    assert time.monotonic() - started < 50
+    assert agent_metric(agent, "p2pd_verification_failures_total", source="upstream") >= 1
+    if result.returncode == 0:
+        assert containerd.image_digest(REF) == pushed
+        assert await trio.to_thread.run_sync(containerd.unpack_check, REF) in ("run", "mount")
+    assert misnamed_blobs(agent.store.root / "blobs" / "sha256") == []
+
+
+# ---- single flight ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_maps", [True, False], ids=["chunk-map", "no-chunk-map"])
+async def test_concurrent_readers_share_one_upstream_fetch(
+    tmp_path: Path, chunk_maps: bool, nursery: trio.Nursery,
+) -> None:
+    seed_url, seed = await start_seed(nursery, tmp_path / "seed")
+    data = random_bytes(12 * MiB)
+    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", data)
+    rate = 16 * MiB  # bytes per second: the upstream transfer takes about 0.75 s
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(rate=rate, chunk_maps=chunk_maps))
+    agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
+    readers = 20
+    first_byte: list[float] = []
+    finished: list[float] = []
+    bodies: list[str] = []
+
+    async def read(http: httpx.AsyncClient) -> None:
+        hasher = hashlib.sha256()
+        first: float | None = None
+        async with http.stream("GET", blob_url(agent.info.url, digest)) as response:
+            assert response.status_code == 200
+            assert response.headers["content-length"] == str(len(data))
+            async for piece in response.aiter_raw():
+                if first is None and piece:
+                    first = trio.current_time() - started
+                hasher.update(piece)
+        assert first is not None
+        first_byte.append(first)
+        finished.append(trio.current_time() - started)
+        bodies.append("sha256:" + hasher.hexdigest())
+
+    async with client() as http:
+        started = trio.current_time()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as readers_nursery:
+                for _ in range(readers):
+                    readers_nursery.start_soon(read, http)
+    assert bodies == [digest] * readers
+    # One download served everyone.
+    assert len(proxy.blob_gets(digest)) == 1
+    assert proxy.blob_bytes(digest) == len(data)
+    assert agent_metric(agent, "p2pd_upstream_fetches_total") == 1
+    assert agent_metric(agent, "p2pd_fetched_bytes_total", source="upstream") == len(data)
+    assert seed_metric(seed, "seed_blob_bytes_sent_total") == len(data)
+    # Bytes were streamed as they were verified, not after the whole blob had arrived.
+    download_time = len(data) / rate
+    assert min(finished) >= 0.9 * download_time
+    assert max(first_byte) < download_time / 2, (first_byte, finished)
+
+
+# ---- crash in the middle of a download ---------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_restart_resumes_the_partial_download(tmp_path: Path, nursery: trio.Nursery) -> None:
+    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
+    data = random_bytes(16 * MiB)
+    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", data)
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(rate=8 * MiB))
+    agent_data = tmp_path / "agent"
+    partial_file = agent_data / "downloads" / f"{digest.replace(':', '-')}.partial"
+    blobs_dir = agent_data / "blobs" / "sha256"
+    url_path = f"/v2/lab/blob/blobs/{digest}?ns={NS}"
+    agent = P2pdProcess(agent_data, [f"{NS}={proxy.url}"])
+    try:
+        await trio.to_thread.run_sync(agent.start)
+
+        async def doomed_reader() -> None:
+            with pytest.raises(httpx.HTTPError):  # the agent dies under it
+                async with client() as http:
+                    await get_blob_raw(http, agent.url + url_path)
+                    raise httpx.ReadError("the body was complete although the agent was killed")
+
+        nursery.start_soon(doomed_reader)
+        with trio.fail_after(15):
+            while not partial_file.exists() or partial_file.stat().st_size < len(data) // 2:
+                assert misnamed_blobs(blobs_dir) == []
+                await trio.sleep(0.02)
+        await trio.to_thread.run_sync(agent.kill9)
+        kept = partial_file.stat().st_size
+        assert len(data) // 2 <= kept < len(data)
+        assert misnamed_blobs(blobs_dir) == []
+        gets_before_crash = len(proxy.blob_gets(digest))
+
+        proxy.faults.rate = None
+        await trio.to_thread.run_sync(agent.start)
+        async with client() as http:
+            with trio.fail_after(20):
+                status, _, body, complete = await get_blob_raw(http, agent.url + url_path)
+        assert status == 200 and complete and body == data
+        assert misnamed_blobs(blobs_dir) == []
+        assert not partial_file.exists()
+        # The restarted agent asked only for what the partial file did not hold (whole
+        # verified chunks are kept: at most one chunk is fetched again).
+        resumed = proxy.blob_gets(digest)[gets_before_crash:]
+        assert len(resumed) == 1
+        assert resumed[0].range is not None
+        offset = int(resumed[0].range.removeprefix("bytes=").removesuffix("-"))
+        assert kept - MiB < offset <= kept
+        assert resumed[0].body_bytes == len(data) - offset
+        fetched = await trio.to_thread.run_sync(partial(agent.metric, "p2pd_fetched_bytes_total", source="upstream"))
+        assert fetched == len(data) - offset
+    finally:
+        await trio.to_thread.run_sync(agent.stop)
+
+
+# ---- watchdogs ---------------------------------------------------------------------------------
+
+
+async def test_stalled_upstream_stream_is_cut(tmp_path: Path, nursery: trio.Nursery) -> None:
+    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
+    data = random_bytes(4 * MiB)
+    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", data)
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(stall_after=MiB + MiB // 2))
+    stall_timeout = 1.0
+    agent = await start_agent(nursery, agent_config(tmp_path, proxy.url, fetch={"stall_timeout": stall_timeout}))
+    received = 0
+    last_byte = 0.0
+    async with client() as http:
+        started = trio.current_time()
+        with trio.fail_after(10):
+            async with http.stream("GET", blob_url(agent.info.url, digest)) as response:
+                assert response.status_code == 200
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async for piece in response.aiter_raw():
+                        received += len(piece)
+                        last_byte = trio.current_time()
+        ended = trio.current_time()
+    assert received == MiB  # the first chunk verified; the second never completed
+    assert stall_timeout * 0.9 <= ended - last_byte <= stall_timeout + 1.5, (last_byte - started, ended - started)
+    assert agent_metric(agent, "p2pd_stalled_streams_total") == 1
+
+
+async def test_silent_upstream_gives_a_fast_404(tmp_path: Path, nursery: trio.Nursery) -> None:
+    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
+    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", random_bytes(64 * 1024))
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(hang=True))
+    first_byte_timeout = 1.0
+    agent = await start_agent(
+        nursery, agent_config(tmp_path, proxy.url, fetch={"first_byte_timeout": first_byte_timeout}))
+    async with client() as http:
+        started = time.monotonic()
+        with trio.fail_after(10):
+            response = await http.get(blob_url(agent.info.url, digest))
+        elapsed = time.monotonic() - started
+    assert response.status_code == 404
+    assert response.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert first_byte_timeout * 0.9 <= elapsed <= first_byte_timeout + 1.5
+
+
+# ---- requests a read-only mirror refuses ---------------------------------------------------------
+
+_SOME_DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v2/lab/x/blobs/uploads/"),
+    ("PATCH", "/v2/lab/x/blobs/uploads/0f1e2d"),
+    ("PUT", "/v2/lab/x/blobs/uploads/0f1e2d?digest=" + _SOME_DIGEST),
+    ("PUT", "/v2/lab/x/manifests/latest"),
+    ("DELETE", "/v2/lab/x/manifests/" + _SOME_DIGEST),
+    ("DELETE", "/v2/lab/x/blobs/" + _SOME_DIGEST),
+])
+async def test_write_methods_are_refused(tmp_path: Path, method: str, path: str, nursery: trio.Nursery) -> None:
+    agent = await start_agent(nursery, agent_config(tmp_path, "http://127.0.0.1:9"))
+    async with client() as http:
+        started = time.monotonic()
+        response = await http.request(method, agent.info.url + path, content=b'{"x": 1}',
+                                      headers={"Content-Type": "application/json"})
+        assert time.monotonic() - started < 1.0
+    assert response.status_code == 405
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["allow"] == "GET, HEAD"
+    assert response.json()["errors"][0]["code"] == "UNSUPPORTED"
+    assert agent_metric(agent, "p2pd_upstream_fetches_total") == 0
+
+
+@pytest.mark.parametrize(("path", "code"), [
+    ("/v2/Lab/X/manifests/latest", "NAME_INVALID"),
+    ("/v2/lab/x/manifests/-latest", "TAG_INVALID"),
+    ("/v2/lab/x/blobs/sha256:abc", "DIGEST_INVALID"),
+    ("/v2/lab/x/blobs/sha256:" + "AB" * 32, "DIGEST_INVALID"),
+    ("/v2/lab/x/manifests/sha256:" + "z" * 64, "DIGEST_INVALID"),
+    ("/v2/lab/x/blobs/md5:" + "ab" * 16, "UNSUPPORTED"),
+    ("/v2/lab/%2e%2e/blobs/" + _SOME_DIGEST, "NAME_INVALID"),
+    (f"/v2/lab/x/blobs/{_SOME_DIGEST}?ns=evil.example/path", "NAME_INVALID"),
+    ("/v2/lab/x/manifests/latest?ns=user@evil.example", "NAME_INVALID"),
+])
+async def test_invalid_names_and_digests_are_400(
+    tmp_path: Path, path: str, code: str, nursery: trio.Nursery,
+) -> None:
+    agent = await start_agent(nursery, agent_config(tmp_path, "http://127.0.0.1:9"))
+    async with client() as http:
+        response = await http.get(agent.info.url + path)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert json.loads(response.content)["errors"][0]["code"] == code
+    assert agent_metric(agent, "p2pd_upstream_fetches_total") == 0
