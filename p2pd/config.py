@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pd.httpd import ServerLimits
+from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE
 from p2pd.oci.digest import Digest
 
 from .errors import ConfigError
@@ -103,7 +104,7 @@ class SwarmConfig:
     mdns_interface: str | None = None  # IPv4 address to bind mDNS to (default: the advertised host)
     cluster_key_file: Path | None = None
     insecure_peers: bool = False  # run without a cluster key (explicit opt-in only)
-    chunk_size: int = 1024 * 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # see docs/architecture.md for why 1 MiB
     coordinator_backups: int = 2
     lease_ttl: float = 15.0
     peer_timeout: float = 5.0  # a chunk request with no progress for this long moves to another source

@@ -20,6 +20,7 @@ Rules/invariants:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, ChunkMap
+from p2pd.oci.chunkmap import ChunkMap
 from p2pd.oci.digest import Digest
 
 from .config import AgentConfig
@@ -167,7 +168,8 @@ class Fetcher:
         chunk_map: ChunkMap | None = None
         with trio.move_on_after(self.config.fetch.first_byte_timeout):
             try:
-                chunk_map = await upstream.get_chunk_map(remote_repository, download.digest, DEFAULT_CHUNK_SIZE)
+                chunk_map = await upstream.get_chunk_map(remote_repository, download.digest,
+                                                         self.config.swarm.chunk_size)
             except RemoteError as exc:  # no map, or a bad one: fall back to whole-digest checks
                 log.debug("no chunk map for %s: %s", download.digest, exc)
         if chunk_map is not None:
@@ -283,9 +285,10 @@ class Fetcher:
                 self.metrics.upstream_fetches.inc()
                 async with upstream.open_blob(repository, download.digest, transfer.offset) as response:
                     transfer.set_size(response.total_size)
+                    fetched = self.metrics.fetched_bytes.labels("upstream")
                     async for piece in response.aiter_bytes():
                         transfer.write(piece)
-                        self.metrics.fetched_bytes.labels("upstream").inc(len(piece))
+                        fetched.inc(len(piece))
             except UpstreamNotFound:
                 raise
             except UpstreamError as exc:
@@ -315,7 +318,9 @@ class _Transfer:
         self.chunk_map = chunk_map
         self.offset = 0
         self._sha256 = hashlib.sha256() if download.digest.algorithm == "sha256" else hashlib.sha512()
-        self._chunk = bytearray()
+        # sha256 of the bytes of chunk ``_chunk_index`` received so far: chunks are verified
+        # as the pieces arrive, without buffering or copying them.
+        self._chunk_sha256 = hashlib.sha256()
         self._chunk_index = 0
 
     def adopt_existing(self, existing: int) -> bool:
@@ -371,16 +376,19 @@ class _Transfer:
         if self.chunk_map is None:
             download._release(min(self.offset, download.size - min(HOLDBACK, download.size)))
             return
-        self._chunk += piece
-        while self._chunk_index < len(self.chunk_map.hashes):
+        view = memoryview(piece)
+        position = self.offset - len(piece)
+        while view:
             chunk_offset, length = self.chunk_map.chunk_bounds(self._chunk_index)
-            have = self.offset - chunk_offset
-            if have < length:
+            take = min(len(view), chunk_offset + length - position)
+            self._chunk_sha256.update(view[:take])
+            view = view[take:]
+            position += take
+            if position < chunk_offset + length:
                 break
-            data = bytes(self._chunk[:length])
-            if not self.chunk_map.verify_chunk(self._chunk_index, data):
+            if not hmac.compare_digest(self._chunk_sha256.digest(), self.chunk_map.hashes[self._chunk_index]):
                 raise VerificationError(f"chunk {self._chunk_index} of {download.digest} failed verification")
-            del self._chunk[:length]
+            self._chunk_sha256 = hashlib.sha256()
             self._chunk_index += 1
             download._release(chunk_offset + length)
 
