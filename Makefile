@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 APT_PACKAGES := docker-registry skopeo containerd umoci busybox-static curl iproute2 nftables
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install system-deps test test-fast lint demo bench bench-seed clean
+.PHONY: venv install system-deps test test-fast lint demo bench bench-seed bench-p2pd bench-chunks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,17 @@ lint: install
 demo: install system-deps
 	$(PY) -m tests.demo
 
-bench: bench-seed
+bench: bench-seed bench-p2pd bench-chunks
 
 bench-seed: install system-deps
 	$(PY) -m tests.bench.seed_throughput --out docs/benchmarks.md
+
+bench-p2pd: install system-deps
+	$(PY) -m tests.bench.p2pd_pull --out docs/benchmarks.md
+
+# Swarm chunk size: seed + 5 agents on 127.0.0.x, one 128 MiB blob, 256 KiB..16 MiB (< 8 min).
+bench-chunks: install
+	$(PY) -m tests.bench.chunk_size --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

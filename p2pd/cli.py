@@ -160,7 +160,11 @@ def _keygen(out: Path | None) -> int:
     if out is None:
         print(key)
         return 0
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:  # an existing key is never overwritten
+        print(f"p2pd: cannot create {out}: {exc.strerror}", file=sys.stderr)
+        return 1
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     print(f"wrote a new cluster key to {out}; copy it to every node (mode 0600)")

@@ -50,6 +50,8 @@ class AgentMetrics:
         self.peers_known = Gauge("p2pd_peers_known", "Live peers in the member table", registry=self.registry)
         self.peers_banned = Gauge("p2pd_peers_banned", "Peers banned for sending bad bytes",
                                   registry=self.registry)
+        self.peer_messages = Counter("p2pd_peer_messages", "Requests sent to other nodes, by kind "
+                                     "(announce, chunkmap, chunk)", ["kind"], registry=self.registry)
         self.leases = Counter("p2pd_leases", "Upstream leases this node was granted", registry=self.registry)
         self.uploads_refused = Counter("p2pd_peer_uploads_refused", "Peer chunk requests answered 429",
                                        registry=self.registry)

@@ -265,11 +265,15 @@ class BlobStore:
             raise StoreError(f"unreadable pins.json: {exc}") from exc
 
     def pin(self, digest: Digest) -> None:
+        # Another instance (``p2pd cache pin`` in another process) may have written pins.json
+        # since this one read it: start from the file, or its pins would be lost.
+        self._refresh_pins()
         self._pins.add(digest)
         self._save_pins()
 
     def unpin(self, digest: Digest) -> bool:
         """Removes a pin made with ``pin``; pins from the configuration stay."""
+        self._refresh_pins()
         if digest not in self._pins or digest in self._config_pins:
             return False
         self._pins.discard(digest)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import trio
@@ -111,7 +112,7 @@ async def main() -> dict[str, Any]:
         infos.append(_info(node, {"node": node, "port": str(port), "v": "1", "site": site}, port))
         async with trio.open_nursery() as nursery:
             for info in infos:
-                nursery.start_soon(trio.to_thread.run_sync, spoofer.register_service, info)
+                nursery.start_soon(partial(trio.to_thread.run_sync, spoofer.register_service, info))
         timings["spoofs_registered"] = time.monotonic() - start
 
         async with trio.open_nursery() as nursery:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Awaitable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from tests.harness.images import OciLayout
 
 # The registry name containerd sees in image references; p2pd maps it to an upstream with --upstream.
 NS = "seed.local:5000"
+# containerd has no pull timeout of its own: ctr is killed after this many seconds.
+CTR_TIMEOUT = 60.0
 
 
 def sha256(data: bytes) -> str:
@@ -105,8 +108,9 @@ async def get_blob_raw(client: httpx.AsyncClient, url: str) -> tuple[int, int | 
 
 def write_hosts(hosts_dir: Path, endpoint: str, server_url: str) -> Path:
     """``p2pd containerd-config`` for ``NS``: p2pd first, ``server_url`` last."""
-    status = p2pd.cli.main(["containerd-config", "--hosts-dir", str(hosts_dir), "--endpoint", endpoint,
-                            "--registry", f"{NS}={server_url}"])
+    status = p2pd.cli.main(
+        ["containerd-config", "--hosts-dir", str(hosts_dir), "--endpoint", endpoint, "--registry", f"{NS}={server_url}"]
+    )
     assert status == 0
     written = (hosts_dir / NS / "hosts.toml").read_text()
     assert f'server = "{server_url}"' in written and endpoint in written
@@ -119,5 +123,6 @@ def blob_sizes(layout: OciLayout, tag: str) -> dict[str, int]:
     return {d["digest"]: d["size"] for d in [manifest["config"], *manifest["layers"]]}
 
 
-async def pull(containerd: PrivateContainerd, ref: str, hosts: Path, *, timeout: float = 120) -> None:
-    await trio.to_thread.run_sync(partial(containerd.pull, ref, hosts_dir=hosts, timeout=timeout))
+def pull(containerd: PrivateContainerd, ref: str, hosts: Path, *, check: bool = True) -> Awaitable[Any]:
+    """``ctr images pull --hosts-dir`` in a worker thread; ctr is killed after ``CTR_TIMEOUT`` seconds."""
+    return trio.to_thread.run_sync(partial(containerd.pull, ref, hosts_dir=hosts, timeout=CTR_TIMEOUT, check=check))

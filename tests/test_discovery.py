@@ -168,7 +168,7 @@ class TrackerRig:
         await trio.testing.wait_all_tasks_blocked()
 
     def drain(self) -> list[tuple[str | None, str, bool]]:
-        out = []
+        out: list[tuple[str | None, str, bool]] = []
         while True:
             try:
                 s = self.recv.receive_nowait()
@@ -308,8 +308,10 @@ def no_zeroconf(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_run_mdns_rejects_bad_arguments(no_zeroconf: None, kwargs: dict[str, str]) -> None:
     send, _ = trio.open_memory_channel[Sighting](1)
     args = {"node_id": "node-a", "site": "s", "address": "127.0.0.1:7000", "interface": "127.0.0.1", **kwargs}
-    with pytest.raises(ValueError):
-        await run_mdns(send=send, **args)
+    with trio.fail_after(1), pytest.raises(ValueError):
+        await run_mdns(
+            send=send, node_id=args["node_id"], site=args["site"], address=args["address"], interface=args["interface"]
+        )
 
 
 def test_advertised_unspecified_host_means_the_interface() -> None:
@@ -441,7 +443,7 @@ async def test_run_dns_failures_are_retried_and_keep_addresses(
     async def next_round() -> list[tuple[str, bool]]:
         await trio.sleep(30)
         await trio.testing.wait_all_tasks_blocked()
-        out = []
+        out: list[tuple[str, bool]] = []
         while True:
             try:
                 s = recv.receive_nowait()
@@ -485,7 +487,7 @@ async def test_run_dns_address_shared_by_two_names_stays(
 @pytest.mark.parametrize("bad", ["peers.test:0", "peers.test:http", ":7000", "[::1", "[::1]x", "peers.test:99999"])
 async def test_run_dns_rejects_malformed_names(bad: str) -> None:
     send, _ = trio.open_memory_channel[Sighting](1)
-    with pytest.raises(ValueError):
+    with trio.fail_after(1), pytest.raises(ValueError):
         await run_dns([bad], 7000, send, interval=1)
 
 

@@ -30,11 +30,15 @@ pytestmark = [pytest.mark.root]
 
 @pytest.mark.slow
 async def test_pull_big_image_from_seed_through_p2pd(
-    tmp_path: Path, big_layout: OciLayout, seed_process: SeedProcess, containerd: PrivateContainerd,
+    tmp_path: Path,
+    big_layout: OciLayout,
+    seed_process: SeedProcess,
+    containerd: PrivateContainerd,
     nursery: trio.Nursery,
 ) -> None:
-    pushed = await trio.to_thread.run_sync(skopeo.copy, big_layout.ref("big"),
-                                           f"docker://{seed_process.host}/lab/big:latest")
+    pushed = await trio.to_thread.run_sync(
+        skopeo.copy, big_layout.ref("big"), f"docker://{seed_process.host}/lab/big:latest"
+    )
     sizes = blob_sizes(big_layout, "big")
     image_bytes = sum(sizes.values())
     assert max(sizes.values()) > 50 * MiB
@@ -56,7 +60,8 @@ async def test_pull_big_image_from_seed_through_p2pd(
     assert seed_sent - seed_sent_before == image_bytes
     assert await trio.to_thread.run_sync(containerd.unpack_check, ref) in ("run", "mount")
     out = await trio.to_thread.run_sync(
-        partial(containerd.run_container, ref, "/bin/sh", "-c", "wc -c < /data/big.bin"))
+        partial(containerd.run_container, ref, "/bin/sh", "-c", "wc -c < /data/big.bin")
+    )
     assert int(out.stdout) == 50 * MiB
 
     # Second, cold (for containerd) pull: p2pd answers from its cache; the seed sends nothing.
@@ -74,11 +79,15 @@ async def test_pull_big_image_from_seed_through_p2pd(
 
 @pytest.mark.slow
 async def test_pull_from_docker_registry_through_p2pd(
-    tmp_path: Path, busybox_layout: OciLayout, reference_registry: ReferenceRegistry,
-    containerd: PrivateContainerd, nursery: trio.Nursery,
+    tmp_path: Path,
+    busybox_layout: OciLayout,
+    reference_registry: ReferenceRegistry,
+    containerd: PrivateContainerd,
+    nursery: trio.Nursery,
 ) -> None:
-    pushed = await trio.to_thread.run_sync(skopeo.copy, busybox_layout.ref("busybox"),
-                                           f"docker://{reference_registry.host}/lab/busybox:latest")
+    pushed = await trio.to_thread.run_sync(
+        skopeo.copy, busybox_layout.ref("busybox"), f"docker://{reference_registry.host}/lab/busybox:latest"
+    )
     sizes = blob_sizes(busybox_layout, "busybox")
     image_bytes = sum(sizes.values())
     # A pass-through proxy in front of docker-registry counts every request, whoever sends it:

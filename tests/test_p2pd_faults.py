@@ -77,7 +77,9 @@ def client() -> httpx.AsyncClient:
 @pytest.mark.slow
 @pytest.mark.root
 async def test_pull_succeeds_via_server_when_p2pd_is_down(
-    tmp_path: Path, busybox_layout: OciLayout, reference_registry: ReferenceRegistry,
+    tmp_path: Path,
+    busybox_layout: OciLayout,
+    reference_registry: ReferenceRegistry,
     containerd: PrivateContainerd,
 ) -> None:
     pushed = await push_busybox(busybox_layout, reference_registry.url)
@@ -89,28 +91,29 @@ async def test_pull_succeeds_via_server_when_p2pd_is_down(
         with pytest.raises(httpx.ConnectError):
             await http.get(f"{endpoint}/v2/")
     hosts = write_hosts(tmp_path / "hosts", endpoint, reference_registry.url)
-    with trio.fail_after(60):
-        await pull(containerd, REF, hosts, timeout=50)
+    await pull(containerd, REF, hosts)
     assert containerd.image_digest(REF) == pushed
 
 
 @pytest.mark.slow
 @pytest.mark.root
 async def test_stale_tag_when_upstream_is_down(
-    tmp_path: Path, busybox_layout: OciLayout, reference_registry: ReferenceRegistry,
-    containerd: PrivateContainerd, nursery: trio.Nursery,
+    tmp_path: Path,
+    busybox_layout: OciLayout,
+    reference_registry: ReferenceRegistry,
+    containerd: PrivateContainerd,
+    nursery: trio.Nursery,
 ) -> None:
     pushed = await push_busybox(busybox_layout, reference_registry.url)
     # tag_ttl = 0: every pull asks the upstream what the tag points to.
     agent = await start_agent(nursery, agent_config(tmp_path, reference_registry.url, cache={"tag_ttl": 0}))
     hosts = write_hosts(tmp_path / "hosts", agent.info.url, reference_registry.url)
-    await pull(containerd, REF, hosts, timeout=60)
+    await pull(containerd, REF, hosts)
     assert agent_metric(agent, "p2pd_stale_tag_answers_total") == 0
 
     await trio.to_thread.run_sync(reference_registry.stop)  # upstream and containerd's server are gone
     await trio.to_thread.run_sync(containerd.remove_all)
-    with trio.fail_after(60):
-        await pull(containerd, REF, hosts, timeout=50)
+    await pull(containerd, REF, hosts)
     assert containerd.image_digest(REF) == pushed
     assert agent_metric(agent, "p2pd_stale_tag_answers_total") >= 1
     assert await trio.to_thread.run_sync(containerd.unpack_check, REF) in ("run", "mount")
@@ -123,10 +126,9 @@ async def test_stale_tag_when_upstream_is_down(
     assert response.status_code == 404
     assert response.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     started = time.monotonic()
-    result = await trio.to_thread.run_sync(
-        partial(containerd.pull, f"{NS}/lab/other:latest", hosts_dir=hosts, timeout=50, check=False))
+    result = await pull(containerd, f"{NS}/lab/other:latest", hosts, check=False)
     assert result.returncode != 0
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 20
 
 
 # ---- upstream transfers cut short -----------------------------------------------------------
@@ -135,7 +137,10 @@ async def test_stale_tag_when_upstream_is_down(
 @pytest.mark.slow
 @pytest.mark.root
 async def test_truncating_upstream_is_resumed_with_range(
-    tmp_path: Path, busybox_layout: OciLayout, registry_url: str, containerd: PrivateContainerd,
+    tmp_path: Path,
+    busybox_layout: OciLayout,
+    registry_url: str,
+    containerd: PrivateContainerd,
     nursery: trio.Nursery,
 ) -> None:
     pushed = await push_busybox(busybox_layout, registry_url)
@@ -145,8 +150,7 @@ async def test_truncating_upstream_is_resumed_with_range(
     proxy = await nursery.start(serve_faulty_proxy, registry_url, ProxyFaults(truncate_after=cut))
     agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
     hosts = write_hosts(tmp_path / "hosts", agent.info.url, registry_url)
-    with trio.fail_after(90):
-        await pull(containerd, REF, hosts, timeout=80)
+    await pull(containerd, REF, hosts)
     assert containerd.image_digest(REF) == pushed
     image_bytes = sum(sizes.values())
     assert agent_metric(agent, "p2pd_served_bytes_total") >= image_bytes
@@ -166,7 +170,9 @@ async def test_truncating_upstream_is_resumed_with_range(
 
 @pytest.mark.parametrize("upstream", ["seed-with-chunk-map", "docker-registry"])
 async def test_corrupt_upstream_never_yields_a_complete_wrong_blob(
-    tmp_path: Path, upstream: str, nursery: trio.Nursery,
+    tmp_path: Path,
+    upstream: str,
+    nursery: trio.Nursery,
 ) -> None:
     if upstream == "seed-with-chunk-map":
         registry_url, _ = await start_seed(nursery, tmp_path / "seed")
@@ -210,7 +216,10 @@ async def test_corrupt_upstream_never_yields_a_complete_wrong_blob(
 @pytest.mark.slow
 @pytest.mark.root
 async def test_pull_with_corrupt_upstream_does_not_hang(
-    tmp_path: Path, busybox_layout: OciLayout, registry_url: str, containerd: PrivateContainerd,
+    tmp_path: Path,
+    busybox_layout: OciLayout,
+    registry_url: str,
+    containerd: PrivateContainerd,
     nursery: trio.Nursery,
 ) -> None:
     pushed = await push_busybox(busybox_layout, registry_url)
@@ -218,10 +227,8 @@ async def test_pull_with_corrupt_upstream_does_not_hang(
     agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
     hosts = write_hosts(tmp_path / "hosts", agent.info.url, registry_url)  # server: the good upstream
     started = time.monotonic()
-    with trio.fail_after(60):
-        result = await trio.to_thread.run_sync(
-            partial(containerd.pull, REF, hosts_dir=hosts, timeout=50, check=False))
-    assert time.monotonic() - started < 50
+    result = await pull(containerd, REF, hosts, check=False)  # ctr is killed (an error) if it hangs
+    assert time.monotonic() - started < 30
     assert agent_metric(agent, "p2pd_verification_failures_total", source="upstream") >= 1
     if result.returncode == 0:
         assert containerd.image_digest(REF) == pushed
@@ -234,7 +241,9 @@ async def test_pull_with_corrupt_upstream_does_not_hang(
 
 @pytest.mark.parametrize("chunk_maps", [True, False], ids=["chunk-map", "no-chunk-map"])
 async def test_concurrent_readers_share_one_upstream_fetch(
-    tmp_path: Path, chunk_maps: bool, nursery: trio.Nursery,
+    tmp_path: Path,
+    chunk_maps: bool,
+    nursery: trio.Nursery,
 ) -> None:
     seed_url, seed = await start_seed(nursery, tmp_path / "seed")
     data = random_bytes(12 * MiB)
@@ -321,8 +330,13 @@ async def test_restart_resumes_the_partial_download(tmp_path: Path, nursery: tri
             with trio.fail_after(20):
                 status, _, body, complete = await get_blob_raw(http, agent.url + url_path)
         assert status == 200 and complete and body == data
+        # With the seed's chunk map the last chunk is released before the whole-digest check
+        # and the commit (rename into blobs/) that follow it.
+        blob_file = blobs_dir / digest[7:9] / digest[7:]
+        with trio.fail_after(10):
+            while partial_file.exists() or not blob_file.exists():  # noqa: ASYNC110 - another process
+                await trio.sleep(0.02)
         assert misnamed_blobs(blobs_dir) == []
-        assert not partial_file.exists()
         # The restarted agent asked only for what the partial file did not hold (whole
         # verified chunks are kept: at most one chunk is fetched again).
         resumed = proxy.blob_gets(digest)[gets_before_crash:]
@@ -360,7 +374,8 @@ async def test_stalled_upstream_stream_is_cut(tmp_path: Path, nursery: trio.Nurs
                         last_byte = trio.current_time()
         ended = trio.current_time()
     assert received == MiB  # the first chunk verified; the second never completed
-    assert stall_timeout * 0.9 <= ended - last_byte <= stall_timeout + 1.5, (last_byte - started, ended - started)
+    # The watchdog starts when p2pd hands over its last byte, a little before the client reads it.
+    assert stall_timeout * 0.5 <= ended - last_byte <= stall_timeout + 2.0, (last_byte - started, ended - started)
     assert agent_metric(agent, "p2pd_stalled_streams_total") == 1
 
 
@@ -370,7 +385,8 @@ async def test_silent_upstream_gives_a_fast_404(tmp_path: Path, nursery: trio.Nu
     proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(hang=True))
     first_byte_timeout = 1.0
     agent = await start_agent(
-        nursery, agent_config(tmp_path, proxy.url, fetch={"first_byte_timeout": first_byte_timeout}))
+        nursery, agent_config(tmp_path, proxy.url, fetch={"first_byte_timeout": first_byte_timeout})
+    )
     async with client() as http:
         started = time.monotonic()
         with trio.fail_after(10):
@@ -378,7 +394,7 @@ async def test_silent_upstream_gives_a_fast_404(tmp_path: Path, nursery: trio.Nu
         elapsed = time.monotonic() - started
     assert response.status_code == 404
     assert response.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
-    assert first_byte_timeout * 0.9 <= elapsed <= first_byte_timeout + 1.5
+    assert first_byte_timeout * 0.9 <= elapsed <= first_byte_timeout + 2.0
 
 
 # ---- requests a read-only mirror refuses ---------------------------------------------------------
@@ -386,20 +402,24 @@ async def test_silent_upstream_gives_a_fast_404(tmp_path: Path, nursery: trio.Nu
 _SOME_DIGEST = "sha256:" + "ab" * 32
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/v2/lab/x/blobs/uploads/"),
-    ("PATCH", "/v2/lab/x/blobs/uploads/0f1e2d"),
-    ("PUT", "/v2/lab/x/blobs/uploads/0f1e2d?digest=" + _SOME_DIGEST),
-    ("PUT", "/v2/lab/x/manifests/latest"),
-    ("DELETE", "/v2/lab/x/manifests/" + _SOME_DIGEST),
-    ("DELETE", "/v2/lab/x/blobs/" + _SOME_DIGEST),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/lab/x/blobs/uploads/"),
+        ("PATCH", "/v2/lab/x/blobs/uploads/0f1e2d"),
+        ("PUT", "/v2/lab/x/blobs/uploads/0f1e2d?digest=" + _SOME_DIGEST),
+        ("PUT", "/v2/lab/x/manifests/latest"),
+        ("DELETE", "/v2/lab/x/manifests/" + _SOME_DIGEST),
+        ("DELETE", "/v2/lab/x/blobs/" + _SOME_DIGEST),
+    ],
+)
 async def test_write_methods_are_refused(tmp_path: Path, method: str, path: str, nursery: trio.Nursery) -> None:
     agent = await start_agent(nursery, agent_config(tmp_path, "http://127.0.0.1:9"))
     async with client() as http:
         started = time.monotonic()
-        response = await http.request(method, agent.info.url + path, content=b'{"x": 1}',
-                                      headers={"Content-Type": "application/json"})
+        response = await http.request(
+            method, agent.info.url + path, content=b'{"x": 1}', headers={"Content-Type": "application/json"}
+        )
         assert time.monotonic() - started < 1.0
     assert response.status_code == 405
     assert response.headers["content-type"] == "application/json"
@@ -408,19 +428,25 @@ async def test_write_methods_are_refused(tmp_path: Path, method: str, path: str,
     assert agent_metric(agent, "p2pd_upstream_fetches_total") == 0
 
 
-@pytest.mark.parametrize(("path", "code"), [
-    ("/v2/Lab/X/manifests/latest", "NAME_INVALID"),
-    ("/v2/lab/x/manifests/-latest", "TAG_INVALID"),
-    ("/v2/lab/x/blobs/sha256:abc", "DIGEST_INVALID"),
-    ("/v2/lab/x/blobs/sha256:" + "AB" * 32, "DIGEST_INVALID"),
-    ("/v2/lab/x/manifests/sha256:" + "z" * 64, "DIGEST_INVALID"),
-    ("/v2/lab/x/blobs/md5:" + "ab" * 16, "UNSUPPORTED"),
-    ("/v2/lab/%2e%2e/blobs/" + _SOME_DIGEST, "NAME_INVALID"),
-    (f"/v2/lab/x/blobs/{_SOME_DIGEST}?ns=evil.example/path", "NAME_INVALID"),
-    ("/v2/lab/x/manifests/latest?ns=user@evil.example", "NAME_INVALID"),
-])
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/v2/Lab/X/manifests/latest", "NAME_INVALID"),
+        ("/v2/lab/x/manifests/-latest", "TAG_INVALID"),
+        ("/v2/lab/x/blobs/sha256:abc", "DIGEST_INVALID"),
+        ("/v2/lab/x/blobs/sha256:" + "AB" * 32, "DIGEST_INVALID"),
+        ("/v2/lab/x/manifests/sha256:" + "z" * 64, "DIGEST_INVALID"),
+        ("/v2/lab/x/blobs/md5:" + "ab" * 16, "UNSUPPORTED"),
+        ("/v2/lab/%2e%2e/blobs/" + _SOME_DIGEST, "NAME_INVALID"),
+        (f"/v2/lab/x/blobs/{_SOME_DIGEST}?ns=evil.example/path", "NAME_INVALID"),
+        ("/v2/lab/x/manifests/latest?ns=user@evil.example", "NAME_INVALID"),
+    ],
+)
 async def test_invalid_names_and_digests_are_400(
-    tmp_path: Path, path: str, code: str, nursery: trio.Nursery,
+    tmp_path: Path,
+    path: str,
+    code: str,
+    nursery: trio.Nursery,
 ) -> None:
     agent = await start_agent(nursery, agent_config(tmp_path, "http://127.0.0.1:9"))
     async with client() as http:

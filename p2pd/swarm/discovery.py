@@ -172,9 +172,9 @@ def _join_host_port(host: str, port: int) -> str:
 def _split_dns_name(value: str, default_port: int) -> tuple[str, int]:
     """``NAME``, ``NAME:PORT``, ``[V6]`` or ``[V6]:PORT`` (a bare IPv6 literal has no port)."""
     if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
+        host, bracket, rest = value[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
+        if not bracket or (rest and not rest.startswith(":")):
             raise ValueError(f"peer DNS name must be NAME or NAME:PORT, got {value!r}")
     elif value.count(":") == 1:
         host, _, port_text = value.partition(":")

@@ -53,6 +53,7 @@ log = logging.getLogger("p2pd.swarm")
 HOLDBACK = 1024 * 1024
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
+_LESSEE_LOOKAHEAD = 8  # chunks past the lease holder's verified prefix that may be asked of it
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
@@ -149,10 +150,19 @@ class Swarm:
         chosen = coordinators(str(digest), live, 1 + self.coordinator_backups)
         return [live[node] for node in chosen]
 
-    def announce_interval(self) -> float:
+    def announce_interval(self, *, leased: bool = False, starving: bool = False) -> float:
         # Small clusters refresh their view of each other's chunks often; large ones keep
-        # each coordinator's load near 100 announcements per second per hot digest.
-        return max(0.25, len(self.membership.live()) / 100.0)
+        # each coordinator's load near 100 announcements per second per hot digest. However
+        # large the cluster, a lease holder refreshes its lease well within the TTL (or a
+        # second node of its site would get it and fetch from the upstream too), and a node
+        # that got no chunk since its last announcement asks for fresh holders well before
+        # it gives up on its peers (``stuck_after``) and goes to the upstream itself.
+        interval = max(0.25, len(self.membership.live()) / 100.0)
+        if leased:
+            interval = min(interval, self.coordinator.lease_ttl / 3)
+        if starving:
+            interval = min(interval, self.stuck_after / 3)
+        return interval
 
     async def announce(self, message: Announce) -> Reply | None:
         """Sends ``message`` to the digest's coordinator (or its backups); None if none answer."""
@@ -160,6 +170,7 @@ class Swarm:
             if member.node_id == self.me.node_id:
                 return self.coordinator.announce(message, time.monotonic())
             self.messages_sent += 1
+            self.metrics.peer_messages.labels("announce").inc()
             try:
                 with trio.fail_after(self.peer_timeout):
                     reply = await self.client.announce(member.address, message)
@@ -233,18 +244,22 @@ class Swarm:
         """Fills ``transfer`` from peers and (when leased, or stuck) the upstream."""
         async with trio.open_nursery() as nursery:
             next_announce = 0.0
+            announced_at = time.monotonic()
             upstream_running = False
             while not transfer.have.is_full():
                 now = time.monotonic()
                 if now >= next_announce:
-                    reply = await self.announce(self._announcement(transfer, transfer.digest,
-                                                                   want_lease=not transfer.leased))
-                    next_announce = time.monotonic() + self.announce_interval()
+                    # The lease holder keeps asking for its lease too: a backup coordinator that
+                    # takes over (with no state) then learns who holds it.
+                    reply = await self.announce(self._announcement(transfer, transfer.digest, want_lease=True))
                     if reply is None:
                         log.warning("no coordinator reachable for %s; fetching from the upstream", transfer.digest)
                         transfer.leased = True
                     else:
                         self._absorb(transfer, reply)
+                    starving = transfer.last_progress <= announced_at
+                    announced_at = time.monotonic()
+                    next_announce = announced_at + self.announce_interval(leased=transfer.leased, starving=starving)
                 stuck = time.monotonic() - transfer.last_progress > self.stuck_after
                 if (transfer.leased or stuck) and not upstream_running:
                     if stuck and not transfer.leased:
@@ -286,9 +301,15 @@ class Swarm:
         lessee = transfer.lessee
         if (lessee and lessee != self.me.node_id and self.membership.is_usable(lessee)
                 and transfer.retry_at.get(lessee, 0.0) <= now):
-            # The lease holder is fetching everything: it will have any chunk soon, and its
-            # endpoint waits briefly for a chunk in flight.
-            sources[lessee] = Bitmap.full(transfer.count)
+            # The lease holder fetches in order: besides what it has, it will have the next
+            # few chunks soon, and its endpoint waits briefly for a chunk in flight. Asking it
+            # for chunks far ahead would only wait.
+            known = transfer.sources.get(lessee)
+            optimistic = Bitmap(transfer.count, known.to_bytes()) if known else Bitmap(transfer.count)
+            frontier = optimistic.prefix()
+            for index in range(frontier, min(transfer.count, frontier + _LESSEE_LOOKAHEAD)):
+                optimistic.set(index)
+            sources[lessee] = optimistic
         return sources
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
@@ -323,6 +344,7 @@ class Swarm:
             if address is None or not self.membership.is_usable(node):
                 continue
             self.messages_sent += 1
+            self.metrics.peer_messages.labels("chunkmap").inc()
             try:
                 with trio.fail_after(self.peer_timeout):
                     chunk_map = await self.client.chunk_map(address, transfer.digest)
@@ -341,6 +363,7 @@ class Swarm:
         offset, length = transfer.bounds(index)
         address = transfer.addresses.get(node)
         data = bytearray()
+        self.metrics.peer_messages.labels("chunk").inc()
         try:
             if address is None:
                 return
@@ -348,7 +371,7 @@ class Swarm:
                 async with self.client.open_range(address, transfer.digest, offset, offset + length - 1) as (
                         response, pieces):
                     have = parse_have(response)
-                    if have is not None and node != transfer.lessee:
+                    if have is not None:
                         with contextlib.suppress(ValueError):
                             transfer.sources[node] = Bitmap(transfer.count, have)
                     async for piece in pieces:

@@ -37,8 +37,17 @@ _BLOB_RE = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[a-z0-9]+:[a-zA-Z0-9=_
 _CHUNKS_RE = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[a-z0-9]+:[a-zA-Z0-9=_-]+)/chunks")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 # Hop-by-hop headers and the ones httpx or our server set themselves.
-_DROP_REQUEST = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te", "upgrade",
-                 "proxy-connection", "expect"}
+_DROP_REQUEST = {
+    "host",
+    "connection",
+    "keep-alive",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+}
 _DROP_RESPONSE = {"connection", "keep-alive", "content-length", "transfer-encoding", "date", "server"}
 _PIECE = 64 * 1024
 _MAX_REQUEST_BODY = 64 * 1024 * 1024
@@ -101,8 +110,11 @@ class FaultyProxy:
 
     def blob_gets(self, digest: str | None = None) -> list[ProxyRequest]:
         """The blob GETs seen so far (of one digest, when given)."""
-        return [r for r in self.requests
-                if r.route == "blob" and r.method == "GET" and (digest is None or r.path.endswith("/" + digest))]
+        return [
+            r
+            for r in self.requests
+            if r.route == "blob" and r.method == "GET" and (digest is None or r.path.endswith("/" + digest))
+        ]
 
     def blob_bytes(self, digest: str | None = None) -> int:
         """Blob body bytes sent to clients so far (of one digest, when given)."""
@@ -170,8 +182,9 @@ async def serve_faulty_proxy(
                 return Response(404, [("Content-Type", "text/plain")], b"404 page not found\n")
             body = await request.body.read(_MAX_REQUEST_BODY)
             headers = [(k, v) for k, v in request.headers.items() if k not in _DROP_REQUEST]
-            outgoing = client.build_request(request.method, upstream_url + request.target, headers=headers,
-                                            content=body or None)
+            outgoing = client.build_request(
+                request.method, upstream_url + request.target, headers=headers, content=body or None
+            )
             upstream = await client.send(outgoing, stream=True)
             seen.status = upstream.status_code
             response_headers = [(k, v) for k, v in upstream.headers.multi_items() if k.lower() not in _DROP_RESPONSE]
@@ -183,11 +196,16 @@ async def serve_faulty_proxy(
                 finally:
                     await upstream.aclose()
                 seen.body_bytes = len(data)
-                return Response(upstream.status_code, response_headers, data,
-                                content_length=length if request.method == "HEAD" else None)
+                return Response(
+                    upstream.status_code,
+                    response_headers,
+                    data,
+                    content_length=length if request.method == "HEAD" else None,
+                )
             span = _blob_span(upstream)
-            return Response(upstream.status_code, response_headers, _blob_body(upstream, span, faults, seen),
-                            content_length=length)
+            return Response(
+                upstream.status_code, response_headers, _blob_body(upstream, span, faults, seen), content_length=length
+            )
 
         async with trio.open_nursery() as nursery:
             info = await nursery.start(partial(serve_http, handle, "127.0.0.1", 0))
@@ -195,8 +213,9 @@ async def serve_faulty_proxy(
             task_status.started(state)
 
 
-async def _blob_body(upstream: httpx.Response, span: tuple[int, int] | None, faults: ProxyFaults,
-                     seen: ProxyRequest) -> AsyncIterator[bytes]:
+async def _blob_body(
+    upstream: httpx.Response, span: tuple[int, int] | None, faults: ProxyFaults, seen: ProxyRequest
+) -> AsyncIterator[bytes]:
     """The upstream body with the faults applied; always closes the upstream response."""
     start = trio.current_time()
     offset, size = span if span is not None else (0, 0)

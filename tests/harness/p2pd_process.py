@@ -76,8 +76,16 @@ class P2pdProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def _argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "p2pd", "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--data", str(self.data_dir)]
+        argv = [
+            sys.executable,
+            "-m",
+            "p2pd",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--data",
+            str(self.data_dir),
+        ]
         for upstream in self.upstreams:
             argv += ["--upstream", upstream]
         if self.config_path is not None:

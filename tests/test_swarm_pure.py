@@ -1,0 +1,646 @@
+"""The swarm's pure core, without trio or sockets: rendezvous hashing, HMAC authentication,
+msgpack messages, chunk planning and the coordinator's soft state.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import hmac
+import os
+import random
+import stat
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import p2pd.cli
+from p2pd.oci.digest import Digest
+from p2pd.swarm import auth, coordinator, messages, planning, rendezvous
+from p2pd.swarm.auth import AuthError
+from p2pd.swarm.coordinator import CoordinatorState
+from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, Reply, decode, encode
+from p2pd.swarm.planning import Bitmap, ChunkRequest, plan_requests
+
+
+def _digest(name: str) -> Digest:
+    return Digest("sha256", hashlib.sha256(name.encode()).hexdigest())
+
+
+# ---- layering -------------------------------------------------------------------------
+
+_PURE = (rendezvous, auth, messages, planning, coordinator)
+_IO_MODULES = {"trio", "anyio", "asyncio", "httpx", "httpcore", "h11", "zeroconf", "socket", "ssl", "os",
+               "subprocess", "threading", "select", "selectors", "p2pd.httpd", "p2pd.store", "p2pd.upstream"}
+
+
+@pytest.mark.parametrize("module", _PURE, ids=lambda m: m.__name__)
+def test_pure_swarm_modules_import_no_io(module: object) -> None:
+    path = Path(module.__file__)  # type: ignore[attr-defined]
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imported.add(node.module)
+    bad = {name for name in imported if name in _IO_MODULES or name.split(".")[0] in _IO_MODULES}
+    assert not bad, f"{path.name} imports {bad}"
+
+
+# ---- rendezvous -----------------------------------------------------------------------
+
+_MEMBERS = [f"node-{i:03d}" for i in range(50)]
+_KEYS = [str(_digest(f"blob-{i}")) for i in range(10_000)]
+
+
+@pytest.fixture(scope="module")
+def placement() -> dict[str, list[str]]:
+    """Each key's full ranking over the 50 members plus one newcomer (computed once)."""
+    members = [*_MEMBERS, "node-new"]
+    return {key: rendezvous.rank(key, members) for key in _KEYS}
+
+
+def _top(ranking: list[str], members: set[str]) -> str:
+    return next(node for node in ranking if node in members)
+
+
+def test_rendezvous_join_moves_about_one_nth_and_only_to_the_newcomer(placement: dict[str, list[str]]) -> None:
+    before_members, after_members = set(_MEMBERS), {*_MEMBERS, "node-new"}
+    moved = 0
+    for key, ranking in placement.items():
+        before, after = _top(ranking, before_members), _top(ranking, after_members)
+        if before != after:
+            moved += 1
+            assert after == "node-new", "a join may only move keys to the node that joined"
+    expected = len(_KEYS) / len(after_members)  # ~196
+    print(f"join: {moved} of {len(_KEYS)} coordinators moved (1/N = {expected:.0f})")
+    assert 0.6 * expected <= moved <= 1.4 * expected
+
+
+def test_rendezvous_leave_moves_exactly_the_leavers_keys(placement: dict[str, list[str]]) -> None:
+    members = set(_MEMBERS)
+    owners = Counter(_top(ranking, members) for ranking in placement.values())
+    leaver = "node-017"
+    after_members = members - {leaver}
+    moved = 0
+    for ranking in placement.values():
+        before, after = _top(ranking, members), _top(ranking, after_members)
+        if before != after:
+            moved += 1
+            assert before == leaver, "a leave may only move the keys the leaver coordinated"
+            # The takeover is the first backup: ranking position 2 among the old members.
+            assert after == [n for n in ranking if n in members][1]
+    assert moved == owners[leaver]
+    expected = len(_KEYS) / len(members)  # 200
+    print(f"leave: {moved} of {len(_KEYS)} coordinators moved (1/N = {expected:.0f})")
+    assert 0.6 * expected <= moved <= 1.4 * expected
+    # The load is spread: no member coordinates more than twice its share.
+    assert max(owners.values()) < 2 * expected and len(owners) == len(members)
+
+
+def test_rendezvous_all_nodes_agree_whatever_their_member_order() -> None:
+    rng = random.Random(7)
+    for key in _KEYS[:200]:
+        views = []
+        for _ in range(5):
+            members = list(_MEMBERS)
+            rng.shuffle(members)
+            views.append(rendezvous.coordinators(key, members + members[:3], 3))  # duplicates too
+        assert all(view == views[0] for view in views)
+
+
+def test_rendezvous_coordinators_and_backups() -> None:
+    key = _KEYS[0]
+    ranking = rendezvous.rank(key, _MEMBERS)
+    assert sorted(ranking) == sorted(_MEMBERS)
+    chosen = rendezvous.coordinators(key, _MEMBERS, 3)
+    assert chosen == ranking[:3] and len(set(chosen)) == 3
+    assert [rendezvous.score(key, n) for n in chosen] == sorted((rendezvous.score(key, n) for n in chosen),
+                                                                 reverse=True)
+    assert rendezvous.coordinators(key, ["a", "b"], 5) == rendezvous.rank(key, ["a", "b"])
+    assert rendezvous.coordinators(key, [], 3) == []
+    assert rendezvous.coordinators(key, _MEMBERS, 0) == []
+    # When the coordinator leaves, the old backups become the new coordinator and first backup.
+    survivors = [n for n in _MEMBERS if n != chosen[0]]
+    assert rendezvous.coordinators(key, survivors, 2) == chosen[1:3]
+    # The weight depends on both the key and the node.
+    assert rendezvous.score(key, "a") != rendezvous.score(_KEYS[1], "a")
+
+
+# ---- auth -----------------------------------------------------------------------------
+
+KEY = bytes(range(32))
+NOW = 1_800_000_000.0
+
+
+def _signed_request(**overrides: object) -> dict[str, object]:
+    fields: dict[str, object] = {"method": "POST", "target": "/p2p/v1/announce", "node_id": "node-a",
+                                 "timestamp": NOW, "body": b"hello"}
+    fields["signature"] = auth.sign_request(KEY, str(fields["method"]), str(fields["target"]),
+                                            str(fields["node_id"]), float(fields["timestamp"]),  # type: ignore[arg-type]
+                                            bytes(fields["body"]))  # type: ignore[arg-type]
+    fields.update(overrides)
+    return fields
+
+
+def _verify_request(fields: dict[str, object], *, key: bytes = KEY, now: float = NOW) -> None:
+    auth.verify_request(key, str(fields["method"]), str(fields["target"]), str(fields["node_id"]),
+                        str(int(fields["timestamp"])), str(fields["signature"]), now,  # type: ignore[call-overload]
+                        bytes(fields["body"]))  # type: ignore[arg-type]
+
+
+def test_signed_request_verifies() -> None:
+    _verify_request(_signed_request())
+    _verify_request(_signed_request(), now=NOW + auth.MAX_SKEW - 1)
+    _verify_request(_signed_request(), now=NOW - auth.MAX_SKEW + 1)
+    # The method is case-insensitive (HTTP methods are upper case on the wire anyway).
+    _verify_request(_signed_request(method="post"))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("method", "GET"),
+    ("target", "/p2p/v1/announce?x=1"),
+    ("target", "/p2p/v1/hello"),
+    ("node_id", "node-b"),
+    ("body", b"hellO"),
+    ("body", b""),
+    ("timestamp", NOW + 1),
+    ("signature", "00" * 32),
+    ("signature", ""),
+])
+def test_tampered_request_is_refused(field: str, value: object) -> None:
+    with pytest.raises(AuthError):
+        _verify_request(_signed_request(**{field: value}))
+
+
+def test_replay_outside_the_window_and_bad_timestamps_are_refused() -> None:
+    fields = _signed_request()
+    for now in (NOW + auth.MAX_SKEW + 1, NOW - auth.MAX_SKEW - 1, NOW + 3600):
+        with pytest.raises(AuthError, match="skew"):
+            _verify_request(fields, now=now)
+    for bad in ("", "soon", "1.5e9", None):
+        with pytest.raises(AuthError, match="timestamp"):
+            auth.verify_request(KEY, "POST", "/p2p/v1/announce", "node-a", bad, str(fields["signature"]),  # type: ignore[arg-type]
+                                NOW, b"hello")
+
+
+def test_wrong_key_is_refused() -> None:
+    other = auth.parse_key(auth.generate_key())
+    with pytest.raises(AuthError):
+        _verify_request(_signed_request(), key=other)
+    signature = auth.sign_response(other, "/p2p/v1/hello", 200, "node-a", NOW, b"x")
+    with pytest.raises(AuthError):
+        auth.verify_response(KEY, "/p2p/v1/hello", 200, "node-a", str(int(NOW)), signature, NOW, b"x")
+
+
+def test_signed_response_verifies_and_tampering_is_refused() -> None:
+    target, body = "/p2p/v1/chunkmap/" + str(_digest("x")), b"\x81\xa1a\x01"
+    signature = auth.sign_response(KEY, target, 200, "node-a", NOW, body)
+    auth.verify_response(KEY, target, 200, "node-a", str(int(NOW)), signature, NOW + 5, body)
+    tampered = [
+        (target + "x", 200, "node-a", NOW, body),
+        (target, 206, "node-a", NOW, body),
+        (target, 200, "node-b", NOW, body),
+        (target, 200, "node-a", NOW - 1, body),
+        (target, 200, "node-a", NOW, body + b"\x00"),
+    ]
+    for t, status, node, timestamp, data in tampered:
+        with pytest.raises(AuthError):
+            auth.verify_response(KEY, t, status, node, str(int(timestamp)), signature, NOW, data)
+    with pytest.raises(AuthError, match="skew"):
+        auth.verify_response(KEY, target, 200, "node-a", str(int(NOW)), signature, NOW + 1000, body)
+    # A request signature is not a response signature (no reflection between the two).
+    request_signature = auth.sign_request(KEY, "GET", target, "node-a", NOW)
+    with pytest.raises(AuthError):
+        auth.verify_response(KEY, target, 200, "node-a", str(int(NOW)), request_signature, NOW, b"")
+
+
+def test_signatures_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def spy(a: str, b: str) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    fields = _signed_request()
+    _verify_request(fields)
+    with pytest.raises(AuthError):
+        _verify_request(_signed_request(signature="ab" * 32))
+    signature = auth.sign_response(KEY, "/t", 200, "n", NOW, b"")
+    auth.verify_response(KEY, "/t", 200, "n", str(int(NOW)), signature, NOW, b"")
+    assert [b for _a, b in calls] == [fields["signature"], "ab" * 32, signature]
+    # And no plain equality on signatures anywhere in the module.
+    source = Path(auth.__file__).read_text()
+    assert "signature ==" not in source and "== signature" not in source
+
+
+def test_key_parsing() -> None:
+    key = auth.generate_key()
+    assert len(key) == 2 * auth.KEY_BYTES and bytes.fromhex(key)
+    assert auth.generate_key() != key
+    assert auth.parse_key(f"  {key}\n") == bytes.fromhex(key)
+    assert auth.parse_key("ab" * 64) == b"\xab" * 64  # longer keys are fine
+    for bad in ("", "ab" * 31, "zz" * 32, "abc" + "0" * 62, key[:-1], "0x" + key[2:], "é" * 64):
+        with pytest.raises(AuthError):
+            auth.parse_key(bad)
+
+
+def test_keygen_writes_a_private_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cluster.key"
+    old_umask = os.umask(0)  # even a permissive umask must not widen the mode
+    try:
+        assert p2pd.cli.main(["keygen", "--out", str(out)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    key = out.read_text()
+    assert len(auth.parse_key(key)) == auth.KEY_BYTES
+    assert key.strip() not in capsys.readouterr().out  # the secret is not echoed
+    # An existing key is never overwritten.
+    assert p2pd.cli.main(["keygen", "--out", str(out)]) != 0
+    assert out.read_text() == key
+    # Without --out it prints one.
+    assert p2pd.cli.main(["keygen"]) == 0
+    assert len(auth.parse_key(capsys.readouterr().out)) == auth.KEY_BYTES
+
+
+# ---- messages -------------------------------------------------------------------------
+
+DIGEST = _digest("layer")
+
+
+def _announce(**overrides: object) -> Announce:
+    fields: dict[str, object] = dict(digest=DIGEST, node="node-a", address="127.0.0.10:7000", site="rack-1",
+                                     size=5 * 2**20, chunk_size=2**20, complete=False, have=b"\xa8",
+                                     want_lease=True, gone=False)
+    fields.update(overrides)
+    return Announce(**fields)  # type: ignore[arg-type]
+
+
+def test_messages_round_trip() -> None:
+    for message in (_announce(), _announce(complete=True, have=None, size=None, want_lease=False),
+                    _announce(gone=True, have=None)):
+        assert decode(encode(message)) == message
+    reply = Reply((PeerInfo("node-b", "127.0.0.11:7000", "rack-1", True, None),
+                   PeerInfo("node-c", "127.0.0.12:7000", "rack-2", False, b"\x80")),
+                  "node-b", "127.0.0.11:7000", False, 15.0)
+    assert decode(encode(reply)) == reply
+    empty = Reply((), None, None, True, 2)
+    assert decode(encode(empty)) == Reply((), None, None, True, 2.0)
+    full = Reply(tuple(PeerInfo(f"n{i}", f"127.0.0.1:{i + 1}", "s", True, None) for i in range(MAX_HOLDERS)),
+                 None, None, False, 1.0)
+    assert decode(encode(full)) == full
+
+
+def _announce_dict(**overrides: object) -> dict[str, object]:
+    body: dict[str, object] = {"t": "announce", "digest": str(DIGEST), "node": "n", "address": "a:1", "site": "s",
+                               "size": 10, "chunk_size": 4, "complete": False, "have": b"\x00",
+                               "want_lease": False, "gone": False}
+    body.update(overrides)
+    return body
+
+
+def _reply_dict(**overrides: object) -> dict[str, object]:
+    body: dict[str, object] = {"t": "reply", "holders": [], "lease_holder": None, "lease_address": None,
+                               "granted": False, "lease_ttl": 15.0}
+    body.update(overrides)
+    return body
+
+
+_HOLDER = {"node": "n", "address": "a:1", "site": "s", "complete": True, "have": None}
+
+MALFORMED = [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\xc1", id="reserved-byte"),
+    pytest.param(b"\x92\x01", id="truncated"),
+    pytest.param(msgpack.packb(_announce_dict()) + b"\x00", id="trailing-bytes"),
+    pytest.param(b"not msgpack at all, just text", id="text"),
+    pytest.param(msgpack.packb([1, 2, 3]), id="not-a-map"),
+    pytest.param(msgpack.packb("announce"), id="a-string"),
+    pytest.param(msgpack.packb({"t": "hello"}), id="unknown-type"),
+    pytest.param(msgpack.packb({"x": 1}), id="no-type"),
+    pytest.param(msgpack.packb({1: 2}, strict_types=False), id="int-keys"),
+    pytest.param(msgpack.packb(_announce_dict(size="10")), id="size-str"),
+    pytest.param(msgpack.packb(_announce_dict(size=-1)), id="size-negative"),
+    pytest.param(msgpack.packb(_announce_dict(size=True)), id="size-bool"),
+    pytest.param(msgpack.packb(_announce_dict(chunk_size=0)), id="chunk-size-zero"),
+    pytest.param(msgpack.packb(_announce_dict(chunk_size=1.5)), id="chunk-size-float"),
+    pytest.param(msgpack.packb(_announce_dict(chunk_size=None)), id="chunk-size-missing"),
+    pytest.param(msgpack.packb(_announce_dict(complete=1)), id="flag-int"),
+    pytest.param(msgpack.packb(_announce_dict(gone="yes")), id="flag-str"),
+    pytest.param(msgpack.packb(_announce_dict(digest="sha256:1234")), id="bad-digest"),
+    pytest.param(msgpack.packb(_announce_dict(digest=5)), id="digest-int"),
+    pytest.param(msgpack.packb(_announce_dict(node="")), id="empty-node"),
+    pytest.param(msgpack.packb(_announce_dict(node="x" * 256)), id="long-node"),
+    pytest.param(msgpack.packb(_announce_dict(address=["a"])), id="address-list"),
+    pytest.param(msgpack.packb(_announce_dict(site=None)), id="site-missing"),
+    pytest.param(msgpack.packb(_announce_dict(have="0000")), id="have-str"),
+    pytest.param(msgpack.packb(_announce_dict(have=b"\x00" * (messages.MAX_MESSAGE_BYTES // 8 + 1))),
+                 id="have-too-large"),
+    pytest.param(msgpack.packb(_reply_dict(holders={})), id="holders-map"),
+    pytest.param(msgpack.packb(_reply_dict(holders=[_HOLDER] * (MAX_HOLDERS + 1))), id="too-many-holders"),
+    pytest.param(msgpack.packb(_reply_dict(holders=[1])), id="holder-int"),
+    pytest.param(msgpack.packb(_reply_dict(holders=[{**_HOLDER, "complete": None}])), id="holder-complete"),
+    pytest.param(msgpack.packb(_reply_dict(holders=[{**_HOLDER, "node": 7}])), id="holder-node"),
+    pytest.param(msgpack.packb(_reply_dict(granted=1)), id="granted-int"),
+    pytest.param(msgpack.packb(_reply_dict(lease_ttl="15")), id="ttl-str"),
+    pytest.param(msgpack.packb(_reply_dict(lease_ttl=True)), id="ttl-bool"),
+    pytest.param(msgpack.packb(_reply_dict(lease_holder="")), id="lease-holder-empty"),
+    pytest.param(msgpack.packb(_reply_dict(lease_address=3)), id="lease-address-int"),
+    pytest.param(msgpack.packb(list(range(100_000))), id="huge-array"),
+    pytest.param(msgpack.packb({str(i): i for i in range(1000)}), id="huge-map"),
+    pytest.param(b"\x91" * 5000 + b"\x00", id="deep-nesting"),
+    pytest.param(b"\xdd\xff\xff\xff\xff", id="array-claims-4g-items"),
+    pytest.param(b"\xc6\xff\xff\xff\xff", id="bin-claims-4g-bytes"),
+    pytest.param(msgpack.packb(msgpack.ExtType(1, b"x")), id="ext-type"),
+    pytest.param(b"\x00" * (messages.MAX_MESSAGE_BYTES + 1), id="too-large"),
+]
+
+
+@pytest.mark.parametrize("data", MALFORMED)
+def test_malformed_messages_raise_message_error(data: bytes) -> None:
+    with pytest.raises(MessageError):
+        decode(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=512),
+    st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+                 | st.binary(max_size=20),
+                 lambda children: st.lists(children, max_size=5)
+                 | st.dictionaries(st.sampled_from(sorted(_announce_dict()) + sorted(_reply_dict())), children,
+                                   max_size=8),
+                 max_leaves=30).map(lambda obj: msgpack.packb(obj)),
+    st.fixed_dictionaries({k: st.sampled_from([v, None, 0, "x", b"x", [], {}, True, -1, 2.5])
+                           for k, v in _announce_dict().items()}).map(msgpack.packb),
+    st.fixed_dictionaries({k: st.sampled_from([v, None, 0, "x", b"x", [], [_HOLDER], {}, True, -1, 2.5])
+                           for k, v in _reply_dict().items()}).map(msgpack.packb),
+))
+def test_decode_never_raises_anything_but_message_error(data: bytes) -> None:
+    try:
+        message = decode(data)
+    except MessageError:
+        return
+    assert isinstance(message, Announce | Reply)
+    assert decode(encode(message)) == message
+
+
+# ---- planning: bitmaps ----------------------------------------------------------------
+
+def test_bitmap_operations() -> None:
+    bitmap = Bitmap(11)
+    assert bitmap.to_bytes() == b"\x00\x00" and bitmap.cardinality() == 0 and not bitmap.is_full()
+    for index in (0, 1, 2, 5, 10):
+        bitmap.set(index)
+    bitmap.set(5)  # idempotent
+    assert bitmap.indexes() == [0, 1, 2, 5, 10]
+    assert bitmap.cardinality() == 5 and bitmap.prefix() == 3
+    assert bitmap.to_bytes() == bytes([0b11100100, 0b00100000])
+    assert 5 in bitmap and 4 not in bitmap and 11 not in bitmap and -1 not in bitmap and "5" not in bitmap
+    assert Bitmap(11, bitmap.to_bytes()) == bitmap and Bitmap(11) != bitmap and Bitmap(12) != Bitmap(11)
+    with pytest.raises(IndexError):
+        bitmap.set(11)
+    with pytest.raises(IndexError):
+        bitmap.set(-1)
+    with pytest.raises(ValueError):
+        Bitmap(11, b"\x00")  # wrong length for 11 chunks
+    with pytest.raises(ValueError):
+        Bitmap(-1)
+    # Bits beyond the count are cleared, so a peer cannot claim chunks that do not exist.
+    padded = Bitmap(11, b"\xff\xff")
+    assert padded.is_full() and padded.cardinality() == 11 and padded.to_bytes() == b"\xff\xe0"
+    full = Bitmap.full(11)
+    assert full == padded and full.prefix() == 11 and full.indexes() == list(range(11))
+    empty = Bitmap(0)
+    assert empty.is_full() and empty.to_bytes() == b"" and Bitmap.full(0) == empty
+    assert repr(bitmap) == "Bitmap(5/11)"
+
+
+# ---- planning: rarest first, randomness, caps, locality, fallback ---------------------
+
+def _bitmap(count: int, indexes: list[int]) -> Bitmap:
+    bitmap = Bitmap(count)
+    for index in indexes:
+        bitmap.set(index)
+    return bitmap
+
+
+def test_rarest_chunks_are_requested_first() -> None:
+    # Chunk 0 is held by 4 sources, chunk 1 by 3, chunk 2 by 2, chunk 3 by 1 (and chunk 4 by nobody).
+    sources = {f"p{i}": _bitmap(5, [c for c in range(4) if c < 4 - i]) for i in range(4)}
+    plan = plan_requests(range(5), sources, busy={}, max_per_source=10, limit=10, rng=random.Random(1))
+    assert [r.index for r in plan] == [0, 1, 2, 3][::-1]
+    assert plan[0] == ChunkRequest(3, "p0")  # the only holder of chunk 3
+    assert all(r.index in sources[r.source] for r in plan)
+    # A chunk nobody has is not planned, and the limit cuts the least rare ones.
+    assert [r.index for r in plan_requests(range(5), sources, busy={}, max_per_source=10, limit=2,
+                                           rng=random.Random(1))] == [3, 2]
+
+
+def test_equally_rare_chunks_and_sources_are_chosen_at_random() -> None:
+    sources = {f"p{i}": Bitmap.full(32) for i in range(4)}
+
+    def plan(seed: int) -> list[ChunkRequest]:
+        return plan_requests(range(32), sources, busy={}, max_per_source=2, limit=8, rng=random.Random(seed))
+
+    assert plan(3) == plan(3)  # a seeded rng makes it reproducible
+    firsts = Counter(plan(seed)[0].index for seed in range(400))
+    assert len(firsts) >= 25, "every equally rare chunk should come first sometimes"
+    assert max(firsts.values()) < 40
+    chosen = Counter(request.source for seed in range(100) for request in plan(seed))
+    assert set(chosen) == set(sources) and all(count == 200 for count in chosen.values())  # 2 each, every time
+
+
+def test_per_source_caps_and_busy_requests_are_respected() -> None:
+    sources = {"a": Bitmap.full(20), "b": Bitmap.full(20), "c": Bitmap.full(20)}
+    plan = plan_requests(range(20), sources, busy={"a": 1, "c": 2}, max_per_source=2, limit=20,
+                         rng=random.Random(5))
+    per_source = Counter(r.source for r in plan)
+    assert per_source == {"a": 1, "b": 2}
+    assert len({r.index for r in plan}) == len(plan)  # never the same chunk twice
+    assert plan_requests(range(20), sources, busy={"a": 2, "b": 2, "c": 2}, max_per_source=2, limit=20) == []
+    assert len(plan_requests(range(20), sources, busy={}, max_per_source=2, limit=4, rng=random.Random(0))) == 4
+    assert plan_requests([], sources, busy={}, max_per_source=2, limit=4) == []
+    assert plan_requests(range(20), {}, busy={}, max_per_source=2, limit=4) == []
+    # Sources are balanced: the least loaded holder of a chunk is picked.
+    balanced = plan_requests(range(6), sources, busy={}, max_per_source=2, limit=6, rng=random.Random(2))
+    assert Counter(r.source for r in balanced) == {"a": 2, "b": 2, "c": 2}
+
+
+def test_same_site_sources_are_preferred() -> None:
+    sources = {"near": Bitmap.full(10), "far1": Bitmap.full(10), "far2": Bitmap.full(10),
+               "near-partial": _bitmap(10, [7])}
+    for seed in range(50):
+        plan = plan_requests(range(10), sources, busy={}, max_per_source=2, limit=6,
+                             preferred=["near", "near-partial"], rng=random.Random(seed))
+        by_source = Counter(r.source for r in plan)
+        # Near sources get every request they can take before any far source gets one.
+        assert by_source["near"] == 2
+        assert by_source["far1"] + by_source["far2"] == 6 - 2 - by_source["near-partial"]
+        assert all(r.index == 7 for r in plan if r.source == "near-partial")
+    # A chunk only a far source has still comes from there.
+    plan = plan_requests([3], {"far": Bitmap.full(10), "near": _bitmap(10, [1])}, busy={}, max_per_source=2,
+                         limit=4, preferred=["near"], rng=random.Random(0))
+    assert plan == [ChunkRequest(3, "far")]
+
+
+def test_fallback_source_is_used_only_for_chunks_nobody_else_has() -> None:
+    # The lease holder ("lessee") will have everything; peers hold chunks 0..3.
+    sources = {"lessee": Bitmap.full(8), "p1": _bitmap(8, [0, 1, 2, 3]), "p2": _bitmap(8, [0, 1, 2, 3])}
+    for seed in range(50):
+        plan = plan_requests(range(8), sources, busy={}, max_per_source=8, limit=8, fallback=["lessee"],
+                             rng=random.Random(seed))
+        assert len(plan) == 8
+        for request in plan:
+            if request.index < 4:
+                assert request.source in ("p1", "p2")
+            else:
+                assert request.source == "lessee"
+    # Even when the other holders are at their cap, the fallback is spared for chunks they have.
+    plan = plan_requests(range(8), sources, busy={"p1": 2, "p2": 2}, max_per_source=2, limit=8,
+                         fallback=["lessee"], rng=random.Random(0))
+    assert sorted(r.index for r in plan) == [4, 5] and {r.source for r in plan} == {"lessee"}
+    # Rarity ignores the fallback: chunks only it has count as the rarest.
+    plan = plan_requests(range(8), sources, busy={}, max_per_source=8, limit=3, fallback=["lessee"],
+                         rng=random.Random(0))
+    assert all(r.index >= 4 for r in plan)
+
+
+# ---- coordinator ----------------------------------------------------------------------
+
+TTL = 15.0
+
+
+def _node_announce(node: str, *, site: str = "s1", have: bytes | None = b"\x00", complete: bool = False,
+                   want_lease: bool = True, gone: bool = False, digest: Digest = DIGEST) -> Announce:
+    return Announce(digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete,
+                    None if complete else have, want_lease, gone)
+
+
+def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    replies = {f"n{i}": state.announce(_node_announce(f"n{i}"), 100.0) for i in range(50)}
+    granted = [node for node, reply in replies.items() if reply.granted]
+    assert granted == ["n0"]
+    assert all(reply.lease_holder == "n0" and reply.lease_address == "n0:7000" for reply in replies.values())
+    assert all(reply.lease_ttl == TTL for reply in replies.values())
+    # Every later requester (and a repeat from the holder) sees the same single lease.
+    for step in range(1, 10):
+        for node in ("n0", "n7", "n49"):
+            reply = state.announce(_node_announce(node), 100.0 + step)
+            assert reply.lease_holder == "n0" and reply.granted == (node == "n0")
+    assert state.leases_granted == 1
+    # Holders come back in the reply (not the asker itself).
+    reply = state.announce(_node_announce("n3"), 111.0)
+    assert {p.node for p in reply.holders} == {f"n{i}" for i in range(50)} - {"n3"}
+
+
+def test_lease_moves_after_expiry_when_its_holder_stops_announcing() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_node_announce("a"), 0.0).granted
+    # The holder keeps announcing: the lease stays, however long the fetch takes.
+    for t in range(10, 100, 10):
+        assert state.announce(_node_announce("a", want_lease=False), float(t)).lease_holder == "a"
+        assert not state.announce(_node_announce("b"), t + 0.5).granted
+    # The holder dies after its announcement at t=90: the lease is its until 90 + TTL.
+    assert state.announce(_node_announce("b"), 90 + TTL - 0.01).lease_holder == "a"
+    reply = state.announce(_node_announce("b"), 90 + TTL + 0.01)
+    assert reply.granted and reply.lease_holder == "b"
+    assert state.announce(_node_announce("c"), 106.0).lease_holder == "b"
+    assert state.leases_granted == 2
+
+
+def test_no_lease_when_the_site_already_has_a_complete_copy() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    state.announce(_node_announce("done", complete=True), 0.0)
+    reply = state.announce(_node_announce("x"), 1.0)
+    assert not reply.granted and reply.lease_holder is None
+    assert [p.node for p in reply.holders] == ["done"] and reply.holders[0].complete
+    # When the lessee completes, its lease ends and nobody else in the site gets one.
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_node_announce("a"), 0.0).granted
+    reply = state.announce(_node_announce("a", complete=True, want_lease=False), 5.0)
+    assert reply.lease_holder is None
+    assert not state.announce(_node_announce("b"), 6.0).granted
+
+
+def test_each_site_gets_its_own_lease() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_node_announce("a1", site="east"), 0.0).granted
+    assert not state.announce(_node_announce("a2", site="east"), 0.0).granted
+    assert state.announce(_node_announce("b1", site="west"), 0.0).granted
+    assert state.announce(_node_announce("a1", site="east", complete=True), 1.0).lease_holder is None
+    # A complete copy in the east does not stop the west (or a third site) from fetching once.
+    assert state.announce(_node_announce("c1", site="north"), 2.0).granted
+    reply = state.announce(_node_announce("b2", site="west"), 2.0)
+    assert not reply.granted and reply.lease_holder == "b1"
+    # Holders of the asker's site come first, complete ones first within a site.
+    assert [p.site for p in reply.holders][:1] == ["west"]
+    east = state.announce(_node_announce("a3", site="east"), 3.0)
+    assert [p.node for p in east.holders][:2] == ["a1", "a2"]
+    assert state.leases_granted == 3
+
+
+def test_gone_removes_holder_and_its_lease() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_node_announce("a"), 0.0).granted
+    state.announce(_node_announce("b"), 0.0)
+    reply = state.announce(_node_announce("a", gone=True, have=None), 1.0)
+    assert not reply.granted
+    reply = state.announce(_node_announce("b"), 1.5)
+    assert reply.granted and reply.lease_holder == "b"  # no need to wait for the TTL
+    assert "a" not in {p.node for p in reply.holders}
+    # Gone from a complete holder lets the site fetch again.
+    state.announce(_node_announce("b", complete=True), 2.0)
+    assert not state.announce(_node_announce("c"), 3.0).granted
+    state.announce(_node_announce("b", gone=True, have=None), 4.0)
+    assert state.announce(_node_announce("c"), 5.0).granted
+    # Gone never grants, even with want_lease.
+    assert not CoordinatorState().announce(_node_announce("z", gone=True, have=None), 0.0).granted
+
+
+def test_holders_expire_unless_refreshed() -> None:
+    state = CoordinatorState(lease_ttl=TTL, holder_ttl=60.0, complete_ttl=1800.0)
+    state.announce(_node_announce("partial", want_lease=False), 0.0)
+    state.announce(_node_announce("complete", complete=True), 0.0)
+    state.announce(_node_announce("fresh", want_lease=False), 50.0)
+    holders = {p.node for p in state.announce(_node_announce("q", want_lease=False), 59.0).holders}
+    assert holders == {"partial", "complete", "fresh"}
+    holders = {p.node for p in state.announce(_node_announce("q", want_lease=False), 61.0).holders}
+    assert holders == {"complete", "fresh"}
+    holders = {p.node for p in state.announce(_node_announce("q", want_lease=False), 1801.0).holders}
+    assert holders == set()  # q itself is never listed; fresh expired at 110, complete at 1800
+    # A node announcing without a bitmap (not downloading) is not listed as a holder.
+    state.announce(_node_announce("idle", have=None), 1802.0)
+    assert "idle" not in {p.node for p in state.announce(_node_announce("q"), 1803.0).holders}
+
+
+def test_coordinator_memory_is_bounded() -> None:
+    state = CoordinatorState(max_digests=100, max_holders=50)
+    for i in range(1000):
+        state.announce(_node_announce("a", digest=_digest(f"d{i}")), float(i))
+    assert state.digests() == 100
+    # The most recently touched digests are kept.
+    reply = state.announce(_node_announce("b", digest=_digest("d999")), 1000.0)
+    assert [p.node for p in reply.holders] == ["a"]
+    reply = state.announce(_node_announce("b", digest=_digest("d0")), 1000.0)
+    assert reply.holders == ()
+    for i in range(500):
+        state.announce(_node_announce(f"h{i}"), 1001.0)
+    reply = state.announce(_node_announce("last"), 1001.0)
+    assert len(reply.holders) <= 50
+    assert "h499" in {p.node for p in reply.holders} and "h0" not in {p.node for p in reply.holders}
+    # A reply never lists more than a message may carry.
+    big = CoordinatorState()
+    for i in range(MAX_HOLDERS * 2):
+        big.announce(_node_announce(f"h{i}"), 0.0)
+    reply = big.announce(_node_announce("asker"), 0.0)
+    assert len(reply.holders) == MAX_HOLDERS
+    assert decode(encode(reply)) == reply

@@ -1,0 +1,559 @@
+"""A 1,000-node swarm simulated in discrete rounds, on the real pure classes.
+
+Nothing here opens a socket or runs trio. Every node runs the transfer loop of
+``p2pd.swarm.engine.Swarm.run_transfer`` in simplified form:
+
+- it announces its bitmap to the digest's coordinator, chosen by ``rendezvous.coordinators``
+  over the member list; the coordinator is a real ``CoordinatorState``, one per node;
+- it learns holders and the site's lease holder from the reply, and fresher bitmaps from
+  the have-hints on chunk responses;
+- it plans chunk requests with ``plan_requests`` (rarest first, same site first, the lease
+  holder as the fallback source);
+- the lease holder fetches from the upstream; a node without progress for ``stuck_after``
+  fetches from the upstream itself.
+
+The announcement interval, the stuck timeout and the request limits come from a real
+``Swarm`` and the default ``SwarmConfig``, so the simulation follows the product.
+A round is ``ROUND`` seconds: a peer serves at most ``max_uploads`` chunks per round
+(429 beyond, with the requester retrying that peer after Retry-After), and a request for
+a chunk the peer is still fetching waits up to ``CHUNK_WAIT`` seconds, as the peer
+endpoint does. Run with ``-s`` to see the numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2pd.config import SwarmConfig
+from p2pd.oci.digest import Digest
+from p2pd.swarm.coordinator import CoordinatorState
+from p2pd.swarm.engine import Swarm
+from p2pd.swarm.membership import Member
+from p2pd.swarm.messages import Announce, Reply
+from p2pd.swarm.planning import Bitmap, plan_requests
+from p2pd.swarm.rendezvous import coordinators
+
+ROUND = 0.25  # simulated seconds per round
+CHUNKS = 16  # a 16 MiB layer in 1 MiB chunks
+UPSTREAM_CHUNKS_PER_ROUND = 4  # 16 MiB/s from the upstream (or the seed)
+CHUNK_WAIT = 2.0  # the peer endpoint waits this long for a chunk in flight
+RETRY_AFTER = 1.0  # what a busy peer answers
+MAX_ROUNDS = 1200  # five simulated minutes: a bound, never reached
+
+
+class _Members:
+    """The member table a real ``Swarm`` reads (``live``), with ``n`` members."""
+
+    def __init__(self, members: list[Member]) -> None:
+        self._members = members
+
+    def live(self) -> list[Member]:
+        return self._members
+
+
+def _product_swarm(n: int) -> Swarm:
+    """A real Swarm over ``n`` members: the source of intervals and limits for the simulation."""
+    config = SwarmConfig()
+    members = [Member(f"node-{i:04d}", f"10.0.0.1:{i}", "s") for i in range(n)]
+    return Swarm(me=members[0], membership=_Members(members), client=None, metrics=None,  # type: ignore[arg-type]
+                 chunk_size=config.chunk_size, lease_ttl=config.lease_ttl,
+                 coordinator_backups=config.coordinator_backups, peer_timeout=config.peer_timeout,
+                 max_parallel_chunks=config.max_parallel_chunks,
+                 max_requests_per_peer=config.max_requests_per_peer, ban_seconds=config.ban_seconds)
+
+
+@dataclass(eq=False)
+class _Node:
+    id: str
+    site: str
+    have: Bitmap
+    mask: int = 0  # ``have`` as an int, for cheap filtering
+    known: dict[str, Bitmap] = field(default_factory=dict)
+    known_mask: dict[str, int] = field(default_factory=dict)
+    sites: dict[str, str] = field(default_factory=dict)
+    leased: bool = False
+    lessee: str | None = None
+    upstream_running: bool = False
+    next_announce: float = 0.0
+    had: int = 0  # chunks at the last announcement (or at the start)
+    last_progress: float = 0.0
+    retry_at: dict[str, float] = field(default_factory=dict)
+    requested: set[int] = field(default_factory=set)
+    busy: Counter[str] = field(default_factory=Counter)
+    done_at: float | None = None
+    announcements: int = 0
+    chunk_requests: int = 0
+    upstream_chunks: int = 0
+    peer_chunks: Counter[str] = field(default_factory=Counter)
+    longest_wait: float = 0.0  # the longest time without a new chunk
+
+    def set(self, index: int) -> None:
+        self.have.set(index)
+        self.mask |= 1 << (CHUNKS - 1 - index)
+
+    def progress(self, now: float) -> None:
+        self.longest_wait = max(self.longest_wait, now - self.last_progress)
+        self.last_progress = now
+
+
+@dataclass
+class Result:
+    n: int
+    sites: int
+    rounds: int
+    seconds: float
+    announcements: list[int]
+    chunk_requests: list[int]
+    upstream_nodes: dict[str, list[str]]  # site -> nodes that fetched from the upstream
+    upstream_chunks: int
+    coordinator_load: Counter[str]
+    peak_announcements_per_second: int
+    sources_per_node: list[int]
+    refused: int
+    longest_wait: float
+    stuck_after: float
+
+    def line(self) -> str:
+        ann = self.announcements
+        return (f"N={self.n:5d} sites={self.sites}: all done after {self.seconds:5.1f} s; announcements per node "
+                f"mean {sum(ann) / len(ann):.2f} max {max(ann)}; chunk requests per node mean "
+                f"{sum(self.chunk_requests) / self.n:.1f}; upstream fetches per site "
+                f"{sorted(len(v) for v in self.upstream_nodes.values())}, upstream chunks {self.upstream_chunks} "
+                f"({self.upstream_chunks / CHUNKS:.2f} blobs); coordinator peak {self.peak_announcements_per_second}"
+                f" announcements/s; peers per node min {min(self.sources_per_node)}; 429s {self.refused}; longest wait "
+                f"for a chunk {self.longest_wait:.1f} s (stuck after {self.stuck_after:.0f} s)")
+
+
+class Simulation:
+    def __init__(self, n: int, *, sites: int = 1, seed: int = 0, start_spread: float = 0.5) -> None:
+        self.rng = random.Random(seed)
+        self.swarm = _product_swarm(n)
+        config = SwarmConfig()
+        self.interval = self.swarm.announce_interval()
+        self.stuck_after = self.swarm.stuck_after
+        self.max_parallel = config.max_parallel_chunks
+        self.max_per_peer = config.max_requests_per_peer
+        self.max_uploads = config.max_uploads
+        self.lease_ttl = config.lease_ttl
+        self.digest = Digest("sha256", hashlib.sha256(f"layer-{seed}".encode()).hexdigest())
+        self.nodes = {f"node-{i:04d}": _Node(f"node-{i:04d}", f"site-{i % sites}", Bitmap(CHUNKS))
+                      for i in range(n)}
+        self.sites = sites
+        for node in self.nodes.values():
+            node.next_announce = self.rng.uniform(0, start_spread)  # a cold burst: everyone at once
+            node.last_progress = node.next_announce
+        self.coordinator_id = coordinators(str(self.digest), self.nodes, 1)[0]
+        self.states: dict[str, CoordinatorState] = {}
+        self.load: Counter[str] = Counter()
+        self.per_second: Counter[int] = Counter()
+        self.pending: dict[str, list[tuple[_Node, int, float]]] = {}  # source -> waiting requests
+        self.refused = 0
+        self._bitmaps: dict[bytes | None, tuple[Bitmap, int]] = {}
+
+    # ---- messages ---------------------------------------------------------------------
+
+    def _announce(self, node: _Node, now: float, *, complete: bool = False) -> Reply:
+        message = Announce(self.digest, node.id, f"{node.id}:7000", node.site, CHUNKS * 2**20, 2**20, complete,
+                           None if complete else node.have.to_bytes(), not complete)
+        node.announcements += 1
+        state = self.states.setdefault(self.coordinator_id, CoordinatorState(lease_ttl=self.lease_ttl))
+        self.load[self.coordinator_id] += 1
+        self.per_second[int(now)] += 1
+        return state.announce(message, now)
+
+    def _absorb(self, node: _Node, reply: Reply) -> None:
+        node.leased = node.leased or reply.granted
+        node.lessee = reply.lease_holder
+        for peer in reply.holders:
+            if peer.node == node.id:
+                continue
+            node.sites[peer.node] = peer.site
+            node.known[peer.node], node.known_mask[peer.node] = self._bitmap(None if peer.complete else peer.have)
+
+    def _bitmap(self, have: bytes | None) -> tuple[Bitmap, int]:
+        # Bitmaps from replies are only read, so equal ones are shared (it keeps the simulation fast).
+        cached = self._bitmaps.get(have)
+        if cached is None:
+            bitmap = Bitmap.full(CHUNKS) if have is None else Bitmap(CHUNKS, have)
+            mask = int.from_bytes(bitmap.to_bytes(), "big") >> (8 - CHUNKS % 8) % 8
+            cached = self._bitmaps[have] = (bitmap, mask)
+        return cached
+
+    # ---- one round --------------------------------------------------------------------
+
+    def _plan(self, node: _Node, now: float, inbox: dict[str, list[tuple[_Node, int, float]]]) -> None:
+        room = self.max_parallel - sum(node.busy.values())
+        if room <= 0:
+            return
+        needed = [i for i in range(CHUNKS) if i not in node.have and i not in node.requested]
+        if not needed:
+            return
+        needed_mask = sum(1 << (CHUNKS - 1 - i) for i in needed)
+        # Sources without any needed chunk cannot be planned: leaving them out changes nothing.
+        sources = {peer: node.known[peer] for peer, mask in node.known_mask.items()
+                   if mask & needed_mask and node.retry_at.get(peer, 0.0) <= now}
+        if node.lessee and node.lessee != node.id and node.retry_at.get(node.lessee, 0.0) <= now:
+            sources[node.lessee] = Bitmap.full(CHUNKS)
+        if not sources:
+            return
+        same_site = [peer for peer in sources if node.sites.get(peer, self.nodes[peer].site) == node.site]
+        plan = plan_requests(needed, sources, busy=node.busy, max_per_source=self.max_per_peer, limit=room,
+                             preferred=same_site, fallback=[node.lessee] if node.lessee else [], rng=self.rng)
+        for request in plan:
+            node.requested.add(request.index)
+            node.busy[request.source] += 1
+            node.chunk_requests += 1
+            inbox.setdefault(request.source, []).append((node, request.index, now))
+
+    def _release(self, node: _Node, index: int, source: str) -> None:
+        node.requested.discard(index)
+        node.busy[source] -= 1
+
+    def _serve(self, now: float, inbox: dict[str, list[tuple[_Node, int, float]]]
+               ) -> list[tuple[_Node, int, str]]:
+        deliveries: list[tuple[_Node, int, str]] = []
+        for source_id in sorted(set(inbox) | set(self.pending)):
+            source = self.nodes[source_id]
+            waiting = self.pending.pop(source_id, [])
+            arrivals = inbox.get(source_id, [])
+            self.rng.shuffle(arrivals)
+            uploads = 0
+            for requester, index, since in waiting:  # already admitted: served as soon as the chunk is here
+                if index in source.have:
+                    uploads += 1
+                    deliveries.append((requester, index, source_id))
+                elif now - since < CHUNK_WAIT:
+                    self.pending.setdefault(source_id, []).append((requester, index, since))
+                else:
+                    self._missing(requester, index, source_id, now)
+            for requester, index, since in arrivals:
+                if uploads >= self.max_uploads:
+                    self.refused += 1
+                    requester.retry_at[source_id] = now + RETRY_AFTER
+                    self._release(requester, index, source_id)
+                elif index in source.have:
+                    uploads += 1
+                    deliveries.append((requester, index, source_id))
+                elif source.done_at is None:  # still fetching it: wait for the chunk
+                    self.pending.setdefault(source_id, []).append((requester, index, since))
+                else:
+                    self._missing(requester, index, source_id, now)
+        return deliveries
+
+    def _missing(self, requester: _Node, index: int, source_id: str, now: float) -> None:
+        requester.retry_at[source_id] = now + 0.2
+        if source_id != requester.lessee:
+            requester.known.pop(source_id, None)
+            requester.known_mask.pop(source_id, None)
+        self._release(requester, index, source_id)
+
+    def _upstream(self, node: _Node, now: float) -> None:
+        taken = 0
+        for index in range(CHUNKS):
+            if taken == UPSTREAM_CHUNKS_PER_ROUND:
+                break
+            if index not in node.have and index not in node.requested:
+                node.set(index)
+                node.upstream_chunks += 1
+                node.progress(now)
+                taken += 1
+
+    def run(self) -> Result:
+        active = list(self.nodes.values())
+        now = 0.0
+        rounds = 0
+        for rounds in range(1, MAX_ROUNDS + 1):  # noqa: B007 - the count is reported
+            now = rounds * ROUND
+            self.rng.shuffle(active)
+            for node in active:
+                if node.next_announce <= now:
+                    self._absorb(node, self._announce(node, now))
+                    starving = node.have.cardinality() == node.had  # no chunk since the last announcement
+                    node.had = node.have.cardinality()
+                    node.next_announce = now + self.swarm.announce_interval(leased=node.leased, starving=starving)
+            for node in active:
+                stuck = now - node.last_progress > self.stuck_after
+                if (node.leased or stuck) and node.announcements:
+                    node.upstream_running = True
+                if node.upstream_running:
+                    self._upstream(node, now)
+            inbox: dict[str, list[tuple[_Node, int, float]]] = {}
+            for node in active:
+                if node.announcements:  # started
+                    self._plan(node, now, inbox)
+            for requester, index, source_id in self._serve(now, inbox):
+                self._release(requester, index, source_id)
+                if index not in requester.have:
+                    requester.set(index)
+                    requester.peer_chunks[source_id] += 1
+                    requester.progress(now)
+                source = self.nodes[source_id]
+                if source_id != requester.lessee and source.done_at is None:  # the X-P2PD-Have hint
+                    requester.known[source_id] = Bitmap(CHUNKS, source.have.to_bytes())
+                    requester.known_mask[source_id] = source.mask
+            still = []
+            for node in active:
+                if node.have.is_full():
+                    node.done_at = now
+                    self._announce(node, now, complete=True)
+                else:
+                    still.append(node)
+            active = still
+            if not active:
+                break
+        assert not active, f"{len(active)} nodes did not finish in {MAX_ROUNDS} rounds"
+        upstream: dict[str, list[str]] = {f"site-{s}": [] for s in range(self.sites)}
+        for node in self.nodes.values():
+            if node.upstream_chunks:
+                upstream[node.site].append(node.id)
+        nodes = list(self.nodes.values())
+        return Result(len(nodes), self.sites, rounds, now, [n.announcements for n in nodes],
+                      [n.chunk_requests for n in nodes], upstream, sum(n.upstream_chunks for n in nodes),
+                      self.load, max(self.per_second.values()),
+                      [len(n.peer_chunks) for n in nodes if not n.upstream_chunks], self.refused,
+                      max(n.longest_wait for n in nodes), self.stuck_after)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[tuple[int, int], Result]:
+    return {}
+
+
+def _run(results: dict[tuple[int, int], Result], n: int, sites: int = 1) -> Result:
+    if (n, sites) not in results:
+        results[(n, sites)] = Simulation(n, sites=sites, seed=n + sites).run()
+        print("\n" + results[(n, sites)].line())
+    return results[(n, sites)]
+
+
+@pytest.mark.parametrize("n", [100, 1000, 2000])
+def test_one_upstream_fetch_per_blob_and_everyone_completes(results: dict[tuple[int, int], Result], n: int) -> None:
+    result = _run(results, n)
+    assert [len(nodes) for nodes in result.upstream_nodes.values()] == [1]
+    assert result.upstream_chunks == CHUNKS  # the blob crossed the uplink exactly once
+    # Nobody waited long enough for a chunk to give up on its peers and go to the upstream.
+    assert result.longest_wait < result.stuck_after
+    # The others assembled the blob from several peers (nearly all of them; one may get lucky
+    # with a single fast source).
+    several = sum(1 for count in result.sources_per_node if count >= 2)
+    assert several >= 0.95 * len(result.sources_per_node)
+
+
+def test_one_upstream_fetch_per_blob_per_site_with_three_sites(results: dict[tuple[int, int], Result]) -> None:
+    result = _run(results, 1000, sites=3)
+    assert {site: len(nodes) for site, nodes in result.upstream_nodes.items()} == {
+        "site-0": 1, "site-1": 1, "site-2": 1}
+    assert result.upstream_chunks == 3 * CHUNKS
+    assert result.longest_wait < result.stuck_after
+
+
+def test_announcements_per_pull_do_not_grow_with_the_cluster(results: dict[tuple[int, int], Result]) -> None:
+    small, large = _run(results, 100), _run(results, 1000)
+    mean_small = sum(small.announcements) / small.n
+    mean_large = sum(large.announcements) / large.n
+    print(f"\nannouncements per node per pull: N=100 mean {mean_small:.2f} max {max(small.announcements)}; "
+          f"N=1000 mean {mean_large:.2f} max {max(large.announcements)}")
+    # A constant bound, whatever N: one at the start, one at the end, and a few refreshes.
+    for result in (small, large):
+        assert max(result.announcements) <= 30
+    assert mean_large <= 1.5 * mean_small
+    # Every announcement of a digest goes to one coordinator, which no other digest loads.
+    assert len(large.coordinator_load) == 1
+
+
+def test_coordinator_load_is_spread_over_the_members() -> None:
+    """Balls into bins: each digest is coordinated by one member, chosen by rendezvous hashing."""
+    for n, digests, bound in ((100, 2000, 2.5), (1000, 1000, 8.0)):
+        members = [f"node-{i:04d}" for i in range(n)]
+        keys = [str(Digest("sha256", hashlib.sha256(f"blob-{i}".encode()).hexdigest())) for i in range(digests)]
+        load = Counter(coordinators(key, members, 1)[0] for key in keys)
+        mean = digests / n
+        ratio = max(load.values()) / mean
+        rng = random.Random(n)
+        uniform = Counter(rng.choice(members) for _ in keys)
+        baseline = max(uniform.values()) / mean
+        print(f"\ncoordinator load N={n}, {digests} digests: max {max(load.values())} mean {mean:.1f} "
+              f"max/mean {ratio:.2f} (uniform random assignment: {baseline:.2f}); "
+              f"{len(load)} of {n} members coordinate")
+        assert ratio < bound
+        assert ratio <= 1.5 * baseline  # as even as a random assignment
+
+
+# ---- the real engine over a fake transport, on a mock clock ---------------------------
+#
+# ``Swarm.run_transfer`` itself (not a model of it), with announcements delivered to
+# in-memory ``CoordinatorState``s and the upstream fed by a fake that takes simulated time.
+
+_CHUNK = 64 * 1024
+
+
+class _FakeMembership:
+    def __init__(self, me: Member, others: list[Member]) -> None:
+        self.me = me
+        self.others = others
+
+    def live(self) -> list[Member]:
+        return [self.me, *self.others]
+
+    def is_usable(self, node_id: str) -> bool:
+        return True
+
+    def success(self, node_id: str) -> None:
+        pass
+
+    def failure(self, node_id: str) -> None:
+        pass
+
+
+class _FakeClient:
+    """Routes announcements to the coordinator states by address; dead addresses fail."""
+
+    def __init__(self, states: dict[str, CoordinatorState]) -> None:
+        self.states = states
+        self.dead: set[str] = set()
+        self.sent: Counter[str] = Counter()
+
+    async def announce(self, address: str, message: Announce) -> Reply:
+        from p2pd.swarm.peers import PeerError
+
+        await trio.sleep(0.001)
+        if address in self.dead:
+            raise PeerError(f"{address}: connection refused")
+        self.sent[address] += 1
+        return self.states[address].announce(message, trio.current_time())
+
+
+def _engine(monkeypatch: pytest.MonkeyPatch, members: int, digest: Digest, coordinator_count: int
+            ) -> tuple[Swarm, _FakeClient, list[Member]]:
+    """A real Swarm for node "lessee" among ``members``, whose digest's coordinators are others."""
+    import p2pd.swarm.engine as engine_module
+    from p2pd.metrics import AgentMetrics
+
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(monotonic=trio.current_time))
+
+    # Disk writes of 64 KiB in the test's own thread: a worker thread would let the mock
+    # clock jump ahead while it runs.
+    async def run_inline(function, *args):  # type: ignore[no-untyped-def]
+        return function(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_inline)
+    config = SwarmConfig()
+    me = Member("lessee", "10.0.0.1:7000", "s")
+    others = [Member(f"node-{i:04d}", f"10.0.1.{i % 250}:{7000 + i}", "s") for i in range(members - 1)]
+    ranking = coordinators(str(digest), [m.node_id for m in [me, *others]], coordinator_count)
+    assert "lessee" not in ranking
+    by_id = {m.node_id: m for m in others}
+    client = _FakeClient({by_id[node].address: CoordinatorState(lease_ttl=config.lease_ttl) for node in ranking})
+    swarm = Swarm(me=me, membership=_FakeMembership(me, others), client=client,  # type: ignore[arg-type]
+                  metrics=AgentMetrics(), chunk_size=_CHUNK, lease_ttl=config.lease_ttl,
+                  coordinator_backups=config.coordinator_backups, peer_timeout=config.peer_timeout,
+                  max_parallel_chunks=config.max_parallel_chunks,
+                  max_requests_per_peer=config.max_requests_per_peer, ban_seconds=config.ban_seconds)
+    return swarm, client, [by_id[node] for node in ranking]
+
+
+def _slow_upstream(seconds_per_chunk: float, data: bytes):  # type: ignore[no-untyped-def]
+    async def upstream_range(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
+        for offset in range(start, end + 1, _CHUNK):
+            await trio.sleep(seconds_per_chunk)
+            await accept(data[offset:min(offset + _CHUNK, end + 1)])
+    return upstream_range
+
+
+async def _compete(client: _FakeClient, coordinators_in_order: list[Member], digest: Digest, size: int,
+                   granted: list[float], every: float) -> None:
+    """Another node of the site that keeps asking for the lease, as every downloader does."""
+    from p2pd.swarm.peers import PeerError
+
+    while True:
+        await trio.sleep(every)
+        message = Announce(digest, "other", "10.0.9.9:7000", "s", size, _CHUNK, False, None, True)
+        for member in coordinators_in_order:
+            try:
+                reply = await client.announce(member.address, message)
+            except PeerError:
+                continue
+            if reply.granted:
+                granted.append(trio.current_time())
+            break
+
+
+@pytest.mark.parametrize("members", [100, 1000, 2000, 5000])
+async def test_lease_holder_keeps_its_lease_through_a_long_fetch_in_any_cluster_size(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock,
+        members: int) -> None:
+    data = random.Random(members).randbytes(16 * _CHUNK)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    swarm, client, ranking = _engine(monkeypatch, members, digest, 3)
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        transfer = swarm.start_transfer(digest, len(data), fd, None)
+        transfer.last_progress = trio.current_time()
+        granted_to_other: list[float] = []
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_compete, client, ranking, digest, len(data), granted_to_other, 1.0)
+            # 16 chunks at 4 s each: a 64 s fetch, much longer than the 15 s lease.
+            await swarm.run_transfer(transfer, _slow_upstream(4.0, data), lambda: None)
+            nursery.cancel_scope.cancel()
+        elapsed = trio.current_time() - started
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    sent = swarm.messages_sent
+    print(f"\nN={members}: lease holder sent {sent} announcements in a {elapsed:.0f} s fetch "
+          f"(interval {swarm.announce_interval():.2f} s); other nodes granted the lease: {granted_to_other}")
+    assert transfer.leased and transfer.upstream_bytes == len(data)
+    assert granted_to_other == [], "a second node of the site was given the upstream lease"
+    # Still a bounded number of messages: at most one per lease_ttl/3 (or per 0.25 s in small clusters).
+    assert sent <= elapsed / min(swarm.announce_interval(), SwarmConfig().lease_ttl / 3) + 2
+
+
+async def test_lease_holder_reclaims_its_lease_when_the_coordinator_dies(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    members = 6
+    for seed in range(100):  # a blob whose coordinator and first backup are other nodes
+        data = random.Random(seed).randbytes(16 * _CHUNK)
+        digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+        ids = ["lessee", *(f"node-{i:04d}" for i in range(members - 1))]
+        if "lessee" not in coordinators(str(digest), ids, 3):
+            break
+    swarm, client, ranking = _engine(monkeypatch, members, digest, 3)
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        transfer = swarm.start_transfer(digest, len(data), fd, None)
+        transfer.last_progress = trio.current_time()
+        granted_to_other: list[float] = []
+
+        async def kill_coordinator() -> None:
+            # Between two announcements of the other node: the lease holder (which announces
+            # more often in a small cluster) reaches the backup first. Had the other node come
+            # first, it would have been granted a second lease: nothing tells the backup
+            # that a lease existed (a known limit, one upstream fetch per coordinator failure).
+            await trio.sleep(10.5)
+            client.dead.add(ranking[0].address)  # the coordinator's soft state is gone with it
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_coordinator)
+            nursery.start_soon(_compete, client, ranking, digest, len(data), granted_to_other, 1.0)
+            await swarm.run_transfer(transfer, _slow_upstream(2.0, data), lambda: None)
+            nursery.cancel_scope.cancel()
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    backup = client.states[ranking[1].address]
+    print(f"\nafter the coordinator died: other node granted the lease at {granted_to_other}; "
+          f"backup coordinator handled {client.sent[ranking[1].address]} announcements")
+    assert client.sent[ranking[1].address] > 0, "the backup coordinator took over"
+    assert granted_to_other == [], "the backup coordinator gave a second node of the site the lease"
+    assert backup.leases_granted == 1
