@@ -41,7 +41,7 @@ lint: install
 demo: install system-deps
 	$(PY) -m tests.demo
 
-bench: bench-seed bench-p2pd bench-chunks
+bench: bench-seed bench-p2pd bench-chunks bench-swarm
 
 bench-seed: install system-deps
 	$(PY) -m tests.bench.seed_throughput --out docs/benchmarks.md
@@ -52,6 +52,22 @@ bench-p2pd: install system-deps
 # Swarm chunk size: seed + 5 agents on 127.0.0.x, one 128 MiB blob, 256 KiB..16 MiB (< 8 min).
 bench-chunks: install
 	$(PY) -m tests.bench.chunk_size --out docs/benchmarks.md
+
+# The bench extra (matplotlib, for plots) on top of test and dev.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -e '.[test,dev,bench]'
+	touch $(BENCH_STAMP)
+
+install-bench: $(BENCH_STAMP)
+
+# One image to N nodes on a network-namespace testbed with tc-shaped links: direct vs site cache vs
+# p2pd vs the Kumar-Ross bound; two scenarios (N = 16 and N = 8), ctr and plots (root, < 15 min).
+# The benchmark stops itself after 14 min; timeout's SIGTERM (handled like Ctrl-C: full teardown) is a backstop.
+bench-swarm: install-bench system-deps
+	timeout --foreground --signal=TERM --kill-after=60 900 $(PY) -m tests.bench.swarm --out docs/benchmarks.md
+
+.PHONY: install-bench bench-swarm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
 import re
 import sys
-import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .fsutil import write_atomic
 
 __all__ = [
     "DEFAULT_DIAL_TIMEOUT",
@@ -67,7 +66,6 @@ __all__ = [
     "plan_file",
     "render_hosts_toml",
     "run",
-    "write_file_atomic",
 ]
 
 DEFAULT_NAMESPACE = "_default"
@@ -410,31 +408,6 @@ def plan_file(
 # --------------------------------------------------------------------------- write
 
 
-def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replaces ``path`` with ``data`` so readers see the old or the new file, never a mix.
-
-    The bytes go to a temporary file in the same directory, are fsynced, renamed over ``path``, and the directory
-    is fsynced so the rename survives a crash.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fchmod(tmp.fileno(), mode)
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _backup_path(path: Path, now: dt.datetime) -> Path:
     stamp = now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     candidate = path.with_name(f"{path.name}.bak.{stamp}")
@@ -454,8 +427,8 @@ def apply_change(change: FileChange, *, now: dt.datetime | None = None) -> Path 
     if change.path.exists():
         mode = change.path.stat().st_mode & 0o7777
         backup = _backup_path(change.path, now or dt.datetime.now(dt.UTC))
-        write_file_atomic(backup, change.path.read_bytes(), mode=mode)
-    write_file_atomic(change.path, change.content.encode("utf-8"), mode=mode)
+        write_atomic(backup, change.path.read_bytes(), mode=mode)
+    write_atomic(change.path, change.content.encode("utf-8"), mode=mode)
     return backup
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from p2pd.httpd import FileBody
 from p2pd.oci.chunkmap import ChunkMap
 from p2pd.oci.digest import Digest
 
@@ -47,6 +48,7 @@ __all__ = ["HOLDBACK", "Download", "Fetcher"]
 log = logging.getLogger("p2pd.fetcher")
 
 HOLDBACK = 1024 * 1024
+_SEND_PIECE = 4 * 1024 * 1024
 _READ_PIECE = 1024 * 1024
 _MAX_TOTAL_ATTEMPTS = 50
 
@@ -401,8 +403,11 @@ class _Transfer:
 
 
 async def stream_download(download: Download, store: BlobStore, start: int, end: int,
-                          stall_timeout: float) -> AsyncIterator[bytes]:
-    """Yields bytes ``start..end`` (inclusive) of a download as they are released.
+                          stall_timeout: float) -> AsyncIterator[FileBody]:
+    """Yields spans of bytes ``start..end`` (inclusive) of a download as they are released.
+
+    The spans refer to the growing file (sent with sendfile by the HTTP layer); the file
+    stays open until the iterator ends.
 
     Raises:
         P2PDError: the download failed, or released nothing new for ``stall_timeout``
@@ -418,14 +423,9 @@ async def stream_download(download: Download, store: BlobStore, start: int, end:
             if download.released > position:
                 if fd is None:
                     fd = _open_growing(store, download.digest)
-                length = min(download.released, end + 1) - position
-                while length > 0:
-                    data = await trio.to_thread.run_sync(os.pread, fd, min(length, _READ_PIECE), position)
-                    if not data:
-                        raise P2PDError(f"{download.digest}: released bytes missing on disk")
-                    position += len(data)
-                    length -= len(data)
-                    yield data
+                length = min(download.released, end + 1, position + _SEND_PIECE) - position
+                yield FileBody(fd, position, length)
+                position += length
                 continue
             with trio.move_on_after(stall_timeout) as scope:
                 await download.wait_changed()

@@ -300,7 +300,7 @@ class MirrorFront:
             return None
         return fd, size, stack.close
 
-    async def _stream(self, download: Download, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _stream(self, download: Download, start: int, end: int) -> AsyncIterator[FileBody]:
         try:
             async for piece in stream_download(download, self.store, start, end, self.config.fetch.stall_timeout):
                 yield piece

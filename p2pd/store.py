@@ -29,7 +29,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +36,11 @@ from pathlib import Path
 from p2pd.oci.digest import Digest
 
 from .errors import StoreError
+from .fsutil import fsync_dir, write_atomic
 
 __all__ = ["BlobEntry", "BlobStore", "TagRecord"]
 
 log = logging.getLogger("p2pd.store")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +114,7 @@ class BlobStore:
             return sum(self._sizes.values())
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_atomic(path, data, tmp_dir=self.root / "tmp")
 
     def blob_path(self, digest: Digest) -> Path:
         return self.root / "blobs" / digest.algorithm / digest.encoded[:2] / digest.encoded
@@ -227,7 +212,7 @@ class BlobStore:
         target = self.blob_path(digest)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.partial_path(digest), target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         with self._lock:
             self._sizes[digest] = size
         self.touch(digest)

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from p2pd.fsutil import fsync_dir, write_atomic
 from p2pd.oci.chunkmap import ChunkHasher, ChunkMap, validate_chunk_size
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
@@ -52,14 +53,6 @@ log = logging.getLogger("seed.storage")
 
 _UPLOAD_ID_RE = re.compile(r"[a-f0-9]{32}")
 _READ_PIECE = 1024 * 1024
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,26 +130,14 @@ class Storage:
                     entry.unlink()
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_atomic(path, data, tmp_dir=self.root / "tmp")
 
     def _remove(self, path: Path) -> bool:
         try:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def blob_path(self, digest: Digest) -> Path:
@@ -333,7 +314,7 @@ class Storage:
                 os.fsync(handle.fileno())
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(session.data_path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             shutil.rmtree(session.directory, ignore_errors=True)
         if chunk_map is not None and chunk_map.size == size:
             self._store_chunk_map(chunk_map)

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,11 @@ def push_blob(registry_url: str, repository: str, data: bytes) -> str:
 def signed_headers(key: bytes, node_id: str, method: str, target: str, body: bytes = b"") -> dict[str, str]:
     """What a member with the cluster key sends to another member's peer endpoint."""
     now = time.time()
-    return {NODE_HEADER: node_id, TIME_HEADER: str(int(now)),
-            SIGNATURE_HEADER: auth.sign_request(key, method, target, node_id, now, body)}
+    return {
+        NODE_HEADER: node_id,
+        TIME_HEADER: str(int(now)),
+        SIGNATURE_HEADER: auth.sign_request(key, method, target, node_id, now, body),
+    }
 
 
 @dataclass
@@ -94,9 +97,26 @@ class Agent:
         return self.data.with_name(self.data.name + ".log")
 
     def argv(self, seed_url: str) -> list[str]:
-        return [sys.executable, "-m", "p2pd", "--log-level", self.log_level, "serve", "--listen", f"{self.ip}:{self.port}",
-                "--data", str(self.data), "--upstream", f"{NS}={seed_url}", "--peer-listen", self.peer_address,
-                "--no-mdns", "--node-id", self.node_id, *self.argv_tail]
+        return [
+            sys.executable,
+            "-m",
+            "p2pd",
+            "--log-level",
+            self.log_level,
+            "serve",
+            "--listen",
+            f"{self.ip}:{self.port}",
+            "--data",
+            str(self.data),
+            "--upstream",
+            f"{NS}={seed_url}",
+            "--peer-listen",
+            self.peer_address,
+            "--no-mdns",
+            "--node-id",
+            self.node_id,
+            *self.argv_tail,
+        ]
 
     def start(self, seed_url: str) -> None:
         self.data.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +149,11 @@ class Agent:
 
     def peer_bytes(self) -> dict[str, float]:
         """Chunk bytes received from each peer (``p2pd_peer_fetched_bytes_total{peer=...}``)."""
-        return {dict(labels)["peer"]: value for (name, labels), value in self.metrics().items()
-                if name == "p2pd_peer_fetched_bytes_total"}
+        return {
+            dict(labels)["peer"]: value
+            for (name, labels), value in self.metrics().items()
+            if name == "p2pd_peer_fetched_bytes_total"
+        }
 
     def status(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/debug/status", trust_env=False, timeout=5).json()
@@ -156,9 +179,18 @@ class Cluster:
         extra_peers: more static peers for every agent (e.g. a malicious one).
     """
 
-    def __init__(self, workdir: Path, *, count: int = 5, key_file: Path, base: int = 40,
-                 config: Path | None = None, node_ids: Sequence[str] | None = None,
-                 extra_args: dict[int, list[str]] | None = None, extra_peers: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        count: int = 5,
+        key_file: Path,
+        base: int = 40,
+        config: Path | None = None,
+        node_ids: Sequence[str] | None = None,
+        extra_args: dict[int, list[str]] | None = None,
+        extra_peers: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.key_file = key_file
         self.key = auth.parse_key(key_file.read_text())
@@ -167,9 +199,13 @@ class Cluster:
         self.agents = [Agent(ids[i], f"127.0.0.{base + i}", workdir / ids[i], []) for i in range(count)]
         for i, agent in enumerate(self.agents):
             peers = [other.peer_address for other in self.agents if other is not agent] + list(extra_peers)
-            agent.argv_tail = [*(arg for peer in peers for arg in ("--peer", peer)),
-                               "--cluster-key-file", str(key_file), *(["--config", str(config)] if config else []),
-                               *(extra_args or {}).get(i, [])]
+            agent.argv_tail = [
+                *(arg for peer in peers for arg in ("--peer", peer)),
+                "--cluster-key-file",
+                str(key_file),
+                *(["--config", str(config)] if config else []),
+                *(extra_args or {}).get(i, []),
+            ]
 
     def by_id(self, node_id: str) -> Agent:
         return next(agent for agent in self.agents if agent.node_id == node_id)
@@ -222,31 +258,27 @@ class Cluster:
         self.stop()
 
 
-async def pull_blob(agent: Agent, repository: str, digest: str, *, timeout: float = 120.0) -> str:
+async def pull_blob(agent: Agent, repository: str, digest: str) -> str:
     """GET a blob through an agent's containerd-facing endpoint; returns the sha256 of what came back.
 
-    Raises on any HTTP error or a body cut short.
+    Raises on any HTTP error or a body cut short (callers bound the time with ``trio.fail_after``).
     """
     hasher = hashlib.sha256()
-    with trio.fail_after(timeout):
-        async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(30.0)) as client:
-            url = f"{agent.url}/v2/{repository}/blobs/{digest}"
-            async with client.stream("GET", url, params={"ns": NS}) as response:
-                assert response.status_code == 200, f"{agent.node_id}: {response.status_code}"
-                async for piece in response.aiter_raw():
-                    hasher.update(piece)
+    async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(30.0)) as client:
+        url = f"{agent.url}/v2/{repository}/blobs/{digest}"
+        async with client.stream("GET", url, params={"ns": NS}) as response:
+            assert response.status_code == 200, f"{agent.node_id}: {response.status_code}"
+            async for piece in response.aiter_raw():
+                hasher.update(piece)
     return "sha256:" + hasher.hexdigest()
 
 
-async def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Polls a blocking ``predicate`` (run in a thread) until it returns a truthy value."""
-    with trio.move_on_after(timeout):
-        while True:
-            value = await trio.to_thread.run_sync(predicate)
-            if value:
-                return value
-            await trio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+async def wait_until(predicate: Callable[[], object], *, interval: float = 0.1) -> None:
+    """Polls a blocking ``predicate`` (in a thread) until it is true; callers bound it with ``fail_after``."""
+    while True:
+        if await trio.to_thread.run_sync(predicate):
+            return
+        await trio.sleep(interval)  # an external process: nothing to wait on but time
 
 
 def transfer_of(agent: Agent, digest: str) -> dict[str, Any] | None:

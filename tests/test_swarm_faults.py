@@ -13,6 +13,7 @@ protocol with the real key: the product has no switch for misbehaving.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -45,7 +46,7 @@ from tests.swarm_cluster import (
     sha256,
     signed_headers,
     transfer_of,
-    wait_for,
+    wait_until,
     write_swarm_config,
 )
 
@@ -60,6 +61,11 @@ def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "cluster.key"
     assert p2pd.cli.main(["keygen", "--out", str(path)]) == 0
     return path
+
+
+@pytest.fixture
+def key(key_file: Path) -> bytes:
+    return auth.parse_key(key_file.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,8 @@ async def pull(agent: Agent, digest: str, results: dict[str, object]) -> None:
 
 
 async def _pull(agent: Agent, digest: str) -> str:
-    return await pull_blob(agent, REPOSITORY, digest, timeout=90)
+    with trio.fail_after(90):
+        return await pull_blob(agent, REPOSITORY, digest)
 
 
 def _lessee(agent: Agent, digest: str) -> bool:
@@ -97,10 +104,10 @@ async def _kill_mid_transfer(tmp_path: Path, key_file: Path, blob: tuple[bytes, 
     coordinator = coordinators(digest, ids, 1)[0]
     # Short lease and peer timeouts, and a slow uplink, so the transfer is still running when
     # the victim dies and the others notice within seconds.
-    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0,
-                                upstream_rate=8 * MiB)
-    cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=50 if victim_role == "lessee" else 60,
-                      config=config, node_ids=ids)
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0, upstream_rate=8 * MiB)
+    cluster = Cluster(
+        tmp_path / "swarm", key_file=key_file, base=50 if victim_role == "lessee" else 60, config=config, node_ids=ids
+    )
     await trio.to_thread.run_sync(cluster.start)
     try:
         await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
@@ -114,28 +121,35 @@ async def _kill_mid_transfer(tmp_path: Path, key_file: Path, blob: tuple[bytes, 
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pull, first, digest, results)
-            await wait_for(partial(_lessee, first, digest), timeout=10, what=f"{first.node_id} to hold the lease")
+            with trio.fail_after(10):
+                await wait_until(partial(_lessee, first, digest))
             for agent in cluster.agents:
                 if agent is not first:
                     nursery.start_soon(pull, agent, digest, results)
             # The lease holder has fetched over a third of the blob and shared some: now the victim dies.
-            await wait_for(partial(_have, first, digest, BLOB_MIB * 3 // 8), timeout=20, what="a third of the blob")
-            await wait_for(lambda: sum(_have(a, digest, 2) for a in cluster.agents if a is not first) >= 2,
-                           timeout=20, what="chunks shared with two other nodes")
+            with trio.fail_after(20):
+                await wait_until(partial(_have, first, digest, BLOB_MIB * 3 // 8))
+            with trio.fail_after(20):
+                await wait_until(lambda: sum(_have(a, digest, 2) for a in cluster.agents if a is not first) >= 2)
             await trio.to_thread.run_sync(victim.kill9)
             killed_at = trio.current_time() - started
         elapsed = trio.current_time() - started
         survivors = [agent for agent in cluster.agents if agent is not victim]
         assert {node: results[node] for node in (a.node_id for a in survivors)} == {
-            a.node_id: digest for a in survivors}, cluster.logs()
+            a.node_id: digest for a in survivors
+        }, cluster.logs()
         seed_sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes) - seed_before
         leases = {a.node_id: await trio.to_thread.run_sync(a.metric, "p2pd_leases_total") for a in survivors}
-        upstream = {a.node_id: await trio.to_thread.run_sync(partial(a.metric, "p2pd_fetched_bytes_total",
-                                                                     source="upstream")) / MiB
-                    for a in survivors}
-        print(f"\nkilled the {victim_role} {victim.node_id} at {killed_at:.1f} s; the {len(survivors)} other pulls "
-              f"completed after {elapsed:.1f} s; seed sent {seed_sent / len(data):.2f} x the blob; leases granted "
-              f"to survivors {leases}; upstream MiB by survivor {upstream}")
+        upstream = {
+            a.node_id: await trio.to_thread.run_sync(partial(a.metric, "p2pd_fetched_bytes_total", source="upstream"))
+            / MiB
+            for a in survivors
+        }
+        print(
+            f"\nkilled the {victim_role} {victim.node_id} at {killed_at:.1f} s; the {len(survivors)} other pulls "
+            f"completed after {elapsed:.1f} s; seed sent {seed_sent / len(data):.2f} x the blob; leases granted "
+            f"to survivors {leases}; upstream MiB by survivor {upstream}"
+        )
         # Bounded extra uplink traffic: the chunks the victim took with it, at most once more.
         assert seed_sent <= 2.0 * len(data), cluster.logs()
         if victim_role == "lessee":
@@ -154,6 +168,7 @@ async def test_kill_the_coordinator_mid_transfer(tmp_path: Path, key_file: Path,
 
 # ---- a member with the key that lies --------------------------------------------------
 
+
 class MaliciousPeer:
     """Speaks the peer protocol with the cluster key, claims a complete copy, and flips bytes."""
 
@@ -168,26 +183,42 @@ class MaliciousPeer:
 
     def _signed(self, request: Request, body: bytes) -> Response:
         stamp = time.time()
-        return Response(200, [("Content-Type", "application/msgpack"), (NODE_HEADER, self.node_id),
-                              (TIME_HEADER, str(int(stamp))),
-                              (SIGNATURE_HEADER, auth.sign_response(self.key, request.target, 200, self.node_id,
-                                                                    stamp, body))], body)
+        return Response(
+            200,
+            [
+                ("Content-Type", "application/msgpack"),
+                (NODE_HEADER, self.node_id),
+                (TIME_HEADER, str(int(stamp))),
+                (SIGNATURE_HEADER, auth.sign_response(self.key, request.target, 200, self.node_id, stamp, body)),
+            ],
+            body,
+        )
 
     async def handle(self, request: Request) -> Response:
         path = request.path
         if path == "/p2p/v1/hello":
             self.requests["hello"] += 1
-            return self._signed(request, msgpack.packb({"node": self.node_id, "site": self.site,
-                                                        "address": self.address, "v": PROTOCOL_VERSION}))
+            return self._signed(
+                request,
+                msgpack.packb(
+                    {"node": self.node_id, "site": self.site, "address": self.address, "v": PROTOCOL_VERSION}
+                ),
+            )
         if path == f"/p2p/v1/blobs/{self.digest}":
             self.requests["blob"] += 1
             byte_range = parse_range(request.headers.get("range"), len(self.data))
             assert byte_range is not None
-            body = bytearray(self.data[byte_range.start:byte_range.end + 1])
+            body = bytearray(self.data[byte_range.start : byte_range.end + 1])
             for index in range(0, len(body), 4096):
                 body[index] ^= 0xFF  # right length, wrong bytes
-            return Response(206, [("Content-Type", "application/octet-stream"),
-                                  ("Content-Range", byte_range.content_range(len(self.data)))], bytes(body))
+            return Response(
+                206,
+                [
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Range", byte_range.content_range(len(self.data))),
+                ],
+                bytes(body),
+            )
         self.requests["other"] += 1
         raise OCIError("NOT_FOUND", "no", status=404)
 
@@ -196,12 +227,11 @@ class MaliciousPeer:
         client = PeerClient(self.node_id, self.key)
         try:
             while True:
-                message = Announce(Digest.parse(self.digest), self.node_id, self.address, self.site, size,
-                                   1024 * 1024, True, None)
-                try:
+                message = Announce(
+                    Digest.parse(self.digest), self.node_id, self.address, self.site, size, 1024 * 1024, True, None
+                )
+                with contextlib.suppress(Exception):  # the coordinator may not be up yet
                     await client.announce(coordinator_address, message)
-                except Exception:  # the coordinator may not be up yet
-                    pass
                 await trio.sleep(0.5)
         finally:
             with trio.CancelScope(shield=True):
@@ -209,9 +239,9 @@ class MaliciousPeer:
 
 
 async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_reaches_a_client(
-        tmp_path: Path, key_file: Path, blob: tuple[bytes, str], nursery: trio.Nursery) -> None:
+    tmp_path: Path, key_file: Path, key: bytes, blob: tuple[bytes, str], nursery: trio.Nursery
+) -> None:
     data, digest = blob
-    key = auth.parse_key(key_file.read_text())
     ids = [f"a{i}" for i in range(5)]
     # A name for the liar that does not make it the digest's coordinator (it wants to be a source).
     evil_id = next(f"evil{i}" for i in range(100) if coordinators(digest, [*ids, f"evil{i}"], 1)[0] != f"evil{i}")
@@ -222,15 +252,17 @@ async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_rea
     evil.address = f"{evil_ip}:{info.port}"
     evil.site = default_site(evil_ip)  # the same site as the honest nodes
     config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0)
-    cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=70, config=config, node_ids=ids,
-                      extra_peers=[evil.address])
+    cluster = Cluster(
+        tmp_path / "swarm", key_file=key_file, base=70, config=config, node_ids=ids, extra_peers=[evil.address]
+    )
     await trio.to_thread.run_sync(cluster.start)
     try:
         await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
         await trio.to_thread.run_sync(cluster.wait_members)
         # The honest nodes accept the liar as a member: it holds the key.
         for agent in cluster.agents:
-            await wait_for(lambda agent=agent: evil_id in agent.live_peers(), timeout=15, what="the liar to join")
+            with trio.fail_after(15):
+                await wait_until(lambda agent=agent: evil_id in agent.live_peers())
         nursery.start_soon(evil.announce_forever, cluster.by_id(coordinator).peer_address, len(data))
         await trio.sleep(1.0)  # the coordinator lists the liar as a complete holder
         results: dict[str, object] = {}
@@ -241,10 +273,10 @@ async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_rea
         elapsed = trio.current_time() - started
         assert results == {a.node_id: digest for a in cluster.agents}, cluster.logs()
 
-        failed = {a.node_id: await trio.to_thread.run_sync(a.metric, "p2pd_chunks_failed_total")
-                  for a in cluster.agents}
-        from_evil = {a.node_id: (await trio.to_thread.run_sync(a.peer_bytes)).get(evil_id, 0.0)
-                     for a in cluster.agents}
+        failed = {
+            a.node_id: await trio.to_thread.run_sync(a.metric, "p2pd_chunks_failed_total") for a in cluster.agents
+        }
+        from_evil = {a.node_id: (await trio.to_thread.run_sync(a.peer_bytes)).get(evil_id, 0.0) for a in cluster.agents}
         assert sum(failed.values()) > 0 and evil.requests["blob"] > 0
         assert all(value == 0 for value in from_evil.values()), "bytes from the liar were accepted"
         asked = [node for node, count in failed.items() if count > 0]
@@ -252,33 +284,38 @@ async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_rea
             agent = cluster.by_id(node)
             # Banned at once: at most the requests already in flight to it failed.
             assert failed[node] <= 2
-            await wait_for(lambda agent=agent: agent.metric("p2pd_peers_banned") >= 1, timeout=6,
-                           what=f"{node}'s peers_banned gauge")
+            with trio.fail_after(6):
+                await wait_until(lambda agent=agent: agent.metric("p2pd_peers_banned") >= 1)
             status = await trio.to_thread.run_sync(agent.status)
             assert [p["banned"] for p in status["peers"] if p["id"] == evil_id] == [True]
         seed_sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
-        print(f"\nliar {evil_id} got {evil.requests['blob']} chunk requests; chunks failed per node {failed}; "
-              f"pulls completed after {elapsed:.1f} s; seed sent {seed_sent / len(data):.2f} x the blob")
+        print(
+            f"\nliar {evil_id} got {evil.requests['blob']} chunk requests; chunks failed per node {failed}; "
+            f"pulls completed after {elapsed:.1f} s; seed sent {seed_sent / len(data):.2f} x the blob"
+        )
     finally:
         await trio.to_thread.run_sync(cluster.stop)
 
 
 # ---- nodes without the key ------------------------------------------------------------
 
+
 async def test_nodes_without_the_key_are_refused_and_never_become_members(
-        tmp_path: Path, key_file: Path, blob: tuple[bytes, str]) -> None:
+    tmp_path: Path, key_file: Path, key: bytes, blob: tuple[bytes, str]
+) -> None:
     data, digest = blob
-    key = auth.parse_key(key_file.read_text())
     other_key = tmp_path / "other.key"
     assert p2pd.cli.main(["keygen", "--out", str(other_key)]) == 0
     # DEBUG: an outsider logs why each of its hellos failed.
-    outsiders = [Agent("nokey", "127.0.0.95", tmp_path / "swarm" / "nokey", [], log_level="DEBUG"),
-                 Agent("wrongkey", "127.0.0.96", tmp_path / "swarm" / "wrongkey", [], log_level="DEBUG")]
-    cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=90,
-                      extra_peers=[o.peer_address for o in outsiders])
+    outsiders = [
+        Agent("nokey", "127.0.0.95", tmp_path / "swarm" / "nokey", [], log_level="DEBUG"),
+        Agent("wrongkey", "127.0.0.96", tmp_path / "swarm" / "wrongkey", [], log_level="DEBUG"),
+    ]
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=90, extra_peers=[o.peer_address for o in outsiders])
     honest = list(cluster.agents)
-    for outsider, auth_args in zip(outsiders, (["--insecure-peers"], ["--cluster-key-file", str(other_key)]),
-                                   strict=True):
+    for outsider, auth_args in zip(
+        outsiders, (["--insecure-peers"], ["--cluster-key-file", str(other_key)]), strict=True
+    ):
         peers = [a.peer_address for a in honest + outsiders if a is not outsider]
         outsider.argv_tail = [*(arg for peer in peers for arg in ("--peer", peer)), *auth_args]
         cluster.agents.append(outsider)
@@ -298,8 +335,9 @@ async def test_nodes_without_the_key_are_refused_and_never_become_members(
         for outsider in outsiders:
             log_text = outsider.log_text()
             for agent in honest:
-                assert f"hello to {agent.peer_address} failed: {agent.peer_address}/p2p/v1/hello: status 401" in \
-                    log_text, f"{outsider.node_id} was not refused by {agent.node_id}"
+                assert (
+                    f"hello to {agent.peer_address} failed: {agent.peer_address}/p2p/v1/hello: status 401" in log_text
+                ), f"{outsider.node_id} was not refused by {agent.node_id}"
         assert all("refused unauthenticated peer request" in a.log_text() for a in honest)
         # The same, seen from the wire.
         target = "/p2p/v1/hello"
@@ -307,8 +345,9 @@ async def test_nodes_without_the_key_are_refused_and_never_become_members(
         async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
             assert (await client.get(peer_url)).status_code == 401
             wrong = auth.parse_key(other_key.read_text())
-            assert (await client.get(peer_url, headers=signed_headers(wrong, "wrongkey", "GET", target))
-                    ).status_code == 401
+            assert (
+                await client.get(peer_url, headers=signed_headers(wrong, "wrongkey", "GET", target))
+            ).status_code == 401
             stale = signed_headers(key, "x", "GET", target)
             stale[TIME_HEADER] = str(int(stale[TIME_HEADER]) - 3600)
             assert (await client.get(peer_url, headers=stale)).status_code == 401
@@ -324,8 +363,12 @@ async def test_nodes_without_the_key_are_refused_and_never_become_members(
             assert await trio.to_thread.run_sync(outsider.peer_bytes) == {}
         for agent in honest:
             assert not set(await trio.to_thread.run_sync(agent.peer_bytes)) & outsider_ids
-        upstream = sum([await trio.to_thread.run_sync(partial(a.metric, "p2pd_fetched_bytes_total",
-                                                              source="upstream")) for a in honest])
+        upstream = sum(
+            [
+                await trio.to_thread.run_sync(partial(a.metric, "p2pd_fetched_bytes_total", source="upstream"))
+                for a in honest
+            ]
+        )
         assert upstream == len(data)  # the honest swarm still fetched the blob once
     finally:
         await trio.to_thread.run_sync(cluster.stop)
@@ -333,14 +376,16 @@ async def test_nodes_without_the_key_are_refused_and_never_become_members(
 
 # ---- upload limit ---------------------------------------------------------------------
 
+
 async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
-        tmp_path: Path, key_file: Path, blob: tuple[bytes, str]) -> None:
+    tmp_path: Path, key_file: Path, key: bytes, blob: tuple[bytes, str]
+) -> None:
     data, digest = blob
-    key = auth.parse_key(key_file.read_text())
     config = write_swarm_config(tmp_path / "swarm.toml", upstream_rate=16 * MiB)
     # a0 may upload one chunk at a time, and it will be the lease holder everyone wants.
-    cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=100, config=config,
-                      extra_args={0: ["--max-uploads", "1"]})
+    cluster = Cluster(
+        tmp_path / "swarm", key_file=key_file, base=100, config=config, extra_args={0: ["--max-uploads", "1"]}
+    )
     await trio.to_thread.run_sync(cluster.start)
     limited = cluster.agents[0]
     try:
@@ -349,17 +394,21 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
         results: dict[str, object] = {}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pull, limited, digest, results)
-            await wait_for(partial(_lessee, limited, digest), timeout=10, what="a0 to hold the lease")
+            with trio.fail_after(10):
+                await wait_until(partial(_lessee, limited, digest))
             for agent in cluster.agents[1:]:
                 nursery.start_soon(pull, agent, digest, results)
         assert results == {a.node_id: digest for a in cluster.agents}
         refused = await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_refused_total")
         served = await trio.to_thread.run_sync(limited.metric, "p2pd_peer_served_bytes_total")
         from_others = {a.node_id: await trio.to_thread.run_sync(a.peer_bytes) for a in cluster.agents[1:]}
-        print(f"\na0 (max 1 upload) refused {refused:.0f} chunk requests, served {served / MiB:.0f} MiB; "
-              "MiB received by each node from each peer: "
-              + "; ".join(f"{n}: " + ", ".join(f"{p} {v / MiB:.0f}" for p, v in sorted(b.items()))
-                          for n, b in from_others.items()))
+        print(
+            f"\na0 (max 1 upload) refused {refused:.0f} chunk requests, served {served / MiB:.0f} MiB; "
+            "MiB received by each node from each peer: "
+            + "; ".join(
+                f"{n}: " + ", ".join(f"{p} {v / MiB:.0f}" for p, v in sorted(b.items())) for n, b in from_others.items()
+            )
+        )
         assert refused > 0
         # The others also got chunks from each other, not only from the busy node.
         for node, by_peer in from_others.items():
@@ -371,8 +420,9 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
         async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
             async with client.stream("GET", url, headers=signed_headers(key, "a1", "GET", target)) as holding:
                 assert holding.status_code == 200
-                busy = await client.get(url, headers={**signed_headers(key, "a2", "GET", target),
-                                                      "Range": "bytes=0-1023"})
+                busy = await client.get(
+                    url, headers={**signed_headers(key, "a2", "GET", target), "Range": "bytes=0-1023"}
+                )
                 assert busy.status_code == 429
                 assert re.fullmatch(r"\d+", busy.headers["retry-after"])
             before = refused

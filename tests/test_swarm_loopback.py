@@ -27,8 +27,14 @@ from tests.swarm_cluster import NS, Agent, Cluster, MiB, sha256
 pytestmark = [pytest.mark.slow]
 
 BIG_LAYER_MIB = 64
-_ACCEPT = ", ".join([MT_OCI_MANIFEST, MT_OCI_INDEX, "application/vnd.docker.distribution.manifest.v2+json",
-                     "application/vnd.docker.distribution.manifest.list.v2+json"])
+_ACCEPT = ", ".join(
+    [
+        MT_OCI_MANIFEST,
+        MT_OCI_INDEX,
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +59,9 @@ async def pull_like_containerd(agent: Agent, repository: str, tag: str) -> tuple
     Returns the manifest digest and ``{blob digest: sha256 of the bytes received}``.
     """
     received: dict[str, str] = {}
-    async with httpx.AsyncClient(base_url=agent.url, trust_env=False, timeout=60,
-                                 headers={"Accept": _ACCEPT}) as client:
+    async with httpx.AsyncClient(
+        base_url=agent.url, trust_env=False, timeout=60, headers={"Accept": _ACCEPT}
+    ) as client:
         head = await client.head(f"/v2/{repository}/manifests/{tag}", params={"ns": NS})
         assert head.status_code == 200, head.text
         digest = head.headers["docker-content-digest"]
@@ -64,8 +71,9 @@ async def pull_like_containerd(agent: Agent, repository: str, tag: str) -> tuple
 
         async def blob(descriptor: dict[str, object]) -> None:
             hasher_input = bytearray()
-            async with client.stream("GET", f"/v2/{repository}/blobs/{descriptor['digest']}",
-                                     params={"ns": NS}) as blob_response:
+            async with client.stream(
+                "GET", f"/v2/{repository}/blobs/{descriptor['digest']}", params={"ns": NS}
+            ) as blob_response:
                 assert blob_response.status_code == 200, f"{agent.node_id}: {blob_response.status_code}"
                 async for piece in blob_response.aiter_raw():
                     hasher_input += piece
@@ -80,7 +88,8 @@ async def pull_like_containerd(agent: Agent, repository: str, tag: str) -> tuple
 
 @pytest.mark.root
 async def test_five_agents_pull_an_image_at_once_and_the_seed_sends_it_once(
-        tmp_path: Path, layout64: OciLayout, key_file: Path, containerd: PrivateContainerd) -> None:
+    tmp_path: Path, layout64: OciLayout, key_file: Path, containerd: PrivateContainerd
+) -> None:
     manifest = layout64.manifest("big64")
     sizes = {d["digest"]: d["size"] for d in [manifest["config"], *manifest["layers"]]}
     big_digest = max(sizes, key=lambda d: sizes[d])
@@ -90,13 +99,26 @@ async def test_five_agents_pull_an_image_at_once_and_the_seed_sends_it_once(
     cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=40)
     await trio.to_thread.run_sync(cluster.start)
     try:
-        pushed = await trio.to_thread.run_sync(skopeo.copy, layout64.ref("big64"),
-                                               f"docker://{cluster.seed.host}/lab/big:latest")
+        pushed = await trio.to_thread.run_sync(
+            skopeo.copy, layout64.ref("big64"), f"docker://{cluster.seed.host}/lab/big:latest"
+        )
         await trio.to_thread.run_sync(cluster.wait_members)
         ctr_agent, others = cluster.agents[2], [a for i, a in enumerate(cluster.agents) if i != 2]
         hosts = tmp_path / "hosts"
-        assert p2pd.cli.main(["containerd-config", "--hosts-dir", str(hosts), "--endpoint", ctr_agent.url,
-                              "--registry", f"{NS}={cluster.seed.url}"]) == 0
+        assert (
+            p2pd.cli.main(
+                [
+                    "containerd-config",
+                    "--hosts-dir",
+                    str(hosts),
+                    "--endpoint",
+                    ctr_agent.url,
+                    "--registry",
+                    f"{NS}={cluster.seed.url}",
+                ]
+            )
+            == 0
+        )
         seed_before = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
         ref = f"{NS}/lab/big:latest"
 
@@ -125,7 +147,8 @@ async def test_five_agents_pull_an_image_at_once_and_the_seed_sends_it_once(
         assert containerd.image_digest(ref) == pushed
         assert await trio.to_thread.run_sync(containerd.unpack_check, ref) in ("run", "mount")
         out = await trio.to_thread.run_sync(
-            partial(containerd.run_container, ref, "/bin/sh", "-c", "wc -c < /data/big64.bin"))
+            partial(containerd.run_container, ref, "/bin/sh", "-c", "wc -c < /data/big64.bin")
+        )
         assert int(out.stdout) == BIG_LAYER_MIB * MiB
 
         # The seed sent the image about once, for five nodes.
@@ -137,15 +160,22 @@ async def test_five_agents_pull_an_image_at_once_and_the_seed_sends_it_once(
             metrics = await trio.to_thread.run_sync(agent.metrics)
             upstream = metrics.get(("p2pd_fetched_bytes_total", frozenset({("source", "upstream")})), 0.0)
             peer = metrics.get(("p2pd_fetched_bytes_total", frozenset({("source", "peer")})), 0.0)
-            peers = {dict(labels)["peer"]: value for (name, labels), value in metrics.items()
-                     if name == "p2pd_peer_fetched_bytes_total"}
+            peers = {
+                dict(labels)["peer"]: value
+                for (name, labels), value in metrics.items()
+                if name == "p2pd_peer_fetched_bytes_total"
+            }
             report[agent.node_id] = (upstream, peer, peers)
-        lines = [f"{node}: upstream {up / MiB:.1f} MiB, peers {p / MiB:.1f} MiB from "
-                 + ", ".join(f"{k} {v / MiB:.0f}" for k, v in sorted(peers.items()))
-                 + f"; pull {durations[node]:.1f} s"
-                 for node, (up, p, peers) in report.items()]
-        print(f"\nimage {image_bytes / MiB:.1f} MiB ({len(sizes)} blobs); seed sent {seed_sent / MiB:.1f} MiB "
-              f"= {ratio:.3f} x the image for 5 nodes\n" + "\n".join(lines))
+        lines = [
+            f"{node}: upstream {up / MiB:.1f} MiB, peers {p / MiB:.1f} MiB from "
+            + ", ".join(f"{k} {v / MiB:.0f}" for k, v in sorted(peers.items()))
+            + f"; pull {durations[node]:.1f} s"
+            for node, (up, p, peers) in report.items()
+        ]
+        print(
+            f"\nimage {image_bytes / MiB:.1f} MiB ({len(sizes)} blobs); seed sent {seed_sent / MiB:.1f} MiB "
+            f"= {ratio:.3f} x the image for 5 nodes\n" + "\n".join(lines)
+        )
         assert image_bytes <= seed_sent <= 1.05 * image_bytes, cluster.logs()
 
         for node_id, (upstream, peer, _peers) in report.items():

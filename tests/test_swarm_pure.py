@@ -34,8 +34,25 @@ def _digest(name: str) -> Digest:
 # ---- layering -------------------------------------------------------------------------
 
 _PURE = (rendezvous, auth, messages, planning, coordinator)
-_IO_MODULES = {"trio", "anyio", "asyncio", "httpx", "httpcore", "h11", "zeroconf", "socket", "ssl", "os",
-               "subprocess", "threading", "select", "selectors", "p2pd.httpd", "p2pd.store", "p2pd.upstream"}
+_IO_MODULES = {
+    "trio",
+    "anyio",
+    "asyncio",
+    "httpx",
+    "httpcore",
+    "h11",
+    "zeroconf",
+    "socket",
+    "ssl",
+    "os",
+    "subprocess",
+    "threading",
+    "select",
+    "selectors",
+    "p2pd.httpd",
+    "p2pd.store",
+    "p2pd.upstream",
+}
 
 
 @pytest.mark.parametrize("module", _PURE, ids=lambda m: m.__name__)
@@ -71,7 +88,7 @@ def _top(ranking: list[str], members: set[str]) -> str:
 def test_rendezvous_join_moves_about_one_nth_and_only_to_the_newcomer(placement: dict[str, list[str]]) -> None:
     before_members, after_members = set(_MEMBERS), {*_MEMBERS, "node-new"}
     moved = 0
-    for key, ranking in placement.items():
+    for ranking in placement.values():
         before, after = _top(ranking, before_members), _top(ranking, after_members)
         if before != after:
             moved += 1
@@ -119,8 +136,9 @@ def test_rendezvous_coordinators_and_backups() -> None:
     assert sorted(ranking) == sorted(_MEMBERS)
     chosen = rendezvous.coordinators(key, _MEMBERS, 3)
     assert chosen == ranking[:3] and len(set(chosen)) == 3
-    assert [rendezvous.score(key, n) for n in chosen] == sorted((rendezvous.score(key, n) for n in chosen),
-                                                                 reverse=True)
+    assert [rendezvous.score(key, n) for n in chosen] == sorted(
+        (rendezvous.score(key, n) for n in chosen), reverse=True
+    )
     assert rendezvous.coordinators(key, ["a", "b"], 5) == rendezvous.rank(key, ["a", "b"])
     assert rendezvous.coordinators(key, [], 3) == []
     assert rendezvous.coordinators(key, _MEMBERS, 0) == []
@@ -138,19 +156,36 @@ NOW = 1_800_000_000.0
 
 
 def _signed_request(**overrides: object) -> dict[str, object]:
-    fields: dict[str, object] = {"method": "POST", "target": "/p2p/v1/announce", "node_id": "node-a",
-                                 "timestamp": NOW, "body": b"hello"}
-    fields["signature"] = auth.sign_request(KEY, str(fields["method"]), str(fields["target"]),
-                                            str(fields["node_id"]), float(fields["timestamp"]),  # type: ignore[arg-type]
-                                            bytes(fields["body"]))  # type: ignore[arg-type]
+    fields: dict[str, object] = {
+        "method": "POST",
+        "target": "/p2p/v1/announce",
+        "node_id": "node-a",
+        "timestamp": NOW,
+        "body": b"hello",
+    }
+    fields["signature"] = auth.sign_request(
+        KEY,
+        str(fields["method"]),
+        str(fields["target"]),
+        str(fields["node_id"]),
+        float(fields["timestamp"]),  # type: ignore[arg-type]
+        bytes(fields["body"]),
+    )  # type: ignore[arg-type]
     fields.update(overrides)
     return fields
 
 
 def _verify_request(fields: dict[str, object], *, key: bytes = KEY, now: float = NOW) -> None:
-    auth.verify_request(key, str(fields["method"]), str(fields["target"]), str(fields["node_id"]),
-                        str(int(fields["timestamp"])), str(fields["signature"]), now,  # type: ignore[call-overload]
-                        bytes(fields["body"]))  # type: ignore[arg-type]
+    auth.verify_request(
+        key,
+        str(fields["method"]),
+        str(fields["target"]),
+        str(fields["node_id"]),
+        str(int(fields["timestamp"])),
+        str(fields["signature"]),
+        now,  # type: ignore[call-overload]
+        bytes(fields["body"]),
+    )  # type: ignore[arg-type]
 
 
 def test_signed_request_verifies() -> None:
@@ -161,17 +196,20 @@ def test_signed_request_verifies() -> None:
     _verify_request(_signed_request(method="post"))
 
 
-@pytest.mark.parametrize("field,value", [
-    ("method", "GET"),
-    ("target", "/p2p/v1/announce?x=1"),
-    ("target", "/p2p/v1/hello"),
-    ("node_id", "node-b"),
-    ("body", b"hellO"),
-    ("body", b""),
-    ("timestamp", NOW + 1),
-    ("signature", "00" * 32),
-    ("signature", ""),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("method", "GET"),
+        ("target", "/p2p/v1/announce?x=1"),
+        ("target", "/p2p/v1/hello"),
+        ("node_id", "node-b"),
+        ("body", b"hellO"),
+        ("body", b""),
+        ("timestamp", NOW + 1),
+        ("signature", "00" * 32),
+        ("signature", ""),
+    ],
+)
 def test_tampered_request_is_refused(field: str, value: object) -> None:
     with pytest.raises(AuthError):
         _verify_request(_signed_request(**{field: value}))
@@ -184,8 +222,16 @@ def test_replay_outside_the_window_and_bad_timestamps_are_refused() -> None:
             _verify_request(fields, now=now)
     for bad in ("", "soon", "1.5e9", None):
         with pytest.raises(AuthError, match="timestamp"):
-            auth.verify_request(KEY, "POST", "/p2p/v1/announce", "node-a", bad, str(fields["signature"]),  # type: ignore[arg-type]
-                                NOW, b"hello")
+            auth.verify_request(
+                KEY,
+                "POST",
+                "/p2p/v1/announce",
+                "node-a",
+                bad,
+                str(fields["signature"]),  # type: ignore[arg-type]
+                NOW,
+                b"hello",
+            )
 
 
 def test_wrong_key_is_refused() -> None:
@@ -276,39 +322,79 @@ DIGEST = _digest("layer")
 
 
 def _announce(**overrides: object) -> Announce:
-    fields: dict[str, object] = dict(digest=DIGEST, node="node-a", address="127.0.0.10:7000", site="rack-1",
-                                     size=5 * 2**20, chunk_size=2**20, complete=False, have=b"\xa8",
-                                     want_lease=True, gone=False)
+    fields: dict[str, object] = dict(
+        digest=DIGEST,
+        node="node-a",
+        address="127.0.0.10:7000",
+        site="rack-1",
+        size=5 * 2**20,
+        chunk_size=2**20,
+        complete=False,
+        have=b"\xa8",
+        want_lease=True,
+        gone=False,
+    )
     fields.update(overrides)
     return Announce(**fields)  # type: ignore[arg-type]
 
 
 def test_messages_round_trip() -> None:
-    for message in (_announce(), _announce(complete=True, have=None, size=None, want_lease=False),
-                    _announce(gone=True, have=None)):
+    for message in (
+        _announce(),
+        _announce(complete=True, have=None, size=None, want_lease=False),
+        _announce(gone=True, have=None),
+    ):
         assert decode(encode(message)) == message
-    reply = Reply((PeerInfo("node-b", "127.0.0.11:7000", "rack-1", True, None),
-                   PeerInfo("node-c", "127.0.0.12:7000", "rack-2", False, b"\x80")),
-                  "node-b", "127.0.0.11:7000", False, 15.0)
+    reply = Reply(
+        (
+            PeerInfo("node-b", "127.0.0.11:7000", "rack-1", True, None),
+            PeerInfo("node-c", "127.0.0.12:7000", "rack-2", False, b"\x80"),
+        ),
+        "node-b",
+        "127.0.0.11:7000",
+        False,
+        15.0,
+    )
     assert decode(encode(reply)) == reply
     empty = Reply((), None, None, True, 2)
     assert decode(encode(empty)) == Reply((), None, None, True, 2.0)
-    full = Reply(tuple(PeerInfo(f"n{i}", f"127.0.0.1:{i + 1}", "s", True, None) for i in range(MAX_HOLDERS)),
-                 None, None, False, 1.0)
+    full = Reply(
+        tuple(PeerInfo(f"n{i}", f"127.0.0.1:{i + 1}", "s", True, None) for i in range(MAX_HOLDERS)),
+        None,
+        None,
+        False,
+        1.0,
+    )
     assert decode(encode(full)) == full
 
 
 def _announce_dict(**overrides: object) -> dict[str, object]:
-    body: dict[str, object] = {"t": "announce", "digest": str(DIGEST), "node": "n", "address": "a:1", "site": "s",
-                               "size": 10, "chunk_size": 4, "complete": False, "have": b"\x00",
-                               "want_lease": False, "gone": False}
+    body: dict[str, object] = {
+        "t": "announce",
+        "digest": str(DIGEST),
+        "node": "n",
+        "address": "a:1",
+        "site": "s",
+        "size": 10,
+        "chunk_size": 4,
+        "complete": False,
+        "have": b"\x00",
+        "want_lease": False,
+        "gone": False,
+    }
     body.update(overrides)
     return body
 
 
 def _reply_dict(**overrides: object) -> dict[str, object]:
-    body: dict[str, object] = {"t": "reply", "holders": [], "lease_holder": None, "lease_address": None,
-                               "granted": False, "lease_ttl": 15.0}
+    body: dict[str, object] = {
+        "t": "reply",
+        "holders": [],
+        "lease_holder": None,
+        "lease_address": None,
+        "granted": False,
+        "lease_ttl": 15.0,
+    }
     body.update(overrides)
     return body
 
@@ -341,8 +427,9 @@ MALFORMED = [
     pytest.param(msgpack.packb(_announce_dict(address=["a"])), id="address-list"),
     pytest.param(msgpack.packb(_announce_dict(site=None)), id="site-missing"),
     pytest.param(msgpack.packb(_announce_dict(have="0000")), id="have-str"),
-    pytest.param(msgpack.packb(_announce_dict(have=b"\x00" * (messages.MAX_MESSAGE_BYTES // 8 + 1))),
-                 id="have-too-large"),
+    pytest.param(
+        msgpack.packb(_announce_dict(have=b"\x00" * (messages.MAX_MESSAGE_BYTES // 8 + 1))), id="have-too-large"
+    ),
     pytest.param(msgpack.packb(_reply_dict(holders={})), id="holders-map"),
     pytest.param(msgpack.packb(_reply_dict(holders=[_HOLDER] * (MAX_HOLDERS + 1))), id="too-many-holders"),
     pytest.param(msgpack.packb(_reply_dict(holders=[1])), id="holder-int"),
@@ -370,19 +457,35 @@ def test_malformed_messages_raise_message_error(data: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=512),
-    st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
-                 | st.binary(max_size=20),
-                 lambda children: st.lists(children, max_size=5)
-                 | st.dictionaries(st.sampled_from(sorted(_announce_dict()) + sorted(_reply_dict())), children,
-                                   max_size=8),
-                 max_leaves=30).map(lambda obj: msgpack.packb(obj)),
-    st.fixed_dictionaries({k: st.sampled_from([v, None, 0, "x", b"x", [], {}, True, -1, 2.5])
-                           for k, v in _announce_dict().items()}).map(msgpack.packb),
-    st.fixed_dictionaries({k: st.sampled_from([v, None, 0, "x", b"x", [], [_HOLDER], {}, True, -1, 2.5])
-                           for k, v in _reply_dict().items()}).map(msgpack.packb),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=512),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers(-(2**63), 2**64 - 1)
+            | st.floats()
+            | st.text(max_size=20)
+            | st.binary(max_size=20),
+            lambda children: (
+                st.lists(children, max_size=5)
+                | st.dictionaries(
+                    st.sampled_from(sorted(_announce_dict()) + sorted(_reply_dict())), children, max_size=8
+                )
+            ),
+            max_leaves=30,
+        ).map(lambda obj: msgpack.packb(obj)),
+        st.fixed_dictionaries(
+            {k: st.sampled_from([v, None, 0, "x", b"x", [], {}, True, -1, 2.5]) for k, v in _announce_dict().items()}
+        ).map(msgpack.packb),
+        st.fixed_dictionaries(
+            {
+                k: st.sampled_from([v, None, 0, "x", b"x", [], [_HOLDER], {}, True, -1, 2.5])
+                for k, v in _reply_dict().items()
+            }
+        ).map(msgpack.packb),
+    )
+)
 def test_decode_never_raises_anything_but_message_error(data: bytes) -> None:
     try:
         message = decode(data)
@@ -393,6 +496,7 @@ def test_decode_never_raises_anything_but_message_error(data: bytes) -> None:
 
 
 # ---- planning: bitmaps ----------------------------------------------------------------
+
 
 def test_bitmap_operations() -> None:
     bitmap = Bitmap(11)
@@ -425,6 +529,7 @@ def test_bitmap_operations() -> None:
 
 # ---- planning: rarest first, randomness, caps, locality, fallback ---------------------
 
+
 def _bitmap(count: int, indexes: list[int]) -> Bitmap:
     bitmap = Bitmap(count)
     for index in indexes:
@@ -440,8 +545,9 @@ def test_rarest_chunks_are_requested_first() -> None:
     assert plan[0] == ChunkRequest(3, "p0")  # the only holder of chunk 3
     assert all(r.index in sources[r.source] for r in plan)
     # A chunk nobody has is not planned, and the limit cuts the least rare ones.
-    assert [r.index for r in plan_requests(range(5), sources, busy={}, max_per_source=10, limit=2,
-                                           rng=random.Random(1))] == [3, 2]
+    assert [
+        r.index for r in plan_requests(range(5), sources, busy={}, max_per_source=10, limit=2, rng=random.Random(1))
+    ] == [3, 2]
 
 
 def test_equally_rare_chunks_and_sources_are_chosen_at_random() -> None:
@@ -460,8 +566,7 @@ def test_equally_rare_chunks_and_sources_are_chosen_at_random() -> None:
 
 def test_per_source_caps_and_busy_requests_are_respected() -> None:
     sources = {"a": Bitmap.full(20), "b": Bitmap.full(20), "c": Bitmap.full(20)}
-    plan = plan_requests(range(20), sources, busy={"a": 1, "c": 2}, max_per_source=2, limit=20,
-                         rng=random.Random(5))
+    plan = plan_requests(range(20), sources, busy={"a": 1, "c": 2}, max_per_source=2, limit=20, rng=random.Random(5))
     per_source = Counter(r.source for r in plan)
     assert per_source == {"a": 1, "b": 2}
     assert len({r.index for r in plan}) == len(plan)  # never the same chunk twice
@@ -475,19 +580,37 @@ def test_per_source_caps_and_busy_requests_are_respected() -> None:
 
 
 def test_same_site_sources_are_preferred() -> None:
-    sources = {"near": Bitmap.full(10), "far1": Bitmap.full(10), "far2": Bitmap.full(10),
-               "near-partial": _bitmap(10, [7])}
+    sources = {
+        "near": Bitmap.full(10),
+        "far1": Bitmap.full(10),
+        "far2": Bitmap.full(10),
+        "near-partial": _bitmap(10, [7]),
+    }
     for seed in range(50):
-        plan = plan_requests(range(10), sources, busy={}, max_per_source=2, limit=6,
-                             preferred=["near", "near-partial"], rng=random.Random(seed))
+        plan = plan_requests(
+            range(10),
+            sources,
+            busy={},
+            max_per_source=2,
+            limit=6,
+            preferred=["near", "near-partial"],
+            rng=random.Random(seed),
+        )
         by_source = Counter(r.source for r in plan)
         # Near sources get every request they can take before any far source gets one.
         assert by_source["near"] == 2
         assert by_source["far1"] + by_source["far2"] == 6 - 2 - by_source["near-partial"]
         assert all(r.index == 7 for r in plan if r.source == "near-partial")
     # A chunk only a far source has still comes from there.
-    plan = plan_requests([3], {"far": Bitmap.full(10), "near": _bitmap(10, [1])}, busy={}, max_per_source=2,
-                         limit=4, preferred=["near"], rng=random.Random(0))
+    plan = plan_requests(
+        [3],
+        {"far": Bitmap.full(10), "near": _bitmap(10, [1])},
+        busy={},
+        max_per_source=2,
+        limit=4,
+        preferred=["near"],
+        rng=random.Random(0),
+    )
     assert plan == [ChunkRequest(3, "far")]
 
 
@@ -495,8 +618,9 @@ def test_fallback_source_is_used_only_for_chunks_nobody_else_has() -> None:
     # The lease holder ("lessee") will have everything; peers hold chunks 0..3.
     sources = {"lessee": Bitmap.full(8), "p1": _bitmap(8, [0, 1, 2, 3]), "p2": _bitmap(8, [0, 1, 2, 3])}
     for seed in range(50):
-        plan = plan_requests(range(8), sources, busy={}, max_per_source=8, limit=8, fallback=["lessee"],
-                             rng=random.Random(seed))
+        plan = plan_requests(
+            range(8), sources, busy={}, max_per_source=8, limit=8, fallback=["lessee"], rng=random.Random(seed)
+        )
         assert len(plan) == 8
         for request in plan:
             if request.index < 4:
@@ -504,12 +628,14 @@ def test_fallback_source_is_used_only_for_chunks_nobody_else_has() -> None:
             else:
                 assert request.source == "lessee"
     # Even when the other holders are at their cap, the fallback is spared for chunks they have.
-    plan = plan_requests(range(8), sources, busy={"p1": 2, "p2": 2}, max_per_source=2, limit=8,
-                         fallback=["lessee"], rng=random.Random(0))
+    plan = plan_requests(
+        range(8), sources, busy={"p1": 2, "p2": 2}, max_per_source=2, limit=8, fallback=["lessee"], rng=random.Random(0)
+    )
     assert sorted(r.index for r in plan) == [4, 5] and {r.source for r in plan} == {"lessee"}
     # Rarity ignores the fallback: chunks only it has count as the rarest.
-    plan = plan_requests(range(8), sources, busy={}, max_per_source=8, limit=3, fallback=["lessee"],
-                         rng=random.Random(0))
+    plan = plan_requests(
+        range(8), sources, busy={}, max_per_source=8, limit=3, fallback=["lessee"], rng=random.Random(0)
+    )
     assert all(r.index >= 4 for r in plan)
 
 
@@ -518,10 +644,19 @@ def test_fallback_source_is_used_only_for_chunks_nobody_else_has() -> None:
 TTL = 15.0
 
 
-def _node_announce(node: str, *, site: str = "s1", have: bytes | None = b"\x00", complete: bool = False,
-                   want_lease: bool = True, gone: bool = False, digest: Digest = DIGEST) -> Announce:
-    return Announce(digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete,
-                    None if complete else have, want_lease, gone)
+def _node_announce(
+    node: str,
+    *,
+    site: str = "s1",
+    have: bytes | None = b"\x00",
+    complete: bool = False,
+    want_lease: bool = True,
+    gone: bool = False,
+    digest: Digest = DIGEST,
+) -> Announce:
+    return Announce(
+        digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete, None if complete else have, want_lease, gone
+    )
 
 
 def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> None:

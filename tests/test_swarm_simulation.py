@@ -8,7 +8,7 @@ Nothing here opens a socket or runs trio. Every node runs the transfer loop of
 - it learns holders and the site's lease holder from the reply, and fresher bitmaps from
   the have-hints on chunk responses;
 - it plans chunk requests with ``plan_requests`` (rarest first, same site first, the lease
-  holder as the fallback source);
+  holder as the fallback source, for the chunks just past what it is known to have);
 - the lease holder fetches from the upstream; a node without progress for ``stuck_after``
   fetches from the upstream itself.
 
@@ -23,12 +23,14 @@ endpoint does. Run with ``-s`` to see the numbers.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import types
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import trio
@@ -37,9 +39,10 @@ import trio.testing
 from p2pd.config import SwarmConfig
 from p2pd.oci.digest import Digest
 from p2pd.swarm.coordinator import CoordinatorState
-from p2pd.swarm.engine import Swarm
+from p2pd.swarm.engine import _LESSEE_LOOKAHEAD, Swarm
 from p2pd.swarm.membership import Member
 from p2pd.swarm.messages import Announce, Reply
+from p2pd.swarm.peers import PeerError
 from p2pd.swarm.planning import Bitmap, plan_requests
 from p2pd.swarm.rendezvous import coordinators
 
@@ -65,11 +68,19 @@ def _product_swarm(n: int) -> Swarm:
     """A real Swarm over ``n`` members: the source of intervals and limits for the simulation."""
     config = SwarmConfig()
     members = [Member(f"node-{i:04d}", f"10.0.0.1:{i}", "s") for i in range(n)]
-    return Swarm(me=members[0], membership=_Members(members), client=None, metrics=None,  # type: ignore[arg-type]
-                 chunk_size=config.chunk_size, lease_ttl=config.lease_ttl,
-                 coordinator_backups=config.coordinator_backups, peer_timeout=config.peer_timeout,
-                 max_parallel_chunks=config.max_parallel_chunks,
-                 max_requests_per_peer=config.max_requests_per_peer, ban_seconds=config.ban_seconds)
+    return Swarm(
+        me=members[0],
+        membership=_Members(members),
+        client=None,
+        metrics=None,  # type: ignore[arg-type]
+        chunk_size=config.chunk_size,
+        lease_ttl=config.lease_ttl,
+        coordinator_backups=config.coordinator_backups,
+        peer_timeout=config.peer_timeout,
+        max_parallel_chunks=config.max_parallel_chunks,
+        max_requests_per_peer=config.max_requests_per_peer,
+        ban_seconds=config.ban_seconds,
+    )
 
 
 @dataclass(eq=False)
@@ -85,7 +96,7 @@ class _Node:
     lessee: str | None = None
     upstream_running: bool = False
     next_announce: float = 0.0
-    had: int = 0  # chunks at the last announcement (or at the start)
+    announced_at: float = 0.0
     last_progress: float = 0.0
     retry_at: dict[str, float] = field(default_factory=dict)
     requested: set[int] = field(default_factory=set)
@@ -125,13 +136,15 @@ class Result:
 
     def line(self) -> str:
         ann = self.announcements
-        return (f"N={self.n:5d} sites={self.sites}: all done after {self.seconds:5.1f} s; announcements per node "
-                f"mean {sum(ann) / len(ann):.2f} max {max(ann)}; chunk requests per node mean "
-                f"{sum(self.chunk_requests) / self.n:.1f}; upstream fetches per site "
-                f"{sorted(len(v) for v in self.upstream_nodes.values())}, upstream chunks {self.upstream_chunks} "
-                f"({self.upstream_chunks / CHUNKS:.2f} blobs); coordinator peak {self.peak_announcements_per_second}"
-                f" announcements/s; peers per node min {min(self.sources_per_node)}; 429s {self.refused}; longest wait "
-                f"for a chunk {self.longest_wait:.1f} s (stuck after {self.stuck_after:.0f} s)")
+        return (
+            f"N={self.n:5d} sites={self.sites}: all done after {self.seconds:5.1f} s; announcements per node "
+            f"mean {sum(ann) / len(ann):.2f} max {max(ann)}; chunk requests per node mean "
+            f"{sum(self.chunk_requests) / self.n:.1f}; upstream fetches per site "
+            f"{sorted(len(v) for v in self.upstream_nodes.values())}, upstream chunks {self.upstream_chunks} "
+            f"({self.upstream_chunks / CHUNKS:.2f} blobs); coordinator peak {self.peak_announcements_per_second}"
+            f" announcements/s; peers per node min {min(self.sources_per_node)}; 429s {self.refused}; longest wait "
+            f"for a chunk {self.longest_wait:.1f} s (stuck after {self.stuck_after:.0f} s)"
+        )
 
 
 class Simulation:
@@ -141,13 +154,13 @@ class Simulation:
         config = SwarmConfig()
         self.interval = self.swarm.announce_interval()
         self.stuck_after = self.swarm.stuck_after
+        self.stalled = self.stuck_after / 3
         self.max_parallel = config.max_parallel_chunks
         self.max_per_peer = config.max_requests_per_peer
         self.max_uploads = config.max_uploads
         self.lease_ttl = config.lease_ttl
         self.digest = Digest("sha256", hashlib.sha256(f"layer-{seed}".encode()).hexdigest())
-        self.nodes = {f"node-{i:04d}": _Node(f"node-{i:04d}", f"site-{i % sites}", Bitmap(CHUNKS))
-                      for i in range(n)}
+        self.nodes = {f"node-{i:04d}": _Node(f"node-{i:04d}", f"site-{i % sites}", Bitmap(CHUNKS)) for i in range(n)}
         self.sites = sites
         for node in self.nodes.values():
             node.next_announce = self.rng.uniform(0, start_spread)  # a cold burst: everyone at once
@@ -163,8 +176,17 @@ class Simulation:
     # ---- messages ---------------------------------------------------------------------
 
     def _announce(self, node: _Node, now: float, *, complete: bool = False) -> Reply:
-        message = Announce(self.digest, node.id, f"{node.id}:7000", node.site, CHUNKS * 2**20, 2**20, complete,
-                           None if complete else node.have.to_bytes(), not complete)
+        message = Announce(
+            self.digest,
+            node.id,
+            f"{node.id}:7000",
+            node.site,
+            CHUNKS * 2**20,
+            2**20,
+            complete,
+            None if complete else node.have.to_bytes(),
+            not complete,
+        )
         node.announcements += 1
         state = self.states.setdefault(self.coordinator_id, CoordinatorState(lease_ttl=self.lease_ttl))
         self.load[self.coordinator_id] += 1
@@ -200,15 +222,33 @@ class Simulation:
             return
         needed_mask = sum(1 << (CHUNKS - 1 - i) for i in needed)
         # Sources without any needed chunk cannot be planned: leaving them out changes nothing.
-        sources = {peer: node.known[peer] for peer, mask in node.known_mask.items()
-                   if mask & needed_mask and node.retry_at.get(peer, 0.0) <= now}
+        sources = {
+            peer: node.known[peer]
+            for peer, mask in node.known_mask.items()
+            if mask & needed_mask and node.retry_at.get(peer, 0.0) <= now
+        }
         if node.lessee and node.lessee != node.id and node.retry_at.get(node.lessee, 0.0) <= now:
-            sources[node.lessee] = Bitmap.full(CHUNKS)
+            # As the engine does: what the lease holder is known to have, plus the next few
+            # chunks past its prefix (it fetches in order and its endpoint waits for them).
+            known = node.known.get(node.lessee)
+            optimistic = Bitmap(CHUNKS, known.to_bytes()) if known else Bitmap(CHUNKS)
+            frontier = optimistic.prefix()
+            for index in range(frontier, min(CHUNKS, frontier + _LESSEE_LOOKAHEAD)):
+                optimistic.set(index)
+            sources[node.lessee] = optimistic
         if not sources:
             return
         same_site = [peer for peer in sources if node.sites.get(peer, self.nodes[peer].site) == node.site]
-        plan = plan_requests(needed, sources, busy=node.busy, max_per_source=self.max_per_peer, limit=room,
-                             preferred=same_site, fallback=[node.lessee] if node.lessee else [], rng=self.rng)
+        plan = plan_requests(
+            needed,
+            sources,
+            busy=node.busy,
+            max_per_source=self.max_per_peer,
+            limit=room,
+            preferred=same_site,
+            fallback=[node.lessee] if node.lessee else [],
+            rng=self.rng,
+        )
         for request in plan:
             node.requested.add(request.index)
             node.busy[request.source] += 1
@@ -219,8 +259,7 @@ class Simulation:
         node.requested.discard(index)
         node.busy[source] -= 1
 
-    def _serve(self, now: float, inbox: dict[str, list[tuple[_Node, int, float]]]
-               ) -> list[tuple[_Node, int, str]]:
+    def _serve(self, now: float, inbox: dict[str, list[tuple[_Node, int, float]]]) -> list[tuple[_Node, int, str]]:
         deliveries: list[tuple[_Node, int, str]] = []
         for source_id in sorted(set(inbox) | set(self.pending)):
             source = self.nodes[source_id]
@@ -272,15 +311,16 @@ class Simulation:
         active = list(self.nodes.values())
         now = 0.0
         rounds = 0
-        for rounds in range(1, MAX_ROUNDS + 1):  # noqa: B007 - the count is reported
+        for rounds in range(1, MAX_ROUNDS + 1):
             now = rounds * ROUND
             self.rng.shuffle(active)
             for node in active:
-                if node.next_announce <= now:
+                # As the engine does: on schedule, or early when no chunk came for stuck_after / 3.
+                stalled = node.announcements and now - max(node.last_progress, node.announced_at) >= self.stalled
+                if node.next_announce <= now or stalled:
                     self._absorb(node, self._announce(node, now))
-                    starving = node.have.cardinality() == node.had  # no chunk since the last announcement
-                    node.had = node.have.cardinality()
-                    node.next_announce = now + self.swarm.announce_interval(leased=node.leased, starving=starving)
+                    node.announced_at = now
+                    node.next_announce = now + self.swarm.announce_interval(leased=node.leased)
             for node in active:
                 stuck = now - node.last_progress > self.stuck_after
                 if (node.leased or stuck) and node.announcements:
@@ -298,7 +338,7 @@ class Simulation:
                     requester.peer_chunks[source_id] += 1
                     requester.progress(now)
                 source = self.nodes[source_id]
-                if source_id != requester.lessee and source.done_at is None:  # the X-P2PD-Have hint
+                if source.done_at is None:  # the X-P2PD-Have hint of a node still downloading
                     requester.known[source_id] = Bitmap(CHUNKS, source.have.to_bytes())
                     requester.known_mask[source_id] = source.mask
             still = []
@@ -317,11 +357,22 @@ class Simulation:
             if node.upstream_chunks:
                 upstream[node.site].append(node.id)
         nodes = list(self.nodes.values())
-        return Result(len(nodes), self.sites, rounds, now, [n.announcements for n in nodes],
-                      [n.chunk_requests for n in nodes], upstream, sum(n.upstream_chunks for n in nodes),
-                      self.load, max(self.per_second.values()),
-                      [len(n.peer_chunks) for n in nodes if not n.upstream_chunks], self.refused,
-                      max(n.longest_wait for n in nodes), self.stuck_after)
+        return Result(
+            len(nodes),
+            self.sites,
+            rounds,
+            now,
+            [n.announcements for n in nodes],
+            [n.chunk_requests for n in nodes],
+            upstream,
+            sum(n.upstream_chunks for n in nodes),
+            self.load,
+            max(self.per_second.values()),
+            [len(n.peer_chunks) for n in nodes if not n.upstream_chunks],
+            self.refused,
+            max(n.longest_wait for n in nodes),
+            self.stuck_after,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +403,10 @@ def test_one_upstream_fetch_per_blob_and_everyone_completes(results: dict[tuple[
 def test_one_upstream_fetch_per_blob_per_site_with_three_sites(results: dict[tuple[int, int], Result]) -> None:
     result = _run(results, 1000, sites=3)
     assert {site: len(nodes) for site, nodes in result.upstream_nodes.items()} == {
-        "site-0": 1, "site-1": 1, "site-2": 1}
+        "site-0": 1,
+        "site-1": 1,
+        "site-2": 1,
+    }
     assert result.upstream_chunks == 3 * CHUNKS
     assert result.longest_wait < result.stuck_after
 
@@ -361,8 +415,10 @@ def test_announcements_per_pull_do_not_grow_with_the_cluster(results: dict[tuple
     small, large = _run(results, 100), _run(results, 1000)
     mean_small = sum(small.announcements) / small.n
     mean_large = sum(large.announcements) / large.n
-    print(f"\nannouncements per node per pull: N=100 mean {mean_small:.2f} max {max(small.announcements)}; "
-          f"N=1000 mean {mean_large:.2f} max {max(large.announcements)}")
+    print(
+        f"\nannouncements per node per pull: N=100 mean {mean_small:.2f} max {max(small.announcements)}; "
+        f"N=1000 mean {mean_large:.2f} max {max(large.announcements)}"
+    )
     # A constant bound, whatever N: one at the start, one at the end, and a few refreshes.
     for result in (small, large):
         assert max(result.announcements) <= 30
@@ -382,9 +438,11 @@ def test_coordinator_load_is_spread_over_the_members() -> None:
         rng = random.Random(n)
         uniform = Counter(rng.choice(members) for _ in keys)
         baseline = max(uniform.values()) / mean
-        print(f"\ncoordinator load N={n}, {digests} digests: max {max(load.values())} mean {mean:.1f} "
-              f"max/mean {ratio:.2f} (uniform random assignment: {baseline:.2f}); "
-              f"{len(load)} of {n} members coordinate")
+        print(
+            f"\ncoordinator load N={n}, {digests} digests: max {max(load.values())} mean {mean:.1f} "
+            f"max/mean {ratio:.2f} (uniform random assignment: {baseline:.2f}); "
+            f"{len(load)} of {n} members coordinate"
+        )
         assert ratio < bound
         assert ratio <= 1.5 * baseline  # as even as a random assignment
 
@@ -422,19 +480,26 @@ class _FakeClient:
         self.states = states
         self.dead: set[str] = set()
         self.sent: Counter[str] = Counter()
+        self.announced_at: dict[str, list[float]] = {}  # by sending node
 
     async def announce(self, address: str, message: Announce) -> Reply:
-        from p2pd.swarm.peers import PeerError
-
         await trio.sleep(0.001)
         if address in self.dead:
             raise PeerError(f"{address}: connection refused")
         self.sent[address] += 1
+        self.announced_at.setdefault(message.node, []).append(trio.current_time())
         return self.states[address].announce(message, trio.current_time())
 
+    def open_range(self, address: str, digest: Digest, start: int, end: int) -> NoReturn:
+        raise PeerError(f"{address}: connection refused")  # no peer serves chunks here
 
-def _engine(monkeypatch: pytest.MonkeyPatch, members: int, digest: Digest, coordinator_count: int
-            ) -> tuple[Swarm, _FakeClient, list[Member]]:
+    async def chunk_map(self, address: str, digest: Digest) -> NoReturn:
+        raise PeerError(f"{address}: connection refused")
+
+
+def _engine(
+    monkeypatch: pytest.MonkeyPatch, members: int, digest: Digest, coordinator_count: int
+) -> tuple[Swarm, _FakeClient, list[Member]]:
     """A real Swarm for node "lessee" among ``members``, whose digest's coordinators are others."""
     import p2pd.swarm.engine as engine_module
     from p2pd.metrics import AgentMetrics
@@ -454,11 +519,19 @@ def _engine(monkeypatch: pytest.MonkeyPatch, members: int, digest: Digest, coord
     assert "lessee" not in ranking
     by_id = {m.node_id: m for m in others}
     client = _FakeClient({by_id[node].address: CoordinatorState(lease_ttl=config.lease_ttl) for node in ranking})
-    swarm = Swarm(me=me, membership=_FakeMembership(me, others), client=client,  # type: ignore[arg-type]
-                  metrics=AgentMetrics(), chunk_size=_CHUNK, lease_ttl=config.lease_ttl,
-                  coordinator_backups=config.coordinator_backups, peer_timeout=config.peer_timeout,
-                  max_parallel_chunks=config.max_parallel_chunks,
-                  max_requests_per_peer=config.max_requests_per_peer, ban_seconds=config.ban_seconds)
+    swarm = Swarm(
+        me=me,
+        membership=_FakeMembership(me, others),
+        client=client,  # type: ignore[arg-type]
+        metrics=AgentMetrics(),
+        chunk_size=_CHUNK,
+        lease_ttl=config.lease_ttl,
+        coordinator_backups=config.coordinator_backups,
+        peer_timeout=config.peer_timeout,
+        max_parallel_chunks=config.max_parallel_chunks,
+        max_requests_per_peer=config.max_requests_per_peer,
+        ban_seconds=config.ban_seconds,
+    )
     return swarm, client, [by_id[node] for node in ranking]
 
 
@@ -466,15 +539,20 @@ def _slow_upstream(seconds_per_chunk: float, data: bytes):  # type: ignore[no-un
     async def upstream_range(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
         for offset in range(start, end + 1, _CHUNK):
             await trio.sleep(seconds_per_chunk)
-            await accept(data[offset:min(offset + _CHUNK, end + 1)])
+            await accept(data[offset : min(offset + _CHUNK, end + 1)])
+
     return upstream_range
 
 
-async def _compete(client: _FakeClient, coordinators_in_order: list[Member], digest: Digest, size: int,
-                   granted: list[float], every: float) -> None:
+async def _compete(
+    client: _FakeClient,
+    coordinators_in_order: list[Member],
+    digest: Digest,
+    size: int,
+    granted: list[float],
+    every: float,
+) -> None:
     """Another node of the site that keeps asking for the lease, as every downloader does."""
-    from p2pd.swarm.peers import PeerError
-
     while True:
         await trio.sleep(every)
         message = Announce(digest, "other", "10.0.9.9:7000", "s", size, _CHUNK, False, None, True)
@@ -490,8 +568,8 @@ async def _compete(client: _FakeClient, coordinators_in_order: list[Member], dig
 
 @pytest.mark.parametrize("members", [100, 1000, 2000, 5000])
 async def test_lease_holder_keeps_its_lease_through_a_long_fetch_in_any_cluster_size(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock,
-        members: int) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock, members: int
+) -> None:
     data = random.Random(members).randbytes(16 * _CHUNK)
     digest = Digest("sha256", hashlib.sha256(data).hexdigest())
     swarm, client, ranking = _engine(monkeypatch, members, digest, 3)
@@ -511,8 +589,10 @@ async def test_lease_holder_keeps_its_lease_through_a_long_fetch_in_any_cluster_
     finally:
         os.close(fd)
     sent = swarm.messages_sent
-    print(f"\nN={members}: lease holder sent {sent} announcements in a {elapsed:.0f} s fetch "
-          f"(interval {swarm.announce_interval():.2f} s); other nodes granted the lease: {granted_to_other}")
+    print(
+        f"\nN={members}: lease holder sent {sent} announcements in a {elapsed:.0f} s fetch "
+        f"(interval {swarm.announce_interval():.2f} s); other nodes granted the lease: {granted_to_other}"
+    )
     assert transfer.leased and transfer.upstream_bytes == len(data)
     assert granted_to_other == [], "a second node of the site was given the upstream lease"
     # Still a bounded number of messages: at most one per lease_ttl/3 (or per 0.25 s in small clusters).
@@ -520,7 +600,8 @@ async def test_lease_holder_keeps_its_lease_through_a_long_fetch_in_any_cluster_
 
 
 async def test_lease_holder_reclaims_its_lease_when_the_coordinator_dies(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     members = 6
     for seed in range(100):  # a blob whose coordinator and first backup are other nodes
         data = random.Random(seed).randbytes(16 * _CHUNK)
@@ -552,8 +633,43 @@ async def test_lease_holder_reclaims_its_lease_when_the_coordinator_dies(
     finally:
         os.close(fd)
     backup = client.states[ranking[1].address]
-    print(f"\nafter the coordinator died: other node granted the lease at {granted_to_other}; "
-          f"backup coordinator handled {client.sent[ranking[1].address]} announcements")
+    print(
+        f"\nafter the coordinator died: other node granted the lease at {granted_to_other}; "
+        f"backup coordinator handled {client.sent[ranking[1].address]} announcements"
+    )
     assert client.sent[ranking[1].address] > 0, "the backup coordinator took over"
     assert granted_to_other == [], "the backup coordinator gave a second node of the site the lease"
     assert backup.leases_granted == 1
+
+
+async def test_a_stalled_node_asks_for_fresh_holders_before_it_gives_up_on_its_peers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """In a 5,000-node cluster the regular interval is 50 s; a node that gets nothing must not wait that long."""
+    data = random.Random(9).randbytes(16 * _CHUNK)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    swarm, client, ranking = _engine(monkeypatch, 5000, digest, 3)
+    granted: list[float] = []
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        async with trio.open_nursery() as nursery:
+            # Another node of the site holds the lease (and keeps it) but never delivers a chunk.
+            nursery.start_soon(_compete, client, ranking, digest, len(data), granted, 1.0)
+            await trio.sleep(1.5)
+            transfer = swarm.start_transfer(digest, len(data), fd, None)
+            transfer.last_progress = started = trio.current_time()
+            await swarm.run_transfer(transfer, _slow_upstream(0.1, data), lambda: None)
+            nursery.cancel_scope.cancel()
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    times = [t - started for t in client.announced_at["lessee"]]
+    print(f"\nregular interval {swarm.announce_interval():.0f} s; stuck after {swarm.stuck_after:.0f} s; "
+          f"a stalled node announced at {[round(t, 1) for t in times]}")
+    assert granted and not transfer.leased  # the other node kept the lease all along
+    assert transfer.lessee == "other"
+    before_giving_up = [t for t in times if t < swarm.stuck_after]
+    assert len(before_giving_up) >= 3  # at the start, and twice more while nothing came
+    assert all(b - a <= swarm.stuck_after / 3 + 0.6 for a, b in itertools.pairwise(before_giving_up))
+    # It went to the upstream only after stuck_after without a chunk (and got the whole blob).
+    assert transfer.upstream_bytes == len(data)

@@ -107,7 +107,8 @@ class FileBody:
         return self.length
 
 
-ResponseBody = bytes | FileBody | AsyncIterable[bytes]
+# An async iterable may yield bytes or FileBody spans of files it keeps open itself.
+ResponseBody = bytes | FileBody | AsyncIterable[bytes] | AsyncIterable[bytes | FileBody]
 
 
 @dataclass(slots=True)
@@ -405,7 +406,7 @@ async def _send_response(conn: _Connection, request: h11.Request, response: Resp
     await conn.send_event(h11.EndOfMessage())
 
 
-async def _send_stream(conn: _Connection, body: AsyncIterable[bytes]) -> None:
+async def _send_stream(conn: _Connection, body: AsyncIterable[bytes | FileBody]) -> None:
     # The status line is already on the wire: a body that fails now can only be cut
     # short. Closing the connection tells the client the body is incomplete (it sees
     # fewer bytes than Content-Length, or no final chunk) so it can retry or fall back.
@@ -418,9 +419,12 @@ async def _send_stream(conn: _Connection, body: AsyncIterable[bytes]) -> None:
         except Exception as exc:
             log.info("aborting response body: %s", exc)
             raise _ClientGone(str(exc)) from exc
-        if piece:
+        if isinstance(piece, FileBody):
+            # A span of a file the iterator keeps open (and closes): sent with sendfile.
+            if piece.length:
+                await conn.send_file(piece)
+        elif piece:
             await conn.send_data(piece)
-
 
 
 

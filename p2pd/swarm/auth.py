@@ -62,18 +62,26 @@ def sign_request(key: bytes, method: str, target: str, node_id: str, timestamp: 
     return _mac(key, "req", method.upper(), target, f"{int(timestamp)}", node_id, _body_digest(body))
 
 
-def verify_request(key: bytes, method: str, target: str, node_id: str, timestamp_text: str, signature: str,
-                   now: float, body: bytes = b"") -> None:
-    """Raises AuthError unless the signature is valid and fresh."""
+def _fresh_timestamp(timestamp_text: str, now: float) -> int:
     try:
         timestamp = int(timestamp_text)
     except (TypeError, ValueError) as exc:
         raise AuthError("bad timestamp") from exc
     if abs(now - timestamp) > MAX_SKEW:
         raise AuthError("timestamp outside the allowed clock skew")
-    expected = sign_request(key, method, target, node_id, timestamp, body)
+    return timestamp
+
+
+def _check(expected: str, signature: str) -> None:
     if not hmac.compare_digest(expected, signature or ""):
         raise AuthError("bad signature")
+
+
+def verify_request(key: bytes, method: str, target: str, node_id: str, timestamp_text: str, signature: str,
+                   now: float, body: bytes = b"") -> None:
+    """Raises AuthError unless the signature is valid and fresh."""
+    timestamp = _fresh_timestamp(timestamp_text, now)
+    _check(sign_request(key, method, target, node_id, timestamp, body), signature)
 
 
 def sign_response(key: bytes, target: str, status: int, node_id: str, timestamp: float, body: bytes) -> str:
@@ -82,12 +90,6 @@ def sign_response(key: bytes, target: str, status: int, node_id: str, timestamp:
 
 def verify_response(key: bytes, target: str, status: int, node_id: str, timestamp_text: str, signature: str,
                     now: float, body: bytes) -> None:
-    try:
-        timestamp = int(timestamp_text)
-    except (TypeError, ValueError) as exc:
-        raise AuthError("bad timestamp") from exc
-    if abs(now - timestamp) > MAX_SKEW:
-        raise AuthError("timestamp outside the allowed clock skew")
-    expected = sign_response(key, target, status, node_id, timestamp, body)
-    if not hmac.compare_digest(expected, signature or ""):
-        raise AuthError("bad signature")
+    """Raises AuthError unless the response signature is valid and fresh."""
+    timestamp = _fresh_timestamp(timestamp_text, now)
+    _check(sign_response(key, target, status, node_id, timestamp, body), signature)

@@ -150,19 +150,13 @@ class Swarm:
         chosen = coordinators(str(digest), live, 1 + self.coordinator_backups)
         return [live[node] for node in chosen]
 
-    def announce_interval(self, *, leased: bool = False, starving: bool = False) -> float:
+    def announce_interval(self, *, leased: bool = False) -> float:
         # Small clusters refresh their view of each other's chunks often; large ones keep
         # each coordinator's load near 100 announcements per second per hot digest. However
-        # large the cluster, a lease holder refreshes its lease well within the TTL (or a
-        # second node of its site would get it and fetch from the upstream too), and a node
-        # that got no chunk since its last announcement asks for fresh holders well before
-        # it gives up on its peers (``stuck_after``) and goes to the upstream itself.
+        # large the cluster, a lease holder refreshes its lease well within the TTL, or a
+        # second node of its site would get it and fetch from the upstream too.
         interval = max(0.25, len(self.membership.live()) / 100.0)
-        if leased:
-            interval = min(interval, self.coordinator.lease_ttl / 3)
-        if starving:
-            interval = min(interval, self.stuck_after / 3)
-        return interval
+        return min(interval, self.coordinator.lease_ttl / 3) if leased else interval
 
     async def announce(self, message: Announce) -> Reply | None:
         """Sends ``message`` to the digest's coordinator (or its backups); None if none answer."""
@@ -248,7 +242,10 @@ class Swarm:
             upstream_running = False
             while not transfer.have.is_full():
                 now = time.monotonic()
-                if now >= next_announce:
+                # A node that gets no chunks asks for fresh holders (early, whatever the cluster
+                # size) well before it gives up on its peers and goes to the upstream itself.
+                stalled = now - max(transfer.last_progress, announced_at) >= self.stuck_after / 3
+                if now >= next_announce or stalled:
                     # The lease holder keeps asking for its lease too: a backup coordinator that
                     # takes over (with no state) then learns who holds it.
                     reply = await self.announce(self._announcement(transfer, transfer.digest, want_lease=True))
@@ -257,9 +254,8 @@ class Swarm:
                         transfer.leased = True
                     else:
                         self._absorb(transfer, reply)
-                    starving = transfer.last_progress <= announced_at
                     announced_at = time.monotonic()
-                    next_announce = announced_at + self.announce_interval(leased=transfer.leased, starving=starving)
+                    next_announce = announced_at + self.announce_interval(leased=transfer.leased)
                 stuck = time.monotonic() - transfer.last_progress > self.stuck_after
                 if (transfer.leased or stuck) and not upstream_running:
                     if stuck and not transfer.leased:

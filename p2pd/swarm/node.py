@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from functools import partial
@@ -15,6 +14,7 @@ import trio
 
 from p2pd.config import AgentConfig
 from p2pd.errors import ConfigError
+from p2pd.fsutil import write_atomic
 from p2pd.httpd import Request, Response, ServerInfo, serve_http
 from p2pd.metrics import AgentMetrics
 from p2pd.store import BlobStore
@@ -65,13 +65,7 @@ def load_node_id(data: Path, configured: str | None) -> str:
     except FileNotFoundError:
         pass
     node_id = f"node-{secrets.token_hex(6)}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(node_id)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, node_id.encode())
     return node_id
 
 

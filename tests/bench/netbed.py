@@ -158,6 +158,20 @@ def _delete_run(run_id: str, namespaces: Sequence[str], *, remove_workdir: bool 
     if remove_workdir and workdir and Path(workdir).name.startswith(f"{PREFIX}-{run_id}"):
         shutil.rmtree(workdir, ignore_errors=True)
     owner.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        OWNER_DIR.rmdir()  # only if no other run is alive
+
+
+def _write_owner(run_id: str, workdir: Path) -> None:
+    record = json.dumps({"pid": os.getpid(), "start_time": _start_time(os.getpid()), "workdir": str(workdir)})
+    for attempt in range(3):  # another run may remove the (empty) directory in between
+        OWNER_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            (OWNER_DIR / f"{run_id}.json").write_text(record)
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
 
 
 def cleanup_stale() -> list[str]:
@@ -193,6 +207,19 @@ def _owner_alive(run_id: str) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return _start_time(pid) == started
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _Terminated(BaseException):
@@ -259,9 +286,7 @@ class Netbed:
         if self._parent is not None:
             self._parent.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{self.run_id}-", dir=self._parent))
-        OWNER_DIR.mkdir(parents=True, exist_ok=True)
-        (OWNER_DIR / f"{self.run_id}.json").write_text(json.dumps(
-            {"pid": os.getpid(), "start_time": _start_time(os.getpid()), "workdir": str(self.dir)}))
+        _write_owner(self.run_id, self.dir)
         ip = _ip()
         self._add_ns(self.sw)
         sw = [ip, "-n", self.sw]
@@ -296,7 +321,15 @@ class Netbed:
               "burst", str(burst), "latency", "100ms"])
 
     def stop(self) -> None:
-        """Stops every process, deletes every namespace and the run's files. Idempotent."""
+        """Stops every process, deletes every namespace and the run's files. Idempotent.
+
+        SIGINT, SIGTERM, SIGHUP and SIGALRM are held back until the teardown is done (when called
+        from the main thread), so a second Ctrl-C or a deadline cannot cut it short.
+        """
+        with _signals_deferred():
+            self._stop()
+
+    def _stop(self) -> None:
         errors: list[str] = []
         for proc in reversed(self._procs):
             try:

@@ -172,7 +172,7 @@ class Setup:
     hosts_direct: Path
     hosts_p2pd: Path
     max_time: float
-    prime: bool
+    warm_up_agent: bool  # prime() every freshly started agent
 
     def write_hosts(self) -> None:
         """hosts.toml for both variants; the p2pd one follows the agent's (new) port."""
@@ -190,7 +190,7 @@ def pull_once(setup: Setup, image: Image, variant: str) -> dict[str, Any]:
     if variant == "p2pd-cold":
         restart_fresh(agent)
         setup.write_hosts()
-        if setup.prime:
+        if setup.warm_up_agent:
             prime(agent, setup.seed)
     hosts = setup.hosts_direct if variant == "direct" else setup.hosts_p2pd
     seed_before, agent_before = setup.seed.metrics(), agent.metrics()
@@ -263,7 +263,7 @@ def summarize(runs: list[dict[str, Any]], sizes: list[int]) -> dict[str, dict[st
                 "variant": variant,
                 "label": LABELS[variant],
                 "runs": len(rows),
-                "wall_s_median": round(statistics.median(walls), 3),
+                "wall_s_median": round(statistics.median(walls), 4),
                 "wall_s_min": min(walls),
                 "wall_s_max": max(walls),
                 "mib_s_median": round(statistics.median(r["mib_s"] for r in rows), 1),
@@ -340,8 +340,9 @@ def render_section(report: dict[str, Any]) -> str:
         "",
         report["table"],
         "",
-        f"Goal 1 (cold pull through p2pd ≤ {COLD_GOAL:.2f}{X} direct): **{cold_verdict}** — "
-        + ", ".join(f"{size} MiB {r[f'cold_vs_direct_{size}']:.2f}{X}" for size in p["sizes"]) + ". "
+        f"Goal 1 (cold pull through p2pd ≤ {COLD_GOAL:.2f}{X} direct, medians): **{cold_verdict}** — "
+        + ", ".join(f"{size} MiB {r[f'cold_vs_direct_{size}']:.2f}{X} (fastest vs fastest "
+                    f"{r[f'cold_vs_direct_fastest_{size}']:.2f}{X})" for size in p["sizes"]) + ". "
         "Where the cold overhead goes: "
         + "; ".join(f"{size} MiB {report['overhead'][str(size)]['wall_s']:+.2f} s wall for "
                     f"{report['overhead'][str(size)]['cpu_s']:+.2f} s more CPU (agent "
@@ -352,8 +353,10 @@ def render_section(report: dict[str, Any]) -> str:
            "(receive, write, sha256 of every chunk and of the whole blob, read back, send) adds to the pull "
            "instead of overlapping with it."),
         "",
-        "Goal 2 (warm pull vs direct): "
-        + ", ".join(f"{size} MiB {r[f'warm_vs_direct_{size}']:.2f}{X}" for size in p["sizes"]) + ".",
+        "Goal 2 (warm pull vs direct, medians): "
+        + ", ".join(f"{size} MiB {r[f'warm_vs_direct_{size}']:.2f}{X} (fastest vs fastest "
+                    f"{r[f'warm_vs_direct_fastest_{size}']:.2f}{X})" for size in p["sizes"]) + ". "
+        "The fastest pull of each variant is the one least disturbed by other work on the machine.",
         "",
         f"Goal 3 (agent RSS does not grow with blob size): **{rss_verdict}** — peak RSS (`VmHWM`) of the "
         f"agent during cold pulls: median {rss['peak_mib'][str(small)]} MiB with the {small} MiB layer, "
@@ -486,6 +489,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         direct = summary[f"{size}/direct"]["wall_s_median"]
         ratios[f"cold_vs_direct_{size}"] = ratio(summary[f"{size}/p2pd-cold"]["wall_s_median"], direct)
         ratios[f"warm_vs_direct_{size}"] = ratio(summary[f"{size}/p2pd-warm"]["wall_s_median"], direct)
+        # The fastest pull of each variant is the one least disturbed by other work on the machine.
+        fastest = summary[f"{size}/direct"]["wall_s_min"]
+        ratios[f"cold_vs_direct_fastest_{size}"] = ratio(summary[f"{size}/p2pd-cold"]["wall_s_min"], fastest)
+        ratios[f"warm_vs_direct_fastest_{size}"] = ratio(summary[f"{size}/p2pd-warm"]["wall_s_min"], fastest)
     overhead = {}
     for size in sizes:
         cold, direct = summary[f"{size}/p2pd-cold"], summary[f"{size}/direct"]

@@ -1,0 +1,1143 @@
+"""``make bench-swarm``: one image to many nodes on a shaped network — direct, site cache, p2pd, bound.
+
+On the namespace testbed of :mod:`tests.bench.netbed` (a switch namespace with a bridge, one seed
+host, N node hosts, every link shaped with tc tbf, nothing in the root namespace), for every
+scenario, in one run:
+
+1. The seed (this tree's ``seed serve``) starts in the seed host; an image built offline (busybox
+   + one random layer of F MiB) is pushed to it with skopeo from inside the seed host (loopback,
+   so the push does not cross the shaped link).
+2. Three methods pull that image on all N nodes at the same moment (every node cold):
+   - **direct**: every node pulls straight from the seed;
+   - **cache**: every node pulls through one site-local pull-through cache, Debian's
+     ``docker-registry`` (CNCF distribution 2.8) with ``proxy.remoteurl`` = the seed, running
+     on node 1 — what an edge operator would deploy instead;
+   - **p2pd**: every node pulls through its own p2pd (``--listen 127.0.0.1:5080`` inside the
+     node, ``--peer-listen <node ip>:7080 --mdns-interface <node ip>``, a shared cluster key);
+     the agents find each other by mDNS on the private bridge only.
+   Clients: ``ctr images pull --hosts-dir`` with a private containerd per node (started inside
+   the node; ctr does the HTTP itself, so it runs inside the node too), or, for large N, the
+   containerd-like httpx client of :mod:`tests.bench.nsworker` (HEAD the tag with ``ns=``, GET
+   the manifest, GET the blobs in parallel, verify sha256, fall back host by host like
+   hosts.toml). hosts.toml / host lists: direct = the seed only; cache = the cache, then the
+   seed; p2pd = the local agent, then the seed (a fallback shows up as seed bytes).
+3. 4th line, the **bound**: the Kumar-Ross minimum for the shaped rates,
+   ``max(F/u_s, F/d_min, N·F/(u_s + Σu_i))`` with F = all bytes of the image.
+4. Recorded per pull: every node's completion time (from the common start), seed egress (the
+   seed's ``seed_blob_bytes_sent_total`` and the bytes on its link), bytes by source (client
+   per-host counters, agent ``/metrics``), CPU seconds and peak RSS (``VmHWM``) of the agents
+   (p2pd or docker-registry), CPU of the seed, containerds, clients, and of the whole machine
+   sampled every 0.5 s (is the 2-core machine the bottleneck?).
+
+Writes the section between ``<!-- bench-swarm:start -->`` and ``<!-- bench-swarm:end -->`` of
+``--out`` (other sections kept), the raw results as JSON (default ``docs/bench/swarm.json``) and
+the plots ``docs/bench/swarm-<scenario>-cdf.png`` / ``-bytes.png`` (matplotlib, the ``bench``
+extra). ``--quick`` runs the tiny scenario (N = 3, 2 MiB) used by ``tests/test_netbed.py``.
+Needs root, iproute2, containerd, skopeo, umoci, busybox-static and docker-registry.
+
+    python -m tests.bench.swarm --out docs/benchmarks.md [--quick] [--scenarios edge-site,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tests.bench.common import (
+    DASH,
+    MIB,
+    BenchError,
+    X,
+    find_tool,
+    loadavg,
+    machine_basics,
+    machine_cpu_seconds,
+    process_status_kib,
+    reset_peak_rss,
+    tool_version,
+    update_doc,
+)
+from tests.bench.netbed import LinkRates, Netbed, NetbedError, NsWorker, cleanup_stale, install_signal_handlers
+from tests.harness import images
+from tests.harness.containerd import PrivateContainerd
+from tests.harness.p2pd_process import Samples, parse_metrics
+from tests.harness.tools import tail
+
+MARK_START = "<!-- bench-swarm:start -->"
+MARK_END = "<!-- bench-swarm:end -->"
+SECTION_TITLE = "## One image to many nodes on a shaped network (make bench-swarm)"
+REPO = "bench/swarm"
+SEED_PORT = 5000
+AGENT_PORT = 5080
+PEER_PORT = 7080
+CACHE_PORT = 5000
+CTR_NAMESPACE = "bench"
+METHODS = ("direct", "cache", "p2pd")
+LABELS = {"direct": "direct from the seed", "cache": "site cache (docker-registry proxy)", "p2pd": "p2pd"}
+COLORS = {"direct": "tab:red", "cache": "tab:orange", "p2pd": "tab:blue"}
+GOAL_TIME = 1.3  # p2pd's last node / the bound
+GOAL_EGRESS = 1.05  # seed egress / image size with p2pd
+_SAMPLE_S = 0.5
+_MEMBERSHIP_TIMEOUT_S = 45.0
+_SETTLE_TIMEOUT_S = 15.0
+_TOOLS = ("ip", "tc", "containerd", "ctr", "skopeo", "umoci", "busybox", "docker-registry")
+# INFO/WARNING lines of the agent worth counting (p2pd/swarm/engine.py).
+_LOG_EVENTS = {
+    "peer_request_errors": re.compile(r"chunk \d+ of \S+ from \S+ failed: "),
+    "coordinator_unreachable": re.compile(r"coordinator \S+ unreachable"),
+    "stuck_fallbacks": re.compile(r"from peers for \d+s; fetching from the upstream"),
+}
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    nodes: int
+    seed_mbit: float  # the seed's (site's) uplink
+    node_mbit: float  # every node's link, both directions
+    layer_mib: int
+    client: str  # "ctr" | "httpx"
+    description: str = ""
+
+    @property
+    def rates(self) -> LinkRates:
+        return LinkRates(seed_up=self.seed_mbit, node_up=self.node_mbit, node_down=self.node_mbit)
+
+
+SCENARIOS = {
+    "cluster-burst": Scenario(
+        "cluster-burst", "Cluster burst", nodes=16, seed_mbit=20, node_mbit=100, layer_mib=24, client="httpx",
+        description="a deployment rolls out on 16 nodes at once; the registry's uplink is 5 times slower than a "
+                    "node's link"),
+    "edge-site": Scenario(
+        "edge-site", "Edge site", nodes=8, seed_mbit=20, node_mbit=200, layer_mib=24, client="ctr",
+        description="8 nodes behind a thin 20 Mbit/s uplink, LAN 10 times faster"),
+}
+QUICK = Scenario("tiny", "Tiny (make test)", nodes=3, seed_mbit=20, node_mbit=100, layer_mib=2, client="ctr",
+                 description="the smallest version, run by tests/test_netbed.py")
+
+
+# ---- small helpers ------------------------------------------------------------------------
+
+
+def bound(image_bytes: int, nodes: int, rates: LinkRates) -> dict[str, float]:
+    """Kumar-Ross minimum time (s) for ``nodes`` peers to get ``image_bytes`` and its three terms."""
+    bits = image_bytes * 8
+    u_s = rates.seed_up * 1e6
+    seed = bits / u_s
+    download = bits / (rates.node_down * 1e6)
+    aggregate = nodes * bits / (u_s + nodes * rates.node_up * 1e6)
+    return {"seconds": max(seed, download, aggregate), "seed_term_s": seed, "download_term_s": download,
+            "aggregate_term_s": aggregate, "client_server_s": max(nodes * bits / u_s, download)}
+
+
+def proc_cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """utime + stime of ``pid`` (plus its reaped children's with ``children``), 0 if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / _TICK
+
+
+def _metric(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def _label_values(samples: Samples, name: str, label: str) -> dict[str, float]:
+    return {dict(labels)[label]: value for (metric, labels), value in samples.items()
+            if metric == name and label in dict(labels)}
+
+
+def _parallel(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(item) for item in items]``, concurrently. On an error (or Ctrl-C) it does not wait for the
+    other calls: teardown stops the workers they wait for, which ends them."""
+    pool = ThreadPoolExecutor(max(1, len(items)))
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+class CpuSampler:
+    """Machine CPU use (busy share of all cores) every 0.5 s in a thread, between start and stop."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        busy0, total0 = machine_cpu_seconds()
+        while not self._stop.wait(_SAMPLE_S):
+            busy1, total1 = machine_cpu_seconds()
+            if total1 > total0:
+                self.samples.append(round((busy1 - busy0) / (total1 - total0), 3))
+            busy0, total0 = busy1, total1
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.samples
+
+
+# ---- the testbed's services ---------------------------------------------------------------
+
+
+class NsContainerd(PrivateContainerd):
+    """A private containerd started inside a testbed host (``ip netns exec``), driven with ctr.
+
+    The daemon does no network I/O in ``ctr images pull`` (ctr fetches), but it runs in the node
+    like on a real host; its mounts live in the mount namespace ``ip netns exec`` creates and
+    vanish with it. No containers are run, so stopping it needs no task cleanup.
+    """
+
+    def __init__(self, bed: Netbed, ns: str, workdir: Path) -> None:
+        super().__init__(workdir, namespace=CTR_NAMESPACE, log_level="warn")
+        self.bed = bed
+        self.ns = ns
+
+    def start(self) -> NsContainerd:
+        self._ctr = find_tool("ctr")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(exist_ok=True)
+        self.state.mkdir(exist_ok=True)
+        self.sockdir = Path(tempfile.mkdtemp(prefix="ctd", dir="/tmp"))
+        self.config_path.write_text(self._config())
+        self.proc = self.bed.start_in(self.ns, [find_tool("containerd"), "--config", str(self.config_path)],
+                                      log_path=self.log_path)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if Path(self.address).exists():
+                probe = subprocess.run([self._ctr, "--address", self.address, "version"], capture_output=True,
+                                       timeout=5, check=False)
+                if probe.returncode == 0:
+                    return self
+            time.sleep(0.1)
+        raise BenchError(f"containerd in {self.ns} did not start (exit {self.proc.poll()}):\n{tail(self.log_path)}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.bed.stop_proc(self.proc)
+            self.proc = None
+        if self.sockdir is not None:
+            shutil.rmtree(self.sockdir, ignore_errors=True)
+            self.sockdir = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def pull_argv(self, ref: str, hosts_dir: Path | None) -> list[str]:
+        """``ctr images pull`` through ``hosts_dir``, or straight from the ref's registry over plain HTTP.
+
+        (containerd 1.6 rejects a hosts.toml without a ``[host]`` table, so *direct* uses
+        ``--plain-http`` instead of a hosts.toml holding only ``server``.)
+        """
+        where = ["--hosts-dir", str(hosts_dir)] if hosts_dir is not None else ["--plain-http"]
+        return [self._ctr, "--address", self.address, "--namespace", CTR_NAMESPACE, "images", "pull",
+                "--snapshotter", self.snapshotter, *where, ref]
+
+
+@dataclass(frozen=True)
+class Image:
+    ref: str  # as the nodes name it: 10.88.0.2:5000/bench/swarm:TAG
+    tag: str
+    digest: str
+    total_bytes: int  # manifest + config + layers
+    blob_bytes: int  # config + layers
+    blobs: dict[str, int]  # digest -> size (config and layers)
+    layer_digest: str  # the big layer
+
+
+def write_hosts_toml(hosts_dir: Path, registry: str, server: str, mirrors: Sequence[str]) -> None:
+    """hosts.toml for containerd inside the testbed (10.88.0.0/24 exists only in its namespaces)."""
+    lines = [f'server = "{server}"', ""]
+    for url in mirrors:
+        lines += [f'[host."{url}"]', '  capabilities = ["pull", "resolve"]', ""]
+    path = hosts_dir / registry / "hosts.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+@dataclass
+class Bed:
+    """A started testbed with its seed and one worker per host."""
+
+    net: Netbed
+    seed_proc: subprocess.Popen[bytes]
+    seed_worker: NsWorker
+    workers: list[NsWorker]  # index i is node i + 1
+    key_file: Path
+
+    @property
+    def seed_host(self) -> str:
+        return f"{self.net.seed_ip}:{SEED_PORT}"
+
+    @property
+    def seed_url(self) -> str:
+        return f"http://{self.seed_host}"
+
+    def seed_metrics(self) -> Samples:
+        answer = self.seed_worker.get(f"http://127.0.0.1:{SEED_PORT}/metrics")
+        if answer["status"] != 200:
+            raise BenchError(f"seed /metrics: {answer}")
+        return parse_metrics(answer["text"])
+
+
+def wait_http(worker: NsWorker, url: str, seconds: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + seconds
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if not alive():
+            raise BenchError(f"the server behind {url} in {worker.ns} exited")
+        last = worker.get(url, timeout=2)
+        if last["status"] == 200:
+            return
+        time.sleep(0.1)
+    raise BenchError(f"{url} in {worker.ns} not ready after {seconds:g} s: {last}")
+
+
+def start_bed(net: Netbed) -> Bed:
+    seed_data = net.dir / "seed-data"
+    seed_proc = net.start_in(net.seed, [sys.executable, "-m", "seed", "--log-level", "WARNING", "serve",
+                                        "--listen", f"0.0.0.0:{SEED_PORT}", "--data", str(seed_data)],
+                             log_path=net.dir / "seed.log")
+    workers = _parallel(lambda ns: NsWorker(net, ns), [net.seed, *net.nodes])
+    seed_worker = workers[0]
+    wait_http(seed_worker, f"http://127.0.0.1:{SEED_PORT}/v2/", 30, lambda: seed_proc.poll() is None)
+    key_file = net.dir / "cluster.key"
+    key_file.write_text(os.urandom(32).hex() + "\n")
+    key_file.chmod(0o600)
+    return Bed(net, seed_proc, seed_worker, workers[1:], key_file)
+
+
+def push_image(bed: Bed, layout: images.OciLayout, tag: str) -> Image:
+    """skopeo copy from the layout to the seed, run inside the seed host over its loopback."""
+    work = bed.net.dir / "skopeo"
+    (work / "registries.d").mkdir(parents=True, exist_ok=True)
+    (work / "tmp").mkdir(exist_ok=True)
+    (work / "policy.json").write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+    (work / "registries.conf").write_text("")
+    (work / "auth.json").write_text("{}")
+    env = {"CONTAINERS_REGISTRIES_CONF": str(work / "registries.conf"),
+           "REGISTRIES_CONFIG_PATH": str(work / "registries.conf"),
+           "REGISTRY_AUTH_FILE": str(work / "auth.json"), "DOCKER_CONFIG": str(work)}
+    digest_file = work / f"digest-{tag}"
+    bed.net.run_in(bed.net.seed, [find_tool("skopeo"), "--policy", str(work / "policy.json"), "--registries.d",
+                                  str(work / "registries.d"), "--tmpdir", str(work / "tmp"), "copy", "--quiet",
+                                  "--dest-tls-verify=false", "--digestfile", str(digest_file), layout.ref(tag),
+                                  f"docker://127.0.0.1:{SEED_PORT}/{REPO}:{tag}"], timeout=300, env=env)
+    digest = digest_file.read_text().strip()
+    manifest = layout.manifest(tag)
+    manifest_bytes = layout.blob_path(layout.manifest_digest(tag)).stat().st_size
+    if layout.manifest_digest(tag) != digest:
+        raise BenchError(f"the seed stored {digest}, the layout has {layout.manifest_digest(tag)}")
+    blobs = {manifest["config"]["digest"]: int(manifest["config"]["size"])}
+    blobs.update({layer["digest"]: int(layer["size"]) for layer in manifest["layers"]})
+    biggest = max(manifest["layers"], key=lambda layer: int(layer["size"]))
+    return Image(ref=f"{bed.seed_host}/{REPO}:{tag}", tag=tag, digest=digest,
+                 total_bytes=manifest_bytes + sum(blobs.values()), blob_bytes=sum(blobs.values()),
+                 blobs=blobs, layer_digest=biggest["digest"])
+
+
+# ---- one method -------------------------------------------------------------------------
+
+
+@dataclass
+class MethodSetup:
+    """The processes one method adds to the bed (agents: p2pd per node, or the cache on node 1)."""
+
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)  # ns -> process
+    containerds: list[NsContainerd] = field(default_factory=list)
+    hosts: list[dict[str, Any]] = field(default_factory=list)  # the httpx client's host list
+    hosts_dir: Path | None = None
+    membership_s: float | None = None
+
+
+def start_cache(bed: Bed, setup: MethodSetup) -> None:
+    net = bed.net
+    ns = net.nodes[0]
+    workdir = net.dir / "cache"
+    workdir.mkdir()
+    config = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(workdir / "data")}, "delete": {"enabled": True},
+                    "cache": {"blobdescriptor": "inmemory"}, "maintenance": {"uploadpurging": {"enabled": False}}},
+        "http": {"addr": f"0.0.0.0:{CACHE_PORT}"},
+        "proxy": {"remoteurl": bed.seed_url},
+    }
+    (workdir / "config.yml").write_text(json.dumps(config, indent=2))
+    proc = net.start_in(ns, [find_tool("docker-registry"), "serve", str(workdir / "config.yml")],
+                        log_path=workdir / "registry.log", unset_prefixes=("REGISTRY_",))
+    setup.agents[ns] = proc
+    wait_http(bed.workers[0], f"http://127.0.0.1:{CACHE_PORT}/v2/", 30, lambda: proc.poll() is None)
+
+
+def start_p2pd(bed: Bed, setup: MethodSetup) -> None:
+    net = bed.net
+    for i, ns in enumerate(net.nodes, 1):
+        address = net.node_ips[i - 1]
+        argv = [sys.executable, "-m", "p2pd", "--log-level", "INFO", "serve", "--listen",
+                f"127.0.0.1:{AGENT_PORT}", "--data", str(net.dir / f"p2pd-n{i}"),
+                "--upstream", f"{bed.seed_host}={bed.seed_url}", "--peer-listen", f"{address}:{PEER_PORT}",
+                "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}"]
+        setup.agents[ns] = net.start_in(ns, argv, log_path=net.dir / f"p2pd-n{i}.log")
+    for worker in bed.workers:
+        proc = setup.agents[worker.ns]
+        wait_http(worker, f"http://127.0.0.1:{AGENT_PORT}/readyz", 60, lambda p=proc: p.poll() is None)
+    setup.membership_s = wait_membership(bed)
+
+
+def agent_status(worker: NsWorker) -> dict[str, Any]:
+    answer = worker.get(f"http://127.0.0.1:{AGENT_PORT}/debug/status", timeout=5)
+    if answer["status"] != 200:
+        raise BenchError(f"/debug/status in {worker.ns}: {answer}")
+    result: dict[str, Any] = json.loads(answer["text"])
+    return result
+
+
+def wait_membership(bed: Bed) -> float:
+    """Waits until every agent has found (mDNS) and authenticated all the others."""
+    started = time.monotonic()
+    want = len(bed.workers) - 1
+    while True:
+        views = _parallel(agent_status, bed.workers)
+        live = [sum(1 for p in v.get("peers", []) if not p["suspended"] and not p["banned"]) for v in views]
+        if all(n == want for n in live):
+            return round(time.monotonic() - started, 2)
+        if time.monotonic() - started > _MEMBERSHIP_TIMEOUT_S:
+            raise BenchError(f"agents did not find each other by mDNS within {_MEMBERSHIP_TIMEOUT_S:g} s: "
+                             f"live peers per node {live} (want {want})")
+        time.sleep(0.25)
+
+
+def wait_settled(bed: Bed) -> bool:
+    deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        views = _parallel(agent_status, bed.workers)
+        if all(not v.get("downloads") and not v.get("transfers") for v in views):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def hosts_for(bed: Bed, method: str, node: int) -> list[dict[str, Any]]:
+    """Where node ``node`` (1-based) pulls from, in order (like a hosts.toml)."""
+    seed = {"url": bed.seed_url, "mirror": False, "role": "seed"}
+    if method == "cache":
+        return [{"url": f"http://{bed.net.node_ips[0]}:{CACHE_PORT}", "mirror": True, "role": "cache"}, seed]
+    if method == "p2pd":
+        return [{"url": f"http://127.0.0.1:{AGENT_PORT}", "mirror": True, "role": "p2pd"}, seed]
+    return [seed]
+
+
+def setup_method(bed: Bed, scenario: Scenario, method: str) -> MethodSetup:
+    setup = MethodSetup()
+    net = bed.net
+    if scenario.client == "ctr":
+        setup.containerds = [NsContainerd(net, ns, net.dir / f"ctd-{method}-n{i}")
+                             for i, ns in enumerate(net.nodes, 1)]
+        errors = _parallel(_try_start, setup.containerds)
+        if any(errors):
+            raise BenchError(next(e for e in errors if e))
+        if method != "direct":
+            setup.hosts_dir = net.dir / f"hosts-{method}"
+            mirror = f"http://{net.node_ips[0]}:{CACHE_PORT}" if method == "cache" else f"http://127.0.0.1:{AGENT_PORT}"
+            write_hosts_toml(setup.hosts_dir, bed.seed_host, bed.seed_url, [mirror])
+    if method == "cache":
+        start_cache(bed, setup)
+    elif method == "p2pd":
+        start_p2pd(bed, setup)
+    return setup
+
+
+def _try_start(ctd: NsContainerd) -> str:
+    try:
+        ctd.start()
+    except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    return ""
+
+
+def teardown_method(bed: Bed, setup: MethodSetup) -> None:
+    for proc in setup.agents.values():
+        with contextlib.suppress(Exception):
+            proc.terminate()  # all at once; stop_proc below waits (SIGKILL after 10 s)
+    for proc in setup.agents.values():
+        bed.net.stop_proc(proc)
+    _parallel(lambda ctd: ctd.stop(), setup.containerds)
+
+
+@dataclass
+class Snapshot:
+    at: float
+    seed: Samples
+    links: dict[str, dict[str, int]]
+    cpu: dict[str, float]  # name -> CPU seconds
+    machine_busy: float
+    agents: dict[str, Samples]
+    drops: dict[str, int]
+
+
+def _pids(bed: Bed, setup: MethodSetup) -> dict[str, tuple[int, bool]]:
+    """Processes whose CPU is measured: name -> (pid, include reaped children)."""
+    pids: dict[str, tuple[int, bool]] = {"seed": (bed.seed_proc.pid, False)}
+    for ns, proc in setup.agents.items():
+        pids[f"agent:{ns}"] = (proc.pid, False)
+    for ctd in setup.containerds:
+        if ctd.proc is not None:
+            pids[f"containerd:{ctd.ns}"] = (ctd.proc.pid, False)
+    for worker in [bed.seed_worker, *bed.workers]:
+        pids[f"client:{worker.ns}"] = (worker.proc.pid, True)  # the client, and ctr (its child)
+    return pids
+
+
+def snapshot(bed: Bed, setup: MethodSetup, method: str) -> Snapshot:
+    agents: dict[str, Samples] = {}
+    if method == "p2pd":
+        texts = _parallel(lambda w: w.get(f"http://127.0.0.1:{AGENT_PORT}/metrics", timeout=5), bed.workers)
+        agents = {w.ns: parse_metrics(t["text"]) for w, t in zip(bed.workers, texts, strict=True)}
+    return Snapshot(at=time.monotonic(), seed=bed.seed_metrics(), links=bed.net.link_bytes(),
+                    cpu={name: proc_cpu_seconds(pid, children=ch) for name, (pid, ch) in _pids(bed, setup).items()},
+                    machine_busy=machine_cpu_seconds()[0], agents=agents, drops=bed.net.qdisc_drops())
+
+
+def pull_all(bed: Bed, scenario: Scenario, setup: MethodSetup, method: str, image: Image,
+             max_time: float) -> tuple[float, list[dict[str, Any]]]:
+    """Releases every node's client at the same monotonic instant; returns (that instant, results)."""
+    at = time.monotonic() + 0.5
+
+    def one(index: int) -> dict[str, Any]:
+        worker = bed.workers[index]
+        if scenario.client == "ctr":
+            argv = setup.containerds[index].pull_argv(image.ref, setup.hosts_dir)
+            return worker.call("run", timeout=max_time + 30, argv=argv, at=at, timeout_s=max_time)
+        return worker.call("pull", timeout=max_time + 30, at=at, hosts=hosts_for(bed, method, index + 1),
+                           repo=REPO, reference=image.tag, ns=bed.seed_host, max_time=max_time)
+
+    return at, _parallel(one, list(range(len(bed.workers))))
+
+
+def check_ctr(ctd: NsContainerd, image: Image) -> list[str]:
+    """What is wrong with the image in a node's containerd after ``ctr images pull`` (empty: nothing)."""
+    problems = []
+    try:
+        got = ctd.image_digest(image.ref)
+        if got != image.digest:
+            problems.append(f"image is {got}, expected {image.digest}")
+        missing = set(image.blobs) - set(ctd.content_digests())
+        if missing:
+            problems.append(f"blobs missing from the content store: {sorted(missing)}")
+    except Exception as exc:
+        problems.append(f"checking the image: {exc}")
+    return problems
+
+
+def log_events(path: Path) -> dict[str, int]:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return {name: len(pattern.findall(text)) for name, pattern in _LOG_EVENTS.items()}
+
+
+def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time: float) -> dict[str, Any]:
+    net = bed.net
+    setup = setup_method(bed, scenario, method)
+    try:
+        for name, (pid, _) in _pids(bed, setup).items():
+            if name.startswith("agent:"):
+                reset_peak_rss(pid)
+        before = snapshot(bed, setup, method)
+        sampler = CpuSampler()
+        at, results = pull_all(bed, scenario, setup, method, image, max_time)
+        finished = time.monotonic()
+        settled = wait_settled(bed) if method == "p2pd" else True
+        samples = sampler.stop()
+        after = snapshot(bed, setup, method)
+        rss = {name: process_status_kib(pid, "VmHWM") for name, (pid, _) in _pids(bed, setup).items()
+               if name.startswith("agent:")}
+        problems = [check_ctr(ctd, image) for ctd in setup.containerds] if scenario.client == "ctr" else []
+    finally:
+        teardown_method(bed, setup)
+    events = {f"n{i}": log_events(net.dir / f"p2pd-n{i}.log") for i in range(1, len(net.nodes) + 1)} \
+        if method == "p2pd" else {}
+    return summarize_method(bed, scenario, method, image, setup, at, finished, results, before, after, samples,
+                            rss, problems, settled, events)
+
+
+def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, setup: MethodSetup, at: float,
+                     finished: float, results: list[dict[str, Any]], before: Snapshot, after: Snapshot,
+                     samples: list[float], rss: dict[str, int | None], problems: list[list[str]], settled: bool,
+                     events: dict[str, dict[str, int]]) -> dict[str, Any]:
+    net = bed.net
+    nodes = []
+    for i, (ns, result) in enumerate(zip(net.nodes, results, strict=True), 1):
+        seconds = round(result["end"] - at, 3)
+        node: dict[str, Any] = {"node": f"n{i}", "seconds": seconds, "start_skew_s": round(result["start"] - at, 4),
+                                "client_cpu_s": result["cpu_s"]}
+        if scenario.client == "ctr":
+            node_problems = problems[i - 1]
+            if result["rc"] != 0:
+                node_problems = [f"ctr exit {result['rc']}: {result['stderr'][-600:]}", *node_problems]
+            node["ok"] = not node_problems
+            node["errors"] = node_problems
+        else:
+            node["ok"] = bool(result["ok"])
+            node["errors"] = result["errors"]
+            by_role: dict[str, int] = {}
+            roles = {h["url"]: h["role"] for h in hosts_for(bed, method, i)}
+            for blob in result["blobs"]:
+                for url, n in blob["bytes_by_host"].items():
+                    by_role[roles.get(url, url)] = by_role.get(roles.get(url, url), 0) + n
+            node["client_bytes_by_source"] = by_role
+        link_b, link_a = before.links.get(ns, {}), after.links.get(ns, {})
+        node["link_down_bytes"] = link_a.get("down", 0) - link_b.get("down", 0)
+        node["link_up_bytes"] = link_a.get("up", 0) - link_b.get("up", 0)
+        if method == "p2pd":
+            b, a = before.agents[ns], after.agents[ns]
+
+            def delta(name: str, b: Samples = b, a: Samples = a, **labels: str) -> int:
+                return int(_metric(a, name, **labels) - _metric(b, name, **labels))
+
+            peers = {peer: int(v - _label_values(b, "p2pd_peer_fetched_bytes_total", "peer").get(peer, 0.0))
+                     for peer, v in _label_values(a, "p2pd_peer_fetched_bytes_total", "peer").items()}
+            node.update({
+                "agent_upstream_bytes": delta("p2pd_fetched_bytes_total", source="upstream"),
+                "agent_peer_bytes": delta("p2pd_fetched_bytes_total", source="peer"),
+                "agent_bytes_by_peer": {p: v for p, v in peers.items() if v > 0},
+                "agent_served_bytes": delta("p2pd_served_bytes_total"),
+                "agent_peer_served_bytes": delta("p2pd_peer_served_bytes_total"),
+                "leases": delta("p2pd_leases_total"),
+                "chunks_failed": delta("p2pd_chunks_failed_total"),
+                "uploads_refused": delta("p2pd_peer_uploads_refused_total"),
+                **events.get(f"n{i}", {}),
+            })
+            # containerd (or the client) got the image from its agent unless it fell back to the seed.
+            node["via_agent"] = node["agent_served_bytes"] >= image.total_bytes - 4096
+        agent_name = f"agent:{ns}"
+        if agent_name in after.cpu:
+            node["agent_cpu_s"] = round(after.cpu[agent_name] - before.cpu.get(agent_name, 0.0), 3)
+            peak = rss.get(agent_name)
+            node["agent_peak_rss_mib"] = None if peak is None else round(peak / 1024, 1)
+        nodes.append(node)
+
+    seed_blob = int(_metric(after.seed, "seed_blob_bytes_sent_total") - _metric(before.seed,
+                                                                                  "seed_blob_bytes_sent_total"))
+    seed_link = after.links[net.seed]["up"] - before.links[net.seed]["up"]
+    wall = after.at - before.at
+    cpu = {name: round(after.cpu[name] - before.cpu.get(name, 0.0), 3) for name in after.cpu}
+    ours = sum(cpu.values())
+    ncpu = len(os.sched_getaffinity(0))
+    machine = after.machine_busy - before.machine_busy
+    ok_times = sorted(n["seconds"] for n in nodes if n["ok"])
+    agents_cpu = [v for k, v in cpu.items() if k.startswith("agent:")]
+    agent_rss = [n["agent_peak_rss_mib"] for n in nodes if n.get("agent_peak_rss_mib") is not None]
+    sources = bytes_by_source(method, scenario, nodes, seed_blob, image)
+    return {
+        "method": method,
+        "label": LABELS[method],
+        "client": scenario.client,
+        "nodes": nodes,
+        "failures": sum(1 for n in nodes if not n["ok"]),
+        "p50_s": _median(ok_times),
+        "max_s": max(ok_times) if ok_times and len(ok_times) == len(nodes) else None,
+        "times_s": [n["seconds"] for n in nodes],
+        "pull_window_s": round(finished - at, 3),
+        "settled": settled,
+        "membership_s": setup.membership_s,
+        "seed_egress_bytes": seed_blob,
+        "seed_egress_ratio": round(seed_blob / image.total_bytes, 3),
+        "seed_link_bytes": seed_link,
+        "seed_link_ratio": round(seed_link / image.total_bytes, 3),
+        "bytes_by_source": sources,
+        "agents_cpu_s": round(sum(agents_cpu), 2) if agents_cpu else None,
+        "agent_cpu_max_s": round(max(agents_cpu), 2) if agents_cpu else None,
+        "agent_peak_rss_mib_max": max(agent_rss) if agent_rss else None,
+        "agent_peak_rss_mib_median": _median(agent_rss),
+        "fallbacks": fallbacks(method, scenario, nodes),
+        "cpu": {
+            "wall_s": round(wall, 2),
+            "by_process_s": cpu,
+            "seed_s": cpu.get("seed", 0.0),
+            "agents_s": round(sum(agents_cpu), 2),
+            "containerd_s": round(sum(v for k, v in cpu.items() if k.startswith("containerd:")), 2),
+            "clients_s": round(sum(v for k, v in cpu.items() if k.startswith("client:")), 2),
+            "ours_s": round(ours, 2),
+            "ours_share": round(ours / (wall * ncpu), 3),
+            "machine_busy_s": round(machine, 2),
+            "machine_share": round(machine / (wall * ncpu), 3),
+            "other_s": round(max(machine - ours, 0.0), 2),
+            "samples": samples,
+            "sample_max": max(samples) if samples else None,
+            "samples_over_90": sum(1 for s in samples if s > 0.9),
+        },
+        "uplink_drops": {ns.rsplit("-", 1)[1]: after.drops.get(ns, 0) - before.drops.get(ns, 0)
+                         for ns in after.drops if after.drops.get(ns, 0) > before.drops.get(ns, 0)},
+    }
+
+
+def fallbacks(method: str, scenario: Scenario, nodes: list[dict[str, Any]]) -> int | None:
+    """Nodes whose client got bytes from the seed instead of its mirror (None: not measurable).
+
+    p2pd: the agent served less than the image to its client; httpx client: bytes counted from the
+    seed host. ctr through the site cache: not observable without ctr's debug log.
+    """
+    if method == "direct":
+        return 0
+    if method == "p2pd":
+        return sum(1 for n in nodes if not n["via_agent"])
+    if scenario.client == "httpx":
+        return sum(1 for n in nodes if n["client_bytes_by_source"].get("seed"))
+    return None
+
+
+def bytes_by_source(method: str, scenario: Scenario, nodes: list[dict[str, Any]], seed_blob: int,
+                    image: Image) -> dict[str, int]:
+    """Bytes the nodes received over the network, by source: seed, site cache, peers.
+
+    direct: every byte from the seed; cache: the seed's egress went to the cache (or, after a
+    fallback, to a node) and the cache served every node's image; p2pd: the agents' counters.
+    """
+    if method == "direct":
+        return {"seed": seed_blob}
+    if method == "p2pd":
+        return {"seed": sum(n["agent_upstream_bytes"] for n in nodes),
+                "peers": sum(n["agent_peer_bytes"] for n in nodes)}
+    if scenario.client == "httpx":
+        from_cache = sum(n["client_bytes_by_source"].get("cache", 0) for n in nodes)
+    else:
+        from_cache = sum(image.blob_bytes for n in nodes if n["ok"])  # ctr verified every blob
+    return {"seed": seed_blob, "cache": from_cache}
+
+
+# ---- one scenario -----------------------------------------------------------------------
+
+
+def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Namespace,
+                 deadline: float) -> dict[str, Any]:
+    began = time.monotonic()
+    print(f"== {scenario.title}: {scenario.nodes} nodes, seed uplink {scenario.seed_mbit:g} Mbit/s, node links "
+          f"{scenario.node_mbit:g} Mbit/s, layer {scenario.layer_mib} MiB, client {scenario.client}", flush=True)
+    tag = f"{scenario.key}-{os.getpid()}"
+    images.add_random_layer(layout, "busybox", tag, scenario.layer_mib)
+    methods: dict[str, dict[str, Any]] = {}
+    with Netbed(scenario.nodes, scenario.rates, workdir=args.workdir, keep_files=args.keep) as net:
+        bed = start_bed(net)
+        image = push_image(bed, layout, tag)
+        limit = bound(image.total_bytes, scenario.nodes, scenario.rates)
+        print(f"   pushed {image.ref} ({image.total_bytes / MIB:.2f} MiB); bound {limit['seconds']:.1f} s, "
+              f"client-server {limit['client_server_s']:.1f} s; testbed up in {time.monotonic() - began:.1f} s",
+              flush=True)
+        for method in args.methods:
+            left = deadline - time.monotonic()
+            # A pull may take N*F/u_s (everything through the seed's link), more with the cache's double fetch.
+            max_time = min(max(4 * limit["client_server_s"], 60.0), left - 30)
+            if max_time < 10:
+                raise BenchError(f"out of time before {method} of {scenario.key}")
+            t0 = time.monotonic()
+            result = run_method(bed, scenario, method, image, max_time)
+            methods[method] = result
+            print(f"   {method:6}: p50 {_fmt(result['p50_s'])} s, max {_fmt(result['max_s'])} s "
+                  f"({_fmt(ratio_or_none(result['max_s'], limit['seconds']))}{X} bound), seed egress "
+                  f"{result['seed_egress_ratio']:.2f}{X} image, failures {result['failures']}, fallbacks "
+                  f"{result['fallbacks']}; CPU ours {result['cpu']['ours_share']:.0%} / machine "
+                  f"{result['cpu']['machine_share']:.0%} of {len(os.sched_getaffinity(0))} cores "
+                  f"(max 0.5 s sample {_pct(result['cpu']['sample_max'])}); {time.monotonic() - t0:.0f} s",
+                  flush=True)
+            for node in result["nodes"]:
+                if not node["ok"]:
+                    print(f"     {node['node']} failed: {node['errors'][:3]}", flush=True)
+    return {"scenario": asdict(scenario), "image": asdict(image), "bound": limit, "methods": methods,
+            "rates": asdict(scenario.rates), "duration_s": round(time.monotonic() - began, 1)}
+
+
+def ratio_or_none(value: float | None, base: float) -> float | None:
+    return None if value is None or not base else round(value / base, 2)
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return DASH if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return DASH if value is None else f"{value:.0%}"
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def render_table(result: dict[str, Any]) -> str:
+    limit = result["bound"]["seconds"]
+    head = ["Method", "client", "p50 s", "max s", f"p50 {X} bound", f"max {X} bound",
+            f"seed egress {X} image", "bytes by source MiB", "agent CPU s (sum; busiest node)",
+            "agent peak RSS MiB (max)", "CPU: machine busy (mean; max 0.5 s)", "failed (fell back)"]
+    rows = [head, ["---"] * len(head)]
+    for method in METHODS:
+        m = result["methods"].get(method)
+        if m is None:
+            continue
+        r50, rmax = ratio_or_none(m["p50_s"], limit), ratio_or_none(m["max_s"], limit)
+        sources = ", ".join(f"{k} {v / MIB:.0f}" for k, v in m["bytes_by_source"].items())
+        cpu = m["cpu"]
+        rows.append([
+            m["label"], m["client"], _fmt(m["p50_s"]), _fmt(m["max_s"]),
+            f"{_fmt(r50)}{X}", f"**{_fmt(rmax)}{X}**" if method == "p2pd" else f"{_fmt(rmax)}{X}",
+            f"**{m['seed_egress_ratio']:.2f}{X}**" if method == "p2pd" else f"{m['seed_egress_ratio']:.2f}{X}",
+            sources,
+            DASH if m["agents_cpu_s"] is None else f"{m['agents_cpu_s']:.1f}; {m['agent_cpu_max_s']:.1f}",
+            _fmt(m["agent_peak_rss_mib_max"], ".0f"),
+            f"{_pct(cpu['machine_share'])}; {_pct(cpu['sample_max'])}",
+            f"{m['failures']} ({_fmt(m['fallbacks'], 'd')})",
+        ])
+    b = result["bound"]
+    rows.append([f"bound (Kumar{DASH}Ross)", "", _fmt(b["seconds"]), _fmt(b["seconds"]), f"1.00{X}",
+                 f"1.00{X}", f"1.00{X}", "", "", "", "", ""])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def goal_lines(result: dict[str, Any]) -> list[str]:
+    """The goals (p2pd <= 1.3 x the bound, seed egress <= 1.05 x the image) and what limits us."""
+    p = result["methods"].get("p2pd")
+    limit = result["bound"]
+    if p is None:
+        return ["p2pd was not run."]
+    rmax = ratio_or_none(p["max_s"], limit["seconds"])
+    time_ok = rmax is not None and rmax <= GOAL_TIME
+    egress_ok = p["seed_egress_ratio"] <= GOAL_EGRESS
+    lines = [f"Goals: p2pd's last node {_fmt(rmax)}{X} the bound (goal ≤ {GOAL_TIME}{X}): "
+             f"**{'met' if time_ok else 'NOT met'}**; seed egress {p['seed_egress_ratio']:.2f}{X} the image "
+             f"(goal ≤ {GOAL_EGRESS}{X}): **{'met' if egress_ok else 'NOT met'}**."]
+    nodes = p["nodes"]
+    holders = sorted((n for n in nodes if n.get("agent_upstream_bytes", 0) > 0),
+                     key=lambda n: -n["agent_upstream_bytes"])
+    if holders and p["max_s"] is not None:
+        first = holders[0]  # the big layer's lease holder
+        lines.append(
+            f"Where the time goes: the seed's term F/u_s is {limit['seed_term_s']:.2f} s; the big layer's lease "
+            f"holder ({first['node']}, {first['agent_upstream_bytes'] / MIB:.1f} MiB from the seed) finished after "
+            f"{first['seconds']:.2f} s ({first['seconds'] / limit['seed_term_s']:.2f}{X} F/u_s), the last node "
+            f"{p['max_s'] - first['seconds']:+.2f} s later. Nodes that fetched from the seed: "
+            + ", ".join(f"{n['node']} {n['agent_upstream_bytes'] / MIB:.2f} MiB" for n in holders) + "; "
+            f"{sum(n.get('stuck_fallbacks', 0) for n in nodes)} stuck fallbacks, "
+            f"{sum(n.get('peer_request_errors', 0) for n in nodes)} failed peer requests, "
+            f"{p['fallbacks']} client fallbacks to the seed; membership by mDNS took {p['membership_s']} s "
+            "before the start (not counted).")
+    return lines
+
+
+def render_scenario(result: dict[str, Any], plots: dict[str, str]) -> str:
+    sc, image, limit, rates = result["scenario"], result["image"], result["bound"], result["rates"]
+    n = sc["nodes"]
+    client = ("`ctr images pull --hosts-dir` (containerd 1.6, a private containerd per node, fetch + unpack)"
+              if sc["client"] == "ctr" else
+              "the containerd-like httpx client (`tests/bench/nsworker.py`: HEAD tag, GET manifest, GET blobs "
+              "in parallel, sha256 verified)")
+    lines = [
+        f"### {sc['title']}: N = {n}, seed uplink {rates['seed_up']:g} Mbit/s, node links "
+        f"{rates['node_up']:g} Mbit/s",
+        "",
+        f"{sc['description'][:1].upper() + sc['description'][1:]}. Image: busybox + one random layer of "
+        f"{sc['layer_mib']} MiB, F = {image['total_bytes'] / MIB:.2f} MiB in all. Client: {client}. "
+        f"Bound = max(F/u_s {limit['seed_term_s']:.2f} s, F/d_min {limit['download_term_s']:.2f} s, "
+        f"N·F/(u_s + Σu_i) {limit['aggregate_term_s']:.2f} s) = **{limit['seconds']:.2f} s**; client-server "
+        f"minimum max(N·F/u_s, F/d_min) = {limit['client_server_s']:.1f} s.",
+        "",
+        render_table(result),
+        "",
+        *goal_lines(result),
+        "",
+    ]
+    for key in ("cdf", "bytes"):
+        if key in plots:
+            lines.append(f"![{sc['title']}: {'completion-time CDF' if key == 'cdf' else 'bytes by source'}]"
+                         f"({plots[key]})")
+    if plots:
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cpu_check_text(report: dict[str, Any]) -> str:
+    rows = [(r["scenario"]["title"], m) for r in report["results"] for m in r["methods"].values()]
+    if not rows:
+        return ""
+    ours = [m["cpu"]["ours_share"] for _, m in rows]
+    machine = [m["cpu"]["machine_share"] for _, m in rows]
+    peaks = [m["cpu"]["sample_max"] or 0.0 for _, m in rows]
+    hot = [(t, m) for t, m in rows if m["cpu"]["machine_share"] > 0.8]
+    ncpu = report["machine"]["nproc"]
+    text = (f"CPU check (is the {ncpu}-core machine the bottleneck?): during each pull, the CPU seconds of every "
+            f"process of the run (seed, agents, containerds, clients) over wall {X} {ncpu} cores: "
+            f"{min(ours):.0%}{DASH}{max(ours):.0%}; the whole machine (kernel networking, shaping and "
+            f"other people's work included) was busy {min(machine):.0%}{DASH}{max(machine):.0%} on "
+            f"average, sampled every {_SAMPLE_S:g} s: highest sample {max(peaks):.0%}. ")
+    if hot:
+        text += ("Pulls with the machine more than 80 % busy on average: "
+                 + ", ".join(f"{t} / {m['method']}" for t, m in hot) + " — those times may be CPU-bound.")
+    else:
+        text += "No pull kept the machine more than 80 % busy on average: the shaped links, not the CPU, set the pace."
+    return text
+
+
+def render_section(report: dict[str, Any]) -> str:
+    m, load = report["machine"], report["load"]
+    lines = [
+        SECTION_TITLE,
+        "",
+        f"- Date: {report['date']}; duration {report['duration_s']:.0f} s",
+        f"- Command: `{report['command']}` (`make bench-swarm`)",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}; p2pd and seed {m['seed_version']} (this tree), {report['versions']['containerd']}, "
+        f"{report['versions']['registry']}",
+        "- Testbed (`tests/bench/netbed.py`): Linux network namespaces — a switch namespace holding a bridge, "
+        "one seed host, N node hosts, each attached by a veth pair; `tc tbf` shapes both directions of every "
+        "link (host egress and switch-port egress; rate = the figure given, burst ≥ 64 KiB, 100 ms queue). "
+        "Nothing in the root namespace; mDNS only on the private bridge. No latency or loss emulation "
+        "(this kernel has no netem). Rates are tc's (10^6 bit/s of Ethernet frames): TCP/IP headers take "
+        f"≈ 4.4 % of them, so even a perfect transfer shows ≈ 1.05{X} a bound computed from payload bytes.",
+        "- Method: every node cold; all clients released at the same instant; completion = from that instant "
+        "to the node's verified image. *direct*: straight from the seed. *site cache*: Debian's "
+        "`docker-registry` 2.8 in proxy mode on node 1, hosts.toml (or host list) = cache, then seed. *p2pd*: an "
+        "agent per node (`--listen 127.0.0.1:5080`, `--peer-listen <node>:7080 --mdns-interface <node>`, shared "
+        "cluster key, defaults otherwise), found by mDNS, hosts.toml = agent, then seed. Seed egress = "
+        "`seed_blob_bytes_sent_total` (content bytes; on the wire add the headers — see the JSON) ÷ F. "
+        "*Agent* = p2pd or the cache.",
+        f"- Machine load: loadavg {' '.join(map(str, load['loadavg_start']))} at start, "
+        f"{' '.join(map(str, load['loadavg_end']))} at end.",
+        "",
+    ]
+    for result in report["results"]:
+        lines.append(render_scenario(result, report["plots"].get(result["scenario"]["key"], {})))
+    lines += [cpu_check_text(report), "",
+              "Why the site cache does not help a cold burst: distribution 2.8's proxy does not share an "
+              "in-flight download — every concurrent request for a blob it does not have yet is fetched from "
+              "the upstream again (and the blob once more to store it), so its seed egress is about (N + 1)"
+              f"{X} the image and its time that of direct pulls; it only helps the *next* pull.",
+              "", f"Raw numbers: [`{report['json_link']}`]({report['json_link']}).", ""]
+    if report.get("truncated"):
+        lines += [f"**Run incomplete**: {report['truncated']}", ""]
+    return "\n".join(lines)
+
+
+def make_plots(report: dict[str, Any], out_dir: Path, link_prefix: str) -> dict[str, dict[str, str]]:
+    """Completion-time CDF per method and bytes by source, one PNG each per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, dict[str, str]] = {}
+    for result in report["results"]:
+        sc = result["scenario"]
+        key, limit = sc["key"], result["bound"]["seconds"]
+        files = {}
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        every = [t for m in result["methods"].values() for t in m["times_s"]]
+        low = 0.7 * min([limit, *every])
+        for method in METHODS:
+            m = result["methods"].get(method)
+            if m is None:
+                continue
+            times = sorted(t for t, n in zip(m["times_s"], m["nodes"], strict=True) if n["ok"])
+            if times:
+                ys = [(i + 1) / len(m["nodes"]) for i in range(len(times))]
+                ax.step([low, *times], [0.0, *ys], where="post", color=COLORS[method], label=m["label"])
+        ax.axvline(limit, color="black", linestyle="--", label=f"bound {limit:.1f} s")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("completion time since the common start (s, log scale)")
+        ax.set_ylabel("fraction of nodes done")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"{sc['title']}: N = {sc['nodes']}, {result['image']['total_bytes'] / MIB:.1f} MiB image")
+        fig.tight_layout()
+        name = f"swarm-{key}-cdf.png"
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        files["cdf"] = f"{link_prefix}{name}"
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100, gridspec_kw={"width_ratios": [1, 1.6]})
+        sources = [("seed", "tab:red", "from the seed"), ("cache", "tab:orange", "from the site cache"),
+                   ("peers", "tab:blue", "from peers (p2pd)")]
+        methods = [mt for mt in METHODS if mt in result["methods"]]
+        bottoms = [0.0] * len(methods)
+        image_mib = result["image"]["total_bytes"] / MIB
+        for source, color, label in sources:
+            values = [result["methods"][mt]["bytes_by_source"].get(source, 0) / MIB for mt in methods]
+            if any(values):
+                left.bar(methods, values, bottom=bottoms, color=color, label=label)
+                bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+        left.axhline(image_mib, color="black", linestyle=":", label="one image")
+        left.set_ylabel("MiB received over the network")
+        left.set_title("all nodes, by source")
+        left.legend(fontsize=7)
+        p = result["methods"].get("p2pd")
+        if p is not None:
+            names = [n["node"] for n in p["nodes"]]
+            up = [n.get("agent_upstream_bytes", 0) / MIB for n in p["nodes"]]
+            peer = [n.get("agent_peer_bytes", 0) / MIB for n in p["nodes"]]
+            served = [n.get("agent_peer_served_bytes", 0) / MIB for n in p["nodes"]]
+            right.bar(names, up, color="tab:red", label="received from the seed")
+            right.bar(names, peer, bottom=up, color="tab:blue", label="received from peers")
+            right.plot(names, served, "k.", label="sent to peers")
+            right.set_title("p2pd, per node")
+            right.set_ylabel("MiB")
+            right.tick_params(axis="x", labelsize=7, rotation=90)
+            right.legend(fontsize=7)
+        else:
+            right.axis("off")
+        fig.suptitle(f"{sc['title']}: bytes by source")
+        fig.tight_layout()
+        name = f"swarm-{key}-bytes.png"
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        files["bytes"] = f"{link_prefix}{name}"
+        plots[key] = files
+    return plots
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.swarm", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="Markdown file to update")
+    parser.add_argument("--json", type=Path, help="raw results (default: OUT's dir/bench/swarm.json)")
+    parser.add_argument("--quick", action="store_true", help="only the tiny scenario (N = 3, 2 MiB layer)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--no-plots", action="store_true", help="write no PNGs (matplotlib not needed)")
+    parser.add_argument("--deadline-s", type=float, default=840.0,
+                        help="the whole run is stopped (and torn down) after this many seconds")
+    parser.add_argument("--workdir", type=Path, help="parent of the run's files (default: the temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the run's files (logs) for debugging")
+    return parser
+
+
+class _Deadline(BaseException):
+    """The run's time budget is spent."""
+
+
+def _check_prerequisites() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (network namespaces, tc, containerd)")
+    for name in _TOOLS:
+        find_tool(name)
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise _Deadline(f"time budget of {seconds:g} s spent")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    began = time.monotonic()
+    deadline = began + args.deadline_s
+    scenarios = [QUICK] if args.quick else [SCENARIOS[k] for k in args.scenarios.split(",") if k]
+    load_start = loadavg()
+    removed = cleanup_stale()
+    if removed:
+        print(f"removed leftovers of killed runs: {removed}", flush=True)
+    results = []
+    truncated = ""
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="bench-swarm-", dir=args.workdir))
+    try:
+        with _alarm(args.deadline_s):
+            layout = images.build_busybox_layout(root / "image")
+            for scenario in scenarios:
+                results.append(run_scenario(scenario, layout, args, deadline))
+    except _Deadline as exc:
+        truncated = f"{exc}; finished scenarios: {[r['scenario']['key'] for r in results]}"
+        print(f"!! {truncated}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "benchmark": "swarm",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m tests.bench.swarm " + shlex.join(sys.argv[1:]),
+        "machine": machine_basics(),
+        "versions": {"containerd": tool_version([find_tool("containerd"), "--version"]),
+                     "registry": tool_version([find_tool("docker-registry"), "--version"])},
+        "load": {"loadavg_start": load_start, "loadavg_end": loadavg()},
+        "results": results,
+        "truncated": truncated,
+        "duration_s": round(time.monotonic() - began, 1),
+        "goals": {"time_vs_bound": GOAL_TIME, "seed_egress_vs_image": GOAL_EGRESS},
+    }
+
+
+def write_report(report: dict[str, Any], out: Path, json_path: Path | None, *, plots: bool) -> str:
+    json_path = json_path or out.parent / "bench" / "swarm.json"
+    report["json_link"] = os.path.relpath(json_path, out.parent)
+    link_prefix = os.path.relpath(json_path.parent, out.parent) + "/"
+    report["plots"] = make_plots(report, json_path.parent, link_prefix) if plots else {}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    section = render_section(report)
+    update_doc(out, section, MARK_START, MARK_END)
+    return section
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown or any(k not in SCENARIOS for k in args.scenarios.split(",") if k):
+        print(f"unknown method or scenario: {sorted(unknown) or args.scenarios}", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    try:
+        _check_prerequisites()
+        report = run(args)
+    except (BenchError, NetbedError) as exc:
+        print(f"bench-swarm: {exc}", file=sys.stderr)
+        return 1
+    section = write_report(report, args.out, args.json, plots=not args.no_plots)
+    print(section)
+    failed = sum(m["failures"] for r in report["results"] for m in r["methods"].values())
+    return 1 if report["truncated"] or failed or not report["results"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

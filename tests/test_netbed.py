@@ -1,0 +1,138 @@
+"""The namespace testbed of ``make bench-swarm``, small enough for ``make test``.
+
+``test_tiny_bench_swarm`` runs the whole benchmark at N = 3 with a 2 MiB layer (direct, site
+cache, p2pd; ctr in every node) so that it cannot rot; the other tests check the testbed's
+teardown guarantees and the bound. Needs root and ip/tc/containerd/skopeo/umoci/busybox/
+docker-registry: skipped without them, failed with CI=true.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bench.netbed import OWNER_DIR, LinkRates, Netbed, cleanup_stale, list_namespaces
+from tests.bench.swarm import MARK_END, MARK_START, bound
+from tests.harness.tools import require_root, require_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+_TOOLS = ("ip", "tc", "containerd", "ctr", "skopeo", "umoci", "busybox", "docker-registry")
+
+
+def _require_testbed() -> None:
+    require_root()
+    for tool in _TOOLS:
+        require_tool(tool)
+
+
+def _run_namespaces(run_id: str) -> list[str]:
+    return [ns for ns in list_namespaces() if ns.startswith(f"p2pbed-{run_id}-")]
+
+
+def test_bound_matches_the_anchor_example() -> None:
+    # shared/notes/anchors.md: 20 nodes, 1 GB, 100 Mb/s uplink, 1 Gb/s LAN -> 80 s; direct 1,600 s.
+    result = bound(10**9, 20, LinkRates(seed_up=100, node_up=1000, node_down=1000))
+    assert result["seconds"] == pytest.approx(80.0)
+    assert result["client_server_s"] == pytest.approx(1600.0)
+    # Many nodes with thin uplinks: the aggregate term dominates.
+    many = bound(10**9, 1000, LinkRates(seed_up=100, node_up=10, node_down=1000))
+    assert many["seconds"] == pytest.approx(1000 * 8e9 / (1e8 + 1000 * 1e7))
+
+
+@pytest.mark.root
+def test_teardown_on_exception_kills_processes_and_deletes_namespaces(tmp_path: Path) -> None:
+    _require_testbed()
+    bed = Netbed(2, LinkRates(seed_up=10, node_up=50, node_down=50), workdir=tmp_path)
+    with pytest.raises(RuntimeError, match="boom"), bed:
+        proc = bed.start_in(bed.nodes[0], ["sleep", "600"], log_path=tmp_path / "sleep.log")
+        # A grandchild that escapes the process group is still found by namespace.
+        bed.start_in(bed.nodes[1], ["sh", "-c", "setsid sleep 600 & wait"], log_path=tmp_path / "sh.log")
+        assert set(_run_namespaces(bed.run_id)) == set(bed.namespaces)
+        ping = bed.run_in(bed.nodes[0], ["busybox", "ping", "-c", "1", "-W", "2", bed.node_ips[1]], check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # The root namespace has no route into the testbed.
+        assert "10.88.0." not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+        raise RuntimeError("boom")
+    assert proc.poll() is not None
+    assert _run_namespaces(bed.run_id) == []
+    assert not bed.dir.exists()
+    assert not (OWNER_DIR / f"{bed.run_id}.json").exists()
+
+
+@pytest.mark.root
+def test_cleanup_stale_removes_only_dead_runs(tmp_path: Path) -> None:
+    _require_testbed()
+    rates = LinkRates(seed_up=10, node_up=50, node_down=50)
+    with Netbed(1, rates, workdir=tmp_path) as live, Netbed(1, rates, workdir=tmp_path) as dead:
+        # Pretend ``dead``'s owner was killed with SIGKILL: its owner file names a process that is gone.
+        (OWNER_DIR / f"{dead.run_id}.json").write_text(json.dumps(
+            {"pid": 2**22 + 1, "start_time": "0", "workdir": str(dead.dir)}))
+        removed = cleanup_stale()
+        assert dead.run_id in removed and live.run_id not in removed
+        assert _run_namespaces(dead.run_id) == []
+        assert set(_run_namespaces(live.run_id)) == set(live.namespaces)
+    assert _run_namespaces(live.run_id) == []
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_tiny_bench_swarm(tmp_path: Path) -> None:
+    """``python -m tests.bench.swarm --quick``: N = 3, direct / site cache / p2pd, ctr in every node."""
+    _require_testbed()
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    json_path = tmp_path / "bench" / "swarm.json"
+    plots = importlib.util.find_spec("matplotlib") is not None  # the ``bench`` extra; optional here
+    argv = [sys.executable, "-m", "tests.bench.swarm", "--quick", "--out", str(out), "--json", str(json_path),
+            "--workdir", str(tmp_path / "work"), "--deadline-s", "75", *([] if plots else ["--no-plots"])]
+    before = set(list_namespaces())
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=85)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # the benchmark tears its testbed down on SIGTERM
+        output, _ = proc.communicate(timeout=30)
+        pytest.fail(f"the tiny benchmark took more than 85 s:\n{output.decode(errors='replace')[-4000:]}")
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-6000:]
+    assert time.monotonic() - started < 90
+
+    report = json.loads(json_path.read_text())
+    (result,) = report["results"]
+    assert result["scenario"]["nodes"] == 3
+    methods = result["methods"]
+    assert set(methods) == {"direct", "cache", "p2pd"}
+    image = result["image"]["total_bytes"]
+    for method, m in methods.items():
+        assert m["failures"] == 0, (method, [n["errors"] for n in m["nodes"]])
+        assert len(m["times_s"]) == 3 and all(t > 0 for t in m["times_s"]), (method, m["times_s"])
+        # The shaped seed link is respected: nobody finishes faster than the bound.
+        assert m["max_s"] >= 0.9 * result["bound"]["seconds"], (method, m["max_s"], result["bound"])
+    assert methods["direct"]["seed_egress_bytes"] >= 3 * image * 0.99  # every node from the seed
+    p2pd = methods["p2pd"]
+    assert p2pd["fallbacks"] == 0 and all(n["via_agent"] for n in p2pd["nodes"])
+    assert p2pd["seed_egress_bytes"] < 2 * image  # the swarm shared the image
+    assert p2pd["bytes_by_source"]["peers"] > 0
+    assert p2pd["agent_peak_rss_mib_max"] and p2pd["agents_cpu_s"] is not None
+
+    doc = out.read_text()
+    assert "<!-- other:start -->\nkept\n<!-- other:end -->" in doc
+    section = doc[doc.index(MARK_START):doc.index(MARK_END)]
+    assert "| p2pd |" in section and "bound (Kumar" in section and "CPU check" in section
+    if plots:
+        for name in ("swarm-tiny-cdf.png", "swarm-tiny-bytes.png"):
+            assert (json_path.parent / name).read_bytes()[:4] == b"\x89PNG"
+            assert f"bench/{name}" in section
+    # Nothing left behind: namespaces, owner files, work files.
+    assert set(list_namespaces()) - before == set()
+    assert not list((tmp_path / "work").glob("p2pbed-*")) and not list((tmp_path / "work").glob("bench-swarm-*"))
