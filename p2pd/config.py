@@ -87,6 +87,7 @@ class FetchConfig:
     read_timeout: float = 30.0
     max_attempts: int = 5  # upstream (re)tries per blob, each resuming with Range
     manifest_timeout: float = 10.0
+    failure_hold: float = 30.0  # after a failed download, misses for that blob answer 404 this long
 
 
 @dataclass(frozen=True)

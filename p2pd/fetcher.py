@@ -9,7 +9,8 @@ Rules/invariants:
   one, everything but the last ``HOLDBACK`` bytes is released as it arrives and the tail
   only after the whole blob matched its digest. A client can therefore never receive a
   complete blob that fails verification; a failed download aborts its readers'
-  connections, and containerd retries elsewhere.
+  connections; the retry that follows is answered 404 for ``fetch.failure_hold``
+  seconds, so containerd moves on to its next host.
 - Interrupted upstream transfers resume with Range from the last byte written; a partial
   file left by a restart is resumed after rehashing what it holds.
 - The in-flight table belongs to this module; entries are added synchronously by
@@ -24,6 +25,7 @@ import hmac
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -50,7 +52,6 @@ log = logging.getLogger("p2pd.fetcher")
 HOLDBACK = 1024 * 1024
 _SEND_PIECE = 4 * 1024 * 1024
 _READ_PIECE = 1024 * 1024
-_MAX_TOTAL_ATTEMPTS = 50
 
 
 @dataclass(eq=False)
@@ -121,6 +122,17 @@ class Fetcher:
         self._jobs: trio.MemorySendChannel[Download] | None = None
         # Set by the daemon when peer-to-peer distribution is on.
         self.swarm: Swarm | None = None
+        self.recent_failures: dict[Digest, float] = {}  # digest → until when misses answer 404
+
+    def failed_recently(self, digest: Digest) -> bool:
+        """Whether a download of ``digest`` failed within ``fetch.failure_hold`` seconds."""
+        until = self.recent_failures.get(digest)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self.recent_failures[digest]
+            return False
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Runs download tasks until cancelled."""
@@ -159,6 +171,9 @@ class Fetcher:
                 log.warning("discarding %s: %s", digest, exc)
             elif not isinstance(exc, UpstreamNotFound):
                 log.warning("download of %s failed: %s", digest, exc)
+            # containerd retries the same host after a cut stream and moves on only after a
+            # 404: remember the failure so that the retry is answered 404 at once.
+            self.recent_failures[digest] = time.monotonic() + self.config.fetch.failure_hold
             download._fail(exc)
         finally:
             self.in_flight.pop(digest, None)
@@ -279,9 +294,7 @@ class Fetcher:
         """Fetches from the upstream until the blob is complete and verified."""
         download = transfer.download
         failures_without_progress = 0
-        attempts = 0
         while download.size is None or transfer.offset < download.size:
-            attempts += 1
             start_offset = transfer.offset
             try:
                 self.metrics.upstream_fetches.inc()
@@ -295,7 +308,7 @@ class Fetcher:
                 raise
             except UpstreamError as exc:
                 failures_without_progress = 0 if transfer.offset > start_offset else failures_without_progress + 1
-                if failures_without_progress >= self.config.fetch.max_attempts or attempts >= _MAX_TOTAL_ATTEMPTS:
+                if failures_without_progress >= self.config.fetch.max_attempts:
                     raise
                 log.info("upstream transfer of %s interrupted at %d (%s); resuming", download.digest,
                          transfer.offset, exc)

@@ -272,6 +272,10 @@ class MirrorFront:
             return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length), on_close=release)
 
         self.metrics.cache_misses.labels("blob").inc()
+        if self.fetcher.failed_recently(digest) and digest not in self.fetcher.in_flight:
+            # Let containerd fall back to the next host instead of retrying us.
+            raise _not_found("BLOB_UNKNOWN", "the last download of this blob failed; try the next host",
+                             digest=str(digest))
         download = self.fetcher.start(digest, namespace, name)
         try:
             with trio.fail_after(self.config.fetch.first_byte_timeout):

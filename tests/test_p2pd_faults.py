@@ -215,7 +215,7 @@ async def test_corrupt_upstream_never_yields_a_complete_wrong_blob(
 
 @pytest.mark.slow
 @pytest.mark.root
-async def test_pull_with_corrupt_upstream_does_not_hang(
+async def test_pull_with_corrupt_upstream_falls_back_to_the_good_server(
     tmp_path: Path,
     busybox_layout: OciLayout,
     registry_url: str,
@@ -227,12 +227,13 @@ async def test_pull_with_corrupt_upstream_does_not_hang(
     agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
     hosts = write_hosts(tmp_path / "hosts", agent.info.url, registry_url)  # server: the good upstream
     started = time.monotonic()
-    result = await pull(containerd, REF, hosts, check=False)  # ctr is killed (an error) if it hangs
+    # containerd retries p2pd after the cut stream; p2pd then answers 404 for the failed blob
+    # (fetch.failure_hold), so containerd takes it from `server` and the pull succeeds.
+    await pull(containerd, REF, hosts)
     assert time.monotonic() - started < 30
     assert agent_metric(agent, "p2pd_verification_failures_total", source="upstream") >= 1
-    if result.returncode == 0:
-        assert containerd.image_digest(REF) == pushed
-        assert await trio.to_thread.run_sync(containerd.unpack_check, REF) in ("run", "mount")
+    assert containerd.image_digest(REF) == pushed
+    assert await trio.to_thread.run_sync(containerd.unpack_check, REF) in ("run", "mount")
     assert misnamed_blobs(agent.store.root / "blobs" / "sha256") == []
 
 

@@ -150,10 +150,17 @@ async def _kill_mid_transfer(tmp_path: Path, key_file: Path, blob: tuple[bytes, 
             f"completed after {elapsed:.1f} s; seed sent {seed_sent / len(data):.2f} x the blob; leases granted "
             f"to survivors {leases}; upstream MiB by survivor {upstream}"
         )
-        # Bounded extra uplink traffic: the chunks the victim took with it, at most once more.
-        assert seed_sent <= 2.0 * len(data), cluster.logs()
         if victim_role == "lessee":
+            # The lease moved to a survivor, which fetched what it lacked once more: bounded
+            # extra uplink traffic (the new holder refetches chunks it did not have yet, even
+            # those its peers held).
             assert sum(leases.values()) >= 1, "the lease moved to a survivor"
+            assert seed_sent <= 2.0 * len(data), cluster.logs()
+        else:
+            # The backup coordinator rebuilt its state from announcements, and the lease holder
+            # reclaimed its lease there: still one upstream fetch for the site.
+            assert sum(leases.values()) == 1
+            assert seed_sent <= 1.05 * len(data), cluster.logs()
     finally:
         await trio.to_thread.run_sync(cluster.stop)
 

@@ -343,8 +343,12 @@ def test_messages_round_trip() -> None:
         _announce(),
         _announce(complete=True, have=None, size=None, want_lease=False),
         _announce(gone=True, have=None),
+        _announce(leased=True),
     ):
         assert decode(encode(message)) == message
+    # A message from a node that does not send the newer flags still decodes.
+    old = {k: v for k, v in _announce_dict().items() if k not in ("gone", "leased")}
+    assert decode(msgpack.packb(old)) == Announce(DIGEST, "n", "a:1", "s", 10, 4, False, b"\x00", False, False, False)
     reply = Reply(
         (
             PeerInfo("node-b", "127.0.0.11:7000", "rack-1", True, None),
@@ -381,6 +385,7 @@ def _announce_dict(**overrides: object) -> dict[str, object]:
         "have": b"\x00",
         "want_lease": False,
         "gone": False,
+        "leased": False,
     }
     body.update(overrides)
     return body
@@ -420,6 +425,7 @@ MALFORMED = [
     pytest.param(msgpack.packb(_announce_dict(chunk_size=None)), id="chunk-size-missing"),
     pytest.param(msgpack.packb(_announce_dict(complete=1)), id="flag-int"),
     pytest.param(msgpack.packb(_announce_dict(gone="yes")), id="flag-str"),
+    pytest.param(msgpack.packb(_announce_dict(leased=None)), id="leased-none"),
     pytest.param(msgpack.packb(_announce_dict(digest="sha256:1234")), id="bad-digest"),
     pytest.param(msgpack.packb(_announce_dict(digest=5)), id="digest-int"),
     pytest.param(msgpack.packb(_announce_dict(node="")), id="empty-node"),
@@ -652,11 +658,11 @@ def _node_announce(
     complete: bool = False,
     want_lease: bool = True,
     gone: bool = False,
+    leased: bool = False,
     digest: Digest = DIGEST,
 ) -> Announce:
-    return Announce(
-        digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete, None if complete else have, want_lease, gone
-    )
+    have = None if complete else have
+    return Announce(digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete, have, want_lease, gone, leased)
 
 
 def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> None:
@@ -690,6 +696,35 @@ def test_lease_moves_after_expiry_when_its_holder_stops_announcing() -> None:
     assert reply.granted and reply.lease_holder == "b"
     assert state.announce(_node_announce("c"), 106.0).lease_holder == "b"
     assert state.leases_granted == 2
+
+
+def test_a_coordinator_taking_over_a_transfer_in_progress_lets_the_lease_holder_reclaim_it() -> None:
+    """A new coordinator (its predecessor died) first hears of the digest from nodes that hold chunks."""
+    state = CoordinatorState(lease_ttl=TTL)
+    some = bytes([0b11110000])
+    # Other downloaders reach it first: none of them gets a lease while the holder may still claim it.
+    for t in (0.0, 1.0, 5.0):
+        reply = state.announce(_node_announce("b", have=some), t)
+        assert not reply.granted and reply.lease_holder is None
+    # The holder announces (well within the TTL) and gets its lease back at once.
+    reply = state.announce(_node_announce("a", have=bytes([0b11111100]), leased=True), 5.5)
+    assert reply.granted and reply.lease_holder == "a"
+    assert state.announce(_node_announce("b", have=some), 6.0).lease_holder == "a"
+    assert state.leases_granted == 1
+
+    # If the holder died too, the lease goes to a downloader once the takeover period is over.
+    state = CoordinatorState(lease_ttl=TTL)
+    assert not state.announce(_node_announce("b", have=some), 0.0).granted
+    assert not state.announce(_node_announce("c", have=some), TTL - 0.1).granted
+    reply = state.announce(_node_announce("c", have=some), TTL)
+    assert reply.granted and reply.lease_holder == "c"
+
+    # A digest first heard of from a node without chunks is a new transfer: the lease is granted at once.
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_node_announce("b", have=bytes(1)), 0.0).granted
+    # And a claim never takes over a live lease of another node.
+    reply = state.announce(_node_announce("z", have=some, leased=True), 1.0)
+    assert not reply.granted and reply.lease_holder == "b"
 
 
 def test_no_lease_when_the_site_already_has_a_complete_copy() -> None:

@@ -7,6 +7,11 @@ Rules/invariants:
 - At most one node per (digest, site) holds the upstream lease at a time; it is granted
   only when the site has no complete holder and no live lease, and it expires
   ``lease_ttl`` seconds after the holder's last announcement.
+- A coordinator that learns of a digest from a node that already holds chunks has taken
+  over a transfer in progress (its predecessor died, or membership changed) and does not
+  know who holds the lease. For ``lease_ttl`` it grants the lease only to a node that says
+  it holds one (``Announce.leased``; the holder announces well within that time), so the
+  site does not get a second upstream fetch.
 - Memory is bounded: at most ``max_digests`` digests and ``max_holders`` holders each;
   the least recently touched are dropped first.
 """
@@ -40,6 +45,7 @@ class _Lease:
 class _DigestState:
     holders: OrderedDict[str, _Holder] = field(default_factory=OrderedDict)
     leases: dict[str, _Lease] = field(default_factory=dict)  # by site
+    takeover_until: float = 0.0  # until then, only a node that says it holds the lease gets it
 
 
 class CoordinatorState:
@@ -68,6 +74,8 @@ class CoordinatorState:
         state = self._digests.get(message.digest)
         if state is None:
             state = self._digests[message.digest] = _DigestState()
+            if message.have is not None and any(message.have):
+                state.takeover_until = now + self.lease_ttl
             while len(self._digests) > self.max_digests:
                 self._digests.popitem(last=False)
         else:
@@ -96,7 +104,8 @@ class CoordinatorState:
                 lease.expires = now + self.lease_ttl  # the lessee is alive and working
         granted = False
         site_has_copy = any(h.info.complete and h.info.site == message.site for h in state.holders.values())
-        if message.want_lease and lease is None and not site_has_copy and not message.gone:
+        may_grant = message.leased or now >= state.takeover_until
+        if message.want_lease and lease is None and not site_has_copy and not message.gone and may_grant:
             lease = state.leases[message.site] = _Lease(message.node, message.address, now + self.lease_ttl)
             self.leases_granted += 1
             granted = True

@@ -180,7 +180,8 @@ class Swarm:
                       want_lease: bool = False, gone: bool = False, size: int | None = None) -> Announce:
         have = None if transfer is None or complete else transfer.have.to_bytes()
         return Announce(digest, self.me.node_id, self.me.address, self.me.site,
-                        transfer.size if transfer else size, self.chunk_size, complete, have, want_lease, gone)
+                        transfer.size if transfer else size, self.chunk_size, complete, have, want_lease, gone,
+                        leased=transfer is not None and transfer.leased)
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):

@@ -47,6 +47,7 @@ class Announce:
     have: bytes | None
     want_lease: bool = False
     gone: bool = False  # the node no longer has (or wants) the blob
+    leased: bool = False  # the node fetches from the upstream under a lease it was granted
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ def encode(message: Announce | Reply) -> bytes:
             "t": "announce", "digest": str(message.digest), "node": message.node, "address": message.address,
             "site": message.site, "size": message.size, "chunk_size": message.chunk_size,
             "complete": message.complete, "have": message.have, "want_lease": message.want_lease,
-            "gone": message.gone,
+            "gone": message.gone, "leased": message.leased,
         }
     else:
         body = {
@@ -119,7 +120,7 @@ def decode(data: bytes) -> Announce | Reply:
             raise MessageError("size must be a non-negative integer")
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
             raise MessageError("chunk_size must be a positive integer")
-        flags = [obj.get(k, False) for k in ("complete", "want_lease", "gone")]
+        flags = [obj.get(k, False) for k in ("complete", "want_lease", "gone", "leased")]
         if not all(isinstance(flag, bool) for flag in flags):
             raise MessageError("flags must be booleans")
         try:
@@ -128,7 +129,7 @@ def decode(data: bytes) -> Announce | Reply:
             raise MessageError("invalid digest") from exc
         return Announce(digest, _text(obj.get("node"), "node"), _text(obj.get("address"), "address"),
                         _text(obj.get("site"), "site"), size, chunk_size, flags[0],
-                        _optional_bytes(obj.get("have"), "have"), flags[1], flags[2])
+                        _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3])
     if kind == "reply":
         holders = obj.get("holders")
         if not isinstance(holders, list):

@@ -9,10 +9,12 @@
 
 ``<run>`` is ``p2pbed-<6 hex>``, unique per run. Every link is shaped in both directions with
 ``tc tbf``: the host's egress on its ``eth0`` (its uplink) and the switch port's egress toward
-the host (its downlink). Nothing is created in the root namespace: the bridge lives in the
-switch namespace, each veth pair is created there and one end moved into the host namespace,
-and 10.88.0.0/24 exists only inside these namespaces (no default route, no path out). Each host
-has ``lo`` up and a 224.0.0.0/4 route on ``eth0``, so mDNS stays on the private bridge.
+the host (its downlink); see :class:`LinkRates` for rates and queue lengths.
+
+Nothing is created in the root namespace: the bridge lives in the switch namespace, each veth
+pair is created there and one end moved into the host namespace, and 10.88.0.0/24 exists only
+inside these namespaces (no default route, no path out). Each host has ``lo`` up and a
+224.0.0.0/4 route on ``eth0``, so mDNS stays on the private bridge.
 
 Processes run inside a host with ``ip netns exec`` (:meth:`Netbed.start_in`, :meth:`Netbed.run_in`);
 every process started through the testbed is stopped on exit, then whatever is still inside one
@@ -68,12 +70,18 @@ class NetbedError(Exception):
 
 @dataclass(frozen=True)
 class LinkRates:
-    """Shaped rates in Mbit/s (10**6 bit/s, tc's ``mbit``)."""
+    """Shaped rates in Mbit/s (10**6 bit/s, tc's ``mbit``) and queue lengths (tbf ``latency``, ms).
+
+    The seed's link is a WAN uplink with a deep queue (100 ms by default, as on a typical
+    bloated uplink); node links are LAN switch ports with a short one (25 ms).
+    """
 
     seed_up: float  # seed -> switch (what the seed can send)
     node_up: float  # node -> switch
     node_down: float  # switch -> node
     seed_down: float | None = None  # switch -> seed; default: seed_up (a symmetric thin link)
+    seed_queue_ms: float = 100.0
+    node_queue_ms: float = 25.0
 
     @property
     def seed_down_rate(self) -> float:
@@ -293,10 +301,11 @@ class Netbed:
         _run([*sw, "link", "set", "lo", "up"])
         _run([*sw, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
         _run([*sw, "link", "set", "br0", "up"])
-        hosts = [("s0", self.seed, self.seed_ip, self.rates.seed_up, self.rates.seed_down_rate)]
-        hosts += [(f"n{i}", ns, node_ip(i), self.rates.node_up, self.rates.node_down)
+        rates = self.rates
+        hosts = [("s0", self.seed, self.seed_ip, rates.seed_up, rates.seed_down_rate, rates.seed_queue_ms)]
+        hosts += [(f"n{i}", ns, node_ip(i), rates.node_up, rates.node_down, rates.node_queue_ms)
                   for i, ns in enumerate(self.nodes, 1)]
-        for port, ns, address, up, down in hosts:
+        for port, ns, address, up, down, queue_ms in hosts:
             self._add_ns(ns)
             host = [ip, "-n", ns]
             _run([*sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])
@@ -305,8 +314,8 @@ class Netbed:
             _run([*host, "addr", "add", f"{address}/24", "dev", "eth0"])
             _run([*host, "link", "set", "eth0", "up"])
             _run([*host, "route", "add", "224.0.0.0/4", "dev", "eth0"])  # multicast (mDNS) on the bridge
-            self.shape(ns, "eth0", up)  # the host's uplink
-            self.shape(self.sw, port, down)  # the host's downlink
+            self.shape(ns, "eth0", up, queue_ms)  # the host's uplink
+            self.shape(self.sw, port, down, queue_ms)  # the host's downlink
         return self
 
     def _add_ns(self, ns: str) -> None:
@@ -314,11 +323,12 @@ class Netbed:
         self._created.append(ns)
 
     @staticmethod
-    def shape(ns: str, dev: str, mbit: float) -> None:
-        """tbf on ``dev``'s egress in ``ns``: ``mbit`` Mbit/s, burst ≥ 64 KiB (≥ 4 ms of traffic)."""
+    def shape(ns: str, dev: str, mbit: float, queue_ms: float) -> None:
+        """tbf on ``dev``'s egress in ``ns``: ``mbit`` Mbit/s, burst ≥ 64 KiB (≥ 4 ms of traffic), a queue
+        of ``queue_ms`` (packets that would wait longer are dropped)."""
         burst = max(64 * 1024, int(mbit * 1e6 / 8 * 0.004))
         _run([_tc(), "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit:g}mbit",
-              "burst", str(burst), "latency", "100ms"])
+              "burst", str(burst), "latency", f"{queue_ms:g}ms"])
 
     def stop(self) -> None:
         """Stops every process, deletes every namespace and the run's files. Idempotent.

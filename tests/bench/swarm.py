@@ -127,7 +127,7 @@ class Scenario:
 
 SCENARIOS = {
     "cluster-burst": Scenario(
-        "cluster-burst", "Cluster burst", nodes=16, seed_mbit=20, node_mbit=100, layer_mib=24, client="httpx",
+        "cluster-burst", "Cluster burst", nodes=16, seed_mbit=10, node_mbit=50, layer_mib=12, client="httpx",
         description="a deployment rolls out on 16 nodes at once; the registry's uplink is 5 times slower than a "
                     "node's link"),
     "edge-site": Scenario(
@@ -916,7 +916,8 @@ def render_section(report: dict[str, Any]) -> str:
         f"{report['versions']['registry']}",
         "- Testbed (`tests/bench/netbed.py`): Linux network namespaces — a switch namespace holding a bridge, "
         "one seed host, N node hosts, each attached by a veth pair; `tc tbf` shapes both directions of every "
-        "link (host egress and switch-port egress; rate = the figure given, burst ≥ 64 KiB, 100 ms queue). "
+        "link (host egress and switch-port egress; rate = the figure given, burst ≥ 64 KiB; queue: "
+        f"{report['queues']['seed_ms']:g} ms on the seed's uplink, {report['queues']['node_ms']:g} ms on node links). "
         "Nothing in the root namespace; mDNS only on the private bridge. No latency or loss emulation "
         "(this kernel has no netem). Rates are tc's (10^6 bit/s of Ethernet frames): TCP/IP headers take "
         f"≈ 4.4 % of them, so even a perfect transfer shows ≈ 1.05{X} a bound computed from payload bytes.",
@@ -1100,6 +1101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "versions": {"containerd": tool_version([find_tool("containerd"), "--version"]),
                      "registry": tool_version([find_tool("docker-registry"), "--version"])},
         "load": {"loadavg_start": load_start, "loadavg_end": loadavg()},
+        "queues": {"seed_ms": LinkRates(0, 0, 0).seed_queue_ms, "node_ms": LinkRates(0, 0, 0).node_queue_ms},
         "results": results,
         "truncated": truncated,
         "duration_s": round(time.monotonic() - began, 1),
