@@ -18,6 +18,7 @@ Rules/invariants:
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from p2pd.oci.digest import Digest
 from .messages import MAX_HOLDERS, Announce, PeerInfo, Reply
 
 __all__ = ["CoordinatorState"]
+
+_EXPIRY_INTERVAL = 1.0  # seconds between expiry scans of one digest's holders
 
 
 @dataclass(slots=True)
@@ -44,6 +47,7 @@ class _Lease:
 @dataclass(slots=True)
 class _DigestState:
     holders: OrderedDict[str, _Holder] = field(default_factory=OrderedDict)
+    expired_at: float = float("-inf")
     leases: dict[str, _Lease] = field(default_factory=dict)  # by site
     takeover_until: float = 0.0  # until then, only a node that says it holds the lease gets it
 
@@ -63,11 +67,18 @@ class CoordinatorState:
         self.leases_granted = 0
 
     def _expire(self, state: _DigestState, now: float) -> None:
-        for node in [n for n, h in state.holders.items()
-                     if now - h.updated > (self.complete_ttl if h.info.complete else self.holder_ttl)]:
-            del state.holders[node]
         for site in [s for s, lease in state.leases.items() if lease.expires <= now]:
             del state.leases[site]
+        # A holder scan costs O(holders): at most once per second per digest, not per
+        # message (replies skip stale holders on their own).
+        if now - state.expired_at < _EXPIRY_INTERVAL:
+            return
+        state.expired_at = now
+        for node in [n for n, h in state.holders.items() if not self._fresh(h, now)]:
+            del state.holders[node]
+
+    def _fresh(self, holder: _Holder, now: float) -> bool:
+        return now - holder.updated <= (self.complete_ttl if holder.info.complete else self.holder_ttl)
 
     def announce(self, message: Announce, now: float) -> Reply:
         self.announcements += 1
@@ -112,10 +123,14 @@ class CoordinatorState:
         elif lease is not None and lease.node == message.node and message.want_lease:
             granted = True
 
-        others = [h.info for h in reversed(state.holders.values()) if h.info.node != message.node]
-        # Same-site holders first, complete ones first within each group.
-        others.sort(key=lambda p: (p.site != message.site, not p.complete))
-        return Reply(tuple(others[:MAX_HOLDERS]), lease.node if lease else None, lease.address if lease else None,
+        # Same-site holders first, complete ones first within each group, newest first among
+        # equals; only the best MAX_HOLDERS are needed (O(holders), no full sort).
+        ranked = enumerate(reversed(state.holders.values()))
+        others = heapq.nsmallest(MAX_HOLDERS, ((h.info.site != message.site, not h.info.complete, order, h.info)
+                                               for order, h in ranked
+                                               if h.info.node != message.node and self._fresh(h, now)))
+        holders = tuple(entry[3] for entry in others)
+        return Reply(holders, lease.node if lease else None, lease.address if lease else None,
                      granted, self.lease_ttl)
 
     def digests(self) -> int:

@@ -412,15 +412,21 @@ class Swarm:
 
     async def _upstream_worker(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
                                on_progress: Callable[[], None]) -> None:
-        """Fetches runs of missing chunks from the upstream, in order, until all are here."""
+        """Fetches runs of missing chunks from the upstream, in order, until all are here.
+
+        Chunks that live peers hold are left to them (a lease that moved must not refetch
+        what the site already has), unless nothing has arrived for ``stuck_after``.
+        """
         while not transfer.have.is_full():
-            first = next((i for i in range(transfer.count)
-                          if i not in transfer.have and i not in transfer.requested), None)
+            skip = transfer.have.indexes()
+            skip_set = set(skip) | transfer.requested | self._held_by_peers(transfer)
+            first = next((i for i in range(transfer.count) if i not in skip_set), None)
             if first is None:
-                await transfer.wait_changed()
+                with trio.move_on_after(self.stuck_after / 3):
+                    await transfer.wait_changed()
                 continue
             last = first
-            while last + 1 < transfer.count and last + 1 not in transfer.have and last + 1 not in transfer.requested:
+            while last + 1 < transfer.count and last + 1 not in skip_set:
                 last += 1
             run = range(first, last + 1)
             transfer.requested.update(run)
@@ -429,6 +435,15 @@ class Swarm:
             finally:
                 transfer.requested.difference_update(run)
                 transfer.notify()
+
+    def _held_by_peers(self, transfer: SwarmTransfer) -> set[int]:
+        if time.monotonic() - transfer.last_progress > self.stuck_after:
+            return set()
+        held: set[int] = set()
+        for node, bitmap in transfer.sources.items():
+            if node != transfer.lessee and node != self.me.node_id and self.membership.is_usable(node):
+                held.update(bitmap.indexes())
+        return held
 
     async def _fetch_run_from_upstream(self, transfer: SwarmTransfer, first: int, last: int,
                                        upstream_range: UpstreamRange, on_progress: Callable[[], None]) -> None:

@@ -113,7 +113,8 @@ class PeerService:
                                 request.headers.get(TIME_HEADER, "") or "",
                                 request.headers.get(SIGNATURE_HEADER, "") or "", time.time(), body)
         except auth.AuthError as exc:
-            log.info("refused unauthenticated peer request from %s: %s", request.client, exc)
+            log.info("refused unauthenticated peer request from %s (claims node %r): %s", request.client,
+                     (request.headers.get(NODE_HEADER) or "")[:64], exc)
             raise OCIError("UNAUTHORIZED", "peer authentication failed", status=401) from exc
 
     def _signed(self, request: Request, body: bytes) -> Response:
