@@ -44,7 +44,7 @@ from .membership import Member, Membership
 from .messages import Announce, PeerInfo, Reply
 from .peers import PartialChunkMap, PeerBusy, PeerClient, PeerError, PeerMissing, TokenBucket, parse_have
 from .planning import Bitmap, plan_requests
-from .rendezvous import coordinators
+from .rendezvous import coordinators, rank
 
 __all__ = ["HOLDBACK", "Swarm", "SwarmTransfer"]
 
@@ -54,6 +54,8 @@ HOLDBACK = 1024 * 1024
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _LESSEE_LOOKAHEAD = 8  # chunks past the lease holder's verified prefix that may be asked of it
+_SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
+_SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
@@ -82,6 +84,8 @@ class SwarmTransfer:
     last_progress: float = field(default_factory=time.monotonic)
     peer_bytes: dict[str, int] = field(default_factory=dict)
     upstream_bytes: int = 0
+    lessee_only_since: dict[int, float] = field(default_factory=dict)  # chunk → first seen only at the lessee
+    designated: dict[int, bool] = field(default_factory=dict)  # chunk → we may ask the lessee for it now
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -306,8 +310,37 @@ class Swarm:
             frontier = optimistic.prefix()
             for index in range(frontier, min(transfer.count, frontier + _LESSEE_LOOKAHEAD)):
                 optimistic.set(index)
-            sources[lessee] = optimistic
+            sources[lessee] = self._super_seed(transfer, optimistic, sources, now)
         return sources
+
+    def _super_seed(self, transfer: SwarmTransfer, lessee_bitmap: Bitmap, sources: dict[str, Bitmap],
+                    now: float) -> Bitmap:
+        """Which chunks this node may ask the lease holder for.
+
+        A chunk that only the lease holder has is asked of it by ``_SEEDERS_PER_CHUNK``
+        downloaders (chosen by rendezvous hashing, so all nodes agree without talking);
+        the others fetch it from them. Otherwise every downloader would ask the lease holder
+        for every new chunk and its uplink would carry the image many times over. After
+        ``super_seed_wait`` seconds anyone may ask, so a slow or lost designated node
+        costs a short delay, never a stall.
+        """
+        others = [bitmap for node, bitmap in sources.items() if node != transfer.lessee]
+        downloaders = [node for node, bitmap in transfer.sources.items()
+                       if node != transfer.lessee and not bitmap.is_full()]
+        allowed = Bitmap(transfer.count)
+        wait = min(_SUPER_SEED_WAIT_MAX, 2 * self.announce_interval())
+        for index in lessee_bitmap.indexes():
+            if index in transfer.have or any(index in bitmap for bitmap in others):
+                allowed.set(index)  # plan_requests prefers the other holders anyway
+                continue
+            first_seen = transfer.lessee_only_since.setdefault(index, now)
+            designated = transfer.designated.get(index)
+            if designated is None:
+                ranked = rank(f"{transfer.digest}:{index}", [*downloaders, self.me.node_id])
+                designated = transfer.designated[index] = self.me.node_id in ranked[:_SEEDERS_PER_CHUNK]
+            if designated or now - first_seen >= wait:
+                allowed.set(index)
+        return allowed
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
                                       on_progress: Callable[[], None]) -> None:
@@ -402,7 +435,9 @@ class Swarm:
             if node != transfer.lessee:
                 transfer.sources.pop(node, None)
         except (PeerError, trio.TooSlowError) as exc:
-            log.info("chunk %d of %s from %s failed: %s", index, transfer.digest, node, exc or "timeout")
+            # str(trio.TooSlowError()) is empty (and an exception is always truthy): name the reason.
+            reason = "timeout" if isinstance(exc, trio.TooSlowError) else str(exc) or type(exc).__name__
+            log.info("chunk %d of %s from %s failed: %s", index, transfer.digest, node, reason)
             self.membership.failure(node)
             transfer.retry_at[node] = time.monotonic() + 1.0
         finally:
