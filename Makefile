@@ -62,7 +62,8 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 install-bench: $(BENCH_STAMP)
 
 # One image to N nodes on a network-namespace testbed with tc-shaped links: direct vs site cache vs
-# p2pd vs the Kumar-Ross bound; two scenarios (N = 16 and N = 8), ctr and plots (root, < 15 min).
+# p2pd vs the Kumar-Ross bound; N = 16 (+ a p2pd-only rerun at 10x faster links) and N = 8 with ctr;
+# table, plots and raw JSON (root, ~12 min).
 # The benchmark stops itself after 14 min; timeout's SIGTERM (handled like Ctrl-C: full teardown) is a backstop.
 bench-swarm: install-bench system-deps
 	timeout --foreground --signal=TERM --kill-after=60 900 $(PY) -m tests.bench.swarm --out docs/benchmarks.md

@@ -310,11 +310,11 @@ class Swarm:
             frontier = optimistic.prefix()
             for index in range(frontier, min(transfer.count, frontier + _LESSEE_LOOKAHEAD)):
                 optimistic.set(index)
-            sources[lessee] = self._super_seed(transfer, optimistic, sources, now)
+            sources[lessee] = self._super_seed(transfer, optimistic, known, sources, now)
         return sources
 
-    def _super_seed(self, transfer: SwarmTransfer, lessee_bitmap: Bitmap, sources: dict[str, Bitmap],
-                    now: float) -> Bitmap:
+    def _super_seed(self, transfer: SwarmTransfer, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
+                    sources: dict[str, Bitmap], now: float) -> Bitmap:
         """Which chunks this node may ask the lease holder for.
 
         A chunk that only the lease holder has is asked of it by ``_SEEDERS_PER_CHUNK``
@@ -333,13 +333,19 @@ class Swarm:
             if index in transfer.have or any(index in bitmap for bitmap in others):
                 allowed.set(index)  # plan_requests prefers the other holders anyway
                 continue
-            first_seen = transfer.lessee_only_since.setdefault(index, now)
             designated = transfer.designated.get(index)
             if designated is None:
                 ranked = rank(f"{transfer.digest}:{index}", [*downloaders, self.me.node_id])
                 designated = transfer.designated[index] = self.me.node_id in ranked[:_SEEDERS_PER_CHUNK]
-            if designated or now - first_seen >= wait:
+            if designated:
                 allowed.set(index)
+                continue
+            # The wait starts when the lease holder is known to have the chunk, not while it
+            # is still only in its lookahead.
+            if lessee_has is not None and index in lessee_has:
+                first_seen = transfer.lessee_only_since.setdefault(index, now)
+                if now - first_seen >= wait:
+                    allowed.set(index)
         return allowed
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,

@@ -4,4 +4,8 @@ Modules:
     seed_throughput  blob GET throughput of the seed vs Debian's docker-registry (``make bench-seed``)
     p2pd_pull        containerd pulls through the p2pd agent vs straight from the seed (``make bench-p2pd``)
     common           /proc accounting (``Meter``), tool lookup, ratios, the marked sections of benchmarks.md
+    swarm            one image to N nodes on a shaped namespace network: direct, site cache, p2pd, the
+                     Kumar-Ross bound (``make bench-swarm``; its tiny version runs in tests/test_netbed.py)
+    netbed           the testbed: network namespaces, a bridge, tc tbf links, teardown (root)
+    nsworker         the helper run inside each namespace (HTTP, containerd-like pulls, ctr)
 """

@@ -62,6 +62,7 @@ FIRST_NODE_HOST = 11  # node i (1-based) is 10.88.0.(10 + i)
 MAX_NODES = 200
 _NS_RE = re.compile(rf"^{PREFIX}-([0-9a-f]{{6}})-(sw|seed|n\d+)$")
 _CMD_TIMEOUT = 20.0
+_SHORT_PARENT = "/tmp"  # for unix sockets, whose paths must stay under ~108 bytes
 
 
 class NetbedError(Exception):
@@ -165,6 +166,8 @@ def _delete_run(run_id: str, namespaces: Sequence[str], *, remove_workdir: bool 
         _run([_ip(), "netns", "del", ns], check=False)
     if remove_workdir and workdir and Path(workdir).name.startswith(f"{PREFIX}-{run_id}"):
         shutil.rmtree(workdir, ignore_errors=True)
+    for short in Path(_SHORT_PARENT).glob(f"{PREFIX}-{run_id}.sock-*"):
+        shutil.rmtree(short, ignore_errors=True)
     owner.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         OWNER_DIR.rmdir()  # only if no other run is alive
@@ -235,13 +238,15 @@ class _Terminated(BaseException):
 
 
 def install_signal_handlers() -> None:
-    """Make SIGTERM and SIGHUP raise (like SIGINT raises KeyboardInterrupt) so teardown runs."""
+    """Make SIGTERM and SIGHUP raise, and SIGINT raise KeyboardInterrupt even when the process was
+    started with it ignored (a background job of a script), so teardown runs."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise _Terminated(f"received {signal.Signals(signum).name}")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Netbed:
@@ -370,6 +375,10 @@ class Netbed:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+    def short_dir(self) -> Path:
+        """A new directory with a short path (for unix sockets), removed with the testbed."""
+        return Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{self.run_id}.sock-", dir=_SHORT_PARENT))
 
     # ---- processes ------------------------------------------------------------------------
 
