@@ -7,7 +7,6 @@ import datetime
 import json
 import logging
 import os
-import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from . import __version__, containerd_config
 from .config import AgentConfig, load_config
 from .daemon import serve_agent
 from .errors import P2PDError
+from .lifecycle import shutdown_on_signals
 from .oci.digest import Digest
 from .oci.errors import OCIError
 from .sdnotify import notify
@@ -101,16 +101,7 @@ async def _serve(config: AgentConfig) -> None:
     notify_socket = os.environ.get("NOTIFY_SOCKET")
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    notify("STOPPING=1", notify_socket)
-                    shutdown.set()
-                    return
-
-        nursery.start_soon(on_signals)
+        await nursery.start(shutdown_on_signals, shutdown, notify_socket)
         agent = await nursery.start(partial(serve_agent, config, shutdown=shutdown))
         log.info("p2pd listening on %s, data in %s", agent.info.url, config.data)
         print(f"p2pd listening on {agent.info.url}", flush=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from functools import partial
 from pathlib import Path
 
 import trio
 
+from p2pd.lifecycle import shutdown_on_signals
 from p2pd.sdnotify import notify
 
 from .config import ConfigError, SeedConfig, load_config
@@ -45,21 +45,12 @@ async def _serve(config: SeedConfig, notify_socket: str | None = None) -> None:
     """Runs the seed until SIGTERM/SIGINT; tells systemd (``Type=notify``) when it is ready and when it stops."""
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    shutdown.set()
-                    return
-
-        nursery.start_soon(on_signals)
+        await nursery.start(shutdown_on_signals, shutdown, notify_socket)
         info, _registry = await nursery.start(partial(serve_seed, config, shutdown=shutdown))
         log.info("seed listening on %s, data in %s", info.url, config.storage.data)
         print(f"seed listening on {info.url}", flush=True)
         notify(f"READY=1\nSTATUS=serving on {info.url}", notify_socket)
         await shutdown.wait()
-        notify("STOPPING=1\nSTATUS=shutting down", notify_socket)
     log.info("seed stopped")
 
 

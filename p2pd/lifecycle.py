@@ -1,0 +1,31 @@
+"""Process lifecycle shared by the ``seed`` and ``p2pd`` commands: SIGTERM/SIGINT start a
+graceful shutdown, and systemd (``Type=notify``) hears about it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from .sdnotify import notify
+
+__all__ = ["shutdown_on_signals"]
+
+log = logging.getLogger("p2pd.lifecycle")
+
+
+async def shutdown_on_signals(shutdown: trio.Event, notify_socket: str | None, *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Sets ``shutdown`` at the first SIGTERM or SIGINT and tells systemd ``STOPPING=1``.
+
+    Start it with ``nursery.start`` before the service, so a signal that arrives during
+    start-up is not lost.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            notify("STOPPING=1\nSTATUS=shutting down", notify_socket)
+            shutdown.set()
+            return
