@@ -7,6 +7,7 @@ exception is ``faulty_proxy``, a trio server built on ``p2pd.httpd`` (nothing el
 Modules:
     net                 free_port, wait_http_ok, loopback guards
     tools               require_tool, require_root, run, start_process, stop_process
+    process             ManagedProcess (shared start/stop/kill9/restart/context-manager lifecycle)
     reference_registry  ReferenceRegistry (CNCF distribution ``docker-registry serve``)
     images              OciLayout, build_busybox_layout, add_random_layer, write_layout_image
     skopeo              copy, inspect_raw, inspect_digest

@@ -27,10 +27,10 @@ import tomllib
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 from .net import assert_loopback
-from .tools import log, require_root, require_tool, run, start_process, stop_process, tail
+from .process import ManagedProcess
+from .tools import log, require_root, require_tool, run, start_process, tail
 
 _DISABLED_PLUGINS = [
     "io.containerd.grpc.v1.cri",
@@ -141,7 +141,7 @@ def _pids_with_arg(binary_name: str, arg: str) -> list[int]:
     return pids
 
 
-class PrivateContainerd:
+class PrivateContainerd(ManagedProcess):
     """``containerd --config FILE`` with root/state under ``workdir`` and its socket under /tmp/ctdXXXX.
 
     Context manager (or start()/stop()). After start: ``address`` (grpc socket), ``root``,
@@ -240,9 +240,7 @@ class PrivateContainerd:
                 except Exception as exc:
                     log.warning("cleaning containerd tasks failed: %s", exc)
         finally:
-            if self.proc is not None:
-                stop_process(self.proc, timeout=10)
-                self.proc = None
+            super().stop()
             self._kill_leftover_shims()
             for mnt in _mounts_under([p for p in (self.root, self.state, self.sockdir) if p is not None]):
                 run(["umount", "-l", mnt], timeout=10, check=False)
@@ -268,21 +266,6 @@ class PrivateContainerd:
             log.warning("killing leftover shim pid %s of %s", pid, self.address)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-    def __enter__(self) -> PrivateContainerd:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ ctr
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .net import free_port, wait_http_ok
-from .tools import require_tool, start_process, stop_process, tail
-
-_START_ATTEMPTS = 3
+from .process import ManagedProcess
+from .tools import require_tool, start_process
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +25,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class ReferenceRegistry:
+class ReferenceRegistry(ManagedProcess):
     """``docker-registry serve CONFIG`` with filesystem storage under ``workdir``.
 
     No auth, deletes enabled, listening on ``127.0.0.1:PORT`` (a free port). The config is
@@ -38,6 +36,8 @@ class ReferenceRegistry:
     ``url`` ("http://127.0.0.1:PORT"), ``host`` ("127.0.0.1:PORT"), ``port``,
     ``log_path`` (registry stdout/stderr), ``data_dir``, ``config_path``, ``proc``.
     """
+
+    name = "docker-registry"
 
     def __init__(
         self,
@@ -54,7 +54,8 @@ class ReferenceRegistry:
         self.config_path = self.workdir / "config.yml"
         self.log_path = self.workdir / "registry.log"
         self.port = 0
-        self.proc: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._binary = ""
 
     @property
     def host(self) -> str:
@@ -83,53 +84,26 @@ class ReferenceRegistry:
         return cfg
 
     def start(self) -> ReferenceRegistry:
-        binary = require_tool("docker-registry")
+        self._binary = require_tool("docker-registry")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        last_error: Exception | None = None
-        for _ in range(_START_ATTEMPTS):  # free_port() can race with other processes
-            self.port = free_port()
-            self.config_path.write_text(json.dumps(self.config(self.port), indent=2))
-            # REGISTRY_* env vars override config keys: drop inherited ones so only our config applies.
-            self.proc = start_process(
-                [binary, "serve", self.config_path], log_path=self.log_path, unset_prefixes=("REGISTRY_",)
-            )
-            try:
-                wait_http_ok(
-                    f"{self.url}/v2/",
-                    self.startup_timeout,
-                    alive=lambda: self.proc is not None and self.proc.poll() is None,
-                )
-                return self
-            except (TimeoutError, RuntimeError) as exc:
-                last_error = exc
-                stop_process(self.proc)
-                self.proc = None
-                if "address already in use" not in tail(self.log_path):
-                    break
-        raise RuntimeError(f"docker-registry did not start: {last_error}\n--- {self.log_path}:\n{tail(self.log_path)}")
+        self.port = 0  # a fresh free port on every start
+        return super().start()
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        self.config_path.write_text(json.dumps(self.config(self.port), indent=2))
+        # REGISTRY_* env vars override config keys: drop inherited ones so only our config applies.
+        return start_process(
+            [self._binary, "serve", self.config_path], log_path=self.log_path, unset_prefixes=("REGISTRY_",)
+        )
+
+    def _ready_url(self) -> str:
+        return f"{self.url}/v2/"
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        super().stop()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> ReferenceRegistry:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def repo_url(self, repo: str) -> str:
         """``docker://127.0.0.1:PORT/REPO`` reference prefix for skopeo."""

@@ -7,25 +7,17 @@ harness it does not import ``seed``: it only runs it.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
-from .net import free_port, wait_http_ok
-from .tools import start_process, stop_process, tail
-
-_START_ATTEMPTS = 3
-_SAMPLE_RE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
-_LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+from .p2pd_process import Samples, parse_metrics
+from .process import ManagedProcess
 
 
-class SeedProcess:
+class SeedProcess(ManagedProcess):
     """``python -m seed serve --listen 127.0.0.1:PORT --data DATA_DIR`` in its own process group.
 
     Args:
@@ -41,6 +33,8 @@ class SeedProcess:
     ("http://127.0.0.1:PORT"), ``host`` ("127.0.0.1:PORT"), ``port``, ``data_dir``, ``proc``
     (the running ``Popen``, None when stopped) and ``log_path``.
     """
+
+    name = "seed"
 
     def __init__(
         self,
@@ -90,94 +84,16 @@ class SeedProcess:
             argv += ["--config", str(self.config_path)]
         return argv
 
-    def start(self) -> SeedProcess:
-        """Starts the seed and waits until ``GET /v2/`` answers 200."""
-        if self.proc is not None:
-            raise RuntimeError("seed is already running")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        last_error: Exception | None = None
-        for _ in range(_START_ATTEMPTS):
-            if not self.port:
-                self.port = free_port()
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self.proc = start_process(self._argv(), log_path=self.log_path)
-            try:
-                wait_http_ok(f"{self.url}/v2/", self.startup_timeout, alive=self.is_running)
-                return self
-            except (TimeoutError, RuntimeError) as exc:
-                last_error = exc
-                stop_process(self.proc)
-                self.proc = None
-                if self._fixed_port or "address already in use" not in self._log_since(log_offset).lower():
-                    break
-                self.port = 0  # free_port() raced with another process: pick another one
-        raise RuntimeError(f"seed did not start: {last_error}\n--- {self.log_path}:\n{tail(self.log_path)}")
+    def _ready_url(self) -> str:
+        return f"{self.url}/v2/"
 
-    def _log_since(self, offset: int) -> str:
-        with self.log_path.open("rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", "replace")
-
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        """Graceful stop (SIGTERM, then SIGKILL after a timeout); returns the exit code."""
-        if self.proc is None:
-            return None
-        try:
-            return stop_process(self.proc)
-        finally:
-            self.proc = None
-
-    def kill9(self) -> int:
-        """SIGKILL the seed (a crash: no cleanup, no flush) and reap it; returns the exit code."""
-        if self.proc is None:
-            raise RuntimeError("seed is not running")
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        return proc.wait(timeout=10)
-
-    def restart(self) -> SeedProcess:
-        """Stops the seed if it is running (gracefully), then starts it on the same port and data."""
-        self.stop()
-        return self.start()
-
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    def metrics(self) -> Samples:
         """The parsed ``/metrics`` samples: ``{(name, frozenset(labels.items())): value}``."""
-        text = httpx.get(f"{self.url}/metrics", trust_env=False, timeout=5).text
-        samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        for line in text.splitlines():
-            match = _SAMPLE_RE.match(line)
-            if match is None or line.startswith("#"):
-                continue
-            labels = frozenset(_LABEL_RE.findall(match.group("labels") or ""))
-            samples[(match.group("name"), labels)] = float(match.group("value"))
-        return samples
+        return parse_metrics(httpx.get(f"{self.url}/metrics", trust_env=False, timeout=5).text)
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of ``/metrics`` (0.0 if absent), e.g. ``metric("seed_bytes_received_total")``."""
         return self.metrics().get((name, frozenset(labels.items())), 0.0)
-
-    def log_text(self) -> str:
-        """Everything the seed printed so far (all runs)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> SeedProcess:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"SeedProcess(url={self.url!r}, data_dir={str(self.data_dir)!r}, running={self.is_running()})"
