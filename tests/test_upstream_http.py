@@ -30,7 +30,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 import seed.registry
-import tests.harness.reference_registry as reference_registry_module
 from p2pd.config import AgentConfig, FetchConfig, UpstreamConfig
 from p2pd.errors import (
     ConfigError,
@@ -191,24 +190,6 @@ class TokenIssuer:
         return Response(200, [("Content-Type", "application/json")], json.dumps(body).encode())
 
 
-def _wait_http_answers(
-    url: str, deadline_s: float, *, interval_s: float = 0.05, alive: Callable[[], bool] | None = None
-) -> httpx.Response:
-    """Like harness.net.wait_http_ok, but any status counts: with token auth ``/v2/`` is 401."""
-    assert_loopback(url)
-    end = time.monotonic() + deadline_s
-    with httpx.Client(trust_env=False, timeout=1.0) as client:
-        while True:
-            if alive is not None and not alive():
-                raise RuntimeError(f"server died while waiting for {url}")
-            try:
-                return client.get(url)
-            except httpx.HTTPError as exc:
-                if time.monotonic() > end:
-                    raise TimeoutError(f"{url} not answering after {deadline_s}s") from exc
-                time.sleep(interval_s)
-
-
 @dataclass
 class TokenRegistry:
     registry: ReferenceRegistry
@@ -238,7 +219,6 @@ async def token_registry(
                 "rootcertbundle": str(bundle),
             }
         }
-        monkeypatch.setattr(reference_registry_module, "wait_http_ok", _wait_http_answers)
         registry = ReferenceRegistry(tmp_path / "registry", extra_config={"auth": auth})
         await trio.to_thread.run_sync(registry.start)
     try:

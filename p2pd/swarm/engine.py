@@ -85,7 +85,7 @@ class SwarmTransfer:
     peer_bytes: dict[str, int] = field(default_factory=dict)
     upstream_bytes: int = 0
     lessee_only_since: dict[int, float] = field(default_factory=dict)  # chunk → first seen only at the lessee
-    designated: dict[int, bool] = field(default_factory=dict)  # chunk → we may ask the lessee for it now
+    designated: dict[int, tuple[int, bool]] = field(default_factory=dict)  # chunk → (downloaders seen, we may ask)
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -333,10 +333,15 @@ class Swarm:
             if index in transfer.have or any(index in bitmap for bitmap in others):
                 allowed.set(index)  # plan_requests prefers the other holders anyway
                 continue
-            designated = transfer.designated.get(index)
-            if designated is None:
+            # Cached per chunk, but recomputed when more downloaders become known: a node that
+            # saw only itself at first must not stay "designated" for everything.
+            cached = transfer.designated.get(index)
+            if cached is not None and cached[0] == len(downloaders):
+                designated = cached[1]
+            else:
                 ranked = rank(f"{transfer.digest}:{index}", [*downloaders, self.me.node_id])
-                designated = transfer.designated[index] = self.me.node_id in ranked[:_SEEDERS_PER_CHUNK]
+                designated = self.me.node_id in ranked[:_SEEDERS_PER_CHUNK]
+                transfer.designated[index] = (len(downloaders), designated)
             if designated:
                 allowed.set(index)
                 continue

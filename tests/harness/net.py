@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from urllib.parse import urlsplit
 
 import httpx
@@ -63,8 +63,9 @@ def wait_http_ok(
     *,
     interval_s: float = 0.05,
     alive: Callable[[], bool] | None = None,
+    ready_statuses: Collection[int] = (200,),
 ) -> httpx.Response:
-    """Poll ``GET url`` until it answers 200, for at most ``deadline_s`` seconds.
+    """Poll ``GET url`` until it answers 200 (or one of ``ready_statuses``), for at most ``deadline_s`` seconds.
 
     ``alive`` (optional) is checked before each attempt; if it returns False the wait stops
     early (e.g. the server process exited). Raises TimeoutError with the last error otherwise.
@@ -80,7 +81,7 @@ def wait_http_ok(
                 raise RuntimeError(f"server died while waiting for {url} (last: {last})")
             try:
                 resp = client.get(url)
-                if resp.status_code == 200:
+                if resp.status_code in ready_statuses:
                     return resp
                 last = f"HTTP {resp.status_code}"
             except httpx.HTTPError as exc:

@@ -38,6 +38,9 @@ class ManagedProcess:
     def _launch(self) -> subprocess.Popen[bytes]:
         return start_process(self._argv(), log_path=self.log_path)
 
+    # Statuses of the ready URL that mean "started" (a registry with auth answers 401).
+    ready_statuses: tuple[int, ...] = (200,)
+
     def _ready_url(self) -> str:
         raise NotImplementedError
 
@@ -53,7 +56,8 @@ class ManagedProcess:
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.proc = self._launch()
             try:
-                wait_http_ok(self._ready_url(), self.startup_timeout, alive=self.is_running)
+                wait_http_ok(self._ready_url(), self.startup_timeout, alive=self.is_running,
+                             ready_statuses=self.ready_statuses)
                 return self
             except (TimeoutError, RuntimeError) as exc:
                 last_error = exc

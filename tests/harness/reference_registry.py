@@ -49,6 +49,8 @@ class ReferenceRegistry(ManagedProcess):
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="registry-"))
         self.extra_config = extra_config or {}
+        if "auth" in self.extra_config:
+            self.ready_statuses = (200, 401)  # with auth on, /v2/ answers 401 with a challenge
         self.startup_timeout = startup_timeout
         self.data_dir = self.workdir / "data"
         self.config_path = self.workdir / "config.yml"
