@@ -40,12 +40,10 @@ of the Markdown file given by ``--out`` (other sections are kept) and the raw nu
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import statistics
 import sys
@@ -69,6 +67,7 @@ from tests.bench.common import (
     busy_cores,
     loadavg,
     machine_basics,
+    report_header,
     update_doc,
 )
 from tests.bench.seed_throughput import REPO, Blob, make_blob, push_blob
@@ -694,9 +693,7 @@ def run(args: argparse.Namespace, sizes: list[int]) -> dict[str, Any]:
     saturated = sum(1 for v in machine if v > 0.9)
     summary = [summarize(s, blob.size) for s in setups]
     return {
-        "benchmark": "chunk_size",
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m tests.bench.chunk_size " + shlex.join(sys.argv[1:]),
+        **report_header("chunk_size", sys.argv[1:]),
         "machine": machine_basics(),
         "load": {
             "loadavg_start": load_start,

@@ -8,13 +8,15 @@ other work on the machine takes from the cores meanwhile.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,4 +200,30 @@ def machine_basics() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "seed_version": seed_version,
+    }
+
+
+def report_header(benchmark: str, argv: list[str]) -> dict[str, Any]:
+    """The first keys of every benchmark's JSON report."""
+    return {
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": f"python -m tests.bench.{benchmark} " + shlex.join(argv),
+    }
+
+
+def load_report(
+    measurements: Sequence[Mapping[str, Any]], load_start: list[float], busy_before: float
+) -> dict[str, Any]:
+    """How busy the machine was before and during ``measurements`` (each with ``wall_s``,
+    ``other_cpu_s`` and ``machine_busy_cpu_s``)."""
+    other = sum(r["other_cpu_s"] for r in measurements)
+    capacity = sum(r["wall_s"] for r in measurements) * (os.cpu_count() or 1)
+    return {
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "busy_cores_before": busy_before,
+        "other_cpu_s_during_measurements": round(other, 2),
+        "machine_busy_cpu_s_during_measurements": round(sum(r["machine_busy_cpu_s"] for r in measurements), 2),
+        "other_cpu_share": round(other / capacity, 3) if capacity else 0.0,
     }

@@ -35,10 +35,8 @@ Markdown file given by ``--out`` (other sections are kept) and the raw numbers a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -61,10 +59,12 @@ from tests.bench.common import (
     X,
     busy_cores,
     find_tool,
+    load_report,
     loadavg,
     machine_basics,
     process_status_kib,
     ratio,
+    report_header,
     tool_version,
     update_doc,
 )
@@ -506,21 +506,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cold_peaks = {size: summary[f"{size}/p2pd-cold"]["p2pd_peak_rss_mib_median"] for size in sizes}
     idle = [r["p2pd_rss_before_kib"] for r in runs if r["variant"] == "p2pd-cold" and r["p2pd_rss_before_kib"]]
     p2pd_runs = [r for r in runs if r["variant"] != "direct"]
-    other = sum(r["other_cpu_s"] for r in runs)
-    capacity = sum(r["wall_s"] for r in runs) * (os.cpu_count() or 1)
     report: dict[str, Any] = {
-        "benchmark": "p2pd_pull",
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m tests.bench.p2pd_pull " + shlex.join(sys.argv[1:]),
+        **report_header("p2pd_pull", sys.argv[1:]),
         "machine": info,
-        "load": {
-            "loadavg_start": load_start,
-            "loadavg_end": loadavg(),
-            "busy_cores_before": busy_before,
-            "other_cpu_s_during_measurements": round(other, 2),
-            "machine_busy_cpu_s_during_measurements": round(sum(r["machine_busy_cpu_s"] for r in runs), 2),
-            "other_cpu_share": round(other / capacity, 3) if capacity else 0.0,
-        },
+        "load": load_report(runs, load_start, busy_before),
         "params": {
             "layer_mib": args.layer_mib,
             "big_layer_mib": args.big_layer_mib,

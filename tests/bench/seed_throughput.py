@@ -32,11 +32,9 @@ Markdown file given by ``--out`` (other sections are kept) and the raw numbers a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -60,9 +58,11 @@ from tests.bench.common import (
     X,
     busy_cores,
     find_tool,
+    load_report,
     loadavg,
     machine_basics,
     ratio,
+    report_header,
     tool_version,
 )
 from tests.harness.net import assert_loopback, free_port, wait_http_ok
@@ -460,6 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets.append(Target("seed-pread", "seed (use_sendfile = false)", pread_url, pread_proc.pid,
                                   "this tree"))
         reference = ReferenceRegistry(root / "reference").start()
+        assert reference.proc is not None
         targets.append(Target("docker-registry", "docker-registry", reference.url, reference.proc.pid,
                               tool_version([reference_binary, "--version"])))
 
@@ -508,22 +509,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref_s = summary["docker-registry"]
     pread_s = summary.get("seed-pread")
     measurements = [r for t in targets for r in t.single + t.concurrent]
-    other = sum(r["other_cpu_s"] for r in measurements)
-    machine = sum(r["machine_busy_cpu_s"] for r in measurements)
-    capacity = sum(r["wall_s"] for r in measurements) * (os.cpu_count() or 1)
     report: dict[str, Any] = {
-        "benchmark": "seed_throughput",
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m tests.bench.seed_throughput " + shlex.join(sys.argv[1:]),
+        **report_header("seed_throughput", sys.argv[1:]),
         "machine": info,
-        "load": {
-            "loadavg_start": load_start,
-            "loadavg_end": loadavg(),
-            "busy_cores_before": busy_before,
-            "other_cpu_s_during_measurements": round(other, 2),
-            "machine_busy_cpu_s_during_measurements": round(machine, 2),
-            "other_cpu_share": round(other / capacity, 3) if capacity else 0.0,
-        },
+        "load": load_report(measurements, load_start, busy_before),
         "params": {
             "blob_mib": args.blob_mib,
             "concurrent_mib": args.concurrent_mib,
