@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := docker-registry skopeo containerd umoci busybox-static curl iproute2 nftables
+APT_PACKAGES := docker-registry skopeo containerd umoci busybox-static curl iproute2 nftables podman slapd ldap-utils apache2-utils gnupg gpgv
 STAMP := $(VENV)/.installed
 
 .PHONY: venv install system-deps test test-fast lint demo bench bench-seed bench-p2pd bench-chunks clean

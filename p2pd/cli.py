@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", action="append", default=[], metavar="NS=URL",
                        help="map containerd's ns= value to an upstream registry (repeatable)")
     serve.add_argument("--default-upstream", metavar="URL", help="upstream for registries without --upstream")
+    serve.add_argument("--allow-registry", action="append", default=[], metavar="PATTERN",
+                       help="without a default upstream, also serve ns values matching this host pattern "
+                            "(docker.io, *.example.com, *) from https://<ns> (repeatable)")
+    serve.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                       help="private range that such registries and redirect targets may resolve to (repeatable)")
     serve.add_argument("--cache-max-bytes", type=_size, help="evict least-recently-used blobs above this size")
     peers = serve.add_argument_group("peer-to-peer (off unless --peer-listen is given)")
     peers.add_argument("--peer-listen", metavar="HOST:PORT", help="endpoint for other nodes (separate from --listen)")
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                      "mdns": args.mdns, "mdns_interface": args.mdns_interface, "upload_rate": args.upload_rate,
                      "max_uploads": args.max_uploads}
             config = load_config(args.config, listen=args.listen, data=args.data, upstreams=args.upstream,
-                                 default_upstream=args.default_upstream, cache_max_bytes=args.cache_max_bytes,
+                                 default_upstream=args.default_upstream, allow_registries=args.allow_registry,
+                                 allow_networks=args.allow_network, cache_max_bytes=args.cache_max_bytes,
                                  swarm=swarm)
             trio.run(_serve, config)
             return 0

@@ -5,6 +5,8 @@ No other module reads the environment or configuration files. Example ``p2pd.tom
     listen = "127.0.0.1:5080"
     data = "/var/lib/p2pd"
     default_upstream = "http://seed.example:5000"   # for registries without their own entry
+    allow_registries = ["docker.io", "*.example.com"]  # without a default: https://<ns> for these only
+    allow_networks = []                               # private ranges those hosts may resolve to
 
     [[upstream]]
     namespace = "docker.io"
@@ -36,6 +38,7 @@ from p2pd.httpd import ServerLimits
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE
 from p2pd.oci.digest import Digest
 
+from .egress import RegistryPattern, parse_network
 from .errors import ConfigError
 from .tomlconfig import build_section, parse_listen, read_toml
 
@@ -131,6 +134,10 @@ class AgentConfig:
     data: Path = Path("/var/lib/p2pd")
     upstreams: tuple[UpstreamConfig, ...] = ()
     default_upstream: str | None = None
+    # ns values served from https://<ns> without an [[upstream]] entry (docs/security.md, "No open proxy").
+    allow_registries: tuple[str, ...] = ()
+    # Private, loopback or link-local ranges that hosts other than configured upstreams may resolve to.
+    allow_networks: tuple[str, ...] = ()
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
@@ -164,6 +171,8 @@ def load_config(
     data: Path | None = None,
     upstreams: list[str] | None = None,
     default_upstream: str | None = None,
+    allow_registries: list[str] | None = None,
+    allow_networks: list[str] | None = None,
     cache_max_bytes: int | None = None,
     swarm: dict[str, Any] | None = None,
 ) -> AgentConfig:
@@ -173,7 +182,8 @@ def load_config(
         ConfigError: unreadable file, unknown keys, wrong types or invalid values.
     """
     document = read_toml(path)
-    top_level = {"listen", "data", "default_upstream", "upstream", "cache", "fetch", "server", "swarm"}
+    top_level = {"listen", "data", "default_upstream", "allow_registries", "allow_networks", "upstream", "cache",
+                 "fetch", "server", "swarm"}
     unknown = set(document) - top_level
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -192,6 +202,13 @@ def load_config(
     default = default_upstream or document.get("default_upstream")
     if default is not None and not str(default).startswith(("http://", "https://")):
         raise ConfigError(f"default upstream must be an http(s) URL: {default!r}")
+    # The file's lists and the flags add up, like [[upstream]] and --upstream.
+    registries = _string_list(document, "allow_registries") + list(allow_registries or [])
+    networks = _string_list(document, "allow_networks") + list(allow_networks or [])
+    for pattern in registries:
+        RegistryPattern.parse(pattern)
+    for network in networks:
+        parse_network(network)
 
     cache = build_section(CacheConfig, dict(document.get("cache", {})), "cache")
     if cache_max_bytes is not None:
@@ -210,7 +227,15 @@ def load_config(
     swarm_config = _checked_swarm(build_section(SwarmConfig, swarm_table, "swarm"))
     return AgentConfig(host=host, port=port, data=data_dir, upstreams=tuple(by_namespace.values()),
                        default_upstream=str(default).rstrip("/") if default else None,
+                       allow_registries=tuple(dict.fromkeys(registries)), allow_networks=tuple(dict.fromkeys(networks)),
                        cache=cache, fetch=fetch, limits=limits, swarm=swarm_config)
+
+
+def _string_list(document: dict[str, Any], key: str) -> list[str]:
+    value = document.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a list of strings")
+    return list(value)
 
 
 def _checked_swarm(swarm: SwarmConfig) -> SwarmConfig:

@@ -10,6 +10,7 @@ import trio
 from p2pd.httpd import ServerInfo, serve_http
 
 from .config import AgentConfig
+from .egress import Resolver
 from .fetcher import Fetcher
 from .metrics import AgentMetrics
 from .registry import MirrorFront
@@ -36,17 +37,21 @@ async def serve_agent(
     config: AgentConfig,
     *,
     shutdown: trio.Event | None = None,
+    resolver: Resolver | None = None,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Runs the agent until cancelled or until ``shutdown`` is set.
 
     ``task_status.started`` receives an ``Agent`` once the endpoint is listening.
+    ``resolver`` replaces the system resolver for hosts that are not configured upstreams
+    (tests use ``p2pd.egress.StaticResolver``).
     """
     store = await trio.to_thread.run_sync(
         partial(BlobStore, config.data, max_bytes=config.cache.max_bytes, pinned=config.cache.pinned))
     metrics = AgentMetrics()
     metrics.cache_bytes.set(store.total_bytes)
-    upstreams = UpstreamPool(config)
+    upstreams = UpstreamPool(config, resolver=resolver,
+                             on_refused=lambda reason: metrics.egress_refused.labels(reason.value).inc())
     try:
         fetcher = Fetcher(config, store, upstreams, metrics)
         front = MirrorFront(config, store, fetcher, upstreams, metrics)

@@ -37,6 +37,9 @@ class AgentMetrics:
                                   registry=self.registry)
         self.stalled_streams = Counter("p2pd_stalled_streams", "Client streams closed for lack of progress",
                                        registry=self.registry)
+        self.egress_refused = Counter("p2pd_egress_refused", "Namespaces, requests and connections the egress "
+                                      "policy refused (nothing was sent), by reason", ["reason"],
+                                      registry=self.registry)
 
         # Swarm (peer-to-peer) transfer.
         self.peer_fetched_bytes = Counter("p2pd_peer_fetched_bytes", "Chunk bytes received, by peer node id",

@@ -33,7 +33,7 @@ from .fetcher import Download, Fetcher, stream_download
 from .metrics import AgentMetrics
 from .store import BlobStore, TagRecord
 from .swarm.node import SwarmNode
-from .upstream import UpstreamPool, validate_namespace
+from .upstream import UpstreamPool
 
 __all__ = ["MirrorFront"]
 
@@ -45,12 +45,10 @@ _BLOB_RE = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 _READ_METHODS = ("GET", "HEAD")
 
 
-def _namespace(request: Request) -> str | None:
-    """containerd's ``ns=``, checked before it can start a download (which would only fail later)."""
-    namespace = request.query_one("ns")
-    if namespace is not None:
-        validate_namespace(namespace)
-    return namespace
+def _namespace(request: Request, upstreams: UpstreamPool) -> str | None:
+    """containerd's ``ns=`` in normal form, checked before anything is read or fetched for it:
+    a namespace this agent does not serve is a fast 404, so containerd falls back."""
+    return upstreams.check_namespace(request.query_one("ns"))
 
 
 _PEERS_ASKED_FOR_MANIFESTS = 3
@@ -164,7 +162,7 @@ class MirrorFront:
 
     async def _manifest(self, request: Request, name: str, reference: str) -> Response:
         validate_reference(reference)
-        namespace = _namespace(request)
+        namespace = _namespace(request, self.upstreams)
         media_type: str | None = None
         if ":" in reference:
             digest = Digest.parse(reference)
@@ -254,7 +252,7 @@ class MirrorFront:
     # ---- blobs ------------------------------------------------------------------------
 
     async def _blob(self, request: Request, name: str, digest: Digest) -> Response:
-        namespace = _namespace(request)
+        namespace = _namespace(request, self.upstreams)
         headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", str(digest)),
                    ("Accept-Ranges", "bytes"), ("ETag", f'"{digest}"')]
         local = self._open_local(digest)

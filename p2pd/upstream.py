@@ -20,6 +20,9 @@ Rules/invariants:
   (e.g. from a blob storage host after a redirect) are ignored.
 - No ``timeout=`` parameters: connect/read timeouts come from ``FetchConfig`` and bound each
   network wait; callers bound whole operations with ``trio.fail_after``.
+- Clients made by ``UpstreamPool`` go through an ``EgressGuard``: every request (first hops,
+  redirects, token requests) is checked against the ``EgressPolicy`` before it is sent, and
+  connections to untrusted hosts go only to the addresses that were checked (``p2pd.egress``).
 """
 
 from __future__ import annotations
@@ -31,17 +34,21 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import httpcore
 import httpx
 import trio
 
 from .config import AgentConfig, FetchConfig, UpstreamConfig
+from .egress import EgressPolicy, EgressRefused, RefusalReason, ResolutionError, Resolver, parse_namespace
 from .errors import (
     ConfigError,
     UpstreamAuthError,
@@ -66,8 +73,10 @@ __all__ = [
     "MAX_CHUNK_MAP_SIZE",
     "MAX_REDIRECTS",
     "BlobResponse",
+    "EgressGuard",
     "HttpUpstream",
     "ManifestResult",
+    "SystemResolver",
     "Upstream",
     "UpstreamPool",
     "validate_namespace",
@@ -99,7 +108,9 @@ _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: safe in a header, no C
 # One token of a WWW-Authenticate value: a bare auth scheme, or ``name=value`` (value quoted or not).
 _CHALLENGE_TOKEN_RE = re.compile(r"""([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*))?""")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_NAMESPACE_RE = re.compile(rf"(?P<host>{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\])(?::(?P<port>[0-9]{{1,5}}))?")
+_NAMESPACE_RE = re.compile(  # a trailing dot is accepted here and dropped by the egress policy's normalisation
+    rf"(?P<host>{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]{{2,45}}\])(?::(?P<port>[0-9]{{1,5}}))?"
+)
 # The request extension that tells the auth flow which repository a request is for.
 _SCOPE_EXTENSION = "p2pd_token_scope"
 
@@ -427,6 +438,187 @@ class _RegistryAuth(httpx.Auth):
         return token, float(lifetime)
 
 
+# ---- egress guard -------------------------------------------------------------------------
+
+# Bound on resolving and connecting when httpcore passes no connect timeout (it always does
+# when the client has one, which ours always has).
+_CONNECT_FALLBACK_TIMEOUT = 30.0  # seconds
+_REFUSAL_LOG_INTERVAL = 600.0  # seconds between log lines about one refused host and reason
+_MAX_REFUSAL_LOG_KEYS = 1024  # hosts remembered for that; more new hosts are counted, not logged
+
+
+class SystemResolver:
+    """Resolves names with the system resolver: trio's getaddrinfo (/etc/hosts, then DNS).
+
+    trio runs getaddrinfo in a worker thread and abandons it on cancellation, so the
+    caller's deadline bounds a hanging lookup.
+    """
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:  # gaierror; UnicodeError from the idna codec
+            raise ResolutionError(f"cannot resolve {host[:100]!r}: {exc}") from exc
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class EgressGuard:
+    """Applies an ``EgressPolicy`` to the requests and connections of upstream clients.
+
+    Args:
+        policy: what may be contacted.
+        resolver: resolves untrusted names; default ``SystemResolver``.
+        on_refused: called with the reason of every refusal (the daemon counts them in
+            ``p2pd_egress_refused_total``).
+
+    Each refusal is logged at most once per host and reason every ``_REFUSAL_LOG_INTERVAL``
+    seconds, so a client spraying ``ns`` values cannot flood the log.
+    """
+
+    def __init__(self, policy: EgressPolicy, *, resolver: Resolver | None = None,
+                 on_refused: Callable[[RefusalReason], None] | None = None) -> None:
+        self.policy = policy
+        self.resolver: Resolver = resolver if resolver is not None else SystemResolver()
+        self._on_refused = on_refused
+        self._last_logged: dict[tuple[str, RefusalReason], float] = {}
+
+    def refused(self, refusal: EgressRefused) -> EgressRefused:
+        """Counts and (rate-limited) logs a refusal; returns it for the caller to raise."""
+        if self._on_refused is not None:
+            self._on_refused(refusal.reason)
+        key = (refusal.host, refusal.reason)
+        now = time.monotonic()
+        last = self._last_logged.get(key)
+        if last is not None and now - last < _REFUSAL_LOG_INTERVAL:
+            return refusal
+        if len(self._last_logged) >= _MAX_REFUSAL_LOG_KEYS:
+            self._last_logged = {k: t for k, t in self._last_logged.items() if now - t < _REFUSAL_LOG_INTERVAL}
+        if len(self._last_logged) < _MAX_REFUSAL_LOG_KEYS:
+            self._last_logged[key] = now
+            # An unconfigured registry is routine in --all setups; an address refusal may be an attack.
+            level = logging.INFO if refusal.reason is RefusalReason.NOT_CONFIGURED else logging.WARNING
+            log.log(level, "%s (answered 404; logged once per host every %d s)", refusal, _REFUSAL_LOG_INTERVAL)
+        return refusal
+
+    def check_request(self, url: httpx.URL) -> None:
+        """Refuses a request URL the policy does not allow (before anything is sent).
+
+        Raises:
+            EgressRefused: userinfo in the URL, plain http to an untrusted origin, or a refused
+                name or address literal.
+        """
+        host = url.raw_host.decode("ascii", errors="replace")
+        port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme)
+        try:
+            if port is None or url.userinfo:
+                raise EgressRefused(host, RefusalReason.MALFORMED, "unsupported scheme or userinfo in URL")
+            self.policy.check_url(url.scheme, host, port)
+        except EgressRefused as exc:
+            raise self.refused(exc) from None
+
+    async def connect_addresses(self, host: str, port: int) -> list[str] | None:
+        """The addresses a connection to ``host:port`` may use.
+
+        Returns:
+            None for a trusted origin (connect by name, as usual); otherwise the checked
+            addresses: the literal itself, or every address the name resolved to.
+
+        Raises:
+            EgressRefused: the host, or one of its addresses, is refused.
+            ResolutionError: the name does not resolve.
+        """
+        try:
+            parsed = self.policy.check_host(host, port)
+            if parsed is None:
+                return None
+            if parsed.address is not None:
+                return [parsed.name]
+            resolved = await self.resolver.resolve(parsed.name, port)
+            return [str(address) for address in self.policy.check_addresses(parsed.name, resolved)]
+        except EgressRefused as exc:
+            raise self.refused(exc) from None
+
+
+class _GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """Connects only to addresses the guard checked: the pin against DNS rebinding.
+
+    httpcore hands over the URL's host name. The name is resolved and checked once, and the
+    TCP connection goes to one of those addresses; TLS (SNI and the certificate's name check)
+    and the Host header still use the name, because httpcore does them with the origin's host.
+    """
+
+    def __init__(self, guard: EgressGuard) -> None:
+        self._guard = guard
+        self._backend = httpcore.TrioBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 -- httpcore's interface passes the connect timeout
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        with trio.move_on_after(_CONNECT_FALLBACK_TIMEOUT if timeout is None else timeout):
+            try:
+                addresses = await self._guard.connect_addresses(host, port)
+            except ResolutionError as exc:
+                raise httpcore.ConnectError(str(exc)) from exc
+            if addresses is None:
+                return await self._backend.connect_tcp(host, port, math.inf, local_address, socket_options)
+            failure: httpcore.ConnectError | None = None
+            for address in addresses:  # every one passed the check; try them in the resolver's order
+                try:
+                    return await self._backend.connect_tcp(address, port, math.inf, local_address, socket_options)
+                except httpcore.ConnectError as exc:
+                    failure = exc
+            raise failure or httpcore.ConnectError(f"no address to connect to for {host}")
+        raise httpcore.ConnectTimeout(f"connecting to {host}:{port} timed out")
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 -- httpcore's interface
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("upstreams are never reached over unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+class _EgressTransport(httpx.AsyncBaseTransport):
+    """Checks every request httpx sends (first hops, each redirect, token requests) before
+    ``inner`` sees it; a refused request never reaches the network."""
+
+    def __init__(self, guard: EgressGuard, inner: httpx.AsyncBaseTransport) -> None:
+        self._guard = guard
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self._guard.check_request(request.url)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _guarded_network_transport(guard: EgressGuard, verify: ssl.SSLContext | bool) -> httpx.AsyncHTTPTransport:
+    """httpx's own transport, connecting through ``_GuardedNetworkBackend``."""
+    context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify, trust_env=False)
+    transport = httpx.AsyncHTTPTransport(verify=context, trust_env=False)
+    # httpx has no public way to choose the network backend: its connection pool is
+    # replaced by one with the same TLS context and httpx's default limits.
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=context,
+        max_connections=100,
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
+        network_backend=_GuardedNetworkBackend(guard),
+    )
+    return transport
+
+
 # ---- the HTTP upstream --------------------------------------------------------------------
 
 
@@ -491,6 +683,8 @@ class HttpUpstream:
         fetch: connect and read timeouts.
         transport: replaces the network (``httpx.MockTransport`` in tests); TLS settings
             are then unused.
+        egress: checks every request and connection against the egress policy (the pool
+            always passes one); without it the client contacts whatever it is sent to.
 
     Resource handling: one connection pool per instance; ``aclose`` closes it.
 
@@ -505,6 +699,7 @@ class HttpUpstream:
         fetch: FetchConfig,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        egress: EgressGuard | None = None,
     ) -> None:
         self.namespace = config.namespace
         self.url = config.url.rstrip("/")
@@ -526,6 +721,8 @@ class HttpUpstream:
         timeout = httpx.Timeout(
             connect=fetch.connect_timeout, read=fetch.read_timeout, write=fetch.read_timeout, pool=fetch.connect_timeout
         )
+        if egress is not None:
+            transport = _EgressTransport(egress, transport or _guarded_network_transport(egress, verify))
         self._client = httpx.AsyncClient(
             verify=verify,
             timeout=timeout,
@@ -793,25 +990,90 @@ def validate_namespace(ns: str) -> str:
     return ns.lower()
 
 
+def _namespace_key(namespace: str) -> str:
+    """A validated namespace in normal form (``Seed.Local.:5000`` → ``seed.local:5000``)."""
+    try:
+        host, port = parse_namespace(namespace)
+    except EgressRefused:
+        return namespace.lower()  # refused later by the policy, never contacted
+    return host.netloc(port)
+
+
 class UpstreamPool:
     """Chooses the upstream for containerd's ``ns=`` value and owns the clients.
 
     Mapping, in order: an ``[[upstream]]`` entry for the namespace; else the configured
-    ``default_upstream`` (with the repository unchanged); else ``https://<ns>``, where
-    ``docker.io`` and ``index.docker.io`` mean ``https://registry-1.docker.io``. For the
-    Docker Hub namespaces a one-component repository gets the ``library/`` prefix.
+    ``default_upstream`` (with the repository unchanged); else ``https://<ns>`` when an
+    ``allow_registries`` pattern admits the namespace, where ``docker.io`` and
+    ``index.docker.io`` mean ``https://registry-1.docker.io``; else the namespace is refused
+    (``EgressRefused``, never a connection). For the Docker Hub namespaces a one-component
+    repository gets the ``library/`` prefix.
 
     Args:
-        config: the agent's configuration (upstreams, default upstream, fetch timeouts).
+        config: the agent's configuration (upstreams, allow lists, fetch timeouts).
+        resolver: resolves the names of untrusted hosts (default: the system resolver).
+        on_refused: called with the reason of every egress refusal (for a metric).
 
     Resource handling: one ``HttpUpstream`` per distinct upstream (URL and credentials),
-    created on first use; ``aclose`` closes them all.
+    created on first use, each behind this pool's ``EgressGuard``; ``aclose`` closes them all.
+
+    Raises:
+        ConfigError: an upstream URL, allow_registries pattern or allow_networks entry is invalid.
     """
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, resolver: Resolver | None = None,
+                 on_refused: Callable[[RefusalReason], None] | None = None) -> None:
         self._config = config
-        self._explicit = {u.namespace.lower(): u for u in config.upstreams}
+        self._explicit = {_namespace_key(u.namespace): u for u in config.upstreams}
         self._clients: dict[UpstreamConfig, HttpUpstream] = {}
+        trusted = [u.url for u in config.upstreams] + [u for u in (config.default_upstream,) if u is not None]
+        policy = EgressPolicy.build(trusted_urls=trusted, allow_registries=config.allow_registries,
+                                    allow_networks=config.allow_networks)
+        self.egress = EgressGuard(policy, resolver=resolver, on_refused=on_refused)
+
+    def check_namespace(self, ns: str | None) -> str | None:
+        """Checks containerd's ``ns=`` before anything is read or fetched for it.
+
+        Returns:
+            The namespace in normal form, or None when the request has none.
+
+        Raises:
+            OCIError: NAME_INVALID (400) for a malformed value; NAME_UNKNOWN (404, so
+                containerd falls back to the registry itself) for a namespace this agent
+                does not serve. Either way nothing was contacted.
+        """
+        if ns is None:
+            return None
+        namespace = _namespace_key(validate_namespace(ns))
+        try:
+            self._upstream_config(namespace)
+        except EgressRefused as exc:
+            raise OCIError("NAME_UNKNOWN", "this mirror does not serve that registry; fetch from the registry itself",
+                           detail={"ns": ns[:100], "reason": exc.reason.value}) from None
+        return namespace
+
+    def _upstream_config(self, namespace: str | None) -> UpstreamConfig:
+        if namespace is not None and namespace in self._explicit:
+            return self._explicit[namespace]
+        if self._config.default_upstream is not None:
+            return UpstreamConfig(namespace=DEFAULT_NAMESPACE, url=self._config.default_upstream)
+        if namespace is None:
+            raise OCIError("NAME_UNKNOWN", "no ns= in the request and no default upstream configured")
+        hub = namespace in DOCKER_HUB_NAMESPACES
+        try:
+            admitted = self.egress.policy.admit_namespace(namespace)
+        except EgressRefused as exc:
+            if not (hub and any(self._admits(alias) for alias in DOCKER_HUB_NAMESPACES)):
+                raise self.egress.refused(exc) from None
+            admitted = namespace
+        return UpstreamConfig(namespace=admitted, url=DOCKER_HUB_URL if hub else f"https://{admitted}")
+
+    def _admits(self, namespace: str) -> bool:
+        try:
+            self.egress.policy.admit_namespace(namespace)
+        except EgressRefused:
+            return False
+        return True
 
     def resolve(self, ns: str | None, repository: str) -> tuple[Upstream, str]:
         """The upstream for ``ns`` and the repository name to use there.
@@ -819,26 +1081,19 @@ class UpstreamPool:
         Raises:
             OCIError: NAME_INVALID for a malformed namespace or repository; NAME_UNKNOWN
                 when there is no ``ns`` and no default upstream.
+            EgressRefused: the namespace has no upstream entry and no allow_registries
+                pattern admits it (nothing is contacted).
             ConfigError: the upstream's CA or password file cannot be read.
         """
-        namespace = validate_namespace(ns) if ns is not None else None
+        namespace = _namespace_key(validate_namespace(ns)) if ns is not None else None
         if namespace in DOCKER_HUB_NAMESPACES and "/" not in repository:
             repository = f"library/{repository}"
         validate_name(repository)
-        if namespace is not None and namespace in self._explicit:
-            config = self._explicit[namespace]
-        elif self._config.default_upstream is not None:
-            config = UpstreamConfig(namespace=DEFAULT_NAMESPACE, url=self._config.default_upstream)
-        elif namespace is None:
-            raise OCIError("NAME_UNKNOWN", "no ns= in the request and no default upstream configured")
-        elif namespace in DOCKER_HUB_NAMESPACES:
-            config = UpstreamConfig(namespace=namespace, url=DOCKER_HUB_URL)
-        else:
-            config = UpstreamConfig(namespace=namespace, url=f"https://{namespace}")
+        config = self._upstream_config(namespace)
         key = replace(config, namespace="")  # one client per URL and credentials
         upstream = self._clients.get(key)
         if upstream is None:
-            upstream = self._clients[key] = HttpUpstream(config, self._config.fetch)
+            upstream = self._clients[key] = HttpUpstream(config, self._config.fetch, egress=self.egress)
         return upstream, repository
 
     async def aclose(self) -> None:

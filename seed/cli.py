@@ -14,8 +14,12 @@ import trio
 from p2pd.lifecycle import shutdown_on_signals
 from p2pd.sdnotify import notify
 
+from .audit import add_audit_parser, run_audit_command
+from .auth.robots import add_robot_parser, run_robot_cli
+from .auth.setup import robot_store_path
 from .config import ConfigError, SeedConfig, load_config
 from .registry import serve_seed
+from .scan.cli import SCAN_COMMANDS, add_scan_parsers, run_scan_command
 from .storage import Storage
 
 __all__ = ["main"]
@@ -32,12 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--data", type=Path, help="data directory")
     serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--open", action="store_true",
+                       help="serve without access control even on a non-loopback address (anyone can push)")
 
     gc = commands.add_parser("gc", help="remove blobs that no manifest references")
     gc.add_argument("--data", type=Path, help="data directory")
     gc.add_argument("--config", type=Path, help="TOML configuration file")
     gc.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     gc.add_argument("--grace", type=float, help="keep unreferenced blobs younger than this many seconds")
+    add_robot_parser(commands)
+    add_audit_parser(commands)
+    add_scan_parsers(commands)
     return parser
 
 
@@ -69,10 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            config = load_config(args.config, listen=args.listen, data=args.data)
+            config = load_config(args.config, listen=args.listen, data=args.data, open=args.open)
             trio.run(_serve, config, os.environ.get("NOTIFY_SOCKET"))
             return 0
+        if args.command in SCAN_COMMANDS:
+            return run_scan_command(args)  # reads [storage] and [scan] itself: works beside a running seed
         config = load_config(args.config, data=args.data)
+        if args.command == "robot":
+            return run_robot_cli(args, robot_store_path(config.storage.data))
+        if args.command == "audit":
+            return run_audit_command(args, config.storage.data, rotate_bytes=config.audit.rotate_bytes)
         return _gc(config, args.dry_run, args.grace)
     except ConfigError as exc:
         print(f"seed: {exc}", file=sys.stderr)

@@ -25,7 +25,13 @@ from p2pd.oci.grammar import validate_name, validate_reference
 from p2pd.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest, referrers_index
 from p2pd.oci.ranges import parse_range
 
+from .access import AccessPolicy
+from .audit import open_audit
+from .auth.authenticator import Caller
+from .auth.setup import build_identity
+from .auth.token_service import TokenService
 from .config import SeedConfig
+from .gate import AuditHook, Gate, open_caller
 from .metrics import SeedMetrics
 from .storage import Storage, UploadSession, is_disk_full
 
@@ -66,14 +72,34 @@ class SeedRegistry:
         config: the loaded configuration.
         storage: where content lives (``Storage(config.storage.data, ...)``).
         metrics: Prometheus metrics of this instance.
+        gate: authentication and the access decision (see ``seed.gate``).
+        token_service: the ``/token`` endpoints, when the seed enforces access control.
+        audit: where security-relevant events go (pushes, deletes; the gate logs the rest).
     """
 
-    def __init__(self, config: SeedConfig, storage: Storage, metrics: SeedMetrics) -> None:
+    def __init__(self, config: SeedConfig, storage: Storage, metrics: SeedMetrics, gate: Gate,
+                 token_service: TokenService | None = None, audit: AuditHook | None = None) -> None:
         self.config = config
         self.storage = storage
         self.metrics = metrics
+        self.gate = gate
+        self.token_service = token_service
+        self._audit: AuditHook = audit or (lambda action, fields: None)
         self._upload_locks: dict[str, trio.Lock] = {}
         self.metrics.uploads_in_progress.set(sum(1 for _ in storage.list_uploads()))
+
+    def reload(self, config: SeedConfig) -> None:
+        """Applies a re-read configuration (SIGHUP): access rules, identity providers, token keys.
+
+        Listen address, storage and TLS files are not changed here (TLS reloads on its own).
+        A configuration that fails to build leaves the running one in place.
+        """
+        gate, token_service = build_gate(config, self._audit)
+        if self.gate.authenticator is not None and gate.authenticator is not None:
+            gate.authenticator.throttle = self.gate.authenticator.throttle  # failures survive a reload
+        self.gate, self.token_service, self.config = gate, token_service, config
+        self._audit("config.reload", {"actor": "", "actor_kind": "system",
+                                      "detail": {"rules": len(config.access), "mode": config.auth.mode}})
 
     async def handle(self, request: Request) -> Response:
         path = request.path
@@ -83,6 +109,8 @@ class SeedRegistry:
         if path == "/metrics":
             request.route = "metrics"
             return Response(200, [("Content-Type", "text/plain; version=0.0.4")], self.metrics.render())
+        if self.token_service is not None and path in ("/token", "/token/keys"):
+            return await self.token_service.handle(request, request.client[0] if request.client else "-")
         if not (path == "/v2" or path.startswith("/v2/")):
             raise OCIError("NOT_FOUND", "not found")
         response = await self._dispatch(request)
@@ -95,6 +123,7 @@ class SeedRegistry:
             request.route = "base"
             if request.method not in ("GET", "HEAD"):
                 raise _method_not_allowed("GET, HEAD")
+            request.identity = await self.gate.admit(request, "base", None)
             return Response(200, [("Content-Type", "application/json")], b"{}")
         for route, pattern in _ROUTES:
             match = pattern.fullmatch(path)
@@ -104,6 +133,8 @@ class SeedRegistry:
             params = match.groupdict()
             if "name" in params:
                 validate_name(params["name"])
+            # The one access decision of this request, before any handler or storage sees it.
+            request.identity = await self.gate.admit(request, route, params.get("name"))
             handler = self._handlers.get((route, request.method))
             if handler is None:
                 if request.method == "HEAD" and (route, "GET") in self._handlers:
@@ -145,7 +176,13 @@ class SeedRegistry:
         return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length))
 
     async def get_manifest(self, request: Request, name: str, reference: str) -> Response:
-        validate_reference(reference)
+        try:
+            validate_reference(reference)
+        except OCIError:
+            # Nothing can be stored under a reference that is neither a tag nor a digest, so it
+            # is unknown (the OCI conformance suite expects 404 here, not 400).
+            raise OCIError("MANIFEST_UNKNOWN", "manifest unknown", status=404,
+                           detail={"reference": reference[:200]}) from None
         stored, body = self.storage.get_manifest(name, reference)
         headers = [("Content-Type", stored.media_type), ("Docker-Content-Digest", str(stored.digest)),
                    ("ETag", f'"{stored.digest}"')]
@@ -195,6 +232,7 @@ class SeedRegistry:
 
     async def list_catalog(self, request: Request) -> Response:
         repositories = await trio.to_thread.run_sync(self.storage.list_repositories)
+        repositories = self.gate.visible(_caller(request), repositories)
         page, headers = self._page(request, repositories, "/v2/_catalog")
         return _json(200, {"repositories": page}, headers)
 
@@ -209,22 +247,39 @@ class SeedRegistry:
 
     # ---- push -------------------------------------------------------------------------
 
+    def _tag_digest(self, name: str, tag: str) -> str | None:
+        """The digest a tag points at now, or None (for the audit log's old → new)."""
+        try:
+            return str(self.storage.resolve(name, tag))
+        except OCIError:
+            return None
+
     def _upload_lock(self, upload_id: str) -> trio.Lock:
         return self._upload_locks.setdefault(upload_id, trio.Lock())
 
     async def _receive_into(self, request: Request, session: UploadSession) -> int:
-        """Streams the request body onto the end of the upload; returns the new size."""
-        size = session.size()
+        """Streams the request body onto the end of the upload; returns the new size.
+
+        If the disk fills up, the session is cut back to where this request started (the last
+        offset the client was told about), so the space is given back at once instead of
+        keeping the disk full, and every later push failing, until the stale-upload purge.
+        """
+        acknowledged = size = session.size()
         buffer = bytearray()
         append = partial(self.storage.append_upload, session, max_size=self.config.storage.max_blob_size)
-        async for piece in request.body:
-            buffer += piece
-            self.metrics.bytes_received.inc(len(piece))
-            if len(buffer) >= _WRITE_BUFFER:
+        try:
+            async for piece in request.body:
+                buffer += piece
+                self.metrics.bytes_received.inc(len(piece))
+                if len(buffer) >= _WRITE_BUFFER:
+                    size = await trio.to_thread.run_sync(append, bytes(buffer))
+                    buffer.clear()
+            if buffer:
                 size = await trio.to_thread.run_sync(append, bytes(buffer))
-                buffer.clear()
-        if buffer:
-            size = await trio.to_thread.run_sync(append, bytes(buffer))
+        except OSError as exc:
+            if is_disk_full(exc):
+                await trio.to_thread.run_sync(self.storage.truncate_upload, session, acknowledged)
+            raise
         return size
 
     def _check_content_range(self, request: Request, session: UploadSession) -> None:
@@ -331,7 +386,14 @@ class SeedRegistry:
                                detail={"reference": reference, "actual": str(parsed.digest)})
         else:
             tag = reference
+        old_digest = await trio.to_thread.run_sync(self._tag_digest, name, tag) if tag is not None else None
         await trio.to_thread.run_sync(self.storage.put_manifest, name, body, parsed, tag)
+        fields: dict[str, Any] = {"repository": name, "digest": str(parsed.digest),
+                                  "detail": {"media_type": parsed.media_type, "size": len(body)}}
+        self._audit("manifest.push", {**_actor(request), **fields})
+        if tag is not None and old_digest != str(parsed.digest):
+            self._audit("tag.move", {**_actor(request), "repository": name, "reference": tag,
+                                     "old_digest": old_digest, "new_digest": str(parsed.digest)})
         headers = [("Location", f"/v2/{name}/manifests/{parsed.digest}"),
                    ("Docker-Content-Digest", str(parsed.digest))]
         if parsed.subject is not None:
@@ -349,13 +411,18 @@ class SeedRegistry:
         validate_reference(reference)
         if ":" in reference:
             await trio.to_thread.run_sync(self.storage.delete_manifest, name, Digest.parse(reference))
+            self._audit("manifest.delete", {**_actor(request), "repository": name, "digest": reference})
         else:
+            old_digest = await trio.to_thread.run_sync(self._tag_digest, name, reference)
             await trio.to_thread.run_sync(self.storage.delete_tag, name, reference)
+            self._audit("tag.delete", {**_actor(request), "repository": name, "reference": reference,
+                                       "old_digest": old_digest})
         return Response(202)
 
     async def delete_blob(self, request: Request, name: str, digest: str) -> Response:
         self._check_delete_enabled()
         await trio.to_thread.run_sync(self.storage.delete_blob, name, Digest.parse(digest))
+        self._audit("blob.delete", {**_actor(request), "repository": name, "digest": digest})
         return Response(202)
 
     async def purge_stale_uploads(self) -> int:
@@ -384,6 +451,33 @@ class SeedRegistry:
     }
 
 
+def build_gate(config: SeedConfig, audit: AuditHook) -> tuple[Gate, TokenService | None]:
+    """The access policy, identity stack and token service of a configuration."""
+    policy = AccessPolicy(config.access, open_mode=not config.auth.enforced)
+    scheme = "https" if getattr(config, "tls", None) is not None else "http"
+    if not config.auth.enforced:
+        log.warning("no access control: anyone who can reach %s:%d can push, overwrite tags and delete "
+                     "(configure [auth] and [[access]]; see docs/configuration.md)",
+                     config.server.host, config.server.port)
+        return Gate(policy, None, service=config.auth.service, realm=None, scheme=scheme, audit=audit), None
+    stack = build_identity(config.auth, config.storage.data, audit)
+    gate = Gate(policy, stack.authenticator, service=config.auth.service, realm=config.auth.realm, scheme=scheme,
+                audit=audit)
+    return gate, TokenService(stack.authenticator, stack.authority, lambda: gate.policy, audit)
+
+
+def _caller(request: Request) -> Caller:
+    identity = request.identity
+    return identity if isinstance(identity, Caller) else open_caller(request)
+
+
+def _actor(request: Request) -> dict[str, Any]:
+    """The audit fields that say who did it."""
+    principal = _caller(request).principal
+    return {"actor": principal.name, "actor_kind": principal.kind, "provider": principal.provider,
+            "source": request.client[0] if request.client else "-"}
+
+
 def _json(status: int, document: Any, headers: list[tuple[str, str]] | None = None) -> Response:
     import json
 
@@ -410,15 +504,24 @@ async def serve_seed(
     """
     storage = await trio.to_thread.run_sync(
         partial(Storage, config.storage.data, chunk_size=config.storage.chunk_size))
-    registry = SeedRegistry(config, storage, SeedMetrics())
-    async with trio.open_nursery() as nursery:
+    metrics = SeedMetrics()
+    audit = await trio.to_thread.run_sync(open_audit, config, metrics)
+    try:
+        gate, token_service = await trio.to_thread.run_sync(build_gate, config, audit)
+        registry = SeedRegistry(config, storage, metrics, gate, token_service, audit)
+        async with trio.open_nursery() as nursery:
+            # The audit writer first: it fsyncs in a worker thread, and on cancellation it
+            # writes what is still queued before it returns.
+            await nursery.start(audit.serve)
 
-        async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
-            await serve_http(registry.handle, config.server.host, config.server.port,
-                             limits=config.server.limits, observer=registry.observe,
-                             shutdown=shutdown, task_status=task_status)
-            nursery.cancel_scope.cancel()  # graceful shutdown finished: stop the purge loop too
+            async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
+                await serve_http(registry.handle, config.server.host, config.server.port,
+                                 limits=config.server.limits, observer=registry.observe,
+                                 shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # graceful shutdown finished: stop the purge loop too
 
-        nursery.start_soon(_purge_periodically, registry, config.storage.purge_interval)
-        info = await nursery.start(run_server)
-        task_status.started((info, registry))
+            nursery.start_soon(_purge_periodically, registry, config.storage.purge_interval)
+            info = await nursery.start(run_server)
+            task_status.started((info, registry))
+    finally:
+        audit.close()

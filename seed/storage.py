@@ -269,6 +269,13 @@ class Storage:
                 self._hash_states.pop(session.id, None)
         return offset + len(data)
 
+    def truncate_upload(self, session: UploadSession, size: int) -> None:
+        """Cuts an upload back to ``size`` bytes (after a failed append: disk full)."""
+        with self._hash_lock:  # the running hash covered bytes that are gone: rehash on close
+            self._hash_states.pop(session.id, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(session.data_path, size)
+
     def cancel_upload(self, session: UploadSession) -> None:
         with self._hash_lock:
             self._hash_states.pop(session.id, None)

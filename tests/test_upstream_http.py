@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 import seed.registry
 from p2pd.config import AgentConfig, FetchConfig, UpstreamConfig
+from p2pd.egress import EgressRefused
 from p2pd.errors import (
     ConfigError,
     UpstreamAuthError,
@@ -832,7 +833,7 @@ def url_of(upstream: object) -> str:
 
 
 async def test_docker_hub_mapping(pool_factory: Callable[..., UpstreamPool]) -> None:
-    pool = pool_factory()
+    pool = pool_factory(allow_registries=("docker.io",))
     hub, repository = pool.resolve("docker.io", "busybox")
     assert (url_of(hub), repository) == (DOCKER_HUB_URL, "library/busybox")
     assert pool.resolve("index.docker.io", "library/busybox") == (hub, "library/busybox")
@@ -844,12 +845,13 @@ async def test_docker_hub_mapping(pool_factory: Callable[..., UpstreamPool]) -> 
 
 
 async def test_namespace_mapping_order(pool_factory: Callable[..., UpstreamPool]) -> None:
-    plain = pool_factory()
+    plain = pool_factory(allow_registries=("ghcr.io",))
     ghcr, repository = plain.resolve("ghcr.io", "org/app")
     assert (url_of(ghcr), repository, ghcr.namespace) == ("https://ghcr.io", "org/app", "ghcr.io")
     assert plain.resolve("ghcr.io", "org/other")[0] is ghcr  # one client per upstream
-    assert url_of(plain.resolve("127.0.0.1:5000", "app")[0]) == "https://127.0.0.1:5000"
-    assert url_of(plain.resolve("[::1]:5000", "app")[0]) == "https://[::1]:5000"
+    for ns in ("quay.io", "127.0.0.1:5000", "[::1]:5000"):  # no open proxy (tests/test_p2pd_egress.py)
+        with pytest.raises(EgressRefused):
+            plain.resolve(ns, "app")
     with pytest.raises(OCIError) as info:
         plain.resolve(None, "app")
     assert info.value.code == "NAME_UNKNOWN"
@@ -906,7 +908,7 @@ def test_valid_namespaces() -> None:
 
 
 async def test_pool_aclose_closes_every_client(pool_factory: Callable[..., UpstreamPool]) -> None:
-    pool = pool_factory()
+    pool = pool_factory(allow_registries=("a.test", "b.test", "docker.io"))
     clients = [pool.resolve(ns, "app")[0] for ns in ("a.test", "b.test", "docker.io")]
     await pool.aclose()
     for client in clients:

@@ -178,6 +178,8 @@ class Request:
     http_version: str
     # Set by the application for metrics and logs (e.g. "blob", "manifest").
     route: str = "other"
+    # Set by the application: who is asking, once it has authenticated the request.
+    identity: object | None = None
 
     def query_one(self, name: str) -> str | None:
         values = self.query.get(name)

@@ -357,7 +357,8 @@ def wait_http(worker: NsWorker, url: str, seconds: float, alive: Callable[[], bo
 def start_bed(net: Netbed) -> Bed:
     seed_data = net.dir / "seed-data"
     seed_proc = net.start_in(net.seed, [sys.executable, "-m", "seed", "--log-level", "WARNING", "serve",
-                                        "--listen", f"0.0.0.0:{SEED_PORT}", "--data", str(seed_data)],
+                                        "--listen", f"0.0.0.0:{SEED_PORT}", "--data", str(seed_data),
+                                        "--open"],
                              log_path=net.dir / "seed.log")
     workers = _parallel(lambda ns: NsWorker(net, ns), [net.seed, *net.nodes])
     seed_worker = workers[0]

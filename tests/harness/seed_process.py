@@ -85,7 +85,8 @@ class SeedProcess(ManagedProcess):
         return argv
 
     def _ready_url(self) -> str:
-        return f"{self.url}/v2/"
+        # /healthz, not /v2/: a seed with access control answers /v2/ with 401.
+        return f"{self.url}/healthz"
 
     def metrics(self) -> Samples:
         """The parsed ``/metrics`` samples: ``{(name, frozenset(labels.items())): value}``."""
