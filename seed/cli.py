@@ -1,4 +1,4 @@
-"""``seed`` command line: ``seed serve`` and ``seed gc``."""
+"""``seed`` command line: ``serve``, ``gc``, ``robot``, ``keys``, ``audit``, ``vulndb``/``scan``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from p2pd.lifecycle import shutdown_on_signals
+from p2pd.lifecycle import reload_on_signal, shutdown_on_signals
 from p2pd.sdnotify import notify
 
 from .audit import add_audit_parser, run_audit_command
+from .auth.keys_cli import add_keys_parser, run_keys_command
 from .auth.robots import add_robot_parser, run_robot_cli
 from .auth.setup import robot_store_path
 from .config import ConfigError, SeedConfig, load_config
@@ -45,17 +47,30 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     gc.add_argument("--grace", type=float, help="keep unreferenced blobs younger than this many seconds")
     add_robot_parser(commands)
+    add_keys_parser(commands)
     add_audit_parser(commands)
     add_scan_parsers(commands)
     return parser
 
 
-async def _serve(config: SeedConfig, notify_socket: str | None = None) -> None:
-    """Runs the seed until SIGTERM/SIGINT; tells systemd (``Type=notify``) when it is ready and when it stops."""
+async def _serve(config: SeedConfig, notify_socket: str | None = None, overrides: dict[str, Any] | None = None) -> None:
+    """Runs the seed until SIGTERM/SIGINT; tells systemd (``Type=notify``) when it is ready and when it stops.
+
+    SIGHUP re-reads the configuration (``overrides``: the command-line values) and applies it.
+    """
+    overrides = overrides or {}
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(shutdown_on_signals, shutdown, notify_socket)
-        info, _registry = await nursery.start(partial(serve_seed, config, shutdown=shutdown))
+        info, registry = await nursery.start(partial(serve_seed, config, shutdown=shutdown))
+
+        async def reload() -> None:
+            # The same file and flags as at start; only what can change at run time is applied.
+            fresh = await trio.to_thread.run_sync(partial(load_config, config.source, **overrides))
+            await registry.reload(fresh)
+            log.info("configuration reloaded from %s", config.source)
+
+        await nursery.start(reload_on_signal, reload)
         log.info("seed listening on %s, data in %s", info.url, config.storage.data)
         print(f"seed listening on {info.url}", flush=True)
         notify(f"READY=1\nSTATUS=serving on {info.url}", notify_socket)
@@ -78,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            config = load_config(args.config, listen=args.listen, data=args.data, open=args.open)
-            trio.run(_serve, config, os.environ.get("NOTIFY_SOCKET"))
+            overrides = {"listen": args.listen, "data": args.data, "open": args.open, "serving": True}
+            config = load_config(args.config, **overrides)
+            trio.run(_serve, config, os.environ.get("NOTIFY_SOCKET"), overrides)
             return 0
         if args.command in SCAN_COMMANDS:
             return run_scan_command(args)  # reads [storage] and [scan] itself: works beside a running seed
         config = load_config(args.config, data=args.data)
         if args.command == "robot":
             return run_robot_cli(args, robot_store_path(config.storage.data))
+        if args.command == "keys":
+            return run_keys_command(args, config)
         if args.command == "audit":
             return run_audit_command(args, config.storage.data, rotate_bytes=config.audit.rotate_bytes)
         return _gc(config, args.dry_run, args.grace)

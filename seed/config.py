@@ -167,7 +167,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
     """Reads the TOML file (if any), then applies command-line overrides.
 
     Overrides: ``listen`` ("HOST:PORT"), ``data`` (path), ``open`` (true: run without access
-    control even on a non-loopback address).
+    control even on a non-loopback address), ``serving`` (true for ``seed serve``: an open
+    seed on a non-loopback address is refused unless ``open``).
     """
     document = read_toml(path)
     unknown = set(document) - {"server", "storage", "registry", "auth", "access", "audit", "tls"}
@@ -198,7 +199,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
     if access and not auth.configured:
         raise ConfigError("[[access]] rules need an [auth] table (at least `[auth]` with a provider)")
     audit = build_section(AuditConfig, document.get("audit", {}), "audit")
-    if not auth.configured and not _is_loopback(server.host) and not overrides.get("open"):
+    if overrides.get("serving") and not auth.configured and not _is_loopback(server.host) \
+            and not overrides.get("open"):
         raise ConfigError(f"refusing to serve {server.host} without access control: configure [auth] "
                           "(see docs/configuration.md), or say `[auth] mode = \"open\"` / --open")
     return SeedConfig(server=server, storage=storage, registry=registry, auth=auth, access=access, audit=audit,

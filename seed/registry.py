@@ -88,13 +88,15 @@ class SeedRegistry:
         self._upload_locks: dict[str, trio.Lock] = {}
         self.metrics.uploads_in_progress.set(sum(1 for _ in storage.list_uploads()))
 
-    def reload(self, config: SeedConfig) -> None:
+    async def reload(self, config: SeedConfig) -> None:
         """Applies a re-read configuration (SIGHUP): access rules, identity providers, token keys.
 
         Listen address, storage and TLS files are not changed here (TLS reloads on its own).
         A configuration that fails to build leaves the running one in place.
         """
-        gate, token_service = build_gate(config, self._audit)
+        # Reading files and keys happens in a worker thread; the swap and the audit record
+        # happen here, in the trio thread, between two requests.
+        gate, token_service = await trio.to_thread.run_sync(build_gate, config, self._audit)
         if self.gate.authenticator is not None and gate.authenticator is not None:
             gate.authenticator.throttle = self.gate.authenticator.throttle  # failures survive a reload
         self.gate, self.token_service, self.config = gate, token_service, config

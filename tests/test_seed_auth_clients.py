@@ -179,3 +179,45 @@ def test_audit_log_records_the_session(private_seed: SeedProcess, busybox_layout
     assert {"login.success", "token.issued", "manifest.push", "tag.move", "login.failure"} <= set(actions)
     assert "wrong-password" not in (private_seed.data_dir / "audit").joinpath("audit.log").read_text()
     assert USERS["alice"] not in private_seed.log_text()
+
+
+def test_sighup_reloads_rules_and_keeps_serving(private_seed: SeedProcess, busybox_layout: OciLayout,
+                                                tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import httpx
+
+    skopeo.copy(busybox_layout.ref("busybox"), f"docker://{private_seed.host}/team/busybox:v1",
+                extra_args=["--dest-creds", f"alice:{USERS['alice']}"])
+    url = f"{private_seed.url}/v2/team/busybox/tags/list"
+    mallory = ("mallory", USERS["mallory"])
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        assert client.get(url, auth=mallory).status_code == 403
+        # A keep-alive connection opened before the reload keeps working across it.
+        keep = httpx.Client(trust_env=False, timeout=10, auth=("bob", USERS["bob"]))
+        assert keep.get(url).status_code == 200
+        config = private_seed.config_path
+        assert config is not None
+        original = config.read_text()
+        config.write_text(original + '\n[[access]]\nrepositories = ["team/**"]\nusers = ["mallory"]\nrole = "pull"\n')
+        assert private_seed.proc is not None
+        private_seed.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):  # bounded: 10 s
+            if client.get(url, auth=mallory).status_code == 200:
+                break
+            time.sleep(0.1)
+        assert client.get(url, auth=mallory).status_code == 200
+        assert keep.get(url).status_code == 200
+        # A broken file: the seed logs it and keeps the rules it has.
+        config.write_text(original + "\n[[access]]\nrole = 'superuser'\n")
+        private_seed.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if "reload failed" in private_seed.log_text():
+                break
+            time.sleep(0.1)
+        assert "reload failed" in private_seed.log_text()
+        assert client.get(url, auth=mallory).status_code == 200
+        keep.close()
+    assert private_seed.is_running()
+    assert "config.reload" in audit_actions(private_seed, "")

@@ -182,3 +182,19 @@ def test_malformed_access_claim_is_refused(tmp_path: Path) -> None:
     token = jwt.encode({**base, "kind": "root"}, key, algorithm="ES256", headers={"kid": kid})
     with pytest.raises(TokenInvalid):
         authority.verify(token)
+
+
+def test_keys_cli_rotate_list_retire(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from seed.cli import main
+
+    data = str(tmp_path / "data")
+    assert main(["keys", "list", "--data", data]) == 0
+    first = capsys.readouterr().out.split()[0]
+    assert main(["keys", "rotate", "--data", data]) == 0
+    assert main(["keys", "retire", first, "--data", data]) == 0  # it no longer signs
+    assert "retired" in capsys.readouterr().out
+    assert main(["keys", "list", "--data", data]) == 0
+    (second, role, _name) = capsys.readouterr().out.split()
+    assert second != first and role == "signs"
+    assert main(["keys", "retire", second, "--data", data]) == 1  # the signing key stays
+    assert main(["keys", "retire", "no-such-kid", "--data", data]) == 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +37,7 @@ log = logging.getLogger("seed.auth")
 
 MAX_AUTHORIZATION_LENGTH = 10 * 1024
 _MAX_USERNAME = 256
+_VERIFIED_CACHE_SIZE = 4096
 _MAX_PASSWORD = 1024
 
 # (action, fields) → the audit log; fields never contain secrets.
@@ -89,6 +91,8 @@ class Authenticator:
         self.throttle = throttle
         self.robots = robots
         self._on_event = on_event
+        self._clock = time.time
+        self._verified: dict[str, TokenClaims] = {}
 
     async def identify(self, authorization: str | None, source: str) -> Caller:
         """The caller of a request with this ``Authorization`` header.
@@ -113,11 +117,22 @@ class Authenticator:
         raise CredentialsRejected("unsupported authorization scheme")
 
     def verify_token(self, token: str) -> TokenClaims:
-        """A verified access token whose principal still exists (robots re-checked)."""
+        """A verified access token whose principal still exists (robots re-checked).
+
+        A token verified once is remembered until it expires (bounded), so a client that
+        sends the same token with every request pays for one ECDSA verification, not one per
+        request. Robots are looked up again every time.
+        """
+        cached = self._verified.get(token)
+        if cached is not None and cached.expires_at > self._clock():
+            return self._current(cached)
         try:
             claims = self.tokens.verify(token)
         except TokenInvalid as exc:
             raise CredentialsRejected(str(exc)) from None
+        if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))  # oldest first
+        self._verified[token] = claims
         return self._current(claims)
 
     def verify_refresh(self, token: str) -> Principal:

@@ -29,7 +29,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from p2pd.fsutil import write_atomic
+from p2pd.fsutil import fsync_dir, write_atomic
 
 from ..access import expand_actions
 from ..errors import ConfigError, TokenInvalid
@@ -128,6 +128,29 @@ class KeyDirectory:
         self._verifiers[kid] = key.public_key()
         self._signer = (kid, key)
         return kid
+
+    def describe(self) -> list[tuple[str, Path, bool]]:
+        """(key id, file, signs) of every key in the directory, oldest first."""
+        self.load()
+        signing = self.signer[0]
+        result = []
+        for path in sorted(self.directory.glob("*.pem")):
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            kid = _thumbprint(key.public_key())  # type: ignore[arg-type]
+            result.append((kid, path, kid == signing))
+        return result
+
+    def retire(self, kid: str) -> bool:
+        """Removes a key that no longer signs: tokens it signed stop verifying. False if unknown."""
+        for found, path, signs in self.describe():
+            if found == kid:
+                if signs:
+                    raise ConfigError("refusing to retire the signing key: rotate first")
+                path.unlink()
+                fsync_dir(self.directory)
+                self.load()
+                return True
+        return False
 
     @property
     def signer(self) -> tuple[str, ec.EllipticCurvePrivateKey]:

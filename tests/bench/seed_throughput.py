@@ -92,6 +92,10 @@ class Target:
     url: str
     pid: int
     version: str
+    # Request headers of every load-generator request (e.g. a bearer token), and the
+    # credentials of the push and warm-up client.
+    headers: tuple[str, ...] = ()
+    auth: tuple[str, str] | None = None
     single: list[dict[str, Any]] = field(default_factory=list)
     concurrent: list[dict[str, Any]] = field(default_factory=list)
 
@@ -100,13 +104,31 @@ def _alive(proc: subprocess.Popen[bytes]) -> bool:
     return proc.poll() is None
 
 
-def start_seed(workdir: Path, *, use_sendfile: bool, startup_timeout: float = 20.0) -> tuple[subprocess.Popen[bytes],
-                                                                                             str]:
-    """``python -m seed serve`` on a free loopback port with ``workdir/data``; returns (proc, url)."""
+AUTH_USER = ("bench", "bench-password-1")
+
+
+def auth_config(workdir: Path) -> str:
+    """``[auth]`` with one htpasswd user (made by Debian's ``htpasswd -B``, its default bcrypt
+    cost) allowed to push the bench repository; tokens live an hour so none expires mid-run."""
+    htpasswd = workdir / "htpasswd"
+    subprocess.run([find_tool("htpasswd"), "-bBc", str(htpasswd), *AUTH_USER], check=True, capture_output=True,
+                   timeout=30)
+    return (f'\n[auth]\nhtpasswd = "{htpasswd}"\nservice = "bench"\n\n[auth.token]\nexpiry = 3600\n\n'
+            f'[auth.throttle]\nmax_failures_per_user = 1000\n\n'
+            f'[[access]]\nrepositories = ["{REPO}"]\nusers = ["{AUTH_USER[0]}"]\nrole = "push"\n')
+
+
+def start_seed(workdir: Path, *, use_sendfile: bool, auth: bool = False,
+               startup_timeout: float = 20.0) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m seed serve`` on a free loopback port with ``workdir/data``; returns (proc, url).
+
+    ``auth``: with access control (see ``auth_config``).
+    """
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     config = workdir / "seed.toml"
-    config.write_text(f"[server]\nuse_sendfile = {'true' if use_sendfile else 'false'}\n")
+    config.write_text(f"[server]\nuse_sendfile = {'true' if use_sendfile else 'false'}\n"
+                      + (auth_config(workdir) if auth else ""))
     log_path = workdir / "seed.log"
     last = ""
     for _ in range(_START_ATTEMPTS):  # free_port() can race with other processes
@@ -115,7 +137,7 @@ def start_seed(workdir: Path, *, use_sendfile: bool, startup_timeout: float = 20
                               "--listen", url.removeprefix("http://"), "--data", data, "--config", config],
                              log_path=log_path)
         try:
-            wait_http_ok(f"{url}/v2/", startup_timeout, alive=partial(_alive, proc))
+            wait_http_ok(f"{url}/healthz", startup_timeout, alive=partial(_alive, proc))
             return proc, url
         except (TimeoutError, RuntimeError) as exc:
             last = str(exc)
@@ -207,10 +229,11 @@ def verified_get(client: httpx.Client, url: str, blob: Blob) -> float:
 # ---- load generation ----------------------------------------------------------------------
 
 
-def curl_argv(curl: str, url: str | None, max_time: float) -> list[str]:
+def curl_argv(curl: str, url: str | None, max_time: float, headers: tuple[str, ...] = ()) -> list[str]:
     """One blob download to /dev/null; ``url=None``: curl reads the URL from stdin (a start barrier)."""
     return [curl, "--silent", "--show-error", "--noproxy", "*", "--output", "/dev/null",
             "--max-time", f"{max_time:g}", "--write-out", CURL_FORMAT,
+            *[arg for header in headers for arg in ("--header", header)],
             *([url] if url is not None else ["--config", "-"])]
 
 
@@ -227,7 +250,7 @@ def parse_curl(out: bytes, err: bytes, returncode: int, expected_size: int, url:
 def single_client(curl: str, target: Target, blob: Blob, max_time: float) -> dict[str, Any]:
     url = f"{target.url}/v2/{REPO}/blobs/{blob.digest}"
     meter = Meter(target.pid)
-    proc = subprocess.run(curl_argv(curl, url, max_time), capture_output=True, timeout=max_time + 10,
+    proc = subprocess.run(curl_argv(curl, url, max_time, target.headers), capture_output=True, timeout=max_time + 10,
                           env=clean_env(), stdin=subprocess.DEVNULL, check=False)
     usage = meter.finish()
     result = parse_curl(proc.stdout, proc.stderr, proc.returncode, blob.size, url)
@@ -237,7 +260,7 @@ def single_client(curl: str, target: Target, blob: Blob, max_time: float) -> dic
 
 def concurrent_clients(curl: str, target: Target, blob: Blob, clients: int, max_time: float) -> dict[str, Any]:
     url = f"{target.url}/v2/{REPO}/blobs/{blob.digest}"
-    argv = curl_argv(curl, None, max_time)
+    argv = curl_argv(curl, None, max_time, target.headers)
     config = f'url = "{url}"\n'.encode()
     env = clean_env()
     procs: list[subprocess.Popen[bytes]] = []
@@ -283,6 +306,32 @@ def concurrent_clients(curl: str, target: Target, blob: Blob, clients: int, max_
         "client_ttfb_max_s": round(max(c["ttfb_s"] for c in per_client), 4),
         **{k: v for k, v in usage.items() if k != "wall_s"},
     }
+
+
+def token_latency(url: str, requests: int) -> dict[str, Any]:
+    """``requests`` sequential ``GET /token`` with Basic credentials on one keep-alive
+    connection, as docker/skopeo/podman log in: bcrypt check, policy, ES256 signature."""
+    times: list[float] = []
+    params = {"service": "bench", "scope": f"repository:{REPO}:pull"}
+    with httpx.Client(trust_env=False, timeout=30, auth=AUTH_USER) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            response = client.get(f"{url}/token", params=params)
+            times.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                raise BenchError(f"GET /token -> {response.status_code} {response.text[:200]}")
+    times.sort()
+    return {"requests": requests, "p50_ms": round(statistics.median(times) * 1000, 2),
+            "p99_ms": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1000, 2),
+            "max_ms": round(times[-1] * 1000, 2)}
+
+
+def bearer_token(url: str) -> str:
+    with httpx.Client(trust_env=False, timeout=30, auth=AUTH_USER) as client:
+        response = client.get(f"{url}/token", params={"service": "bench", "scope": f"repository:{REPO}:pull,push"})
+    if response.status_code != 200:
+        raise BenchError(f"GET /token -> {response.status_code} {response.text[:200]}")
+    return str(response.json()["token"])
 
 
 # ---- summary and report -----------------------------------------------------------------
@@ -395,11 +444,31 @@ def render_section(report: dict[str, Any], table: str) -> str:
         "the moment all (already spawned) curls are released to the last one finished. "
         "Peak RSS is `VmHWM`, reset before each measurement.",
         "",
+        *_auth_lines(report),
+        "",
         f"Raw numbers: [`{report['json_link']}`]({report['json_link']}).",
     ]
     if report["params"].get("truncated"):
         lines += ["", f"**Run cut short by the time budget**: {report['params']['truncated']}"]
     return "\n".join(lines) + "\n"
+
+
+def _auth_lines(report: dict[str, Any]) -> list[str]:
+    tokens, ratios = report["token_latency"], report["ratios"]
+    single, conc = ratios["authorized_vs_anonymous_single"], ratios["authorized_vs_anonymous_concurrent"]
+    slower = max(1 - single, 1 - conc)
+    verdict = "met" if slower <= 0.05 else "NOT met"
+    return [
+        "",
+        "**Access control.** `seed (access control, bearer token)` is the same seed with `[auth]`: every "
+        "blob GET carries `Authorization: Bearer` (an ES256 token from `/token`), which the seed verifies "
+        "(signature, expiry, audience) and intersects with the `[[access]]` rules before it sends a byte. "
+        f"Authorized vs anonymous throughput: {single:.2f}{X} single client, {conc:.2f}{X} "
+        f"{report['params']['clients']} clients — goal ≤ 5% slower: **{verdict}**.",
+        f"Token issue latency (`GET /token` with Basic credentials, {tokens['requests']} sequential requests on "
+        f"one connection; bcrypt at `htpasswd -B`'s default cost, policy, ES256 signature): "
+        f"p50 **{tokens['p50_ms']} ms**, p99 **{tokens['p99_ms']} ms**, max {tokens['max_ms']} ms.",
+    ]
 
 
 def update_doc(path: Path, section: str) -> None:
@@ -432,6 +501,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="stop repeating (after at least one full round) once this much time has passed")
     parser.add_argument("--max-time", type=float, default=60.0, help="curl --max-time per transfer")
+    parser.add_argument("--token-requests", type=int, default=500, help="sequential GET /token for the latency")
     return parser
 
 
@@ -459,6 +529,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             procs.append(pread_proc)
             targets.append(Target("seed-pread", "seed (use_sendfile = false)", pread_url, pread_proc.pid,
                                   "this tree"))
+        auth_proc, auth_url = start_seed(root / "seed-auth", use_sendfile=True, auth=True)
+        procs.append(auth_proc)
+        targets.append(Target("seed-auth", "seed (access control, bearer token)", auth_url, auth_proc.pid,
+                              "this tree", headers=(f"Authorization: Bearer {bearer_token(auth_url)}",),
+                              auth=AUTH_USER))
         reference = ReferenceRegistry(root / "reference").start()
         assert reference.proc is not None
         targets.append(Target("docker-registry", "docker-registry", reference.url, reference.proc.pid,
@@ -468,9 +543,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for t in targets:
                 assert_loopback(t.url)
                 pushed = time.perf_counter()
+                client.auth = t.auth  # type: ignore[assignment]
                 push_image(client, t.url, blobs)
                 print(f"pushed to {t.label} at {t.url} in {time.perf_counter() - pushed:.1f} s", flush=True)
             for t in targets:
+                client.auth = t.auth  # type: ignore[assignment]
                 for blob in blobs:
                     seconds = verified_get(client, f"{t.url}/v2/{REPO}/blobs/{blob.digest}", blob)
                     print(f"verified {blob.size // MIB} MiB from {t.label} in {seconds:.2f} s (warm-up)", flush=True)
@@ -496,6 +573,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{args.clients} clients #{rep + 1} {t.label}: {r['aggregate_mib_s']:.0f} MiB/s aggregate, "
                       f"p50 {r['client_p50_s']:.2f} s, max {r['client_max_s']:.2f} s", flush=True)
             conc_done += 1
+        tokens = token_latency(auth_url, args.token_requests)
+        print(f"token issue: p50 {tokens['p50_ms']} ms, p99 {tokens['p99_ms']} ms", flush=True)
         info = machine_info(reference_binary, curl)
     finally:
         for proc in procs:
@@ -534,7 +613,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if pread_s else float("nan"),
             "sendfile_vs_pread_concurrent": ratio(seed_s["concurrent_mib_s_median"],
                                                   pread_s["concurrent_mib_s_median"]) if pread_s else float("nan"),
+            "authorized_vs_anonymous_single": ratio(summary["seed-auth"]["single_mib_s_median"],
+                                                    seed_s["single_mib_s_median"]),
+            "authorized_vs_anonymous_concurrent": ratio(summary["seed-auth"]["concurrent_mib_s_median"],
+                                                        seed_s["concurrent_mib_s_median"]),
         },
+        "token_latency": tokens,
         "runs": {t.key: {"label": t.label, "url": t.url, "single": t.single, "concurrent": t.concurrent}
                  for t in targets},
     }
