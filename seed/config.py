@@ -220,6 +220,8 @@ def _auth_section(table: Any, *, open_flag: bool) -> AuthConfig:
     if not isinstance(table, dict):
         raise ConfigError("[auth] must be a table")
     table = dict(table)
+    if "configured" in table:
+        raise ConfigError("unknown setting auth.configured")
     token = build_section(TokenConfig, table.pop("token", {}), "auth.token")
     throttle = build_section(ThrottleConfig, table.pop("throttle", {}), "auth.throttle")
     ldap_tables = table.pop("ldap", [])

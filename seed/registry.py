@@ -33,7 +33,7 @@ from .auth.token_service import TokenService
 from .config import SeedConfig
 from .gate import AuditHook, Gate, open_caller
 from .metrics import SeedMetrics
-from .storage import Storage, UploadSession, is_disk_full
+from .storage import Storage, UploadSession, UploadSessions, is_disk_full
 
 __all__ = ["CHUNK_MAP_MEDIA_TYPE", "SeedRegistry", "serve_seed"]
 
@@ -81,12 +81,15 @@ class SeedRegistry:
                  token_service: TokenService | None = None, audit: AuditHook | None = None) -> None:
         self.config = config
         self.storage = storage
+        # Upload sessions are state, not content: a shared store can take them over when the
+        # seed runs as several replicas (the local files are the default).
+        self.uploads: UploadSessions = storage
         self.metrics = metrics
         self.gate = gate
         self.token_service = token_service
         self._audit: AuditHook = audit or (lambda action, fields: None)
         self._upload_locks: dict[str, trio.Lock] = {}
-        self.metrics.uploads_in_progress.set(sum(1 for _ in storage.list_uploads()))
+        self.metrics.uploads_in_progress.set(sum(1 for _ in self.uploads.list_uploads()))
 
     async def reload(self, config: SeedConfig) -> None:
         """Applies a re-read configuration (SIGHUP): access rules, identity providers, token keys.
@@ -268,7 +271,7 @@ class SeedRegistry:
         """
         acknowledged = size = session.size()
         buffer = bytearray()
-        append = partial(self.storage.append_upload, session, max_size=self.config.storage.max_blob_size)
+        append = partial(self.uploads.append_upload, session, max_size=self.config.storage.max_blob_size)
         try:
             async for piece in request.body:
                 buffer += piece
@@ -280,7 +283,7 @@ class SeedRegistry:
                 size = await trio.to_thread.run_sync(append, bytes(buffer))
         except OSError as exc:
             if is_disk_full(exc):
-                await trio.to_thread.run_sync(self.storage.truncate_upload, session, acknowledged)
+                await trio.to_thread.run_sync(self.uploads.truncate_upload, session, acknowledged)
             raise
         return size
 
@@ -324,7 +327,7 @@ class SeedRegistry:
                 self.storage.mount_blob, name, digest, source)
             if mounted:
                 return self._blob_created(name, digest)
-        session = await trio.to_thread.run_sync(self.storage.create_upload, name)
+        session = await trio.to_thread.run_sync(self.uploads.create_upload, name)
         self.metrics.uploads_in_progress.inc()
         digest_text = request.query_one("digest")
         if digest_text is None:
@@ -333,14 +336,14 @@ class SeedRegistry:
         return await self._finish_upload(request, session, digest_text)
 
     async def patch_upload(self, request: Request, name: str, upload: str) -> Response:
-        session = self.storage.get_upload(name, upload)
+        session = self.uploads.get_upload(name, upload)
         async with self._upload_lock(session.id):
             self._check_content_range(request, session)
             size = await self._receive_into(request, session)
         return self._upload_status(202, session, size)
 
     async def put_upload(self, request: Request, name: str, upload: str) -> Response:
-        session = self.storage.get_upload(name, upload)
+        session = self.uploads.get_upload(name, upload)
         digest_text = request.query_one("digest")
         if digest_text is None:
             raise OCIError("DIGEST_INVALID", "digest query parameter is required to finish an upload")
@@ -352,10 +355,10 @@ class SeedRegistry:
             digest = Digest.parse(digest_text)
             self._check_content_range(request, session)
             await self._receive_into(request, session)
-            await trio.to_thread.run_sync(self.storage.commit_upload, session, digest)
+            await trio.to_thread.run_sync(self.uploads.commit_upload, session, digest)
         except OCIError as exc:
             if exc.code in ("DIGEST_INVALID", "SIZE_INVALID", "UNSUPPORTED"):
-                await trio.to_thread.run_sync(self.storage.cancel_upload, session)
+                await trio.to_thread.run_sync(self.uploads.cancel_upload, session)
                 self._forget_upload(session)
             raise
         self._forget_upload(session)
@@ -363,16 +366,16 @@ class SeedRegistry:
 
     def _forget_upload(self, session: UploadSession) -> None:
         self._upload_locks.pop(session.id, None)
-        self.metrics.uploads_in_progress.set(sum(1 for _ in self.storage.list_uploads()))
+        self.metrics.uploads_in_progress.set(sum(1 for _ in self.uploads.list_uploads()))
 
     async def upload_status(self, request: Request, name: str, upload: str) -> Response:
-        session = self.storage.get_upload(name, upload)
+        session = self.uploads.get_upload(name, upload)
         return self._upload_status(204, session, session.size())
 
     async def cancel_upload(self, request: Request, name: str, upload: str) -> Response:
-        session = self.storage.get_upload(name, upload)
+        session = self.uploads.get_upload(name, upload)
         async with self._upload_lock(session.id):
-            await trio.to_thread.run_sync(self.storage.cancel_upload, session)
+            await trio.to_thread.run_sync(self.uploads.cancel_upload, session)
         self._forget_upload(session)
         return Response(204)
 
@@ -428,11 +431,11 @@ class SeedRegistry:
         return Response(202)
 
     async def purge_stale_uploads(self) -> int:
-        purged = await trio.to_thread.run_sync(self.storage.purge_uploads, self.config.storage.upload_max_age)
+        purged = await trio.to_thread.run_sync(self.uploads.purge_uploads, self.config.storage.upload_max_age)
         if purged:
             log.info("purged %d stale upload sessions", purged)
             self.metrics.uploads_purged.inc(purged)
-        self.metrics.uploads_in_progress.set(sum(1 for _ in self.storage.list_uploads()))
+        self.metrics.uploads_in_progress.set(sum(1 for _ in self.uploads.list_uploads()))
         return purged
 
     _handlers: dict[tuple[str, str], Callable[..., Awaitable[Response]]] = {

@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from p2pd.fsutil import fsync_dir, write_atomic
 from p2pd.oci.chunkmap import ChunkHasher, ChunkMap, validate_chunk_size
@@ -47,7 +48,7 @@ from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import is_valid_name, is_valid_tag
 from p2pd.oci.manifest import Descriptor, ParsedManifest
 
-__all__ = ["GCReport", "Storage", "StoredManifest", "UploadSession"]
+__all__ = ["GCReport", "Storage", "StoredManifest", "UploadSession", "UploadSessions"]
 
 log = logging.getLogger("seed.storage")
 
@@ -78,6 +79,25 @@ class UploadSession:
             return self.data_path.stat().st_size
         except FileNotFoundError:
             return 0
+
+
+class UploadSessions(Protocol):
+    """Upload sessions of blob pushes: the seam where a shared store (for several seed replicas
+    behind one name) replaces the local files. ``Storage`` is the file implementation; every
+    method may block (the registry calls them in worker threads, except the cheap lookups).
+
+    Sessions survive restarts; ``commit_upload`` verifies the digest before the bytes become
+    a blob, and ``truncate_upload`` gives space back after a failed append.
+    """
+
+    def create_upload(self, name: str) -> UploadSession: ...
+    def get_upload(self, name: str, upload_id: str) -> UploadSession: ...
+    def append_upload(self, session: UploadSession, data: bytes, *, max_size: int) -> int: ...
+    def truncate_upload(self, session: UploadSession, size: int) -> None: ...
+    def cancel_upload(self, session: UploadSession) -> None: ...
+    def commit_upload(self, session: UploadSession, expected: Digest) -> int: ...
+    def list_uploads(self) -> Iterator[UploadSession]: ...
+    def purge_uploads(self, max_age: float, now: float | None = None) -> int: ...
 
 
 @dataclass(slots=True)

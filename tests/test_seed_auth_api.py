@@ -359,3 +359,24 @@ async def test_wrong_service_and_expired_and_foreign_tokens(auth_seed: AuthSeed)
         async with auth_seed.client(token=bad) as client:
             r = await client.get("/v2/team/app/tags/list")
         assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+async def test_failed_logins_are_throttled_with_retry_after(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config_file = write_config(tmp_path)
+    text = config_file.read_text().replace("max_failures_per_user = 1000", "max_failures_per_user = 3")
+    config_file.write_text(text)
+    info, _registry = await nursery.start(partial(serve_seed, load_config(config_file, listen="127.0.0.1:0",
+                                                                          data=tmp_path / "data")))
+    async with httpx.AsyncClient(base_url=info.url, trust_env=False, timeout=30) as client:
+        for _ in range(3):
+            r = await client.get("/token", params={"service": "seed.test"}, auth=("u-pull", "wrong"))
+            assert r.status_code == 401
+        # Locked: even the right password waits, without a bcrypt check; both doors agree.
+        r = await client.get("/token", params={"service": "seed.test"}, auth=creds("u-pull"))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+        r = await client.get("/v2/team/app/tags/list", auth=creds("u-pull"))
+        assert r.status_code == 429
+        # Another user from the same address is not locked (the per-address limit is higher).
+        r = await client.get("/v2/team/app/tags/list", auth=creds("u-push"))
+        assert r.status_code == 404
