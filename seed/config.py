@@ -75,7 +75,7 @@ from .auth.ldap import LdapConfig
 from .auth.throttle import ThrottleConfig
 
 __all__ = ["AuditConfig", "AuthConfig", "ConfigError", "IssuerConfig", "RegistryConfig", "SeedConfig",
-           "ServerConfig", "StorageConfig", "TokenConfig", "load_config", "parse_listen"]
+           "ServerConfig", "StorageConfig", "TlsConfig", "TokenConfig", "load_config", "parse_listen"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,15 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """``[tls]``: serve HTTPS with this certificate (reloaded on SIGHUP)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None  # clients must present a certificate from this CA
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     enabled: bool = True
     rotate_bytes: int = 64 * 1024 * 1024  # the live file is rotated past this size
@@ -160,6 +169,7 @@ class SeedConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     access: tuple[AccessRule, ...] = ()
     audit: AuditConfig = field(default_factory=AuditConfig)
+    tls: TlsConfig | None = None
     source: Path | None = None  # the TOML file it was read from (reloaded on SIGHUP)
 
 
@@ -199,12 +209,26 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
     if access and not auth.configured:
         raise ConfigError("[[access]] rules need an [auth] table (at least `[auth]` with a provider)")
     audit = build_section(AuditConfig, document.get("audit", {}), "audit")
+    tls = _tls_section(document.get("tls"))
     if overrides.get("serving") and not auth.configured and not _is_loopback(server.host) \
             and not overrides.get("open"):
         raise ConfigError(f"refusing to serve {server.host} without access control: configure [auth] "
                           "(see docs/configuration.md), or say `[auth] mode = \"open\"` / --open")
     return SeedConfig(server=server, storage=storage, registry=registry, auth=auth, access=access, audit=audit,
-                      source=Path(path) if path is not None else None)
+                      tls=tls, source=Path(path) if path is not None else None)
+
+
+def _tls_section(table: Any) -> TlsConfig | None:
+    if table is None:
+        return None
+    tls = build_section(TlsConfig, table, "tls")
+    if tls.cert_file is None or tls.key_file is None:
+        raise ConfigError("[tls] needs cert_file and key_file")
+    for name in ("cert_file", "key_file", "client_ca_file"):
+        value = getattr(tls, name)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"tls.{name}: {value} is not a readable file")
+    return tls
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from p2pd.httpd import FileBody, Request, Response, ServerInfo, serve_http
+from p2pd.httpd import FileBody, Request, Response, ServerInfo, TlsContextProvider, TlsFiles, serve_http
 from p2pd.oci import mediatypes
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
@@ -84,6 +84,7 @@ class SeedRegistry:
         # Upload sessions are state, not content: a shared store can take them over when the
         # seed runs as several replicas (the local files are the default).
         self.uploads: UploadSessions = storage
+        self.tls: TlsContextProvider | None = None  # set by serve_seed; reloaded with the configuration
         self.metrics = metrics
         self.gate = gate
         self.token_service = token_service
@@ -97,6 +98,9 @@ class SeedRegistry:
         Listen address, storage and TLS files are not changed here (TLS reloads on its own).
         A configuration that fails to build leaves the running one in place.
         """
+        if self.tls is not None:
+            # First and on its own: a renewed certificate must not wait for a valid rule file.
+            await trio.to_thread.run_sync(self.tls.reload)
         # Reading files and keys happens in a worker thread; the swap and the audit record
         # happen here, in the trio thread, between two requests.
         gate, token_service = await trio.to_thread.run_sync(build_gate, config, self._audit)
@@ -510,10 +514,16 @@ async def serve_seed(
     storage = await trio.to_thread.run_sync(
         partial(Storage, config.storage.data, chunk_size=config.storage.chunk_size))
     metrics = SeedMetrics()
+    tls = None
+    if config.tls is not None:
+        assert config.tls.cert_file is not None and config.tls.key_file is not None
+        tls = await trio.to_thread.run_sync(TlsContextProvider, TlsFiles(
+            config.tls.cert_file, config.tls.key_file, config.tls.client_ca_file))
     audit = await trio.to_thread.run_sync(open_audit, config, metrics)
     try:
         gate, token_service = await trio.to_thread.run_sync(build_gate, config, audit)
         registry = SeedRegistry(config, storage, metrics, gate, token_service, audit)
+        registry.tls = tls
         async with trio.open_nursery() as nursery:
             # The audit writer first: it fsyncs in a worker thread, and on cancellation it
             # writes what is still queued before it returns.
@@ -522,7 +532,8 @@ async def serve_seed(
             async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
                 await serve_http(registry.handle, config.server.host, config.server.port,
                                  limits=config.server.limits, observer=registry.observe,
-                                 shutdown=shutdown, task_status=task_status)
+                                 shutdown=shutdown, tls=tls.context if tls is not None else None,
+                                 task_status=task_status)
                 nursery.cancel_scope.cancel()  # graceful shutdown finished: stop the purge loop too
 
             nursery.start_soon(_purge_periodically, registry, config.storage.purge_interval)

@@ -23,4 +23,5 @@ def test_bench_seed_tiny(tmp_path: Path) -> None:
     assert "seed (access control, bearer token)" in text and "Token issue latency" in text
     report = json.loads((tmp_path / "bench" / "seed_throughput.json").read_text())
     assert report["token_latency"]["requests"] == 5
-    assert set(report["summary"]) >= {"seed", "seed-pread", "seed-auth", "docker-registry"}
+    assert set(report["summary"]) >= {"seed", "seed-pread", "seed-auth", "seed-https", "docker-registry"}
+    assert "HTTPS vs HTTP" in text

@@ -2,7 +2,8 @@
 
 Keep-alive, HEAD, streamed request and response bodies (Content-Length and chunked),
 ``Expect: 100-continue``, header-size and idle/read/send timeouts, graceful shutdown, and
-``os.sendfile`` for file bodies when the transport is a plain socket.
+``os.sendfile`` for file bodies when the transport is a plain socket, and optional TLS
+(reloadable contexts, optional client certificates).
 """
 
 from ._server import (
@@ -16,6 +17,7 @@ from ._server import (
     ServerLimits,
     serve_http,
 )
+from ._tls import TlsContextProvider, TlsFiles
 
 __all__ = [
     "FileBody",
@@ -26,5 +28,7 @@ __all__ = [
     "Response",
     "ServerInfo",
     "ServerLimits",
+    "TlsContextProvider",
+    "TlsFiles",
     "serve_http",
 ]

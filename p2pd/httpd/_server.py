@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
@@ -195,11 +196,12 @@ ResponseObserver = Callable[[Request, int, int, float], None]
 class ServerInfo:
     host: str
     port: int
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 class _ClientGone(Exception):
@@ -435,7 +437,8 @@ async def _serve_connection(stream: trio.SocketStream | trio.abc.Stream, handler
                             shutting_down: trio.Event, idle_waits: set[trio.CancelScope]) -> None:
     conn = _Connection(stream, limits)
     client: tuple[str, int] | None = None
-    socket = getattr(stream, "socket", None)
+    # Over TLS the socket is the transport's (SSLStream wraps a SocketStream).
+    socket = getattr(stream, "socket", None) or getattr(getattr(stream, "transport_stream", None), "socket", None)
     if socket is not None:
         try:
             peer = socket.getpeername()
@@ -545,9 +548,10 @@ async def serve_http(
     limits: ServerLimits | None = None,
     observer: ResponseObserver | None = None,
     shutdown: trio.Event | None = None,
+    tls: Callable[[], ssl.SSLContext] | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serves HTTP/1.1 on ``host:port`` until cancelled or until ``shutdown`` is set.
+    """Serves HTTP/1.1 (or HTTPS) on ``host:port`` until cancelled or until ``shutdown`` is set.
 
     Args:
         handler: called once per request; returns a ``Response`` or raises ``OCIError``.
@@ -556,6 +560,10 @@ async def serve_http(
         observer: called after every response with the body bytes actually sent.
         shutdown: when set, the server stops accepting, lets requests in progress finish
             for ``limits.graceful_timeout`` seconds, then returns.
+        tls: returns the server's ``SSLContext``; asked once per connection, so swapping the
+            context (``TlsContextProvider.reload``) changes what new connections get and
+            leaves open ones alone. The handshake must finish within ``header_timeout``.
+            File bodies are then read and sent (no sendfile through TLS).
 
     The value passed to ``task_status.started`` is a ``ServerInfo`` with the bound port.
     """
@@ -573,7 +581,22 @@ async def serve_http(
             await _refuse_overloaded(stream)
             return
         try:
-            await _serve_connection(stream, handler, limits, observer, shutdown, idle_waits)
+            if tls is None:
+                await _serve_connection(stream, handler, limits, observer, shutdown, idle_waits)
+                return
+            secure = trio.SSLStream(stream, tls(), server_side=True, https_compatible=True)
+            with trio.move_on_after(limits.header_timeout) as handshake:
+                try:
+                    await secure.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.debug("TLS handshake failed: %s", exc.__cause__ or exc)
+                    await trio.aclose_forcefully(secure)
+                    return
+            if handshake.cancelled_caught:
+                log.debug("TLS handshake timed out")
+                await trio.aclose_forcefully(secure)
+                return
+            await _serve_connection(secure, handler, limits, observer, shutdown, idle_waits)
         finally:
             connection_slots.release_on_behalf_of(stream)
 
@@ -582,7 +605,7 @@ async def serve_http(
             for listener in listeners:
                 accept_nursery.start_soon(partial(trio.serve_listeners, run_connection, [listener],
                                                   handler_nursery=handler_nursery))
-            task_status.started(ServerInfo(host, bound_port))
+            task_status.started(ServerInfo(host, bound_port, "https" if tls is not None else "http"))
             await shutdown.wait()
             accept_nursery.cancel_scope.cancel()
         for listener in listeners:

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,7 @@ class Target:
     # credentials of the push and warm-up client.
     headers: tuple[str, ...] = ()
     auth: tuple[str, str] | None = None
+    ca_file: Path | None = None  # HTTPS: the CA curl and the push client trust
     single: list[dict[str, Any]] = field(default_factory=list)
     concurrent: list[dict[str, Any]] = field(default_factory=list)
 
@@ -118,26 +120,38 @@ def auth_config(workdir: Path) -> str:
             f'[[access]]\nrepositories = ["{REPO}"]\nusers = ["{AUTH_USER[0]}"]\nrole = "push"\n')
 
 
-def start_seed(workdir: Path, *, use_sendfile: bool, auth: bool = False,
+def tls_config(workdir: Path) -> tuple[str, Path]:
+    """``[tls]`` with a certificate for 127.0.0.1 from a fresh test CA; returns (TOML, CA file)."""
+    from tests.harness.certs import make_ca
+
+    ca = make_ca(workdir / "pki", "bench")
+    issued = ca.issue("seed")
+    return f'\n[tls]\ncert_file = "{issued.cert_file}"\nkey_file = "{issued.key_file}"\n', ca.cert_file
+
+
+def start_seed(workdir: Path, *, use_sendfile: bool, auth: bool = False, tls: bool = False,
                startup_timeout: float = 20.0) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m seed serve`` on a free loopback port with ``workdir/data``; returns (proc, url).
 
-    ``auth``: with access control (see ``auth_config``).
+    ``auth``: with access control (see ``auth_config``); ``tls``: HTTPS (see ``tls_config``;
+    the CA is ``workdir/pki/bench-ca.crt``).
     """
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     config = workdir / "seed.toml"
+    tls_toml, ca_file = tls_config(workdir) if tls else ("", None)
     config.write_text(f"[server]\nuse_sendfile = {'true' if use_sendfile else 'false'}\n"
-                      + (auth_config(workdir) if auth else ""))
+                      + (auth_config(workdir) if auth else "") + tls_toml)
     log_path = workdir / "seed.log"
     last = ""
     for _ in range(_START_ATTEMPTS):  # free_port() can race with other processes
-        url = f"http://127.0.0.1:{free_port()}"
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{free_port()}"
         proc = start_process([sys.executable, "-m", "seed", "--log-level", "WARNING", "serve",
-                              "--listen", url.removeprefix("http://"), "--data", data, "--config", config],
+                              "--listen", url.split("://", 1)[1], "--data", data, "--config", config],
                              log_path=log_path)
         try:
-            wait_http_ok(f"{url}/healthz", startup_timeout, alive=partial(_alive, proc))
+            wait_http_ok(f"{url}/healthz", startup_timeout, alive=partial(_alive, proc),
+                         verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file else True)
             return proc, url
         except (TimeoutError, RuntimeError) as exc:
             last = str(exc)
@@ -229,11 +243,13 @@ def verified_get(client: httpx.Client, url: str, blob: Blob) -> float:
 # ---- load generation ----------------------------------------------------------------------
 
 
-def curl_argv(curl: str, url: str | None, max_time: float, headers: tuple[str, ...] = ()) -> list[str]:
+def curl_argv(curl: str, url: str | None, max_time: float, headers: tuple[str, ...] = (),
+              ca_file: Path | None = None) -> list[str]:
     """One blob download to /dev/null; ``url=None``: curl reads the URL from stdin (a start barrier)."""
     return [curl, "--silent", "--show-error", "--noproxy", "*", "--output", "/dev/null",
             "--max-time", f"{max_time:g}", "--write-out", CURL_FORMAT,
             *[arg for header in headers for arg in ("--header", header)],
+            *(["--cacert", str(ca_file)] if ca_file is not None else []),
             *([url] if url is not None else ["--config", "-"])]
 
 
@@ -250,8 +266,8 @@ def parse_curl(out: bytes, err: bytes, returncode: int, expected_size: int, url:
 def single_client(curl: str, target: Target, blob: Blob, max_time: float) -> dict[str, Any]:
     url = f"{target.url}/v2/{REPO}/blobs/{blob.digest}"
     meter = Meter(target.pid)
-    proc = subprocess.run(curl_argv(curl, url, max_time, target.headers), capture_output=True, timeout=max_time + 10,
-                          env=clean_env(), stdin=subprocess.DEVNULL, check=False)
+    proc = subprocess.run(curl_argv(curl, url, max_time, target.headers, target.ca_file), capture_output=True,
+                          timeout=max_time + 10, env=clean_env(), stdin=subprocess.DEVNULL, check=False)
     usage = meter.finish()
     result = parse_curl(proc.stdout, proc.stderr, proc.returncode, blob.size, url)
     result["mib_s"] = round(blob.size / MIB / result["time_total_s"], 1)
@@ -260,7 +276,7 @@ def single_client(curl: str, target: Target, blob: Blob, max_time: float) -> dic
 
 def concurrent_clients(curl: str, target: Target, blob: Blob, clients: int, max_time: float) -> dict[str, Any]:
     url = f"{target.url}/v2/{REPO}/blobs/{blob.digest}"
-    argv = curl_argv(curl, None, max_time, target.headers)
+    argv = curl_argv(curl, None, max_time, target.headers, target.ca_file)
     config = f'url = "{url}"\n'.encode()
     env = clean_env()
     procs: list[subprocess.Popen[bytes]] = []
@@ -468,6 +484,12 @@ def _auth_lines(report: dict[str, Any]) -> list[str]:
         f"Token issue latency (`GET /token` with Basic credentials, {tokens['requests']} sequential requests on "
         f"one connection; bcrypt at `htpasswd -B`'s default cost, policy, ES256 signature): "
         f"p50 **{tokens['p50_ms']} ms**, p99 **{tokens['p99_ms']} ms**, max {tokens['max_ms']} ms.",
+        "",
+        f"**HTTPS.** `seed (HTTPS)` serves the same blobs with `[tls]` (ECDSA P-256 certificate, TLS 1.3 "
+        "with curl): file bodies are read and encrypted in the process instead of `os.sendfile`. "
+        f"HTTPS vs HTTP: {ratios['https_vs_http_single']:.2f}{X} single client, "
+        f"{ratios['https_vs_http_concurrent']:.2f}{X} {report['params']['clients']} clients; compare the "
+        "`use_sendfile = false` row, which pays the same copy without the encryption.",
     ]
 
 
@@ -534,20 +556,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets.append(Target("seed-auth", "seed (access control, bearer token)", auth_url, auth_proc.pid,
                               "this tree", headers=(f"Authorization: Bearer {bearer_token(auth_url)}",),
                               auth=AUTH_USER))
+        tls_proc, tls_url = start_seed(root / "seed-tls", use_sendfile=True, tls=True)
+        procs.append(tls_proc)
+        targets.append(Target("seed-https", "seed (HTTPS)", tls_url, tls_proc.pid, "this tree",
+                              ca_file=root / "seed-tls" / "pki" / "bench-ca.crt"))
         reference = ReferenceRegistry(root / "reference").start()
         assert reference.proc is not None
         targets.append(Target("docker-registry", "docker-registry", reference.url, reference.proc.pid,
                               tool_version([reference_binary, "--version"])))
 
-        with httpx.Client(trust_env=False, timeout=httpx.Timeout(120.0, connect=10.0)) as client:
-            for t in targets:
-                assert_loopback(t.url)
+        for t in targets:
+            assert_loopback(t.url)
+            verify = ssl.create_default_context(cafile=str(t.ca_file)) if t.ca_file is not None else True
+            with httpx.Client(trust_env=False, timeout=httpx.Timeout(120.0, connect=10.0), auth=t.auth,
+                              verify=verify) as client:
                 pushed = time.perf_counter()
-                client.auth = t.auth  # type: ignore[assignment]
                 push_image(client, t.url, blobs)
                 print(f"pushed to {t.label} at {t.url} in {time.perf_counter() - pushed:.1f} s", flush=True)
-            for t in targets:
-                client.auth = t.auth  # type: ignore[assignment]
                 for blob in blobs:
                     seconds = verified_get(client, f"{t.url}/v2/{REPO}/blobs/{blob.digest}", blob)
                     print(f"verified {blob.size // MIB} MiB from {t.label} in {seconds:.2f} s (warm-up)", flush=True)
@@ -613,6 +638,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if pread_s else float("nan"),
             "sendfile_vs_pread_concurrent": ratio(seed_s["concurrent_mib_s_median"],
                                                   pread_s["concurrent_mib_s_median"]) if pread_s else float("nan"),
+            "https_vs_http_single": ratio(summary["seed-https"]["single_mib_s_median"],
+                                          seed_s["single_mib_s_median"]),
+            "https_vs_http_concurrent": ratio(summary["seed-https"]["concurrent_mib_s_median"],
+                                              seed_s["concurrent_mib_s_median"]),
             "authorized_vs_anonymous_single": ratio(summary["seed-auth"]["single_mib_s_median"],
                                                     seed_s["single_mib_s_median"]),
             "authorized_vs_anonymous_concurrent": ratio(summary["seed-auth"]["concurrent_mib_s_median"],

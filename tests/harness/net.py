@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Callable, Collection
 from urllib.parse import urlsplit
@@ -64,6 +65,7 @@ def wait_http_ok(
     interval_s: float = 0.05,
     alive: Callable[[], bool] | None = None,
     ready_statuses: Collection[int] = (200,),
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.Response:
     """Poll ``GET url`` until it answers 200 (or one of ``ready_statuses``), for at most ``deadline_s`` seconds.
 
@@ -75,7 +77,7 @@ def wait_http_ok(
     end = time.monotonic() + deadline_s
     max_attempts = max(1, int(deadline_s / interval_s) + 1)
     last: str = "no attempt made"
-    with httpx.Client(trust_env=False, timeout=min(2.0, max(0.1, deadline_s))) as client:
+    with httpx.Client(trust_env=False, timeout=min(2.0, max(0.1, deadline_s)), verify=verify) as client:
         for _ in range(max_attempts):
             if alive is not None and not alive():
                 raise RuntimeError(f"server died while waiting for {url} (last: {last})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,8 @@ class ManagedProcess:
 
     # Statuses of the ready URL that mean "started" (a registry with auth answers 401).
     ready_statuses: tuple[int, ...] = (200,)
+    # How the readiness probe checks a TLS certificate (an SSLContext with the test CA).
+    ready_verify: ssl.SSLContext | bool = True
 
     def _ready_url(self) -> str:
         raise NotImplementedError
@@ -57,7 +60,7 @@ class ManagedProcess:
             self.proc = self._launch()
             try:
                 wait_http_ok(self._ready_url(), self.startup_timeout, alive=self.is_running,
-                             ready_statuses=self.ready_statuses)
+                             ready_statuses=self.ready_statuses, verify=self.ready_verify)
                 return self
             except (TimeoutError, RuntimeError) as exc:
                 last_error = exc

@@ -7,6 +7,7 @@ harness it does not import ``seed``: it only runs it.
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ class SeedProcess(ManagedProcess):
         log_level: the seed's ``--log-level``; DEBUG logs one line per request.
         log_path: where stdout and stderr go (appended across restarts); default
             ``<data_dir>.log`` next to the data directory.
-        startup_timeout: seconds to wait for ``GET /v2/`` to answer 200.
+        startup_timeout: seconds to wait for ``GET /healthz`` to answer 200.
+        ca_file: the CA that signed the seed's certificate, when its configuration has ``[tls]``
+            (``url`` is then ``https://...``).
 
     Use as a context manager (or ``start()``/``stop()``). Attributes: ``url``
     ("http://127.0.0.1:PORT"), ``host`` ("127.0.0.1:PORT"), ``port``, ``data_dir``, ``proc``
@@ -45,8 +48,13 @@ class SeedProcess(ManagedProcess):
         log_level: str = "DEBUG",
         log_path: str | Path | None = None,
         startup_timeout: float = 20.0,
+        ca_file: str | Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        # With ca_file the seed serves HTTPS (its configuration has [tls]); clients trust ca_file.
+        self.ca_file = Path(ca_file) if ca_file is not None else None
+        if self.ca_file is not None:
+            self.ready_verify = ssl.create_default_context(cafile=str(self.ca_file))
         self._fixed_port = port is not None
         self.port = port or 0
         self.config_path = Path(config_path) if config_path is not None else None
@@ -61,7 +69,7 @@ class SeedProcess(ManagedProcess):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ca_file is not None else 'http'}://{self.host}"
 
     def repo_url(self, repo: str) -> str:
         """``docker://127.0.0.1:PORT/REPO`` reference prefix for skopeo."""
@@ -90,7 +98,8 @@ class SeedProcess(ManagedProcess):
 
     def metrics(self) -> Samples:
         """The parsed ``/metrics`` samples: ``{(name, frozenset(labels.items())): value}``."""
-        return parse_metrics(httpx.get(f"{self.url}/metrics", trust_env=False, timeout=5).text)
+        return parse_metrics(httpx.get(f"{self.url}/metrics", trust_env=False, timeout=5,
+                                       verify=self.ready_verify).text)
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of ``/metrics`` (0.0 if absent), e.g. ``metric("seed_bytes_received_total")``."""
