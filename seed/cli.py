@@ -70,11 +70,18 @@ async def _serve(config: SeedConfig, notify_socket: str | None = None, overrides
             await registry.reload(fresh)
             log.info("configuration reloaded from %s", config.source)
 
-        await nursery.start(reload_on_signal, reload)
+        reloading = trio.CancelScope()
+
+        async def reload_until_shutdown(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with reloading:
+                await reload_on_signal(reload, task_status=task_status)
+
+        await nursery.start(reload_until_shutdown)
         log.info("seed listening on %s, data in %s", info.url, config.storage.data)
         print(f"seed listening on {info.url}", flush=True)
         notify(f"READY=1\nSTATUS=serving on {info.url}", notify_socket)
         await shutdown.wait()
+        reloading.cancel()  # the registry finishes its graceful shutdown on its own
     log.info("seed stopped")
 
 
