@@ -103,6 +103,16 @@ def test_robot_account_pushes_from_ci(private_seed: SeedProcess, busybox_layout:
     # Revoked: refused at once, without restarting the seed.
     run([sys.executable, "-m", "seed", "robot", "revoke", "ci", "--data", str(private_seed.data_dir)], timeout=60)
     _skopeo_fails(src, f"docker://{private_seed.host}/team/ci-built:2", "--dest-creds", f"{login}:{secret}")
+    # Both changes reach the running seed's audit chain (through its inbox), the secret never.
+    import getpass
+    import time
+
+    for _ in range(100):  # bounded: 10 s
+        if {"robot.create", "robot.revoke"} <= set(audit_actions(private_seed, getpass.getuser())):
+            break
+        time.sleep(0.1)
+    assert {"robot.create", "robot.revoke"} <= set(audit_actions(private_seed, getpass.getuser()))
+    assert secret not in (private_seed.data_dir / "audit" / "audit.log").read_text()
 
 
 def test_podman_login_push_pull(private_seed: SeedProcess, busybox_layout: OciLayout, tmp_path: Path) -> None:

@@ -41,6 +41,9 @@ from ._file import DEFAULT_ROTATE_BYTES as DEFAULT_ROTATE_BYTES
 from ._file import FileAuditLog as FileAuditLog
 from ._file import PruneReport as PruneReport
 from ._file import iter_directory_records as iter_directory_records
+from ._inbox import ingest_inbox as ingest_inbox
+from ._inbox import pending_inbox as pending_inbox
+from ._inbox import record_offline as record_offline
 from ._layout import LIVE_NAME as LIVE_NAME
 from ._layout import audit_directory as audit_directory
 from ._layout import rotated_name as rotated_name
@@ -77,11 +80,14 @@ __all__ = [
     "canonical",
     "check_lines",
     "format_time",
+    "ingest_inbox",
     "iter_directory_records",
     "make_event",
     "open_audit",
     "parse_time",
+    "pending_inbox",
     "record_from_line",
+    "record_offline",
     "rotated_name",
     "run_audit_command",
     "verify_audit_log",

@@ -52,7 +52,11 @@ ACTIONS: Mapping[str, str] = {
     "robot.revoke": "a robot account was revoked (actor = who, detail.robot)",
     "config.reload": "the configuration was reloaded (detail.source, status)",
     "audit.tail_truncated": "an incomplete last line (interrupted write) was moved aside on open",
+    "audit.inbox_rejected": "a queued event from a command-line tool was malformed (detail.file, reason)",
     "audit.pruned": "old rotated files were removed on purpose; detail.first_seq/prev is where history starts",
+    "scan.completed": "a scan's result is new or changed (repository, digest, detail.status/summary/advisories)",
+    "policy.denied": "a pull by tag was refused by a policy (actor, source, repository, reference, digest, "
+                     "detail.policy, detail.reason, detail.advisories)",
 }
 
 REDACTED = "[redacted]"

@@ -69,7 +69,7 @@ def list_rotated(directory: Path) -> list[tuple[int, Path]]:
 
 def unexpected_entries(directory: Path) -> list[str]:
     """Names in the audit directory that are not part of the log (worth a look by an auditor)."""
-    expected = {LIVE_NAME, LOCK_NAME, TORN_DIR}
+    expected = {LIVE_NAME, LOCK_NAME, TORN_DIR, "inbox"}  # inbox: events queued by CLIs (_inbox.py)
     return sorted(entry.name for entry in os.scandir(directory)
                   if entry.name not in expected and not _ROTATED_RE.fullmatch(entry.name))
 

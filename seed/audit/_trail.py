@@ -38,6 +38,7 @@ from ..errors import AuditError
 from ._chain import GENESIS_HASH, seal
 from ._event import AuditEvent, AuditRecord, format_time, make_event
 from ._file import FileAuditLog
+from ._inbox import ingest_inbox, pending_inbox
 from ._layout import audit_directory
 from ._sink import AuditQuery, AuditSink
 
@@ -52,6 +53,7 @@ log = logging.getLogger("seed.audit")
 _BATCH = 1000  # events per write (one fsync)
 _RETRY_FIRST = 0.5  # seconds before the first retry after a failed write
 _RETRY_MAX = 30.0
+_INBOX_INTERVAL = 2.0  # seconds between looks at DATA/audit/inbox
 
 
 class AuditMetrics:
@@ -162,8 +164,12 @@ class AuditTrail:
             task_status.started()
             failures = 0
             while True:
-                await self._wakeup.wait()
+                # Events from command-line tools (seed robot ...) wait in the inbox: look at
+                # least every _INBOX_INTERVAL seconds, between two batches of our own.
+                with trio.move_on_after(_INBOX_INTERVAL):
+                    await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                await self._ingest_inbox()
                 while self._pending:
                     try:
                         await self._write_batch()
@@ -179,6 +185,19 @@ class AuditTrail:
             self._trio_thread = self._token = None
             with trio.CancelScope(shield=True):
                 await self._write_remaining()
+
+    async def _ingest_inbox(self) -> None:
+        directory = getattr(self.sink, "directory", None)
+        if directory is None or not pending_inbox(directory):
+            return
+        try:
+            added = await trio.to_thread.run_sync(ingest_inbox, self.sink, directory)
+        except (AuditError, OSError) as exc:
+            log.error("cannot move queued audit events from %s/inbox into the log: %s", directory, exc)
+            return
+        self.metrics.head_seq.set(self.sink.head[0])
+        if added:
+            log.info("moved %d queued audit event(s) into the log", added)
 
     async def _write_batch(self) -> None:
         batch = list(itertools.islice(self._pending, _BATCH))
