@@ -19,18 +19,13 @@ from seed.registry import serve_seed
 from tests.harness.slapd import Slapd
 from tests.test_seed_api import push_blob
 from tests.test_seed_auth_api import make_htpasswd
-from tests.test_seed_ldap import DIRECTORY_LDIF, PASSWORDS, PEOPLE, SERVICE_DN, SERVICE_PASSWORD
+from tests.test_seed_ldap import PASSWORDS, PEOPLE, SERVICE_DN, SERVICE_PASSWORD, running_directory
 
 
 @pytest.fixture
 def directory(tmp_path: Path) -> Iterator[Slapd]:
-    server = Slapd(tmp_path / "slapd")
-    try:
-        server.start()
-        server.add_ldif(DIRECTORY_LDIF)
+    with running_directory(tmp_path / "slapd") as server:
         yield server
-    finally:
-        server.close()
 
 
 def _config(tmp_path: Path, url: str) -> Path:
