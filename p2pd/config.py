@@ -13,6 +13,7 @@ No other module reads the environment or configuration files. Example ``p2pd.tom
     url = "https://registry-1.docker.io"
     username = "robot"
     password_file = "/etc/p2pd/dockerhub.password"
+    anonymous_pull = false   # true: clients without credentials get what the robot may pull
 
     [[upstream]]
     namespace = "seed.local:5000"
@@ -44,6 +45,7 @@ from .tomlconfig import build_section, parse_listen, read_toml
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "AccessConfig",
     "AgentConfig",
     "CacheConfig",
     "FetchConfig",
@@ -67,6 +69,11 @@ class UpstreamConfig:
     password_file: Path | None = None
     ca_file: Path | None = None
     tls_verify: bool = True
+    # Local clients without credentials are served with the agent's own credentials (explicit
+    # opt-in; by default each client's own right to pull is checked, docs/security.md).
+    anonymous_pull: bool = False
+    jwks_url: str | None = None  # the token issuer's keys; default <realm origin>/token/keys
+    token_issuer: str | None = None  # ``iss`` client tokens must carry; default: not checked
 
     def secret(self) -> str | None:
         if self.password_file is not None:
@@ -91,6 +98,20 @@ class FetchConfig:
     max_attempts: int = 5  # upstream (re)tries per blob, each resuming with Range
     manifest_timeout: float = 10.0
     failure_hold: float = 30.0  # after a failed download, misses for that blob answer 404 this long
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """How the agent checks each client's right to pull (``[access]``; see docs/security.md)."""
+
+    anonymous_ttl: float = 300.0  # an upstream's answer to "may anonymous clients pull R?" is reused this long
+    check_ttl: float = 300.0  # longest reuse of "this credential may pull R" (never past the token's exp)
+    opaque_ttl: float = 60.0  # reuse of an upstream check for a credential without a readable expiry
+    denied_ttl: float = 5.0  # reuse of a refusal (bounds upstream checks by clients with bad credentials)
+    jwks_ttl: float = 300.0  # an issuer's keys (or their absence) are reused this long
+    jwks_min_interval: float = 30.0  # a token with an unknown key id refetches the keys at most this often
+    max_entries: int = 10_000  # bound of each verdict cache (LRU)
+    max_links: int = 200_000  # (repository, digest) pairs remembered as referenced by the repository
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,7 @@ class AgentConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     @property
     def listen(self) -> str:
@@ -161,6 +183,8 @@ def _checked_upstream(upstream: UpstreamConfig) -> UpstreamConfig:
         raise ConfigError(f"upstream URL must start with http:// or https://: {upstream.url!r}")
     if upstream.password is not None and upstream.password_file is not None:
         raise ConfigError(f"upstream {upstream.namespace}: give password or password_file, not both")
+    if upstream.jwks_url is not None and not upstream.jwks_url.startswith(("http://", "https://")):
+        raise ConfigError(f"upstream {upstream.namespace}: jwks_url must be an http(s) URL")
     return replace(upstream, url=upstream.url.rstrip("/"))
 
 
@@ -183,7 +207,7 @@ def load_config(
     """
     document = read_toml(path)
     top_level = {"listen", "data", "default_upstream", "allow_registries", "allow_networks", "upstream", "cache",
-                 "fetch", "server", "swarm"}
+                 "fetch", "server", "swarm", "access"}
     unknown = set(document) - top_level
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -222,13 +246,17 @@ def load_config(
     if fetch.max_attempts < 1:
         raise ConfigError("fetch.max_attempts must be at least 1")
     limits = build_section(ServerLimits, dict(document.get("server", {})), "server")
+    access = build_section(AccessConfig, dict(document.get("access", {})), "access")
+    if min(access.anonymous_ttl, access.check_ttl, access.opaque_ttl, access.denied_ttl, access.jwks_ttl,
+           access.jwks_min_interval) < 0 or access.max_entries < 1 or access.max_links < 1:
+        raise ConfigError("[access]: durations must not be negative and sizes must be positive")
     swarm_table = dict(document.get("swarm", {}))
     swarm_table.update({k: v for k, v in (swarm or {}).items() if v not in (None, (), [])})
     swarm_config = _checked_swarm(build_section(SwarmConfig, swarm_table, "swarm"))
     return AgentConfig(host=host, port=port, data=data_dir, upstreams=tuple(by_namespace.values()),
                        default_upstream=str(default).rstrip("/") if default else None,
                        allow_registries=tuple(dict.fromkeys(registries)), allow_networks=tuple(dict.fromkeys(networks)),
-                       cache=cache, fetch=fetch, limits=limits, swarm=swarm_config)
+                       cache=cache, fetch=fetch, limits=limits, swarm=swarm_config, access=access)
 
 
 def _string_list(document: dict[str, Any], key: str) -> list[str]:

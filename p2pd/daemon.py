@@ -12,6 +12,7 @@ from p2pd.httpd import ServerInfo, serve_http
 from .config import AgentConfig
 from .egress import Resolver
 from .fetcher import Fetcher
+from .gate import AccessGate
 from .metrics import AgentMetrics
 from .registry import MirrorFront
 from .store import BlobStore
@@ -54,7 +55,8 @@ async def serve_agent(
                              on_refused=lambda reason: metrics.egress_refused.labels(reason.value).inc())
     try:
         fetcher = Fetcher(config, store, upstreams, metrics)
-        front = MirrorFront(config, store, fetcher, upstreams, metrics)
+        # Every client request is authorized before the store, the fetcher or the peers see it.
+        front = MirrorFront(config, store, fetcher, upstreams, metrics, AccessGate(config, upstreams, metrics))
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
             swarm_node: SwarmNode | None = None

@@ -37,6 +37,11 @@ class AgentMetrics:
                                   registry=self.registry)
         self.stalled_streams = Counter("p2pd_stalled_streams", "Client streams closed for lack of progress",
                                        registry=self.registry)
+        self.auth_denied = Counter("p2pd_auth_denied", "Client requests refused by the access check (nothing "
+                                   "was read or fetched for them), by reason", ["reason"], registry=self.registry)
+        self.auth_checks = Counter("p2pd_auth_checks", "Work done to decide who may pull: anonymous probes, "
+                                   "offline token verifications, upstream checks with a client's credentials, "
+                                   "key set fetches, link confirmations", ["kind"], registry=self.registry)
         self.egress_refused = Counter("p2pd_egress_refused", "Namespaces, requests and connections the egress "
                                       "policy refused (nothing was sent), by reason", ["reason"],
                                       registry=self.registry)

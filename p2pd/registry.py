@@ -28,8 +28,9 @@ from p2pd.oci.manifest import MAX_MANIFEST_SIZE
 from p2pd.oci.ranges import parse_range
 
 from .config import AgentConfig
-from .errors import P2PDError, UpstreamError, UpstreamNotFound, VerificationError
+from .errors import P2PDError, UpstreamAuthError, UpstreamError, UpstreamNotFound, VerificationError
 from .fetcher import Download, Fetcher, stream_download
+from .gate import AccessGate
 from .metrics import AgentMetrics
 from .store import BlobStore, TagRecord
 from .swarm.node import SwarmNode
@@ -80,15 +81,21 @@ def _not_found(code: str, message: str, **detail: str) -> OCIError:
 
 
 class MirrorFront:
-    """Request handler of the agent's containerd-facing endpoint."""
+    """Request handler of the agent's containerd-facing endpoint.
+
+    Every manifest and blob request passes ``AccessGate.authorize`` (may this client pull the
+    repository?) and, for a digest, ``require_link`` (does the repository reference it?) before
+    the store, the fetcher, the peers or the upstream does anything for it (docs/security.md).
+    """
 
     def __init__(self, config: AgentConfig, store: BlobStore, fetcher: Fetcher, upstreams: UpstreamPool,
-                 metrics: AgentMetrics) -> None:
+                 metrics: AgentMetrics, access: AccessGate | None = None) -> None:
         self.config = config
         self.store = store
         self.fetcher = fetcher
         self.upstreams = upstreams
         self.metrics = metrics
+        self.access = access if access is not None else AccessGate(config, upstreams, metrics)
         self.ready = False
         self.swarm_node: SwarmNode | None = None  # set by the daemon when the swarm is on
 
@@ -122,6 +129,12 @@ class MirrorFront:
         path = request.path
         if path in ("/v2", "/v2/"):
             request.route = "base"
+            try:
+                namespace = _namespace(request, self.upstreams)
+            except OCIError:
+                namespace = None  # the ping names no content: an odd ns is judged where content is asked
+            else:
+                await self.access.authorize_base(request, namespace)
             return Response(200, [("Content-Type", "application/json")], b"{}")
         if match := _MANIFEST_RE.fullmatch(path):
             request.route = "manifest"
@@ -163,19 +176,28 @@ class MirrorFront:
     async def _manifest(self, request: Request, name: str, reference: str) -> Response:
         validate_reference(reference)
         namespace = _namespace(request, self.upstreams)
+        access = await self.access.authorize(request, namespace, name, manifest=True)
         media_type: str | None = None
         if ":" in reference:
             digest = Digest.parse(reference)
+            if not self.access.is_linked(access, digest) and self.store.size(digest) is not None:
+                # Cached, perhaps for another repository: served only if this one references it.
+                await self.access.require_link(request, access, digest, manifest=True)
         else:
             record = await self._resolve_tag(namespace, name, reference)
             digest, media_type = record.digest, record.media_type
-        body = await trio.to_thread.run_sync(self.store.read_small, digest, MAX_MANIFEST_SIZE)
+            self.access.learn_link(access, digest)
+        # Unlinked means not cached when checked above: fetched under this repository instead,
+        # never read from the store (another request may have stored it since).
+        linked = self.access.is_linked(access, digest)
+        body = await trio.to_thread.run_sync(self.store.read_small, digest, MAX_MANIFEST_SIZE) if linked else None
         if body is not None:
             self.metrics.cache_hits.labels("manifest").inc()
             media_type = self.store.media_type(digest) or media_type
         else:
             self.metrics.cache_misses.labels("manifest").inc()
-            body, media_type = await self._fetch_manifest(namespace, name, digest)
+            body, media_type = await self._fetch_manifest(namespace, name, digest, peers=linked)
+        self.access.learn_manifest(access, digest, body)
         headers = [("Content-Type", media_type or "application/vnd.oci.image.manifest.v1+json"),
                    ("Docker-Content-Digest", str(digest)), ("ETag", f'"{digest}"')]
         return Response(200, headers, body)
@@ -196,6 +218,12 @@ class MirrorFront:
         except UpstreamNotFound:
             self.store.forget_tag(namespace_key, name, tag)
             raise _not_found("MANIFEST_UNKNOWN", "manifest unknown upstream", tag=tag) from None
+        except UpstreamAuthError as exc:
+            # A refusal is an answer, not an outage: never the last known digest (stale-if-error
+            # would turn the seed's 403, e.g. its [[scanning]] pull policy, into a pull). 404
+            # sends containerd on to the next host, the seed, which tells it why (docs/operations.md).
+            self.store.forget_tag(namespace_key, name, tag)
+            raise _not_found("MANIFEST_UNKNOWN", "the upstream refused this tag", tag=tag) from exc
         except (UpstreamError, trio.TooSlowError) as exc:
             if record is not None and now - record.checked < self.config.cache.tag_stale_max:
                 self.metrics.stale_tags.inc()
@@ -209,7 +237,10 @@ class MirrorFront:
             await trio.to_thread.run_sync(self.store.put_bytes, result.digest, result.body, result.media_type)
         return record
 
-    async def _fetch_manifest(self, namespace: str | None, name: str, digest: Digest) -> tuple[bytes, str]:
+    async def _fetch_manifest(self, namespace: str | None, name: str, digest: Digest,
+                              *, peers: bool) -> tuple[bytes, str]:
+        """The manifest from the upstream under ``name``; from peers (by digest) only when
+        ``peers``: the repository is known to reference it."""
         try:
             upstream, remote_repository = self.upstreams.resolve(namespace, name)
             with trio.fail_after(self.config.fetch.manifest_timeout):
@@ -217,7 +248,7 @@ class MirrorFront:
         except (UpstreamError, trio.TooSlowError) as exc:
             if isinstance(exc, VerificationError):
                 self.metrics.verification_failures.labels("upstream").inc()
-            from_peer = await self._manifest_from_peers(digest)
+            from_peer = await self._manifest_from_peers(digest) if peers else None
             if from_peer is None:
                 raise _not_found("MANIFEST_UNKNOWN", "manifest not available", digest=str(digest)) from exc
             return from_peer
@@ -253,6 +284,13 @@ class MirrorFront:
 
     async def _blob(self, request: Request, name: str, digest: Digest) -> Response:
         namespace = _namespace(request, self.upstreams)
+        access = await self.access.authorize(request, namespace, name, manifest=False)
+        if not self.access.is_linked(access, digest) and (self.store.size(digest) is not None
+                                                          or digest in self.fetcher.in_flight):
+            # Cached or downloading, perhaps for another repository: only if this one references it.
+            # A miss is fetched under this repository, and the upstream's answer is the check
+            # (made before any peer is asked). No checkpoint between here and fetcher.start.
+            await self.access.require_link(request, access, digest, manifest=False)
         headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", str(digest)),
                    ("Accept-Ranges", "bytes"), ("ETag", f'"{digest}"')]
         local = self._open_local(digest)
@@ -275,6 +313,10 @@ class MirrorFront:
             raise _not_found("BLOB_UNKNOWN", "the last download of this blob failed; try the next host",
                              digest=str(digest))
         download = self.fetcher.start(digest, namespace, name)
+        if not self.access.is_linked(access, digest) and (download.namespace, download.repository) != (namespace, name):
+            # Cannot happen (checked above, no checkpoint since), and must not: never join another
+            # repository's download without a link.
+            raise _not_found("BLOB_UNKNOWN", "not part of this repository", digest=str(digest))
         try:
             with trio.fail_after(self.config.fetch.first_byte_timeout):
                 size = await download.wait_size()
@@ -283,6 +325,7 @@ class MirrorFront:
                              digest=str(digest)) from None
         except (P2PDError, OCIError) as exc:
             raise _not_found("BLOB_UNKNOWN", "blob not available", digest=str(digest)) from exc
+        self.access.learn_link(access, digest)  # the upstream (or a linked download) vouched for it
         byte_range = parse_range(request.headers.get("range"), size)
         start, end = (0, size - 1) if byte_range is None else (byte_range.start, byte_range.end)
         if byte_range is not None:

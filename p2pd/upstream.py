@@ -47,6 +47,7 @@ import httpcore
 import httpx
 import trio
 
+from .access import Challenge, PullProbe
 from .config import AgentConfig, FetchConfig, UpstreamConfig
 from .egress import EgressPolicy, EgressRefused, RefusalReason, ResolutionError, Resolver, parse_namespace
 from .errors import (
@@ -101,6 +102,7 @@ _DEFAULT_TOKEN_LIFETIME = 60.0  # seconds, when the token server omits expires_i
 _TOKEN_MARGIN = 10.0  # seconds before expiry when a cached token stops being used
 _MAX_CACHED_TOKENS = 1024
 _MAX_CHALLENGE_LENGTH = 8192  # characters of WWW-Authenticate that are parsed
+_MAX_JWKS_SIZE = 1024 * 1024  # bytes
 # Content types that say nothing about which manifest format a body is.
 _GENERIC_TYPES = frozenset({"", "application/json", "text/plain", mediatypes.OCTET_STREAM})
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
@@ -328,6 +330,7 @@ class _RegistryAuth(httpx.Auth):
         self._tokens: dict[tuple[str, str, str], _CachedToken] = {}
         self._token_lock = trio.Lock()
         self.token_requests = 0  # how many times a realm was asked for a token (for tests and metrics)
+        self.challenge: _Challenge | None = None  # the registry's last challenge (passed through to clients)
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         raise RuntimeError("p2pd's registry auth works with httpx.AsyncClient only")
@@ -352,6 +355,7 @@ class _RegistryAuth(httpx.Auth):
             return
         challenges = _parse_challenges(response.headers.get_list("www-authenticate"))
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        self.challenge = bearer or next((c for c in challenges if c.scheme == "basic"), None) or self.challenge
         if bearer is not None:
             realm = self._checked_realm(bearer.params.get("realm", ""))
             service = bearer.params.get("service", "")
@@ -733,6 +737,7 @@ class HttpUpstream:
             transport=transport,
         )
         self._auth = _RegistryAuth(self._client, httpx.URL(self.url), credentials)
+        self.config = config
         self._chunk_maps_unsupported_until = float("-inf")
 
     def __repr__(self) -> str:
@@ -954,6 +959,127 @@ class HttpUpstream:
             raise VerificationError(f"{what}: asked for {chunk_size}-byte chunks, got {chunk_map.chunk_size}")
         return chunk_map
 
+    # ---- client authorization (p2pd.gate) ----------------------------------------------
+
+    async def _status_of(self, request: httpx.Request, auth: httpx.Auth, what: str) -> int:
+        """Sends ``request`` without following redirects; returns the status (body discarded).
+
+        Raises:
+            UpstreamUnavailable: unreachable, or 429/5xx.
+        """
+        with _translate(what):
+            response = await self._client.send(request, auth=auth, stream=True, follow_redirects=False)
+        with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+            await response.aclose()
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise UpstreamUnavailable(f"{what}: HTTP {status}", status=status)
+        return status
+
+    def _pull_check_request(self, repository: str, headers: dict[str, str]) -> httpx.Request:
+        # tags/list needs exactly pull on the repository at every registry, whatever its tags.
+        return self._client.build_request("GET", self._endpoint(repository, "tags", "list"), params={"n": "1"},
+                                          headers={"Accept": "application/json", **headers},
+                                          extensions={_SCOPE_EXTENSION: _pull_scope(repository)})
+
+    async def probe_base(self) -> PullProbe:
+        """What the registry answers an anonymous ``GET /v2/`` (the ping clients start with).
+
+        Raises:
+            UpstreamUnavailable: unreachable, or 429/5xx.
+        """
+        request = self._client.build_request("GET", f"{self.url}/v2/", headers={"Accept": "application/json"})
+        with _translate("anonymous ping"):
+            response = await self._client.send(request, auth=httpx.Auth(), stream=True, follow_redirects=False)
+        with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+            await response.aclose()
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise UpstreamUnavailable(f"anonymous ping: HTTP {status}", status=status)
+        challenges = _parse_challenges(response.headers.get_list("www-authenticate")) if status == 401 else []
+        found = next((c for c in challenges if c.scheme == "bearer"), None) or \
+            next((c for c in challenges if c.scheme == "basic"), None)
+        challenge = Challenge.make(found.scheme, found.params.get("realm"), found.params.get("service")) \
+            if found is not None else None
+        return PullProbe(status, challenge)
+
+    async def probe_pull(self, repository: str) -> PullProbe:
+        """Whether an anonymous client may pull ``repository``, asked the way one would.
+
+        ``GET /v2/<repository>/tags/list?n=1`` without credentials; on a Bearer challenge an
+        anonymous token is fetched from the realm and the request retried once (Docker Hub
+        serves public repositories that way). Never sent with the configured credentials. Each
+        probe starts bare, as a new client would: some registries (the seed) serve public
+        repositories to requests without a token but refuse anonymous tokens.
+
+        Returns:
+            The final status and the registry's challenge (realm and service), if it sent one.
+
+        Raises:
+            UpstreamUnavailable: the registry (or its realm) is unreachable or overloaded.
+            UpstreamError: another failure (e.g. the egress policy refused the realm).
+        """
+        what = f"anonymous pull check of {repository}"
+        request = self._pull_check_request(repository, {})
+        anonymous = _RegistryAuth(self._client, httpx.URL(self.url), None)
+        try:
+            status = await self._status_of(request, anonymous, what)
+        except UpstreamUnavailable:
+            raise
+        except UpstreamError:
+            # The realm refused an anonymous token, named an unusable realm, or the egress policy
+            # refused it: after a challenge, that is "not without credentials".
+            if anonymous.challenge is None:
+                raise
+            status = 401
+        found = anonymous.challenge
+        challenge = Challenge.make(found.scheme, found.params.get("realm"), found.params.get("service")) \
+            if found is not None else None
+        return PullProbe(status, challenge)
+
+    async def check_pull(self, repository: str, authorization: str) -> int:
+        """Whether a client's own ``Authorization`` header may pull ``repository`` here.
+
+        One ``GET /v2/<repository>/tags/list?n=1`` carrying the header as the client sent it,
+        to this registry's origin only: no auth flow (our credentials are never added), no
+        redirects followed, so the header reaches no other host.
+
+        Returns:
+            The HTTP status: 200 means allowed.
+
+        Raises:
+            UpstreamUnavailable: unreachable, or 429/5xx.
+        """
+        request = self._pull_check_request(repository, {"Authorization": authorization})
+        return await self._status_of(request, httpx.Auth(), f"pull check of {repository} for a client")
+
+    async def fetch_jwks(self, url: str) -> bytes | None:
+        """The token issuer's public keys (JWKS) at ``url``, or None when it publishes none there.
+
+        Sent without credentials and without following redirects.
+
+        Raises:
+            UpstreamUnavailable: unreachable, or 429/5xx.
+            UpstreamError: the document is larger than 1 MiB, or the egress policy refused the URL.
+        """
+        what = "JWKS request"
+        try:
+            request = self._client.build_request("GET", url, headers={"Accept": "application/json"})
+        except httpx.InvalidURL as exc:
+            raise UpstreamError(f"{what}: invalid URL") from exc
+        with _translate(what):
+            response = await self._client.send(request, auth=httpx.Auth(), stream=True, follow_redirects=False)
+        try:
+            status = response.status_code
+            if status == 429 or status >= 500:
+                raise UpstreamUnavailable(f"{what}: HTTP {status}", status=status)
+            if status != 200:
+                return None
+            return await _read_capped(response, _MAX_JWKS_SIZE, what)
+        finally:
+            with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+                await response.aclose()
+
     async def aclose(self) -> None:
         """Closes the connection pool."""
         with contextlib.suppress(httpx.HTTPError):
@@ -1052,10 +1178,22 @@ class UpstreamPool:
                            detail={"ns": ns[:100], "reason": exc.reason.value}) from None
         return namespace
 
+    def settings(self, namespace: str | None) -> UpstreamConfig:
+        """The upstream entry serving ``namespace`` (as returned by ``check_namespace``).
+
+        Raises:
+            OCIError, EgressRefused: as ``resolve``.
+        """
+        return self._upstream_config(namespace)
+
     def _upstream_config(self, namespace: str | None) -> UpstreamConfig:
         if namespace is not None and namespace in self._explicit:
             return self._explicit[namespace]
         if self._config.default_upstream is not None:
+            # An [[upstream]] entry for the same URL gives the default its credentials and settings.
+            same = next((u for u in self._config.upstreams if u.url == self._config.default_upstream), None)
+            if same is not None:
+                return replace(same, namespace=DEFAULT_NAMESPACE)
             return UpstreamConfig(namespace=DEFAULT_NAMESPACE, url=self._config.default_upstream)
         if namespace is None:
             raise OCIError("NAME_UNKNOWN", "no ns= in the request and no default upstream configured")
@@ -1089,12 +1227,17 @@ class UpstreamPool:
         if namespace in DOCKER_HUB_NAMESPACES and "/" not in repository:
             repository = f"library/{repository}"
         validate_name(repository)
+        return self.upstream(namespace), repository
+
+    def upstream(self, ns: str | None) -> HttpUpstream:
+        """The upstream client for ``ns`` (created on first use); raises as ``resolve``."""
+        namespace = _namespace_key(validate_namespace(ns)) if ns is not None else None
         config = self._upstream_config(namespace)
         key = replace(config, namespace="")  # one client per URL and credentials
         upstream = self._clients.get(key)
         if upstream is None:
             upstream = self._clients[key] = HttpUpstream(config, self._config.fetch, egress=self.egress)
-        return upstream, repository
+        return upstream
 
     async def aclose(self) -> None:
         """Closes every upstream client created so far."""

@@ -191,6 +191,10 @@ _ROUTE_ACTIONS: dict[tuple[str, str], str] = {
     ("referrers", "HEAD"): "pull",
     ("signatures", "GET"): "pull",
     ("signatures", "HEAD"): "pull",
+    ("verdict", "GET"): "pull",  # the signature policy's verdict on an image one may pull
+    ("verdict", "HEAD"): "pull",
+    ("scan", "GET"): "pull",
+    ("scan", "HEAD"): "pull",
     ("upload", "POST"): "push",
     ("upload", "PATCH"): "push",
     ("upload", "PUT"): "push",
@@ -199,6 +203,7 @@ _ROUTE_ACTIONS: dict[tuple[str, str], str] = {
     ("upload", "DELETE"): "push",
     ("manifest", "PUT"): "push",
     ("signatures", "PUT"): "push",
+    ("scan", "POST"): "push",  # asks for a rescan: work on the seed, as a push causes
     ("manifest", "DELETE"): "delete",
     ("blob", "DELETE"): "delete",
     ("signatures", "DELETE"): "delete",

@@ -55,6 +55,23 @@ Example ``seed.toml``::
 
     [audit]
     rotate_bytes = 67108864
+
+    [scan]                       # the background scanner (all settings: seed/scan/config.py)
+    cpu_share = 0.5
+
+    [[scanning]]                 # pull policy from scan results
+    repositories = ["prod/**"]
+    block_severity = "critical"
+
+    [[signatures]]               # pull policy from signatures (seed/signatures/config.py)
+    repositories = ["prod/**"]
+    keys = ["/etc/seed/keys/release.asc"]
+    mode = "enforce"
+
+    [[webhooks]]                 # events to automation (all settings: seed/events/_config.py)
+    url = "https://deploy.example/hooks/seed"
+    events = ["push", "tag.moved"]
+    secret_file = "/etc/seed/deploy.secret"
 """
 
 from __future__ import annotations
@@ -73,6 +90,11 @@ from p2pd.tomlconfig import build_section, parse_listen, read_toml
 from .access import AccessRule
 from .auth.ldap import LdapConfig
 from .auth.throttle import ThrottleConfig
+from .events import WebhookConfig, webhooks_from_toml
+from .scan.config import ScanSettings
+from .scan.config import from_toml as scan_settings_from_toml
+from .signatures.config import SignaturePolicy
+from .signatures.config import from_toml as signature_policy_from_toml
 
 __all__ = ["AuditConfig", "AuthConfig", "ConfigError", "IssuerConfig", "RegistryConfig", "SeedConfig",
            "ServerConfig", "StorageConfig", "TlsConfig", "TokenConfig", "load_config", "parse_listen"]
@@ -170,6 +192,9 @@ class SeedConfig:
     access: tuple[AccessRule, ...] = ()
     audit: AuditConfig = field(default_factory=AuditConfig)
     tls: TlsConfig | None = None
+    scanning: ScanSettings = field(default_factory=ScanSettings)  # [scan] and [[scanning]] (seed.scan)
+    signatures: SignaturePolicy = field(default_factory=SignaturePolicy)  # [[signatures]] (seed.signatures)
+    webhooks: tuple[WebhookConfig, ...] = ()  # [[webhooks]] (seed.events)
     source: Path | None = None  # the TOML file it was read from (reloaded on SIGHUP)
 
 
@@ -181,7 +206,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
     seed on a non-loopback address is refused unless ``open``).
     """
     document = read_toml(path)
-    unknown = set(document) - {"server", "storage", "registry", "auth", "access", "audit", "tls"}
+    unknown = set(document) - {"server", "storage", "registry", "auth", "access", "audit", "tls", "scan", "scanning",
+                               "signatures", "webhooks"}
     if unknown:
         raise ConfigError(f"unknown sections: {', '.join(sorted(unknown))}")
     server_table = dict(document.get("server", {}))
@@ -210,12 +236,16 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
         raise ConfigError("[[access]] rules need an [auth] table (at least `[auth]` with a provider)")
     audit = build_section(AuditConfig, document.get("audit", {}), "audit")
     tls = _tls_section(document.get("tls"))
+    scanning = scan_settings_from_toml(document)
+    signatures = signature_policy_from_toml(document, Path(path).parent if path is not None else None)
+    webhooks = webhooks_from_toml(document.get("webhooks", []), Path(path).parent if path is not None else None)
     if overrides.get("serving") and not auth.configured and not _is_loopback(server.host) \
             and not overrides.get("open"):
         raise ConfigError(f"refusing to serve {server.host} without access control: configure [auth] "
                           "(see docs/configuration.md), or say `[auth] mode = \"open\"` / --open")
     return SeedConfig(server=server, storage=storage, registry=registry, auth=auth, access=access, audit=audit,
-                      tls=tls, source=Path(path) if path is not None else None)
+                      tls=tls, scanning=scanning, signatures=signatures, webhooks=webhooks,
+                      source=Path(path) if path is not None else None)
 
 
 def _tls_section(table: Any) -> TlsConfig | None:

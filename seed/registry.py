@@ -7,10 +7,14 @@ calls that write (and fsync) run in worker threads; cheap metadata reads run inl
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import re
+import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -31,8 +35,12 @@ from .auth.authenticator import Caller
 from .auth.setup import build_identity
 from .auth.token_service import TokenService
 from .config import SeedConfig
+from .events import Dispatcher, open_webhooks
 from .gate import AuditHook, Gate, open_caller
 from .metrics import SeedMetrics
+from .scan import PullDecision, ScanReport, ScanService, decide_pull, is_container_image
+from .signatures import SignatureService, SignatureVerdict
+from .signatures import api as signatures_api
 from .storage import Storage, UploadSession, UploadSessions, is_disk_full
 
 __all__ = ["CHUNK_MAP_MEDIA_TYPE", "SeedRegistry", "serve_seed"]
@@ -54,7 +62,14 @@ _ROUTES: list[tuple[str, re.Pattern[str]]] = [
     ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")),
     ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
     ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")),
+    ("scan", re.compile(r"/v2/(?P<name>.+)/scan/(?P<reference>[^/]+)")),
+    # The registry signature API extension (containers/image) and the signature verdict (seed.signatures).
+    ("signatures", re.compile(r"/extensions/v2/(?P<name>.+)/signatures/(?P<digest>[^/]+)")),
+    ("verdict", re.compile(r"/extensions/v2/(?P<name>.+)/verdict/(?P<reference>[^/]+)")),
 ]
+_SCAN_STATE_HEADER = "P2PD-Scan-State"
+_POLICY_DENIAL_INTERVAL = 10.0  # seconds: one policy.denied record per caller, image and interval
+_POLICY_DENIAL_LOG_SIZE = 4096
 
 
 def _method_not_allowed(allowed: str) -> OCIError:
@@ -84,29 +99,51 @@ class SeedRegistry:
         # Upload sessions are state, not content: a shared store can take them over when the
         # seed runs as several replicas (the local files are the default).
         self.uploads: UploadSessions = storage
-        self.tls: TlsContextProvider | None = None  # set by serve_seed; reloaded with the configuration
+        self.tls: TlsContextProvider | None = None  # set by serve_seed; see reload_tls
         self.metrics = metrics
         self.gate = gate
         self.token_service = token_service
         self._audit: AuditHook = audit or (lambda action, fields: None)
         self._upload_locks: dict[str, trio.Lock] = {}
         self.metrics.uploads_in_progress.set(sum(1 for _ in self.uploads.list_uploads()))
+        # The background scanner (set by serve_seed unless [scan] enabled = false), and who is
+        # told of each new or changed result (webhooks subscribe here; called in the trio thread).
+        self.scanner: ScanService | None = None
+        self.on_scan_completed: list[Callable[[ScanReport], None]] = []
+        # Signatures and the [[signatures]] pull policy; who is told of each new or changed
+        # verdict (webhooks subscribe here; called in the trio thread).
+        self.on_signature_verdict: list[Callable[[SignatureVerdict], None]] = []
+        self.signatures = SignatureService(storage, config.signatures, audit=self._audit,
+                                           on_verdict=self.on_signature_verdict)
+        self._policy_denials: OrderedDict[tuple[str, ...], float] = OrderedDict()
+        # The webhooks (set by serve_seed). The audit hook already feeds them pushes, tag moves,
+        # deletes, scans, signature verdicts and login failures; emit() is for anything else.
+        self.webhooks: Dispatcher | None = None
+
+    async def reload_tls(self) -> bool:
+        """Re-reads the ``[tls]`` certificate and key (SIGHUP), for new connections only.
+
+        Called before the configuration is read again, so that a renewed certificate does not
+        wait for a valid rule file. Files that do not load keep the current certificate (logged).
+        Returns whether a new certificate is in use (False without ``[tls]``).
+        """
+        if self.tls is None:
+            return False
+        return await trio.to_thread.run_sync(self.tls.reload)
 
     async def reload(self, config: SeedConfig) -> None:
         """Applies a re-read configuration (SIGHUP): access rules, identity providers, token keys.
 
-        Listen address, storage and TLS files are not changed here (TLS reloads on its own).
-        A configuration that fails to build leaves the running one in place.
+        Listen address, storage and TLS files are not changed here (``reload_tls`` re-reads the
+        certificate). A configuration that fails to build leaves the running one in place.
         """
-        if self.tls is not None:
-            # First and on its own: a renewed certificate must not wait for a valid rule file.
-            await trio.to_thread.run_sync(self.tls.reload)
         # Reading files and keys happens in a worker thread; the swap and the audit record
         # happen here, in the trio thread, between two requests.
         gate, token_service = await trio.to_thread.run_sync(build_gate, config, self._audit)
         if self.gate.authenticator is not None and gate.authenticator is not None:
             gate.authenticator.throttle = self.gate.authenticator.throttle  # failures survive a reload
         self.gate, self.token_service, self.config = gate, token_service, config
+        self.signatures.replace_policy(config.signatures)  # new keys: verdicts are computed again
         self._audit("config.reload", {"actor": "", "actor_kind": "system",
                                       "detail": {"rules": len(config.access), "mode": config.auth.mode}})
 
@@ -120,7 +157,7 @@ class SeedRegistry:
             return Response(200, [("Content-Type", "text/plain; version=0.0.4")], self.metrics.render())
         if self.token_service is not None and path in ("/token", "/token/keys"):
             return await self.token_service.handle(request, request.client[0] if request.client else "-")
-        if not (path == "/v2" or path.startswith("/v2/")):
+        if not (path == "/v2" or path.startswith(("/v2/", "/extensions/v2/"))):
             raise OCIError("NOT_FOUND", "not found")
         response = await self._dispatch(request)
         response.headers.append(_API_HEADER)
@@ -132,8 +169,14 @@ class SeedRegistry:
             request.route = "base"
             if request.method not in ("GET", "HEAD"):
                 raise _method_not_allowed("GET, HEAD")
-            request.identity = await self.gate.admit(request, "base", None)
-            return Response(200, [("Content-Type", "application/json")], b"{}")
+            try:
+                request.identity = await self.gate.admit(request, "base", None)
+            except OCIError as exc:
+                # containers/image reads the header from its first, unauthenticated ping.
+                exc.headers.append(signatures_api.SUPPORTS_SIGNATURES_HEADER)
+                raise
+            return Response(200, [("Content-Type", "application/json"), signatures_api.SUPPORTS_SIGNATURES_HEADER],
+                            b"{}")
         for route, pattern in _ROUTES:
             match = pattern.fullmatch(path)
             if match is None:
@@ -193,9 +236,55 @@ class SeedRegistry:
             raise OCIError("MANIFEST_UNKNOWN", "manifest unknown", status=404,
                            detail={"reference": reference[:200]}) from None
         stored, body = self.storage.get_manifest(name, reference)
+        if ":" not in reference:
+            await self.signatures.check_pull(name, reference, stored.digest, _actor(request))
+            await self._check_scanning_policy(request, name, reference, stored.digest, stored.media_type, body)
         headers = [("Content-Type", stored.media_type), ("Docker-Content-Digest", str(stored.digest)),
                    ("ETag", f'"{stored.digest}"')]
         return Response(200, headers, body)
+
+    async def _check_scanning_policy(self, request: Request, name: str, tag: str, digest: Digest, media_type: str,
+                                     body: bytes) -> None:
+        """``[[scanning]]``: refuses a pull by tag of an image its scan blocks (403 ``DENIED``).
+
+        Only pulls by tag: a pull by digest names exact content the client already chose (and
+        the blobs and platform manifests of an image are always fetched by digest), so a blocked
+        image stops at the step where a tag becomes a digest.
+        """
+        settings = self.config.scanning
+        if settings.rule_for(name) is None or not _scannable(media_type, body):
+            return
+        scanner = self.scanner
+        report = await scanner.report(digest) if scanner is not None else None
+        if report is None and scanner is not None and scanner.state(digest) == "unscanned":
+            # Pushed before scanning was on, or dropped by a full queue: catch up now.
+            scanner.enqueue(name, digest)
+        decision = decide_pull(settings, name, report, today=datetime.datetime.now(datetime.UTC).date())
+        if decision.allowed:
+            return
+        self._record_policy_denial(request, name, tag, digest, decision)
+        raise OCIError("DENIED", f"pull of {name}:{tag} refused by the scanning policy: {decision.reason}",
+                       status=403, detail={"policy": "scanning", "digest": str(digest),
+                                           "advisories": list(decision.advisories)})
+
+    def _record_policy_denial(self, request: Request, name: str, tag: str, digest: Digest,
+                              decision: PullDecision) -> None:
+        # Clients retry a refused pull: one record per caller, image and interval is enough.
+        actor = _actor(request)
+        key = (str(actor["actor"]), str(actor["source"]), name, str(digest))
+        now = time.monotonic()
+        last = self._policy_denials.get(key)
+        if last is not None and now - last < _POLICY_DENIAL_INTERVAL:
+            return
+        self._policy_denials[key] = now
+        self._policy_denials.move_to_end(key)
+        while len(self._policy_denials) > _POLICY_DENIAL_LOG_SIZE:
+            self._policy_denials.popitem(last=False)
+        rule = list(decision.rule.repositories) if decision.rule is not None else []
+        self._audit("policy.denied", {**actor, "repository": name, "reference": tag, "digest": str(digest),
+                                      "status": 403,
+                                      "detail": {"policy": "scanning", "reason": decision.reason,
+                                                 "advisories": list(decision.advisories), "rule": rule}})
 
     async def get_chunks(self, request: Request, name: str, digest: str) -> Response:
         parsed = Digest.parse(digest)
@@ -399,15 +488,112 @@ class SeedRegistry:
         await trio.to_thread.run_sync(self.storage.put_manifest, name, body, parsed, tag)
         fields: dict[str, Any] = {"repository": name, "digest": str(parsed.digest),
                                   "detail": {"media_type": parsed.media_type, "size": len(body)}}
-        self._audit("manifest.push", {**_actor(request), **fields})
+        self._audit("manifest.push", {**_actor(request), **fields, "reference": tag})
         if tag is not None and old_digest != str(parsed.digest):
             self._audit("tag.move", {**_actor(request), "repository": name, "reference": tag,
                                      "old_digest": old_digest, "new_digest": str(parsed.digest)})
+        await self._scan_pushed(name, parsed.digest, parsed.media_type, body)
         headers = [("Location", f"/v2/{name}/manifests/{parsed.digest}"),
                    ("Docker-Content-Digest", str(parsed.digest))]
         if parsed.subject is not None:
             headers.append(("OCI-Subject", str(parsed.subject.digest)))
         return Response(201, headers)
+
+    # ---- scanning -----------------------------------------------------------------------
+
+    async def _scan_pushed(self, name: str, digest: Digest, media_type: str, body: bytes) -> None:
+        """Queues a pushed image (or index) for a background scan; never artifacts, such as the
+        scanner's own SBOM and report referrers."""
+        scanner = self.scanner
+        if scanner is None or not self.config.scanning.scan.scan_on_push or not _scannable(media_type, body):
+            return
+        state = scanner.state(digest)
+        if state in ("pending", "scanning"):
+            return
+        if state == "scanned":
+            report = await scanner.report(digest)
+            if report is not None and report.repository == name:
+                return  # the same content under another tag: its report stands
+        scanner.enqueue(name, digest)
+
+    def _require_scanner(self) -> ScanService:
+        if self.scanner is None:
+            raise OCIError("NOT_FOUND", "scanning is disabled on this registry ([scan] enabled = false)")
+        return self.scanner
+
+    async def get_scan(self, request: Request, name: str, reference: str) -> Response:
+        """The scan report of a manifest of ``name`` (by tag or digest).
+
+        200: the report (``P2PD-Scan-State`` says whether a newer scan is pending or running);
+        202: no report yet, a scan is pending or running; 404: the manifest is unknown, or it
+        was never scanned.
+        """
+        scanner = self._require_scanner()
+        validate_reference(reference)
+        digest = self.storage.stat_manifest(name, reference).digest
+        body = await scanner.report_bytes(digest)
+        state = scanner.state(digest)
+        if body is not None:
+            return Response(200, [("Content-Type", "application/json"), ("Docker-Content-Digest", str(digest)),
+                                  (_SCAN_STATE_HEADER, state)], body)
+        if state in ("pending", "scanning"):
+            return _json(202, {"repository": name, "digest": str(digest), "state": state},
+                         [(_SCAN_STATE_HEADER, state)])
+        raise OCIError("NOT_FOUND", "this manifest has not been scanned (POST to this URL to scan it)",
+                       detail={"digest": str(digest), "state": state})
+
+    async def request_scan(self, request: Request, name: str, reference: str) -> Response:
+        """Queues a (re)scan of a manifest of ``name``; 202 with the state to poll with GET."""
+        scanner = self._require_scanner()
+        validate_reference(reference)
+        stored, body = self.storage.get_manifest(name, reference)
+        if not _scannable(stored.media_type, body):
+            raise OCIError("UNSUPPORTED", "not a container image (an artifact): nothing to scan", status=400,
+                           detail={"digest": str(stored.digest)})
+        if not scanner.enqueue(name, stored.digest):
+            raise OCIError("TOOMANYREQUESTS", "the scan queue is full", headers=[("Retry-After", "60")])
+        state = scanner.state(stored.digest)
+        return _json(202, {"repository": name, "digest": str(stored.digest), "state": state},
+                     [("Location", f"/v2/{name}/scan/{stored.digest}"), (_SCAN_STATE_HEADER, state)])
+
+    async def scan_completed(self, report: ScanReport) -> None:
+        """The scanner's ``on_complete``: record ``scan.completed`` and tell the
+        ``on_scan_completed`` subscribers.
+
+        The scan process has already stored the SBOM and the report as OCI 1.1 referrers of the
+        image (``ScanService(attach=True)``), except for an incomplete scan (a layer could not
+        be read): an SBOM is a claim about everything in the image, and that one would be
+        missing packages. Its report is served by the scan API, and ``[[scanning]] incomplete``
+        decides its pulls.
+        """
+        counts = {severity: count for severity, count in report.severity_counts().items() if count}
+        advisories = sorted({finding.id for _platform, finding in report.findings})
+        self._audit("scan.completed", {"actor": "", "actor_kind": "system", "repository": report.repository,
+                                       "digest": report.digest,
+                                       "detail": {"status": report.status, "summary": counts,
+                                                  "advisories": advisories[:100],
+                                                  "database": (report.database or {}).get("import_id", ""),
+                                                  "problems": len(report.problems)}})
+        for subscriber in list(self.on_scan_completed):
+            try:
+                subscriber(report)
+            except Exception:  # one broken subscriber must not silence the others
+                log.exception("scan completion subscriber %r failed", subscriber)
+
+    # ---- signatures (seed.signatures.api) ------------------------------------------------
+
+    async def get_signatures(self, request: Request, name: str, digest: str) -> Response:
+        return await signatures_api.get_signatures(self.signatures, request, name, digest)
+
+    async def put_signature(self, request: Request, name: str, digest: str) -> Response:
+        return await signatures_api.put_signature(self.signatures, request, name, digest, _actor(request))
+
+    async def delete_signatures(self, request: Request, name: str, digest: str) -> Response:
+        self._check_delete_enabled()
+        return await signatures_api.delete_signatures(self.signatures, request, name, digest, _actor(request))
+
+    async def get_verdict(self, request: Request, name: str, reference: str) -> Response:
+        return await signatures_api.get_verdict(self.signatures, request, name, reference, _actor(request))
 
     # ---- delete -----------------------------------------------------------------------
 
@@ -457,6 +643,12 @@ class SeedRegistry:
         ("manifest", "DELETE"): delete_manifest,
         ("tags", "GET"): list_tags,
         ("referrers", "GET"): get_referrers,
+        ("scan", "GET"): get_scan,
+        ("scan", "POST"): request_scan,
+        ("signatures", "GET"): get_signatures,
+        ("signatures", "PUT"): put_signature,
+        ("signatures", "DELETE"): delete_signatures,
+        ("verdict", "GET"): get_verdict,
     }
 
 
@@ -475,6 +667,18 @@ def build_gate(config: SeedConfig, audit: AuditHook) -> tuple[Gate, TokenService
     return gate, TokenService(stack.authenticator, stack.authority, lambda: gate.policy, audit)
 
 
+def _scannable(media_type: str, body: bytes) -> bool:
+    """Whether a manifest is an image, or an index of them, rather than an artifact (an SBOM,
+    a signature, a Helm chart, the scanner's own results)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    if media_type in mediatypes.INDEX_TYPES:
+        return isinstance(document, dict) and not document.get("artifactType")
+    return is_container_image(document)
+
+
 def _caller(request: Request) -> Caller:
     identity = request.identity
     return identity if isinstance(identity, Caller) else open_caller(request)
@@ -488,8 +692,6 @@ def _actor(request: Request) -> dict[str, Any]:
 
 
 def _json(status: int, document: Any, headers: list[tuple[str, str]] | None = None) -> Response:
-    import json
-
     return Response(status, [("Content-Type", "application/json"), *(headers or [])],
                     json.dumps(document, separators=(",", ":")).encode())
 
@@ -520,17 +722,29 @@ async def serve_seed(
         tls = await trio.to_thread.run_sync(TlsContextProvider, TlsFiles(
             config.tls.cert_file, config.tls.key_file, config.tls.client_ca_file))
     audit = await trio.to_thread.run_sync(open_audit, config, metrics)
+    webhooks: Dispatcher | None = None
     try:
-        gate, token_service = await trio.to_thread.run_sync(build_gate, config, audit)
-        registry = SeedRegistry(config, storage, metrics, gate, token_service, audit)
+        webhooks = await trio.to_thread.run_sync(open_webhooks, config, metrics)
+        hook = webhooks.tee(audit)  # every audit event also goes to the webhooks that want it
+        gate, token_service = await trio.to_thread.run_sync(build_gate, config, hook)
+        registry = SeedRegistry(config, storage, metrics, gate, token_service, hook)
         registry.tls = tls
+        registry.webhooks = webhooks
+        if config.scanning.scan.enabled:
+            registry.scanner = ScanService(storage, config.storage.data, config.scanning.scan,
+                                           registry=metrics.registry, on_complete=registry.scan_completed,
+                                           attach=True)
         async with trio.open_nursery() as nursery:
             # The audit writer first: it fsyncs in a worker thread, and on cancellation it
             # writes what is still queued before it returns.
             await nursery.start(audit.serve)
+            await nursery.start(webhooks.serve)  # likewise stores what is queued when cancelled
+            if registry.scanner is not None:
+                await nursery.start(registry.scanner.serve)  # after the audit writer: scans record events
 
             async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
-                await serve_http(registry.handle, config.server.host, config.server.port,
+                # Every answer waits until the webhook events of its request are on disk.
+                await serve_http(webhooks.durable(registry.handle), config.server.host, config.server.port,
                                  limits=config.server.limits, observer=registry.observe,
                                  shutdown=shutdown, tls=tls.context if tls is not None else None,
                                  task_status=task_status)
@@ -540,4 +754,6 @@ async def serve_seed(
             info = await nursery.start(run_server)
             task_status.started((info, registry))
     finally:
+        if webhooks is not None:
+            webhooks.close()
         audit.close()

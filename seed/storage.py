@@ -8,6 +8,7 @@ Layout under the data directory::
     repositories/<name>/_manifests/sha256/<hex>       manifest revision (JSON: media type, size, subject)
     repositories/<name>/_tags/<tag>                   the digest a tag points to
     repositories/<name>/_referrers/<subject hex>/<hex>  a referrer's descriptor (JSON)
+    repositories/<name>/_signatures/<alg>-<hex>/<32 hex>.json  signature API extension (seed.signatures)
     uploads/<uuid>/{state.json,data}        upload sessions (survive restarts)
     tmp/                                    temporary files, renamed into place
 
@@ -114,6 +115,7 @@ class GCReport:
     removed_blobs: list[str] = field(default_factory=list)
     removed_bytes: int = 0
     kept_blobs: int = 0
+    removed_signatures: int = 0  # signature directories of manifests that are gone
     dry_run: bool = False
 
 
@@ -178,6 +180,10 @@ class Storage:
         if not is_valid_tag(tag):
             raise OCIError("TAG_INVALID", "invalid tag")
         return self._repo(name) / "_tags" / tag
+
+    def signatures_dir(self, name: str, digest: Digest) -> Path:
+        """Where the signature extension keeps manifest ``digest``'s signatures (``seed.signatures``)."""
+        return self._repo(name) / "_signatures" / f"{digest.algorithm}-{digest.encoded}"
 
     def _referrer_dir(self, name: str, subject: Digest) -> Path:
         return self._repo(name) / "_referrers" / f"{subject.algorithm}-{subject.encoded}"
@@ -491,6 +497,15 @@ class Storage:
             subject = Digest.parse(meta["subject"])
             self._remove(self._referrer_dir(name, subject) / digest.encoded)
         self._remove(link)
+        # Its signatures go with it (after the link: a crash in between leaves signatures of
+        # a manifest that is gone, which GC removes, never a manifest that lost them).
+        self._remove_signatures(name, digest)
+
+    def _remove_signatures(self, name: str, digest: Digest) -> None:
+        directory = self.signatures_dir(name, digest)
+        if directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
+            fsync_dir(directory.parent)
 
     def delete_tag(self, name: str, tag: str) -> None:
         if not self._remove(self._tag_path(name, tag)):
@@ -583,7 +598,28 @@ class Storage:
                         self._remove(chunk_map)
         if not dry_run:
             self._remove_dangling_links({d.split(":", 1)[1] for d in report.removed_blobs})
+        report.removed_signatures = self._remove_orphan_signatures(dry_run=dry_run)
         return report
+
+    def _remove_orphan_signatures(self, *, dry_run: bool) -> int:
+        """Signature directories whose manifest is not in the repository (a crash during a
+        delete, or a signature PUT racing one); returns how many (would be) removed."""
+        orphans = 0
+        for name in self.list_repositories():
+            directory = self._repo(name) / "_signatures"
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.listdir(directory):
+                    algorithm, _, encoded = entry.partition("-")
+                    try:
+                        digest = Digest.parse(f"{algorithm}:{encoded}")
+                    except OCIError:
+                        continue
+                    if self._manifest_link(name, digest).exists():
+                        continue
+                    orphans += 1
+                    if not dry_run:
+                        self._remove_signatures(name, digest)
+        return orphans
 
     def _remove_dangling_links(self, removed: set[str]) -> None:
         if not removed:

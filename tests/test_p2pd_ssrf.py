@@ -152,7 +152,8 @@ def agent_config(tmp_path: Path, registry: FakeRegistry, *, allow_registries: tu
     """An agent on a free port whose only upstream entry maps ``NS`` to ``registry``."""
     lines = ["[[upstream]]", f'namespace = "{NS}"', f'url = "{registry.url}"']
     if registry.basic_auth:
-        lines += [f'username = "{USERNAME}"', f'password = "{PASSWORD}"']
+        # anonymous_pull: the test's client has no credentials; the operator opens the namespace.
+        lines += [f'username = "{USERNAME}"', f'password = "{PASSWORD}"', "anonymous_pull = true"]
     if ca_file is not None:
         lines.append(f'ca_file = "{ca_file}"')
     path = tmp_path / "agent.toml"

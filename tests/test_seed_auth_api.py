@@ -38,6 +38,13 @@ SPEC_ACTION = {
     ("manifest", "DELETE"): "delete",
     ("tags", "GET"): "pull", ("tags", "HEAD"): "pull",
     ("referrers", "GET"): "pull", ("referrers", "HEAD"): "pull",
+    # The scan API (docs/operations.md): reading a report is pulling; asking for a rescan makes the seed work.
+    ("scan", "GET"): "pull", ("scan", "HEAD"): "pull", ("scan", "POST"): "push",
+    # The registry signature API extension (containers/image): reading signatures is pulling,
+    # storing one is pushing, removing them is deleting; the verdict API is read like a manifest.
+    ("signatures", "GET"): "pull", ("signatures", "HEAD"): "pull", ("signatures", "PUT"): "push",
+    ("signatures", "DELETE"): "delete",
+    ("verdict", "GET"): "pull", ("verdict", "HEAD"): "pull",
     ("upload", "POST"): "push", ("upload", "PATCH"): "push", ("upload", "PUT"): "push",
     ("upload", "GET"): "push", ("upload", "HEAD"): "push", ("upload", "DELETE"): "push",
 }
@@ -259,6 +266,9 @@ async def _request_for(client: httpx.AsyncClient, route: str, method: str, repo:
         "manifest": f"/v2/{repo}/manifests/{digest}",
         "tags": f"/v2/{repo}/tags/list",
         "referrers": f"/v2/{repo}/referrers/{digest}",
+        "scan": f"/v2/{repo}/scan/{digest}",
+        "signatures": f"/extensions/v2/{repo}/signatures/{digest}",
+        "verdict": f"/extensions/v2/{repo}/verdict/{digest}",
         "upload": f"/v2/{repo}/blobs/uploads/",
     }
     path = paths[route]

@@ -24,7 +24,7 @@ from tests.harness.images import OciLayout
 from tests.harness.podman import Podman
 from tests.harness.seed_process import SeedProcess
 from tests.harness.tools import ToolError, run
-from tests.p2pd_support import NS, pull, start_agent, write_hosts
+from tests.p2pd_support import NS, start_agent, write_hosts
 from tests.test_seed_auth_api import make_htpasswd
 
 USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2", "mallory": "mallory-Secret-3"}
@@ -158,18 +158,23 @@ async def test_containerd_through_p2pd_with_a_private_seed(
     pushed = await trio.to_thread.run_sync(partial(
         skopeo.copy, busybox_layout.ref("busybox"), f"docker://{private_seed.host}/team/busybox:v1",
         extra_args=["--dest-creds", f"alice:{USERS['alice']}"]))
-    # The operator gives the agent a pull-only robot for its own fetches.
+    # The operator gives the agent a pull-only robot for its own fetches, and explicitly lets
+    # local clients without credentials use it (else each client's own token is checked:
+    # tests/test_p2pd_private.py).
     login, secret = await trio.to_thread.run_sync(create_robot, private_seed, "team/**:pull")
     password_file = tmp_path / "robot.password"
     password_file.write_text(secret)
     agent_toml = tmp_path / "agent.toml"
     agent_toml.write_text(f'[[upstream]]\nnamespace = "{NS}"\nurl = "{private_seed.url}"\n'
-                          f'username = "{login}"\npassword_file = "{password_file}"\n')
+                          f'username = "{login}"\npassword_file = "{password_file}"\nanonymous_pull = true\n')
     config = load_agent_config(agent_toml, listen="127.0.0.1:0", data=tmp_path / "agent")
     agent = await start_agent(nursery, config)
     hosts = write_hosts(tmp_path / "hosts", agent.info.url, private_seed.url)
     ref = f"{NS}/team/busybox:v1"
-    await pull(containerd, ref, hosts)
+    # The client logs in with its own credentials (the agent passes the seed's challenge on and
+    # checks the client's token); the agent fetches with its robot.
+    await trio.to_thread.run_sync(partial(containerd.pull, ref, hosts_dir=hosts, timeout=60,
+                                          extra_args=["--user", f"bob:{USERS['bob']}"]))
     assert containerd.image_digest(ref) == pushed
     assert agent.metrics.registry.get_sample_value("p2pd_served_bytes_total") or 0 > 0
     # The robot's secret is in no log line of either program.

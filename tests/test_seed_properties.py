@@ -483,7 +483,7 @@ def test_manifest_pushes_never_fail(
 def test_nothing_escaped_the_data_dir(running_seed: RunningSeed) -> None:
     # Runs after the properties above (file order): every file is under the known layout.
     top = {p.name for p in running_seed.data.iterdir()}
-    assert top <= {"blobs", "chunkmaps", "repositories", "uploads", "tmp", "audit", "auth"}
+    assert top <= {"blobs", "chunkmaps", "repositories", "uploads", "tmp", "audit", "auth", "scan"}
     for path in (running_seed.data / "repositories").rglob("*"):
         relative = path.relative_to(running_seed.data / "repositories")
         assert ".." not in relative.parts

@@ -19,8 +19,10 @@ A record (one line, canonical JSON: sorted keys, compact, ASCII)::
 Where things are: ``_event`` (the values and the secret guard), ``_chain`` (canonical JSON,
 sealing, checking: pure), ``_sink`` (the ``AuditSink`` seam and the in-memory fake),
 ``_layout`` (the files of ``DATA/audit``), ``_file`` (the file sink: locking, crash repair,
-rotation, pruning), ``_verify`` (what an auditor can rely on), ``_trail`` (the hook and the
-writer task), ``_cli`` (``seed audit verify | query | prune``).
+rotation, pruning), ``_verify`` (what an auditor can rely on), ``_inbox`` (events of
+command-line tools such as ``seed robot create``, queued in ``DATA/audit/inbox`` while the seed
+holds the log: ``record_offline``), ``_trail`` (the hook and the writer task), ``_cli``
+(``seed audit verify | query | prune``).
 """
 
 from ..errors import AuditError as AuditError
@@ -38,11 +40,11 @@ from ._event import format_time as format_time
 from ._event import make_event as make_event
 from ._event import parse_time as parse_time
 from ._file import DEFAULT_ROTATE_BYTES as DEFAULT_ROTATE_BYTES
+from ._file import AuditLogInUse as AuditLogInUse
 from ._file import FileAuditLog as FileAuditLog
 from ._file import PruneReport as PruneReport
 from ._file import iter_directory_records as iter_directory_records
-from ._inbox import ingest_inbox as ingest_inbox
-from ._inbox import pending_inbox as pending_inbox
+from ._inbox import AuditInbox as AuditInbox
 from ._inbox import record_offline as record_offline
 from ._layout import LIVE_NAME as LIVE_NAME
 from ._layout import audit_directory as audit_directory
@@ -65,6 +67,8 @@ __all__ = [
     "REDACTED",
     "AuditError",
     "AuditEvent",
+    "AuditInbox",
+    "AuditLogInUse",
     "AuditMetrics",
     "AuditQuery",
     "AuditRecord",
@@ -80,12 +84,10 @@ __all__ = [
     "canonical",
     "check_lines",
     "format_time",
-    "ingest_inbox",
     "iter_directory_records",
     "make_event",
     "open_audit",
     "parse_time",
-    "pending_inbox",
     "record_from_line",
     "record_offline",
     "rotated_name",

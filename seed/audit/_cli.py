@@ -11,7 +11,7 @@ from ..errors import AuditError
 from ._chain import canonical
 from ._event import parse_time
 from ._file import DEFAULT_ROTATE_BYTES, FileAuditLog, iter_directory_records
-from ._layout import audit_directory
+from ._layout import INBOX_DIR, audit_directory, list_inbox
 from ._sink import AuditQuery
 from ._verify import verify_audit_log
 
@@ -91,6 +91,11 @@ def _query(directory: Path, query: AuditQuery) -> int:
     except BrokenPipeError:
         # `seed audit query | head`: the reader has what it wanted.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    pending = len(list_inbox(directory))
+    if pending:
+        print(f"note: {pending} event(s) of command-line tools wait in {directory / INBOX_DIR} and are not "
+              "shown: the running seed moves them into the log within seconds", file=sys.stderr)
     return 0
 
 

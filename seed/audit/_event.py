@@ -48,8 +48,10 @@ ACTIONS: Mapping[str, str] = {
     "tag.delete": "a tag was deleted (repository, reference, old_digest)",
     "blob.delete": "a blob was deleted from a repository (repository, digest)",
     "access.denied": "a request was refused (actor, source, repository, detail.needs)",
-    "robot.create": "a robot account was created (actor = who, detail.robot, scopes)",
-    "robot.revoke": "a robot account was revoked (actor = who, detail.robot)",
+    "robot.create": "a robot account was created (actor = the OS user, actor_kind operator; detail.robot, "
+                    "access, expires_at, description, inbox_id)",
+    "robot.revoke": "a robot account was revoked (actor = the OS user, actor_kind operator; detail.robot, "
+                    "inbox_id)",
     "config.reload": "the configuration was reloaded (detail.source, status)",
     "audit.tail_truncated": "an incomplete last line (interrupted write) was moved aside on open",
     "audit.inbox_rejected": "a queued event from a command-line tool was malformed (detail.file, reason)",
@@ -57,6 +59,10 @@ ACTIONS: Mapping[str, str] = {
     "scan.completed": "a scan's result is new or changed (repository, digest, detail.status/summary/advisories)",
     "policy.denied": "a pull by tag was refused by a policy (actor, source, repository, reference, digest, "
                      "detail.policy, detail.reason, detail.advisories)",
+    "signature.push": "a signature was stored through the signature API (repository, digest, detail.name, size)",
+    "signature.delete": "signatures were removed through the signature API (repository, digest, detail.removed)",
+    "signature.verdict": "a signature policy verdict is new or changed (repository, reference, digest, "
+                         "detail.verdict = allowed|warned|denied, detail.reason, detail.verified_by)",
 }
 
 REDACTED = "[redacted]"
@@ -117,7 +123,8 @@ class AuditEvent:
         action: what happened, a dotted name (see ``ACTIONS``).
         time: when, RFC 3339 UTC (default: now).
         actor: who did it (login name, ``robot$ci``; as typed for a failed login).
-        actor_kind: ``user``, ``robot``, ``anonymous`` or ``system``.
+        actor_kind: ``user``, ``robot``, ``anonymous``, ``system``, or ``operator`` (the OS
+            user running a ``seed`` command).
         provider: which identity provider vouched for the actor.
         source: the client's address.
         repository: the repository concerned.

@@ -53,7 +53,7 @@ from ._layout import (
 from ._sink import AuditQuery
 from ._verify import verify_audit_log
 
-__all__ = ["DEFAULT_ROTATE_BYTES", "FileAuditLog", "PruneReport", "iter_directory_records"]
+__all__ = ["DEFAULT_ROTATE_BYTES", "AuditLogInUse", "FileAuditLog", "PruneReport", "iter_directory_records"]
 
 log = logging.getLogger("seed.audit")
 
@@ -61,6 +61,10 @@ DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640  # audit records name users and addresses: not for everyone to read
 _ROTATED_MODE = 0o440
+
+
+class AuditLogInUse(AuditError):
+    """Another writer holds the audit log's lock: the running seed, or a command appending."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +92,10 @@ class FileAuditLog:
         rotate_bytes: the live file is rotated once it holds this many bytes.
 
     Raises:
-        AuditError: another process has the log open, the directory cannot be used, or the
-            newest record does not verify (then run ``seed audit verify`` and investigate
-            before moving the damaged file aside: the seed will not chain onto a forged head).
+        AuditLogInUse: another process (or an unclosed ``FileAuditLog``) has the log open.
+        AuditError: the directory cannot be used, or the newest record does not verify (then
+            run ``seed audit verify`` and investigate before moving the damaged file aside: the
+            seed will not chain onto a forged head).
     """
 
     def __init__(self, directory: Path, *, rotate_bytes: int = DEFAULT_ROTATE_BYTES) -> None:
@@ -126,9 +131,9 @@ class FileAuditLog:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise AuditError(f"the audit log in {self.directory} is already open: by another process (is "
-                                 "the seed running?), or by an earlier FileAuditLog of this one that was not "
-                                 "closed") from None
+                raise AuditLogInUse(f"the audit log in {self.directory} is already open: by another process "
+                                    "(is the seed running?), or by an earlier FileAuditLog of this one that was "
+                                    "not closed") from None
             raise
         self._fd = self._open_live(create_new=False)
         size = os.fstat(self._fd).st_size

@@ -5,6 +5,9 @@ Layout of ``DATA/audit/``::
     audit.log                   the live file; the seed appends here
     audit-000000000001.log      rotated files, named by the seq of their first record, read-only
     torn/audit.log.<time>.at<offset>.partial   incomplete last lines moved aside on open
+    inbox/<time ns>-<id>.json   events of command-line tools, queued while the seed holds the log
+                                (not part of the chain until the seed moves them in: _inbox.py)
+    inbox/rejected/             inbox files that were malformed, each recorded by audit.inbox_rejected
     .lock                       flock of the process that appends (one writer at a time)
 
 Rules/invariants:
@@ -26,14 +29,17 @@ from typing import BinaryIO
 from ..errors import AuditError
 
 __all__ = [
+    "INBOX_DIR",
     "LIVE_NAME",
     "LOCK_NAME",
+    "REJECTED_DIR",
     "TORN_DIR",
     "Snapshot",
     "audit_directory",
     "complete_end",
     "first_line",
     "last_line",
+    "list_inbox",
     "list_rotated",
     "open_snapshot",
     "rotated_name",
@@ -43,6 +49,8 @@ __all__ = [
 LIVE_NAME = "audit.log"
 LOCK_NAME = ".lock"
 TORN_DIR = "torn"
+INBOX_DIR = "inbox"
+REJECTED_DIR = "rejected"  # inside INBOX_DIR
 _ROTATED_RE = re.compile(r"audit-(\d{12,})\.log")
 _BLOCK = 64 * 1024
 _SNAPSHOT_ATTEMPTS = 100  # only while the live file is missing mid-rotation
@@ -69,9 +77,22 @@ def list_rotated(directory: Path) -> list[tuple[int, Path]]:
 
 def unexpected_entries(directory: Path) -> list[str]:
     """Names in the audit directory that are not part of the log (worth a look by an auditor)."""
-    expected = {LIVE_NAME, LOCK_NAME, TORN_DIR, "inbox"}  # inbox: events queued by CLIs (_inbox.py)
+    expected = {LIVE_NAME, LOCK_NAME, TORN_DIR, INBOX_DIR}
     return sorted(entry.name for entry in os.scandir(directory)
                   if entry.name not in expected and not _ROTATED_RE.fullmatch(entry.name))
+
+
+def list_inbox(directory: Path) -> list[Path]:
+    """Queued events in ``directory/inbox`` (``*.json``, not the hidden temporary files of a
+    write in progress), oldest first: their names start with the time they were written."""
+    inbox = Path(directory) / INBOX_DIR
+    try:
+        entries = list(os.scandir(inbox))
+    except FileNotFoundError:
+        return []
+    return sorted(Path(entry.path) for entry in entries
+                  if entry.name.endswith(".json") and not entry.name.startswith(".")
+                  and not entry.is_dir(follow_symlinks=False))
 
 
 @dataclass(slots=True)

@@ -19,16 +19,23 @@ Rules/invariants:
   On cancellation the writer makes one last shielded attempt to write what is queued.
 - Call ``record`` on the trio thread, or from a worker thread of the same run (it is woken
   through the trio token then).
+- Events of command-line tools queued in ``DATA/audit/inbox`` (``_inbox``) are moved into
+  the chain when the log is opened (``open_audit``), when ``serve`` starts, and then every
+  ``_INBOX_INTERVAL`` seconds, one bounded round at a time, by the same writer task: the
+  chain has one writer, and the request path never waits for the inbox.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -37,8 +44,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ..errors import AuditError
 from ._chain import GENESIS_HASH, seal
 from ._event import AuditEvent, AuditRecord, format_time, make_event
-from ._file import FileAuditLog
-from ._inbox import ingest_inbox, pending_inbox
+from ._file import AuditLogInUse, FileAuditLog
+from ._inbox import AuditInbox
 from ._layout import audit_directory
 from ._sink import AuditQuery, AuditSink
 
@@ -53,7 +60,9 @@ log = logging.getLogger("seed.audit")
 _BATCH = 1000  # events per write (one fsync)
 _RETRY_FIRST = 0.5  # seconds before the first retry after a failed write
 _RETRY_MAX = 30.0
-_INBOX_INTERVAL = 2.0  # seconds between looks at DATA/audit/inbox
+_INBOX_INTERVAL = 1.0  # seconds between looks at DATA/audit/inbox
+_OPEN_WAIT = 5.0  # seconds open_audit waits for a command that is appending to the log
+_OPEN_RETRY = 0.05
 
 
 class AuditMetrics:
@@ -82,11 +91,14 @@ class AuditTrail:
         registry: the Prometheus registry for ``AuditMetrics`` (default: a private one).
         max_pending: queued events kept while the sink fails; more are dropped.
         clock: the wall clock for event times (tests pass a fixed one).
+        inbox: events queued by command-line tools, moved into ``sink`` by ``serve``
+            (``open_audit`` passes ``DATA/audit/inbox``; ``None``: there is none).
     """
 
     def __init__(self, sink: AuditSink, *, registry: CollectorRegistry | None = None, max_pending: int = 100_000,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), inbox: AuditInbox | None = None) -> None:
         self.sink = sink
+        self.inbox = inbox
         self.metrics = AuditMetrics(registry if registry is not None else CollectorRegistry())
         self.metrics.head_seq.set(sink.head[0])
         self._max_pending = max_pending
@@ -163,13 +175,13 @@ class AuditTrail:
         try:
             task_status.started()
             failures = 0
+            inbox_due = trio.current_time()  # at once: what was queued while the seed was starting
             while True:
-                # Events from command-line tools (seed robot ...) wait in the inbox: look at
-                # least every _INBOX_INTERVAL seconds, between two batches of our own.
-                with trio.move_on_after(_INBOX_INTERVAL):
-                    await self._wakeup.wait()
+                # A new event before draining: a record() from now on wakes the next wait.
                 self._wakeup = trio.Event()
-                await self._ingest_inbox()
+                if self.inbox is not None and trio.current_time() >= inbox_due:
+                    await self._ingest_inbox(self.inbox)
+                    inbox_due = trio.current_time() + _INBOX_INTERVAL
                 while self._pending:
                     try:
                         await self._write_batch()
@@ -180,24 +192,25 @@ class AuditTrail:
                         log.error("cannot write %d audit event(s), retrying in %.1fs: %s",
                                   len(self._pending), delay, exc)
                         await trio.sleep(delay)
+                with trio.move_on_at(inbox_due if self.inbox is not None else math.inf):
+                    await self._wakeup.wait()
         finally:
             self._serving = False
             self._trio_thread = self._token = None
             with trio.CancelScope(shield=True):
                 await self._write_remaining()
 
-    async def _ingest_inbox(self) -> None:
-        directory = getattr(self.sink, "directory", None)
-        if directory is None or not pending_inbox(directory):
-            return
+    async def _ingest_inbox(self, inbox: AuditInbox) -> None:
         try:
-            added = await trio.to_thread.run_sync(ingest_inbox, self.sink, directory)
+            records = await trio.to_thread.run_sync(inbox.ingest, self.sink)
         except (AuditError, OSError) as exc:
-            log.error("cannot move queued audit events from %s/inbox into the log: %s", directory, exc)
+            # The files stay where they are; the next look tries again.
+            self.metrics.write_failures.inc()
+            log.error("cannot move queued audit events from %s into the log: %s", inbox.path, exc)
             return
-        self.metrics.head_seq.set(self.sink.head[0])
-        if added:
-            log.info("moved %d queued audit event(s) into the log", added)
+        self._count(records)
+        if records:
+            log.info("moved %d queued audit event(s) from %s into the log", len(records), inbox.path)
 
     async def _write_batch(self) -> None:
         batch = list(itertools.islice(self._pending, _BATCH))
@@ -240,8 +253,10 @@ class AuditTrail:
 
 def open_audit(config: SeedConfig, metrics: SeedMetrics | None = None) -> AuditTrail:
     """The seed's audit trail as ``[audit]`` configures it: a ``FileAuditLog`` in ``DATA/audit``,
-    counted in ``metrics.registry``. Blocks (it opens the log and repairs a torn tail): call it
-    in a worker thread. Start ``trail.serve`` in the nursery, and ``trail.close()`` after it.
+    counted in ``metrics.registry``. Blocks (it opens the log, repairs a torn tail, waits up to
+    ``_OPEN_WAIT`` seconds for a command that is appending, and moves events queued in
+    ``DATA/audit/inbox`` into the chain): call it in a worker thread. Start ``trail.serve`` in
+    the nursery, and ``trail.close()`` after it.
 
     With ``enabled = false`` events are still checked (a bad field is a bug either way) and
     counted, but not kept.
@@ -252,12 +267,35 @@ def open_audit(config: SeedConfig, metrics: SeedMetrics | None = None) -> AuditT
     registry = metrics.registry if metrics is not None else None
     if not config.audit.enabled:
         return AuditTrail(_DiscardingSink(), registry=registry)
-    sink = FileAuditLog(audit_directory(config.storage.data), rotate_bytes=config.audit.rotate_bytes)
+    directory = audit_directory(config.storage.data)
+    sink = _open_waiting(directory, config.audit.rotate_bytes)
     try:
-        return AuditTrail(sink, registry=registry)
+        inbox = AuditInbox(directory)
+        trail = AuditTrail(sink, registry=registry, inbox=inbox)
+        try:
+            # Before anything else is recorded: events of commands run while the seed was down
+            # (or racing its start) are older than anything this run records.
+            trail._count(inbox.ingest_all(sink))
+        except (AuditError, OSError) as exc:
+            log.error("cannot move queued audit events from %s into the log (the writer retries): %s",
+                      inbox.path, exc)
+        return trail
     except BaseException:
         sink.close()
         raise
+
+
+def _open_waiting(directory: Path, rotate_bytes: int) -> FileAuditLog:
+    """``FileAuditLog``, waiting a little while a command (``seed robot create``) appends to the
+    log: it holds the lock for milliseconds. Another running seed holds it for good."""
+    deadline = time.monotonic() + _OPEN_WAIT
+    while True:
+        try:
+            return FileAuditLog(directory, rotate_bytes=rotate_bytes)
+        except AuditLogInUse:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_OPEN_RETRY)
 
 
 class _DiscardingSink:

@@ -12,6 +12,8 @@ What an auditor can rely on (and what not):
   chain with recomputed hashes, by someone who can write the directory. Against that, keep the
   head (``seq`` and ``hash`` printed by verify, the ``seed_audit_head_seq`` gauge) somewhere
   else: a head seq that goes down, or a hash at a seq that changes, shows it.
+- Events queued in ``inbox/`` by command-line tools while the seed held the log are not part
+  of the chain yet: verify counts them (``inbox_pending``) and says so, and does not fail.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from ..errors import AuditError
 from ._chain import GENESIS_HASH, ChainChecker
-from ._layout import TORN_DIR, open_snapshot, unexpected_entries
+from ._layout import INBOX_DIR, REJECTED_DIR, TORN_DIR, list_inbox, open_snapshot, unexpected_entries
 
 __all__ = ["VerifyProblem", "VerifyReport", "verify_audit_log"]
 
@@ -53,7 +55,9 @@ class VerifyReport:
         files: the files read, oldest first.
         problem: the first bad line, when not ``ok``.
         truncated_tail: the incomplete last line of the live file, if any.
-        notes: other things worth an auditor's eye (moved-aside tails, stray files).
+        notes: other things worth an auditor's eye (moved-aside tails, queued or rejected
+            inbox events, stray files).
+        inbox_pending: events of command-line tools queued in ``inbox/``, not in the chain yet.
     """
 
     ok: bool
@@ -65,6 +69,7 @@ class VerifyReport:
     problem: VerifyProblem | None = None
     truncated_tail: VerifyProblem | None = None
     notes: tuple[str, ...] = ()
+    inbox_pending: int = 0
 
 
 class _Vanished(Exception):
@@ -134,6 +139,10 @@ def _verify_once(directory: Path) -> VerifyReport:
         files.close()
         snapshot.close()
     notes = _notes(directory)
+    inbox_pending = len(list_inbox(directory))
+    if inbox_pending:
+        notes.append(f"{inbox_pending} event(s) of command-line tools wait in {INBOX_DIR}/: not in the chain "
+                     "yet; the running seed moves them in within seconds (or when it next starts)")
     records, head_seq, head_hash = checker.count, checker.head_seq, checker.head_hash
     if problem is None and first_location is not None:
         start = checker.start_problem()
@@ -145,7 +154,7 @@ def _verify_once(directory: Path) -> VerifyReport:
         notes.append("where the kept history starts was not checked: the chain breaks before its end")
     return VerifyReport(ok=problem is None, records=records, first_seq=checker.first_seq, head_seq=head_seq,
                         head_hash=head_hash, files=tuple(names), problem=problem, truncated_tail=truncated,
-                        notes=tuple(notes))
+                        notes=tuple(notes), inbox_pending=inbox_pending)
 
 
 def _notes(directory: Path) -> list[str]:
@@ -156,6 +165,13 @@ def _notes(directory: Path) -> list[str]:
         if saved:
             notes.append(f"{len(saved)} interrupted write(s) moved aside in {TORN_DIR}/ (each is recorded by an "
                          f"audit.tail_truncated record): {', '.join(saved[:5])}{' ...' if len(saved) > 5 else ''}")
+    rejected = directory / INBOX_DIR / REJECTED_DIR
+    if rejected.is_dir():
+        names = sorted(path.name for path in rejected.iterdir())
+        if names:
+            notes.append(f"{len(names)} malformed inbox file(s) kept in {INBOX_DIR}/{REJECTED_DIR}/ (each is "
+                         f"recorded by an audit.inbox_rejected record): {', '.join(names[:5])}"
+                         f"{' ...' if len(names) > 5 else ''}")
     stray = unexpected_entries(directory)
     if stray:
         notes.append(f"files that are not part of the log: {', '.join(stray)}")

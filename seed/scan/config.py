@@ -5,8 +5,9 @@ Example ``seed.toml``::
     [scan]
     enabled = true
     queue_size = 1000          # images waiting for a scan; pushes beyond it are not queued
-    workers = 1                # scans running at once (each in a worker thread)
+    workers = 1                # scans running at once (each in its own process)
     cpu_share = 0.5            # fraction of one core each worker may use (duty cycle)
+    priority = "idle"          # of the scan processes: idle (CPU nothing else wants) | low | normal
     database_poll_interval = 60.0  # seconds between checks for a database imported by `seed vulndb import`
 
     [scan.limits]
@@ -102,6 +103,9 @@ class ScanConfig:
     queue_size: int = 1000
     workers: int = 1
     cpu_share: float = 0.5  # fraction of one core a worker may use; 1.0 = no pauses
+    # CPU priority of the scan processes: "idle" (Linux SCHED_IDLE: only CPU time nothing else
+    # wants, so serving always goes first), "low" (nice 10) or "normal" (the seed's own).
+    priority: str = "idle"
     database_poll_interval: float = 60.0  # seconds between checks for a newly imported database
     limits: LayerLimits = field(default_factory=LayerLimits)
 
@@ -110,6 +114,8 @@ class ScanConfig:
             raise ValueError("queue_size and workers must be at least 1")
         if not 0.01 <= self.cpu_share <= 1.0:
             raise ValueError("cpu_share must be between 0.01 and 1.0")
+        if self.priority not in ("idle", "low", "normal"):
+            raise ValueError("priority must be 'idle', 'low' or 'normal'")
         if self.database_poll_interval <= 0:
             raise ValueError("database_poll_interval must be positive")
 

@@ -1,4 +1,5 @@
-"""The background scanner: a bounded queue, workers under a CPU budget, crash-safe results.
+"""The background scanner: a bounded queue, scans in child processes under a CPU budget,
+crash-safe results.
 
 Layout under the seed's data directory::
 
@@ -6,28 +7,35 @@ Layout under the seed's data directory::
     scan/tmp/                        temporary files, renamed into place
 
 Rules/invariants:
-- Scanning never runs on the request path: ``enqueue`` is sync-colored and never blocks (a
-  full queue drops the request and counts it; the image stays "unscanned" until a later
-  ``enqueue`` or ``scan_now``). Scans run in worker threads, at most ``workers`` at once,
-  each paced to ``cpu_share`` of a core by sleeping in proportion to the CPU time it used
-  (the sleep releases the GIL, which is what keeps serving responsive).
+- Scanning never runs on the request path, nor in the seed's process: ``enqueue`` is
+  sync-colored and never blocks (a full queue drops the request and counts it; the image
+  stays "unscanned" until a later ``enqueue`` or ``scan_now``). Each scan runs in a child
+  process (``seed.scan.worker``), at most ``workers`` at once, at CPU ``priority`` and
+  paced to ``cpu_share`` of a core, so it never holds the GIL the serving thread needs.
 - One scan per manifest digest at a time; a second request for the same digest waits for
   the first and gets its report.
-- Reports are written with ``write_atomic``: a crash leaves the previous report or the new one.
-- On shutdown (cancellation of ``serve``) running scans stop at their next pacing point.
+- Reports are written with ``write_atomic`` (by the child): a crash leaves the previous report
+  or the new one. The parent only reads them.
+- On shutdown (cancellation of ``serve``) running scans are killed with their processes.
 - A new database (imported by this process or by ``seed vulndb import`` beside it, noticed
   every ``database_poll_interval`` seconds) re-matches the stored reports whose packages
-  the import changed, from their stored inventories, without reading layers again.
+  the import changed, from their stored inventories, without reading layers again (in a
+  child process too). Only those whose result changed are announced (``on_complete``).
+- A scan that cannot be done (unknown manifest, a full disk) fails alone (``ScanError``),
+  never the service.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
+import subprocess
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +48,27 @@ from p2pd.oci.errors import OCIError
 from seed.storage import Storage
 
 from .config import SEVERITIES, ScanConfig
-from .errors import DatabaseMissing, ScanCancelled, ScanError, VulnDBError
-from .scanner import ScanReport, rematch, scan_image
+from .errors import DatabaseMissing, ScanError, VulnDBError
+from .scanner import ScanReport
 from .vulndb import VulnDatabase, osv_coordinates
 
-__all__ = ["ScanMetrics", "ScanResultStore", "ScanService"]
+__all__ = ["ScanMetrics", "ScanResultStore", "ScanService", "rematch_needed", "result_key"]
 
 log = logging.getLogger("seed.scan")
 
 _PACE_SLICE = 0.05  # seconds of CPU between pauses
 _CACHED_REPORTS = 256
+_WORKER = (sys.executable, "-m", "seed.scan.worker")
+_MAX_LINE = 64 * 1024  # bytes of one protocol line from a worker
+
+
+def _worker_request(*, data: Path, chunk_size: int, database: Path, cpu_share: float, priority: str, attach: bool,
+                   limits: Any, pace_slice: float, **extra: Any) -> bytes:
+    """The JSON request of one worker run (``extra``: repository and digest, or changed and stale_only)."""
+    document = {"data": str(data), "chunk_size": chunk_size, "database": str(database), "cpu_share": cpu_share,
+                "priority": priority, "attach": attach, "pace_slice": pace_slice,
+                "limits": {field.name: getattr(limits, field.name) for field in fields(limits)}, **extra}
+    return json.dumps(document).encode()
 
 
 class ScanMetrics:
@@ -90,6 +109,12 @@ class ScanResultStore:
     def save(self, report: ScanReport) -> None:
         write_atomic(self._path(Digest.parse(report.digest)), report.to_bytes(), tmp_dir=self._tmp)
 
+    def load_bytes(self, digest: Digest) -> bytes | None:
+        try:
+            return self._path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def load(self, digest: Digest | str) -> ScanReport | None:
         parsed = digest if isinstance(digest, Digest) else Digest.parse(digest)
         try:
@@ -111,26 +136,32 @@ class ScanResultStore:
 
 
 class _Pacer:
-    """Called from a scan thread as layer bytes stream: keeps it to ``share`` of a core, and
-    stops it (``ScanCancelled``) once ``cancelled`` is set."""
+    """Called as layer bytes stream: counts them (``on_bytes``) and keeps the calling thread to
+    ``share`` of a core by sleeping in proportion to the CPU time it used."""
 
-    def __init__(self, share: float, cancelled: threading.Event, metrics: ScanMetrics) -> None:
+    def __init__(self, share: float, on_bytes: Callable[[int], None], *, pace_slice: float = _PACE_SLICE) -> None:
         self._share = share
-        self._cancelled = cancelled
-        self._metrics = metrics
+        self._on_bytes = on_bytes
+        self._pace_slice = pace_slice
         self._slice_start = time.thread_time()
 
     def __call__(self, nbytes: int) -> None:
-        self._metrics.layer_bytes.inc(nbytes)
-        if self._cancelled.is_set():
-            raise ScanCancelled("the scanner is shutting down")
+        self._on_bytes(nbytes)
         if self._share >= 1.0:
             return
         used = time.thread_time() - self._slice_start
-        if used >= _PACE_SLICE:
-            if self._cancelled.wait(used * (1.0 - self._share) / self._share):
-                raise ScanCancelled("the scanner is shutting down")
+        if used >= self._pace_slice:
+            time.sleep(used * (1.0 - self._share) / self._share)
             self._slice_start = time.thread_time()
+
+
+def result_key(report: ScanReport) -> tuple[str, frozenset[tuple[str, ...]]]:
+    """What a pull policy or a reader of the report acts on: its status and each finding's
+    advisory, package, versions and severity (not summaries or times)."""
+    return report.status, frozenset(
+        (platform.manifest_digest, finding.id, ",".join(finding.aliases), finding.package,
+         finding.installed_version, finding.fixed_version or "", finding.severity)
+        for platform, finding in report.findings)
 
 
 def _touches(report: ScanReport, changed: frozenset[tuple[str, str]]) -> bool:
@@ -142,27 +173,42 @@ def _touches(report: ScanReport, changed: frozenset[tuple[str, str]]) -> bool:
     return False
 
 
+def rematch_needed(report: ScanReport, changed: frozenset[tuple[str, str]] | None, stale_only: str | None) -> bool:
+    """Whether a stored report must be re-matched after an import: with ``stale_only``, when
+    it was matched against another import; with ``changed``, when one of its packages is among
+    the (ecosystem, package) pairs the import changed; with neither, always."""
+    current: dict[str, Any] | None = report.database
+    if stale_only is not None and current is not None and current.get("import_id") == stale_only:
+        return False
+    return changed is None or _touches(report, changed)
+
+
 class ScanService:
     """Scans pushed images in the background and keeps their reports.
 
     Args:
-        storage: the seed's storage (layers are read through it).
+        storage: the seed's storage (layers are read through it, by the scan processes).
         data_dir: the seed's data directory (reports go to ``scan/results/``).
-        config: queue size, workers, CPU share, layer limits.
+        config: queue size, workers, CPU share and priority, layer limits.
         database: the vulnerability database (default: the one under ``data_dir``).
         registry: where the metrics are registered (the seed's registry), or None.
-        on_complete: awaited with each new or re-matched report (attach referrers, send
-            webhooks); its exceptions are logged, never stop the service.
+        on_complete: awaited with each new report, and with each re-matched report whose
+            result changed (``result_key``): audit, webhooks. Its exceptions are logged,
+            never stop the service.
+        attach: store the SBOM and report of each complete scan as OCI 1.1 referrers of the
+            scanned manifest (in the scan process, before ``on_complete``).
 
     Start with ``await nursery.start(service.serve)``.
     """
 
     def __init__(self, storage: Storage, data_dir: Path, config: ScanConfig, *,
                  database: VulnDatabase | None = None, registry: CollectorRegistry | None = None,
-                 on_complete: Callable[[ScanReport], Awaitable[None]] | None = None) -> None:
+                 on_complete: Callable[[ScanReport], Awaitable[None]] | None = None, attach: bool = False) -> None:
         self._storage = storage
+        self._data_dir = Path(data_dir)
         self._config = config
         self._database = database or VulnDatabase.for_data_dir(data_dir)
+        self._attach = attach
         self.results = ScanResultStore(data_dir)
         self.metrics = ScanMetrics(registry)
         self._on_complete = on_complete
@@ -170,7 +216,6 @@ class ScanService:
         self._queued: set[Digest] = set()
         self._inflight: dict[Digest, trio.Event] = {}
         self._limiter = trio.CapacityLimiter(config.workers)
-        self._cancelled = threading.Event()
         self._seen_import_id: str | None = None
         self._cache: OrderedDict[Digest, ScanReport] = OrderedDict()
         self._database_lock = trio.Lock()
@@ -214,6 +259,11 @@ class ScanService:
             self._remember(report)
         return report
 
+    async def report_bytes(self, digest: Digest | str) -> bytes | None:
+        """The stored report's JSON as written (what the API serves, without encoding it again)."""
+        parsed = digest if isinstance(digest, Digest) else Digest.parse(digest)
+        return await trio.to_thread.run_sync(self.results.load_bytes, parsed)
+
     def _remember(self, report: ScanReport) -> None:
         digest = Digest.parse(report.digest)
         self._cache[digest] = report
@@ -225,8 +275,7 @@ class ScanService:
         """Scans a manifest now (within the worker limit) and returns its report.
 
         Raises:
-            ScanError: the manifest cannot be read.
-            ScanCancelled: the service is shutting down.
+            ScanError: the manifest cannot be read, or the report cannot be stored.
         """
         parsed = digest if isinstance(digest, Digest) else Digest.parse(digest)
         self._queued.discard(parsed)  # a queued request for it is satisfied by this scan
@@ -237,19 +286,10 @@ class ScanService:
     async def serve(self, *, task_status: trio.TaskStatus[ScanService] = trio.TASK_STATUS_IGNORED) -> None:
         """Runs the workers and the database watch until cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stop_threads_on_cancel)
             for _ in range(self._config.workers):
                 nursery.start_soon(self._worker)
             nursery.start_soon(self._watch_database)
             task_status.started(self)
-
-    async def _stop_threads_on_cancel(self) -> None:
-        # Worker threads cannot be cancelled from trio; this flag makes them stop at their
-        # next pacing point, so shutdown does not wait for a long scan to finish.
-        try:
-            await trio.sleep_forever()
-        finally:
-            self._cancelled.set()
 
     async def _worker(self) -> None:
         async for repository, digest in self._receive:
@@ -258,8 +298,6 @@ class ScanService:
             self._queued.discard(digest)
             try:
                 await self._scan(repository, digest)
-            except ScanCancelled:
-                return
             except ScanError as exc:
                 log.warning("scan of %s@%s failed: %s", repository, digest, exc)
 
@@ -272,18 +310,27 @@ class ScanService:
                 raise ScanError(f"the scan of {repository}@{digest} failed")
             return report
         done = self._inflight[digest] = trio.Event()
-        self.metrics.running.inc()
         started = time.monotonic()
+        # Cancellation reaches here wrapped in the nursery's exception group, so it is told
+        # apart by elimination: not finished and not a ScanError.
+        outcome = "cancelled"
         try:
-            report = await trio.to_thread.run_sync(self._scan_blocking, repository, digest, limiter=self._limiter)
-        except ScanCancelled:
-            self.metrics.scans.labels("cancelled").inc()
-            raise
+            async with self._limiter:
+                self.metrics.running.inc()
+                try:
+                    await self._run_worker("scan", repository=repository, digest=str(digest))
+                finally:
+                    self.metrics.running.dec()
+            report = await trio.to_thread.run_sync(self.results.load, digest)
+            if report is None:
+                raise ScanError(f"the scan of {repository}@{digest} left no readable report")
+            outcome = "finished"
         except ScanError:
-            self.metrics.scans.labels("error").inc()
+            outcome = "error"
             raise
         finally:
-            self.metrics.running.dec()
+            if outcome != "finished":
+                self.metrics.scans.labels(outcome).inc()
             del self._inflight[digest]
             done.set()
         self._remember(report)
@@ -295,13 +342,54 @@ class ScanService:
         await self._notify(report)
         return report
 
-    def _scan_blocking(self, repository: str, digest: Digest) -> ScanReport:
-        pacer = _Pacer(self._config.cpu_share, self._cancelled, self.metrics)
-        database = self._database if self._database.exists() else None
-        report = scan_image(self._storage, repository, digest, database=database, limits=self._config.limits,
-                            progress=pacer)
-        self.results.save(report)
-        return report
+    async def _run_worker(self, command: str, **extra: Any) -> list[dict[str, Any]]:
+        """Runs ``seed.scan.worker COMMAND`` and returns its protocol lines (progress is counted
+        as it comes). Cancellation kills the process.
+
+        Raises:
+            ScanError: the worker reported an error, or ended without ``done``.
+        """
+        request = _worker_request(data=self._storage.root, chunk_size=self._storage.chunk_size,
+                                 database=self._database.path, cpu_share=self._config.cpu_share,
+                                 priority=self._config.priority, attach=self._attach, limits=self._config.limits,
+                                 pace_slice=_PACE_SLICE, **extra)
+        lines: list[dict[str, Any]] = []
+        overlong = False
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(partial(
+                trio.run_process, [*_WORKER, command], stdin=request, stdout=subprocess.PIPE, check=False))
+            assert process.stdout is not None
+            buffer = b""
+            async for piece in process.stdout:
+                buffer += piece
+                while b"\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\n")
+                    lines.append(self._worker_line(line))
+                if len(buffer) > _MAX_LINE:
+                    overlong = True
+                    process.kill()
+                    break
+        # Raised out here: inside the nursery it would leave wrapped in an exception group.
+        if overlong:
+            raise ScanError("the scan process wrote an overlong line")
+        errors = [line["error"] for line in lines if "error" in line]
+        if errors:
+            raise ScanError(str(errors[0]))
+        if not any("done" in line for line in lines):
+            raise ScanError(f"the scan process ended (exit status {process.returncode}) without a result")
+        return lines
+
+    def _worker_line(self, line: bytes) -> dict[str, Any]:
+        try:
+            document = json.loads(line)
+        except ValueError:
+            return {}
+        if not isinstance(document, dict):
+            return {}
+        progress = document.get("progress")
+        if isinstance(progress, int) and progress > 0:
+            self.metrics.layer_bytes.inc(progress)
+        return document
 
     async def _notify(self, report: ScanReport) -> None:
         if self._on_complete is None:
@@ -317,8 +405,10 @@ class ScanService:
         while True:
             try:
                 await self.check_database()
-            except VulnDBError as exc:
+            except (VulnDBError, OSError) as exc:
                 log.warning("cannot read the vulnerability database: %s", exc)
+            except ScanError as exc:
+                log.warning("re-matching after a database import failed: %s", exc)
             await trio.sleep(self._config.database_poll_interval)
 
     async def check_database(self) -> int:
@@ -336,12 +426,10 @@ class ScanService:
             return 0
         if status.import_id == self._seen_import_id:
             return 0
-        first_check = self._seen_import_id is None
-        if first_check:
+        if self._seen_import_id is None:
             # At start-up: reports matched against an older import than this one (the
             # database was replaced while the seed was down) are re-matched.
-            changed = None
-            count = await self._rematch(changed, stale_only=status.import_id)
+            count = await self._rematch(None, stale_only=status.import_id)
         else:
             follows = status.previous_import_id == self._seen_import_id
             count = await self._rematch(status.changed_packages if follows else None, stale_only=None)
@@ -354,31 +442,23 @@ class ScanService:
         return await self._rematch(frozenset(changed) if changed is not None else None, stale_only=None)
 
     async def _rematch(self, changed: frozenset[tuple[str, str]] | None, *, stale_only: str | None) -> int:
-        updated = await trio.to_thread.run_sync(self._rematch_blocking, changed, stale_only,
-                                                limiter=self._limiter)
-        for report in updated:
-            self._remember(report)
-            await self._notify(report)
-        return len(updated)
-
-    def _rematch_blocking(self, changed: frozenset[tuple[str, str]] | None,
-                          stale_only: str | None) -> list[ScanReport]:
-        updated: list[ScanReport] = []
-        if not self._database.exists():
-            return updated
-        for digest in self.results.digests():
-            if self._cancelled.is_set():
-                break
-            report = self.results.load(digest)
+        if not await trio.to_thread.run_sync(self._database.exists):
+            return 0
+        async with self._limiter:
+            lines = await self._run_worker("rematch", changed=sorted(changed) if changed is not None else None,
+                                           stale_only=stale_only)
+        count = 0
+        for line in lines:
+            if "rematched" not in line:
+                continue
+            count += 1
+            self.metrics.rematched.inc()
+            report = await trio.to_thread.run_sync(self.results.load, str(line["rematched"]))
             if report is None:
                 continue
-            current: dict[str, Any] | None = report.database
-            if stale_only is not None and current is not None and current.get("import_id") == stale_only:
-                continue
-            if changed is not None and not _touches(report, changed):
-                continue
-            fresh = rematch(report, self._database)
-            self.results.save(fresh)
-            self.metrics.rematched.inc()
-            updated.append(fresh)
-        return updated
+            self._remember(report)
+            # Only a different result is news (for the audit log and webhooks): a daily import
+            # that leaves an image's findings as they were is stored quietly.
+            if line.get("changed"):
+                await self._notify(report)
+        return count

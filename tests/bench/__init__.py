@@ -3,6 +3,8 @@
 Modules:
     seed_throughput  blob GET throughput of the seed vs Debian's docker-registry (``make bench-seed``)
     p2pd_pull        containerd pulls through the p2pd agent vs straight from the seed (``make bench-p2pd``)
+    scan             the seed's scanner: MiB/s per core on a 256 MiB image, p99 of blob pulls while it scans
+                     (``make bench-scan``; its tiny version runs in tests/test_scan_bench.py)
     common           /proc accounting (``Meter``), tool lookup, ratios, the marked sections of benchmarks.md
     swarm            one image to N nodes on a shaped namespace network: direct, site cache, p2pd, the
                      Kumar-Ross bound (``make bench-swarm``; its tiny version runs in tests/test_netbed.py)

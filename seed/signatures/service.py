@@ -1,0 +1,395 @@
+"""The seed's signature service: the signature API extension's storage, verification of GPG
+and cosign signatures against the ``[[signatures]]`` keys, the verdict cache, and the pull
+check the registry calls for manifests pulled by tag.
+
+Rules/invariants:
+- Fail closed: a signature that cannot be checked (gpgv missing, killed, too slow, a blob
+  that cannot be read) is reported with its error and never counts as valid; an unexpected
+  failure of the whole check refuses an enforced pull with 403, never a 500, never serves.
+- Checks are cached per (keys, repository, digest) together with a *version* of what is
+  stored about that digest (its extension signatures, its cosign tag and referrers). Each
+  pull recomputes the version (a few stat calls) and reuses the checks only if it is
+  unchanged, so a new signature, a moved ``.sig`` tag or a removed referrer takes effect at
+  the next pull, and another key set (a reload) never sees old results.
+- A verdict is audited (``signature.verdict``) and handed to the ``on_verdict`` subscribers
+  when it is new or differs from the last one for the same name, not on every pull.
+- One verification per cache key at a time; at most ``_GPGV_PROCESSES`` gpgv processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pd.fsutil import write_atomic
+from p2pd.oci.digest import Digest
+from p2pd.oci.errors import OCIError
+
+from ..storage import Storage
+from . import cosign
+from .config import SignaturePolicy, SignatureRule
+from .errors import SignatureInvalid, VerifierUnavailable
+from .keys import TrustedKeys, find_gpg_tool
+from .openpgp import OpenPGPVerifier
+from .payload import ATOMIC_TYPE, COSIGN_TYPE, MAX_PAYLOAD_SIZE, parse_claim
+from .policy import SignatureCheck, SignatureVerdict, decide
+from .store import ExtensionSignature, FileSignatureStore, SignatureStore, parse_extension_signature
+
+__all__ = ["AuditHook", "SignatureService", "VerdictSubscriber"]
+
+log = logging.getLogger("seed.signatures")
+
+AuditHook = Callable[[str, Mapping[str, Any]], None]
+VerdictSubscriber = Callable[[SignatureVerdict], None]
+
+_CACHE_SIZE = 4096  # (keys, repository, digest) entries
+_VERDICT_MEMORY = 4096  # last verdict per name, to audit changes only
+_GPGV_PROCESSES = 4
+_GPGV_SECONDS = 10.0  # one gpgv run; beyond it the signature counts as not verified
+_MAX_COSIGN_MANIFESTS = 16  # signature manifests (tag + referrers) read for one image
+_DENIAL_INTERVAL = 10.0  # seconds: one policy.denied record per caller, image and interval
+# cosign's attachments of another manifest: the tag a client reads to verify, not an image.
+_ATTACHMENT_TAG_RE = re.compile(r"sha(?:256|512)-[0-9a-f]{64,128}\.(?:sig|att|sbom)")
+
+
+class SignatureService:
+    """Signatures of one seed.
+
+    Args:
+        storage: the registry's content (manifests, tags, referrers, blobs).
+        policy: the ``[[signatures]]`` rules (``replace_policy`` swaps them on reload).
+        audit: the audit hook.
+        on_verdict: subscribers told of each new or changed verdict (called in the trio thread;
+            the registry passes its ``on_signature_verdict`` list, which webhooks extend).
+        store: where extension signatures live (default: files in the data directory).
+        clock: monotonic seconds (tests pass a fake).
+    """
+
+    def __init__(self, storage: Storage, policy: SignaturePolicy, *, audit: AuditHook | None = None,
+                 on_verdict: list[VerdictSubscriber] | None = None, store: SignatureStore | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.storage = storage
+        self.store: SignatureStore = store if store is not None else FileSignatureStore(storage)
+        self._policy = policy
+        self._audit: AuditHook = audit or (lambda action, fields: None)
+        self.on_verdict: list[VerdictSubscriber] = on_verdict if on_verdict is not None else []
+        self._clock = clock
+        self._workdir = Path(storage.root) / "signatures"
+        self._cache: OrderedDict[tuple[str, str, str], tuple[Hashable, tuple[SignatureCheck, ...]]] = OrderedDict()
+        self._inflight: dict[tuple[str, str, str], trio.Event] = {}
+        self._verifiers: dict[str, OpenPGPVerifier] = {}
+        self._gpgv_limiter = trio.CapacityLimiter(_GPGV_PROCESSES)
+        self._last_verdicts: OrderedDict[tuple[str, str], tuple[str, str, str]] = OrderedDict()
+        self._denials: OrderedDict[tuple[str, ...], float] = OrderedDict()
+        self.verifications = 0  # signatures checked cryptographically (cache misses), for tests and metrics
+
+    @property
+    def policy(self) -> SignaturePolicy:
+        return self._policy
+
+    def replace_policy(self, policy: SignaturePolicy) -> None:
+        """Uses new rules and keys (reload). Cached checks are keyed by the keys' hash, so none
+        computed under other keys is reused; dropping them all also frees the memory."""
+        self._policy = policy
+        self._cache.clear()
+        self._verifiers.clear()
+
+    def rule_for(self, repository: str) -> SignatureRule | None:
+        return self._policy.rule_for(repository)
+
+    # ---- the signature API extension ------------------------------------------------------
+
+    async def list_signatures(self, name: str, digest: Digest) -> list[ExtensionSignature]:
+        """The stored signatures of a manifest of ``name`` (404 if the manifest is unknown)."""
+        self.storage.stat_manifest(name, str(digest))
+        return await trio.to_thread.run_sync(self.store.list_signatures, name, digest)
+
+    async def add_signature(self, name: str, digest: Digest, body: bytes, actor: Mapping[str, Any]) -> bool:
+        """Stores one signature PUT by a client; returns whether it is new.
+
+        Raises:
+            OCIError: 404 for an unknown manifest, 400 for a malformed signature, 409 when the
+                manifest has as many signatures as allowed.
+        """
+        try:
+            signature = parse_extension_signature(body, digest)
+        except SignatureInvalid as exc:
+            raise OCIError("BAD_REQUEST", f"invalid signature: {exc}") from None
+        self.storage.stat_manifest(name, str(digest))
+        try:
+            new = await trio.to_thread.run_sync(self.store.add_signature, name, digest, signature)
+        except SignatureInvalid as exc:  # TooManySignatures
+            raise OCIError("DENIED", str(exc), status=409, detail={"digest": str(digest)}) from None
+        self._audit("signature.push", {**actor, "repository": name, "digest": str(digest),
+                                       "detail": {"name": signature.name, "size": len(signature.content),
+                                                  "new": new}})
+        await self._announce(name, digest, None, actor)
+        return new
+
+    async def remove_signatures(self, name: str, digest: Digest, signature_name: str | None,
+                                actor: Mapping[str, Any]) -> int:
+        """Removes one signature by name, or all of a manifest's; returns how many."""
+        self.storage.stat_manifest(name, str(digest))
+        removed = await trio.to_thread.run_sync(self.store.remove_signatures, name, digest, signature_name)
+        if removed:
+            self._audit("signature.delete", {**actor, "repository": name, "digest": str(digest),
+                                             "detail": {"name": signature_name or "*", "removed": removed}})
+            await self._announce(name, digest, None, actor)
+        return removed
+
+    # ---- verdicts ------------------------------------------------------------------------
+
+    async def verdict(self, name: str, digest: Digest, tag: str | None,
+                      actor: Mapping[str, Any] | None = None) -> SignatureVerdict:
+        """The policy's verdict on manifest ``digest`` of ``name`` pulled by ``tag`` (None: by digest).
+
+        Never raises for a bad signature: every problem is in the verdict's checks. An
+        unexpected failure becomes a refusal in enforce mode (fail closed).
+        """
+        rule = self.rule_for(name)
+        keys = rule.trusted if rule is not None else TrustedKeys()
+        try:
+            checks = await self._checks(name, digest, rule, keys)
+        except Exception as exc:
+            log.exception("checking the signatures of %s@%s failed", name, digest)
+            failed = SignatureCheck("unknown", "seed", "-", False, error=f"the seed could not check signatures: "
+                                                                          f"{type(exc).__name__}")
+            checks = (failed,)
+        verdict = decide(rule, name, str(digest), tag, checks)
+        self._remember(verdict, actor or {"actor": "", "actor_kind": "system"})
+        return verdict
+
+    async def check_pull(self, name: str, tag: str, digest: Digest, actor: Mapping[str, Any]) -> None:
+        """The pull check for a manifest pulled by tag: returns if it may be served.
+
+        Raises:
+            OCIError: 403 ``DENIED`` saying what is missing, when an enforcing rule refuses.
+        """
+        if self.rule_for(name) is None or _ATTACHMENT_TAG_RE.fullmatch(tag):
+            return
+        verdict = await self.verdict(name, digest, tag, actor)
+        if verdict.status == "warned":
+            log.warning("signature policy (warn) would refuse %s:%s (%s): %s", name, tag, digest, verdict.reason)
+        if verdict.allowed:
+            return
+        self._record_denial(verdict, actor)
+        raise OCIError("DENIED", f"pull of {name}:{tag} refused by the signature policy: {verdict.reason}",
+                       status=403, detail={"policy": "signatures", "digest": str(digest),
+                                           "verify": f"/extensions/v2/{name}/verdict/{tag}"})
+
+    async def _announce(self, name: str, digest: Digest, tag: str | None, actor: Mapping[str, Any]) -> None:
+        # A signature came or went: its by-digest verdict may have changed; say so if it did.
+        if self.rule_for(name) is not None:
+            await self.verdict(name, digest, tag, actor)
+
+    def _remember(self, verdict: SignatureVerdict, actor: Mapping[str, Any]) -> None:
+        if verdict.status == "no-policy":
+            return
+        key = (verdict.repository, verdict.reference or verdict.digest)
+        summary = (verdict.digest, verdict.status, verdict.reason)
+        if self._last_verdicts.get(key) == summary:
+            self._last_verdicts.move_to_end(key)
+            return
+        self._last_verdicts[key] = summary
+        self._last_verdicts.move_to_end(key)
+        while len(self._last_verdicts) > _VERDICT_MEMORY:
+            self._last_verdicts.popitem(last=False)
+        self._audit("signature.verdict", {**actor, "repository": verdict.repository,
+                                          "reference": verdict.reference or "", "digest": verdict.digest,
+                                          "detail": {"verdict": verdict.status, "reason": verdict.reason[:500],
+                                                     "mode": verdict.mode, "rule": list(verdict.rule),
+                                                     "verified_by": verdict.verified_keys,
+                                                     "signatures": len(verdict.checks)}})
+        for subscriber in list(self.on_verdict):
+            try:
+                subscriber(verdict)
+            except Exception:  # one broken subscriber must not silence the others
+                log.exception("signature verdict subscriber %r failed", subscriber)
+
+    def _record_denial(self, verdict: SignatureVerdict, actor: Mapping[str, Any]) -> None:
+        # Clients retry a refused pull: one record per caller, image and interval is enough.
+        key = (str(actor.get("actor", "")), str(actor.get("source", "")), verdict.repository, verdict.digest)
+        now = self._clock()
+        last = self._denials.get(key)
+        if last is not None and now - last < _DENIAL_INTERVAL:
+            return
+        self._denials[key] = now
+        self._denials.move_to_end(key)
+        while len(self._denials) > _VERDICT_MEMORY:
+            self._denials.popitem(last=False)
+        self._audit("policy.denied", {**actor, "repository": verdict.repository, "reference": verdict.reference or "",
+                                      "digest": verdict.digest, "status": 403,
+                                      "detail": {"policy": "signatures", "reason": verdict.reason[:500],
+                                                 "rule": list(verdict.rule)}})
+
+    # ---- checking (cached) ----------------------------------------------------------------
+
+    def _version(self, name: str, digest: Digest) -> Hashable:
+        """What is stored about ``digest`` that its checks depend on; cheap (stat and small reads)."""
+        try:
+            tagged: str | None = str(self.storage.resolve(name, cosign.signature_tag(digest)))
+        except OCIError:
+            tagged = None
+        referrers = tuple(sorted(str(d.digest) for d in self.storage.referrers(name, digest)
+                                 if d.artifact_type == cosign.ARTIFACT_TYPE))
+        return (self.store.version(name, digest), tagged, referrers)
+
+    async def _checks(self, name: str, digest: Digest, rule: SignatureRule | None,
+                      keys: TrustedKeys) -> tuple[SignatureCheck, ...]:
+        key = (keys.id, name, str(digest))
+        while True:
+            version = self._version(name, digest)
+            cached = self._cache.get(key)
+            if cached is not None and cached[0] == version:
+                self._cache.move_to_end(key)
+                return cached[1]
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            await pending.wait()  # someone is computing it: use theirs (or retry if it failed)
+        done = self._inflight[key] = trio.Event()
+        try:
+            checks = await self._compute(name, digest, rule, keys)
+            self._cache[key] = (version, checks)
+            self._cache.move_to_end(key)
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return checks
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    async def _compute(self, name: str, digest: Digest, rule: SignatureRule | None,
+                       keys: TrustedKeys) -> tuple[SignatureCheck, ...]:
+        extension = await trio.to_thread.run_sync(self.store.list_signatures, name, digest)
+        checks = [await self._check_openpgp(signature, digest, keys) for signature in extension]
+        checks += await trio.to_thread.run_sync(self._check_cosign, name, digest, keys)
+        return tuple(checks)
+
+    async def _check_openpgp(self, signature: ExtensionSignature, digest: Digest,
+                             keys: TrustedKeys) -> SignatureCheck:
+        def failed(error: str) -> SignatureCheck:
+            return SignatureCheck("simple-signing", "extension", signature.name, False, error=error)
+
+        if not keys.openpgp:
+            return failed("no OpenPGP key is trusted for this repository")
+        self.verifications += 1
+        try:
+            verifier = await self._openpgp_verifier(keys)
+            async with self._gpgv_limiter:
+                with trio.fail_after(_GPGV_SECONDS):
+                    message = await verifier.verify(signature.content)
+        except SignatureInvalid as exc:
+            return failed(str(exc))
+        except (VerifierUnavailable, OSError) as exc:
+            return failed(f"the verifier is unavailable: {exc}")
+        except trio.TooSlowError:
+            return failed(f"gpgv did not finish within {_GPGV_SECONDS:.0f} s")
+        trusted = keys.openpgp_key(message.primary_key)
+        if trusted is None:  # the keyring holds only trusted keys; this is a second lock on the door
+            return failed(f"signed by key {message.primary_key}, which is not trusted")
+        return self._claimed(failed, "simple-signing", "extension", signature.name, message.payload, ATOMIC_TYPE,
+                             digest, trusted.source, trusted.fingerprint)
+
+    @staticmethod
+    def _claimed(failed: Callable[[str], SignatureCheck], format: str, source: str, check_id: str, payload: bytes,
+                 expected_type: str, digest: Digest, key: str, fingerprint: str) -> SignatureCheck:
+        """The check of a cryptographically valid signature: its claims, and the digest it covers."""
+        try:
+            claim = parse_claim(payload, expected_type)
+        except SignatureInvalid as exc:
+            return failed(f"signed by {key}, but {exc}")
+        if claim.manifest_digest != digest:
+            return SignatureCheck(format, source, check_id, False, key, fingerprint, claim,
+                                  f"signed by {key} for manifest {claim.manifest_digest}, not this one")
+        return SignatureCheck(format, source, check_id, True, key, fingerprint, claim)
+
+    async def _openpgp_verifier(self, keys: TrustedKeys) -> OpenPGPVerifier:
+        verifier = self._verifiers.get(keys.id)
+        if verifier is None:
+            verifier = await trio.to_thread.run_sync(self._prepare_keyring, keys)
+            self._verifiers[keys.id] = verifier
+        return verifier
+
+    def _prepare_keyring(self, keys: TrustedKeys) -> OpenPGPVerifier:
+        """Writes the rule's keyring where gpgv reads it, and an empty home for gpgv."""
+        try:
+            gpgv = find_gpg_tool("gpgv")
+        except Exception as exc:  # ConfigError: gpgv was removed after the configuration loaded
+            raise VerifierUnavailable(str(exc)) from exc
+        homedir = self._workdir / "gnupg"
+        homedir.mkdir(parents=True, exist_ok=True)
+        os.chmod(homedir, 0o700)
+        keyring = self._workdir / "keyrings" / f"{keys.id}.gpg"
+        if not keyring.exists() or keyring.read_bytes() != keys.keyring:
+            write_atomic(keyring, keys.keyring, tmp_dir=Path(self.storage.root) / "tmp")
+        return OpenPGPVerifier(gpgv, keyring, homedir)
+
+    def _check_cosign(self, name: str, digest: Digest, keys: TrustedKeys) -> list[SignatureCheck]:
+        """cosign signatures of ``digest``: the ``sha256-<hex>.sig`` tag, then OCI 1.1 referrers.
+        Runs in a worker thread (blob reads, public-key cryptography)."""
+        sources: list[tuple[str, str]] = []
+        with contextlib.suppress(OCIError):  # no .sig tag
+            sources.append(("tag", str(self.storage.resolve(name, cosign.signature_tag(digest)))))
+        sources += [("referrer", str(d.digest)) for d in self.storage.referrers(name, digest)
+                    if d.artifact_type == cosign.ARTIFACT_TYPE]
+        checks: list[SignatureCheck] = []
+        for source, manifest_digest in sources[:_MAX_COSIGN_MANIFESTS]:
+            checks += self._check_cosign_manifest(name, digest, source, manifest_digest, keys)
+        return checks
+
+    def _check_cosign_manifest(self, name: str, digest: Digest, source: str, manifest_digest: str,
+                               keys: TrustedKeys) -> list[SignatureCheck]:
+        try:
+            stored, body = self.storage.get_manifest(name, manifest_digest)
+            layers = cosign.parse_signature_manifest(body, stored.media_type)
+        except (OCIError, SignatureInvalid) as exc:
+            message = exc.message if isinstance(exc, OCIError) else str(exc)
+            return [SignatureCheck("cosign", source, manifest_digest, False, error=message)]
+        checks = []
+        for layer in layers:
+            check_id = f"{manifest_digest}#{layer.index}"
+
+            def failed(error: str, check_id: str = check_id) -> SignatureCheck:
+                return SignatureCheck("cosign", source, check_id, False, error=error)
+
+            if layer.error or layer.payload is None:
+                checks.append(failed(layer.error))
+                continue
+            if not keys.pem:
+                checks.append(failed("no PEM (cosign) public key is trusted for this repository"))
+                continue
+            try:
+                payload = self._read_payload(name, layer.payload.digest, layer.payload.size)
+            except (OCIError, OSError, SignatureInvalid) as exc:
+                checks.append(failed(f"the payload blob cannot be read: {getattr(exc, 'message', exc)}"))
+                continue
+            self.verifications += 1
+            key = next((pem for pem in keys.pem if pem.verifies(payload, layer.signature)), None)
+            if key is None:
+                checks.append(failed("not signed by a trusted key (no configured PEM key verifies it)"))
+                continue
+            checks.append(self._claimed(failed, "cosign", source, check_id, payload, COSIGN_TYPE, digest,
+                                        key.source, key.fingerprint))
+        return checks
+
+    def _read_payload(self, name: str, digest: Digest, size: int) -> bytes:
+        if size > MAX_PAYLOAD_SIZE:
+            raise SignatureInvalid(f"the payload is larger than {MAX_PAYLOAD_SIZE} bytes")
+        fd, actual = self.storage.open_blob(name, digest)
+        try:
+            if actual != size:
+                raise SignatureInvalid(f"the payload is {actual} bytes, its descriptor says {size}")
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+

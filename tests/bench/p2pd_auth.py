@@ -1,0 +1,257 @@
+"""``python -m tests.bench.p2pd_auth``: what checking each client's right to pull costs a pull.
+
+A private seed (subprocess, htpasswd users, ES256 tokens) holds one image: a config and
+``--layers`` random layers of ``--layer-mib`` MiB. An in-process agent with the operator's
+pull-only account serves it to an in-process client doing what containerd does (HEAD the tag,
+GET the manifest by digest, GET every blob in parallel), in three variants:
+
+- **open**: the operator opened the namespace (``anonymous_pull = true``): no client checks,
+  the path of an agent without access control;
+- **offline**: the client presents a seed token; the agent verifies it against the seed's JWKS
+  (fetched once per agent);
+- **upstream check**: the same token, the agent told the keys are elsewhere (``jwks_url``
+  answers 404): one ``tags/list`` request to the seed per (token, repository).
+
+Every variant is pulled *cold* (a fresh agent and data directory: the agent fetches from the
+seed while it streams) and *warm* (the same agent again: from its cache), ``--repeat`` times,
+the variants' order rotating between repetitions. The report gives medians and each checked
+variant's ratio to *open* (the issue's goal: at most 1.05x), plus the cost of one decision of
+the gate alone (cached grant).
+
+Writes the section between ``<!-- bench-p2pd-auth:start -->`` and ``<!-- bench-p2pd-auth:end -->``
+of ``--out`` (other sections are kept) and the raw numbers as JSON (``docs/bench/p2pd_auth.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from p2pd.config import load_config
+from p2pd.daemon import Agent, serve_agent
+from p2pd.httpd import Headers, Request
+from tests.bench.common import X, busy_cores, loadavg, machine_basics, ratio, report_header, update_doc
+from tests.harness.seed_process import SeedProcess
+from tests.test_seed_auth_api import make_htpasswd
+
+MARK_START = "<!-- bench-p2pd-auth:start -->"
+MARK_END = "<!-- bench-p2pd-auth:end -->"
+SECTION_TITLE = "## Cost of client authorization at the node (python -m tests.bench.p2pd_auth)"
+VARIANTS = ("open", "offline", "upstream-check")
+GOAL = 1.05  # checked pull / open pull
+NS = "seed.bench:5000"
+REPO = "team/bench"
+USER, PASSWORD = "tenant", "tenant-Secret-1"
+NODE_USER, NODE_PASSWORD = "node", "node-Secret-1"
+ADMIN, ADMIN_PASSWORD = "admin", "admin-Secret-1"
+MIB = 1024 * 1024
+
+
+def _seed_config(root: Path) -> Path:
+    make_htpasswd(root / "htpasswd", {USER: PASSWORD, NODE_USER: NODE_PASSWORD, ADMIN: ADMIN_PASSWORD})
+    config = root / "seed.toml"
+    config.write_text(f'[auth]\nhtpasswd = "{root / "htpasswd"}"\nservice = "seed.bench"\n\n'
+                      f'[[access]]\nrepositories = ["team/**"]\nusers = ["{USER}", "{NODE_USER}"]\nrole = "pull"\n\n'
+                      f'[[access]]\nrepositories = ["team/**"]\nusers = ["{ADMIN}"]\nrole = "admin"\n')
+    return config
+
+
+def _push(seed_url: str, layers: int, layer_mib: float) -> list[tuple[str, int]]:
+    """Pushes the image (tag v1); returns (digest, size) of the config and the layers."""
+    blobs = [json.dumps({"os": "linux", "bench": "p2pd_auth"}).encode()]
+    blobs += [os.urandom(int(layer_mib * MIB)) for _ in range(layers)]
+    descriptors = []
+    with httpx.Client(base_url=seed_url, trust_env=False, timeout=120, auth=(ADMIN, ADMIN_PASSWORD)) as client:
+        for data in blobs:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            started = client.post(f"/v2/{REPO}/blobs/uploads/")
+            started.raise_for_status()
+            client.put(started.headers["location"], params={"digest": digest}, content=data).raise_for_status()
+            descriptors.append((digest, len(data)))
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                               "digest": descriptors[0][0], "size": descriptors[0][1]},
+                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s}
+                               for d, s in descriptors[1:]]}
+        client.put(f"/v2/{REPO}/manifests/v1", content=json.dumps(manifest).encode(),
+                   headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
+    return descriptors
+
+
+def _token(seed_url: str) -> str:
+    response = httpx.get(f"{seed_url}/token", params={"service": "seed.bench", "scope": f"repository:{REPO}:pull"},
+                         auth=(USER, PASSWORD), trust_env=False, timeout=30)
+    response.raise_for_status()
+    return str(response.json()["token"])
+
+
+def _agent_toml(root: Path, seed_url: str, variant: str, run: int) -> Path:
+    lines = ["[[upstream]]", f'namespace = "{NS}"', f'url = "{seed_url}"', f'username = "{NODE_USER}"',
+             f'password = "{NODE_PASSWORD}"']
+    if variant == "open":
+        lines.append("anonymous_pull = true")
+    elif variant == "upstream-check":
+        lines.append(f'jwks_url = "{seed_url}/token/no-keys-here"')
+    path = root / f"agent-{variant}-{run}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _pull(agent: Agent, authorization: str | None, blobs: list[tuple[str, int]]) -> float:
+    """One containerd-like pull; returns its wall time in seconds."""
+    headers = {"Authorization": authorization} if authorization else {}
+    async with httpx.AsyncClient(base_url=agent.info.url, trust_env=False, timeout=120, headers=headers) as client:
+        started = time.perf_counter()
+        head = await client.head(f"/v2/{REPO}/manifests/v1", params={"ns": NS})
+        head.raise_for_status()
+        (await client.get(f"/v2/{REPO}/manifests/{head.headers['docker-content-digest']}",
+                          params={"ns": NS})).raise_for_status()
+
+        async def blob(digest: str, size: int) -> None:
+            received = 0
+            async with client.stream("GET", f"/v2/{REPO}/blobs/{digest}", params={"ns": NS}) as response:
+                response.raise_for_status()
+                async for piece in response.aiter_raw():
+                    received += len(piece)
+            if received != size:
+                raise RuntimeError(f"{digest}: {received} of {size} bytes")
+
+        async with trio.open_nursery() as nursery:
+            for digest, size in blobs:
+                nursery.start_soon(blob, digest, size)
+        return time.perf_counter() - started
+
+
+async def _measure(root: Path, seed_url: str, token: str, blobs: list[tuple[str, int]], repeat: int,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    for run in range(repeat):
+        order = VARIANTS[run % len(VARIANTS):] + VARIANTS[:run % len(VARIANTS)]
+        for variant in order:
+            config = load_config(_agent_toml(root, seed_url, variant, run), listen="127.0.0.1:0",
+                                 data=root / f"agent-{variant}-{run}")
+            authorization = None if variant == "open" else f"Bearer {token}"
+            async with trio.open_nursery() as nursery:
+                agent: Agent = await nursery.start(partial(serve_agent, config))
+                cold = await _pull(agent, authorization, blobs)
+                warm = await _pull(agent, authorization, blobs)
+                checks = {labels["kind"]: value for metric in agent.metrics.auth_checks.collect()
+                          for sample in metric.samples if sample.name.endswith("_total")
+                          for labels, value in [(sample.labels, sample.value)]}
+                nursery.cancel_scope.cancel()
+            runs.append({"variant": variant, "run": run, "cold_s": round(cold, 4), "warm_s": round(warm, 4),
+                         "checks": checks})
+            log(f"  run {run} {variant:15} cold {cold:.3f} s  warm {warm:.3f} s  checks {checks}")
+    return runs
+
+
+async def _decision_cost(root: Path, seed_url: str, token: str, count: int) -> dict[str, float]:
+    """Microseconds per ``AccessGate.authorize`` for a cached grant and for an open namespace."""
+    result: dict[str, float] = {}
+    for variant in ("open", "offline"):
+        config = load_config(_agent_toml(root, seed_url, variant, 999), listen="127.0.0.1:0",
+                             data=root / f"gate-{variant}")
+        authorization = [] if variant == "open" else [("Authorization", f"Bearer {token}")]
+        async with trio.open_nursery() as nursery:
+            agent: Agent = await nursery.start(partial(serve_agent, config))
+            gate = agent.front.access
+            request = Request("GET", "/", "/", {}, Headers(authorization), None, ("127.0.0.1", 1),  # type: ignore[arg-type]
+                              "1.1")
+            await gate.authorize(request, NS, REPO, manifest=False)  # learn: probe, keys, first verification
+            started = time.perf_counter()
+            for _ in range(count):
+                await gate.authorize(request, NS, REPO, manifest=False)
+            result[variant] = round((time.perf_counter() - started) / count * 1e6, 1)
+            nursery.cancel_scope.cancel()
+    return result
+
+
+def _median(runs: list[dict[str, Any]], variant: str, key: str) -> float:
+    return round(statistics.median(r[key] for r in runs if r["variant"] == variant), 4)
+
+
+def render_section(report: dict[str, Any]) -> str:
+    summary, params = report["summary"], report["parameters"]
+    lines = [SECTION_TITLE, "",
+             f"{report['date']}, `{report['command']}`. {report['machine']['nproc']} CPUs "
+             f"({report['machine']['cpu_model']}), load before {report['load_before']}, busy cores before "
+             f"{report['busy_cores_before']}. One image: a config and {params['layers']} random layers of "
+             f"{params['layer_mib']} MiB, pulled the way containerd does by an in-process client through an "
+             f"in-process agent; the seed (with access control) is a subprocess. Medians of {params['repeat']} "
+             "runs; cold = fresh agent and data directory, warm = the same agent again.", "",
+             "| variant | cold pull | vs open | warm pull | vs open | checks per cold+warm pull |",
+             "|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        row = summary[variant]
+        lines.append(f"| {variant} | {row['cold_s']:.3f} s | {row['cold_ratio']}{X} | {row['warm_s']:.3f} s | "
+                     f"{row['warm_ratio']}{X} | {row['checks']} |")
+    cost = report["decision_us"]
+    lines += ["", f"One decision of the gate (`AccessGate.authorize`, answers cached): {cost['offline']} µs with a "
+              f"verified token, {cost['open']} µs for an opened namespace. Goal: a checked pull within "
+              f"{GOAL}{X} of an open one.", ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    report = report_header("p2pd_auth", args.argv)
+    report["machine"] = machine_basics()
+    report["load_before"] = loadavg()
+    report["busy_cores_before"] = busy_cores(1.0)
+    report["parameters"] = {"layers": args.layers, "layer_mib": args.layer_mib, "repeat": args.repeat}
+    with tempfile.TemporaryDirectory(prefix="bench-p2pd-auth-") as tmp:
+        root = Path(tmp)
+        with SeedProcess(root / "seed-data", config_path=_seed_config(root)) as seed:
+            blobs = _push(seed.url, args.layers, args.layer_mib)
+            token = _token(seed.url)
+            runs = trio.run(_measure, root, seed.url, token, blobs, args.repeat, log)
+            report["decision_us"] = trio.run(_decision_cost, root, seed.url, token, args.decisions)
+    summary: dict[str, Any] = {}
+    for variant in VARIANTS:
+        last = [r for r in runs if r["variant"] == variant][-1]
+        summary[variant] = {"cold_s": _median(runs, variant, "cold_s"), "warm_s": _median(runs, variant, "warm_s"),
+                            "checks": ", ".join(f"{k} {int(v)}" for k, v in sorted(last["checks"].items())) or "none"}
+    for variant in VARIANTS:
+        summary[variant]["cold_ratio"] = ratio(summary[variant]["cold_s"], summary["open"]["cold_s"])
+        summary[variant]["warm_ratio"] = ratio(summary[variant]["warm_s"], summary["open"]["warm_s"])
+    report["summary"], report["runs"] = summary, runs
+    return report
+
+
+def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, help="Markdown file whose bench-p2pd-auth section is rewritten")
+    parser.add_argument("--json", type=Path, help="raw results (default: docs/bench/p2pd_auth.json next to --out)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layer-mib", type=float, default=16.0)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--decisions", type=int, default=20000, help="gate decisions timed for the per-call cost")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    report = run(args, log)
+    section = render_section(report)
+    log(section)
+    if args.out is not None:
+        update_doc(args.out, section, MARK_START, MARK_END)
+        json_path = args.json or args.out.parent / "bench" / "p2pd_auth.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    elif args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
