@@ -504,3 +504,16 @@ async def test_containerd_through_p2pd_is_refused_with_the_seeds_reason(seed: Sc
     assert f"{NS}/prod/app:v1" not in containerd.images()
     # containerd asked the agent first (404), then the seed (403): the agent never stored the tag.
     assert agent.store.load_tag(NS, "prod/app", "v1") is None
+
+
+async def test_seed_scan_cli_asks_a_running_seed_by_url(seed: ScanSeed, capsys: pytest.CaptureFixture[str]) -> None:
+    from seed.cli import main as seed_main
+
+    digest = await push_vulnerable(seed.client, "team/app")
+    # The command waits (bounded) while the scan is pending, then prints the report.
+    status = await trio.to_thread.run_sync(seed_main, ["scan", "team/app:v1", "--url", seed.info.url, "--format",
+                                                       "json", "--fail-on", "critical", "--wait", "60"])
+    assert status == 3  # a critical finding
+    document = json.loads(capsys.readouterr().out)
+    assert document["digest"] == digest and LODASH_CRITICAL in {f["id"] for f in document["findings"]}
+    assert await trio.to_thread.run_sync(seed_main, ["scan", "team/absent:v1", "--url", seed.info.url]) == 1

@@ -55,6 +55,10 @@ def add_scan_parsers(commands: Any) -> None:
     scan.add_argument("--format", choices=("table", "json"), default="table")
     scan.add_argument("--fail-on", choices=SEVERITIES[2:], help="exit 3 if a finding is at or above this severity")
     scan.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scan.add_argument("--url", help="ask a running seed (https://seed.example:5000) instead of reading --data")
+    scan.add_argument("--user", help="login for --url; the password is read from stdin (or SEED_PASSWORD)")
+    scan.add_argument("--ca-file", type=Path, help="CA certificate that signed the seed's certificate (--url)")
+    scan.add_argument("--wait", type=float, default=300.0, help="with --url: seconds to wait for a pending scan")
 
 
 def parse_reference(reference: str) -> tuple[str, str]:
@@ -89,6 +93,8 @@ def run_scan_command(args: argparse.Namespace) -> int:
             return _import(data, args.path, args.strict)
         if args.command == "vulndb":
             return _status(data, args.format)
+        if args.url:
+            return _scan_remote(args)
         chunk_size = int(storage_table.get("chunk_size", DEFAULT_CHUNK_SIZE))
         return _scan(data, chunk_size, args, settings.scan.limits)
     except ConfigError as exc:
@@ -172,6 +178,58 @@ def _scan(data: Path, chunk_size: int, args: argparse.Namespace, limits: Any) ->
     else:
         report = scan_image(storage, repository, digest, database=database if database.exists() else None,
                             limits=limits)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        _print_table(report)
+    if args.fail_on and any(severity_rank(f.severity) >= severity_rank(args.fail_on) for _, f in report.findings):
+        return 3
+    return 0
+
+
+def _scan_remote(args: argparse.Namespace) -> int:
+    """``seed scan --url``: the report of a running seed (``GET /v2/<name>/scan/<ref>``), waiting
+    (bounded by ``--wait``) while its scan is pending. The password never goes on the command line."""
+    import os
+
+    import httpx
+    from rich.console import Console
+
+    repository, target = parse_reference(args.reference)
+    auth = None
+    if args.user:
+        password = os.environ.get("SEED_PASSWORD")
+        if password is None:
+            password = sys.stdin.readline().rstrip("\n")
+        auth = (args.user, password)
+    verify: Any = True
+    if args.ca_file is not None:
+        import ssl
+
+        verify = ssl.create_default_context(cafile=str(args.ca_file))
+    url = f"{args.url.rstrip('/')}/v2/{repository}/scan/{target}"
+    console = Console(stderr=True)
+    deadline = time.monotonic() + args.wait
+    with httpx.Client(auth=auth, verify=verify, timeout=30, follow_redirects=False) as client, \
+            console.status(f"waiting for the scan of {repository}:{target}", spinner="dots") as status:
+        while True:
+            try:
+                response = client.get(url)
+            except httpx.HTTPError as exc:
+                raise ScanError(f"cannot reach {args.url}: {exc}") from None
+            if response.status_code == 200:
+                break
+            if response.status_code != 202:
+                raise ScanError(f"{url}: HTTP {response.status_code} {response.text[:300]}")
+            if time.monotonic() > deadline:
+                raise ScanError(f"the scan of {repository}:{target} is still {response.json().get('state')} "
+                                f"after {args.wait:.0f}s")
+            status.update(f"scan of {repository}:{target}: {response.json().get('state', 'pending')}")
+            time.sleep(1.0)
+    try:
+        report = ScanReport.from_json(response.json())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ScanError(f"{url}: not a scan report ({exc})") from None
     if args.format == "json":
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:
