@@ -41,13 +41,18 @@ lint: install
 demo: install system-deps
 	$(PY) -m tests.demo
 
-bench: bench-seed bench-p2pd bench-chunks bench-scan bench-signatures bench-swarm
+bench: bench-seed bench-p2pd bench-p2pd-auth bench-chunks bench-scan bench-signatures bench-swarm
 
 bench-seed: install system-deps
 	$(PY) -m tests.bench.seed_throughput --out docs/benchmarks.md
 
 bench-p2pd: install system-deps
 	$(PY) -m tests.bench.p2pd_pull --out docs/benchmarks.md
+
+# Client authorization at the node: pull time with each client's token checked vs an open
+# namespace, and the cost of one decision (~1 min; tiny version in tests/test_p2pd_auth_bench.py).
+bench-p2pd-auth: install system-deps
+	$(PY) -m tests.bench.p2pd_auth --out docs/benchmarks.md
 
 # The scanner: MiB/s of compressed layer (per core) on a 256 MiB image built from this machine's
 # files, and p99 of concurrent blob pulls while a scan runs vs idle (~4 min).
@@ -78,7 +83,7 @@ install-bench: $(BENCH_STAMP)
 bench-swarm: install-bench system-deps
 	timeout --foreground --signal=TERM --kill-after=60 900 $(PY) -m tests.bench.swarm --out docs/benchmarks.md
 
-.PHONY: install-bench bench-swarm bench-signatures
+.PHONY: install-bench bench-swarm bench-p2pd-auth bench-scan bench-signatures bench-signatures
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,9 @@ here, lazily and cached; the decisions are ``p2pd.access.decide_pull`` and ``dec
 
 Evidence, cheapest first:
 
-1. ``anonymous_pull = true`` on the namespace's ``[[upstream]]``: the operator opened it.
+1. ``anonymous_pull = true`` on the namespace's ``[[upstream]]`` (the operator opened it), or
+   no ``username`` there: the agent then fetches only what the upstream serves anonymously, so
+   every client may read it and only links (below) are checked.
 2. Whether the upstream lets an anonymous client pull the repository: ``probe_pull``, asked
    once per repository every ``access.anonymous_ttl`` seconds. If it does, every client may.
    The probe also yields the upstream's challenge (realm, service).

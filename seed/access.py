@@ -280,8 +280,11 @@ class AccessPolicy:
         if need.repository is None:
             if need.action in ("login", "catalog"):
                 # Anyone with credentials (or an anonymous token) may say hello and list what
-                # they can pull; a bare anonymous request is asked to log in when nothing is public.
-                return self.open_mode or not principal.is_anonymous or token_access is not None or self.has_public
+                # they can pull. A request without any is asked to log in, even when some
+                # repositories are public: that 401 is how docker, podman and skopeo learn the
+                # realm — they would never send their credentials after a 200 — and clients
+                # without credentials then fetch an anonymous token (distribution does the same).
+                return self.open_mode or not principal.is_anonymous or token_access is not None
             return False
         allowed = self.actions_for(principal, need.repository)
         if token_access is not None:

@@ -40,14 +40,14 @@ from p2pd.access import (
     unverified_expiry,
     verify_token,
 )
-from p2pd.config import AccessConfig, AgentConfig, UpstreamConfig
-from p2pd.errors import UpstreamNotFound, UpstreamUnavailable
+from p2pd.config import AccessConfig, AgentConfig, UpstreamConfig, load_config
+from p2pd.errors import ConfigError, UpstreamNotFound, UpstreamUnavailable
 from p2pd.gate import AccessGate, default_jwks_url
 from p2pd.httpd import Headers, Request
 from p2pd.metrics import AgentMetrics
 from p2pd.oci.digest import Digest, digest_of
 from p2pd.oci.errors import OCIError
-from p2pd.upstream import ManifestResult
+from p2pd.upstream import DEFAULT_NAMESPACE, ManifestResult, UpstreamPool
 
 SERVICE = "fake.test"
 REALM = "https://auth.fake.test/token"
@@ -609,3 +609,27 @@ def test_access_module_is_pure() -> None:
     io_modules = {"trio", "httpx", "httpcore", "socket", "ssl", "os", "pathlib", "subprocess", "threading", "asyncio",
                   "urllib", "http", "time"}
     assert not {name.split(".")[0] for name in _imports(Path(p2pd.access.__file__))} & io_modules
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+
+def test_configuration_of_client_checks(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('default_upstream = "https://seed.example"\n\n[[upstream]]\nnamespace = "seed.example"\n'
+                    'url = "https://seed.example"\nusername = "robot"\npassword = "pw"\nanonymous_pull = true\n'
+                    'jwks_url = "https://auth.example/keys"\ntoken_issuer = "seed"\n\n'
+                    '[access]\nanonymous_ttl = 60\nmax_links = 10\n')
+    config = load_config(path, data=tmp_path / "data")
+    [entry] = config.upstreams
+    assert (entry.anonymous_pull, entry.jwks_url, entry.token_issuer) == (True, "https://auth.example/keys", "seed")
+    assert (config.access.anonymous_ttl, config.access.max_links, config.access.check_ttl) == (60.0, 10, 300.0)
+    # The default upstream takes the credentials and settings of the entry with its URL.
+    default = UpstreamPool(config).settings(None)
+    assert (default.namespace, default.username, default.anonymous_pull) == (DEFAULT_NAMESPACE, "robot", True)
+    for bad in ('[[upstream]]\nnamespace = "x"\nurl = "https://x"\njwks_url = "file:///etc/keys"\n',
+                '[access]\nanonymous_ttl = -1\n', '[access]\nmax_entries = 0\n', '[access]\nunknown = 1\n',
+                '[[upstream]]\nnamespace = "x"\nurl = "https://x"\nanonymous_pull = "yes"\n'):
+        path.write_text(bad)
+        with pytest.raises(ConfigError):
+            load_config(path)

@@ -208,7 +208,8 @@ async def _seed_contract(seed: AuthSeed) -> AccessContract:
         await client.put("/v2/public/base/manifests/v1", content=manifest,
                          headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
     upstream = HttpUpstream(UpstreamConfig(namespace=NS, url=seed.info.url), FetchConfig())
-    return AccessContract(upstream, 200, "team/app", "public/base",  # a seed with public repositories
+    # /v2/ without credentials asks to log in, public repositories or not (as distribution does).
+    return AccessContract(upstream, 401, "team/app", "public/base",
                           "Bearer " + await token_for(seed, "repository:team/app:pull", "u-pull"),
                           "Bearer " + await token_for(seed, "repository:other/app:pull", "u-none"),
                           f"{seed.info.url}/token/keys", f"{seed.info.url}/token/nothing", time.time,

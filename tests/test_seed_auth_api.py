@@ -210,8 +210,11 @@ async def test_catalog_lists_only_what_the_caller_may_pull(auth_seed: AuthSeed) 
         assert (await client.get("/v2/_catalog")).json()["repositories"] == ["public/base", "team/app"]
     async with auth_seed.client(creds("u-none")) as client:
         assert (await client.get("/v2/_catalog")).json()["repositories"] == ["public/base"]
-    async with auth_seed.client() as client:
+    anonymous = await token_for(auth_seed, "registry:catalog:*", None)
+    async with auth_seed.client(token=anonymous) as client:
         assert (await client.get("/v2/_catalog")).json()["repositories"] == ["public/base"]
+    async with auth_seed.client() as client:
+        assert (await client.get("/v2/_catalog")).status_code == 401
 
 
 async def test_public_repository_pulls_without_login(auth_seed: AuthSeed) -> None:
@@ -225,11 +228,20 @@ async def test_public_repository_pulls_without_login(auth_seed: AuthSeed) -> Non
         r = await client.post("/v2/public/base/blobs/uploads/")
         assert r.status_code == 403
     async with auth_seed.client() as client:
-        assert (await client.get("/v2/")).status_code == 200
+        # /v2/ asks everyone without credentials to log in (that is how clients find the realm)...
+        assert (await client.get("/v2/")).status_code == 401
+        # ... but a public repository answers a bare request too.
         r = await client.get("/v2/public/base/manifests/v1")
         assert r.status_code == 200 and r.headers["docker-content-digest"] == digest
         r = await client.post("/v2/public/base/blobs/uploads/")
         assert r.status_code == 401
+    # The docker way: an anonymous token from the realm, then everything public with it.
+    anonymous = await token_for(auth_seed, "repository:public/base:pull", None)
+    async with auth_seed.client(token=anonymous) as client:
+        assert (await client.get("/v2/")).status_code == 200
+        r = await client.get("/v2/public/base/manifests/v1")
+        assert r.status_code == 200 and r.headers["docker-content-digest"] == digest
+        assert (await client.get("/v2/team/app/tags/list")).status_code == 401
 
 
 async def test_mount_needs_pull_on_the_source(auth_seed: AuthSeed, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def sample(dispatcher: Dispatcher, name: str, **labels: str) -> float:
 async def wait_sample(dispatcher: Dispatcher, name: str, at_least: float, limit: float = 10.0, **labels: str) -> None:
     """Waits until a metric reaches ``at_least`` (the receiver answers before the ack is counted)."""
     with trio.fail_after(limit):
-        while sample(dispatcher, name, **labels) < at_least:
+        while sample(dispatcher, name, **labels) < at_least:  # noqa: ASYNC110 - counted after a worker thread's ack
             await trio.sleep(0.01)
 
 
@@ -282,8 +282,8 @@ async def test_flood_against_a_dead_endpoint_stays_bounded(nursery: trio.Nursery
     dispatcher = await start_dispatcher(nursery, tmp_path, dead,
                                         WebhookConfig(url=healthy.url, name="healthy", timeout=2.0),
                                         max_pending=400)
-    total, highest_pending = 3000, 0
-    for burst in range(30):
+    total, highest_pending = 1500, 0
+    for burst in range(15):
         for n in range(100):
             dispatcher.emit(push_event(burst * 100 + n))
             highest_pending = max(highest_pending, dispatcher.pending)
@@ -296,7 +296,7 @@ async def test_flood_against_a_dead_endpoint_stays_bounded(nursery: trio.Nursery
     assert sample(dispatcher, "seed_webhook_queue_depth", endpoint="dead") == 300
     assert sample(dispatcher, "seed_webhook_oldest_event_age_seconds", endpoint="dead") >= 0
     disk = sum(path.stat().st_size for path in (tmp_path / "data" / "webhooks" / "queues" / "dead").iterdir())
-    assert disk < 300 * 1024  # about 300 lines, not 3000
+    assert disk < 300 * 1024  # about 300 lines, not 1500
     accepted = await healthy.wait_for(total, limit=60)
     assert [document["tag"] for document in accepted] == [f"v{n}" for n in range(total)]
 
@@ -365,7 +365,7 @@ async def test_seed_announces_pushes_moves_and_deletes(
         expected += [("push", "latest", digest), ("tag.moved", "latest", digest)]
     expected += [("delete", None, pushed[0][0]), ("delete", "latest", pushed[-1][0])]
     assert types == expected
-    first_push, first_move, second_push, second_move = accepted[:4]
+    first_push, first_move, _second_push, second_move = accepted[:4]
     assert first_push["media_type"] == "application/vnd.oci.image.manifest.v1+json"
     assert first_push["size"] == pushed[0][1] and first_push["actor"]["kind"] == "anonymous"
     assert first_move["detail"] == {"old_digest": None}
@@ -375,8 +375,10 @@ async def test_seed_announces_pushes_moves_and_deletes(
     assert len({d["id"] for d in accepted}) == 12
     assert len(hanging.accepted) == 0 and len(hanging.deliveries) <= 1
     # Metrics per endpoint on the seed's /metrics.
-    metrics = (await seed.client.get("/metrics")).text
-    assert 'seed_webhook_delivered_total{endpoint="fast"} 12.0' in metrics
+    with trio.fail_after(5):  # the receiver answers just before the seed counts the delivery
+        while 'seed_webhook_delivered_total{endpoint="fast"} 12.0' not in (  # noqa: ASYNC110 - another server
+                metrics := (await seed.client.get("/metrics")).text):
+            await trio.sleep(0.02)
     assert 'seed_webhook_queue_depth{endpoint="hanging"} 12.0' in metrics
     assert 'seed_webhook_oldest_event_age_seconds{endpoint="hanging"}' in metrics
 

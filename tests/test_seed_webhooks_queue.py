@@ -5,6 +5,7 @@ parsing, the audit → event mapping and the payload against docs/webhook-event.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -38,7 +39,9 @@ OTHER_DIGEST = "sha256:" + "b" * 64
 NOW = 1_700_000_000.0
 
 
+@functools.cache
 def schema_validator() -> jsonschema.Draft202012Validator:
+    """The published schema, checked, as a validator (built once: building takes milliseconds)."""
     schema = json.loads(SCHEMA_PATH.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)

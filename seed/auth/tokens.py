@@ -33,7 +33,7 @@ from p2pd.fsutil import fsync_dir, write_atomic
 
 from ..access import expand_actions
 from ..errors import ConfigError, TokenInvalid
-from .identity import Grant, Principal
+from .identity import ANONYMOUS, Grant, Principal
 
 __all__ = [
     "MAX_TOKEN_LENGTH",
@@ -271,7 +271,10 @@ class TokenAuthority:
 
     def _base_claims(self, principal: Principal, audience: str, lifetime: float, use: str) -> dict[str, Any]:
         now = int(self._clock())
-        claims: dict[str, Any] = {"iss": self.issuer, "sub": principal.name, "aud": audience, "iat": now,
+        # JWTs need a subject; an anonymous caller has no name, so its tokens say "anonymous"
+        # (kind "anonymous" is what counts when they come back).
+        subject = principal.name or "anonymous"
+        claims: dict[str, Any] = {"iss": self.issuer, "sub": subject, "aud": audience, "iat": now,
                                   "nbf": now - 1, "exp": now + int(lifetime), "jti": secrets.token_urlsafe(12),
                                   "use": use, "kind": principal.kind, "provider": principal.provider}
         if principal.groups:
@@ -327,8 +330,11 @@ class TokenAuthority:
         kind = claims.get("kind")
         if kind not in ("user", "robot", "anonymous"):
             raise TokenInvalid("token names an unknown kind of principal")
-        principal = Principal(kind=kind, name=str(claims["sub"]), groups=_groups(claims.get("groups")),
-                              provider=str(claims.get("provider", "")))
+        if kind == "anonymous":
+            principal = ANONYMOUS
+        else:
+            principal = Principal(kind=kind, name=str(claims["sub"]), groups=_groups(claims.get("groups")),
+                                  provider=str(claims.get("provider", "")))
         access, catalog = _access(claims.get("access", []))
         return TokenClaims(principal, access, catalog, float(claims["exp"]), str(claims.get("jti", "")),
                            self.issuer)

@@ -160,6 +160,7 @@ class Dispatcher:
         self._submitted = 0  # (endpoint, event) pairs queued while serving
         self._settled = 0  # of those, written or dropped
         self._overflowing = False
+        self._full: set[str] = set()  # endpoints whose disk queue refused the last event
         self._serving = False
         self._wakeup = trio.Event()
         self._progress = trio.Event()
@@ -261,11 +262,16 @@ class Dispatcher:
 
     def _count_dropped(self, items: Sequence[tuple[str, WebhookEvent]], kept: Sequence[bool]) -> None:
         for (name, event), ok in zip(items, kept, strict=True):
-            if not ok:
-                self.metrics.dropped.labels(name, "queue_full").inc()
-                log.warning("webhook %s: queue full (max_queue_events = %d): event %s (%s) dropped", name,
-                            self.endpoints[name].max_queue_events if name in self.endpoints else 0, event.id,
-                            event.type)
+            if ok:
+                self._full.discard(name)
+                continue
+            self.metrics.dropped.labels(name, "queue_full").inc()
+            if name not in self._full:  # once per episode, not once per event of a flood
+                self._full.add(name)
+                log.error("webhook %s: queue full (max_queue_events = %d): dropping new events, starting with %s "
+                          "(%s); seed_webhook_dropped_total counts them", name,
+                          self.endpoints[name].max_queue_events if name in self.endpoints else 0, event.id,
+                          event.type)
 
     # -- the service -------------------------------------------------------------------------------
 
