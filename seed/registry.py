@@ -142,6 +142,8 @@ class SeedRegistry:
         gate, token_service = await trio.to_thread.run_sync(build_gate, config, self._audit)
         if self.gate.authenticator is not None and gate.authenticator is not None:
             gate.authenticator.throttle = self.gate.authenticator.throttle  # failures survive a reload
+        if config.webhooks != self.config.webhooks:
+            log.warning("[[webhooks]] changed: the running seed keeps its endpoints until it is restarted")
         self.gate, self.token_service, self.config = gate, token_service, config
         self.signatures.replace_policy(config.signatures)  # new keys: verdicts are computed again
         self._audit("config.reload", {"actor": "", "actor_kind": "system",

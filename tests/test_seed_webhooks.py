@@ -411,3 +411,15 @@ async def test_seed_announces_login_failures(nursery: trio.Nursery, tmp_path: Pa
     assert accepted[0]["detail"] == {"reason": "bad credentials"}
     assert all(d["actor"]["source"] == "127.0.0.1" for d in accepted)
     assert "guess" not in json.dumps(accepted) and "wrong" not in json.dumps(accepted)
+
+
+async def test_event_that_aged_while_the_seed_was_down_gets_one_more_try(nursery: trio.Nursery,
+                                                                          tmp_path: Path) -> None:
+    receiver = await start_receiver(nursery)
+    config = endpoint(receiver, max_age=60.0)
+    with FileEventQueue(webhooks_directory(tmp_path / "data")) as queue:
+        queue.append([("r", push_event(1))], now=time.time() - 3600)  # queued an hour before the restart
+    dispatcher = await start_dispatcher(nursery, tmp_path, config)
+    accepted = await receiver.wait_for(1)
+    assert accepted[0]["tag"] == "v1"
+    assert sample(dispatcher, "seed_webhook_dead_lettered_total", endpoint="r") == 0

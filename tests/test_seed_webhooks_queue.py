@@ -404,3 +404,42 @@ def test_event_validation() -> None:
         WebhookEvent.from_dict({"version": 2, "id": "a" * 32, "type": "push", "time": "t"})
     # make_event's values validate against the schema as they are.
     schema_validator().validate(json.loads(push_event(1).body()))
+
+
+# -- the command line with the seed stopped ------------------------------------------------------
+
+
+def test_cli_with_the_seed_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from seed.cli import main as seed_main
+
+    data = tmp_path / "data"
+    config_path = tmp_path / "seed.toml"
+    config_path.write_text('[[webhooks]]\nname = "bot"\nurl = "https://bot.example/hook/T0KEN"\n')
+    events = [push_event(n) for n in range(3)]
+    with FileEventQueue(webhooks_directory(data)) as queue:
+        queue.append([("bot", event) for event in events], now=NOW)
+        for n in range(2):
+            head = queue.head("bot")
+            assert head is not None
+            queue.bury("bot", head.seq, attempts=4, error="HTTP 502", now=NOW + n)
+    args = ["--config", str(config_path), "--data", str(data)]
+    assert seed_main(["webhooks", "ls", *args]) == 0
+    output = capsys.readouterr().out
+    assert "bot" in output and "https://bot.example/..." in output and "T0KEN" not in output
+    assert seed_main(["webhooks", "ls", "--json", *args]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["queued"], row["dead_letters"]) == (1, 2) and row["oldest_age"] > 0
+    assert seed_main(["webhooks", "ls", "--dead", *args]) == 0
+    output = capsys.readouterr().out
+    assert events[0].id in output and events[1].id in output and "HTTP 502" in output
+    # No seed holds the lock: the command replays itself.
+    assert seed_main(["webhooks", "retry", events[1].id, *args]) == 0
+    assert "1 event(s) queued again" in capsys.readouterr().out
+    assert seed_main(["webhooks", "retry", events[1].id, *args]) == 1
+    assert seed_main(["webhooks", "retry", "--all", "--endpoint", "bot", *args]) == 0
+    with FileEventQueue(webhooks_directory(data)) as queue:
+        order = []
+        while (head := queue.head("bot")) is not None:
+            order.append(head.event.id)
+            queue.ack("bot", head.seq)
+    assert order == [events[2].id, events[1].id, events[0].id]

@@ -15,8 +15,9 @@ Rules/invariants:
   next: delivery is in order per endpoint, and a slow or dead endpoint delays only itself.
   A failed attempt (timeout, connection error, non-2xx, a redirect: never followed) is
   retried after ``backoff_initial * 2**(n-1)`` seconds, capped at ``backoff_max``, of which
-  a random half is waited ("equal jitter"); once an event has been queued for ``max_age``
-  it goes to the dead letters (``seed webhooks ls --dead``, ``seed webhooks retry``).
+  a random half is waited ("equal jitter"). An attempt that fails once the event has been
+  queued for ``max_age`` sends it to the dead letters (``seed webhooks ls --dead``,
+  ``seed webhooks retry``); an event that aged while the seed was down still gets one try.
 - Each body is signed with the endpoint's secret (``X-Seed-Signature: sha256=<hex HMAC>``);
   the secret itself is never sent or logged, and URLs are logged without path or query.
 - On cancellation the writer makes one last shielded attempt to store what is pending; an
@@ -384,7 +385,6 @@ class Dispatcher:
     async def _deliver_loop(self, client: httpx.AsyncClient, name: str) -> None:
         endpoint = self.endpoints[name]
         attempts = 0
-        last_error = ""
         while True:
             ready = self._ready[name] = trio.Event()
             try:
@@ -392,25 +392,21 @@ class Dispatcher:
                 if head is None:
                     await ready.wait()
                     continue
-                if self.clock() - head.queued >= endpoint.max_age:
-                    await self._bury(name, head, attempts, last_error or "max_age passed before a delivery attempt")
-                    attempts, last_error = 0, ""
-                    continue
+                # An event older than max_age (the seed was down) still gets one attempt.
                 attempts += 1
                 error = await self._post(client, endpoint, head.event, attempts)
                 if error is None:
                     await trio.to_thread.run_sync(self.queue.ack, name, head.seq)
                     self.metrics.delivered.labels(name).inc()
-                    attempts, last_error = 0, ""
+                    attempts = 0
                     continue
                 self.metrics.failed.labels(name).inc()
-                last_error = error
                 remaining = head.queued + endpoint.max_age - self.clock()
                 log.warning("webhook %s (%s): event %s, attempt %d failed: %s", name, endpoint.display_url,
                             head.event.id, attempts, error)
                 if remaining <= 0:
                     await self._bury(name, head, attempts, error)
-                    attempts, last_error = 0, ""
+                    attempts = 0
                     continue
                 delay = min(endpoint.backoff_max, endpoint.backoff_initial * 2.0 ** min(attempts - 1, 60))
                 await trio.sleep(min(remaining, delay / 2 + delay / 2 * self._jitter()))
