@@ -86,6 +86,7 @@ class Gate:
         source = _source(request)
         if self.authenticator is None:
             return Caller(ANONYMOUS, "none", None, source)
+        needs = needs_for(route, request.method, name, request.query)
         try:
             caller = await self.authenticator.identify(request.headers.get("authorization"), source)
         except LoginThrottled as exc:
@@ -93,10 +94,8 @@ class Gate:
                            headers=[("Retry-After", str(max(1, int(exc.retry_after + 0.999))))]) from None
         except CredentialsRejected as exc:
             raise OCIError("UNAUTHORIZED", "authentication required", status=401,
-                           headers=[self._challenge(request, needs_for(route, request.method, name, request.query),
-                                                    error="invalid_token")],
+                           headers=[self._challenge(request, needs, error="invalid_token")],
                            detail={"reason": str(exc)[:200]}) from None
-        needs = needs_for(route, request.method, name, request.query)
         decision = self._policy.decide(caller.principal, needs, caller.token_access)
         if decision.allowed:
             return caller

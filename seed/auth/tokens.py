@@ -194,8 +194,6 @@ def load_public_keys(path: Path) -> dict[str, Any]:
     keys = {"": public}
     if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1":
         keys[_thumbprint(public)] = public
-    elif not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-        keys = {"": public}
     return keys
 
 
