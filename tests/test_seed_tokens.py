@@ -198,3 +198,30 @@ def test_keys_cli_rotate_list_retire(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert second != first and role == "signs"
     assert main(["keys", "retire", second, "--data", data]) == 1  # the signing key stays
     assert main(["keys", "retire", "no-such-kid", "--data", data]) == 1
+
+
+def test_verified_token_cache_still_rechecks_robots_and_expiry(tmp_path: Path) -> None:
+    from seed.auth.authenticator import Authenticator
+    from seed.auth.robots import MemoryRobotStore, RobotProvider, parse_access_spec
+    from seed.auth.throttle import LoginThrottle
+    from seed.errors import CredentialsRejected
+
+    clock = Clock()
+    authority = _authority(tmp_path, clock)
+    robots = MemoryRobotStore()
+    record, _secret = robots.create("ci", parse_access_spec("team/*:pull"), None)
+    authenticator = Authenticator([RobotProvider(robots)], authority, LoginThrottle(), robots, lambda a, f: None)
+    authenticator._clock = clock
+    robot = Principal(kind="robot", name=record.login_name, provider="robot")
+    token = authority.issue(robot, [("repository", "team/app", {"pull"})]).token
+    verified = authenticator.verify_token(token)
+    assert verified.principal.grants == record.grants
+    assert authenticator.verify_token(token) == verified  # the second time from the cache
+    robots.revoke("ci")
+    with pytest.raises(CredentialsRejected):
+        authenticator.verify_token(token)  # cached, but the robot is looked up every time
+    user_token = authority.issue(ALICE, []).token
+    authenticator.verify_token(user_token)
+    clock.now += 300 + 31
+    with pytest.raises(CredentialsRejected):
+        authenticator.verify_token(user_token)  # a cached token does not outlive its expiry
