@@ -191,12 +191,13 @@ def test_keys_cli_rotate_list_retire(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["keys", "list", "--data", data]) == 0
     first = capsys.readouterr().out.split()[0]
     assert main(["keys", "rotate", "--data", data]) == 0
-    assert main(["keys", "retire", first, "--data", data]) == 0  # it no longer signs
+    # Key ids are base64url and may start with "-": "--" ends the options (as the help says).
+    assert main(["keys", "retire", "--data", data, "--", first]) == 0  # it no longer signs
     assert "retired" in capsys.readouterr().out
     assert main(["keys", "list", "--data", data]) == 0
     (second, role, _name) = capsys.readouterr().out.split()
     assert second != first and role == "signs"
-    assert main(["keys", "retire", second, "--data", data]) == 1  # the signing key stays
+    assert main(["keys", "retire", "--data", data, "--", second]) == 1  # the signing key stays
     assert main(["keys", "retire", "no-such-kid", "--data", data]) == 1
 
 

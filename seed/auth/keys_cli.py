@@ -26,7 +26,7 @@ def add_keys_parser(commands: Any) -> None:
     actions.add_parser("list", parents=[common], help="key ids, files, which one signs")
     actions.add_parser("rotate", parents=[common], help="create a new key that signs from now on (then SIGHUP)")
     retire = actions.add_parser("retire", parents=[common], help="remove an old key: its tokens stop verifying")
-    retire.add_argument("kid")
+    retire.add_argument("kid", help="key id from `seed keys list` (one that starts with '-' goes after '--')")
 
 
 def run_keys_command(args: argparse.Namespace, config: SeedConfig) -> int:

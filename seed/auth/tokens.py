@@ -123,7 +123,9 @@ class KeyDirectory:
         kid = _thumbprint(key.public_key())
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}-{kid[:16]}.pem"
+        # One clock reading for both parts, so names sort in creation order (the newest signs).
+        now_ns = time.time_ns()
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now_ns // 10**9))}-{now_ns % 10**9:09d}-{kid[:16]}.pem"
         write_atomic(self.directory / name, pem, mode=0o600)
         self._verifiers[kid] = key.public_key()
         self._signer = (kid, key)
