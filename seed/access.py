@@ -17,12 +17,11 @@ Rules/invariants:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from p2pd.errors import ConfigError
+from p2pd.globs import compile_glob, validate_glob
 
 from .auth.identity import Grant, Principal
 
@@ -45,7 +44,6 @@ ACTIONS = ("pull", "push", "delete", "admin")
 ROLES = ACTIONS
 # Token scopes say "*" for everything (Docker's convention); it means admin here.
 _SCOPE_ALIASES = {"*": "admin"}
-_GLOB_CHARS = re.compile(r"[A-Za-z0-9._/*?-]+")
 
 
 def actions_of_role(role: str) -> frozenset[str]:
@@ -64,39 +62,6 @@ def expand_actions(actions: Iterable[str]) -> frozenset[str]:
         if action in ROLES:
             result |= actions_of_role(action)
     return frozenset(result)
-
-
-def validate_glob(pattern: str) -> str:
-    """Checks a repository glob: name characters, ``/``, ``*`` (one path component), ``**`` (any depth)."""
-    if not pattern or len(pattern) > 256 or not _GLOB_CHARS.fullmatch(pattern) or "***" in pattern:
-        raise ConfigError(f"invalid repository pattern {pattern!r}: use name characters, '/', '*' and '**'")
-    return pattern
-
-
-@lru_cache(maxsize=1024)
-def compile_glob(pattern: str) -> re.Pattern[str]:
-    """Repository glob → regex. ``*`` and ``?`` stay within one path component; ``**`` spans any.
-
-    ``team-a/**`` matches ``team-a/app`` and ``team-a/x/y`` but not ``team-a`` itself (as in
-    gitignore); ``**`` alone matches every repository.
-    """
-    validate_glob(pattern)
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out))
 
 
 def _matches(patterns: Iterable[str], repository: str) -> bool:

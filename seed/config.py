@@ -63,7 +63,7 @@ Example ``seed.toml``::
     repositories = ["prod/**"]
     block_severity = "critical"
 
-    [[signatures]]               # pull policy from signatures (seed/signatures/config.py)
+    [[signatures]]               # pull policy from signatures (p2pd/signing/rules.py)
     repositories = ["prod/**"]
     keys = ["/etc/seed/keys/release.asc"]
     mode = "enforce"
@@ -85,6 +85,8 @@ from p2pd.errors import ConfigError
 from p2pd.httpd import ServerLimits
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, validate_chunk_size
 from p2pd.oci.errors import OCIError
+from p2pd.signing.rules import SignaturePolicy
+from p2pd.signing.rules import from_toml as signature_policy_from_toml
 from p2pd.tomlconfig import build_section, parse_listen, read_toml
 
 from .access import AccessRule
@@ -93,8 +95,6 @@ from .auth.throttle import ThrottleConfig
 from .events import WebhookConfig, webhooks_from_toml
 from .scan.config import ScanSettings
 from .scan.config import from_toml as scan_settings_from_toml
-from .signatures.config import SignaturePolicy
-from .signatures.config import from_toml as signature_policy_from_toml
 
 __all__ = ["AuditConfig", "AuthConfig", "ConfigError", "IssuerConfig", "RegistryConfig", "SeedConfig",
            "ServerConfig", "StorageConfig", "TlsConfig", "TokenConfig", "load_config", "parse_listen"]

@@ -33,6 +33,17 @@ from p2pd.oci import mediatypes
 from p2pd.oci.digest import Digest, digest_of
 from p2pd.oci.errors import OCIError
 from p2pd.oci.manifest import parse_manifest
+from p2pd.signing.cosign import (
+    ARTIFACT_TYPE,
+    SIGNATURE_ANNOTATION,
+    SIMPLESIGNING_MEDIA_TYPE,
+    parse_signature_manifest,
+    signature_tag,
+)
+from p2pd.signing.extension import MAX_SIGNATURES, parse_extension_signature
+from p2pd.signing.openpgp import OpenPGPVerifier
+from p2pd.signing.payload import ATOMIC_TYPE, COSIGN_TYPE
+from p2pd.signing.rules import from_toml
 from seed.audit import AuditEvent, audit_directory, iter_directory_records
 from seed.config import load_config
 from seed.registry import SeedRegistry, serve_seed
@@ -49,17 +60,7 @@ from seed.signatures import (
     parse_claim,
     parse_docker_reference,
 )
-from seed.signatures.config import from_toml
-from seed.signatures.cosign import (
-    ARTIFACT_TYPE,
-    SIGNATURE_ANNOTATION,
-    SIMPLESIGNING_MEDIA_TYPE,
-    parse_signature_manifest,
-    signature_tag,
-)
-from seed.signatures.openpgp import OpenPGPVerifier
-from seed.signatures.payload import ATOMIC_TYPE, COSIGN_TYPE
-from seed.signatures.store import MAX_SIGNATURES, TooManySignatures, parse_extension_signature
+from seed.signatures.store import TooManySignatures
 from seed.storage import Storage
 from tests.harness.gpg import GpgHome
 from tests.harness.tools import require_tool

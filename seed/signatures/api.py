@@ -17,14 +17,12 @@ from p2pd.httpd import Request, Response
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import validate_reference
+from p2pd.signing.extension import MAX_BODY_BYTES, SUPPORTS_SIGNATURES_HEADER
 
 from .service import SignatureService
-from .store import MAX_BODY_BYTES
 
 __all__ = ["SUPPORTS_SIGNATURES_HEADER", "delete_signatures", "get_signatures", "get_verdict", "put_signature"]
 
-# What containers/image looks for in the /v2/ answer before it uses the extension.
-SUPPORTS_SIGNATURES_HEADER = ("X-Registry-Supports-Signatures", "1")
 
 
 def _json(status: int, document: Any, headers: list[tuple[str, str]] | None = None) -> Response:

@@ -25,24 +25,25 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from p2pd.fsutil import write_atomic
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
+from p2pd.signing import cosign
+from p2pd.signing.errors import SignatureInvalid
+from p2pd.signing.extension import ExtensionSignature, parse_extension_signature
+from p2pd.signing.keys import TrustedKeys
+from p2pd.signing.payload import MAX_PAYLOAD_SIZE
+from p2pd.signing.policy import SignatureCheck, SignatureVerdict, decide
+from p2pd.signing.rules import SignaturePolicy, SignatureRule
+from p2pd.signing.verifier import SignatureVerifier
 
 from ..storage import Storage
-from . import cosign
-from .config import SignaturePolicy, SignatureRule
-from .errors import SignatureInvalid, VerifierUnavailable
-from .keys import TrustedKeys, find_gpg_tool
-from .openpgp import OpenPGPVerifier
-from .payload import ATOMIC_TYPE, COSIGN_TYPE, MAX_PAYLOAD_SIZE, parse_claim
-from .policy import SignatureCheck, SignatureVerdict, decide
-from .store import ExtensionSignature, FileSignatureStore, SignatureStore, parse_extension_signature
+from .store import FileSignatureStore, SignatureStore
 
 __all__ = ["AuditHook", "SignatureService", "VerdictSubscriber"]
 
@@ -53,8 +54,6 @@ VerdictSubscriber = Callable[[SignatureVerdict], None]
 
 _CACHE_SIZE = 4096  # (keys, repository, digest) entries
 _VERDICT_MEMORY = 4096  # last verdict per name, to audit changes only
-_GPGV_PROCESSES = 4
-_GPGV_SECONDS = 10.0  # one gpgv run; beyond it the signature counts as not verified
 _MAX_COSIGN_MANIFESTS = 16  # signature manifests (tag + referrers) read for one image
 _DENIAL_INTERVAL = 10.0  # seconds: one policy.denied record per caller, image and interval
 # cosign's attachments of another manifest: the tag a client reads to verify, not an image.
@@ -83,14 +82,11 @@ class SignatureService:
         self._audit: AuditHook = audit or (lambda action, fields: None)
         self.on_verdict: list[VerdictSubscriber] = on_verdict if on_verdict is not None else []
         self._clock = clock
-        self._workdir = Path(storage.root) / "signatures"
+        self.verifier = SignatureVerifier(Path(storage.root) / "signatures", Path(storage.root) / "tmp")
         self._cache: OrderedDict[tuple[str, str, str], tuple[Hashable, tuple[SignatureCheck, ...]]] = OrderedDict()
         self._inflight: dict[tuple[str, str, str], trio.Event] = {}
-        self._verifiers: dict[str, OpenPGPVerifier] = {}
-        self._gpgv_limiter = trio.CapacityLimiter(_GPGV_PROCESSES)
         self._last_verdicts: OrderedDict[tuple[str, str], tuple[str, str, str]] = OrderedDict()
         self._denials: OrderedDict[tuple[str, ...], float] = OrderedDict()
-        self.verifications = 0  # signatures checked cryptographically (cache misses), for tests and metrics
 
     @property
     def policy(self) -> SignaturePolicy:
@@ -101,7 +97,12 @@ class SignatureService:
         computed under other keys is reused; dropping them all also frees the memory."""
         self._policy = policy
         self._cache.clear()
-        self._verifiers.clear()
+        self.verifier.forget_keys()
+
+    @property
+    def verifications(self) -> int:
+        """Signatures checked cryptographically (cache misses), for tests and metrics."""
+        return self.verifier.verifications
 
     def rule_for(self, repository: str) -> SignatureRule | None:
         return self._policy.rule_for(repository)
@@ -271,68 +272,9 @@ class SignatureService:
     async def _compute(self, name: str, digest: Digest, rule: SignatureRule | None,
                        keys: TrustedKeys) -> tuple[SignatureCheck, ...]:
         extension = await trio.to_thread.run_sync(self.store.list_signatures, name, digest)
-        checks = [await self._check_openpgp(signature, digest, keys) for signature in extension]
+        checks = [await self.verifier.check_extension(signature, digest, keys) for signature in extension]
         checks += await trio.to_thread.run_sync(self._check_cosign, name, digest, keys)
         return tuple(checks)
-
-    async def _check_openpgp(self, signature: ExtensionSignature, digest: Digest,
-                             keys: TrustedKeys) -> SignatureCheck:
-        def failed(error: str) -> SignatureCheck:
-            return SignatureCheck("simple-signing", "extension", signature.name, False, error=error)
-
-        if not keys.openpgp:
-            return failed("no OpenPGP key is trusted for this repository")
-        self.verifications += 1
-        try:
-            verifier = await self._openpgp_verifier(keys)
-            async with self._gpgv_limiter:
-                with trio.fail_after(_GPGV_SECONDS):
-                    message = await verifier.verify(signature.content)
-        except SignatureInvalid as exc:
-            return failed(str(exc))
-        except (VerifierUnavailable, OSError) as exc:
-            return failed(f"the verifier is unavailable: {exc}")
-        except trio.TooSlowError:
-            return failed(f"gpgv did not finish within {_GPGV_SECONDS:.0f} s")
-        trusted = keys.openpgp_key(message.primary_key)
-        if trusted is None:  # the keyring holds only trusted keys; this is a second lock on the door
-            return failed(f"signed by key {message.primary_key}, which is not trusted")
-        return self._claimed(failed, "simple-signing", "extension", signature.name, message.payload, ATOMIC_TYPE,
-                             digest, trusted.source, trusted.fingerprint)
-
-    @staticmethod
-    def _claimed(failed: Callable[[str], SignatureCheck], format: str, source: str, check_id: str, payload: bytes,
-                 expected_type: str, digest: Digest, key: str, fingerprint: str) -> SignatureCheck:
-        """The check of a cryptographically valid signature: its claims, and the digest it covers."""
-        try:
-            claim = parse_claim(payload, expected_type)
-        except SignatureInvalid as exc:
-            return failed(f"signed by {key}, but {exc}")
-        if claim.manifest_digest != digest:
-            return SignatureCheck(format, source, check_id, False, key, fingerprint, claim,
-                                  f"signed by {key} for manifest {claim.manifest_digest}, not this one")
-        return SignatureCheck(format, source, check_id, True, key, fingerprint, claim)
-
-    async def _openpgp_verifier(self, keys: TrustedKeys) -> OpenPGPVerifier:
-        verifier = self._verifiers.get(keys.id)
-        if verifier is None:
-            verifier = await trio.to_thread.run_sync(self._prepare_keyring, keys)
-            self._verifiers[keys.id] = verifier
-        return verifier
-
-    def _prepare_keyring(self, keys: TrustedKeys) -> OpenPGPVerifier:
-        """Writes the rule's keyring where gpgv reads it, and an empty home for gpgv."""
-        try:
-            gpgv = find_gpg_tool("gpgv")
-        except Exception as exc:  # ConfigError: gpgv was removed after the configuration loaded
-            raise VerifierUnavailable(str(exc)) from exc
-        homedir = self._workdir / "gnupg"
-        homedir.mkdir(parents=True, exist_ok=True)
-        os.chmod(homedir, 0o700)
-        keyring = self._workdir / "keyrings" / f"{keys.id}.gpg"
-        if not keyring.exists() or keyring.read_bytes() != keys.keyring:
-            write_atomic(keyring, keys.keyring, tmp_dir=Path(self.storage.root) / "tmp")
-        return OpenPGPVerifier(gpgv, keyring, homedir)
 
     def _check_cosign(self, name: str, digest: Digest, keys: TrustedKeys) -> list[SignatureCheck]:
         """cosign signatures of ``digest``: the ``sha256-<hex>.sig`` tag, then OCI 1.1 referrers.
@@ -355,37 +297,19 @@ class SignatureService:
         except (OCIError, SignatureInvalid) as exc:
             message = exc.message if isinstance(exc, OCIError) else str(exc)
             return [SignatureCheck("cosign", source, manifest_digest, False, error=message)]
-        checks = []
-        for layer in layers:
-            check_id = f"{manifest_digest}#{layer.index}"
+        return [self.verifier.check_cosign_layer(layer, partial(self._read_payload, name, layer), source=source,
+                                                 manifest_digest=manifest_digest, digest=digest, keys=keys)
+                for layer in layers]
 
-            def failed(error: str, check_id: str = check_id) -> SignatureCheck:
-                return SignatureCheck("cosign", source, check_id, False, error=error)
-
-            if layer.error or layer.payload is None:
-                checks.append(failed(layer.error))
-                continue
-            if not keys.pem:
-                checks.append(failed("no PEM (cosign) public key is trusted for this repository"))
-                continue
-            try:
-                payload = self._read_payload(name, layer.payload.digest, layer.payload.size)
-            except (OCIError, OSError, SignatureInvalid) as exc:
-                checks.append(failed(f"the payload blob cannot be read: {getattr(exc, 'message', exc)}"))
-                continue
-            self.verifications += 1
-            key = next((pem for pem in keys.pem if pem.verifies(payload, layer.signature)), None)
-            if key is None:
-                checks.append(failed("not signed by a trusted key (no configured PEM key verifies it)"))
-                continue
-            checks.append(self._claimed(failed, "cosign", source, check_id, payload, COSIGN_TYPE, digest,
-                                        key.source, key.fingerprint))
-        return checks
-
-    def _read_payload(self, name: str, digest: Digest, size: int) -> bytes:
+    def _read_payload(self, name: str, layer: cosign.CosignLayer) -> bytes:
+        assert layer.payload is not None  # check_cosign_layer reads only layers with a payload
+        digest, size = layer.payload.digest, layer.payload.size
         if size > MAX_PAYLOAD_SIZE:
             raise SignatureInvalid(f"the payload is larger than {MAX_PAYLOAD_SIZE} bytes")
-        fd, actual = self.storage.open_blob(name, digest)
+        try:
+            fd, actual = self.storage.open_blob(name, digest)
+        except OCIError as exc:
+            raise SignatureInvalid(exc.message) from None
         try:
             if actual != size:
                 raise SignatureInvalid(f"the payload is {actual} bytes, its descriptor says {size}")

@@ -1,16 +1,8 @@
-"""Signatures stored through the registry signature API extension (what skopeo, podman and
-CRI-O use when ``/v2/`` answers ``X-Registry-Supports-Signatures: 1``).
-
-One signature is the JSON object clients PUT::
-
-    {"schemaVersion": 2, "name": "sha256:<manifest hex>@<32 hex>", "type": "atomic",
-     "content": "<base64 of the binary OpenPGP message>"}
-
-and ``GET`` returns ``{"signatures": [...]}`` with every stored one, in the order they came.
+"""Signatures stored through the registry signature API extension (wire format and bounds:
+``p2pd.signing.extension``); ``GET`` returns every stored one, in the order they came.
 
 Rules/invariants:
-- Bounded: at most ``MAX_SIGNATURE_BYTES`` of content each and ``MAX_SIGNATURES`` per
-  manifest, which keeps a whole list under containers/image's 4 MiB read limit.
+- Bounded: at most ``MAX_SIGNATURES`` per manifest.
 - The file store keeps each signature in its own file under the repository
   (``Storage.signatures_dir``), written crash-safely (``write_atomic``); the directory goes
   with the manifest (``Storage.delete_manifest``), and GC removes one whose manifest is gone.
@@ -29,95 +21,25 @@ import re
 import shutil
 import threading
 from collections.abc import Hashable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from p2pd.fsutil import fsync_dir, write_atomic
 from p2pd.oci.digest import Digest
+from p2pd.signing.errors import SignatureInvalid
+from p2pd.signing.extension import (
+    MAX_SIGNATURES,
+    SIGNATURE_NAME_RE,
+    ExtensionSignature,
+)
 
-from .errors import SignatureInvalid
+__all__ = ["FileSignatureStore", "MemorySignatureStore", "SignatureStore", "TooManySignatures"]
 
-__all__ = [
-    "MAX_BODY_BYTES",
-    "MAX_SIGNATURES",
-    "MAX_SIGNATURE_BYTES",
-    "ExtensionSignature",
-    "FileSignatureStore",
-    "MemorySignatureStore",
-    "SignatureStore",
-    "TooManySignatures",
-    "parse_extension_signature",
-]
-
-MAX_SIGNATURE_BYTES = 64 * 1024  # decoded content of one signature
-MAX_SIGNATURES = 40  # per manifest: 40 x ~88 KiB of base64 stays under clients' 4 MiB list limit
-MAX_BODY_BYTES = 96 * 1024  # one PUT body: base64 of MAX_SIGNATURE_BYTES plus the JSON around it
-SIGNATURE_TYPE = "atomic"
-_NAME_RE = re.compile(r"(?P<digest>sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})@(?P<suffix>[0-9a-f]{32})")
 _FILE_RE = re.compile(r"[0-9a-f]{32}\.json")
 
 
 class TooManySignatures(SignatureInvalid):
     """The manifest already has ``MAX_SIGNATURES`` signatures."""
-
-
-@dataclass(frozen=True, slots=True)
-class ExtensionSignature:
-    """One signature of the extension: ``name`` is ``<manifest digest>@<32 hex>``."""
-
-    name: str
-    content: bytes
-
-    @property
-    def suffix(self) -> str:
-        return self.name.rsplit("@", 1)[1]
-
-    def to_json(self) -> dict[str, object]:
-        return {"schemaVersion": 2, "name": self.name, "type": SIGNATURE_TYPE,
-                "content": base64.b64encode(self.content).decode("ascii")}
-
-
-def parse_extension_signature(body: bytes, digest: Digest) -> ExtensionSignature:
-    """Checks a PUT body for the signatures of manifest ``digest``.
-
-    Raises:
-        SignatureInvalid: not the extension's JSON object, a name for another manifest, a
-            type other than ``atomic``, content that is not base64, empty or too large.
-    """
-    if len(body) > MAX_BODY_BYTES:
-        raise SignatureInvalid(f"a signature body is at most {MAX_BODY_BYTES} bytes")
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise SignatureInvalid("the signature is not JSON") from None
-    if not isinstance(document, dict):
-        raise SignatureInvalid("the signature must be a JSON object")
-    unknown = sorted(set(document) - {"schemaVersion", "name", "type", "content"})
-    if unknown:
-        raise SignatureInvalid(f"unknown members in the signature: {', '.join(unknown)[:200]}")
-    if document.get("schemaVersion") != 2:
-        raise SignatureInvalid("schemaVersion must be 2")
-    if document.get("type") != SIGNATURE_TYPE:
-        raise SignatureInvalid(f"type must be {SIGNATURE_TYPE!r} (simple signing)")
-    name = document.get("name")
-    match = _NAME_RE.fullmatch(name) if isinstance(name, str) else None
-    if match is None:
-        raise SignatureInvalid("name must be '<manifest digest>@<32 hex characters>'")
-    if match.group("digest") != str(digest):
-        raise SignatureInvalid("the signature's name is for another manifest than the URL's digest")
-    content = document.get("content")
-    if not isinstance(content, str) or not content:
-        raise SignatureInvalid("content must be the base64 of the signature")
-    try:
-        raw = base64.b64decode(content, validate=True)
-    except (binascii.Error, ValueError):
-        raise SignatureInvalid("content is not valid base64") from None
-    if len(raw) > MAX_SIGNATURE_BYTES:
-        raise SignatureInvalid(f"a signature is at most {MAX_SIGNATURE_BYTES} bytes")
-    if not raw:
-        raise SignatureInvalid("the signature is empty")
-    return ExtensionSignature(str(name), raw)
 
 
 class SignatureStore(Protocol):
@@ -246,7 +168,7 @@ class FileSignatureStore:
                     shutil.rmtree(directory, ignore_errors=True)
                     fsync_dir(directory.parent)
                 return count
-            match = _NAME_RE.fullmatch(signature_name)
+            match = SIGNATURE_NAME_RE.fullmatch(signature_name)
             if match is None or match.group("digest") != str(digest):
                 return 0
             try:

@@ -1,7 +1,7 @@
 """``[[signatures]]``: which repositories need signatures, from which keys, and what happens
 without one.
 
-Example ``seed.toml``::
+Example (``seed.toml``, or ``p2pd.toml`` for enforcement at the node)::
 
     [[signatures]]
     repositories = ["prod/**"]
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pd.errors import ConfigError
+from p2pd.globs import compile_glob, validate_glob
 from p2pd.tomlconfig import build_section
-from seed.access import compile_glob, validate_glob
 
 from .keys import TrustedKeys, find_gpg_tool, load_trusted_keys
 from .payload import IDENTITY_MODES
@@ -45,7 +45,7 @@ class SignatureRule:
         mode: ``enforce`` (a pull by tag without a valid signature is refused with 403) or
             ``warn`` (served; the verdict is recorded and reported).
         signed_identity: how the signed docker-reference must name the pulled image, with
-            containers/image's names (see ``seed.signatures.payload.identity_matches``).
+            containers/image's names (see ``p2pd.signing.payload.identity_matches``).
         registries: when not empty, the registry hosts a signed reference may name.
         trusted: the loaded keys.
     """

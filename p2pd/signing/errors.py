@@ -1,13 +1,13 @@
-"""Errors of signature storage and verification (part of the seed's error tree)."""
+"""Errors of signature verification (part of p2pd's error tree; the seed uses them too)."""
 
 from __future__ import annotations
 
-from ..errors import SeedError
+from ..errors import P2PDError
 
 __all__ = ["SignatureError", "SignatureInvalid", "VerifierUnavailable"]
 
 
-class SignatureError(SeedError):
+class SignatureError(P2PDError):
     """Base class of the signature errors."""
 
 

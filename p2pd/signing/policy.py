@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SignatureRule
 from .payload import SignedClaim, identity_matches
+from .rules import SignatureRule
 
 __all__ = ["SignatureCheck", "SignatureVerdict", "decide"]
 
