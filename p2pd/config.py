@@ -26,6 +26,11 @@ No other module reads the environment or configuration files. Example ``p2pd.tom
 
     [fetch]
     stall_timeout = 10.0
+
+    [[signatures]]                 # optional: enforce signatures at the node (docs/security.md)
+    repositories = ["prod/**"]
+    keys = ["/etc/p2pd/keys/release.asc", "/etc/p2pd/keys/cosign.pub"]
+    mode = "enforce"               # or "warn"
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from p2pd.oci.digest import Digest
 
 from .egress import RegistryPattern, parse_network
 from .errors import ConfigError
+from .signing.rules import SignaturePolicy
+from .signing.rules import from_toml as signature_policy_from_toml
 from .tomlconfig import build_section, parse_listen, read_toml
 
 __all__ = [
@@ -164,6 +171,9 @@ class AgentConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    # [[signatures]]: manifests pulled by tag under these repositories need a trusted signature.
+    signatures: SignaturePolicy = field(default_factory=SignaturePolicy)
+    signature_ttl: float = 60.0  # an allowed verdict is reused this long before signatures are read again
 
     @property
     def listen(self) -> str:
@@ -207,7 +217,7 @@ def load_config(
     """
     document = read_toml(path)
     top_level = {"listen", "data", "default_upstream", "allow_registries", "allow_networks", "upstream", "cache",
-                 "fetch", "server", "swarm", "access"}
+                 "fetch", "server", "swarm", "access", "signatures", "signature_ttl"}
     unknown = set(document) - top_level
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -253,10 +263,15 @@ def load_config(
     swarm_table = dict(document.get("swarm", {}))
     swarm_table.update({k: v for k, v in (swarm or {}).items() if v not in (None, (), [])})
     swarm_config = _checked_swarm(build_section(SwarmConfig, swarm_table, "swarm"))
+    signatures = signature_policy_from_toml(document, path.parent if path is not None else None)
+    signature_ttl = document.get("signature_ttl", AgentConfig.signature_ttl)
+    if not isinstance(signature_ttl, int | float) or isinstance(signature_ttl, bool) or signature_ttl < 0:
+        raise ConfigError("signature_ttl must be a non-negative number of seconds")
     return AgentConfig(host=host, port=port, data=data_dir, upstreams=tuple(by_namespace.values()),
                        default_upstream=str(default).rstrip("/") if default else None,
                        allow_registries=tuple(dict.fromkeys(registries)), allow_networks=tuple(dict.fromkeys(networks)),
-                       cache=cache, fetch=fetch, limits=limits, swarm=swarm_config, access=access)
+                       cache=cache, fetch=fetch, limits=limits, swarm=swarm_config, access=access,
+                       signatures=signatures, signature_ttl=float(signature_ttl))
 
 
 def _string_list(document: dict[str, Any], key: str) -> list[str]:

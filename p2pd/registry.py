@@ -32,6 +32,8 @@ from .errors import P2PDError, UpstreamAuthError, UpstreamError, UpstreamNotFoun
 from .fetcher import Download, Fetcher, stream_download
 from .gate import AccessGate
 from .metrics import AgentMetrics
+from .signatures import NodeSignatures
+from .signing.extension import SUPPORTS_SIGNATURES_HEADER
 from .store import BlobStore, TagRecord
 from .swarm.node import SwarmNode
 from .upstream import UpstreamPool
@@ -43,6 +45,7 @@ log = logging.getLogger("p2pd.registry")
 _API_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _MANIFEST_RE = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
 _BLOB_RE = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
+_SIGNATURES_RE = re.compile(r"/extensions/v2/(?P<name>.+)/signatures/(?P<digest>[^/]+)")
 _READ_METHODS = ("GET", "HEAD")
 
 
@@ -89,13 +92,15 @@ class MirrorFront:
     """
 
     def __init__(self, config: AgentConfig, store: BlobStore, fetcher: Fetcher, upstreams: UpstreamPool,
-                 metrics: AgentMetrics, access: AccessGate | None = None) -> None:
+                 metrics: AgentMetrics, access: AccessGate | None = None,
+                 signatures: NodeSignatures | None = None) -> None:
         self.config = config
         self.store = store
         self.fetcher = fetcher
         self.upstreams = upstreams
         self.metrics = metrics
         self.access = access if access is not None else AccessGate(config, upstreams, metrics)
+        self.signatures = signatures if signatures is not None else NodeSignatures(config, upstreams, metrics)
         self.ready = False
         self.swarm_node: SwarmNode | None = None  # set by the daemon when the swarm is on
 
@@ -115,9 +120,17 @@ class MirrorFront:
             request.route = "metrics"
             self.metrics.cache_bytes.set(self.store.total_bytes)
             return Response(200, [("Content-Type", "text/plain; version=0.0.4")], self.metrics.render())
+        if match := _SIGNATURES_RE.fullmatch(path):
+            request.route = "signatures"
+            return await self._signatures(request, validate_name(match["name"]), Digest.parse(match["digest"]))
         if not (path == "/v2" or path.startswith("/v2/")):
             raise OCIError("NOT_FOUND", "not found")
-        response = await self._dispatch(request)
+        try:
+            response = await self._dispatch(request)
+        except OCIError as exc:
+            if request.route == "base":  # containers/image reads the extension's header from a 401 ping too
+                exc.headers.append(SUPPORTS_SIGNATURES_HEADER)
+            raise
         response.headers.append(_API_HEADER)
         return response
 
@@ -135,7 +148,7 @@ class MirrorFront:
                 namespace = None  # the ping names no content: an odd ns is judged where content is asked
             else:
                 await self.access.authorize_base(request, namespace)
-            return Response(200, [("Content-Type", "application/json")], b"{}")
+            return Response(200, [("Content-Type", "application/json"), SUPPORTS_SIGNATURES_HEADER], b"{}")
         if match := _MANIFEST_RE.fullmatch(path):
             request.route = "manifest"
             return await self._manifest(request, validate_name(match["name"]), match["reference"])
@@ -187,6 +200,9 @@ class MirrorFront:
             record = await self._resolve_tag(namespace, name, reference)
             digest, media_type = record.digest, record.media_type
             self.access.learn_link(access, digest)
+            # Whichever way the digest or its bytes arrive (cache, peer, upstream), a tag under a
+            # [[signatures]] rule is answered only for a signed digest.
+            await self.signatures.check_pull(namespace, name, reference, digest)
         # Unlinked means not cached when checked above: fetched under this repository instead,
         # never read from the store (another request may have stored it since).
         linked = self.access.is_linked(access, digest)
@@ -279,6 +295,21 @@ class MirrorFront:
             self.metrics.fetched_bytes.labels("peer").inc(len(body))
             return body, media_type
         return None
+
+    # ---- the signature API extension (read-only) ---------------------------------------
+
+    async def _signatures(self, request: Request, name: str, digest: Digest) -> Response:
+        """``GET /extensions/v2/<name>/signatures/<digest>`` from the upstream, for a client that
+        may pull ``name``: podman and CRI-O verify pulls made through the agent with it."""
+        if request.method not in _READ_METHODS:
+            raise OCIError("UNSUPPORTED", "this mirror is read-only; store signatures in the registry itself",
+                           status=405, headers=[("Allow", "GET, HEAD")])
+        namespace = _namespace(request, self.upstreams)
+        await self.access.authorize(request, namespace, name, manifest=True)
+        signatures = await self.signatures.list_signatures(namespace, name, digest)
+        body = json.dumps({"signatures": [signature.to_json() for signature in signatures]},
+                          separators=(",", ":")).encode()
+        return Response(200, [("Content-Type", "application/json")], body)
 
     # ---- blobs ------------------------------------------------------------------------
 

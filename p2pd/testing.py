@@ -20,6 +20,8 @@ from .oci.chunkmap import ChunkHasher, ChunkMap, validate_chunk_size
 from .oci.digest import Digest, digest_of
 from .oci.errors import OCIError
 from .oci.grammar import validate_name, validate_reference
+from .oci.manifest import Descriptor
+from .signing.extension import ExtensionSignature
 from .upstream import BlobResponse, ManifestResult
 
 __all__ = ["MemoryBlobResponse", "MemoryUpstream"]
@@ -93,6 +95,9 @@ class MemoryUpstream:
         self._blobs: dict[tuple[str, Digest], bytes] = {}
         self._manifests: dict[tuple[str, Digest], tuple[bytes, str]] = {}
         self._tags: dict[tuple[str, str], Digest] = {}
+        # What get_signatures and get_referrers answer; tests fill them directly.
+        self.signatures: dict[tuple[str, Digest], list[ExtensionSignature]] = {}
+        self.referrers: dict[tuple[str, Digest], list[Descriptor]] = {}
 
     # ---- content ------------------------------------------------------------------------
 
@@ -213,6 +218,16 @@ class MemoryUpstream:
         hasher = ChunkHasher(chunk_size)
         hasher.update(data)
         return hasher.finish(digest)
+
+    async def get_signatures(self, repository: str, digest: Digest) -> list[ExtensionSignature]:
+        validate_name(repository)
+        await self._answer()
+        return list(self.signatures.get((repository, digest), ()))
+
+    async def get_referrers(self, repository: str, digest: Digest, artifact_type: str) -> list[Descriptor]:
+        validate_name(repository)
+        await self._answer()
+        return [d for d in self.referrers.get((repository, digest), ()) if d.artifact_type == artifact_type]
 
     async def aclose(self) -> None:
         self.closed = True

@@ -63,7 +63,9 @@ from .oci.chunkmap import ChunkMap, validate_chunk_size
 from .oci.digest import Digest
 from .oci.errors import OCIError
 from .oci.grammar import validate_name, validate_reference
-from .oci.manifest import MAX_MANIFEST_SIZE
+from .oci.manifest import MAX_MANIFEST_SIZE, Descriptor, parse_manifest
+from .signing.errors import SignatureInvalid
+from .signing.extension import MAX_LIST_BYTES, ExtensionSignature, parse_signature_list
 
 __all__ = [
     "CHUNK_MAP_MEDIA_TYPE",
@@ -182,6 +184,15 @@ class Upstream(Protocol):
 
     async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
         """The blob's chunk map, or None when this upstream does not provide chunk maps."""
+        ...
+
+    async def get_signatures(self, repository: str, digest: Digest) -> list[ExtensionSignature]:
+        """The manifest's signatures from the registry signature API extension (``[]`` when the
+        registry has none or no extension); each checked as strictly as the seed checks a PUT."""
+        ...
+
+    async def get_referrers(self, repository: str, digest: Digest, artifact_type: str) -> list[Descriptor]:
+        """The manifest's OCI 1.1 referrers of ``artifact_type`` (``[]`` without a referrers API)."""
         ...
 
     async def aclose(self) -> None:
@@ -958,6 +969,54 @@ class HttpUpstream:
         if chunk_map.chunk_size != chunk_size:
             raise VerificationError(f"{what}: asked for {chunk_size}-byte chunks, got {chunk_map.chunk_size}")
         return chunk_map
+
+    async def get_signatures(self, repository: str, digest: Digest) -> list[ExtensionSignature]:
+        """``GET /extensions/v2/<repository>/signatures/<digest>`` with this agent's credentials.
+
+        Returns:
+            The signatures; ``[]`` when the registry answers 404, 405 or 501 (no such manifest,
+            or no extension: either way there is nothing to verify).
+
+        Raises:
+            UpstreamError: the answer is not the extension's list, or larger than
+                ``MAX_LIST_BYTES`` (and the other errors of ``Upstream``).
+        """
+        validate_name(repository)
+        url = f"{self.url}/extensions/v2/{repository}/signatures/{digest}"
+        what = f"GET signatures {repository}@{digest}"
+        async with self._send("GET", repository, url, {"Accept": "application/json"}, what) as response:
+            if response.status_code in (404, 405, 501):
+                return []
+            await _raise_for_status(response, what)
+            body = await _read_capped(response, MAX_LIST_BYTES, what)
+        try:
+            return parse_signature_list(body, digest)
+        except SignatureInvalid as exc:
+            raise UpstreamError(f"{what}: {exc}") from exc
+
+    async def get_referrers(self, repository: str, digest: Digest, artifact_type: str) -> list[Descriptor]:
+        """``GET /v2/<repository>/referrers/<digest>?artifactType=...`` (distribution-spec 1.1).
+
+        Returns:
+            The referrers of that type (filtered here too: a registry may ignore the
+            parameter); ``[]`` on 404, 405 or 501 (no referrers API).
+
+        Raises:
+            UpstreamError: the answer is not an image index (and the other errors of ``Upstream``).
+        """
+        url = self._endpoint(repository, "referrers", str(digest))
+        what = f"GET referrers {repository}@{digest}"
+        headers = {"Accept": mediatypes.OCI_INDEX}
+        async with self._send("GET", repository, url, headers, what, {"artifactType": artifact_type}) as response:
+            if response.status_code in (404, 405, 501):
+                return []
+            await _raise_for_status(response, what)
+            body = await _read_capped(response, MAX_MANIFEST_SIZE, what)
+        try:
+            index = parse_manifest(body, mediatypes.OCI_INDEX)
+        except OCIError as exc:
+            raise UpstreamError(f"{what}: not an image index: {exc.message}") from exc
+        return [d for d in index.references if d.artifact_type == artifact_type]
 
     # ---- client authorization (p2pd.gate) ----------------------------------------------
 

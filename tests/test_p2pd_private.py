@@ -271,6 +271,12 @@ async def test_cached_private_content_is_served_only_to_its_tenant(
             assert 'error="insufficient_scope"' in tenant_b.headers["www-authenticate"]
             assert (await ask(agent, method, path, basic("u-none"))).status_code == 403
             assert (await ask(agent, method, path, basic("u-pull"))).status_code == 200  # checked upstream
+        # The signature extension is read through the node under the same rule.
+        signatures = f"/extensions/v2/team/app/signatures/{team.digest}"
+        assert (await ask(agent, "GET", signatures)).status_code == 401
+        assert (await ask(agent, "GET", signatures, token_b)).status_code == 401
+        listed = await ask(agent, "GET", signatures, token_a)
+        assert listed.status_code == 200 and listed.json() == {"signatures": []}
         # Nothing was read from the cache or fetched for the refused requests.
         assert agent_metric(agent, "p2pd_upstream_fetches_total") == fetches
         assert agent_metric(agent, "p2pd_cache_hits_total", kind="blob") == hits + len(team.blobs)
@@ -281,8 +287,8 @@ async def test_cached_private_content_is_served_only_to_its_tenant(
         other_only = next(d for d in other.blobs if d not in team.blobs)
         unlinked = await ask(agent, "GET", f"/v2/team/app/blobs/{other_only}", token_a)
         assert (unlinked.status_code, unlinked.json()["errors"][0]["code"]) == (404, "BLOB_UNKNOWN")
-    assert denied(agent, "anonymous") == len(targets(team))
-    assert denied(agent, "insufficient_scope") >= len(targets(team)) + len(other.blobs)
+    assert denied(agent, "anonymous") == len(targets(team)) + 1
+    assert denied(agent, "insufficient_scope") >= len(targets(team)) + len(other.blobs) + 1
     assert denied(agent, "not_linked") == 1
     assert checks(agent, "offline") >= 2 and checks(agent, "jwks_fetch") == 1
 

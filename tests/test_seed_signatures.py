@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -137,23 +137,6 @@ async def push_cosign(client: httpx.AsyncClient, repo: str, digest: str, layers:
                          headers={"Content-Type": mediatypes.OCI_MANIFEST})
     assert r.status_code == 201, r.text
     return str(digest_of(body))
-
-
-@pytest.fixture(scope="module")
-def release() -> Iterator[GpgHome]:
-    with GpgHome("Release <release@example.com>") as home:
-        yield home
-
-
-@pytest.fixture(scope="module")
-def intruder() -> Iterator[GpgHome]:
-    with GpgHome("Intruder <intruder@example.com>") as home:
-        yield home
-
-
-@pytest.fixture(scope="module")
-def cosign_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
 
 
 # ---- the signed payload and identities (pure) --------------------------------------------------

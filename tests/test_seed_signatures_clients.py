@@ -30,18 +30,6 @@ POLICY = '[scan]\nenabled = false\n\n[[signatures]]\nrepositories = ["prod/**"]\
 
 
 @pytest.fixture(scope="module")
-def release() -> Iterator[GpgHome]:
-    with GpgHome("Release <release@example.com>") as home:
-        yield home
-
-
-@pytest.fixture(scope="module")
-def intruder() -> Iterator[GpgHome]:
-    with GpgHome("Intruder <intruder@example.com>") as home:
-        yield home
-
-
-@pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> OciLayout:
     """Two small runnable-enough images (real tar layers): tags ``one`` and ``two``."""
     path = tmp_path_factory.mktemp("signed-images") / "oci"

@@ -25,9 +25,13 @@ from p2pd.errors import UpstreamError, UpstreamNotFound
 from p2pd.oci import mediatypes
 from p2pd.oci.chunkmap import MIN_CHUNK_SIZE
 from p2pd.oci.digest import Digest, digest_of
+from p2pd.oci.manifest import Descriptor
+from p2pd.signing import cosign
+from p2pd.signing.extension import ExtensionSignature
 from p2pd.testing import MemoryUpstream
 from p2pd.upstream import HttpUpstream, Upstream
 from tests.harness.reference_registry import ReferenceRegistry
+from tests.test_seed_signatures import push_cosign
 
 TIMEOUT = 20.0  # seconds for one check, including pushing the image
 REPOSITORY = "conformance/app"
@@ -75,6 +79,8 @@ def _make_image() -> Image:
 
 
 IMAGE = _make_image()
+SIGNATURE = ExtensionSignature(f"{IMAGE.manifest_digest}@{'ab' * 16}", b"an OpenPGP message")
+REFERRER = digest_of(b"a cosign signature manifest")
 
 
 async def push_image(
@@ -102,6 +108,9 @@ async def push_image(
 class Backend:
     upstream: Upstream
     chunk_maps: bool
+    # Signatures and referrers stored for IMAGE (None: the registry has no extension / referrers API).
+    signature: ExtensionSignature | None = None
+    referrer: Digest | None = None
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +138,11 @@ async def backend(
             memory.add_blob(REPOSITORY, IMAGE.config)
             memory.add_blob(REPOSITORY, IMAGE.layer)
             memory.add_manifest(REPOSITORY, IMAGE.manifest, tag=TAG)
-            upstream, chunk_maps = memory, True
+            memory.signatures[(REPOSITORY, IMAGE.manifest_digest)] = [SIGNATURE]
+            memory.referrers[(REPOSITORY, IMAGE.manifest_digest)] = [
+                Descriptor(mediatypes.OCI_MANIFEST, REFERRER, 100, cosign.ARTIFACT_TYPE),
+                Descriptor(mediatypes.OCI_MANIFEST, digest_of(b"sbom"), 100, "application/spdx+json")]
+            upstream, chunk_maps, signature, referrer = memory, True, SIGNATURE, REFERRER
         else:
             if kind == "seed":
                 config = seed.config.load_config(None, listen="127.0.0.1:0", data=tmp_path / "seed")
@@ -139,9 +152,18 @@ async def backend(
                 assert reference is not None
                 url, chunk_maps = reference.url, False
             await push_image(url, REPOSITORY, TAG, IMAGE)
+            signature, referrer = None, None
+            if kind == "seed":
+                async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+                    r = await client.put(f"/extensions/v2/{REPOSITORY}/signatures/{IMAGE.manifest_digest}",
+                                         content=json.dumps(SIGNATURE.to_json()).encode())
+                    assert r.status_code == 201, r.text
+                    signature = SIGNATURE
+                    referrer = Digest.parse(await push_cosign(client, REPOSITORY, str(IMAGE.manifest_digest),
+                                                              [(b"payload", {})], referrer=True))
             upstream = HttpUpstream(UpstreamConfig(namespace=kind, url=url), FetchConfig())
     try:
-        yield Backend(upstream, chunk_maps)
+        yield Backend(upstream, chunk_maps, signature, referrer)
     finally:
         await upstream.aclose()
 
@@ -249,3 +271,19 @@ async def test_invalid_names_are_refused_before_any_request(backend: Backend) ->
         for reference in ("bad tag", "sha256:xyz", "../x"):
             with pytest.raises(OCIError):
                 await upstream.head_manifest(REPOSITORY, reference)
+
+
+async def test_signatures_and_referrers(backend: Backend) -> None:
+    upstream = backend.upstream
+    digest = IMAGE.manifest_digest
+    with trio.fail_after(TIMEOUT):
+        signatures = await upstream.get_signatures(REPOSITORY, digest)
+        assert signatures == ([backend.signature] if backend.signature else [])
+        referrers = await upstream.get_referrers(REPOSITORY, digest, cosign.ARTIFACT_TYPE)
+        assert [d.digest for d in referrers] == ([backend.referrer] if backend.referrer else [])
+        assert all(d.artifact_type == cosign.ARTIFACT_TYPE for d in referrers)
+        # Unknown manifests and repositories: nothing to verify, not an error.
+        unknown = digest_of(b"never pushed")
+        assert await upstream.get_signatures(REPOSITORY, unknown) == []
+        assert await upstream.get_signatures("conformance/other", digest) == []
+        assert await upstream.get_referrers(REPOSITORY, unknown, cosign.ARTIFACT_TYPE) == []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 
 from p2pd.oci import mediatypes
@@ -41,7 +42,14 @@ SIMPLESIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 ARTIFACT_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
 MAX_LAYERS = 64  # signatures read from one signature manifest
+_ATTACHMENT_TAG_RE = re.compile(r"sha(?:256|512)-[0-9a-f]{64,128}\.(?:sig|att|sbom)")
 _MAX_SIGNATURE_TEXT = 16 * 1024  # base64 characters of one signature annotation
+
+
+def is_attachment_tag(tag: str) -> bool:
+    """A tag cosign uses for another manifest's attachments (``sha256-<hex>.sig|.att|.sbom``):
+    what a client reads to verify, not an image the signature policy applies to."""
+    return _ATTACHMENT_TAG_RE.fullmatch(tag) is not None
 
 
 def signature_tag(digest: Digest) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -56,8 +55,6 @@ _CACHE_SIZE = 4096  # (keys, repository, digest) entries
 _VERDICT_MEMORY = 4096  # last verdict per name, to audit changes only
 _MAX_COSIGN_MANIFESTS = 16  # signature manifests (tag + referrers) read for one image
 _DENIAL_INTERVAL = 10.0  # seconds: one policy.denied record per caller, image and interval
-# cosign's attachments of another manifest: the tag a client reads to verify, not an image.
-_ATTACHMENT_TAG_RE = re.compile(r"sha(?:256|512)-[0-9a-f]{64,128}\.(?:sig|att|sbom)")
 
 
 class SignatureService:
@@ -175,7 +172,7 @@ class SignatureService:
         Raises:
             OCIError: 403 ``DENIED`` saying what is missing, when an enforcing rule refuses.
         """
-        if self.rule_for(name) is None or _ATTACHMENT_TAG_RE.fullmatch(tag):
+        if self.rule_for(name) is None or cosign.is_attachment_tag(tag):
             return
         verdict = await self.verdict(name, digest, tag, actor)
         if verdict.status == "warned":

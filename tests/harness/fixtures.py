@@ -5,6 +5,8 @@
     big_layout          session   separate OciLayout: tags ``busybox`` and ``big`` (= busybox + 50 MiB random)
     containerd          function  PrivateContainerd (needs root), namespace ``test``
     seed_process        function  SeedProcess: the seed as a subprocess on a free port (data in tmp_path)
+    release, intruder   session   GpgHome signing keys: one a policy trusts, one it does not
+    cosign_key          session   an ECDSA P-256 private key, as ``cosign generate-key-pair`` makes
 
 Session layouts are shared: treat them as read-only (copy the directory to modify it).
 """
@@ -16,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from .containerd import PrivateContainerd
+from .gpg import GpgHome
 from .images import OciLayout, add_random_layer, build_busybox_layout
 from .reference_registry import ReferenceRegistry
 from .seed_process import SeedProcess
@@ -54,3 +58,20 @@ def containerd(tmp_path: Path) -> Iterator[PrivateContainerd]:
 def seed_process(tmp_path: Path) -> Iterator[SeedProcess]:
     with SeedProcess(tmp_path / "seed-data") as seed:
         yield seed
+
+
+@pytest.fixture(scope="session")
+def release() -> Iterator[GpgHome]:
+    with GpgHome("Release <release@example.com>") as home:
+        yield home
+
+
+@pytest.fixture(scope="session")
+def intruder() -> Iterator[GpgHome]:
+    with GpgHome("Intruder <intruder@example.com>") as home:
+        yield home
+
+
+@pytest.fixture(scope="session")
+def cosign_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
