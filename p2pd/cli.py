@@ -1,4 +1,4 @@
-"""``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``."""
+"""``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``, ``ca init|issue``."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 from functools import partial
 from pathlib import Path
 
 import httpx
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__, containerd_config
 from .config import AgentConfig, load_config
@@ -23,11 +27,14 @@ from .oci.digest import Digest
 from .oci.errors import OCIError
 from .sdnotify import notify
 from .store import BlobStore
+from .swarm import tls as peer_tls
 from .swarm.auth import generate_key
 
 __all__ = ["main"]
 
 log = logging.getLogger("p2pd")
+
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
 
 
 def _size(text: str) -> int:
@@ -79,6 +86,21 @@ def _parser() -> argparse.ArgumentParser:
 
     keygen = commands.add_parser("keygen", help="create a cluster key file")
     keygen.add_argument("--out", type=Path, help="write the key here (mode 0600) instead of printing it")
+
+    ca = commands.add_parser("ca", help="an operator CA for mutual TLS on the peer port (instead of deriving "
+                                        "certificates from the cluster key)")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True)
+    ca_init = ca_commands.add_parser("init", help="create the CA: DIR/ca.pem and DIR/ca.key (0600)")
+    ca_init.add_argument("--dir", type=Path, required=True, help="where the CA lives (keep ca.key off the nodes)")
+    ca_init.add_argument("--name", default="p2pd cluster CA", help="the CA's common name")
+    ca_init.add_argument("--days", type=int, default=3650, help="validity of the CA certificate")
+    ca_issue = ca_commands.add_parser("issue", help="a node's certificate: DIR/NODE.pem and DIR/NODE.key (0600)")
+    ca_issue.add_argument("node", help="the node id (its --node-id)")
+    ca_issue.add_argument("--dir", type=Path, required=True, help="the CA directory of 'p2pd ca init'")
+    ca_issue.add_argument("--days", type=int, default=365, help="validity of the node certificate")
+    ca_issue.add_argument("--address", action="append", default=[], metavar="IP_OR_NAME",
+                          help="also name this address in the certificate (repeatable; informational: peers "
+                               "check the chain, not host names)")
 
     status = commands.add_parser("status", help="peers, transfers in flight and bytes by source")
     status.add_argument("--endpoint", default="http://127.0.0.1:5080", help="the agent's --listen URL")
@@ -167,6 +189,47 @@ def _keygen(out: Path | None) -> int:
     return 0
 
 
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Creates ``path``; an existing key or certificate is never overwritten."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise P2PDError(f"{path} exists; remove it first to replace it") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _ca(args: argparse.Namespace) -> int:
+    directory: Path = args.dir
+    if args.ca_command == "init":
+        directory.mkdir(parents=True, exist_ok=True)
+        key, certificate = peer_tls.new_ca(args.name, days=args.days)
+        _write_new(directory / "ca.key", peer_tls.pem_private_key(key), 0o600)
+        _write_new(directory / "ca.pem", peer_tls.pem_certificate(certificate), 0o644)
+        print(f"created {directory / 'ca.pem'} (give it to every node as tls_ca_file) and {directory / 'ca.key'} "
+              "(keep it off the nodes)")
+        return 0
+    node = args.node
+    if not _NODE_NAME_RE.fullmatch(node):
+        raise P2PDError(f"not a node id: {node!r} (1-63 letters, digits and '-')")
+    try:
+        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise P2PDError(f"cannot read the CA in {directory} ('p2pd ca init --dir {directory}' first): {exc}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise P2PDError(f"{directory / 'ca.key'} is not an EC key made by 'p2pd ca init'")
+    key, certificate = peer_tls.issue_node_certificate(ca_key, ca_cert, node, addresses=tuple(args.address),
+                                                       days=args.days)
+    _write_new(directory / f"{node}.key", peer_tls.pem_private_key(key), 0o600)
+    _write_new(directory / f"{node}.pem", peer_tls.pem_certificate(certificate), 0o644)
+    print(f"issued {directory / (node + '.pem')} and {directory / (node + '.key')} for node {node}, valid "
+          f"{args.days} days: set [swarm] tls_ca_file, tls_cert_file and tls_key_file on that node")
+    return 0
+
+
 def _status(endpoint: str, raw: bool) -> int:
     try:
         response = httpx.get(endpoint.rstrip("/") + "/debug/status", timeout=5, trust_env=False)
@@ -224,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "keygen":
             return _keygen(args.out)
+        if args.command == "ca":
+            return _ca(args)
         if args.command == "status":
             return _status(args.endpoint, args.json)
         if args.command == "cache":

@@ -136,6 +136,12 @@ class SwarmConfig:
     mdns_interface: str | None = None  # IPv4 address to bind mDNS to (default: the advertised host)
     cluster_key_file: Path | None = None
     insecure_peers: bool = False  # run without a cluster key (explicit opt-in only)
+    # Mutual TLS on the peer port (p2pd.swarm.tls): certificates from the operator's CA when these
+    # are set ('p2pd ca init|issue'), else derived from the cluster key. Off only explicitly.
+    peer_tls: bool = True
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE  # see docs/architecture.md for why 1 MiB
     coordinator_backups: int = 2
     lease_ttl: float = 15.0
@@ -288,6 +294,12 @@ def _checked_swarm(swarm: SwarmConfig) -> SwarmConfig:
     if swarm.enabled and swarm.cluster_key_file is None and not swarm.insecure_peers:
         raise ConfigError("the swarm needs a cluster key: --cluster-key-file FILE (make one with 'p2pd keygen'), "
                           "or --insecure-peers to run without authentication")
+    tls_files = (swarm.tls_ca_file, swarm.tls_cert_file, swarm.tls_key_file)
+    if any(f is not None for f in tls_files) and not all(f is not None for f in tls_files):
+        raise ConfigError("swarm: give tls_ca_file, tls_cert_file and tls_key_file together (or none: the "
+                          "peer certificates are then derived from the cluster key)")
+    if any(f is not None for f in tls_files) and not swarm.peer_tls:
+        raise ConfigError("swarm: peer_tls = false contradicts the tls_*_file settings")
     if swarm.node_id is not None and not _NODE_ID_RE.fullmatch(swarm.node_id):
         raise ConfigError("swarm.node_id: 1-63 letters, digits and '-' (no dots)")
     if swarm.site is not None and not _NODE_ID_RE.fullmatch(swarm.site):

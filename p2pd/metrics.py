@@ -63,6 +63,9 @@ class AgentMetrics:
         self.leases = Counter("p2pd_leases", "Upstream leases this node was granted", registry=self.registry)
         self.uploads_refused = Counter("p2pd_peer_uploads_refused", "Peer chunk requests answered 429",
                                        registry=self.registry)
+        self.peer_tls_refused = Counter("p2pd_peer_tls_refused", "Peer connections refused in the TLS handshake, by "
+                                        "reason (no_certificate, unknown_ca, expired, not_tls, timeout, other)",
+                                        ["reason"], registry=self.registry)
         self.signature_verdicts = Counter("p2pd_signature_verdicts", "Tag pulls checked by the node's "
                                           "[[signatures]] policy, by verdict (allowed, warned, denied)",
                                           ["verdict"], registry=self.registry)

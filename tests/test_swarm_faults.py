@@ -37,6 +37,7 @@ from p2pd.swarm.messages import Announce
 from p2pd.swarm.node import default_site
 from p2pd.swarm.peers import NODE_HEADER, SIGNATURE_HEADER, TIME_HEADER, PeerClient
 from p2pd.swarm.rendezvous import coordinators
+from p2pd.swarm.tls import PeerTls
 from tests.swarm_cluster import (
     Agent,
     Cluster,
@@ -179,8 +180,9 @@ async def test_kill_the_coordinator_mid_transfer(tmp_path: Path, key_file: Path,
 class MaliciousPeer:
     """Speaks the peer protocol with the cluster key, claims a complete copy, and flips bytes."""
 
-    def __init__(self, key: bytes, node_id: str, data: bytes, digest: str) -> None:
+    def __init__(self, key: bytes, node_id: str, data: bytes, digest: str, tls: PeerTls) -> None:
         self.key = key
+        self.tls = tls  # the key holder derives the cluster CA and a certificate, like any node
         self.node_id = node_id
         self.data = data
         self.digest = digest
@@ -231,7 +233,7 @@ class MaliciousPeer:
 
     async def announce_forever(self, coordinator_address: str, size: int) -> None:
         """Tells the digest's coordinator, again and again, that it has the whole blob."""
-        client = PeerClient(self.node_id, self.key)
+        client = PeerClient(self.node_id, self.key, tls=self.tls.client())
         try:
             while True:
                 message = Announce(
@@ -253,9 +255,10 @@ async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_rea
     # A name for the liar that does not make it the digest's coordinator (it wants to be a source).
     evil_id = next(f"evil{i}" for i in range(100) if coordinators(digest, [*ids, f"evil{i}"], 1)[0] != f"evil{i}")
     coordinator = coordinators(digest, [*ids, evil_id], 1)[0]
-    evil = MaliciousPeer(key, evil_id, data, digest)
+    evil = MaliciousPeer(key, evil_id, data, digest, PeerTls.derived(key, evil_id, tmp_path / "evil-tls"))
     evil_ip = "127.0.0.79"
-    info = await nursery.start(partial(serve_http, evil.handle, evil_ip, 0))
+    server_context = evil.tls.server()
+    info = await nursery.start(partial(serve_http, evil.handle, evil_ip, 0, tls=lambda: server_context))
     evil.address = f"{evil_ip}:{info.port}"
     evil.site = default_site(evil_ip)  # the same site as the honest nodes
     config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0)
@@ -337,19 +340,25 @@ async def test_nodes_without_the_key_are_refused_and_never_become_members(
             assert known == {a.node_id for a in honest} - {agent.node_id}, f"{agent.node_id} knows {known}"
         for outsider in outsiders:
             assert (await trio.to_thread.run_sync(outsider.status))["peers"] == []
-        # Their requests were answered 401: each outsider saw it from every honest node, and
-        # the honest nodes logged the refusals.
+        # Their connections were refused in the TLS handshake (no certificate from the cluster CA:
+        # plain HTTP, or a CA derived from another key), and the honest nodes counted them.
         for outsider in outsiders:
             log_text = outsider.log_text()
             for agent in honest:
-                assert (
-                    f"hello to {agent.peer_address} failed: {agent.peer_address}/p2p/v1/hello: status 401" in log_text
-                ), f"{outsider.node_id} was not refused by {agent.node_id}"
-        assert all("refused unauthenticated peer request" in a.log_text() for a in honest)
-        # The same, seen from the wire.
+                assert f"hello to {agent.peer_address} failed" in log_text, \
+                    f"{outsider.node_id} was not refused by {agent.node_id}"
+        for agent in honest:
+            refused = await trio.to_thread.run_sync(agent.metrics)
+            reasons = {dict(labels)["reason"] for (name, labels), value in refused.items()
+                       if name == "p2pd_peer_tls_refused_total" and value > 0}
+            # The key-less outsider speaks plain HTTP; the other one's client already rejects our
+            # certificate (another CA) and aborts its handshake (tests/test_peer_tls.py has each reason).
+            assert "not_tls" in reasons and len(reasons) >= 2, (agent.node_id, reasons)
+        # Inside TLS, the cluster key's HMAC is still checked: seen from the wire.
         target = "/p2p/v1/hello"
-        peer_url = f"http://{honest[0].peer_address}{target}"
-        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+        peer_url = f"https://{honest[0].peer_address}{target}"
+        tls = PeerTls.derived(key, "tester", tmp_path / "tester-tls").client()
+        async with httpx.AsyncClient(trust_env=False, timeout=5, verify=tls) as client:
             assert (await client.get(peer_url)).status_code == 401
             wrong = auth.parse_key(other_key.read_text())
             assert (
@@ -423,8 +432,9 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
 
         # On the wire: one upload in progress (a client that does not read), then a 429.
         target = f"/p2p/v1/blobs/{digest}"
-        url = f"http://{limited.peer_address}{target}"
-        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        url = f"https://{limited.peer_address}{target}"
+        tls = PeerTls.derived(key, "tester", tmp_path / "tester-tls").client()
+        async with httpx.AsyncClient(trust_env=False, timeout=10, verify=tls) as client:
             async with client.stream("GET", url, headers=signed_headers(key, "a1", "GET", target)) as holding:
                 assert holding.status_code == 200
                 busy = await client.get(

@@ -549,6 +549,7 @@ async def serve_http(
     observer: ResponseObserver | None = None,
     shutdown: trio.Event | None = None,
     tls: Callable[[], ssl.SSLContext] | None = None,
+    on_tls_refused: Callable[[BaseException | None], None] | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves HTTP/1.1 (or HTTPS) on ``host:port`` until cancelled or until ``shutdown`` is set.
@@ -564,6 +565,8 @@ async def serve_http(
             context (``TlsContextProvider.reload``) changes what new connections get and
             leaves open ones alone. The handshake must finish within ``header_timeout``.
             File bodies are then read and sent (no sendfile through TLS).
+        on_tls_refused: called with the cause (an ``ssl.SSLError``, or None for a timeout) of
+            every handshake that failed, e.g. a peer without a certificate from the cluster CA.
 
     The value passed to ``task_status.started`` is a ``ServerInfo`` with the bound port.
     """
@@ -590,10 +593,14 @@ async def serve_http(
                     await secure.do_handshake()
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     log.debug("TLS handshake failed: %s", exc.__cause__ or exc)
+                    if on_tls_refused is not None:
+                        on_tls_refused(exc.__cause__)
                     await trio.aclose_forcefully(secure)
                     return
             if handshake.cancelled_caught:
                 log.debug("TLS handshake timed out")
+                if on_tls_refused is not None:
+                    on_tls_refused(None)
                 await trio.aclose_forcefully(secure)
                 return
             await _serve_connection(secure, handler, limits, observer, shutdown, idle_waits)

@@ -26,8 +26,9 @@ from .engine import Swarm
 from .membership import Member, Membership
 from .peers import PeerClient
 from .service import PeerService
+from .tls import PeerTls, refusal_reason
 
-__all__ = ["SwarmNode", "default_site", "load_cluster_key", "load_node_id", "serve_swarm"]
+__all__ = ["SwarmNode", "default_site", "load_cluster_key", "load_node_id", "peer_tls", "serve_swarm"]
 
 log = logging.getLogger("p2pd.swarm")
 
@@ -96,8 +97,15 @@ async def serve_swarm(
         log.warning("peers are NOT authenticated (--insecure-peers)")
     peer_host, peer_port = parse_listen(settings.peer_listen)
     node_id = await trio.to_thread.run_sync(load_node_id, config.data, settings.node_id)
+    tls = await trio.to_thread.run_sync(peer_tls, config, key, node_id)
     client = PeerClient(node_id, key, connect_timeout=min(2.0, settings.peer_timeout),
-                        read_timeout=settings.peer_timeout)
+                        read_timeout=settings.peer_timeout, tls=tls.client() if tls is not None else None)
+    server_context = tls.server() if tls is not None else None
+
+    def tls_refused(error: BaseException | None) -> None:
+        reason = "timeout" if error is None else refusal_reason(error)
+        metrics.peer_tls_refused.labels(reason).inc()
+        log.info("refused a peer connection in the TLS handshake: %s", reason)
     try:
         async with trio.open_nursery() as nursery:
             # The peer endpoint starts first: with port 0 the advertised port is known only then.
@@ -106,8 +114,9 @@ async def serve_swarm(
             async def handle(request: Request) -> Response:
                 return await service_box[0].handle(request)
 
-            peer_info = await nursery.start(partial(serve_http, handle, peer_host, peer_port, limits=config.limits,
-                                                    shutdown=shutdown))
+            peer_info = await nursery.start(partial(
+                serve_http, handle, peer_host, peer_port, limits=config.limits, shutdown=shutdown,
+                tls=(lambda: server_context) if server_context is not None else None, on_tls_refused=tls_refused))
             advertise = settings.advertise or f"{peer_host}:{peer_info.port}"
             advertise_host, _ = parse_listen(advertise)
             if ipaddress.ip_address(advertise_host).is_unspecified if _is_ip(advertise_host) else False:
@@ -143,6 +152,23 @@ async def serve_swarm(
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+def peer_tls(config: AgentConfig, key: bytes | None, node_id: str) -> PeerTls | None:
+    """The peer port's TLS: the operator's files, else derived from the cluster key; None when
+    turned off explicitly (or without a cluster key, --insecure-peers, and no files)."""
+    settings = config.swarm
+    if not settings.peer_tls:
+        log.warning("peer traffic is NOT encrypted (peer_tls = false)")
+        return None
+    if settings.tls_ca_file is not None and settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls = PeerTls(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+        tls.server()  # a bad file stops the start, with the file named
+        return tls
+    if key is None:
+        log.warning("peer traffic is NOT encrypted (no cluster key to derive certificates from)")
+        return None
+    return PeerTls.derived(key, node_id, Path(config.data) / "peer-tls")
 
 
 def _is_ip(host: str) -> bool:

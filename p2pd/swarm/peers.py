@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -157,23 +158,25 @@ class PeerClient:
     Args:
         node_id: our id, sent with every request.
         key: the cluster key, or None with ``--insecure-peers``.
+        tls: the client context of mutual TLS (``PeerTls.client()``); None: plain HTTP.
         connect_timeout, read_timeout: per network wait (callers bound whole operations).
     """
 
     def __init__(self, node_id: str, key: bytes | None, *, connect_timeout: float = 2.0,
-                 read_timeout: float = 10.0) -> None:
+                 read_timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
         self.node_id = node_id
         self.key = key
+        self._scheme = "https" if tls is not None else "http"
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            trust_env=False, follow_redirects=False)
+            trust_env=False, follow_redirects=False, verify=tls if tls is not None else True)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     def _url(self, address: str, target: str) -> str:
-        return f"http://{address}{target}"
+        return f"{self._scheme}://{address}{target}"
 
     async def _metadata(self, address: str, method: str, target: str, body: bytes = b"") -> bytes:
         headers = _auth_headers(self.key, self.node_id, method, target, body)
