@@ -16,6 +16,7 @@ import trio
 
 from p2pd.lifecycle import reload_on_signal, shutdown_on_signals
 from p2pd.logformat import add_logging_arguments, configure_logging
+from p2pd.progress import show_progress
 from p2pd.sdnotify import notify
 
 from .audit import AuditError, add_audit_parser, record_offline, run_audit_command
@@ -94,7 +95,9 @@ async def _serve(config: SeedConfig, notify_socket: str | None = None, overrides
 
 def _gc(config: SeedConfig, dry_run: bool, grace: float | None) -> int:
     storage = Storage(config.storage.data, chunk_size=config.storage.chunk_size, clean_tmp=False)
-    report = storage.collect_garbage(dry_run=dry_run, grace=config.storage.gc_grace if grace is None else grace)
+    with show_progress("sweeping blobs", label="blob directories") as progress:
+        report = storage.collect_garbage(dry_run=dry_run, grace=config.storage.gc_grace if grace is None else grace,
+                                         progress=progress)
     verb = "would remove" if dry_run else "removed"
     for digest in report.removed_blobs:
         print(f"{verb} {digest}")

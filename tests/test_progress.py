@@ -1,5 +1,5 @@
 """Progress of long CLI actions: a bar on a terminal, a plain line per interval elsewhere, and the
-actions that report it (vulnerability database import, audit log check)."""
+actions that report it (vulnerability database import, audit log check, seed gc)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from p2pd.oci.digest import digest_of
 from p2pd.progress import show_progress
 from seed.audit import FileAuditLog, make_event, verify_audit_log
 from seed.scan.vulndb import import_database
+from seed.storage import Storage
 from tests.fixtures.scan.builders import osv, write_osv_dir
 from tests.harness.tools import clean_env
 
@@ -111,3 +113,15 @@ def test_seed_vulndb_import_draws_a_bar_on_a_terminal(tmp_path: Path) -> None:
     text = shown.decode(errors="replace")
     assert "importing osv" in text  # the bar, drawn and then erased
     assert "imported 1 advisories" in text
+
+
+def test_seed_gc_reports_each_blob_directory(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "seed", chunk_size=2**20)
+    blobs = [f"blob {n}".encode() for n in range(6)]
+    for data in blobs:  # unreferenced: all go
+        storage.store_blob_bytes("team/app", data, digest_of(data))
+    prefixes = {str(digest_of(data)).split(":")[1][:2] for data in blobs}
+    sink = RecordingSink()
+    report = storage.collect_garbage(dry_run=False, grace=0, progress=sink)
+    assert len(report.removed_blobs) == len(blobs)
+    assert sink.totals == [len(prefixes)] and sink.done == len(prefixes)
