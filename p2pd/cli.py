@@ -17,15 +17,18 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from rich.console import Console
 
 from . import __version__, containerd_config
 from .config import AgentConfig, load_config
 from .daemon import serve_agent
 from .errors import P2PDError
 from .lifecycle import shutdown_on_signals
+from .logformat import add_logging_arguments, configure_logging
 from .oci.digest import Digest
 from .oci.errors import OCIError
 from .sdnotify import notify
+from .status_view import render_status
 from .store import BlobStore
 from .swarm import tls as peer_tls
 from .swarm.auth import generate_key
@@ -52,7 +55,7 @@ def _size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pd", description="p2pd node agent: a registry mirror for containerd.")
     parser.add_argument("--version", action="version", version=f"p2pd {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_logging_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the agent")
@@ -102,9 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="also name this address in the certificate (repeatable; informational: peers "
                                "check the chain, not host names)")
 
-    status = commands.add_parser("status", help="peers, transfers in flight and bytes by source")
+    status = commands.add_parser("status", help="peers, sites, transfers in flight, bytes by source, cache use")
     status.add_argument("--endpoint", default="http://127.0.0.1:5080", help="the agent's --listen URL")
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--json", action="store_true", help="print the raw JSON document (for scripts)")
 
     cache = commands.add_parser("cache", help="inspect and manage the local cache")
     cache.add_argument("--config", type=Path, help="TOML configuration file")
@@ -234,41 +237,23 @@ def _status(endpoint: str, raw: bool) -> int:
     try:
         response = httpx.get(endpoint.rstrip("/") + "/debug/status", timeout=5, trust_env=False)
         response.raise_for_status()
-    except httpx.HTTPError as exc:
+        status = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
         print(f"p2pd: cannot read status from {endpoint}: {exc}", file=sys.stderr)
         return 1
-    status = response.json()
-    if raw:
+    if raw or not isinstance(status, dict):
         print(json.dumps(status, indent=2))
         return 0
-    node = status.get("node")
-    if node:
-        print(f"node {node['id']}  site {node['site']}  peers at {node['address']}")
-    else:
-        print("peer-to-peer: off")
-    fetched = status.get("fetched_bytes", {})
-    print("fetched: " + ", ".join(f"{source} {int(value)} B" for source, value in sorted(fetched.items()))
-          + f"; served to containerd {int(status.get('served_bytes', 0))} B"
-          + (f"; served to peers {int(status['peer_served_bytes'])} B" if "peer_served_bytes" in status else ""))
-    peers = status.get("peers", [])
-    if peers:
-        print(f"{len(peers)} peers:")
-        for peer in peers:
-            state = "banned" if peer["banned"] else "suspended" if peer["suspended"] else "live"
-            print(f"  {peer['id']:<20} {peer['address']:<22} site {peer['site']:<16} {state} via {peer['sources']}")
-    transfers = status.get("transfers", [])
-    downloads = status.get("downloads", [])
-    print(f"{len(downloads)} downloads in flight")
-    for transfer in transfers:
-        lease = "holds the upstream lease" if transfer["leased"] else f"lease: {transfer['lessee']}"
-        print(f"  {transfer['digest']}  {transfer['have']}/{transfer['chunks']} chunks  {lease}  "
-              f"from peers {sum(transfer['peer_bytes'].values())} B, upstream {transfer['upstream_bytes']} B")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped or redirected: whole node ids and addresses, no wrapping at 80
+    console.print(render_status(status))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     # httpx logs every request at INFO; our own logs say what matters.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:

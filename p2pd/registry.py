@@ -159,11 +159,14 @@ class MirrorFront:
         raise _not_found("NOT_FOUND", "this mirror serves manifests and blobs only")
 
     def status(self) -> dict[str, object]:
-        """What ``p2pd status`` prints: peers, transfers in flight, bytes by source."""
+        """What ``p2pd status`` prints (p2pd/status_view.py): peers, transfers in flight, bytes by
+        source, cache use and limit."""
         by_source = {labels["source"]: value for labels, value in _samples(self.metrics.fetched_bytes)}
         result: dict[str, object] = {
             "ready": self.ready,
             "cache_bytes": self.store.total_bytes,
+            "cache_max_bytes": self.store.max_bytes,
+            "cache_blobs": self.store.blob_count,
             "fetched_bytes": by_source,
             "served_bytes": _total(self.metrics.served_bytes),
             "downloads": [{"digest": str(d.digest), "size": d.size, "written": d.written, "released": d.released}

@@ -113,6 +113,11 @@ class BlobStore:
         with self._lock:
             return sum(self._sizes.values())
 
+    @property
+    def blob_count(self) -> int:
+        """Complete blobs in the store."""
+        return len(self._sizes)
+
     def _write_atomic(self, path: Path, data: bytes) -> None:
         write_atomic(path, data, tmp_dir=self.root / "tmp")
 

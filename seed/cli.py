@@ -15,6 +15,8 @@ from typing import Any
 import trio
 
 from p2pd.lifecycle import reload_on_signal, shutdown_on_signals
+from p2pd.logformat import add_logging_arguments, configure_logging
+from p2pd.progress import show_progress
 from p2pd.sdnotify import notify
 
 from .audit import AuditError, add_audit_parser, record_offline, run_audit_command
@@ -34,7 +36,7 @@ log = logging.getLogger("seed")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seed", description="The p2pd seed: a complete OCI registry.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_logging_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the registry")
@@ -93,7 +95,9 @@ async def _serve(config: SeedConfig, notify_socket: str | None = None, overrides
 
 def _gc(config: SeedConfig, dry_run: bool, grace: float | None) -> int:
     storage = Storage(config.storage.data, chunk_size=config.storage.chunk_size, clean_tmp=False)
-    report = storage.collect_garbage(dry_run=dry_run, grace=config.storage.gc_grace if grace is None else grace)
+    with show_progress("sweeping blobs", label="blob directories") as progress:
+        report = storage.collect_garbage(dry_run=dry_run, grace=config.storage.gc_grace if grace is None else grace,
+                                         progress=progress)
     verb = "would remove" if dry_run else "removed"
     for digest in report.removed_blobs:
         print(f"{verb} {digest}")
@@ -130,7 +134,7 @@ def _audit_offline(config: SeedConfig, failures: list[str], action: str, fields:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         if args.command == "serve":
             overrides = {"listen": args.listen, "data": args.data, "open": args.open, "serving": True}

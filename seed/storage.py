@@ -48,6 +48,7 @@ from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import is_valid_name, is_valid_tag
 from p2pd.oci.manifest import Descriptor, ParsedManifest
+from p2pd.progress import NO_PROGRESS, ProgressSink
 
 __all__ = ["GCReport", "Storage", "StoredManifest", "UploadSession", "UploadSessions"]
 
@@ -567,17 +568,22 @@ class Storage:
                     keep.update(ref.digest.encoded for ref in parsed.references)
         return keep
 
-    def collect_garbage(self, *, dry_run: bool, grace: float, now: float | None = None) -> GCReport:
+    def collect_garbage(self, *, dry_run: bool, grace: float, now: float | None = None,
+                        progress: ProgressSink = NO_PROGRESS) -> GCReport:
         """Removes blobs that no manifest references and that are older than ``grace`` seconds.
 
         The grace period keeps blobs of pushes in progress (layers arrive before the
-        manifest), which makes GC safe while the registry serves.
+        manifest), which makes GC safe while the registry serves. ``progress`` counts the blob
+        directories (one per first two hex digits) as they are swept.
         """
         now = time.time() if now is None else now
         keep = self._referenced_blobs()
         report = GCReport(dry_run=dry_run)
         blob_root = self.root / "blobs" / "sha256"
-        for prefix in sorted(os.listdir(blob_root)):
+        prefixes = sorted(os.listdir(blob_root))
+        progress.start(len(prefixes))
+        for prefix in prefixes:
+            progress.advance()
             for entry in sorted(os.listdir(blob_root / prefix)):
                 path = blob_root / prefix / entry
                 if entry in keep:

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from p2pd.progress import show_progress
+
 from ..errors import AuditError
 from ._chain import canonical
 from ._event import parse_time
@@ -62,7 +64,8 @@ def _time_argument(text: str) -> object:
 
 
 def _verify(directory: Path) -> int:
-    report = verify_audit_log(directory)
+    with show_progress("verifying the audit log", unit="bytes") as progress:
+        report = verify_audit_log(directory, progress)
     for note in report.notes:
         print(f"note: {note}")
     if report.truncated_tail is not None:

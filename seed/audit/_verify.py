@@ -18,12 +18,16 @@ What an auditor can rely on (and what not):
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pd.progress import NO_PROGRESS, ProgressSink
+
 from ..errors import AuditError
 from ._chain import GENESIS_HASH, ChainChecker
-from ._layout import INBOX_DIR, REJECTED_DIR, TORN_DIR, list_inbox, open_snapshot, unexpected_entries
+from ._layout import INBOX_DIR, REJECTED_DIR, TORN_DIR, Snapshot, list_inbox, open_snapshot, unexpected_entries
 
 __all__ = ["VerifyProblem", "VerifyReport", "verify_audit_log"]
 
@@ -76,8 +80,10 @@ class _Vanished(Exception):
     """A rotated file was pruned while we read: start over."""
 
 
-def verify_audit_log(directory: Path) -> VerifyReport:
+def verify_audit_log(directory: Path, progress: ProgressSink = NO_PROGRESS) -> VerifyReport:
     """Checks the audit log in ``directory`` (``DATA/audit``); read-only, safe while the seed runs.
+
+    ``progress`` is told the bytes of the files to check, then the bytes of each line checked.
 
     Raises:
         AuditError: the directory does not exist or cannot be read.
@@ -87,7 +93,7 @@ def verify_audit_log(directory: Path) -> VerifyReport:
         raise AuditError(f"no audit log at {directory}")
     for _ in range(_ATTEMPTS):
         try:
-            return _verify_once(directory)
+            return _verify_once(directory, progress)
         except _Vanished:
             continue
         except OSError as exc:
@@ -95,8 +101,17 @@ def verify_audit_log(directory: Path) -> VerifyReport:
     raise AuditError(f"files of the audit log in {directory} kept disappearing while being verified")
 
 
-def _verify_once(directory: Path) -> VerifyReport:
+def _snapshot_bytes(snapshot: Snapshot) -> int:
+    total = os.fstat(snapshot.live.fileno()).st_size if snapshot.live is not None else 0
+    for _seq, path in snapshot.rotated:
+        with contextlib.suppress(FileNotFoundError):  # pruned meanwhile: noticed when it is read
+            total += path.stat().st_size
+    return total
+
+
+def _verify_once(directory: Path, progress: ProgressSink) -> VerifyReport:
     snapshot = open_snapshot(directory)
+    progress.start(_snapshot_bytes(snapshot))
     checker = ChainChecker()
     names: list[str] = []
     problem: VerifyProblem | None = None
@@ -114,6 +129,7 @@ def _verify_once(directory: Path) -> VerifyReport:
             names.append(name)
             number = 0
             for number, raw in enumerate(handle, start=1):
+                progress.advance(len(raw))
                 if not raw.endswith(b"\n"):
                     if handle is snapshot.live:
                         truncated = VerifyProblem(name, number, f"incomplete last line ({len(raw)} bytes): an "

@@ -20,6 +20,7 @@ from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import is_valid_name
+from p2pd.progress import show_progress
 from p2pd.tomlconfig import read_toml
 from seed.storage import Storage
 
@@ -108,7 +109,8 @@ def run_scan_command(args: argparse.Namespace) -> int:
 def _import(data: Path, source: Path, strict: bool) -> int:
     started = time.monotonic()
     try:
-        result = import_database(data, source, strict=strict)
+        with show_progress(f"importing {source.name}", label="files") as progress:
+            result = import_database(data, source, strict=strict, progress=progress)
     except VulnDBError as exc:
         print(f"seed vulndb import: {exc} (the previous database, if any, stays in use)", file=sys.stderr)
         return 1
@@ -163,18 +165,12 @@ def _scan(data: Path, chunk_size: int, args: argparse.Namespace, limits: Any) ->
     storage = Storage(data, chunk_size=chunk_size, clean_tmp=False)
     digest = storage.resolve(repository, target)
     database = VulnDatabase.for_data_dir(data)
-    from rich.console import Console
-
-    console = Console(stderr=True)
     total = _layer_bytes(storage, repository, digest)
-    if console.is_terminal and not args.no_progress and total >= _PROGRESS_THRESHOLD:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-            task = progress.add_task(f"scanning {repository}@{str(digest)[:19]}", total=total)
+    if not args.no_progress and total >= _PROGRESS_THRESHOLD:
+        with show_progress(f"scanning {repository}@{str(digest)[:19]}", unit="bytes") as progress:
+            progress.start(total)
             report = scan_image(storage, repository, digest, database=database if database.exists() else None,
-                                limits=limits, progress=lambda n: progress.advance(task, n))
+                                limits=limits, progress=progress.advance)
     else:
         report = scan_image(storage, repository, digest, database=database if database.exists() else None,
                             limits=limits)

@@ -46,6 +46,7 @@ from cvss import CVSS2, CVSS3, CVSS4
 from cvss.exceptions import CVSSError
 
 from p2pd.fsutil import fsync_dir
+from p2pd.progress import NO_PROGRESS, ProgressSink
 
 from .config import severity_rank
 from .errors import DatabaseMissing, InvalidAdvisory, InvalidVersion, VulnDBError
@@ -260,25 +261,28 @@ class ImportResult:
     changed_packages: frozenset[tuple[str, str]] | None = None
 
 
-def _records_from(source: Path) -> Iterator[tuple[str, bytes]]:
+def _records_from(source: Path, progress: ProgressSink) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each OSV JSON file in a directory tree or a zip archive."""
     if source.is_dir():
-        for path in sorted(source.rglob("*.json")):
-            if path.is_file():
-                size = path.stat().st_size
-                if size > MAX_RECORD_SIZE:
-                    yield str(path), b""  # reported as invalid below
-                    continue
-                yield str(path), path.read_bytes()
+        paths = [path for path in sorted(source.rglob("*.json")) if path.is_file()]
+        progress.start(len(paths))
+        for path in paths:
+            progress.advance()
+            size = path.stat().st_size
+            if size > MAX_RECORD_SIZE:
+                yield str(path), b""  # reported as invalid below
+                continue
+            yield str(path), path.read_bytes()
         return
     try:
         archive = zipfile.ZipFile(source)
     except (OSError, zipfile.BadZipFile) as exc:
         raise VulnDBError(f"{source}: neither a directory nor a zip archive: {exc}") from exc
     with archive:
-        for member in archive.infolist():
-            if member.is_dir() or not member.filename.endswith(".json"):
-                continue
+        members = [m for m in archive.infolist() if not m.is_dir() and m.filename.endswith(".json")]
+        progress.start(len(members))
+        for member in members:
+            progress.advance()
             if member.file_size > MAX_RECORD_SIZE:
                 yield member.filename, b""
                 continue
@@ -292,7 +296,7 @@ def _records_from(source: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def import_database(data_dir: Path, source: Path, *, strict: bool = False,
-                    now: float | None = None) -> ImportResult:
+                    now: float | None = None, progress: ProgressSink = NO_PROGRESS) -> ImportResult:
     """Imports OSV advisories from a directory of JSON files or a zip archive, atomically.
 
     Args:
@@ -301,6 +305,7 @@ def import_database(data_dir: Path, source: Path, *, strict: bool = False,
             per-ecosystem ``all.zip`` OSV publishes.
         strict: fail on the first invalid record instead of skipping it.
         now: the import time to record (default: the clock).
+        progress: told the number of files, then each one read.
 
     Raises:
         VulnDBError: the source cannot be read, holds no valid advisory, a record is
@@ -319,7 +324,7 @@ def import_database(data_dir: Path, source: Path, *, strict: bool = False,
     with open(scan_dir / "vulndb.lock", "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            _build(tmp_path, source, target, result, strict, time.time() if now is None else now)
+            _build(tmp_path, source, target, result, strict, time.time() if now is None else now, progress)
             with open(tmp_path, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp_path, target)
@@ -336,7 +341,8 @@ def import_database(data_dir: Path, source: Path, *, strict: bool = False,
     return result
 
 
-def _build(tmp_path: Path, source: Path, previous: Path, result: ImportResult, strict: bool, now: float) -> None:
+def _build(tmp_path: Path, source: Path, previous: Path, result: ImportResult, strict: bool, now: float,
+           progress: ProgressSink) -> None:
     connection = sqlite3.connect(tmp_path)
     try:
         connection.execute("PRAGMA journal_mode = OFF")  # a failed build is deleted, never recovered
@@ -344,7 +350,7 @@ def _build(tmp_path: Path, source: Path, previous: Path, result: ImportResult, s
         connection.executescript(_SCHEMA)
         seen: set[str] = set()
         with connection:
-            for name, data in _records_from(source):
+            for name, data in _records_from(source, progress):
                 try:
                     if not data:
                         raise InvalidAdvisory(f"larger than {MAX_RECORD_SIZE} bytes")
