@@ -1,4 +1,4 @@
-"""``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``."""
+"""``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``, ``registries-config``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from . import __version__, containerd_config
+from . import __version__, containerd_config, registries_config
 from .config import AgentConfig, load_config
 from .daemon import serve_agent
 from .errors import P2PDError
@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
 
     containerd = commands.add_parser("containerd-config", help="write containerd hosts.toml files for this agent")
     containerd_config.add_arguments(containerd)
+
+    registries = commands.add_parser("registries-config",
+                                     help="write a registries.conf drop-in for podman and CRI-O pointing at this agent")
+    registries_config.add_arguments(registries)
     return parser
 
 
@@ -228,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args.endpoint, args.json)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "registries-config":
+            return registries_config.run(args)
         return containerd_config.run(args)
     except (P2PDError, OCIError) as exc:
         print(f"p2pd: {exc}", file=sys.stderr)
