@@ -123,7 +123,8 @@ def parse_namespace(value: str) -> str:
     if "=" in value:
         raise ConfigError(f"--registry takes a registry host only, got {value!r}; the agent's [[upstream]] "
                           "entry (or --upstream NS=URL) says where p2pd fetches it from")
-    namespace = value.strip().lower().rstrip(".")
+    host, sep, port = value.strip().lower().partition(":")
+    namespace = host.rstrip(".") + sep + port  # the agent drops a trailing dot of the host too
     try:
         namespace_component(namespace)
     except ValueError as exc:

@@ -34,6 +34,7 @@ from p2pd.access import Challenge, KeySet, verify_token
 from p2pd.config import AgentConfig, FetchConfig, UpstreamConfig, load_config
 from p2pd.daemon import Agent
 from p2pd.httpd import Request, Response, ServerInfo, serve_http
+from p2pd.mirror_prefix import prefix_path
 from p2pd.oci.digest import digest_of
 from p2pd.upstream import HttpUpstream
 from seed.auth.identity import Principal
@@ -134,10 +135,15 @@ def basic(user: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{PASSWORD.format(user)}".encode()).decode()
 
 
-async def ask(agent: Agent, method: str, path: str, authorization: str | None = None) -> httpx.Response:
+async def ask(agent: Agent, method: str, path: str, authorization: str | None = None, *,
+              prefixed: bool = False) -> httpx.Response:
+    """A request as containerd sends it (``ns=``), or as podman does (``prefixed``: the registry in the path)."""
     headers = {"Authorization": authorization} if authorization else {}
+    params = {} if prefixed else {"ns": NS}
+    if prefixed:
+        path = path.replace("/v2/", f"/v2/{prefix_path(NS)}/", 1)
     async with httpx.AsyncClient(base_url=agent.info.url, trust_env=False, timeout=20) as client:
-        return await client.request(method, path, params={"ns": NS}, headers=headers)
+        return await client.request(method, path, params=params, headers=headers)
 
 
 def targets(image: Image) -> list[tuple[str, str]]:
@@ -285,6 +291,34 @@ async def test_cached_private_content_is_served_only_to_its_tenant(
     assert denied(agent, "insufficient_scope") >= len(targets(team)) + len(other.blobs)
     assert denied(agent, "not_linked") == 1
     assert checks(agent, "offline") >= 2 and checks(agent, "jwks_fetch") == 1
+
+
+async def test_a_path_prefix_is_gated_like_ns(
+    private_seed: AuthSeed, nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    # podman names the registry in the path (p2pd-ns/<registry>/): the gate must see the same
+    # namespace and the repository without the prefix, so tenants stay apart exactly as with ns=.
+    team, other = await push(private_seed, "team/app"), await push(private_seed, "other/app")
+    agent = await start_agent(nursery, agent_toml(tmp_path, private_seed.info.url))
+    token_a = "Bearer " + await token_for(private_seed, "repository:team/app:pull", "u-pull")
+    token_b = "Bearer " + await token_for(private_seed, "repository:other/app:pull", "u-none")
+    with trio.fail_after(TIMEOUT):
+        for method, path in targets(team):
+            assert (await ask(agent, method, path, prefixed=True)).status_code == 401, path
+            assert (await ask(agent, method, path, token_b, prefixed=True)).status_code == 401, path
+        for method, path in targets(team):  # the tenant's pull, then its cached content...
+            response = await ask(agent, method, path, token_a, prefixed=True)
+            assert response.status_code == 200, (path, response.text)
+            if "/blobs/" in path:
+                assert response.content == team.blobs[path.rsplit("/", 1)[1]]
+        for method, path in targets(team):  # ...is still refused to the other tenant, by ns= and by path
+            assert (await ask(agent, method, path, token_b)).status_code == 401, path
+            assert (await ask(agent, method, path, token_b, prefixed=True)).status_code == 401, path
+        await pull_through(agent, other, token_b)
+        other_only = next(d for d in other.blobs if d not in team.blobs)
+        unlinked = await ask(agent, "GET", f"/v2/team/app/blobs/{other_only}", token_a, prefixed=True)
+        assert (unlinked.status_code, unlinked.json()["errors"][0]["code"]) == (404, "BLOB_UNKNOWN")
+    assert denied(agent, "not_linked") == 1
 
 
 def _b64(data: bytes) -> str:
