@@ -555,6 +555,19 @@ async def test_containerd_pulls_through_the_node_with_its_own_credentials(
     assert served(agent) == answered
 
 
+async def _node_for(nursery: trio.Nursery, tmp_path: Path, seed: AuthSeed, host: str, *,
+                    default: bool) -> tuple[Agent, str]:
+    """A node serving the seed as ``host`` with the operator's account (and as its default
+    upstream when ``default``); returns it and its address for podman."""
+    lines = [f'default_upstream = "{seed.info.url}"', ""] if default else []
+    lines += ["[[upstream]]", f'namespace = "{host}"', f'url = "{seed.info.url}"', f'username = "{NODE_USER}"',
+              f'password = "{NODE_PASSWORD}"']
+    path = tmp_path / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    agent = await start_agent(nursery, load_config(path, listen="127.0.0.1:0", data=tmp_path / "agent"))
+    return agent, agent.info.url.removeprefix("http://")
+
+
 @pytest.mark.root
 async def test_podman_pulls_through_the_node_with_its_own_credentials(
     closed_seed: AuthSeed, busybox_layout: OciLayout, nursery: trio.Nursery, tmp_path: Path,
@@ -562,11 +575,7 @@ async def test_podman_pulls_through_the_node_with_its_own_credentials(
     host, _pushed = await _push_busybox(closed_seed, busybox_layout)
     # podman asks a mirror with plain paths (no ns=): the node's default upstream is the seed,
     # with the operator's account from the [[upstream]] entry of the same URL.
-    path = tmp_path / "agent.toml"
-    path.write_text(f'default_upstream = "{closed_seed.info.url}"\n\n[[upstream]]\nnamespace = "{host}"\n'
-                    f'url = "{closed_seed.info.url}"\nusername = "{NODE_USER}"\npassword = "{NODE_PASSWORD}"\n')
-    agent = await start_agent(nursery, load_config(path, listen="127.0.0.1:0", data=tmp_path / "agent"))
-    mirror = agent.info.url.removeprefix("http://")
+    agent, mirror = await _node_for(nursery, tmp_path, closed_seed, host, default=True)
     image = f"{host}/team/busybox:v1"
     with Podman(tmp_path / "podman", insecure_registries=(host, mirror), mirrors={host: mirror}) as podman:
         refused = await trio.to_thread.run_sync(partial(podman.run, "pull", image))
@@ -581,3 +590,27 @@ async def test_podman_pulls_through_the_node_with_its_own_credentials(
         await trio.to_thread.run_sync(partial(podman.run_ok, "pull", image))
     assert served(agent) > 0
     assert checks(agent, "offline") >= 1
+
+
+@pytest.mark.root
+async def test_podman_with_the_path_prefix_pulls_private_content_from_the_registry(
+    closed_seed: AuthSeed, busybox_layout: OciLayout, nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    # The prefix is unknown at podman's /v2/ ping, so the node cannot pass a registry's challenge
+    # on there; podman then never authenticates to the mirror (measured with 4.3: "Ping .../v2/
+    # status 200", the manifest is 401 "unauthorized", next location). Private content therefore
+    # bypasses the node, is never served to an anonymous client, and the pull still works.
+    host, pushed = await _push_busybox(closed_seed, busybox_layout)
+    agent, mirror = await _node_for(nursery, tmp_path, closed_seed, host, default=False)
+    with Podman(tmp_path / "podman", insecure_registries=(host,)) as podman:
+        assert p2pd.cli.main(["registries-config", "--dir", str(podman.drop_in_dir), "--endpoint", agent.info.url,
+                              "--registry", host, "--registries-conf", str(podman.registries_conf)]) == 0
+        for registry in (mirror, host):
+            login = await trio.to_thread.run_sync(podman.login, registry, "u-pull", PASSWORD.format("u-pull"))
+            assert login.returncode == 0, login.stderr
+        await trio.to_thread.run_sync(partial(podman.run_ok, "pull", f"{host}/team/busybox:v1"))
+        listed = await trio.to_thread.run_sync(partial(podman.run_ok, "images", "--digests", "--format",
+                                                       "{{.Digest}}"))
+    assert pushed in listed.stdout.decode()
+    assert served(agent) == 0 and denied(agent, "anonymous") >= 1
+    assert agent_metric(agent, "p2pd_upstream_fetches_total") == 0
