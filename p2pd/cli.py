@@ -43,7 +43,8 @@ def _size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pd", description="p2pd node agent: a registry mirror for containerd.")
+    parser = argparse.ArgumentParser(prog="p2pd",
+                                     description="p2pd node agent: a registry mirror for containerd, CRI-O and podman.")
     parser.add_argument("--version", action="version", version=f"p2pd {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
