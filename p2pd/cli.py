@@ -1,4 +1,5 @@
-"""``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``, ``ca init|issue``."""
+"""``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``, ``registries-config``,
+``ca init|issue``, ``status``, ``keygen``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 
-from . import __version__, containerd_config
+from . import __version__, containerd_config, registries_config
 from .config import AgentConfig, load_config
 from .daemon import serve_agent
 from .errors import P2PDError
@@ -53,7 +54,8 @@ def _size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pd", description="p2pd node agent: a registry mirror for containerd.")
+    parser = argparse.ArgumentParser(prog="p2pd",
+                                     description="p2pd node agent: a registry mirror for containerd, CRI-O and podman.")
     parser.add_argument("--version", action="version", version=f"p2pd {__version__}")
     add_logging_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
 
     containerd = commands.add_parser("containerd-config", help="write containerd hosts.toml files for this agent")
     containerd_config.add_arguments(containerd)
+
+    registries = commands.add_parser("registries-config",
+                                     help="write a registries.conf drop-in for podman and CRI-O pointing at this agent")
+    registries_config.add_arguments(registries)
     return parser
 
 
@@ -278,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args.endpoint, args.json)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "registries-config":
+            return registries_config.run(args)
         return containerd_config.run(args)
     except (P2PDError, OCIError) as exc:
         print(f"p2pd: {exc}", file=sys.stderr)

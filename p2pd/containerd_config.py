@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import re
 import sys
 import tomllib
@@ -47,6 +46,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .fsutil import write_atomic
+from .tomlwrite import toml_key, toml_value
 
 __all__ = [
     "DEFAULT_DIAL_TIMEOUT",
@@ -75,7 +75,6 @@ _OWNED_KEYS = ("capabilities", "dial_timeout")  # keys of p2pd's own entry that 
 
 _NAMESPACE_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?$")
 _GO_DURATION_RE = re.compile(r"^([0-9]+(\.[0-9]*)?(ns|us|µs|ms|s|m|h))+$")
-_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 # --------------------------------------------------------------------------- model
@@ -271,65 +270,16 @@ def merge(
 # --------------------------------------------------------------------------- render
 
 
-def _toml_string(value: str) -> str:
-    out = ['"']
-    for ch in value:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY_RE.match(key) else _toml_string(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def _render_table(path: list[str], table: Mapping[str, Any], lines: list[str]) -> None:
     """``[path]`` with its plain keys, then its sub-tables as ``[path.key]`` (how containerd's docs write them)."""
     if path:
         if len(path) == 1 and lines:
             lines.append("")
-        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
+        lines.append("[" + ".".join(toml_key(p) for p in path) + "]")
     indent = "  " if path else ""
     for key, value in table.items():
         if not isinstance(value, Mapping):
-            lines.append(f"{indent}{_toml_key(key)} = {_toml_value(value)}")
+            lines.append(f"{indent}{toml_key(key)} = {toml_value(value)}")
     for key, value in table.items():
         if isinstance(value, Mapping):
             _render_table([*path, key], value, lines)

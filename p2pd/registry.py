@@ -1,7 +1,9 @@
 """The containerd-facing registry front: a read-only OCI mirror.
 
 containerd (via hosts.toml) sends ``HEAD/GET /v2/<name>/manifests/<ref>?ns=<registry>`` and
-``GET /v2/<name>/blobs/<digest>?ns=<registry>``. Local content is served straight from the
+``GET /v2/<name>/blobs/<digest>?ns=<registry>``; podman and CRI-O (via registries.conf) send no
+``ns=`` and name the registry in the path instead, ``/v2/p2pd-ns/<registry>/<name>/...``
+(``p2pd.mirror_prefix``). Local content is served straight from the
 store; a miss joins (or starts) the single-flight download and streams as bytes are
 released. Whatever cannot be served quickly is answered 404 so containerd falls back to
 the next host; a stream that stops making progress is cut so containerd resumes with Range.
@@ -32,6 +34,7 @@ from .errors import P2PDError, UpstreamAuthError, UpstreamError, UpstreamNotFoun
 from .fetcher import Download, Fetcher, stream_download
 from .gate import AccessGate
 from .metrics import AgentMetrics
+from .mirror_prefix import PREFIX_MARKER, split_prefixed_name
 from .signatures import NodeSignatures
 from .signing.extension import SUPPORTS_SIGNATURES_HEADER
 from .store import BlobStore, TagRecord
@@ -53,6 +56,25 @@ def _namespace(request: Request, upstreams: UpstreamPool) -> str | None:
     """containerd's ``ns=`` in normal form, checked before anything is read or fetched for it:
     a namespace this agent does not serve is a fast 404, so containerd falls back."""
     return upstreams.check_namespace(request.query_one("ns"))
+
+
+def _route(request: Request, upstreams: UpstreamPool, name: str) -> tuple[str | None, str]:
+    """The namespace (normal form) and the repository of a manifest or blob request.
+
+    containerd names the registry with ``ns=``, podman and CRI-O with a path prefix; either way
+    the namespace is checked before anything is read or fetched for it, and the gate, the store
+    and the upstream see the repository without the prefix.
+    """
+    prefixed = split_prefixed_name(name)
+    if prefixed is None:
+        validate_name(name)
+        return _namespace(request, upstreams), name
+    namespace, repository = prefixed
+    validate_name(repository)
+    if request.query_one("ns") is not None:
+        # Nobody sends both; two names for the upstream could disagree, so neither is guessed.
+        raise OCIError("NAME_INVALID", f"name the registry with ns= or with the {PREFIX_MARKER}/ path, not both")
+    return upstreams.check_namespace(namespace), repository
 
 
 _PEERS_ASKED_FOR_MANIFESTS = 3
@@ -122,7 +144,8 @@ class MirrorFront:
             return Response(200, [("Content-Type", "text/plain; version=0.0.4")], self.metrics.render())
         if match := _SIGNATURES_RE.fullmatch(path):
             request.route = "signatures"
-            return await self._signatures(request, validate_name(match["name"]), Digest.parse(match["digest"]))
+            namespace, name = _route(request, self.upstreams, match["name"])
+            return await self._signatures(request, namespace, name, Digest.parse(match["digest"]))
         if not (path == "/v2" or path.startswith("/v2/")):
             raise OCIError("NOT_FOUND", "not found")
         try:
@@ -151,10 +174,13 @@ class MirrorFront:
             return Response(200, [("Content-Type", "application/json"), SUPPORTS_SIGNATURES_HEADER], b"{}")
         if match := _MANIFEST_RE.fullmatch(path):
             request.route = "manifest"
-            return await self._manifest(request, validate_name(match["name"]), match["reference"])
+            namespace, name = _route(request, self.upstreams, match["name"])
+            validate_reference(match["reference"])
+            return await self._manifest(request, namespace, name, match["reference"])
         if match := _BLOB_RE.fullmatch(path):
             request.route = "blob"
-            return await self._blob(request, validate_name(match["name"]), Digest.parse(match["digest"]))
+            namespace, name = _route(request, self.upstreams, match["name"])
+            return await self._blob(request, namespace, name, Digest.parse(match["digest"]))
         request.route = "other"
         raise _not_found("NOT_FOUND", "this mirror serves manifests and blobs only")
 
@@ -189,9 +215,7 @@ class MirrorFront:
 
     # ---- manifests --------------------------------------------------------------------
 
-    async def _manifest(self, request: Request, name: str, reference: str) -> Response:
-        validate_reference(reference)
-        namespace = _namespace(request, self.upstreams)
+    async def _manifest(self, request: Request, namespace: str | None, name: str, reference: str) -> Response:
         access = await self.access.authorize(request, namespace, name, manifest=True)
         media_type: str | None = None
         if ":" in reference:
@@ -301,13 +325,12 @@ class MirrorFront:
 
     # ---- the signature API extension (read-only) ---------------------------------------
 
-    async def _signatures(self, request: Request, name: str, digest: Digest) -> Response:
+    async def _signatures(self, request: Request, namespace: str | None, name: str, digest: Digest) -> Response:
         """``GET /extensions/v2/<name>/signatures/<digest>`` from the upstream, for a client that
         may pull ``name``: podman and CRI-O verify pulls made through the agent with it."""
         if request.method not in _READ_METHODS:
             raise OCIError("UNSUPPORTED", "this mirror is read-only; store signatures in the registry itself",
                            status=405, headers=[("Allow", "GET, HEAD")])
-        namespace = _namespace(request, self.upstreams)
         await self.access.authorize(request, namespace, name, manifest=True)
         signatures = await self.signatures.list_signatures(namespace, name, digest)
         body = json.dumps({"signatures": [signature.to_json() for signature in signatures]},
@@ -316,8 +339,7 @@ class MirrorFront:
 
     # ---- blobs ------------------------------------------------------------------------
 
-    async def _blob(self, request: Request, name: str, digest: Digest) -> Response:
-        namespace = _namespace(request, self.upstreams)
+    async def _blob(self, request: Request, namespace: str | None, name: str, digest: Digest) -> Response:
         access = await self.access.authorize(request, namespace, name, manifest=False)
         if not self.access.is_linked(access, digest) and (self.store.size(digest) is not None
                                                           or digest in self.fetcher.in_flight):

@@ -34,6 +34,7 @@ from p2pd.access import Challenge, KeySet, verify_token
 from p2pd.config import AgentConfig, FetchConfig, UpstreamConfig, load_config
 from p2pd.daemon import Agent
 from p2pd.httpd import Request, Response, ServerInfo, serve_http
+from p2pd.mirror_prefix import prefix_path
 from p2pd.oci.digest import digest_of
 from p2pd.upstream import HttpUpstream
 from seed.auth.identity import Principal
@@ -134,10 +135,15 @@ def basic(user: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{PASSWORD.format(user)}".encode()).decode()
 
 
-async def ask(agent: Agent, method: str, path: str, authorization: str | None = None) -> httpx.Response:
+async def ask(agent: Agent, method: str, path: str, authorization: str | None = None, *,
+              prefixed: bool = False) -> httpx.Response:
+    """A request as containerd sends it (``ns=``), or as podman does (``prefixed``: the registry in the path)."""
     headers = {"Authorization": authorization} if authorization else {}
+    params = {} if prefixed else {"ns": NS}
+    if prefixed:
+        path = path.replace("/v2/", f"/v2/{prefix_path(NS)}/", 1)
     async with httpx.AsyncClient(base_url=agent.info.url, trust_env=False, timeout=20) as client:
-        return await client.request(method, path, params={"ns": NS}, headers=headers)
+        return await client.request(method, path, params=params, headers=headers)
 
 
 def targets(image: Image) -> list[tuple[str, str]]:
@@ -291,6 +297,34 @@ async def test_cached_private_content_is_served_only_to_its_tenant(
     assert denied(agent, "insufficient_scope") >= len(targets(team)) + len(other.blobs) + 1
     assert denied(agent, "not_linked") == 1
     assert checks(agent, "offline") >= 2 and checks(agent, "jwks_fetch") == 1
+
+
+async def test_a_path_prefix_is_gated_like_ns(
+    private_seed: AuthSeed, nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    # podman names the registry in the path (p2pd-ns/<registry>/): the gate must see the same
+    # namespace and the repository without the prefix, so tenants stay apart exactly as with ns=.
+    team, other = await push(private_seed, "team/app"), await push(private_seed, "other/app")
+    agent = await start_agent(nursery, agent_toml(tmp_path, private_seed.info.url))
+    token_a = "Bearer " + await token_for(private_seed, "repository:team/app:pull", "u-pull")
+    token_b = "Bearer " + await token_for(private_seed, "repository:other/app:pull", "u-none")
+    with trio.fail_after(TIMEOUT):
+        for method, path in targets(team):
+            assert (await ask(agent, method, path, prefixed=True)).status_code == 401, path
+            assert (await ask(agent, method, path, token_b, prefixed=True)).status_code == 401, path
+        for method, path in targets(team):  # the tenant's pull, then its cached content...
+            response = await ask(agent, method, path, token_a, prefixed=True)
+            assert response.status_code == 200, (path, response.text)
+            if "/blobs/" in path:
+                assert response.content == team.blobs[path.rsplit("/", 1)[1]]
+        for method, path in targets(team):  # ...is still refused to the other tenant, by ns= and by path
+            assert (await ask(agent, method, path, token_b)).status_code == 401, path
+            assert (await ask(agent, method, path, token_b, prefixed=True)).status_code == 401, path
+        await pull_through(agent, other, token_b)
+        other_only = next(d for d in other.blobs if d not in team.blobs)
+        unlinked = await ask(agent, "GET", f"/v2/team/app/blobs/{other_only}", token_a, prefixed=True)
+        assert (unlinked.status_code, unlinked.json()["errors"][0]["code"]) == (404, "BLOB_UNKNOWN")
+    assert denied(agent, "not_linked") == 1
 
 
 def _b64(data: bytes) -> str:
@@ -527,6 +561,19 @@ async def test_containerd_pulls_through_the_node_with_its_own_credentials(
     assert served(agent) == answered
 
 
+async def _node_for(nursery: trio.Nursery, tmp_path: Path, seed: AuthSeed, host: str, *,
+                    default: bool) -> tuple[Agent, str]:
+    """A node serving the seed as ``host`` with the operator's account (and as its default
+    upstream when ``default``); returns it and its address for podman."""
+    lines = [f'default_upstream = "{seed.info.url}"', ""] if default else []
+    lines += ["[[upstream]]", f'namespace = "{host}"', f'url = "{seed.info.url}"', f'username = "{NODE_USER}"',
+              f'password = "{NODE_PASSWORD}"']
+    path = tmp_path / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    agent = await start_agent(nursery, load_config(path, listen="127.0.0.1:0", data=tmp_path / "agent"))
+    return agent, agent.info.url.removeprefix("http://")
+
+
 @pytest.mark.root
 async def test_podman_pulls_through_the_node_with_its_own_credentials(
     closed_seed: AuthSeed, busybox_layout: OciLayout, nursery: trio.Nursery, tmp_path: Path,
@@ -534,11 +581,7 @@ async def test_podman_pulls_through_the_node_with_its_own_credentials(
     host, _pushed = await _push_busybox(closed_seed, busybox_layout)
     # podman asks a mirror with plain paths (no ns=): the node's default upstream is the seed,
     # with the operator's account from the [[upstream]] entry of the same URL.
-    path = tmp_path / "agent.toml"
-    path.write_text(f'default_upstream = "{closed_seed.info.url}"\n\n[[upstream]]\nnamespace = "{host}"\n'
-                    f'url = "{closed_seed.info.url}"\nusername = "{NODE_USER}"\npassword = "{NODE_PASSWORD}"\n')
-    agent = await start_agent(nursery, load_config(path, listen="127.0.0.1:0", data=tmp_path / "agent"))
-    mirror = agent.info.url.removeprefix("http://")
+    agent, mirror = await _node_for(nursery, tmp_path, closed_seed, host, default=True)
     image = f"{host}/team/busybox:v1"
     with Podman(tmp_path / "podman", insecure_registries=(host, mirror), mirrors={host: mirror}) as podman:
         refused = await trio.to_thread.run_sync(partial(podman.run, "pull", image))
@@ -553,3 +596,27 @@ async def test_podman_pulls_through_the_node_with_its_own_credentials(
         await trio.to_thread.run_sync(partial(podman.run_ok, "pull", image))
     assert served(agent) > 0
     assert checks(agent, "offline") >= 1
+
+
+@pytest.mark.root
+async def test_podman_with_the_path_prefix_pulls_private_content_from_the_registry(
+    closed_seed: AuthSeed, busybox_layout: OciLayout, nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    # The prefix is unknown at podman's /v2/ ping, so the node cannot pass a registry's challenge
+    # on there; podman then never authenticates to the mirror (measured with 4.3: "Ping .../v2/
+    # status 200", the manifest is 401 "unauthorized", next location). Private content therefore
+    # bypasses the node, is never served to an anonymous client, and the pull still works.
+    host, pushed = await _push_busybox(closed_seed, busybox_layout)
+    agent, mirror = await _node_for(nursery, tmp_path, closed_seed, host, default=False)
+    with Podman(tmp_path / "podman", insecure_registries=(host,)) as podman:
+        assert p2pd.cli.main(["registries-config", "--dir", str(podman.drop_in_dir), "--endpoint", agent.info.url,
+                              "--registry", host, "--registries-conf", str(podman.registries_conf)]) == 0
+        for registry in (mirror, host):
+            login = await trio.to_thread.run_sync(podman.login, registry, "u-pull", PASSWORD.format("u-pull"))
+            assert login.returncode == 0, login.stderr
+        await trio.to_thread.run_sync(partial(podman.run_ok, "pull", f"{host}/team/busybox:v1"))
+        listed = await trio.to_thread.run_sync(partial(podman.run_ok, "images", "--digests", "--format",
+                                                       "{{.Digest}}"))
+    assert pushed in listed.stdout.decode()
+    assert served(agent) == 0 and denied(agent, "anonymous") >= 1
+    assert agent_metric(agent, "p2pd_upstream_fetches_total") == 0

@@ -33,6 +33,7 @@ from p2pd.config import AgentConfig, load_config
 from p2pd.daemon import Agent, serve_agent
 from p2pd.egress import RefusalReason, StaticResolver
 from p2pd.httpd import Request, Response, ServerInfo, serve_http
+from p2pd.mirror_prefix import PREFIX_MARKER, prefix_path
 from p2pd.oci import mediatypes
 from tests.harness.net import assert_loopback
 from tests.p2pd_support import NS, agent_metric, sha256
@@ -256,6 +257,77 @@ async def test_unconfigured_ns_is_refused_without_a_connection(
     assert agent_metric(agent, "p2pd_upstream_fetches_total") == 0 or outcome == "address"
     if reason is not None:
         assert refused(agent, reason) >= 1
+
+
+# podman and CRI-O name the registry in the path (p2pd.mirror_prefix): the same refusals, the same
+# speed, never a connection. (prefix as sent in the path, outcome, reason counted)
+PREFIX_MATRIX = [
+    ("127.0.0.1__{v4}", "name", R.IP_LITERAL),
+    ("169.254.169.254", "name", R.IP_LITERAL),
+    ("2130706433__{v4}", "name", R.NUMERIC_HOST),
+    ("localhost__{v4}", "name", R.SPECIAL_NAME),
+    ("metadata.google.internal", "name", R.SPECIAL_NAME),
+    ("ip6-localhost__{v6}", "name", R.SINGLE_LABEL),
+    ("unlisted.example__{v4}", "name", R.NOT_CONFIGURED),
+    ("loopback.ssrf.test__{v4}", "address", R.LOOPBACK),
+    ("metadata.ssrf.test", "address", R.METADATA),
+    ("127.0.0.1:{v4}", "invalid", None),
+    ("user@127.0.0.1__{v4}", "invalid", None),
+    ("Loopback.ssrf.test__{v4}", "invalid", None),
+    ("loopback.ssrf.test__99999", "invalid", None),
+]
+
+
+@pytest.mark.parametrize(("template", "outcome", "reason"), PREFIX_MATRIX, ids=[case[0] for case in PREFIX_MATRIX])
+async def test_unconfigured_path_prefix_is_refused_without_a_connection(
+    tmp_path: Path, nursery: trio.Nursery, listeners: Listeners, http: httpx.AsyncClient,
+    template: str, outcome: str, reason: RefusalReason | None,
+) -> None:
+    registry = await nursery.start(FakeRegistry().serve)
+    patterns = ("*.ssrf.test", listeners.fill("*.ssrf.test:{v4}"), listeners.fill("*.ssrf.test:{v6}"))
+    agent = await start_agent(nursery, agent_config(tmp_path, registry, allow_registries=patterns))
+    prefix = f"{PREFIX_MARKER}/{listeners.fill(template)}"
+    requests = [("HEAD", f"/v2/{prefix}/lab/app/manifests/v1", "MANIFEST_UNKNOWN"),
+                ("GET", f"/v2/{prefix}/lab/app/manifests/{MANIFEST_DIGEST}", "MANIFEST_UNKNOWN"),
+                ("GET", f"/v2/{prefix}/lab/app/blobs/{BLOB_DIGEST}", "BLOB_UNKNOWN")]
+    with trio.fail_after(TIMEOUT):
+        for method, target, unknown in requests:
+            response, seconds = await timed(http, method, agent.info.url + target)
+            assert seconds < FAST, (method, target, seconds)
+            if outcome == "invalid":
+                assert response.status_code == 400
+                assert error_code(response) == ("NAME_INVALID" if method == "GET" else None)
+            else:
+                assert response.status_code == 404, (method, target, response.text)
+                if method == "GET":
+                    assert error_code(response) == ("NAME_UNKNOWN" if outcome == "name" else unknown)
+    assert listeners.accepted == 0
+    assert registry.seen == []
+    if reason is not None:
+        assert refused(agent, reason) >= 1
+
+
+async def test_configured_path_prefix_reaches_only_its_upstream(
+    tmp_path: Path, nursery: trio.Nursery, listeners: Listeners, http: httpx.AsyncClient,
+) -> None:
+    registry = await nursery.start(FakeRegistry().serve)
+    agent = await start_agent(nursery, agent_config(tmp_path, registry))
+    base = f"{agent.info.url}/v2/{prefix_path(NS)}/lab/app"
+    with trio.fail_after(TIMEOUT):
+        blob = await http.get(f"{base}/blobs/{BLOB_DIGEST}")
+        assert (blob.status_code, blob.content) == (200, BLOB)
+        manifest = await http.get(f"{base}/manifests/v1")
+        assert (manifest.status_code, manifest.content) == (200, MANIFEST)
+        # The upstream is asked for the repository without the prefix.
+        assert {path for _method, path, _auth in registry.seen} >= {f"/v2/lab/app/blobs/{BLOB_DIGEST}",
+                                                                    "/v2/lab/app/manifests/v1"}
+        # Two names for the upstream (ns= and the path) are refused, whatever they say.
+        both = await http.get(f"{base}/blobs/{BLOB_DIGEST}?ns={NS}")
+        assert (both.status_code, error_code(both)) == (400, "NAME_INVALID")
+        # A prefix with nothing after it names no repository.
+        bare = await http.get(f"{agent.info.url}/v2/{prefix_path(NS)}/manifests/v1")
+        assert (bare.status_code, error_code(bare)) == (400, "NAME_INVALID")
+    assert listeners.accepted == 0
 
 
 async def test_configured_loopback_upstream_still_works(

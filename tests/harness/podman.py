@@ -1,5 +1,10 @@
 """Debian's ``podman`` with all of its state in a temp dir: storage (vfs), run root, registries
-configuration, credentials and signature policy. Nothing under /etc, /var or ~ is read or written.
+configuration, credentials and signature policy. Nothing under /etc, /var or ~ is written.
+
+registries.conf drop-ins: containers/image reads ``/etc/containers/registries.conf.d`` and then
+``$HOME/.config/containers/registries.conf.d`` even when ``CONTAINERS_REGISTRIES_CONF`` names the main
+file, and has no variable for the drop-in directory. ``HOME`` is therefore the work dir, and
+``drop_in_dir`` is where a test puts its drop-ins (``p2pd registries-config --dir``).
 
 Usage::
 
@@ -45,11 +50,22 @@ class Podman:
         self._binary = ""
         self._runroot: Path | None = None
 
+    @property
+    def registries_conf(self) -> Path:
+        """The main registries.conf (``write_registries``), read before the drop-ins."""
+        return self.workdir / "registries.conf"
+
+    @property
+    def drop_in_dir(self) -> Path:
+        """The drop-in directory podman reads after the main file (see the module docstring)."""
+        return self.workdir / ".config" / "containers" / "registries.conf.d"
+
     def __enter__(self) -> Podman:
         require_root()  # rootless podman needs subuid ranges a test machine may not have
         self._binary = require_tool("podman")
         for name in ("root", "tmp"):
             (self.workdir / name).mkdir(parents=True, exist_ok=True)
+        self.drop_in_dir.mkdir(parents=True, exist_ok=True)
         # podman refuses a run root longer than 50 characters: keep it short, outside workdir.
         self._runroot = Path(tempfile.mkdtemp(prefix="pdr", dir="/tmp"))
         self.write_registries()
@@ -71,12 +87,13 @@ class Podman:
             if registry in self.mirrors:
                 assert_loopback(self.mirrors[registry])
                 lines += ["[[registry.mirror]]", f'location = "{self.mirrors[registry]}"', "insecure = true"]
-        (self.workdir / "registries.conf").write_text("\n".join(lines) + "\n")
+        self.registries_conf.write_text("\n".join(lines) + "\n")
 
     @property
     def env(self) -> dict[str, str]:
         return clean_env({
-            "CONTAINERS_REGISTRIES_CONF": str(self.workdir / "registries.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
+            "HOME": str(self.workdir),
             "REGISTRY_AUTH_FILE": str(self.workdir / "auth.json"),
             "CONTAINERS_CONF": str(self.workdir / "containers.conf"),
             "TMPDIR": str(self.workdir / "tmp"),
