@@ -220,6 +220,34 @@ class Fetcher:
             download._release(transfer.offset)
             return
 
+    async def _peer_grant(self, upstream: Upstream, repository: str, digest: Digest) -> str | None:
+        """The registry's peer grant for this node, protecting ``digest`` here (``p2pd.swarm.grants``).
+
+        A registry without grants leaves the blob unprotected. When the registry could not be
+        asked, the blob is protected with no keys (fail closed: no peer gets it from us, and
+        we ask peers without a grant; protected holders refuse, the upstream serves).
+        """
+        swarm = self.swarm
+        assert swarm is not None
+        try:
+            with trio.fail_after(self.config.fetch.manifest_timeout):
+                answer = await upstream.get_peer_grant(repository, digest, swarm.me.node_id)
+        except (UpstreamError, trio.TooSlowError) as exc:
+            log.warning("no peer grant for %s (%s): keeping it from peers", digest, exc or "timeout")
+            await trio.to_thread.run_sync(swarm.grants.protect_closed, digest)
+            return None
+        if answer is None:
+            return None
+        grant, jwks = answer
+        try:
+            await trio.to_thread.run_sync(swarm.grants.protect, digest, jwks)
+        except ValueError as exc:
+            log.warning("the registry's keys for peer grants are unusable (%s): keeping %s from peers", exc, digest)
+            await trio.to_thread.run_sync(swarm.grants.protect_closed, digest)
+            return None
+        self.metrics.peer_grants.inc()
+        return grant
+
     async def _fetch_swarm(self, download: Download, upstream: Upstream, repository: str,
                            chunk_map: ChunkMap | None) -> None:
         """Assembles the blob from peers and (once per site) the upstream; see ``p2pd.swarm.engine``."""
@@ -231,8 +259,9 @@ class Fetcher:
                 download.size = await upstream.blob_size(repository, digest)
             download._notify()
         size = download.size
+        grant = await self._peer_grant(upstream, repository, digest)
         fd, existing = await trio.to_thread.run_sync(self.store.open_partial, digest)
-        transfer = swarm.start_transfer(digest, size, fd, chunk_map)
+        transfer = swarm.start_transfer(digest, size, fd, chunk_map, grant)
         try:
             await trio.to_thread.run_sync(swarm.adopt_existing, transfer, existing)
 

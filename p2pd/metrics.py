@@ -66,6 +66,11 @@ class AgentMetrics:
         self.peer_tls_refused = Counter("p2pd_peer_tls_refused", "Peer connections refused in the TLS handshake, by "
                                         "reason (no_certificate, unknown_ca, expired, not_tls, timeout, other)",
                                         ["reason"], registry=self.registry)
+        self.peer_grants_refused = Counter("p2pd_peer_grants_refused", "Peer requests for a protected blob refused "
+                                           "for want of a valid peer grant, by reason", ["reason"],
+                                           registry=self.registry)
+        self.peer_grants = Counter("p2pd_peer_grants", "Peer grants obtained from upstreams (blobs this node "
+                                   "protects)", registry=self.registry)
         self.signature_verdicts = Counter("p2pd_signature_verdicts", "Tag pulls checked by the node's "
                                           "[[signatures]] policy, by verdict (allowed, warned, denied)",
                                           ["verdict"], registry=self.registry)

@@ -229,5 +229,10 @@ class MemoryUpstream:
         await self._answer()
         return [d for d in self.referrers.get((repository, digest), ()) if d.artifact_type == artifact_type]
 
+    async def get_peer_grant(self, repository: str, digest: Digest, node: str) -> tuple[str, bytes] | None:
+        validate_name(repository)
+        await self._answer()
+        return None  # an in-memory registry issues no grants: its blobs are not protected
+
     async def aclose(self) -> None:
         self.closed = True

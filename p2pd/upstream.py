@@ -66,6 +66,7 @@ from .oci.grammar import validate_name, validate_reference
 from .oci.manifest import MAX_MANIFEST_SIZE, Descriptor, parse_manifest
 from .signing.errors import SignatureInvalid
 from .signing.extension import MAX_LIST_BYTES, ExtensionSignature, parse_signature_list
+from .swarm.grants import parse_grant_response
 
 __all__ = [
     "CHUNK_MAP_MEDIA_TYPE",
@@ -105,6 +106,7 @@ _TOKEN_MARGIN = 10.0  # seconds before expiry when a cached token stops being us
 _MAX_CACHED_TOKENS = 1024
 _MAX_CHALLENGE_LENGTH = 8192  # characters of WWW-Authenticate that are parsed
 _MAX_JWKS_SIZE = 1024 * 1024  # bytes
+_MAX_GRANT_ANSWER = 16 * 1024  # bytes of a peer grant answer
 # Content types that say nothing about which manifest format a body is.
 _GENERIC_TYPES = frozenset({"", "application/json", "text/plain", mediatypes.OCTET_STREAM})
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
@@ -193,6 +195,11 @@ class Upstream(Protocol):
 
     async def get_referrers(self, repository: str, digest: Digest, artifact_type: str) -> list[Descriptor]:
         """The manifest's OCI 1.1 referrers of ``artifact_type`` (``[]`` without a referrers API)."""
+        ...
+
+    async def get_peer_grant(self, repository: str, digest: Digest, node: str) -> tuple[str, bytes] | None:
+        """A peer grant for ``node`` and the registry's keys (JWKS) that check it; None when the
+        registry issues none (``p2pd.swarm.grants``)."""
         ...
 
     async def aclose(self) -> None:
@@ -1017,6 +1024,37 @@ class HttpUpstream:
         except OCIError as exc:
             raise UpstreamError(f"{what}: not an image index: {exc.message}") from exc
         return [d for d in index.references if d.artifact_type == artifact_type]
+
+    async def get_peer_grant(self, repository: str, digest: Digest, node: str) -> tuple[str, bytes] | None:
+        """``GET /v2/<repository>/blobs/<digest>/grant?node=<node>`` with this agent's credentials,
+        then the registry's JWKS (the answer's ``jwks`` path on the same origin, no credentials).
+
+        Returns:
+            (grant, JWKS document), or None when the registry issues no grants (404, 405, 501,
+            or an answer without a usable grant or keys).
+
+        Raises:
+            UpstreamError: the registry refused or failed (and the other errors of ``Upstream``).
+        """
+        url = self._endpoint(repository, "blobs", f"{digest}/grant")
+        what = f"GET peer grant {repository}@{digest}"
+        async with self._send("GET", repository, url, {"Accept": "application/json"}, what,
+                              {"node": node}) as response:
+            if response.status_code in (404, 405, 501):
+                return None
+            await _raise_for_status(response, what)
+            body = await _read_capped(response, _MAX_GRANT_ANSWER, what)
+        try:
+            grant = parse_grant_response(body)
+            jwks_path = json.loads(body).get("jwks", "/token/keys")
+        except ValueError as exc:
+            log.info("%s: %s", what, exc)
+            return None
+        if not isinstance(jwks_path, str) or not jwks_path.startswith("/") or jwks_path.startswith("//"):
+            return None  # keys only from the registry's own origin
+        origin = httpx.URL(self.url)
+        jwks = await self.fetch_jwks(str(origin.copy_with(path=jwks_path, query=None, fragment=None)))
+        return (grant, jwks) if jwks is not None else None
 
     # ---- client authorization (p2pd.gate) ----------------------------------------------
 

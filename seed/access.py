@@ -147,6 +147,8 @@ _ROUTE_ACTIONS: dict[tuple[str, str], str] = {
     ("blob", "GET"): "pull",
     ("blob", "HEAD"): "pull",
     ("chunks", "GET"): "pull",
+    ("grant", "GET"): "pull",
+    ("grant", "HEAD"): "pull",
     ("chunks", "HEAD"): "pull",
     ("manifest", "GET"): "pull",
     ("manifest", "HEAD"): "pull",

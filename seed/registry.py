@@ -28,6 +28,7 @@ from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import validate_name, validate_reference
 from p2pd.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest, referrers_index
 from p2pd.oci.ranges import parse_range
+from p2pd.swarm.grants import PEER_GRANT_SECONDS
 
 from .access import AccessPolicy
 from .audit import open_audit
@@ -57,6 +58,8 @@ _CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})")
 _ROUTES: list[tuple[str, re.Pattern[str]]] = [
     ("catalog", re.compile(r"/v2/_catalog")),
     ("chunks", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)/chunks")),
+    # A peer grant: what a p2pd node shows other nodes to get this blob's chunks (docs/security.md).
+    ("grant", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)/grant")),
     ("upload", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/(?P<upload>[^/]*)")),
     ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")),
     ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")),
@@ -68,6 +71,7 @@ _ROUTES: list[tuple[str, re.Pattern[str]]] = [
     ("verdict", re.compile(r"/extensions/v2/(?P<name>.+)/verdict/(?P<reference>[^/]+)")),
 ]
 _SCAN_STATE_HEADER = "P2PD-Scan-State"
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")  # p2pd's node ids
 _POLICY_DENIAL_INTERVAL = 10.0  # seconds: one policy.denied record per caller, image and interval
 _POLICY_DENIAL_LOG_SIZE = 4096
 
@@ -287,6 +291,22 @@ class SeedRegistry:
                                       "status": 403,
                                       "detail": {"policy": "scanning", "reason": decision.reason,
                                                  "advisories": list(decision.advisories), "rule": rule}})
+
+    async def get_grant(self, request: Request, name: str, digest: str) -> Response:
+        """A short-lived statement, signed with the token keys, that node ``?node=`` may fetch
+        ``digest`` of ``name`` from its peers; issued to a caller with pull on ``name`` for a
+        blob the repository holds. 404 from a seed without access control (nothing to protect)."""
+        parsed = Digest.parse(digest)
+        node = request.query_one("node") or ""
+        if not _NODE_ID_RE.fullmatch(node):
+            raise OCIError("BAD_REQUEST", "node must be the node id (1-63 letters, digits and '-')")
+        if self.token_service is None:
+            raise OCIError("NOT_FOUND", "this registry issues no peer grants (no access control)")
+        fd, _size = await trio.to_thread.run_sync(self.storage.open_blob, name, parsed)  # 404 unless linked here
+        os.close(fd)
+        grant = self.token_service.authority.issue_peer_grant(_caller(request).principal, name, str(parsed), node)
+        return _json(200, {"grant": grant, "expires_in": int(PEER_GRANT_SECONDS),
+                           "jwks": "/token/keys"})
 
     async def get_chunks(self, request: Request, name: str, digest: str) -> Response:
         parsed = Digest.parse(digest)
@@ -633,6 +653,7 @@ class SeedRegistry:
     _handlers: dict[tuple[str, str], Callable[..., Awaitable[Response]]] = {
         ("catalog", "GET"): list_catalog,
         ("chunks", "GET"): get_chunks,
+        ("grant", "GET"): get_grant,
         ("upload", "POST"): start_upload,
         ("upload", "PATCH"): patch_upload,
         ("upload", "PUT"): put_upload,

@@ -11,4 +11,5 @@ def test_bench_p2pd_auth_tiny(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     assert p2pd_auth.main(["--out", str(out), "--layers", "1", "--layer-mib", "0.5", "--repeat", "1",
                            "--decisions", "200"]) == 0
-    assert "authorization at the node" in out.read_text()
+    text = out.read_text()
+    assert "authorization at the node" in text and "| tls+checks |" in text

@@ -35,7 +35,10 @@ from p2pd.config import AgentConfig, FetchConfig, UpstreamConfig, load_config
 from p2pd.daemon import Agent
 from p2pd.httpd import Request, Response, ServerInfo, serve_http
 from p2pd.mirror_prefix import prefix_path
-from p2pd.oci.digest import digest_of
+from p2pd.oci.digest import Digest, digest_of
+from p2pd.swarm.node import load_cluster_key
+from p2pd.swarm.peers import PeerClient, PeerRefused
+from p2pd.swarm.tls import PeerTls
 from p2pd.upstream import HttpUpstream
 from seed.auth.identity import Principal
 from seed.auth.tokens import KeyDirectory, TokenAuthority
@@ -523,6 +526,73 @@ async def test_peers_are_asked_only_for_authorized_requests(
     with trio.fail_after(TIMEOUT):
         await pull_through(node_a, team, token_a)  # the tenant itself pulls through node A...
     assert agent_metric(node_b, "p2pd_peer_served_bytes_total") > 0  # ...which now asks its peer
+
+
+async def test_members_get_a_protected_blob_only_with_the_registry_grant(
+    private_seed: AuthSeed, nursery: trio.Nursery, tmp_path: Path,
+) -> None:
+    """A member with the cluster key and a certificate still cannot read a private blob by
+    digest from its peers: each node shows the seed's grant for that blob, naming itself."""
+    team = await push(private_seed, "team/app", layer_size=1024 * 1024)
+    node_a, node_b = await _start_pair(nursery, tmp_path, private_seed.info.url)
+    token_a = "Bearer " + await token_for(private_seed, "repository:team/app:pull", "u-pull")
+    with trio.fail_after(TIMEOUT):
+        await pull_through(node_b, team, token_a)
+        await pull_through(node_a, team, token_a)
+    assert agent_metric(node_b, "p2pd_peer_served_bytes_total") > 0  # A's grant was accepted
+    assert agent_metric(node_a, "p2pd_peer_grants_total") >= len(team.blobs)
+    assert agent_metric(node_b, "p2pd_peer_grants_refused_total", reason="missing") == 0
+    assert node_b.swarm is not None
+    layer = max(team.blobs, key=lambda d: len(team.blobs[d]))
+    digest = Digest.parse(layer)
+    address = f"127.0.0.1:{node_b.swarm.peer_info.port}"
+    key = load_cluster_key(tmp_path / "cluster.key")
+    assert key is not None
+    tls = PeerTls.derived(key, "node-x", tmp_path / "x-tls").client()
+
+    async def chunk_with(node_id: str, grant: str | None) -> None:
+        client = PeerClient(node_id, key, tls=tls)
+        try:
+            async with client.open_range(address, digest, 0, 1023, grant) as (_response, pieces):
+                async for _piece in pieces:
+                    pass
+        finally:
+            await client.aclose()
+
+    async with private_seed.client((NODE_USER, NODE_PASSWORD)) as seed:
+        r = await seed.get(f"/v2/team/app/blobs/{layer}/grant", params={"node": "node-x"})
+        assert r.status_code == 200, r.text
+        grant = r.json()["grant"]
+        other_blob = (await seed.get(f"/v2/team/app/blobs/{next(d for d in team.blobs if d != layer)}/grant",
+                                     params={"node": "node-x"})).json()["grant"]
+        # The seed grants only what the caller may pull, for blobs the repository holds.
+        assert (await seed.get(f"/v2/other/app/blobs/{layer}/grant", params={"node": "node-x"})).status_code \
+            in (401, 403, 404)
+        assert (await seed.get(f"/v2/team/app/blobs/{layer}/grant", params={"node": "bad/id"})).status_code == 400
+    forged = jwt.encode({**jwt.decode(grant, options={"verify_signature": False})},
+                        ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                        headers={"kid": jwt.get_unverified_header(grant)["kid"]})
+    with trio.fail_after(TIMEOUT):
+        await chunk_with("node-x", grant)  # a member with its own grant: served
+        for node_id, shown, reason in (("node-x", None, "missing"), ("node-y", grant, "other_node"),
+                                       ("node-x", other_blob, "other_blob"), ("node-x", forged, "bad_signature"),
+                                       ("node-x", "not-a-jwt", "malformed")):
+            with pytest.raises(PeerRefused):
+                await chunk_with(node_id, shown)
+            assert agent_metric(node_b, "p2pd_peer_grants_refused_total", reason=reason) >= 1, reason
+        # The chunk map of a protected blob needs the grant too.
+        client = PeerClient("node-x", key, tls=tls)
+        try:
+            with pytest.raises(PeerRefused):
+                await client.chunk_map(address, digest)
+            assert (await client.chunk_map(address, digest, grant)).digest == digest
+        finally:
+            await client.aclose()
+    # A grant is not an access token: the seed and the node refuse it as a client's credential.
+    async with private_seed.client() as direct:
+        assert (await direct.get("/v2/team/app/manifests/v1",
+                                 headers={"Authorization": f"Bearer {grant}"})).status_code == 401
+    assert (await ask(node_a, "GET", "/v2/team/app/manifests/v1", f"Bearer {grant}")).status_code == 401
 
 
 # ---- the clients people use, through the node ---------------------------------------------

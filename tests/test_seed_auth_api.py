@@ -34,6 +34,8 @@ USERS = {f"u-{role}": role for role in ROLES} | {"u-none": None}
 SPEC_ACTION = {
     ("blob", "GET"): "pull", ("blob", "HEAD"): "pull", ("blob", "DELETE"): "delete",
     ("chunks", "GET"): "pull", ("chunks", "HEAD"): "pull",
+    # A peer grant (p2pd.swarm.grants) says the caller may pull the blob: it needs pull.
+    ("grant", "GET"): "pull", ("grant", "HEAD"): "pull",
     ("manifest", "GET"): "pull", ("manifest", "HEAD"): "pull", ("manifest", "PUT"): "push",
     ("manifest", "DELETE"): "delete",
     ("tags", "GET"): "pull", ("tags", "HEAD"): "pull",
@@ -275,6 +277,7 @@ async def _request_for(client: httpx.AsyncClient, route: str, method: str, repo:
     paths = {
         "blob": f"/v2/{repo}/blobs/{blob}",
         "chunks": f"/v2/{repo}/blobs/{blob}/chunks",
+        "grant": f"/v2/{repo}/blobs/{blob}/grant?node=n1",
         "manifest": f"/v2/{repo}/manifests/{digest}",
         "tags": f"/v2/{repo}/tags/list",
         "referrers": f"/v2/{repo}/referrers/{digest}",

@@ -43,6 +43,7 @@ from p2pd.config import SwarmConfig
 from p2pd.oci.digest import Digest
 from p2pd.swarm.coordinator import CoordinatorState
 from p2pd.swarm.engine import _LESSEE_LOOKAHEAD, Swarm
+from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member
 from p2pd.swarm.messages import Announce, Reply
 from p2pd.swarm.peers import PeerError
@@ -83,6 +84,7 @@ def _product_swarm(n: int) -> Swarm:
         max_parallel_chunks=config.max_parallel_chunks,
         max_requests_per_peer=config.max_requests_per_peer,
         ban_seconds=config.ban_seconds,
+        grants=GrantStore(Path("/nonexistent/peer-grants")),  # nothing is protected in the simulation
     )
 
 
@@ -493,10 +495,10 @@ class _FakeClient:
         self.announced_at.setdefault(message.node, []).append(trio.current_time())
         return self.states[address].announce(message, trio.current_time())
 
-    def open_range(self, address: str, digest: Digest, start: int, end: int) -> NoReturn:
+    def open_range(self, address: str, digest: Digest, start: int, end: int, grant: str | None = None) -> NoReturn:
         raise PeerError(f"{address}: connection refused")  # no peer serves chunks here
 
-    async def chunk_map(self, address: str, digest: Digest) -> NoReturn:
+    async def chunk_map(self, address: str, digest: Digest, grant: str | None = None) -> NoReturn:
         raise PeerError(f"{address}: connection refused")
 
 
@@ -534,6 +536,7 @@ def _engine(
         max_parallel_chunks=config.max_parallel_chunks,
         max_requests_per_peer=config.max_requests_per_peer,
         ban_seconds=config.ban_seconds,
+        grants=GrantStore(Path("/nonexistent/peer-grants")),  # nothing is protected in the simulation
     )
     return swarm, client, [by_id[node] for node in ranking]
 

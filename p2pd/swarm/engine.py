@@ -40,9 +40,19 @@ from p2pd.oci.digest import Digest
 
 from ..errors import UpstreamError, VerificationError
 from .coordinator import CoordinatorState
+from .grants import GrantStore
 from .membership import Member, Membership
 from .messages import Announce, PeerInfo, Reply
-from .peers import PartialChunkMap, PeerBusy, PeerClient, PeerError, PeerMissing, TokenBucket, parse_have
+from .peers import (
+    PartialChunkMap,
+    PeerBusy,
+    PeerClient,
+    PeerError,
+    PeerMissing,
+    PeerRefused,
+    TokenBucket,
+    parse_have,
+)
 from .planning import Bitmap, plan_requests
 from .rendezvous import coordinators, rank
 
@@ -86,6 +96,7 @@ class SwarmTransfer:
     upstream_bytes: int = 0
     lessee_only_since: dict[int, float] = field(default_factory=dict)  # chunk → first seen only at the lessee
     designated: dict[int, tuple[int, bool]] = field(default_factory=dict)  # chunk → (downloaders seen, we may ask)
+    grant: str | None = None  # shown to peers for a protected blob (p2pd.swarm.grants)
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -126,7 +137,8 @@ class Swarm:
     def __init__(self, *, me: Member, membership: Membership, client: PeerClient, metrics: AgentMetrics,
                  chunk_size: int, lease_ttl: float, coordinator_backups: int, peer_timeout: float,
                  max_parallel_chunks: int, max_requests_per_peer: int, ban_seconds: float,
-                 download_rate: int = 0, upstream_rate: int = 0, rng: random.Random | None = None) -> None:
+                 grants: GrantStore, download_rate: int = 0, upstream_rate: int = 0,
+                 rng: random.Random | None = None) -> None:
         self.me = me
         self.membership = membership
         self.client = client
@@ -142,6 +154,7 @@ class Swarm:
         self.download_bucket = TokenBucket(download_rate)
         self.upstream_bucket = TokenBucket(upstream_rate)
         self.transfers: dict[Digest, SwarmTransfer] = {}
+        self.grants = grants  # blobs whose chunks are served only against a peer grant
         # Maps of blobs assembled here, for peers that need hashes (bounded, newest kept).
         self.completed_maps: OrderedDict[Digest, PartialChunkMap] = OrderedDict()
         self.messages_sent = 0
@@ -197,13 +210,16 @@ class Swarm:
 
     # ---- the transfer -----------------------------------------------------------------
 
-    def start_transfer(self, digest: Digest, size: int, fd: int, trusted_map: ChunkMap | None) -> SwarmTransfer:
+    def start_transfer(self, digest: Digest, size: int, fd: int, trusted_map: ChunkMap | None,
+                       grant: str | None = None) -> SwarmTransfer:
+        """A transfer of ``digest``; ``grant``: the registry's peer grant for it, shown to peers."""
         if trusted_map is not None:
             chunk_size, hashes = trusted_map.chunk_size, list[bytes | None](trusted_map.hashes)
         else:
             chunk_size = self.chunk_size
             hashes = [None] * chunk_count(size, chunk_size)
-        transfer = SwarmTransfer(digest, size, chunk_size, fd, trusted_map is not None, hashes, Bitmap(len(hashes)))
+        transfer = SwarmTransfer(digest, size, chunk_size, fd, trusted_map is not None, hashes, Bitmap(len(hashes)),
+                                 grant=grant)
         self.transfers[digest] = transfer
         return transfer
 
@@ -388,7 +404,7 @@ class Swarm:
             self.metrics.peer_messages.labels("chunkmap").inc()
             try:
                 with trio.fail_after(self.peer_timeout):
-                    chunk_map = await self.client.chunk_map(address, transfer.digest)
+                    chunk_map = await self.client.chunk_map(address, transfer.digest, transfer.grant)
             except (PeerError, trio.TooSlowError) as exc:
                 log.debug("chunk map of %s from %s failed: %s", transfer.digest, node, exc)
                 continue
@@ -409,7 +425,8 @@ class Swarm:
             if address is None:
                 return
             with trio.fail_after(self.peer_timeout):
-                async with self.client.open_range(address, transfer.digest, offset, offset + length - 1) as (
+                async with self.client.open_range(address, transfer.digest, offset, offset + length - 1,
+                                                  transfer.grant) as (
                         response, pieces):
                     have = parse_have(response)
                     if have is not None:
@@ -445,6 +462,12 @@ class Swarm:
             transfer.retry_at[node] = time.monotonic() + 0.2
             if node != transfer.lessee:
                 transfer.sources.pop(node, None)
+        except PeerRefused:
+            # It protects this blob and we have no grant it accepts: not a fault of the peer.
+            # Without sources, the stuck timer sends us to the upstream.
+            log.info("%s refused %s: no accepted peer grant", node, transfer.digest)
+            transfer.sources.pop(node, None)
+            transfer.retry_at[node] = time.monotonic() + self.stuck_after
         except (PeerError, trio.TooSlowError) as exc:
             # str(trio.TooSlowError()) is empty (and an exception is always truthy): name the reason.
             reason = "timeout" if isinstance(exc, trio.TooSlowError) else str(exc) or type(exc).__name__

@@ -23,6 +23,7 @@ from p2pd.tomlconfig import parse_listen
 from . import auth
 from .discovery import run_dns, run_mdns, run_static
 from .engine import Swarm
+from .grants import GrantStore
 from .membership import Member, Membership
 from .peers import PeerClient
 from .service import PeerService
@@ -129,6 +130,7 @@ async def serve_swarm(
                           coordinator_backups=settings.coordinator_backups, peer_timeout=settings.peer_timeout,
                           max_parallel_chunks=settings.max_parallel_chunks,
                           max_requests_per_peer=settings.max_requests_per_peer, ban_seconds=settings.ban_seconds,
+                          grants=GrantStore(Path(config.data) / "peer-grants"),
                           download_rate=settings.download_rate, upstream_rate=settings.upstream_rate)
             service_box.append(PeerService(swarm=swarm, store=store, key=key, metrics=metrics,
                                            max_uploads=settings.max_uploads, upload_rate=settings.upload_rate,

@@ -34,6 +34,7 @@ from p2pd.errors import RemoteError
 from p2pd.oci.digest import Digest
 
 from . import auth
+from .grants import GRANT_HEADER
 from .messages import Announce, MessageError, Reply, decode, encode
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "PeerClient",
     "PeerError",
     "PeerMissing",
+    "PeerRefused",
     "TokenBucket",
     "decode_chunk_map",
     "encode_chunk_map",
@@ -62,6 +64,10 @@ class PeerError(RemoteError):
 
 class PeerMissing(PeerError):
     """The peer does not have the requested content (404)."""
+
+
+class PeerRefused(PeerError):
+    """The peer refused us this content (403: no valid peer grant for a protected blob)."""
 
 
 class PeerBusy(PeerError):
@@ -178,8 +184,11 @@ class PeerClient:
     def _url(self, address: str, target: str) -> str:
         return f"{self._scheme}://{address}{target}"
 
-    async def _metadata(self, address: str, method: str, target: str, body: bytes = b"") -> bytes:
+    async def _metadata(self, address: str, method: str, target: str, body: bytes = b"", *,
+                        grant: str | None = None) -> bytes:
         headers = _auth_headers(self.key, self.node_id, method, target, body)
+        if grant is not None:
+            headers[GRANT_HEADER] = grant
         try:
             async with self._client.stream(method, self._url(address, target), headers=headers,
                                            content=body if method == "POST" else None) as response:
@@ -192,6 +201,8 @@ class PeerClient:
             raise PeerError(f"{address}: {type(exc).__name__}") from exc
         if response.status_code == 404:
             raise PeerMissing(f"{address}{target}: not found")
+        if response.status_code == 403:
+            raise PeerRefused(f"{address}{target}: refused (peer grant)")
         if response.status_code == 429:
             raise PeerBusy(f"{address}: busy", _retry_after(response))
         if response.status_code != 200:
@@ -221,15 +232,15 @@ class PeerClient:
             raise PeerError("expected a reply")
         return reply
 
-    async def chunk_map(self, address: str, digest: Digest) -> PartialChunkMap:
-        data = await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/chunkmap/{digest}")
+    async def chunk_map(self, address: str, digest: Digest, grant: str | None = None) -> PartialChunkMap:
+        data = await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/chunkmap/{digest}", grant=grant)
         return decode_chunk_map(data, digest)
 
     async def manifest(self, address: str, digest: Digest) -> bytes:
         return await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/manifests/{digest}")
 
     @contextlib.asynccontextmanager
-    async def open_range(self, address: str, digest: Digest, start: int, end: int
+    async def open_range(self, address: str, digest: Digest, start: int, end: int, grant: str | None = None
                          ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
         """Streams bytes ``start..end`` of a blob from a peer.
 
@@ -239,10 +250,14 @@ class PeerClient:
         target = f"{PROTOCOL_PREFIX}/blobs/{digest}"
         headers = _auth_headers(self.key, self.node_id, "GET", target)
         headers["Range"] = f"bytes={start}-{end}"
+        if grant is not None:
+            headers[GRANT_HEADER] = grant
         try:
             async with self._client.stream("GET", self._url(address, target), headers=headers) as response:
                 if response.status_code == 404:
                     raise PeerMissing(f"{address}: no {digest} bytes {start}-{end}")
+                if response.status_code == 403:
+                    raise PeerRefused(f"{address}: refused {digest} (peer grant)")
                 if response.status_code == 429:
                     raise PeerBusy(f"{address}: busy", _retry_after(response))
                 if response.status_code != 206:

@@ -30,6 +30,7 @@ from p2pd.store import BlobStore
 from . import auth
 from .discovery import PROTOCOL_VERSION
 from .engine import Swarm
+from .grants import GRANT_HEADER, GrantRefused, verify_grant
 from .messages import Announce, MessageError, decode, encode
 from .peers import (
     HAVE_HEADER,
@@ -128,7 +129,22 @@ class PeerService:
 
     # ---- content ----------------------------------------------------------------------
 
+    def _check_grant(self, request: Request, digest: Digest) -> None:
+        """A protected blob's chunks and map go only to a member showing the registry's grant for
+        it, naming that member (``p2pd.swarm.grants``); others get 403 and are counted."""
+        keys = self.swarm.grants.keys_for(digest)
+        if keys is None:
+            return
+        node = request.headers.get(NODE_HEADER, "") or ""
+        try:
+            verify_grant(request.headers.get(GRANT_HEADER), keys, digest=digest, node=node, now=time.time())
+        except GrantRefused as exc:
+            self.metrics.peer_grants_refused.labels(exc.reason).inc()
+            log.info("refused %s to node %r: peer grant %s", digest, node[:64], exc.reason)
+            raise OCIError("DENIED", f"a peer grant for this blob is required ({exc.reason})", status=403) from None
+
     async def _chunk_map(self, request: Request, digest: Digest) -> Response:
+        self._check_grant(request, digest)
         transfer = self.swarm.transfers.get(digest)
         if transfer is not None:
             return self._signed(request, encode_chunk_map(transfer.partial_map()))
@@ -151,6 +167,7 @@ class PeerService:
         return PartialChunkMap(digest, chunk_map.size, chunk_map.chunk_size, tuple(chunk_map.hashes))
 
     async def _blob(self, request: Request, digest: Digest) -> Response:
+        self._check_grant(request, digest)
         if self.uploads >= self.max_uploads:
             self.metrics.uploads_refused.inc()
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])

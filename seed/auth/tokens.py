@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from p2pd.fsutil import fsync_dir, write_atomic
+from p2pd.swarm.grants import PEER_GRANT_AUDIENCE, PEER_GRANT_SECONDS, PEER_GRANT_USE
 
 from ..access import expand_actions
 from ..errors import ConfigError, TokenInvalid
@@ -288,6 +289,13 @@ class TokenAuthority:
         claims["access"] = [{"type": t, "name": n, "actions": list(a)} for t, n, a in entries]
         issued_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims["iat"]))
         return IssuedToken(self._sign(claims), int(self.expiry), issued_at, entries)
+
+    def issue_peer_grant(self, principal: Principal, repository: str, digest: str, node: str) -> str:
+        """A peer grant (``p2pd.swarm.grants``): node ``node`` may fetch blob ``digest`` of
+        ``repository`` from its peers. Its audience and use make it worthless as an access token."""
+        claims = self._base_claims(principal, PEER_GRANT_AUDIENCE, PEER_GRANT_SECONDS, PEER_GRANT_USE)
+        claims.update({"repository": repository, "digest": digest, "node": node})
+        return self._sign(claims)
 
     def issue_refresh(self, principal: Principal) -> str:
         """A long-lived token that only buys new access tokens (OAuth2 ``refresh_token``)."""

@@ -18,6 +18,15 @@ the variants' order rotating between repetitions. The report gives medians and e
 variant's ratio to *open* (the issue's goal: at most 1.05x), plus the cost of one decision of
 the gate alone (cached grant).
 
+The swarm part: ``--swarm-nodes`` in-process agents with the peer port on (static peers,
+cluster key) pull the image at once, cold, in three variants — **plain** (peer traffic in clear,
+the namespace opened), **tls** (mutual TLS with key-derived certificates, opened) and
+**tls+checks** (TLS, and every client's token checked at its node). Every variant asks the seed
+for a peer grant per blob and node and checks the grants of its peers (the seed has access
+control): that cost is in all three, and its per-check cost is timed alone. Reported: wall time
+until every node has the image, its ratio to *plain* (goal 1.05x), and the process CPU per MiB
+received by the nodes (all agents share this one process).
+
 Writes the section between ``<!-- bench-p2pd-auth:start -->`` and ``<!-- bench-p2pd-auth:end -->``
 of ``--out`` (other sections are kept) and the raw numbers as JSON (``docs/bench/p2pd_auth.json``).
 """
@@ -25,6 +34,7 @@ of ``--out`` (other sections are kept) and the raw numbers as JSON (``docs/bench
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -33,18 +43,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt as pyjwt
 import trio
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from p2pd.access import KeySet
 from p2pd.config import load_config
 from p2pd.daemon import Agent, serve_agent
 from p2pd.httpd import Headers, Request
+from p2pd.oci.digest import Digest
+from p2pd.swarm.auth import generate_key
+from p2pd.swarm.grants import PEER_GRANT_AUDIENCE, PEER_GRANT_USE, verify_grant
 from tests.bench.common import X, busy_cores, loadavg, machine_basics, ratio, report_header, update_doc
+from tests.harness.net import free_port
 from tests.harness.seed_process import SeedProcess
+from tests.swarm_cluster import wait_until
 from tests.test_seed_auth_api import make_htpasswd
 
 MARK_START = "<!-- bench-p2pd-auth:start -->"
@@ -158,6 +177,80 @@ async def _measure(root: Path, seed_url: str, token: str, blobs: list[tuple[str,
     return runs
 
 
+SWARM_VARIANTS = ("plain", "tls", "tls+checks")
+
+
+async def _measure_swarm(root: Path, seed_url: str, token: str, blobs: list[tuple[str, int]], repeat: int,
+                         nodes: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    key_file = root / "cluster.key"
+    key_file.write_text(generate_key() + "\n")
+    image_bytes = sum(size for _digest, size in blobs)
+    runs: list[dict[str, Any]] = []
+    for run in range(repeat):
+        order = SWARM_VARIANTS[run % 3:] + SWARM_VARIANTS[:run % 3]
+        for variant in order:
+            ports = [free_port() for _ in range(nodes)]
+            async with trio.open_nursery() as nursery:
+                agents: list[Agent] = []
+                for index, port in enumerate(ports):
+                    name = f"swarm-{variant.replace('+', '-')}-{run}-{index}"
+                    toml = _agent_toml(root, seed_url, "offline" if variant == "tls+checks" else "open", run)
+                    (root / f"{name}.toml").write_text(toml.read_text())
+                    swarm = {"peer_listen": f"127.0.0.1:{port}", "mdns": False, "node_id": f"n{index}",
+                             "peers": tuple(f"127.0.0.1:{p}" for p in ports if p != port),
+                             "cluster_key_file": str(key_file)}
+                    config = load_config(root / f"{name}.toml", listen="127.0.0.1:0", data=root / name, swarm=swarm)
+                    if variant == "plain":
+                        config = replace(config, swarm=replace(config.swarm, peer_tls=False))
+                    agents.append(await nursery.start(partial(serve_agent, config)))
+                with trio.fail_after(30):
+                    await wait_until(partial(_all_members, agents, nodes), interval=0.05)
+                authorization = f"Bearer {token}" if variant == "tls+checks" else None
+                cpu_before = time.process_time()
+                started = time.perf_counter()
+                async with trio.open_nursery() as pulls:
+                    for agent in agents:
+                        pulls.start_soon(_pull, agent, authorization, blobs)
+                wall = time.perf_counter() - started
+                cpu = time.process_time() - cpu_before
+                grants = sum(a.metrics.registry.get_sample_value("p2pd_peer_grants_total") or 0 for a in agents)
+                peer_bytes = sum(a.metrics.registry.get_sample_value("p2pd_fetched_bytes_total", {"source": "peer"})
+                                 or 0 for a in agents)
+                nursery.cancel_scope.cancel()
+            cpu_ms_per_mib = cpu * 1000 / (nodes * image_bytes / MIB)
+            runs.append({"variant": variant, "run": run, "wall_s": round(wall, 4),
+                         "cpu_ms_per_mib": round(cpu_ms_per_mib, 2), "grants": int(grants),
+                         "peer_mib": round(peer_bytes / MIB, 2)})
+            log(f"  swarm run {run} {variant:11} {wall:.3f} s  cpu {cpu_ms_per_mib:.1f} ms/MiB  "
+                f"grants {int(grants)}  from peers {peer_bytes / MIB:.1f} MiB")
+    return runs
+
+
+def _all_members(agents: list[Agent], nodes: int) -> bool:
+    return all(a.swarm is not None and len(a.swarm.membership.live()) >= nodes for a in agents)
+
+
+def _grant_check_cost(count: int) -> float:
+    """Microseconds per ``verify_grant`` (an ES256 signature check and the claims)."""
+    signing = ec.generate_private_key(ec.SECP256R1())
+    public = signing.public_key().public_numbers()
+    size = 32
+
+    def b64(number: int) -> str:
+        return base64.urlsafe_b64encode(number.to_bytes(size, "big")).rstrip(b"=").decode()
+
+    jwks = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k", "x": b64(public.x), "y": b64(public.y),
+                                 "use": "sig", "alg": "ES256"}]}).encode()
+    keys = KeySet.from_jwks(jwks)
+    digest = Digest.parse("sha256:" + "a" * 64)
+    grant = pyjwt.encode({"aud": PEER_GRANT_AUDIENCE, "use": PEER_GRANT_USE, "digest": str(digest), "node": "n1",
+                          "exp": int(time.time()) + 600}, signing, algorithm="ES256", headers={"kid": "k"})
+    started = time.perf_counter()
+    for _ in range(count):
+        verify_grant(grant, keys, digest=digest, node="n1", now=time.time())
+    return round((time.perf_counter() - started) / count * 1e6, 1)
+
+
 async def _decision_cost(root: Path, seed_url: str, token: str, count: int) -> dict[str, float]:
     """Microseconds per ``AccessGate.authorize`` for a cached grant and for an open namespace."""
     result: dict[str, float] = {}
@@ -209,6 +302,20 @@ def render_section(report: dict[str, Any]) -> str:
     lines += ["", f"One decision of the gate (`AccessGate.authorize`, answers cached): {cost['offline']} µs with a "
               f"verified token, {cost['open']} µs for an opened namespace. Goal: a checked pull within "
               f"{GOAL}{X} of an open one.", ""]
+    swarm = report.get("swarm_summary")
+    if swarm:
+        lines += [f"**Swarm** ({params['swarm_nodes']} in-process nodes pulling at once over loopback, cold, "
+                  f"medians of {params['repeat']}; best in brackets): peer TLS and client checks against plain "
+                  "peers. Every variant fetches and checks peer grants (the seed has access control); one grant "
+                  f"check costs {report['grant_check_us']} µs.", "",
+                  "| variant | all nodes done | vs plain | process CPU per MiB received | grants fetched | "
+                  "from peers |", "|---|---|---|---|---|---|"]
+        for variant in SWARM_VARIANTS:
+            row = swarm[variant]
+            lines.append(f"| {variant} | {row['wall_s']:.3f} s ({row['wall_best_s']:.3f}) | {row['ratio']}{X} "
+                         f"({row['best_ratio']}{X}) | {row['cpu_ms_per_mib']} ms | {row['grants']} | "
+                         f"{row['peer_mib']} MiB |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -217,7 +324,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     report["machine"] = machine_basics()
     report["load_before"] = loadavg()
     report["busy_cores_before"] = busy_cores(1.0)
-    report["parameters"] = {"layers": args.layers, "layer_mib": args.layer_mib, "repeat": args.repeat}
+    report["parameters"] = {"layers": args.layers, "layer_mib": args.layer_mib, "repeat": args.repeat,
+                            "swarm_nodes": args.swarm_nodes}
     with tempfile.TemporaryDirectory(prefix="bench-p2pd-auth-") as tmp:
         root = Path(tmp)
         with SeedProcess(root / "seed-data", config_path=_seed_config(root)) as seed:
@@ -225,6 +333,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             token = _token(seed.url)
             runs = trio.run(_measure, root, seed.url, token, blobs, args.repeat, log)
             report["decision_us"] = trio.run(_decision_cost, root, seed.url, token, args.decisions)
+            swarm_runs = trio.run(_measure_swarm, root, seed.url, token, blobs, args.repeat, args.swarm_nodes, log)
+    report["grant_check_us"] = _grant_check_cost(max(200, args.decisions // 10))
+    swarm_summary: dict[str, Any] = {}
+    for variant in SWARM_VARIANTS:
+        mine = [r for r in swarm_runs if r["variant"] == variant]
+        swarm_summary[variant] = {"wall_s": round(statistics.median(r["wall_s"] for r in mine), 4),
+                                  "wall_best_s": round(min(r["wall_s"] for r in mine), 4),
+                                  "cpu_ms_per_mib": round(statistics.median(r["cpu_ms_per_mib"] for r in mine), 1),
+                                  "grants": mine[-1]["grants"], "peer_mib": mine[-1]["peer_mib"]}
+    for variant in SWARM_VARIANTS:
+        row = swarm_summary[variant]
+        row["ratio"] = ratio(row["wall_s"], swarm_summary["plain"]["wall_s"])
+        row["best_ratio"] = ratio(row["wall_best_s"], swarm_summary["plain"]["wall_best_s"])
+    report["swarm_summary"], report["swarm_runs"] = swarm_summary, swarm_runs
     summary: dict[str, Any] = {}
     for variant in VARIANTS:
         last = [r for r in runs if r["variant"] == variant][-1]
@@ -249,6 +371,7 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     parser.add_argument("--layer-mib", type=float, default=16.0)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--decisions", type=int, default=20000, help="gate decisions timed for the per-call cost")
+    parser.add_argument("--swarm-nodes", type=int, default=3, help="agents in the swarm part")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     report = run(args, log)
