@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("--cluster-key-file", type=Path, help="shared secret of the cluster ('p2pd keygen')")
     peers.add_argument("--insecure-peers", action="store_true", default=None,
                        help="run the swarm without peer authentication (testing only)")
+    peers.add_argument("--no-peer-tls", dest="peer_tls", action="store_false", default=None,
+                       help="speak plain HTTP to peers instead of mutual TLS (only on a trusted network)")
     peers.add_argument("--site", help="locality label (default: the advertised address's /24)")
     peers.add_argument("--node-id", help="node id (default: generated once, kept in the data directory)")
     peers.add_argument("--no-mdns", dest="mdns", action="store_false", default=None, help="do not use mDNS")
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                      "cluster_key_file": str(args.cluster_key_file) if args.cluster_key_file else None,
                      "insecure_peers": args.insecure_peers, "site": args.site, "node_id": args.node_id,
                      "mdns": args.mdns, "mdns_interface": args.mdns_interface, "upload_rate": args.upload_rate,
-                     "max_uploads": args.max_uploads}
+                     "max_uploads": args.max_uploads, "peer_tls": args.peer_tls}
             config = load_config(args.config, listen=args.listen, data=args.data, upstreams=args.upstream,
                                  default_upstream=args.default_upstream, allow_registries=args.allow_registry,
                                  allow_networks=args.allow_network, cache_max_bytes=args.cache_max_bytes,

@@ -98,8 +98,11 @@ PEER_PORT = 7080
 CACHE_PORT = 5000
 CTR_NAMESPACE = "bench"
 METHODS = ("direct", "cache", "p2pd")
-LABELS = {"direct": "direct from the seed", "cache": "site cache (docker-registry proxy)", "p2pd": "p2pd"}
-COLORS = {"direct": "tab:red", "cache": "tab:orange", "p2pd": "tab:blue"}
+# p2pd with peer traffic in clear (peer_tls = false): what mutual TLS on the peer port costs.
+ALL_METHODS = (*METHODS, "p2pd-plain")
+LABELS = {"direct": "direct from the seed", "cache": "site cache (docker-registry proxy)", "p2pd": "p2pd",
+          "p2pd-plain": "p2pd, peers without TLS"}
+COLORS = {"direct": "tab:red", "cache": "tab:orange", "p2pd": "tab:blue", "p2pd-plain": "tab:cyan"}
 GOAL_TIME = 1.3  # p2pd's last node / the bound
 GOAL_EGRESS = 1.05  # seed egress / image size with p2pd
 _SAMPLE_S = 0.5
@@ -138,6 +141,7 @@ class Scenario:
 SCENARIOS = {
     "cluster-burst": Scenario(
         "cluster-burst", "Cluster burst", nodes=16, seed_mbit=10, node_mbit=50, layer_mib=12, client="httpx",
+        methods=ALL_METHODS,
         description="a deployment rolls out on 16 nodes at once; the registry's uplink is 5 times slower than a "
                     "node's link"),
     # The same burst with node links 10 times the seed's (p2pd only): how much the lease holder's
@@ -147,6 +151,7 @@ SCENARIOS = {
         client="httpx", methods=("p2pd",), variant_of="cluster-burst", p2pd_runs=1),
     "edge-site": Scenario(
         "edge-site", "Edge site", nodes=8, seed_mbit=20, node_mbit=200, layer_mib=24, client="ctr",
+        methods=ALL_METHODS,
         description="8 nodes behind a thin 20 Mbit/s uplink, LAN 10 times faster"),
 }
 QUICK = Scenario("tiny", "Tiny (make test)", nodes=3, seed_mbit=20, node_mbit=100, layer_mib=2, client="ctr",
@@ -436,7 +441,11 @@ def p2pd_log(bed: Bed, node: int) -> Path:
     return bed.net.dir / f"p2pd-{bed.p2pd_generation}-n{node}.log"
 
 
-def start_p2pd(bed: Bed, setup: MethodSetup) -> None:
+def is_p2pd(method: str) -> bool:
+    return method in ("p2pd", "p2pd-plain")
+
+
+def start_p2pd(bed: Bed, setup: MethodSetup, *, peer_tls: bool = True) -> None:
     net = bed.net
     bed.p2pd_generation += 1
     for i, ns in enumerate(net.nodes, 1):
@@ -444,7 +453,8 @@ def start_p2pd(bed: Bed, setup: MethodSetup) -> None:
         argv = [sys.executable, "-m", "p2pd", "--log-level", "INFO", "serve", "--listen",
                 f"127.0.0.1:{AGENT_PORT}", "--data", str(net.dir / f"p2pd-{bed.p2pd_generation}-n{i}"),
                 "--upstream", f"{bed.seed_host}={bed.seed_url}", "--peer-listen", f"{address}:{PEER_PORT}",
-                "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}"]
+                "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}",
+                *([] if peer_tls else ["--no-peer-tls"])]
         setup.agents[ns] = net.start_in(ns, argv, log_path=p2pd_log(bed, i))
     for worker in bed.workers:
         proc = setup.agents[worker.ns]
@@ -490,7 +500,7 @@ def hosts_for(bed: Bed, method: str, node: int) -> list[dict[str, Any]]:
     seed = {"url": bed.seed_url, "mirror": False, "role": "seed"}
     if method == "cache":
         return [{"url": f"http://{bed.net.node_ips[0]}:{CACHE_PORT}", "mirror": True, "role": "cache"}, seed]
-    if method == "p2pd":
+    if is_p2pd(method):
         return [{"url": f"http://127.0.0.1:{AGENT_PORT}", "mirror": True, "role": "p2pd"}, seed]
     return [seed]
 
@@ -510,8 +520,8 @@ def setup_method(bed: Bed, scenario: Scenario, method: str) -> MethodSetup:
             write_hosts_toml(setup.hosts_dir, bed.seed_host, bed.seed_url, [mirror])
     if method == "cache":
         start_cache(bed, setup)
-    elif method == "p2pd":
-        start_p2pd(bed, setup)
+    elif is_p2pd(method):
+        start_p2pd(bed, setup, peer_tls=method == "p2pd")
     return setup
 
 
@@ -558,7 +568,7 @@ def _pids(bed: Bed, setup: MethodSetup) -> dict[str, tuple[int, bool]]:
 
 def snapshot(bed: Bed, setup: MethodSetup, method: str) -> Snapshot:
     agents: dict[str, Samples] = {}
-    if method == "p2pd":
+    if is_p2pd(method):
         texts = _parallel(lambda w: w.get(f"http://127.0.0.1:{AGENT_PORT}/metrics", timeout=5), bed.workers)
         agents = {w.ns: parse_metrics(t["text"]) for w, t in zip(bed.workers, texts, strict=True)}
     return Snapshot(at=time.monotonic(), seed=bed.seed_metrics(), links=bed.net.link_bytes(),
@@ -613,7 +623,7 @@ def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time
         sampler = CpuSampler(_pids(bed, setup))
         at, results = pull_all(bed, scenario, setup, method, image, max_time)
         finished = time.monotonic()
-        settled = wait_settled(bed) if method == "p2pd" else True
+        settled = wait_settled(bed) if is_p2pd(method) else True
         samples, our_samples = sampler.stop()
         after = snapshot(bed, setup, method)
         rss = {name: process_status_kib(pid, "VmHWM") for name, (pid, _) in _pids(bed, setup).items()
@@ -622,7 +632,7 @@ def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time
     finally:
         teardown_method(bed, setup)
     events = {f"n{i}": log_events(p2pd_log(bed, i)) for i in range(1, len(net.nodes) + 1)} \
-        if method == "p2pd" else {}
+        if is_p2pd(method) else {}
     return summarize_method(bed, scenario, method, image, setup, at, finished, results, before, after,
                             (samples, our_samples), rss, problems, settled, events)
 
@@ -657,7 +667,7 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
         link_b, link_a = before.links.get(ns, {}), after.links.get(ns, {})
         node["link_down_bytes"] = link_a.get("down", 0) - link_b.get("down", 0)
         node["link_up_bytes"] = link_a.get("up", 0) - link_b.get("up", 0)
-        if method == "p2pd":
+        if is_p2pd(method):
             b, a = before.agents[ns], after.agents[ns]
 
             def delta(name: str, b: Samples = b, a: Samples = a, **labels: str) -> int:
@@ -750,7 +760,7 @@ def fallbacks(method: str, scenario: Scenario, nodes: list[dict[str, Any]]) -> i
     """
     if method == "direct":
         return 0
-    if method == "p2pd":
+    if is_p2pd(method):
         return sum(1 for n in nodes if not n["via_agent"])
     if scenario.client == "httpx":
         return sum(1 for n in nodes if n["client_bytes_by_source"].get("seed"))
@@ -766,7 +776,7 @@ def bytes_by_source(method: str, scenario: Scenario, nodes: list[dict[str, Any]]
     """
     if method == "direct":
         return {"seed": seed_blob}
-    if method == "p2pd":
+    if is_p2pd(method):
         return {"seed": sum(n["agent_upstream_bytes"] for n in nodes),
                 "peers": sum(n["agent_peer_bytes"] for n in nodes)}
     if scenario.client == "httpx":
@@ -796,7 +806,7 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
               flush=True)
         for method in [m for m in args.methods if m in scenario.methods]:
             runs: list[dict[str, Any]] = []
-            for _ in range(scenario.p2pd_runs if method == "p2pd" else 1):
+            for _ in range(scenario.p2pd_runs if is_p2pd(method) else 1):
                 left = deadline - time.monotonic()
                 # A pull may take N*F/u_s (everything through the seed's link), more with the cache's double fetch.
                 max_time = min(max(4 * limit["client_server_s"], 60.0), left - 30)
@@ -868,7 +878,7 @@ def render_table(result: dict[str, Any]) -> str:
             "agent peak RSS MiB (max)", f"CPU: ours / machine (mean; samples ≥ {_SATURATED:.0%})",
             "failed (fell back)"]
     rows = [head, ["---"] * len(head)]
-    for method in METHODS:
+    for method in ALL_METHODS:
         m = result["methods"].get(method)
         if m is None:
             continue
@@ -947,6 +957,15 @@ def goal_lines(result: dict[str, Any], *, has_variants: bool = False) -> list[st
                 "upload). Each new chunk leaving the lease holder about once and spreading peer to peer is what "
                 "would close the gap; node links much faster than the seed's hide it"
                 + (" (the sensitivity run below)." if has_variants else "."))
+    plain = result["methods"].get("p2pd-plain")
+    if plain is not None and plain["max_s"] and p["max_s"]:
+        tls_ratio = p["max_s"] / plain["max_s"]
+        cpu_tls, cpu_plain = p.get("agents_cpu_s"), plain.get("agents_cpu_s")
+        cpu_text = (f"; agents' CPU {cpu_tls:.1f} s vs {cpu_plain:.1f} s ({cpu_tls / cpu_plain:.2f}{X})"
+                    if cpu_tls and cpu_plain else "")
+        lines.append(f"Peer TLS (mutual, key-derived certificates) vs peers in clear: last node {p['max_s']:.2f} s vs "
+                     f"{plain['max_s']:.2f} s = **{tls_ratio:.2f}{X}** (goal ≤ 1.05{X}: "
+                     f"{'met' if tls_ratio <= 1.05 else 'NOT met'}){cpu_text}.")
     return lines
 
 
