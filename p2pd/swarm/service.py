@@ -9,10 +9,12 @@ Uploads are limited in number (429 + Retry-After beyond ``max_uploads``) and in 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import msgpack
@@ -52,6 +54,7 @@ _MAP_RE = re.compile(rf"{PROTOCOL_PREFIX}/chunkmap/(?P<digest>[^/]+)")
 _MANIFEST_RE = re.compile(rf"{PROTOCOL_PREFIX}/manifests/(?P<digest>[^/]+)")
 _MAX_ANNOUNCE = 1024 * 1024
 _PIECE = 256 * 1024
+_VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
 
 
 class PeerService:
@@ -67,6 +70,7 @@ class PeerService:
         self.uploads = 0
         self.upload_bucket = TokenBucket(upload_rate)
         self.chunk_wait = chunk_wait
+        self._verified_grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
 
     async def handle(self, request: Request) -> Response:
         request.route = "peer"
@@ -136,12 +140,23 @@ class PeerService:
         if keys is None:
             return
         node = request.headers.get(NODE_HEADER, "") or ""
+        token = request.headers.get(GRANT_HEADER)
+        now = time.time()
+        # A node shows the same grant with every chunk: one signature check per grant, not per chunk.
+        cache_key = (hashlib.sha256((token or "").encode()).hexdigest(), str(digest), node)
+        expires_at = self._verified_grants.get(cache_key)
+        if expires_at is not None and now < expires_at:
+            return
         try:
-            verify_grant(request.headers.get(GRANT_HEADER), keys, digest=digest, node=node, now=time.time())
+            grant = verify_grant(token, keys, digest=digest, node=node, now=now)
         except GrantRefused as exc:
             self.metrics.peer_grants_refused.labels(exc.reason).inc()
             log.info("refused %s to node %r: peer grant %s", digest, node[:64], exc.reason)
             raise OCIError("DENIED", f"a peer grant for this blob is required ({exc.reason})", status=403) from None
+        self._verified_grants[cache_key] = grant.expires_at
+        self._verified_grants.move_to_end(cache_key)
+        while len(self._verified_grants) > _VERIFIED_GRANTS:
+            self._verified_grants.popitem(last=False)
 
     async def _chunk_map(self, request: Request, digest: Digest) -> Response:
         self._check_grant(request, digest)
