@@ -28,6 +28,7 @@ from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import validate_name, validate_reference
 from p2pd.oci.manifest import MAX_MANIFEST_SIZE, parse_manifest, referrers_index
 from p2pd.oci.ranges import parse_range
+from p2pd.signing import SignatureVerdict
 from p2pd.swarm.grants import PEER_GRANT_SECONDS
 
 from .access import AccessPolicy
@@ -40,7 +41,7 @@ from .events import Dispatcher, open_webhooks
 from .gate import AuditHook, Gate, open_caller
 from .metrics import SeedMetrics
 from .scan import PullDecision, ScanReport, ScanService, decide_pull, is_container_image
-from .signatures import SignatureService, SignatureVerdict
+from .signatures import SignatureService
 from .signatures import api as signatures_api
 from .storage import Storage, UploadSession, UploadSessions, is_disk_full
 

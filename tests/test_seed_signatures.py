@@ -33,6 +33,15 @@ from p2pd.oci import mediatypes
 from p2pd.oci.digest import Digest, digest_of
 from p2pd.oci.errors import OCIError
 from p2pd.oci.manifest import parse_manifest
+from p2pd.signing import (
+    ExtensionSignature,
+    SignatureInvalid,
+    SignatureVerdict,
+    identity_matches,
+    load_trusted_keys,
+    parse_claim,
+    parse_docker_reference,
+)
 from p2pd.signing.cosign import (
     ARTIFACT_TYPE,
     SIGNATURE_ANNOTATION,
@@ -48,19 +57,12 @@ from seed.audit import AuditEvent, audit_directory, iter_directory_records
 from seed.config import load_config
 from seed.registry import SeedRegistry, serve_seed
 from seed.signatures import (
-    ExtensionSignature,
     FileSignatureStore,
     MemorySignatureStore,
-    SignatureInvalid,
     SignatureService,
     SignatureStore,
-    SignatureVerdict,
-    identity_matches,
-    load_trusted_keys,
-    parse_claim,
-    parse_docker_reference,
+    TooManySignatures,
 )
-from seed.signatures.store import TooManySignatures
 from seed.storage import Storage
 from tests.harness.gpg import GpgHome
 from tests.harness.tools import require_tool

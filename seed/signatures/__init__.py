@@ -8,54 +8,14 @@ pull policy. Verification itself (formats, keys, gpgv, cosign, verdicts, rules) 
 
 from __future__ import annotations
 
-from p2pd.signing import (
-    DockerReference,
-    ExtensionSignature,
-    OpenPGPKey,
-    PemKey,
-    SignatureCheck,
-    SignatureError,
-    SignatureInvalid,
-    SignaturePolicy,
-    SignatureRule,
-    SignatureVerdict,
-    SignedClaim,
-    TrustedKeys,
-    VerifierUnavailable,
-    decide,
-    from_toml,
-    identity_matches,
-    load_trusted_keys,
-    parse_claim,
-    parse_docker_reference,
-)
-
 from .service import SignatureService, VerdictSubscriber
-from .store import FileSignatureStore, MemorySignatureStore, SignatureStore
+from .store import FileSignatureStore, MemorySignatureStore, SignatureStore, TooManySignatures
 
 __all__ = [
-    "DockerReference",
-    "ExtensionSignature",
     "FileSignatureStore",
     "MemorySignatureStore",
-    "OpenPGPKey",
-    "PemKey",
-    "SignatureCheck",
-    "SignatureError",
-    "SignatureInvalid",
-    "SignaturePolicy",
-    "SignatureRule",
     "SignatureService",
     "SignatureStore",
-    "SignatureVerdict",
-    "SignedClaim",
-    "TrustedKeys",
+    "TooManySignatures",
     "VerdictSubscriber",
-    "VerifierUnavailable",
-    "decide",
-    "from_toml",
-    "identity_matches",
-    "load_trusted_keys",
-    "parse_claim",
-    "parse_docker_reference",
 ]
