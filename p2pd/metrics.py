@@ -61,6 +61,8 @@ class AgentMetrics:
         self.peer_messages = Counter("p2pd_peer_messages", "Requests sent to other nodes, by kind "
                                      "(announce, chunkmap, chunk)", ["kind"], registry=self.registry)
         self.leases = Counter("p2pd_leases", "Upstream leases this node was granted", registry=self.registry)
+        self.claims_disputed = Counter("p2pd_claims_disputed", "Peers that answered 'not here' for chunks they "
+                                       "claimed to hold (reported to the coordinator)", registry=self.registry)
         self.uploads_refused = Counter("p2pd_peer_uploads_refused", "Peer chunk requests answered 429",
                                        registry=self.registry)
         self.peer_tls_refused = Counter("p2pd_peer_tls_refused", "Peer connections refused in the TLS handshake, by "

@@ -307,6 +307,62 @@ async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_rea
         await trio.to_thread.run_sync(cluster.stop)
 
 
+class LyingPeer(MaliciousPeer):
+    """Claims a complete copy (the site then gets no lease) and answers every chunk request 404."""
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == f"/p2p/v1/blobs/{self.digest}":
+            self.requests["blob"] += 1
+            raise OCIError("BLOB_UNKNOWN", "not here", status=404)
+        return await super().handle(request)
+
+
+async def test_a_member_falsely_claiming_a_copy_does_not_hold_up_the_site(
+    tmp_path: Path, key_file: Path, key: bytes, blob: tuple[bytes, str], nursery: trio.Nursery
+) -> None:
+    data, digest = blob
+    ids = [f"c{i}" for i in range(4)]
+    liar_id = next(f"liar{i}" for i in range(100) if coordinators(digest, [*ids, f"liar{i}"], 1)[0] != f"liar{i}")
+    coordinator = coordinators(digest, [*ids, liar_id], 1)[0]
+    liar = LyingPeer(key, liar_id, data, digest, PeerTls.derived(key, liar_id, tmp_path / "liar-tls"))
+    liar_ip = "127.0.0.89"
+    server_context = liar.tls.server()
+    info = await nursery.start(partial(serve_http, liar.handle, liar_ip, 0, tls=lambda: server_context))
+    liar.address = f"{liar_ip}:{info.port}"
+    liar.site = default_site(liar_ip)
+    # stuck_after = max(lease_ttl, 3 * peer_timeout) = 9 s: the pulls must not wait for it.
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=3.0, peer_timeout=3.0)
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=110, config=config, node_ids=ids,
+                      extra_peers=[liar.address])
+    await trio.to_thread.run_sync(cluster.start)
+    try:
+        await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
+        await trio.to_thread.run_sync(cluster.wait_members)
+        for agent in cluster.agents:
+            with trio.fail_after(15):
+                await wait_until(lambda agent=agent: liar_id in agent.live_peers())
+        nursery.start_soon(liar.announce_forever, cluster.by_id(coordinator).peer_address, len(data))
+        await trio.sleep(1.0)  # the coordinator lists the liar as the site's complete copy
+        seed_before = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
+        results: dict[str, object] = {}
+        started = trio.current_time()
+        async with trio.open_nursery() as pulls:
+            for agent in cluster.agents:
+                pulls.start_soon(pull, agent, digest, results)
+        elapsed = trio.current_time() - started
+        assert results == {a.node_id: digest for a in cluster.agents}, cluster.logs()
+        disputed = sum([await trio.to_thread.run_sync(a.metric, "p2pd_claims_disputed_total") for a in cluster.agents])
+        seed_sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes) - seed_before
+        print(f"\nliar {liar_id}: {liar.requests['blob']} chunk requests answered 404; {disputed:.0f} disputes; "
+              f"pulls done after {elapsed:.1f} s; seed sent {seed_sent / len(data):.2f} x the blob")
+        assert liar.requests["blob"] > 0 and disputed > 0
+        # The site got its lease after the first dispute instead of every node going to the
+        # upstream after stuck_after (9 s): about one copy from the seed.
+        assert seed_sent <= 1.5 * len(data), seed_sent / len(data)
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
 # ---- nodes without the key ------------------------------------------------------------
 
 

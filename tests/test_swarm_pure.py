@@ -344,6 +344,7 @@ def test_messages_round_trip() -> None:
         _announce(complete=True, have=None, size=None, want_lease=False),
         _announce(gone=True, have=None),
         _announce(leased=True),
+        _announce(disputed=("node-x", "node-y")),
     ):
         assert decode(encode(message)) == message
     # A message from a node that does not send the newer flags still decodes.
@@ -686,9 +687,10 @@ def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> 
 def test_lease_moves_after_expiry_when_its_holder_stops_announcing() -> None:
     state = CoordinatorState(lease_ttl=TTL)
     assert state.announce(_node_announce("a"), 0.0).granted
-    # The holder keeps announcing: the lease stays, however long the fetch takes.
+    # The holder keeps announcing progress: the lease stays, however long the fetch takes.
     for t in range(10, 100, 10):
-        assert state.announce(_node_announce("a", want_lease=False), float(t)).lease_holder == "a"
+        progress = ((1 << (t // 10)) - 1).to_bytes(2, "big")
+        assert state.announce(_node_announce("a", have=progress, want_lease=False), float(t)).lease_holder == "a"
         assert not state.announce(_node_announce("b"), t + 0.5).granted
     # The holder dies after its announcement at t=90: the lease is its until 90 + TTL.
     assert state.announce(_node_announce("b"), 90 + TTL - 0.01).lease_holder == "a"
@@ -725,6 +727,60 @@ def test_a_coordinator_taking_over_a_transfer_in_progress_lets_the_lease_holder_
     # And a claim never takes over a live lease of another node.
     reply = state.announce(_node_announce("z", have=some, leased=True), 1.0)
     assert not reply.granted and reply.lease_holder == "b"
+
+
+def test_a_lease_holder_that_makes_no_progress_loses_the_lease() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_node_announce("a", have=b"\x00"), 0.0).granted
+    # It keeps announcing, but its bitmap never grows: the lease ends TTL after the grant.
+    for t in (5.0, 10.0, 14.0):
+        assert state.announce(_node_announce("a", have=b"\x00", leased=True), t).lease_holder == "a"
+    assert state.announce(_node_announce("a", have=b"\x00", leased=True), 20.0).lease_holder == "a"
+    reply = state.announce(_node_announce("b"), 14.0 + TTL + 0.01)
+    assert reply.granted and reply.lease_holder == "b"
+    # The one that does progress keeps it past TTL.
+    for step, t in enumerate((35.0, 45.0, 55.0), 1):
+        have = ((1 << step) - 1).to_bytes(1, "big")
+        assert state.announce(_node_announce("b", have=have, leased=True), t).lease_holder == "b"
+    assert not state.announce(_node_announce("c"), 56.0).granted
+
+
+def test_false_claims_are_disputed_and_stop_holding_up_the_site() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    # A liar claims a complete copy: no lease for its site...
+    state.announce(_node_announce("liar", complete=True), 0.0)
+    assert not state.announce(_node_announce("x"), 1.0).granted
+    # ...until a node that asked it for chunks (and got "not here") says so.
+    reply = state.announce(_announce_disputing("x", "liar"), 2.0)
+    assert reply.granted and reply.lease_holder == "x"
+    assert "liar" not in {p.node for p in reply.holders}
+    assert state.disputes == 1
+    # While distrusted, its claims do not count, even if it repeats them.
+    state.announce(_node_announce("liar", complete=True), 3.0)
+    assert "liar" not in {p.node for p in state.announce(_node_announce("y", want_lease=False), 4.0).holders}
+    # A disputed lease holder loses the lease at once; it cannot take it back while distrusted.
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_node_announce("lazy"), 0.0).granted
+    reply = state.announce(_announce_disputing("x", "lazy"), 1.0)
+    assert reply.granted and reply.lease_holder == "x"
+    assert not state.announce(_node_announce("lazy", leased=True), 2.0).granted
+    # Distrust is short: after it, the node's announcements count again.
+    state = CoordinatorState(lease_ttl=TTL)
+    state.announce(_node_announce("n1", complete=True), 0.0)
+    state.announce(_announce_disputing("x", "n1", want_lease=False), 1.0)
+    state.announce(_node_announce("n1", complete=True), 1.0 + TTL + 1)
+    assert "n1" in {p.node for p in state.announce(_node_announce("y"), 2.0 + TTL).holders}
+    # Disputing oneself or a node the coordinator does not know changes nothing.
+    before = state.disputes
+    state.announce(_announce_disputing("y", "y"), 3.0 + TTL)
+    state.announce(_announce_disputing("y", "nobody"), 3.0 + TTL)
+    assert state.disputes == before
+
+
+def _announce_disputing(node: str, *disputed: str, want_lease: bool = True) -> Announce:
+    message = _node_announce(node, want_lease=want_lease)
+    return Announce(message.digest, message.node, message.address, message.site, message.size, message.chunk_size,
+                    False, message.have, want_lease, False, False, disputed)
 
 
 def test_no_lease_when_the_site_already_has_a_complete_copy() -> None:

@@ -12,6 +12,16 @@ Rules/invariants:
   know who holds the lease. For ``lease_ttl`` it grants the lease only to a node that says
   it holds one (``Announce.leased``; the holder announces well within that time), so the
   site does not get a second upstream fetch.
+- Claims are checked against what a node serves, by the nodes that ask it: a node that
+  answered "not here" for chunks it claimed is *disputed* in the asker's next announcement.
+  A disputed node is not listed as a holder, does not count as the site's complete copy and
+  loses the site's lease, for ``distrust_ttl`` seconds (then its own announcements count
+  again). So a member that falsely claims a complete copy or a lease stalls its site for one
+  announcement round, not until ``stuck_after``. One dispute suffices (a site may have two
+  nodes); a member that disputes honest nodes costs at most an extra upstream fetch per
+  ``distrust_ttl``.
+- A lease is renewed only while its holder makes progress (its bitmap grows); a holder that
+  announces but fetches nothing loses the lease ``lease_ttl`` seconds after its last progress.
 - Memory is bounded: at most ``max_digests`` digests and ``max_holders`` holders each;
   the least recently touched are dropped first.
 """
@@ -42,6 +52,8 @@ class _Lease:
     node: str
     address: str
     expires: float
+    progressed: float  # when the holder's bitmap last grew (or the lease was granted)
+    chunks: int = 0  # chunks the holder had then
 
 
 @dataclass(slots=True)
@@ -50,14 +62,17 @@ class _DigestState:
     expired_at: float = float("-inf")
     leases: dict[str, _Lease] = field(default_factory=dict)  # by site
     takeover_until: float = 0.0  # until then, only a node that says it holds the lease gets it
+    distrusted: dict[str, float] = field(default_factory=dict)  # node → until (its claims are ignored)
 
 
 class CoordinatorState:
     """Pure state machine: ``announce(message, now)`` returns the reply to send."""
 
     def __init__(self, *, lease_ttl: float = 15.0, holder_ttl: float = 60.0, complete_ttl: float = 1800.0,
-                 max_digests: int = 20_000, max_holders: int = 4096) -> None:
+                 max_digests: int = 20_000, max_holders: int = 4096, distrust_ttl: float | None = None) -> None:
         self.lease_ttl = lease_ttl
+        self.distrust_ttl = lease_ttl if distrust_ttl is None else distrust_ttl
+        self.disputes = 0
         self.holder_ttl = holder_ttl
         self.complete_ttl = complete_ttl
         self.max_digests = max_digests
@@ -69,6 +84,8 @@ class CoordinatorState:
     def _expire(self, state: _DigestState, now: float) -> None:
         for site in [s for s, lease in state.leases.items() if lease.expires <= now]:
             del state.leases[site]
+        for node in [n for n, until in state.distrusted.items() if until <= now]:
+            del state.distrusted[node]
         # A holder scan costs O(holders): at most once per second per digest, not per
         # message (replies skip stale holders on their own).
         if now - state.expired_at < _EXPIRY_INTERVAL:
@@ -92,6 +109,8 @@ class CoordinatorState:
         else:
             self._digests.move_to_end(message.digest)
         self._expire(state, now)
+        self._dispute(state, message, now)
+        trusted = message.node not in state.distrusted
 
         if message.gone:
             state.holders.pop(message.node, None)
@@ -112,12 +131,18 @@ class CoordinatorState:
                 del state.leases[message.site]  # done: the blob is in the site now
                 lease = None
             else:
-                lease.expires = now + self.lease_ttl  # the lessee is alive and working
+                chunks = _count(message.have)
+                if chunks > lease.chunks:
+                    lease.chunks, lease.progressed = chunks, now
+                if now - lease.progressed < self.lease_ttl:
+                    lease.expires = now + self.lease_ttl  # the lessee is alive and working
         granted = False
-        site_has_copy = any(h.info.complete and h.info.site == message.site for h in state.holders.values())
-        may_grant = message.leased or now >= state.takeover_until
+        site_has_copy = any(h.info.complete and h.info.site == message.site and h.info.node not in state.distrusted
+                            for h in state.holders.values())
+        may_grant = trusted and (message.leased or now >= state.takeover_until)
         if message.want_lease and lease is None and not site_has_copy and not message.gone and may_grant:
-            lease = state.leases[message.site] = _Lease(message.node, message.address, now + self.lease_ttl)
+            lease = state.leases[message.site] = _Lease(message.node, message.address, now + self.lease_ttl, now,
+                                                        _count(message.have))
             self.leases_granted += 1
             granted = True
         elif lease is not None and lease.node == message.node and message.want_lease:
@@ -128,10 +153,28 @@ class CoordinatorState:
         ranked = enumerate(reversed(state.holders.values()))
         others = heapq.nsmallest(MAX_HOLDERS, ((h.info.site != message.site, not h.info.complete, order, h.info)
                                                for order, h in ranked
-                                               if h.info.node != message.node and self._fresh(h, now)))
+                                               if h.info.node != message.node and self._fresh(h, now)
+                                               and h.info.node not in state.distrusted))
         holders = tuple(entry[3] for entry in others)
         return Reply(holders, lease.node if lease else None, lease.address if lease else None,
                      granted, self.lease_ttl)
 
+    def _dispute(self, state: _DigestState, message: Announce, now: float) -> None:
+        for node in message.disputed:
+            if node == message.node or (node not in state.holders and all(
+                    lease.node != node for lease in state.leases.values())):
+                continue  # nothing to take back (and a node cannot dispute itself)
+            self.disputes += 1
+            state.distrusted[node] = now + self.distrust_ttl
+            for site in [s for s, lease in state.leases.items() if lease.node == node]:
+                del state.leases[site]
+            while len(state.distrusted) > self.max_holders:
+                state.distrusted.pop(next(iter(state.distrusted)))
+
     def digests(self) -> int:
         return len(self._digests)
+
+
+def _count(have: bytes | None) -> int:
+    """Chunks set in an announced bitmap."""
+    return 0 if have is None else sum(byte.bit_count() for byte in have)

@@ -42,7 +42,7 @@ from ..errors import UpstreamError, VerificationError
 from .coordinator import CoordinatorState
 from .grants import GrantStore
 from .membership import Member, Membership
-from .messages import Announce, PeerInfo, Reply
+from .messages import MAX_DISPUTED, Announce, PeerInfo, Reply
 from .peers import (
     PartialChunkMap,
     PeerBusy,
@@ -97,6 +97,7 @@ class SwarmTransfer:
     lessee_only_since: dict[int, float] = field(default_factory=dict)  # chunk → first seen only at the lessee
     designated: dict[int, tuple[int, bool]] = field(default_factory=dict)  # chunk → (downloaders seen, we may ask)
     grant: str | None = None  # shown to peers for a protected blob (p2pd.swarm.grants)
+    disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -196,9 +197,10 @@ class Swarm:
     def _announcement(self, transfer: SwarmTransfer | None, digest: Digest, *, complete: bool = False,
                       want_lease: bool = False, gone: bool = False, size: int | None = None) -> Announce:
         have = None if transfer is None or complete else transfer.have.to_bytes()
+        disputed = tuple(sorted(transfer.disputed))[:MAX_DISPUTED] if transfer is not None else ()
         return Announce(digest, self.me.node_id, self.me.address, self.me.site,
                         transfer.size if transfer else size, self.chunk_size, complete, have, want_lease, gone,
-                        leased=transfer is not None and transfer.leased)
+                        leased=transfer is not None and transfer.leased, disputed=disputed)
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):
@@ -274,6 +276,7 @@ class Swarm:
                         log.warning("no coordinator reachable for %s; fetching from the upstream", transfer.digest)
                         transfer.leased = True
                     else:
+                        transfer.disputed.clear()  # told
                         self._absorb(transfer, reply)
                     announced_at = time.monotonic()
                     next_announce = announced_at + self.announce_interval(leased=transfer.leased)
@@ -460,7 +463,15 @@ class Swarm:
             transfer.retry_at[node] = time.monotonic() + exc.retry_after
         except PeerMissing:
             transfer.retry_at[node] = time.monotonic() + 0.2
-            if node != transfer.lessee:
+            claimed = transfer.sources.get(node)
+            if claimed is not None and index in claimed:
+                # It said it had this chunk (a complete copy, or its bitmap) and has not: a stale
+                # or false claim. The coordinator hears of it with our next announcement.
+                log.info("%s claimed chunk %d of %s but does not serve it", node, index, transfer.digest)
+                transfer.disputed.add(node)
+                transfer.sources.pop(node, None)
+                self.metrics.claims_disputed.inc()
+            elif node != transfer.lessee:
                 transfer.sources.pop(node, None)
         except PeerRefused:
             # It protects this blob and we have no grant it accepts: not a fault of the peer.

@@ -13,10 +13,11 @@ import msgpack
 
 from p2pd.oci.digest import Digest
 
-__all__ = ["MAX_MESSAGE_BYTES", "Announce", "MessageError", "PeerInfo", "Reply", "decode", "encode"]
+__all__ = ["MAX_DISPUTED", "MAX_MESSAGE_BYTES", "Announce", "MessageError", "PeerInfo", "Reply", "decode", "encode"]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_HOLDERS = 256  # holders returned per reply
+MAX_DISPUTED = 16  # nodes one announcement may dispute
 _MAX_TEXT = 255
 
 
@@ -48,6 +49,9 @@ class Announce:
     want_lease: bool = False
     gone: bool = False  # the node no longer has (or wants) the blob
     leased: bool = False  # the node fetches from the upstream under a lease it was granted
+    # Nodes that answered "not here" for chunks they claimed to hold (a stale or false claim):
+    # the coordinator stops trusting their claims for a while (p2pd.swarm.coordinator).
+    disputed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,8 @@ def encode(message: Announce | Reply) -> bytes:
             "complete": message.complete, "have": message.have, "want_lease": message.want_lease,
             "gone": message.gone, "leased": message.leased,
         }
+        if message.disputed:
+            body["disputed"] = list(message.disputed)
     else:
         body = {
             "t": "reply",
@@ -127,9 +133,13 @@ def decode(data: bytes) -> Announce | Reply:
             digest = Digest.parse(_text(obj.get("digest"), "digest"))
         except Exception as exc:
             raise MessageError("invalid digest") from exc
+        disputed = obj.get("disputed", [])
+        if not isinstance(disputed, list) or len(disputed) > MAX_DISPUTED:
+            raise MessageError(f"disputed must be a list of at most {MAX_DISPUTED} node ids")
         return Announce(digest, _text(obj.get("node"), "node"), _text(obj.get("address"), "address"),
                         _text(obj.get("site"), "site"), size, chunk_size, flags[0],
-                        _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3])
+                        _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3],
+                        tuple(_text(node, "disputed node") for node in disputed))
     if kind == "reply":
         holders = obj.get("holders")
         if not isinstance(holders, list):
