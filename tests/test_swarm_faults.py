@@ -332,7 +332,7 @@ async def test_a_member_falsely_claiming_a_copy_does_not_hold_up_the_site(
     liar.site = default_site(liar_ip)
     # stuck_after = max(lease_ttl, 3 * peer_timeout) = 9 s: the pulls must not wait for it.
     config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=3.0, peer_timeout=3.0)
-    cluster = Cluster(tmp_path / "swarm", key_file=key_file, base=110, config=config, node_ids=ids,
+    cluster = Cluster(tmp_path / "swarm", count=len(ids), key_file=key_file, base=110, config=config, node_ids=ids,
                       extra_peers=[liar.address])
     await trio.to_thread.run_sync(cluster.start)
     try:
