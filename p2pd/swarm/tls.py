@@ -3,8 +3,8 @@
 Two ways to have a CA (docs/security.md, "Peer transport"):
 
 - **Derived from the cluster key** (the default, nothing to set up): every node derives the same
-  CA key from the cluster key (HKDF-SHA256 → a P-256 scalar) and issues itself a short-lived
-  certificate for its node id at start. Whoever has the cluster key can join, as before; the
+  CA key from the cluster key (HKDF-SHA256 → a P-256 scalar) and issues itself a certificate
+  for its node id at start. Whoever has the cluster key can join, as before; the
   gain is encryption and a handshake that refuses anyone without it.
 - **An operator CA** (``p2pd ca init``, ``p2pd ca issue NODE``): the CA key stays with the
   operator; nodes get only their own key and certificate (``[swarm] tls_ca_file``,
@@ -45,7 +45,10 @@ __all__ = [
     "refusal_reason",
 ]
 
-NODE_CERT_DAYS = 30  # a derived node certificate (renewed at every start)
+# A derived node certificate (issued again at every start). Long on purpose: every holder of the
+# cluster key can mint one, so expiry would evict nobody — it would only break a node that runs
+# longer than that. With an operator CA, expiry is the eviction tool (``p2pd ca issue --days``).
+NODE_CERT_DAYS = 3650
 _CA_NOT_BEFORE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
 _CA_NOT_AFTER = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
