@@ -158,9 +158,9 @@ async def _kill_mid_transfer(tmp_path: Path, key_file: Path, blob: tuple[bytes, 
             assert sum(leases.values()) >= 1, "the lease moved to a survivor"
             assert seed_sent <= 2.0 * len(data), cluster.logs()
         else:
-            # The backup coordinator rebuilt its state from announcements, and the lease holder
-            # reclaimed its lease there: still one upstream fetch for the site.
-            assert sum(leases.values()) == 1
+            # The backup coordinator rebuilt its state from announcements, and the range holders
+            # reclaimed leases there: still each chunk fetched once for the site.
+            assert sum(leases.values()) >= 1
             assert seed_sent <= 1.05 * len(data), cluster.logs()
     finally:
         await trio.to_thread.run_sync(cluster.stop)

@@ -136,14 +136,13 @@ def test_five_agents_found_by_mdns_pull_an_image_at_once(tmp_path: Path) -> None
         assert node["upstream_bytes"] + node["peer_bytes"] == image_bytes, (
             f"{node_id} fetched chunks twice or missed some"
         )
-    # One node (the big layer's lease holder) fetched the layer from the seed; each of the
-    # others assembled it from at least two peers.
-    lessees = [node_id for node_id, node in nodes.items() if node["upstream_bytes"] >= sizes[big_digest]]
-    assert len(lessees) == 1, nodes
+    # The site's upstream fetch was split into range leases among several nodes (none fetched
+    # the whole big layer), and every node assembled the rest from at least two peers.
+    fetchers = [node_id for node_id, node in nodes.items() if node["upstream_bytes"] >= MiB]
+    assert len(fetchers) >= 2 and all(node["upstream_bytes"] < sizes[big_digest] for node in nodes.values()), nodes
     for node_id, node in nodes.items():
-        if node_id not in lessees:
-            sources = [peer for peer, value in node["from_peers"].items() if value >= MiB]
-            assert len(sources) >= 2, f"{node_id} got chunks from {node['from_peers']}"
-            assert set(node["from_peers"]) <= set(agents) - {node_id}
+        sources = [peer for peer, value in node["from_peers"].items() if value >= MiB]
+        assert len(sources) >= 2, f"{node_id} got chunks from {node['from_peers']}"
+        assert set(node["from_peers"]) <= set(agents) - {node_id}
         assert node["served_to_peers"] > 0, node_id
         assert node["chunks_failed"] == 0, node_id

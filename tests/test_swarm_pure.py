@@ -22,7 +22,7 @@ import p2pd.cli
 from p2pd.oci.digest import Digest
 from p2pd.swarm import auth, coordinator, messages, planning, rendezvous
 from p2pd.swarm.auth import AuthError
-from p2pd.swarm.coordinator import CoordinatorState
+from p2pd.swarm.coordinator import CoordinatorState, split_ranges
 from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, Reply, decode, encode
 from p2pd.swarm.planning import Bitmap, ChunkRequest, plan_requests
 
@@ -667,7 +667,7 @@ def _node_announce(
 
 
 def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     replies = {f"n{i}": state.announce(_node_announce(f"n{i}"), 100.0) for i in range(50)}
     granted = [node for node, reply in replies.items() if reply.granted]
     assert granted == ["n0"]
@@ -685,24 +685,24 @@ def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> 
 
 
 def test_lease_moves_after_expiry_when_its_holder_stops_announcing() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("a"), 0.0).granted
     # The holder keeps announcing progress: the lease stays, however long the fetch takes.
-    for t in range(10, 100, 10):
-        progress = ((1 << (t // 10)) - 1).to_bytes(2, "big")
+    for step, t in enumerate(range(10, 80, 10), 1):
+        progress = ((1 << step) - 1).to_bytes(1, "big")  # one more of the 8 chunks each time
         assert state.announce(_node_announce("a", have=progress, want_lease=False), float(t)).lease_holder == "a"
         assert not state.announce(_node_announce("b"), t + 0.5).granted
-    # The holder dies after its announcement at t=90: the lease is its until 90 + TTL.
-    assert state.announce(_node_announce("b"), 90 + TTL - 0.01).lease_holder == "a"
-    reply = state.announce(_node_announce("b"), 90 + TTL + 0.01)
+    # The holder dies after its announcement at t=70: the lease is its until 70 + TTL.
+    assert state.announce(_node_announce("b"), 70 + TTL - 0.01).lease_holder == "a"
+    reply = state.announce(_node_announce("b"), 70 + TTL + 0.01)
     assert reply.granted and reply.lease_holder == "b"
-    assert state.announce(_node_announce("c"), 106.0).lease_holder == "b"
+    assert state.announce(_node_announce("c"), 86.0).lease_holder == "b"
     assert state.leases_granted == 2
 
 
 def test_a_coordinator_taking_over_a_transfer_in_progress_lets_the_lease_holder_reclaim_it() -> None:
     """A new coordinator (its predecessor died) first hears of the digest from nodes that hold chunks."""
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     some = bytes([0b11110000])
     # Other downloaders reach it first: none of them gets a lease while the holder may still claim it.
     for t in (0.0, 1.0, 5.0):
@@ -715,14 +715,14 @@ def test_a_coordinator_taking_over_a_transfer_in_progress_lets_the_lease_holder_
     assert state.leases_granted == 1
 
     # If the holder died too, the lease goes to a downloader once the takeover period is over.
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert not state.announce(_node_announce("b", have=some), 0.0).granted
     assert not state.announce(_node_announce("c", have=some), TTL - 0.1).granted
     reply = state.announce(_node_announce("c", have=some), TTL)
     assert reply.granted and reply.lease_holder == "c"
 
     # A digest first heard of from a node without chunks is a new transfer: the lease is granted at once.
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("b", have=bytes(1)), 0.0).granted
     # And a claim never takes over a live lease of another node.
     reply = state.announce(_node_announce("z", have=some, leased=True), 1.0)
@@ -730,7 +730,7 @@ def test_a_coordinator_taking_over_a_transfer_in_progress_lets_the_lease_holder_
 
 
 def test_a_lease_holder_that_makes_no_progress_loses_the_lease() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("a", have=b"\x00"), 0.0).granted
     # It keeps announcing, but its bitmap never grows: the lease ends TTL after the grant.
     for t in (5.0, 10.0, 14.0):
@@ -746,7 +746,7 @@ def test_a_lease_holder_that_makes_no_progress_loses_the_lease() -> None:
 
 
 def test_false_claims_are_disputed_and_stop_holding_up_the_site() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     # A liar claims a complete copy: no lease for its site...
     state.announce(_node_announce("liar", complete=True), 0.0)
     assert not state.announce(_node_announce("x"), 1.0).granted
@@ -759,13 +759,13 @@ def test_false_claims_are_disputed_and_stop_holding_up_the_site() -> None:
     state.announce(_node_announce("liar", complete=True), 3.0)
     assert "liar" not in {p.node for p in state.announce(_node_announce("y", want_lease=False), 4.0).holders}
     # A disputed lease holder loses the lease at once; it cannot take it back while distrusted.
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("lazy"), 0.0).granted
     reply = state.announce(_announce_disputing("x", "lazy"), 1.0)
     assert reply.granted and reply.lease_holder == "x"
     assert not state.announce(_node_announce("lazy", leased=True), 2.0).granted
     # Distrust is short: after it, the node's announcements count again.
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     state.announce(_node_announce("n1", complete=True), 0.0)
     state.announce(_announce_disputing("x", "n1", want_lease=False), 1.0)
     state.announce(_node_announce("n1", complete=True), 1.0 + TTL + 1)
@@ -783,14 +783,70 @@ def _announce_disputing(node: str, *disputed: str, want_lease: bool = True) -> A
                     False, message.have, want_lease, False, False, disputed)
 
 
-def test_no_lease_when_the_site_already_has_a_complete_copy() -> None:
+def test_blobs_split_into_ranges_of_at_least_a_few_chunks() -> None:
+    assert split_ranges(12, 16) == [(0, 3), (4, 7), (8, 11)]
+    assert split_ranges(1, 16) == [(0, 0)] and split_ranges(3, 16) == [(0, 2)] and split_ranges(0, 16) == []
+    assert split_ranges(100, 1) == [(0, 99)]
+    for count in (5, 37, 100, 1000):
+        ranges = split_ranges(count, 16)
+        covered = [i for first, last in ranges for i in range(first, last + 1)]
+        assert covered == list(range(count))  # disjoint, in order, everything
+        sizes = {last - first + 1 for first, last in ranges}
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= min(4, count) and len(ranges) <= 16
+
+
+def _ranged(node: str, chunks: int, have: set[int] | None = None, **fields: object) -> Announce:
+    bitmap = Bitmap(chunks)
+    for index in have or set():
+        bitmap.set(index)
+    message = _node_announce(node, have=bitmap.to_bytes(), **fields)  # type: ignore[arg-type]
+    return Announce(message.digest, node, message.address, message.site, chunks * 2**20, 2**20, message.complete,
+                    message.have, message.want_lease, message.gone, message.leased)
+
+
+def test_a_site_fetches_disjoint_ranges_through_several_nodes() -> None:
     state = CoordinatorState(lease_ttl=TTL)
+    replies = {f"n{i}": state.announce(_ranged(f"n{i}", 12), 0.0) for i in range(5)}
+    assert [replies[f"n{i}"].ranges for i in range(5)] == [((0, 3),), ((4, 7),), ((8, 11),), (), ()]
+    assert [n for n, r in replies.items() if r.granted] == ["n0", "n1", "n2"]
+    lessees = state.announce(_ranged("n4", 12), 1.0).lessees
+    assert [(lease.node, lease.first, lease.last) for lease in lessees] == [("n0", 0, 3), ("n1", 4, 7), ("n2", 8, 11)]
+    assert state.announce(_ranged("n4", 12), 1.0).lease_holder == "n0"  # older nodes: the first range's holder
+    # n1 finishes its range: released (nothing left to hand out), and nobody gets it again.
+    reply = state.announce(_ranged("n1", 12, set(range(4, 8))), 2.0)
+    assert not reply.granted and reply.ranges == ()
+    assert [lease.node for lease in state.announce(_ranged("n4", 12), 2.5).lessees] == ["n0", "n2"]
+    # n0 dies: after TTL its range goes to the next node that asks.
+    for t in (3.0, 8.0, 14.0):
+        state.announce(_ranged("n2", 12, {8}), t)
+    reply = state.announce(_ranged("n3", 12), 0.0 + TTL + 0.1)
+    assert reply.granted and reply.ranges == ((0, 3),)
+    # Another site has its own ranges.
+    other = state.announce(_ranged("m0", 12, site="s2"), 16.0)
+    assert other.granted and other.ranges == ((0, 3),)
+
+
+def test_a_node_done_with_its_range_gets_the_next_free_one() -> None:
+    state = CoordinatorState(lease_ttl=TTL)
+    assert state.announce(_ranged("solo", 12), 0.0).ranges == ((0, 3),)
+    # Alone, it fetches range after range.
+    assert state.announce(_ranged("solo", 12, set(range(0, 4))), 1.0).ranges == ((4, 7),)
+    assert state.announce(_ranged("solo", 12, set(range(0, 8))), 2.0).ranges == ((8, 11),)
+    # A range someone already has (a node that fetched it when stuck) is not handed out again.
+    state = CoordinatorState(lease_ttl=TTL)
+    state.announce(_ranged("a", 12), 0.0)
+    state.announce(_ranged("stuck", 12, set(range(4, 8)), want_lease=False), 0.5)
+    assert state.announce(_ranged("b", 12), 1.0).ranges == ((8, 11),)
+
+
+def test_no_lease_when_the_site_already_has_a_complete_copy() -> None:
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     state.announce(_node_announce("done", complete=True), 0.0)
     reply = state.announce(_node_announce("x"), 1.0)
     assert not reply.granted and reply.lease_holder is None
     assert [p.node for p in reply.holders] == ["done"] and reply.holders[0].complete
     # When the lessee completes, its lease ends and nobody else in the site gets one.
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("a"), 0.0).granted
     reply = state.announce(_node_announce("a", complete=True, want_lease=False), 5.0)
     assert reply.lease_holder is None
@@ -798,7 +854,7 @@ def test_no_lease_when_the_site_already_has_a_complete_copy() -> None:
 
 
 def test_each_site_gets_its_own_lease() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("a1", site="east"), 0.0).granted
     assert not state.announce(_node_announce("a2", site="east"), 0.0).granted
     assert state.announce(_node_announce("b1", site="west"), 0.0).granted
@@ -815,7 +871,7 @@ def test_each_site_gets_its_own_lease() -> None:
 
 
 def test_gone_removes_holder_and_its_lease() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("a"), 0.0).granted
     state.announce(_node_announce("b"), 0.0)
     reply = state.announce(_node_announce("a", gone=True, have=None), 1.0)

@@ -41,7 +41,7 @@ import trio.testing
 
 from p2pd.config import SwarmConfig
 from p2pd.oci.digest import Digest
-from p2pd.swarm.coordinator import CoordinatorState
+from p2pd.swarm.coordinator import CoordinatorState, split_ranges
 from p2pd.swarm.engine import _LESSEE_LOOKAHEAD, Swarm
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member
@@ -99,6 +99,8 @@ class _Node:
     sites: dict[str, str] = field(default_factory=dict)
     leased: bool = False
     lessee: str | None = None
+    ranges: tuple[tuple[int, int], ...] = ()  # our range leases
+    lessees: dict[str, tuple[int, int]] = field(default_factory=dict)  # the site's other range holders
     upstream_running: bool = False
     next_announce: float = 0.0
     announced_at: float = 0.0
@@ -199,8 +201,11 @@ class Simulation:
         return state.announce(message, now)
 
     def _absorb(self, node: _Node, reply: Reply) -> None:
-        node.leased = node.leased or reply.granted
+        # As the engine does: the ranges this node fetches, and who fetches the others.
+        node.ranges = reply.ranges if reply.granted else ()
+        node.leased = bool(node.ranges)
         node.lessee = reply.lease_holder
+        node.lessees = {lease.node: (lease.first, lease.last) for lease in reply.lessees if lease.node != node.id}
         for peer in reply.holders:
             if peer.node == node.id:
                 continue
@@ -232,15 +237,17 @@ class Simulation:
             for peer, mask in node.known_mask.items()
             if mask & needed_mask and node.retry_at.get(peer, 0.0) <= now
         }
-        if node.lessee and node.lessee != node.id and node.retry_at.get(node.lessee, 0.0) <= now:
-            # As the engine does: what the lease holder is known to have, plus the next few
-            # chunks past its prefix (it fetches in order and its endpoint waits for them).
-            known = node.known.get(node.lessee)
+        for lessee, (first, last) in node.lessees.items():
+            if node.retry_at.get(lessee, 0.0) > now:
+                continue
+            # As the engine does: what a range holder is known to have, plus the next few
+            # chunks of its range (it fetches in order and its endpoint waits for them).
+            known = node.known.get(lessee)
             optimistic = Bitmap(CHUNKS, known.to_bytes()) if known else Bitmap(CHUNKS)
-            frontier = optimistic.prefix()
-            for index in range(frontier, min(CHUNKS, frontier + _LESSEE_LOOKAHEAD)):
+            frontier = next((i for i in range(first, last + 1) if i not in optimistic), last + 1)
+            for index in range(frontier, min(last + 1, frontier + _LESSEE_LOOKAHEAD)):
                 optimistic.set(index)
-            sources[node.lessee] = optimistic
+            sources[lessee] = optimistic
         if not sources:
             return
         same_site = [peer for peer in sources if node.sites.get(peer, self.nodes[peer].site) == node.site]
@@ -251,7 +258,7 @@ class Simulation:
             max_per_source=self.max_per_peer,
             limit=room,
             preferred=same_site,
-            fallback=[node.lessee] if node.lessee else [],
+            fallback=list(node.lessees),
             rng=self.rng,
         )
         for request in plan:
@@ -296,14 +303,16 @@ class Simulation:
 
     def _missing(self, requester: _Node, index: int, source_id: str, now: float) -> None:
         requester.retry_at[source_id] = now + 0.2
-        if source_id != requester.lessee:
+        if source_id not in requester.lessees:
             requester.known.pop(source_id, None)
             requester.known_mask.pop(source_id, None)
         self._release(requester, index, source_id)
 
     def _upstream(self, node: _Node, now: float) -> None:
         taken = 0
-        for index in range(CHUNKS):
+        stuck = now - node.last_progress > self.stuck_after
+        mine = range(CHUNKS) if stuck else [i for first, last in node.ranges for i in range(first, last + 1)]
+        for index in mine:
             if taken == UPSTREAM_CHUNKS_PER_ROUND:
                 break
             if index not in node.have and index not in node.requested:
@@ -395,8 +404,10 @@ def _run(results: dict[tuple[int, int], Result], n: int, sites: int = 1) -> Resu
 @pytest.mark.parametrize("n", [100, 1000])
 def test_one_upstream_fetch_per_blob_and_everyone_completes(results: dict[tuple[int, int], Result], n: int) -> None:
     result = _run(results, n)
-    assert [len(nodes) for nodes in result.upstream_nodes.values()] == [1]
-    assert result.upstream_chunks == CHUNKS  # the blob crossed the uplink exactly once
+    # The site's fetch is split into range leases: several nodes carry first copies, and the
+    # blob still crosses the uplink exactly once.
+    assert [len(nodes) for nodes in result.upstream_nodes.values()] == [len(split_ranges(CHUNKS, 16))]
+    assert result.upstream_chunks == CHUNKS
     # Nobody waited long enough for a chunk to give up on its peers and go to the upstream.
     assert result.longest_wait < result.stuck_after
     # The others assembled the blob from several peers (nearly all of them; one may get lucky
@@ -407,10 +418,11 @@ def test_one_upstream_fetch_per_blob_and_everyone_completes(results: dict[tuple[
 
 def test_one_upstream_fetch_per_blob_per_site_with_three_sites(results: dict[tuple[int, int], Result]) -> None:
     result = _run(results, 1000, sites=3)
+    ranges = len(split_ranges(CHUNKS, 16))
     assert {site: len(nodes) for site, nodes in result.upstream_nodes.items()} == {
-        "site-0": 1,
-        "site-1": 1,
-        "site-2": 1,
+        "site-0": ranges,
+        "site-1": ranges,
+        "site-2": ranges,
     }
     assert result.upstream_chunks == 3 * CHUNKS
     assert result.longest_wait < result.stuck_after
@@ -523,7 +535,9 @@ def _engine(
     ranking = coordinators(str(digest), [m.node_id for m in [me, *others]], coordinator_count)
     assert "lessee" not in ranking
     by_id = {m.node_id: m for m in others}
-    client = _FakeClient({by_id[node].address: CoordinatorState(lease_ttl=config.lease_ttl) for node in ranking})
+    # One range: these tests follow the single lease of a site through coordinator failures.
+    client = _FakeClient({by_id[node].address: CoordinatorState(lease_ttl=config.lease_ttl, max_ranges=1)
+                          for node in ranking})
     swarm = Swarm(
         me=me,
         membership=_FakeMembership(me, others),

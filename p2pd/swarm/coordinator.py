@@ -4,9 +4,14 @@ node of each site holds the upstream lease.
 Rules/invariants:
 - State is soft: every entry expires unless refreshed by the node it describes, so a
   coordinator that restarts (or a backup that takes over) rebuilds it from announcements.
-- At most one node per (digest, site) holds the upstream lease at a time; it is granted
-  only when the site has no complete holder and no live lease, and it expires
-  ``lease_ttl`` seconds after the holder's last announcement.
+- The upstream fetch of a site is split into disjoint chunk *ranges* (at least
+  ``MIN_RANGE_CHUNKS`` chunks each, at most ``max_ranges``), each leased to one node at a
+  time: a node that asks for a lease gets the first range nobody holds or finished, and the
+  next one when it has finished its own. So several nodes carry the first copies of the
+  blob's chunks into the site instead of one uplink carrying them all, and the site still
+  fetches every chunk from the upstream once. A range is finished when its holder's
+  bitmap covers it. Leases are granted only while the site has no complete holder, and a
+  lease expires ``lease_ttl`` seconds after its holder's last announcement with progress.
 - A coordinator that learns of a digest from a node that already holds chunks has taken
   over a transfer in progress (its predecessor died, or membership changed) and does not
   know who holds the lease. For ``lease_ttl`` it grants the lease only to a node that says
@@ -34,9 +39,21 @@ from dataclasses import dataclass, field
 
 from p2pd.oci.digest import Digest
 
-from .messages import MAX_HOLDERS, Announce, PeerInfo, Reply
+from .messages import MAX_HOLDERS, MAX_RANGES, Announce, PeerInfo, RangeLease, Reply
+from .planning import Bitmap
 
-__all__ = ["CoordinatorState"]
+__all__ = ["MIN_RANGE_CHUNKS", "CoordinatorState", "split_ranges"]
+
+MIN_RANGE_CHUNKS = 4  # a range is worth one upstream request: not smaller than this
+
+
+def split_ranges(count: int, max_ranges: int) -> list[tuple[int, int]]:
+    """``count`` chunks in at most ``max_ranges`` contiguous ranges of about equal size (inclusive)."""
+    if count <= 0:
+        return []
+    parts = max(1, min(max_ranges, count // MIN_RANGE_CHUNKS))
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 _EXPIRY_INTERVAL = 1.0  # seconds between expiry scans of one digest's holders
 
@@ -54,13 +71,22 @@ class _Lease:
     expires: float
     progressed: float  # when the holder's bitmap last grew (or the lease was granted)
     chunks: int = 0  # chunks the holder had then
+    first: int = 0  # the leased range of chunks (inclusive)
+    last: int = -1  # -1: the whole blob (size unknown when granted)
+
+
+@dataclass(slots=True)
+class _SiteRanges:
+    ranges: list[tuple[int, int]]
+    leases: dict[int, _Lease] = field(default_factory=dict)  # range index → live lease
+    done: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
 class _DigestState:
     holders: OrderedDict[str, _Holder] = field(default_factory=OrderedDict)
     expired_at: float = float("-inf")
-    leases: dict[str, _Lease] = field(default_factory=dict)  # by site
+    sites: dict[str, _SiteRanges] = field(default_factory=dict)  # the range leases of each site
     takeover_until: float = 0.0  # until then, only a node that says it holds the lease gets it
     distrusted: dict[str, float] = field(default_factory=dict)  # node → until (its claims are ignored)
 
@@ -69,7 +95,9 @@ class CoordinatorState:
     """Pure state machine: ``announce(message, now)`` returns the reply to send."""
 
     def __init__(self, *, lease_ttl: float = 15.0, holder_ttl: float = 60.0, complete_ttl: float = 1800.0,
-                 max_digests: int = 20_000, max_holders: int = 4096, distrust_ttl: float | None = None) -> None:
+                 max_digests: int = 20_000, max_holders: int = 4096, distrust_ttl: float | None = None,
+                 max_ranges: int = 16) -> None:
+        self.max_ranges = min(max_ranges, MAX_RANGES)
         self.lease_ttl = lease_ttl
         self.distrust_ttl = lease_ttl if distrust_ttl is None else distrust_ttl
         self.disputes = 0
@@ -82,8 +110,9 @@ class CoordinatorState:
         self.leases_granted = 0
 
     def _expire(self, state: _DigestState, now: float) -> None:
-        for site in [s for s, lease in state.leases.items() if lease.expires <= now]:
-            del state.leases[site]
+        for site in state.sites.values():
+            for index in [i for i, lease in site.leases.items() if lease.expires <= now]:
+                del site.leases[index]
         for node in [n for n, until in state.distrusted.items() if until <= now]:
             del state.distrusted[node]
         # A holder scan costs O(holders): at most once per second per digest, not per
@@ -114,9 +143,7 @@ class CoordinatorState:
 
         if message.gone:
             state.holders.pop(message.node, None)
-            lease = state.leases.get(message.site)
-            if lease is not None and lease.node == message.node:
-                del state.leases[message.site]
+            self._release(state, message.node)
         elif message.complete or message.have is not None:
             state.holders[message.node] = _Holder(
                 PeerInfo(message.node, message.address, message.site, message.complete,
@@ -125,28 +152,41 @@ class CoordinatorState:
             while len(state.holders) > self.max_holders:
                 state.holders.popitem(last=False)
 
-        lease = state.leases.get(message.site)
-        if lease is not None and lease.node == message.node:
-            if message.complete:
-                del state.leases[message.site]  # done: the blob is in the site now
-                lease = None
-            else:
-                chunks = _count(message.have)
+        site = self._site(state, message)
+        have = _bitmap(message, site)
+        if message.complete:
+            self._release(state, message.node)  # done: the blob is in the site now
+        elif site is not None:
+            if have is not None:
+                for index, (first, last) in enumerate(site.ranges):
+                    if index not in site.done and all(i in have for i in range(first, last + 1)):
+                        site.done.add(index)  # this range is in the site now, whoever fetched it
+                        site.leases.pop(index, None)
+            for lease in list(site.leases.values()):
+                if lease.node != message.node:
+                    continue
+                # Progress on its own range: chunks from peers do not keep a range lease alive.
+                chunks = sum(1 for i in range(lease.first, lease.last + 1) if i in have) if have is not None else 0
                 if chunks > lease.chunks:
                     lease.chunks, lease.progressed = chunks, now
                 if now - lease.progressed < self.lease_ttl:
                     lease.expires = now + self.lease_ttl  # the lessee is alive and working
-        granted = False
         site_has_copy = any(h.info.complete and h.info.site == message.site and h.info.node not in state.distrusted
                             for h in state.holders.values())
         may_grant = trusted and (message.leased or now >= state.takeover_until)
-        if message.want_lease and lease is None and not site_has_copy and not message.gone and may_grant:
-            lease = state.leases[message.site] = _Lease(message.node, message.address, now + self.lease_ttl, now,
-                                                        _count(message.have))
-            self.leases_granted += 1
-            granted = True
-        elif lease is not None and lease.node == message.node and message.want_lease:
-            granted = True
+        mine = [lease for lease in site.leases.values() if lease.node == message.node] if site is not None else []
+        if message.want_lease and not mine and site is not None and not site_has_copy and not message.gone \
+                and may_grant:
+            free = next((i for i in range(len(site.ranges)) if i not in site.leases and i not in site.done), None)
+            if free is not None:
+                first, last = site.ranges[free]
+                held = site.leases[free] = _Lease(message.node, message.address, now + self.lease_ttl, now,
+                                                  0, first, last)
+                self.leases_granted += 1
+                mine = [held]
+        granted = bool(mine) and message.want_lease
+        live = sorted(site.leases.items()) if site is not None else []
+        first_lease = live[0][1] if live else None
 
         # Same-site holders first, complete ones first within each group, newest first among
         # equals; only the best MAX_HOLDERS are needed (O(holders), no full sort).
@@ -156,18 +196,33 @@ class CoordinatorState:
                                                if h.info.node != message.node and self._fresh(h, now)
                                                and h.info.node not in state.distrusted))
         holders = tuple(entry[3] for entry in others)
-        return Reply(holders, lease.node if lease else None, lease.address if lease else None,
-                     granted, self.lease_ttl)
+        return Reply(holders, first_lease.node if first_lease else None,
+                     first_lease.address if first_lease else None, granted, self.lease_ttl,
+                     ranges=tuple((held.first, held.last) for held in mine) if granted else (),
+                     lessees=tuple(RangeLease(held.node, held.address, held.first, held.last)
+                                   for _index, held in live[:MAX_RANGES]))
+
+    def _site(self, state: _DigestState, message: Announce) -> _SiteRanges | None:
+        """The site's ranges; made from the blob's size when a node of the site first names it."""
+        site = state.sites.get(message.site)
+        if site is None and message.size is not None and message.chunk_size > 0:
+            count = -(-message.size // message.chunk_size)
+            site = state.sites[message.site] = _SiteRanges(split_ranges(max(count, 1), self.max_ranges))
+        return site
+
+    def _release(self, state: _DigestState, node: str) -> None:
+        for site in state.sites.values():
+            for index in [i for i, lease in site.leases.items() if lease.node == node]:
+                del site.leases[index]
 
     def _dispute(self, state: _DigestState, message: Announce, now: float) -> None:
         for node in message.disputed:
             if node == message.node or (node not in state.holders and all(
-                    lease.node != node for lease in state.leases.values())):
+                    lease.node != node for site in state.sites.values() for lease in site.leases.values())):
                 continue  # nothing to take back (and a node cannot dispute itself)
             self.disputes += 1
             state.distrusted[node] = now + self.distrust_ttl
-            for site in [s for s, lease in state.leases.items() if lease.node == node]:
-                del state.leases[site]
+            self._release(state, node)
             while len(state.distrusted) > self.max_holders:
                 state.distrusted.pop(next(iter(state.distrusted)))
 
@@ -175,6 +230,16 @@ class CoordinatorState:
         return len(self._digests)
 
 
-def _count(have: bytes | None) -> int:
-    """Chunks set in an announced bitmap."""
-    return 0 if have is None else sum(byte.bit_count() for byte in have)
+def _bitmap(message: Announce, site: _SiteRanges | None) -> Bitmap | None:
+    """The announced bitmap (all set for a complete copy), or None when it does not fit the blob."""
+    if site is None or not site.ranges:
+        return None
+    count = site.ranges[-1][1] + 1
+    if message.complete:
+        return Bitmap.full(count)
+    if message.have is None:
+        return None
+    try:
+        return Bitmap(count, message.have)
+    except ValueError:
+        return None

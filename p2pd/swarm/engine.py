@@ -84,8 +84,10 @@ class SwarmTransfer:
     have: Bitmap
     requested: set[int] = field(default_factory=set)
     leased: bool = False
-    lessee: str | None = None
+    lessee: str | None = None  # holder of the site's first unfinished range (status, older coordinators)
     lessee_address: str | None = None
+    ranges: tuple[tuple[int, int], ...] = ()  # chunk ranges this node fetches from the upstream (inclusive)
+    lessees: dict[str, tuple[int, int]] = field(default_factory=dict)  # other nodes' range leases
     sources: dict[str, Bitmap] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     sites: dict[str, str] = field(default_factory=dict)
@@ -275,6 +277,7 @@ class Swarm:
                     if reply is None:
                         log.warning("no coordinator reachable for %s; fetching from the upstream", transfer.digest)
                         transfer.leased = True
+                        transfer.ranges = ((0, transfer.count - 1),)
                     else:
                         transfer.disputed.clear()  # told
                         self._absorb(transfer, reply)
@@ -293,15 +296,28 @@ class Swarm:
             nursery.cancel_scope.cancel()
 
     def _absorb(self, transfer: SwarmTransfer, reply: Reply) -> None:
-        if reply.granted and not transfer.leased:
-            log.info("holding the upstream lease for %s", transfer.digest)
+        # A coordinator that grants without ranges (an older node) leases the whole blob.
+        ranges = (reply.ranges or ((0, transfer.count - 1),)) if reply.granted else ()
+        if ranges and ranges != transfer.ranges:
+            log.info("holding the upstream lease for %s, chunks %s", transfer.digest,
+                     ", ".join(f"{first}-{last}" for first, last in ranges))
             self.metrics.leases.inc()
-        transfer.leased = transfer.leased or reply.granted
+        transfer.ranges = ranges
+        transfer.leased = bool(ranges)
         transfer.lessee, transfer.lessee_address = reply.lease_holder, reply.lease_address
         for peer in reply.holders:
             self._learn(transfer, peer)
+        lessees = {lease.node: (lease.first, lease.last) for lease in reply.lessees}
+        if not reply.lessees and reply.lease_holder:
+            lessees[reply.lease_holder] = (0, transfer.count - 1)
+        for lease in reply.lessees:
+            if lease.node != self.me.node_id:
+                transfer.addresses.setdefault(lease.node, lease.address)
         if transfer.lessee and transfer.lessee != self.me.node_id and transfer.lessee_address:
             transfer.addresses.setdefault(transfer.lessee, transfer.lessee_address)
+        lessees.pop(self.me.node_id, None)
+        transfer.lessees = {node: (max(0, first), min(last, transfer.count - 1))
+                            for node, (first, last) in lessees.items() if first < transfer.count}
 
     def _learn(self, transfer: SwarmTransfer, peer: PeerInfo) -> None:
         if peer.node == self.me.node_id:
@@ -318,21 +334,21 @@ class Swarm:
         now = time.monotonic()
         sources = {node: bitmap for node, bitmap in transfer.sources.items()
                    if self.membership.is_usable(node) and transfer.retry_at.get(node, 0.0) <= now}
-        lessee = transfer.lessee
-        if (lessee and lessee != self.me.node_id and self.membership.is_usable(lessee)
-                and transfer.retry_at.get(lessee, 0.0) <= now):
-            # The lease holder fetches in order: besides what it has, it will have the next
-            # few chunks soon, and its endpoint waits briefly for a chunk in flight. Asking it
-            # for chunks far ahead would only wait.
+        for lessee, (first, last) in transfer.lessees.items():
+            if not self.membership.is_usable(lessee) or transfer.retry_at.get(lessee, 0.0) > now:
+                continue
+            # A range holder fetches its range in order: besides what it has, it will have the
+            # next few chunks of its range soon, and its endpoint waits briefly for a chunk in
+            # flight. Asking it for chunks far ahead would only wait.
             known = transfer.sources.get(lessee)
             optimistic = Bitmap(transfer.count, known.to_bytes()) if known else Bitmap(transfer.count)
-            frontier = optimistic.prefix()
-            for index in range(frontier, min(transfer.count, frontier + _LESSEE_LOOKAHEAD)):
+            frontier = next((i for i in range(first, last + 1) if i not in optimistic), last + 1)
+            for index in range(frontier, min(last + 1, frontier + _LESSEE_LOOKAHEAD)):
                 optimistic.set(index)
-            sources[lessee] = self._super_seed(transfer, optimistic, known, sources, now)
+            sources[lessee] = self._super_seed(transfer, lessee, optimistic, known, sources, now)
         return sources
 
-    def _super_seed(self, transfer: SwarmTransfer, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
+    def _super_seed(self, transfer: SwarmTransfer, lessee: str, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
                     sources: dict[str, Bitmap], now: float) -> Bitmap:
         """Which chunks this node may ask the lease holder for.
 
@@ -343,9 +359,9 @@ class Swarm:
         ``super_seed_wait`` seconds anyone may ask, so a slow or lost designated node
         costs a short delay, never a stall.
         """
-        others = [bitmap for node, bitmap in sources.items() if node != transfer.lessee]
+        others = [bitmap for node, bitmap in sources.items() if node != lessee]
         downloaders = [node for node, bitmap in transfer.sources.items()
-                       if node != transfer.lessee and not bitmap.is_full()]
+                       if node not in transfer.lessees and not bitmap.is_full()]
         allowed = Bitmap(transfer.count)
         wait = min(_SUPER_SEED_WAIT_MAX, 2 * self.announce_interval())
         for index in lessee_bitmap.indexes():
@@ -384,9 +400,8 @@ class Swarm:
         if not sources:
             return
         same_site = [node for node in sources if transfer.sites.get(node) == self.me.site]
-        lessee = [transfer.lessee] if transfer.lessee else []
         plan = plan_requests(needed, sources, busy=transfer.busy, max_per_source=self.max_requests_per_peer,
-                             limit=room, preferred=same_site, fallback=lessee, rng=self._rng)
+                             limit=room, preferred=same_site, fallback=list(transfer.lessees), rng=self._rng)
         if any(transfer.hashes[request.index] is None for request in plan):
             await self._refresh_hashes(transfer)
             plan = [r for r in plan if transfer.hashes[r.index] is not None]
@@ -397,7 +412,8 @@ class Swarm:
 
     async def _refresh_hashes(self, transfer: SwarmTransfer) -> None:
         """Fills unknown chunk hashes from the lease holder or a complete holder (signed)."""
-        candidates = [transfer.lessee] if transfer.lessee and transfer.lessee != self.me.node_id else []
+        # Without the seed's map, each range holder computed the hashes of its own range.
+        candidates = list(transfer.lessees)
         candidates += [n for n, b in transfer.sources.items() if b.is_full() and n not in candidates]
         for node in candidates:
             address = transfer.addresses.get(node)
@@ -416,7 +432,8 @@ class Swarm:
             for index, value in enumerate(chunk_map.chunks):
                 if transfer.hashes[index] is None and value is not None:
                     transfer.hashes[index] = value
-            return
+            if all(value is not None for value in transfer.hashes):
+                return
 
     async def _fetch_chunk(self, transfer: SwarmTransfer, index: int, node: str,
                            on_progress: Callable[[], None]) -> None:
@@ -447,6 +464,7 @@ class Swarm:
                 log.warning("chunk %d of %s from %s failed verification", index, transfer.digest, node)
                 self.membership.ban(node, self.ban_seconds)
                 transfer.sources.pop(node, None)
+                transfer.disputed.add(node)  # its claims are worth nothing: the coordinator stops counting them
                 return
             if index in transfer.have:
                 return
@@ -471,7 +489,7 @@ class Swarm:
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
                 self.metrics.claims_disputed.inc()
-            elif node != transfer.lessee:
+            elif node not in transfer.lessees:
                 transfer.sources.pop(node, None)
         except PeerRefused:
             # It protects this blob and we have no grant it accepts: not a fault of the peer.
@@ -500,13 +518,17 @@ class Swarm:
         while not transfer.have.is_full():
             skip = transfer.have.indexes()
             skip_set = set(skip) | transfer.requested | self._held_by_peers(transfer)
-            first = next((i for i in range(transfer.count) if i not in skip_set), None)
+            stuck = time.monotonic() - transfer.last_progress > self.stuck_after
+            # Our range leases (in order); everything missing once nothing arrives any more.
+            allowed = [i for first, last in transfer.ranges for i in range(first, last + 1)]
+            mine = set(range(transfer.count)) if stuck else set(allowed)
+            first = next((i for i in sorted(mine) if i not in skip_set), None)
             if first is None:
-                with trio.move_on_after(self.stuck_after / 3):
+                with trio.move_on_after(min(1.0, self.stuck_after / 3)):
                     await transfer.wait_changed()
                 continue
             last = first
-            while last + 1 < transfer.count and last + 1 not in skip_set:
+            while last + 1 < transfer.count and last + 1 not in skip_set and last + 1 in mine:
                 last += 1
             run = range(first, last + 1)
             transfer.requested.update(run)
@@ -521,7 +543,7 @@ class Swarm:
             return set()
         held: set[int] = set()
         for node, bitmap in transfer.sources.items():
-            if node != transfer.lessee and node != self.me.node_id and self.membership.is_usable(node):
+            if node != self.me.node_id and self.membership.is_usable(node):
                 held.update(bitmap.indexes())
         return held
 

@@ -13,11 +13,23 @@ import msgpack
 
 from p2pd.oci.digest import Digest
 
-__all__ = ["MAX_DISPUTED", "MAX_MESSAGE_BYTES", "Announce", "MessageError", "PeerInfo", "Reply", "decode", "encode"]
+__all__ = [
+    "MAX_DISPUTED",
+    "MAX_MESSAGE_BYTES",
+    "MAX_RANGES",
+    "Announce",
+    "MessageError",
+    "PeerInfo",
+    "RangeLease",
+    "Reply",
+    "decode",
+    "encode",
+]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_HOLDERS = 256  # holders returned per reply
 MAX_DISPUTED = 16  # nodes one announcement may dispute
+MAX_RANGES = 64  # range leases of one site listed in a reply
 _MAX_TEXT = 255
 
 
@@ -55,12 +67,24 @@ class Announce:
 
 
 @dataclass(frozen=True, slots=True)
+class RangeLease:
+    """A node of the site fetches chunks ``first..last`` (inclusive) from the upstream."""
+
+    node: str
+    address: str
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     holders: tuple[PeerInfo, ...]
-    lease_holder: str | None  # node id holding this site's upstream lease
+    lease_holder: str | None  # node id holding the site's first unfinished range (older nodes: the lease)
     lease_address: str | None
-    granted: bool  # the lease was granted to the asking node
+    granted: bool  # the asking node holds at least one range lease
     lease_ttl: float
+    ranges: tuple[tuple[int, int], ...] = ()  # the asking node's ranges (first, last), inclusive
+    lessees: tuple[RangeLease, ...] = ()  # every live range lease of the asking node's site
 
 
 def _text(value: Any, name: str) -> str:
@@ -87,6 +111,33 @@ def _peer(value: Any) -> PeerInfo:
                     _text(value.get("site"), "site"), complete, _optional_bytes(value.get("have"), "have"))
 
 
+def _chunk_range(first: Any, last: Any) -> tuple[int, int]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last)) or not 0 <= first <= last:
+        raise MessageError("a range is two chunk indexes, first <= last")
+    return first, last
+
+
+def _ranges(value: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or len(value) > MAX_RANGES:
+        raise MessageError(f"ranges must be a list of at most {MAX_RANGES}")
+    if not all(isinstance(item, list) and len(item) == 2 for item in value):
+        raise MessageError("a range is [first, last]")
+    return tuple(_chunk_range(first, last) for first, last in value)
+
+
+def _lessees(value: Any) -> tuple[RangeLease, ...]:
+    if not isinstance(value, list) or len(value) > MAX_RANGES:
+        raise MessageError(f"lessees must be a list of at most {MAX_RANGES}")
+    leases = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise MessageError("a lessee must be a map")
+        first, last = _chunk_range(item.get("first"), item.get("last"))
+        leases.append(RangeLease(_text(item.get("node"), "node"), _text(item.get("address"), "address"),
+                                 first, last))
+    return tuple(leases)
+
+
 def encode(message: Announce | Reply) -> bytes:
     if isinstance(message, Announce):
         body: dict[str, Any] = {
@@ -105,6 +156,11 @@ def encode(message: Announce | Reply) -> bytes:
             "lease_holder": message.lease_holder, "lease_address": message.lease_address,
             "granted": message.granted, "lease_ttl": message.lease_ttl,
         }
+        if message.ranges:
+            body["ranges"] = [[first, last] for first, last in message.ranges]
+        if message.lessees:
+            body["lessees"] = [{"node": lease.node, "address": lease.address, "first": lease.first,
+                                "last": lease.last} for lease in message.lessees]
     return msgpack.packb(body)
 
 
@@ -151,5 +207,5 @@ def decode(data: bytes) -> Announce | Reply:
         return Reply(tuple(_peer(h) for h in holders),
                      None if lease_holder is None else _text(lease_holder, "lease_holder"),
                      None if lease_address is None else _text(lease_address, "lease_address"),
-                     granted, float(ttl))
+                     granted, float(ttl), _ranges(obj.get("ranges", [])), _lessees(obj.get("lessees", [])))
     raise MessageError("unknown message type")
