@@ -81,7 +81,7 @@ install-bench: $(BENCH_STAMP)
 # table, plots and raw JSON (root, ~12 min).
 # The benchmark stops itself after 14 min; timeout's SIGTERM (handled like Ctrl-C: full teardown) is a backstop.
 bench-swarm: install-bench system-deps
-	timeout --foreground --signal=TERM --kill-after=60 1440 $(PY) -m tests.bench.swarm --out docs/benchmarks.md
+	timeout --foreground --signal=TERM --kill-after=60 1740 $(PY) -m tests.bench.swarm --out docs/benchmarks.md
 
 .PHONY: install-bench bench-swarm bench-p2pd-auth bench-scan bench-signatures bench-signatures
 
