@@ -22,7 +22,7 @@ import p2pd.cli
 from p2pd.oci.digest import Digest
 from p2pd.swarm import auth, coordinator, messages, planning, rendezvous
 from p2pd.swarm.auth import AuthError
-from p2pd.swarm.coordinator import CoordinatorState, split_ranges
+from p2pd.swarm.coordinator import MIN_RANGE_CHUNKS, CoordinatorState, split_ranges
 from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, Reply, decode, encode
 from p2pd.swarm.planning import Bitmap, ChunkRequest, plan_requests
 
@@ -784,7 +784,8 @@ def _announce_disputing(node: str, *disputed: str, want_lease: bool = True) -> A
 
 
 def test_blobs_split_into_ranges_of_at_least_a_few_chunks() -> None:
-    assert split_ranges(12, 16) == [(0, 3), (4, 7), (8, 11)]
+    assert split_ranges(12, 16) == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)]
+    assert split_ranges(12, 3) == [(0, 3), (4, 7), (8, 11)]
     assert split_ranges(1, 16) == [(0, 0)] and split_ranges(3, 16) == [(0, 2)] and split_ranges(0, 16) == []
     assert split_ranges(100, 1) == [(0, 99)]
     for count in (5, 37, 100, 1000):
@@ -792,7 +793,7 @@ def test_blobs_split_into_ranges_of_at_least_a_few_chunks() -> None:
         covered = [i for first, last in ranges for i in range(first, last + 1)]
         assert covered == list(range(count))  # disjoint, in order, everything
         sizes = {last - first + 1 for first, last in ranges}
-        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= min(4, count) and len(ranges) <= 16
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= min(MIN_RANGE_CHUNKS, count) and len(ranges) <= 16
 
 
 def _ranged(node: str, chunks: int, have: set[int] | None = None, **fields: object) -> Announce:
@@ -805,7 +806,7 @@ def _ranged(node: str, chunks: int, have: set[int] | None = None, **fields: obje
 
 
 def test_a_site_fetches_disjoint_ranges_through_several_nodes() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
     replies = {f"n{i}": state.announce(_ranged(f"n{i}", 12), 0.0) for i in range(5)}
     assert [replies[f"n{i}"].ranges for i in range(5)] == [((0, 3),), ((4, 7),), ((8, 11),), (), ()]
     assert [n for n, r in replies.items() if r.granted] == ["n0", "n1", "n2"]
@@ -827,13 +828,13 @@ def test_a_site_fetches_disjoint_ranges_through_several_nodes() -> None:
 
 
 def test_a_node_done_with_its_range_gets_the_next_free_one() -> None:
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
     assert state.announce(_ranged("solo", 12), 0.0).ranges == ((0, 3),)
     # Alone, it fetches range after range.
     assert state.announce(_ranged("solo", 12, set(range(0, 4))), 1.0).ranges == ((4, 7),)
     assert state.announce(_ranged("solo", 12, set(range(0, 8))), 2.0).ranges == ((8, 11),)
     # A range someone already has (a node that fetched it when stuck) is not handed out again.
-    state = CoordinatorState(lease_ttl=TTL)
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
     state.announce(_ranged("a", 12), 0.0)
     state.announce(_ranged("stuck", 12, set(range(4, 8)), want_lease=False), 0.5)
     assert state.announce(_ranged("b", 12), 1.0).ranges == ((8, 11),)

@@ -44,7 +44,7 @@ from .planning import Bitmap
 
 __all__ = ["MIN_RANGE_CHUNKS", "CoordinatorState", "split_ranges"]
 
-MIN_RANGE_CHUNKS = 4  # a range is worth one upstream request: not smaller than this
+MIN_RANGE_CHUNKS = 2  # a range is worth one upstream request: not smaller than this
 
 
 def split_ranges(count: int, max_ranges: int) -> list[tuple[int, int]]:
