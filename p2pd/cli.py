@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 
-from . import __version__, containerd_config, registries_config
+from . import __version__, containerd_config, prefetch_cli, registries_config
 from .config import AgentConfig, load_config
 from .daemon import serve_agent
 from .errors import P2PDError
@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
 
     containerd = commands.add_parser("containerd-config", help="write containerd hosts.toml files for this agent")
     containerd_config.add_arguments(containerd)
+
+    prefetch = commands.add_parser("prefetch", help="fetch images into the local agent's cache before a rollout")
+    prefetch_cli.add_arguments(prefetch)
 
     registries = commands.add_parser("registries-config",
                                      help="write a registries.conf drop-in for podman and CRI-O pointing at this agent")
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args.endpoint, args.json)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "prefetch":
+            return prefetch_cli.run(args)
         if args.command == "registries-config":
             return registries_config.run(args)
         return containerd_config.run(args)
