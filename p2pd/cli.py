@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
 
     prefetch = commands.add_parser("prefetch", help="fetch images into the local agent's cache before a rollout")
     prefetch_cli.add_arguments(prefetch)
+    preheat = commands.add_parser("preheat", help="make every live member (or one site) prefetch images")
+    prefetch_cli.add_preheat_arguments(preheat)
 
     registries = commands.add_parser("registries-config",
                                      help="write a registries.conf drop-in for podman and CRI-O pointing at this agent")
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cache(args)
         if args.command == "prefetch":
             return prefetch_cli.run(args)
+        if args.command == "preheat":
+            return prefetch_cli.run_preheat(args)
         if args.command == "registries-config":
             return registries_config.run(args)
         return containerd_config.run(args)

@@ -16,6 +16,7 @@ from .gate import AccessGate
 from .metrics import AgentMetrics
 from .oci.platform import host_platform
 from .prefetch import Prefetcher, prefetch_api
+from .preheat import Preheater
 from .registry import MirrorFront
 from .store import BlobStore
 from .swarm.node import SwarmNode, serve_swarm
@@ -70,9 +71,15 @@ async def serve_agent(
 
             prefetcher = Prefetcher(store, fetcher, front, host_platform())
             await nursery.start(prefetcher.run)
+            preheater = None
+            if swarm_node is not None and swarm_node.service is not None:
+                preheater = Preheater(swarm_node, prefetcher, metrics)
+                swarm_node.service.preheat_handler = preheater.handle_peer
 
             async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
-                await serve_http(prefetch_api(prefetcher, front.handle), config.host, config.port, limits=config.limits,
+                # Loopback-only operator API (prefetch, preheat) in front of the registry front.
+                handler = prefetch_api(prefetcher, front.handle, preheat=preheater.handle_api if preheater else None)
+                await serve_http(handler, config.host, config.port, limits=config.limits,
                                  observer=metrics.observe, shutdown=shutdown, task_status=task_status)
                 nursery.cancel_scope.cancel()  # the server finished its graceful shutdown
 

@@ -34,13 +34,15 @@ from .oci.platform import Platform, select_manifest
 from .registry import MirrorFront
 from .store import BlobStore
 
-__all__ = ["MAX_IMAGES", "PREFETCH_PATH", "ImageRef", "ImageReport", "Prefetcher", "parse_image", "prefetch_api"]
+__all__ = ["MAX_IMAGES", "PREFETCH_PATH", "PREHEAT_PATH", "ImageRef", "ImageReport", "Prefetcher", "parse_image",
+           "parse_prefetch_request", "prefetch_api"]
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGES = 32  # per request
 MAX_REQUEST_BYTES = 64 * 1024
 PREFETCH_PATH = "/p2pd/v1/prefetch"
+PREHEAT_PATH = "/p2pd/v1/preheat"
 MAX_IMAGE_TEXT = 512
 MAX_PIN_SECONDS = 30 * 24 * 3600
 _HOST_RE = re.compile(r"(?:[a-z0-9-]+(?:\.[a-z0-9-]+)+|localhost|\[[0-9a-f:]+\])(?::[0-9]{1,5})?|"
@@ -228,7 +230,13 @@ def _bad_request(message: str) -> OCIError:
     return OCIError("UNSUPPORTED", message, status=400)
 
 
-def _parse_request(body: bytes) -> tuple[list[ImageRef], Platform | None, float]:
+def parse_prefetch_request(body: bytes) -> tuple[list[ImageRef], Platform | None, float, str | None,
+                                                  set[str] | None]:
+    """Images, platform, pin seconds, and for a preheat the site and node ids (None: all).
+
+    Raises:
+        OCIError: 400 for anything malformed or out of bounds.
+    """
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
@@ -244,29 +252,41 @@ def _parse_request(body: bytes) -> tuple[list[ImageRef], Platform | None, float]
     if not isinstance(pin_seconds, (int, float)) or isinstance(pin_seconds, bool) or \
             not 0 <= pin_seconds <= MAX_PIN_SECONDS:
         raise _bad_request(f"pin_seconds must be between 0 and {MAX_PIN_SECONDS}")
+    site, nodes = document.get("site"), document.get("nodes")
+    if site is not None and (not isinstance(site, str) or not 0 < len(site) <= 128):
+        raise _bad_request("site must be a site name")
+    if nodes is not None and (not isinstance(nodes, list) or len(nodes) > 1024 or
+                              not all(isinstance(n, str) and len(n) <= 128 for n in nodes)):
+        raise _bad_request("nodes must be a list of node ids")
     try:
-        return [parse_image(i) for i in images], Platform.parse(platform) if platform else None, float(pin_seconds)
+        return ([parse_image(i) for i in images], Platform.parse(platform) if platform else None,
+                float(pin_seconds), site, set(nodes) if nodes is not None else None)
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
 
 
-def prefetch_api(prefetcher: Prefetcher, inner: Handler) -> Handler:
+def prefetch_api(prefetcher: Prefetcher, inner: Handler, *, preheat: Handler | None = None) -> Handler:
     """``POST /p2pd/v1/prefetch`` from loopback clients only, in front of ``inner``.
 
     Body: ``{"images": [...], "platform": "linux/arm64", "pin_seconds": 7200}``. The answer
     (200, once every image is done or failed) is ``{"images": [ImageReport...]}``.
+    ``preheat`` serves ``POST /p2pd/v1/preheat`` under the same loopback rule (p2pd/preheat.py).
     """
 
     async def handle(request: Request) -> Response:
-        if request.path != PREFETCH_PATH:
+        if request.path not in (PREFETCH_PATH, PREHEAT_PATH):
             return await inner(request)
-        request.route = "prefetch"
+        request.route = "prefetch" if request.path == PREFETCH_PATH else "preheat"
         if not _is_loopback(request):
             # An operator action: remote callers use the signed peer message (p2pd preheat).
             raise OCIError("DENIED", "prefetch is accepted from loopback clients only", status=403)
         if request.method != "POST":
             raise OCIError("UNSUPPORTED", "use POST", status=405, headers=[("Allow", "POST")])
-        images, platform, pin_seconds = _parse_request(await request.body.read(MAX_REQUEST_BYTES))
+        if request.path == PREHEAT_PATH:
+            if preheat is None:
+                raise OCIError("NOT_FOUND", "preheat needs the swarm (--peer-listen)", status=404)
+            return await preheat(request)
+        images, platform, pin_seconds, _, _ = parse_prefetch_request(await request.body.read(MAX_REQUEST_BYTES))
         reports: list[ImageReport] = [ImageReport(str(i)) for i in images]
 
         async def one(index: int) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgpack
 import trio
@@ -66,6 +66,8 @@ class PeerService:
         self.uploads = 0
         self.upload_bucket = TokenBucket(upload_rate)
         self.chunk_wait = chunk_wait
+        # POST /p2p/v1/preheat: JSON request body in, JSON report out (p2pd/preheat.py); None: 404.
+        self.preheat_handler: Callable[[bytes], Awaitable[bytes]] | None = None
 
     async def handle(self, request: Request) -> Response:
         request.route = "peer"
@@ -89,6 +91,8 @@ class PeerService:
                 raise OCIError("BAD_REQUEST", "announcement must come from its own node")
             reply = self.swarm.coordinator.announce(message, time.monotonic())
             return self._signed(request, encode(reply))
+        if path == f"{PROTOCOL_PREFIX}/preheat" and request.method == "POST" and self.preheat_handler is not None:
+            return self._signed(request, await self.preheat_handler(body))
         if request.method not in ("GET", "HEAD"):
             raise OCIError("UNSUPPORTED", "method not allowed", status=405)
         if match := _BLOB_RE.fullmatch(path):
