@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import p2pd.cli
+from p2pd.oci import mediatypes
 from p2pd.swarm.auth import generate_key
 from p2pd.swarm.peers import PeerClient, PeerError
 from p2pd.swarm.tls import PeerTls
@@ -36,6 +37,19 @@ def _upstream_bytes(status: dict[str, object]) -> float:
     return float(fetched.get("upstream", 0)) if isinstance(fetched, dict) else 0.0
 
 
+async def _pull_amd64(url: str, repository: str, tag: str) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False,
+                                 headers={"Accept": mediatypes.MANIFEST_ACCEPT}, params={"ns": NS}) as client:
+        index = await client.get(f"/v2/{repository}/manifests/{tag}")
+        assert index.status_code == 200, index.text
+        entry = next(m for m in index.json()["manifests"] if m.get("platform", {}).get("architecture") == "amd64")
+        manifest = await client.get(f"/v2/{repository}/manifests/{entry['digest']}")
+        assert manifest.status_code == 200
+        for blob in [manifest.json()["config"], *manifest.json()["layers"]]:
+            response = await client.get(f"/v2/{repository}/blobs/{blob['digest']}")
+            assert response.status_code == 200 and len(response.content) == blob["size"]
+
+
 async def test_preheat_every_member_once_per_site_and_resume(tmp_path: Path, key_file: Path) -> None:
     cluster = Cluster(tmp_path / "swarm", count=3, key_file=key_file, base=110)
     await trio.to_thread.run_sync(cluster.start)
@@ -51,6 +65,7 @@ async def test_preheat_every_member_once_per_site_and_resume(tmp_path: Path, key
         argv = ["preheat", image, "--endpoint", first.url, "--platform", "linux/amd64", "--pin-for", "1h"]
         assert await trio.to_thread.run_sync(p2pd.cli.main, argv) == 0
 
+        seed_sent_by_preheat = cluster.seed.metric("seed_blob_bytes_sent_total")
         statuses = [agent.status() for agent in cluster.agents]
         upstream_total = sum(_upstream_bytes(s) for s in statuses)
         # One site: the seed sends the layer about once (chunks from peers for the rest), never per node.
@@ -58,6 +73,15 @@ async def test_preheat_every_member_once_per_site_and_resume(tmp_path: Path, key
         for agent, status in zip(cluster.agents, statuses, strict=True):
             assert int(status["cache_bytes"]) >= len(LAYER), agent.node_id
             assert int(status["cache_bytes"]) < len(LAYER) + len(OTHER_PLATFORM_LAYER), agent.node_id
+
+        # The rollout: every node pulls the image through its agent's HTTP path (as containerd
+        # does: index, platform manifest, blobs) and the seed sends no blob byte.
+        upstream_before = sum(_upstream_bytes(agent.status()) for agent in cluster.agents)
+        async with trio.open_nursery() as pulls:
+            for agent in cluster.agents:
+                pulls.start_soon(_pull_amd64, agent.url, "lab/app", "v1")
+        assert cluster.seed.metric("seed_blob_bytes_sent_total") == seed_sent_by_preheat
+        assert sum(_upstream_bytes(agent.status()) for agent in cluster.agents) == upstream_before
 
         # Re-running (after an interruption) is cheap: every member reports nothing fetched.
         async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
