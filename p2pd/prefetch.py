@@ -141,8 +141,10 @@ class Prefetcher:
         return len(expired)
 
     def _pin(self, digest: Digest, until: float) -> None:
-        self.store.pin(digest)
         key = str(digest)
+        if key not in self._expiry and self.store.is_pinned(digest):
+            return  # pinned by the operator (config, 'p2pd cache pin'): never released by an expiry
+        self.store.pin(digest)
         self._expiry[key] = max(until, self._expiry.get(key, 0.0))
 
     async def run(self, *, sweep_every: float = 60.0,

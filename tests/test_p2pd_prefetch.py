@@ -69,11 +69,20 @@ async def test_prefetch_resolves_the_index_pins_and_resumes(tmp_path: Path) -> N
         assert again["status"] == "done" and again["bytes_fetched"] == 0
         assert again["bytes_cached"] == report["bytes_total"]
 
-        # The pins end with their expiry; the blobs stay, now subject to the cache limit.
+        # The pins end with their expiry; the blobs stay, now subject to the cache limit. A pin the
+        # operator made before ('p2pd cache pin') is not the prefetch's to release.
+        operator_pinned = Digest.parse(f"sha256:{hashlib.sha256(SHARED_LAYER).hexdigest()}")
         assert agent.prefetcher is not None
         released = agent.prefetcher.release_expired(now=time.time() + 7200)
         assert released == 5  # the index, the arm64 manifest, its config and its two layers
         assert not any(entry.pinned for entry in store.entries())
+        store.pin(operator_pinned)
+        repinned = (await _prefetch(agent.info.url, {"images": [image], "platform": "linux/arm64",
+                                                      "pin_seconds": 60})).json()["images"][0]
+        assert repinned["status"] == "done"
+        assert agent.prefetcher.release_expired(now=time.time() + 120) == 4
+        assert [entry.digest for entry in store.entries() if entry.pinned] == [operator_pinned]
+        store.unpin(operator_pinned)
         assert store.size(arm_digest) == len(ARM64_LAYER)
 
         # The CLI: this node's own platform by default, a summary table, exit 0.
