@@ -1,5 +1,5 @@
 """``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``, ``registries-config``,
-``ca init|issue``, ``status``, ``keygen``."""
+``ca init|issue``, ``status``, ``prefetch``, ``preheat``, ``keygen``."""
 
 from __future__ import annotations
 
