@@ -41,7 +41,7 @@ lint: install
 demo: install system-deps
 	$(PY) -m tests.demo
 
-bench: bench-seed bench-p2pd bench-p2pd-auth bench-chunks bench-scan bench-signatures bench-swarm
+bench: bench-seed bench-p2pd bench-p2pd-auth bench-chunks bench-scan bench-signatures bench-swarm bench-preheat
 
 bench-seed: install system-deps
 	$(PY) -m tests.bench.seed_throughput --out docs/benchmarks.md
@@ -83,7 +83,13 @@ install-bench: $(BENCH_STAMP)
 bench-swarm: install-bench system-deps
 	timeout --foreground --signal=TERM --kill-after=60 1740 $(PY) -m tests.bench.swarm --out docs/benchmarks.md
 
-.PHONY: install-bench bench-swarm bench-p2pd-auth bench-scan bench-signatures bench-signatures
+# p2pd preheat of a 200 MiB layer to 8 nodes on the namespace testbed, then a rollout pull that must send
+# nothing upstream (a few minutes; tiny version in tests/test_preheat_bench.py).
+bench-preheat: install system-deps
+	timeout --foreground --signal=TERM --kill-after=60 600 $(PY) -m tests.bench.preheat --nodes 8 --layer-mib 200 \
+		--seed-mbit 50 --node-mbit 200 --json docs/bench/preheat.json
+
+.PHONY: bench-preheat install-bench bench-swarm bench-p2pd-auth bench-scan bench-signatures bench-signatures
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

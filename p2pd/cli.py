@@ -1,5 +1,5 @@
 """``p2pd`` command line: ``serve``, ``cache ls|gc|pin|unpin``, ``containerd-config``, ``registries-config``,
-``ca init|issue``, ``status``, ``keygen``."""
+``ca init|issue``, ``status``, ``prefetch``, ``preheat``, ``keygen``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 
-from . import __version__, containerd_config, registries_config
+from . import __version__, containerd_config, prefetch_cli, registries_config
 from .config import AgentConfig, load_config
 from .daemon import serve_agent
 from .errors import P2PDError
@@ -128,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
 
     containerd = commands.add_parser("containerd-config", help="write containerd hosts.toml files for this agent")
     containerd_config.add_arguments(containerd)
+
+    prefetch = commands.add_parser("prefetch", help="fetch images into the local agent's cache before a rollout")
+    prefetch_cli.add_arguments(prefetch)
+    preheat = commands.add_parser("preheat", help="make every live member (or one site) prefetch images")
+    prefetch_cli.add_preheat_arguments(preheat)
 
     registries = commands.add_parser("registries-config",
                                      help="write a registries.conf drop-in for podman and CRI-O pointing at this agent")
@@ -286,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args.endpoint, args.json)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "prefetch":
+            return prefetch_cli.run(args)
+        if args.command == "preheat":
+            return prefetch_cli.run_preheat(args)
         if args.command == "registries-config":
             return registries_config.run(args)
         return containerd_config.run(args)

@@ -14,6 +14,9 @@ from .egress import Resolver
 from .fetcher import Fetcher
 from .gate import AccessGate
 from .metrics import AgentMetrics
+from .oci.platform import host_platform
+from .prefetch import Prefetcher, prefetch_api
+from .preheat import Preheater
 from .registry import MirrorFront
 from .store import BlobStore
 from .swarm.node import SwarmNode, serve_swarm
@@ -32,6 +35,7 @@ class Agent:
     front: MirrorFront
     metrics: AgentMetrics
     swarm: SwarmNode | None = None
+    prefetcher: Prefetcher | None = None
 
 
 async def serve_agent(
@@ -65,14 +69,23 @@ async def serve_agent(
                 fetcher.swarm = swarm_node.swarm
                 front.swarm_node = swarm_node
 
+            prefetcher = Prefetcher(store, fetcher, front, host_platform())
+            await nursery.start(prefetcher.run)
+            preheater = None
+            if swarm_node is not None and swarm_node.service is not None:
+                preheater = Preheater(swarm_node, prefetcher, metrics)
+                swarm_node.service.preheat_handler = preheater.handle_peer
+
             async def run_server(*, task_status: trio.TaskStatus[ServerInfo]) -> None:
-                await serve_http(front.handle, config.host, config.port, limits=config.limits,
+                # Loopback-only operator API (prefetch, preheat) in front of the registry front.
+                handler = prefetch_api(prefetcher, front.handle, preheat=preheater.handle_api if preheater else None)
+                await serve_http(handler, config.host, config.port, limits=config.limits,
                                  observer=metrics.observe, shutdown=shutdown, task_status=task_status)
                 nursery.cancel_scope.cancel()  # the server finished its graceful shutdown
 
             info = await nursery.start(run_server)
             front.ready = True
-            task_status.started(Agent(info, store, fetcher, front, metrics, swarm_node))
+            task_status.started(Agent(info, store, fetcher, front, metrics, swarm_node, prefetcher))
     finally:
         with trio.CancelScope(shield=True):
             await upstreams.aclose()

@@ -44,6 +44,7 @@ class SwarmNode:
     swarm: Swarm
     membership: Membership
     peer_info: ServerInfo
+    service: PeerService | None = None  # the daemon plugs the preheat handler into it
 
 
 def load_cluster_key(path: Path | None) -> bytes | None:
@@ -147,7 +148,7 @@ async def serve_swarm(
                                             send=membership.sightings))
             nursery.start_soon(_update_gauges, membership, metrics)
             log.info("swarm node %s (site %s) listening for peers on %s", node_id, me.site, advertise)
-            task_status.started(SwarmNode(me, swarm, membership, peer_info))
+            task_status.started(SwarmNode(me, swarm, membership, peer_info, service_box[0]))
             if shutdown is not None:
                 await shutdown.wait()
                 nursery.cancel_scope.deadline = trio.current_time() + config.limits.graceful_timeout

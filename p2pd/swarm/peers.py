@@ -5,6 +5,7 @@ Endpoints served by ``p2pd.swarm.service.PeerService`` on ``--peer-listen``:
 
     GET  /p2p/v1/hello                       signed msgpack {node, site, address, v}
     POST /p2p/v1/announce                    msgpack Announce → signed msgpack Reply (coordinator)
+    POST /p2p/v1/preheat                     JSON prefetch request → signed JSON report (p2pd/preheat.py)
     GET  /p2p/v1/chunkmap/<digest>           signed msgpack {digest, size, chunk_size, chunks: [bytes|nil]}
     GET  /p2p/v1/blobs/<digest>   (Range)    chunk bytes; 404 when not held, 429 + Retry-After when busy
     GET  /p2p/v1/manifests/<digest>          manifest bytes (the requester verifies the digest)
@@ -238,6 +239,23 @@ class PeerClient:
 
     async def manifest(self, address: str, digest: Digest) -> bytes:
         return await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/manifests/{digest}")
+
+    async def preheat(self, address: str, request: bytes) -> bytes:
+        """Asks the peer to prefetch images (JSON request, JSON report: p2pd/preheat.py).
+
+        The peer answers when its prefetch is over, so no read timeout: the caller bounds it.
+        """
+        target = f"{PROTOCOL_PREFIX}/preheat"
+        headers = _auth_headers(self.key, self.node_id, "POST", target, request)
+        try:
+            response = await self._client.post(self._url(address, target), headers=headers, content=request,
+                                               timeout=httpx.Timeout(None, connect=self._client.timeout.connect))
+        except httpx.HTTPError as exc:
+            raise PeerError(f"{address}: {type(exc).__name__}") from exc
+        if response.status_code != 200 or len(response.content) > _MAX_METADATA:
+            raise PeerError(f"{address}{target}: status {response.status_code}")
+        _check_response(self.key, target, response, response.content)
+        return response.content
 
     @contextlib.asynccontextmanager
     async def open_range(self, address: str, digest: Digest, start: int, end: int, grant: str | None = None

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgpack
 import trio
@@ -71,6 +71,8 @@ class PeerService:
         self.upload_bucket = TokenBucket(upload_rate)
         self.chunk_wait = chunk_wait
         self._verified_grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        # POST /p2p/v1/preheat: JSON request body in, JSON report out (p2pd/preheat.py); None: 404.
+        self.preheat_handler: Callable[[bytes], Awaitable[bytes]] | None = None
 
     async def handle(self, request: Request) -> Response:
         request.route = "peer"
@@ -94,6 +96,8 @@ class PeerService:
                 raise OCIError("BAD_REQUEST", "announcement must come from its own node")
             reply = self.swarm.coordinator.announce(message, time.monotonic())
             return self._signed(request, encode(reply))
+        if path == f"{PROTOCOL_PREFIX}/preheat" and request.method == "POST" and self.preheat_handler is not None:
+            return self._signed(request, await self.preheat_handler(body))
         if request.method not in ("GET", "HEAD"):
             raise OCIError("UNSUPPORTED", "method not allowed", status=405)
         if match := _BLOB_RE.fullmatch(path):

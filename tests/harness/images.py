@@ -280,3 +280,45 @@ def write_layout_image(
     )
     index_path.write_text(json.dumps(index, separators=(",", ":")))
     return manifest_digest, manifest_bytes
+
+
+def write_layout_index(dir: str | Path, images: dict[str, list[bytes]], *, tag: str = "latest",
+                       attestation: bool = True) -> tuple[str, dict[str, str]]:
+    """A multi-arch image in an OCI layout: an index of one image per platform (``os/arch[/variant]``).
+
+    With ``attestation``, a BuildKit-style attestation manifest (platform ``unknown/unknown``,
+    ``vnd.docker.reference.type`` annotation) is listed too, as real multi-arch images have.
+    The index gets ``tag`` in index.json. Returns ``(index_digest, {platform: manifest_digest})``.
+    """
+    layout_dir = Path(dir)
+    entries: list[dict[str, Any]] = []
+    chosen: dict[str, str] = {}
+    for number, (platform_text, layers) in enumerate(images.items()):
+        os_name, arch, *variant = platform_text.split("/")
+        config = {"architecture": arch, "os": os_name, **({"variant": variant[0]} if variant else {}),
+                  "rootfs": {"type": "layers", "diff_ids": [sha256_digest(layer) for layer in layers]}}
+        digest, body = write_layout_image(layout_dir, layers, config, tag=f"{tag}-part{number}",
+                                          layer_media_type=MT_OCI_LAYER_TAR)
+        platform_json = {"os": os_name, "architecture": arch, **({"variant": variant[0]} if variant else {})}
+        entries.append({"mediaType": MT_OCI_MANIFEST, "digest": digest, "size": len(body),
+                        "platform": platform_json})
+        chosen[platform_text] = digest
+    if attestation:
+        statement = b'{"_type":"https://in-toto.io/Statement/v0.1"}'
+        digest, body = write_layout_image(layout_dir, [statement], {"architecture": "unknown", "os": "unknown"},
+                                          tag=f"{tag}-attestation",
+                                          layer_media_type="application/vnd.in-toto+json")
+        entries.append({"mediaType": MT_OCI_MANIFEST, "digest": digest, "size": len(body),
+                        "platform": {"os": "unknown", "architecture": "unknown"},
+                        "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                        "vnd.docker.reference.digest": entries[0]["digest"]}})
+    index_bytes = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": entries},
+                             sort_keys=True, separators=(",", ":")).encode()
+    index_digest = _write_blob(layout_dir, index_bytes)
+    index_path = layout_dir / "index.json"
+    top = json.loads(index_path.read_text())
+    # Only the index is tagged: the per-platform tags were scaffolding.
+    top["manifests"] = [{"mediaType": MT_OCI_INDEX, "digest": index_digest, "size": len(index_bytes),
+                         "annotations": {REF_NAME_ANNOTATION: tag}}]
+    index_path.write_text(json.dumps(top, separators=(",", ":")))
+    return index_digest, chosen
