@@ -64,6 +64,7 @@ HOLDBACK = 1024 * 1024
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _LESSEE_LOOKAHEAD = 8  # chunks past the lease holder's verified prefix that may be asked of it
+_READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 
@@ -400,8 +401,20 @@ class Swarm:
         if not sources:
             return
         same_site = [node for node in sources if transfer.sites.get(node) == self.me.site]
-        plan = plan_requests(needed, sources, busy=transfer.busy, max_per_source=self.max_requests_per_peer,
+        # The chunks the local reader needs next go first: a stream to containerd advances only
+        # with the verified prefix, and one that stops for stall_timeout is cut. Rarest first
+        # for the rest, which spreads chunks through the swarm.
+        urgent = needed[:_READER_AHEAD]
+        plan = plan_requests(urgent, sources, busy=transfer.busy, max_per_source=self.max_requests_per_peer,
                              limit=room, preferred=same_site, fallback=list(transfer.lessees), rng=self._rng)
+        busy = dict(transfer.busy)
+        for request in plan:
+            busy[request.source] = busy.get(request.source, 0) + 1
+        planned = {request.index for request in plan}
+        if room > len(plan):
+            plan += plan_requests([i for i in needed if i not in planned], sources, busy=busy,
+                                  max_per_source=self.max_requests_per_peer, limit=room - len(plan),
+                                  preferred=same_site, fallback=list(transfer.lessees), rng=self._rng)
         if any(transfer.hashes[request.index] is None for request in plan):
             await self._refresh_hashes(transfer)
             plan = [r for r in plan if transfer.hashes[r.index] is not None]
