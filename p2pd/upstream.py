@@ -45,9 +45,10 @@ from typing import Protocol
 
 import httpcore
 import httpx
+import jwt
 import trio
 
-from .access import Challenge, PullProbe
+from .access import Challenge, KeySet, PullProbe
 from .config import AgentConfig, FetchConfig, UpstreamConfig
 from .egress import EgressPolicy, EgressRefused, RefusalReason, ResolutionError, Resolver, parse_namespace
 from .errors import (
@@ -74,6 +75,7 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "DOCKER_HUB_NAMESPACES",
     "DOCKER_HUB_URL",
+    "GRANT_KEYS_TTL",
     "MAX_CHUNK_MAP_SIZE",
     "MAX_REDIRECTS",
     "BlobResponse",
@@ -91,7 +93,8 @@ log = logging.getLogger("p2pd.upstream")
 CHUNK_MAP_MEDIA_TYPE = mediatypes.CHUNK_MAP
 MAX_CHUNK_MAP_SIZE = 16 * 1024 * 1024  # bytes
 # After an upstream says it has no chunk-map endpoint, it is not asked again for this long.
-CHUNK_MAP_UNSUPPORTED_TTL = 300.0  # seconds
+CHUNK_MAP_UNSUPPORTED_TTL = 300.0  # seconds (also: a registry without peer grants)
+GRANT_KEYS_TTL = 300.0  # seconds the registry's keys for peer grants are reused
 MAX_REDIRECTS = 5
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 DOCKER_HUB_NAMESPACES = frozenset({"docker.io", "index.docker.io"})
@@ -253,6 +256,12 @@ async def _error_code(response: httpx.Response) -> str:
     except (UpstreamError, ValueError, LookupError, TypeError):
         return ""
     return code if isinstance(code, str) and code.isascii() and len(code) < 64 else ""
+
+
+async def _endpoint_missing(response: httpx.Response) -> bool:
+    """Whether a 400/404/405/501 says the registry lacks the endpoint (a p2pd extension), rather
+    than that it lacks this blob or repository (an OCI ``BLOB_UNKNOWN``/``NAME_UNKNOWN``)."""
+    return response.status_code != 404 or await _error_code(response) not in ("BLOB_UNKNOWN", "NAME_UNKNOWN")
 
 
 async def _raise_for_status(response: httpx.Response, what: str) -> None:
@@ -757,6 +766,10 @@ class HttpUpstream:
         self._auth = _RegistryAuth(self._client, httpx.URL(self.url), credentials)
         self.config = config
         self._chunk_maps_unsupported_until = float("-inf")
+        # Registries without peer grants (most) are not asked again for a while: the request
+        # would sit before every swarm download. The keys that check grants are kept likewise.
+        self._grants_unsupported_until = float("-inf")
+        self._grant_keys: tuple[str, bytes, float] | None = None  # (JWKS URL, document, fetched at)
 
     def __repr__(self) -> str:
         return f"HttpUpstream(namespace={self.namespace!r}, url={self.url!r})"
@@ -960,7 +973,7 @@ class HttpUpstream:
         async with self._send("GET", repository, url, {"Accept": CHUNK_MAP_MEDIA_TYPE}, what, params) as response:
             status = response.status_code
             if status in (400, 404, 405, 501):
-                if status != 404 or await _error_code(response) not in ("BLOB_UNKNOWN", "NAME_UNKNOWN"):
+                if await _endpoint_missing(response):
                     self._chunk_maps_unsupported_until = trio.current_time() + CHUNK_MAP_UNSUPPORTED_TTL
                     log.debug("%s has no chunk maps (HTTP %d)", self.url, status)
                 return None
@@ -1036,11 +1049,15 @@ class HttpUpstream:
         Raises:
             UpstreamError: the registry refused or failed (and the other errors of ``Upstream``).
         """
+        if trio.current_time() < self._grants_unsupported_until:
+            return None
         url = self._endpoint(repository, "blobs", f"{digest}/grant")
         what = f"GET peer grant {repository}@{digest}"
         async with self._send("GET", repository, url, {"Accept": "application/json"}, what,
                               {"node": node}) as response:
             if response.status_code in (404, 405, 501):
+                if await _endpoint_missing(response):
+                    self._grants_unsupported_until = trio.current_time() + CHUNK_MAP_UNSUPPORTED_TTL
                 return None
             await _raise_for_status(response, what)
             body = await _read_capped(response, _MAX_GRANT_ANSWER, what)
@@ -1052,9 +1069,28 @@ class HttpUpstream:
             return None
         if not isinstance(jwks_path, str) or not jwks_path.startswith("/") or jwks_path.startswith("//"):
             return None  # keys only from the registry's own origin
-        origin = httpx.URL(self.url)
-        jwks = await self.fetch_jwks(str(origin.copy_with(path=jwks_path, query=None, fragment=None)))
-        return (grant, jwks) if jwks is not None else None
+        jwks_url = str(httpx.URL(self.url).copy_with(path=jwks_path, query=None, fragment=None))
+        jwks = self._cached_grant_keys(jwks_url, grant)
+        if jwks is None:
+            jwks = await self.fetch_jwks(jwks_url)
+            if jwks is None:
+                return None
+            self._grant_keys = (jwks_url, jwks, trio.current_time())
+        return grant, jwks
+
+    def _cached_grant_keys(self, url: str, grant: str) -> bytes | None:
+        """The JWKS fetched from ``url`` less than ``GRANT_KEYS_TTL`` ago, if it holds the grant's key
+        (a registry that rotated its keys signs with one the cache does not know yet)."""
+        if self._grant_keys is None:
+            return None
+        cached_url, document, fetched = self._grant_keys
+        if cached_url != url or trio.current_time() - fetched > GRANT_KEYS_TTL:
+            return None
+        try:
+            kid = jwt.get_unverified_header(grant).get("kid", "")
+            return document if isinstance(kid, str) and kid in KeySet.from_jwks(document) else None
+        except (jwt.PyJWTError, ValueError):
+            return None
 
     # ---- client authorization (p2pd.gate) ----------------------------------------------
 

@@ -26,7 +26,7 @@ import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 import seed.registry
@@ -51,11 +51,13 @@ from p2pd.upstream import (
     CHUNK_MAP_MEDIA_TYPE,
     CHUNK_MAP_UNSUPPORTED_TTL,
     DOCKER_HUB_URL,
+    GRANT_KEYS_TTL,
     HttpUpstream,
     UpstreamPool,
     _parse_challenges,
     validate_namespace,
 )
+from seed.auth.tokens import jwk_of
 from tests.harness.net import assert_loopback, free_port
 from tests.harness.reference_registry import ReferenceRegistry
 from tests.test_upstream_conformance import IMAGE, REPOSITORY, TAG, push_image
@@ -914,3 +916,47 @@ async def test_pool_aclose_closes_every_client(pool_factory: Callable[..., Upstr
     for client in clients:
         assert isinstance(client, HttpUpstream)
         assert client._client.is_closed
+
+
+async def test_peer_grant_support_and_keys_are_remembered(autojump_clock: trio.testing.MockClock) -> None:
+    """A registry without peer grants is not asked before every swarm download; the registry's
+    keys are fetched once and again only after GRANT_KEYS_TTL or for a grant signed by a new key."""
+    calls: list[str] = []
+    answer: dict[str, Any] = {"status": 404, "json": None, "kid": "k1"}
+    signing = ec.generate_private_key(ec.SECP256R1())
+
+    def jwks(kid: str) -> dict[str, Any]:
+        return {"keys": [{**jwk_of(signing.public_key()), "kid": kid, "use": "sig", "alg": "ES256"}]}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if request.url.path == "/token/keys":
+            return httpx.Response(200, json=jwks(answer["kid"]))
+        assert request.url.path.endswith("/grant") and request.url.params["node"] == "n1"
+        if answer["status"] == 200:
+            grant = jwt.encode({"aud": "p2pd-peers"}, signing, algorithm="ES256", headers={"kid": answer["kid"]})
+            return httpx.Response(200, json={"grant": grant, "jwks": "/token/keys"})
+        return httpx.Response(answer["status"], json=answer["json"])
+
+    upstream = mock_upstream(handler)
+    # BLOB_UNKNOWN is about the blob: asked again next time. A bare 404: no grants here for a while.
+    answer.update(json={"errors": [{"code": "BLOB_UNKNOWN", "message": "unknown"}]})
+    for _ in range(2):
+        assert await upstream.get_peer_grant("app", IMAGE.layer_digest, "n1") is None
+    answer.update(json=None)
+    for _ in range(3):
+        assert await upstream.get_peer_grant("app", IMAGE.layer_digest, "n1") is None
+    assert len(calls) == 3
+    await trio.sleep(CHUNK_MAP_UNSUPPORTED_TTL + 1)
+    answer.update(status=200)
+    first = await upstream.get_peer_grant("app", IMAGE.layer_digest, "n1")
+    second = await upstream.get_peer_grant("app", IMAGE.layer_digest, "n1")
+    assert first is not None and second is not None and first[1] == second[1]
+    assert calls[3:] == [calls[3], "/token/keys", calls[3]]  # keys fetched once for two grants
+    answer.update(kid="k2")  # the registry rotated its signing key
+    rotated = await upstream.get_peer_grant("app", IMAGE.layer_digest, "n1")
+    assert rotated is not None and b'"k2"' in rotated[1] and calls[-1] == "/token/keys"
+    await trio.sleep(GRANT_KEYS_TTL + 1)
+    await upstream.get_peer_grant("app", IMAGE.layer_digest, "n1")
+    assert calls[-1] == "/token/keys"
+    await upstream.aclose()

@@ -43,6 +43,7 @@ __all__ = [
     "TokenAuthority",
     "TokenClaims",
     "TrustedIssuer",
+    "jwk_of",
     "load_public_keys",
     "robot_principal_with",
 ]
@@ -61,7 +62,8 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _jwk_of(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+def jwk_of(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    """The public JWK (RFC 7517) of a P-256 key, without kid/use/alg."""
     numbers = public_key.public_numbers()
     return {"kty": "EC", "crv": "P-256", "x": _b64url(numbers.x.to_bytes(32, "big")),
             "y": _b64url(numbers.y.to_bytes(32, "big"))}
@@ -69,7 +71,7 @@ def _jwk_of(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
 
 def _thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
     """RFC 7638 JWK thumbprint: the key id other services can recompute from the JWKS."""
-    jwk = _jwk_of(public_key)
+    jwk = jwk_of(public_key)
     canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
     return _b64url(hashlib.sha256(canonical.encode()).digest())
 
@@ -165,7 +167,7 @@ class KeyDirectory:
 
     def jwks(self) -> dict[str, Any]:
         """The public keys as a JSON Web Key Set (``GET /token/keys``)."""
-        keys = [{**_jwk_of(public), "kid": kid, "use": "sig", "alg": "ES256"}
+        keys = [{**jwk_of(public), "kid": kid, "use": "sig", "alg": "ES256"}
                 for kid, public in sorted(self._verifiers.items())]
         return {"keys": keys}
 

@@ -34,7 +34,6 @@ of ``--out`` (other sections are kept) and the raw numbers as JSON (``docs/bench
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -60,6 +59,7 @@ from p2pd.httpd import Headers, Request
 from p2pd.oci.digest import Digest
 from p2pd.swarm.auth import generate_key
 from p2pd.swarm.grants import PEER_GRANT_AUDIENCE, PEER_GRANT_USE, verify_grant
+from seed.auth.tokens import jwk_of
 from tests.bench.common import X, busy_cores, loadavg, machine_basics, ratio, report_header, update_doc
 from tests.harness.net import free_port
 from tests.harness.seed_process import SeedProcess
@@ -233,14 +233,7 @@ def _all_members(agents: list[Agent], nodes: int) -> bool:
 def _grant_check_cost(count: int) -> float:
     """Microseconds per ``verify_grant`` (an ES256 signature check and the claims)."""
     signing = ec.generate_private_key(ec.SECP256R1())
-    public = signing.public_key().public_numbers()
-    size = 32
-
-    def b64(number: int) -> str:
-        return base64.urlsafe_b64encode(number.to_bytes(size, "big")).rstrip(b"=").decode()
-
-    jwks = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k", "x": b64(public.x), "y": b64(public.y),
-                                 "use": "sig", "alg": "ES256"}]}).encode()
+    jwks = json.dumps({"keys": [{**jwk_of(signing.public_key()), "kid": "k", "use": "sig", "alg": "ES256"}]}).encode()
     keys = KeySet.from_jwks(jwks)
     digest = Digest.parse("sha256:" + "a" * 64)
     grant = pyjwt.encode({"aud": PEER_GRANT_AUDIENCE, "use": PEER_GRANT_USE, "digest": str(digest), "node": "n1",
