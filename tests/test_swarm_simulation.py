@@ -695,3 +695,39 @@ async def test_a_stalled_node_asks_for_fresh_holders_before_it_gives_up_on_its_p
     assert all(b - a <= swarm.stuck_after / 3 + 0.6 for a, b in itertools.pairwise(before_giving_up))
     # It went to the upstream only after stuck_after without a chunk (and got the whole blob).
     assert transfer.upstream_bytes == len(data)
+
+
+async def test_the_chunks_a_local_reader_needs_next_are_requested_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Rarest first spreads chunks, but a stream to containerd advances only with the verified
+    prefix: the two chunks after it are planned before rarer ones."""
+    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
+    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"reader%d" % i).hexdigest()) for i in range(100))
+                  if coordinators(str(d), members, 1) != ["lessee"])
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    swarm.max_parallel_chunks = 2
+    count = 16
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
+    transfer = swarm.start_transfer(digest, count * _CHUNK, fd, None)
+    transfer.hashes = [b"\x00" * 32] * count  # known: no chunk map needed for planning
+    transfer.have.set(0)  # the verified prefix is chunk 0
+    common = Bitmap.full(count)
+    for node in ("node-0001", "node-0002", "node-0003"):
+        transfer.sources[node] = common  # chunks everyone has...
+    rare = Bitmap(count)
+    for index in range(8, count):
+        rare.set(index)
+    transfer.sources["node-0000"] = rare  # ...and the rare ones, which rarest-first would pick
+    for node in transfer.sources:
+        transfer.addresses[node] = f"{node}:7000"
+    planned: list[int] = []
+
+    async def record(transfer_: object, index: int, node: str, on_progress: object) -> None:
+        planned.append(index)
+
+    monkeypatch.setattr(swarm, "_fetch_chunk", record)
+    async with trio.open_nursery() as nursery:
+        await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
+    os.close(fd)
+    assert sorted(planned) == [1, 2]
