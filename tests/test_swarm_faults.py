@@ -247,20 +247,29 @@ class MaliciousPeer:
                 await client.aclose()
 
 
+async def start_bad_member(kind: type[MaliciousPeer], nursery: trio.Nursery, tmp_path: Path, key: bytes,
+                           blob: tuple[bytes, str], ids: list[str], prefix: str, ip: str) -> tuple[MaliciousPeer, str]:
+    """A member with the cluster key (TLS certificate derived from it) in the honest nodes' site,
+    named so that it is not the digest's coordinator (it wants to be a source); returns it and
+    the digest's coordinator."""
+    data, digest = blob
+    node_id = next(f"{prefix}{i}" for i in range(100)
+                   if coordinators(digest, [*ids, f"{prefix}{i}"], 1)[0] != f"{prefix}{i}")
+    peer = kind(key, node_id, data, digest, PeerTls.derived(key, node_id, tmp_path / f"{prefix}-tls"))
+    server_context = peer.tls.server()
+    info = await nursery.start(partial(serve_http, peer.handle, ip, 0, tls=lambda: server_context))
+    peer.address = f"{ip}:{info.port}"
+    peer.site = default_site(ip)  # the same site as the honest nodes
+    return peer, coordinators(digest, [*ids, node_id], 1)[0]
+
+
 async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_reaches_a_client(
     tmp_path: Path, key_file: Path, key: bytes, blob: tuple[bytes, str], nursery: trio.Nursery
 ) -> None:
     data, digest = blob
     ids = [f"a{i}" for i in range(5)]
-    # A name for the liar that does not make it the digest's coordinator (it wants to be a source).
-    evil_id = next(f"evil{i}" for i in range(100) if coordinators(digest, [*ids, f"evil{i}"], 1)[0] != f"evil{i}")
-    coordinator = coordinators(digest, [*ids, evil_id], 1)[0]
-    evil = MaliciousPeer(key, evil_id, data, digest, PeerTls.derived(key, evil_id, tmp_path / "evil-tls"))
-    evil_ip = "127.0.0.79"
-    server_context = evil.tls.server()
-    info = await nursery.start(partial(serve_http, evil.handle, evil_ip, 0, tls=lambda: server_context))
-    evil.address = f"{evil_ip}:{info.port}"
-    evil.site = default_site(evil_ip)  # the same site as the honest nodes
+    evil, coordinator = await start_bad_member(MaliciousPeer, nursery, tmp_path, key, blob, ids, "evil", "127.0.0.79")
+    evil_id = evil.node_id
     config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0)
     cluster = Cluster(
         tmp_path / "swarm", key_file=key_file, base=70, config=config, node_ids=ids, extra_peers=[evil.address]
@@ -322,14 +331,8 @@ async def test_a_member_falsely_claiming_a_copy_does_not_hold_up_the_site(
 ) -> None:
     data, digest = blob
     ids = [f"c{i}" for i in range(4)]
-    liar_id = next(f"liar{i}" for i in range(100) if coordinators(digest, [*ids, f"liar{i}"], 1)[0] != f"liar{i}")
-    coordinator = coordinators(digest, [*ids, liar_id], 1)[0]
-    liar = LyingPeer(key, liar_id, data, digest, PeerTls.derived(key, liar_id, tmp_path / "liar-tls"))
-    liar_ip = "127.0.0.89"
-    server_context = liar.tls.server()
-    info = await nursery.start(partial(serve_http, liar.handle, liar_ip, 0, tls=lambda: server_context))
-    liar.address = f"{liar_ip}:{info.port}"
-    liar.site = default_site(liar_ip)
+    liar, coordinator = await start_bad_member(LyingPeer, nursery, tmp_path, key, blob, ids, "liar", "127.0.0.89")
+    liar_id = liar.node_id
     # stuck_after = max(lease_ttl, 3 * peer_timeout) = 9 s: the pulls must not wait for it.
     config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=3.0, peer_timeout=3.0)
     cluster = Cluster(tmp_path / "swarm", count=len(ids), key_file=key_file, base=110, config=config, node_ids=ids,
