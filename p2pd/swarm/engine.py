@@ -51,7 +51,6 @@ from .peers import (
     PeerMissing,
     PeerRefused,
     TokenBucket,
-    parse_have,
 )
 from .planning import Bitmap, plan_requests
 from .rendezvous import coordinators, rank
@@ -452,26 +451,18 @@ class Swarm:
                            on_progress: Callable[[], None]) -> None:
         offset, length = transfer.bounds(index)
         address = transfer.addresses.get(node)
-        data = bytearray()
         self.metrics.peer_messages.labels("chunk").inc()
         try:
             if address is None:
                 return
+            await self.download_bucket.take(length)
             with trio.fail_after(self.peer_timeout):
-                async with self.client.open_range(address, transfer.digest, offset, offset + length - 1,
-                                                  transfer.grant) as (
-                        response, pieces):
-                    have = parse_have(response)
-                    if have is not None:
-                        with contextlib.suppress(ValueError):
-                            transfer.sources[node] = Bitmap(transfer.count, have)
-                    async for piece in pieces:
-                        data += piece
-                        if len(data) > length:
-                            break
-                        await self.download_bucket.take(len(piece))
+                chunk = await self.client.fetch_chunk(address, transfer.digest, offset, length, transfer.grant)
+            if chunk.have is not None:
+                with contextlib.suppress(ValueError):
+                    transfer.sources[node] = Bitmap(transfer.count, chunk.have)
             expected = transfer.hashes[index]
-            if len(data) != length or expected is None or hashlib.sha256(data).digest() != expected:
+            if expected is None or chunk.sha256 != expected:
                 self.metrics.chunks_failed.inc()
                 self.metrics.verification_failures.labels("peer").inc()
                 log.warning("chunk %d of %s from %s failed verification", index, transfer.digest, node)
@@ -481,7 +472,7 @@ class Swarm:
                 return
             if index in transfer.have:
                 return
-            await trio.to_thread.run_sync(_pwrite_all, transfer.fd, bytes(data), offset)
+            await trio.to_thread.run_sync(_pwrite_all, transfer.fd, chunk.data, offset)
             transfer.have.set(index)
             transfer.peer_bytes[node] = transfer.peer_bytes.get(node, 0) + length
             transfer.last_progress = time.monotonic()
@@ -612,7 +603,7 @@ class Swarm:
         return base64.b64encode(transfer.have.to_bytes()).decode()
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

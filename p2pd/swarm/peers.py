@@ -23,7 +23,7 @@ import base64
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from p2pd.errors import RemoteError
 from p2pd.oci.digest import Digest
 
 from . import auth
+from .chunkwire import ChunkWire, ChunkWireError, Exchange
 from .grants import GRANT_HEADER
 from .messages import Announce, MessageError, Reply, decode, encode
 
@@ -42,6 +43,7 @@ __all__ = [
     "PROTOCOL_PREFIX",
     "PartialChunkMap",
     "PeerBusy",
+    "PeerChunk",
     "PeerClient",
     "PeerError",
     "PeerMissing",
@@ -57,6 +59,7 @@ TIME_HEADER = "X-P2PD-Time"
 SIGNATURE_HEADER = "X-P2PD-Signature"
 HAVE_HEADER = "X-P2PD-Have"
 _MAX_METADATA = 8 * 1024 * 1024
+_CHUNK_THREADS = 32  # chunk downloads at once (the engine asks for ~8 per transfer)
 
 
 class PeerError(RemoteError):
@@ -149,8 +152,19 @@ def _check_response(key: bytes | None, target: str, response: httpx.Response, bo
         raise PeerError(f"unauthenticated response: {exc}") from exc
 
 
-def parse_have(response: httpx.Response) -> bytes | None:
-    value = response.headers.get(HAVE_HEADER)
+@dataclass(frozen=True, slots=True)
+class PeerChunk:
+    """A chunk's bytes from a peer (not yet checked against the chunk map), their SHA-256, and
+    the peer's bitmap when it sent one."""
+
+    data: bytearray
+    sha256: bytes
+    have: bytes | None
+
+
+def parse_have(response: httpx.Response | Mapping[str, str]) -> bytes | None:
+    headers = response.headers if isinstance(response, httpx.Response) else response
+    value = headers.get(HAVE_HEADER) or headers.get(HAVE_HEADER.lower())
     if not value or len(value) > 1 << 20:
         return None
     try:
@@ -178,8 +192,12 @@ class PeerClient:
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             trust_env=False, follow_redirects=False, verify=tls if tls is not None else True)
+        # Chunks go over blocking connections in worker threads (see chunkwire: CPU).
+        self._wire = ChunkWire(tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self._wire_threads = trio.CapacityLimiter(_CHUNK_THREADS)
 
     async def aclose(self) -> None:
+        self._wire.close()
         await self._client.aclose()
 
     def _url(self, address: str, target: str) -> str:
@@ -288,13 +306,50 @@ class PeerClient:
             raise PeerError(f"{address}: {type(exc).__name__}") from exc
 
 
+    async def fetch_chunk(self, address: str, digest: Digest, start: int, length: int,
+                          grant: str | None = None) -> PeerChunk:
+        """Bytes ``start..start+length-1`` of a blob from a peer, in one worker thread.
+
+        The caller bounds the call (cancelling it aborts the exchange at once).
+
+        Raises:
+            PeerMissing: 404. PeerRefused: 403. PeerBusy: 429. PeerError: anything else.
+        """
+        target = f"{PROTOCOL_PREFIX}/blobs/{digest}"
+        headers = _auth_headers(self.key, self.node_id, "GET", target)
+        if grant is not None:
+            headers[GRANT_HEADER] = grant
+        exchange = Exchange()
+        try:
+            answer = await trio.to_thread.run_sync(self._wire.get_range, address, target, headers, start, length,
+                                                   exchange, limiter=self._wire_threads, abandon_on_cancel=True)
+        except ChunkWireError as exc:
+            raise PeerError(f"{address}: {exc}") from None
+        except BaseException:
+            exchange.abort()  # cancelled: the thread's read ends now, its connection is dropped
+            raise
+        status = answer.status
+        if status == 404:
+            raise PeerMissing(f"{address}: no {digest} bytes {start}-{start + length - 1}")
+        if status == 403:
+            raise PeerRefused(f"{address}: refused {digest} (peer grant)")
+        if status == 429:
+            raise PeerBusy(f"{address}: busy", _retry_after(answer.headers))
+        if status != 206 or answer.sha256 is None:
+            raise PeerError(f"{address}: status {status} for a chunk")
+        if not answer.headers.get("content-range", "").startswith(f"bytes {start}-{start + length - 1}/"):
+            raise PeerError(f"{address}: wrong Content-Range")
+        return PeerChunk(answer.body, answer.sha256, parse_have(answer.headers))
+
+
 async def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
     async for piece in response.aiter_raw():
         yield piece
 
 
-def _retry_after(response: httpx.Response) -> float:
+def _retry_after(response: httpx.Response | Mapping[str, str]) -> float:
+    headers = response.headers if isinstance(response, httpx.Response) else response
     try:
-        return max(0.0, min(float(response.headers.get("retry-after", "1")), 60.0))
+        return max(0.0, min(float(headers.get("retry-after", "1")), 60.0))
     except ValueError:
         return 1.0

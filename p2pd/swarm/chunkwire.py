@@ -1,0 +1,207 @@
+"""Chunk downloads from peers on blocking keep-alive connections, run in worker threads.
+
+Why not the async client: a 1 MiB chunk over TLS arrives as 64 TLS records, and every record
+went through six layers of async generators (httpx, httpcore, h11, trio's SSLStream), which
+made receiving chunks the largest CPU cost of a swarm node. Here one worker thread does the
+whole exchange in C-level calls: send the request, read the head with ``http.client``,
+``readinto`` the body straight into a buffer of the chunk's size and hash it (``hashlib``
+releases the GIL), so the event loop sees one wake-up per chunk instead of dozens.
+
+Rules:
+- One exchange per call; the caller (``PeerClient.fetch_chunk``) bounds the whole call and
+  turns statuses into peer errors. Bodies of error answers are read (bounded) so the
+  connection can be reused; a connection is pooled again only after a complete exchange.
+- A pooled connection the peer has meanwhile closed fails before any answer byte: the
+  request is retried once on a fresh connection (GET is idempotent).
+- ``Exchange.abort`` (called from the event loop when the caller is cancelled) shuts the
+  socket down, so the thread's blocked read ends at once and the connection is dropped.
+- Every socket wait is bounded by ``read_timeout``; a body longer than asked is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["ChunkAnswer", "ChunkWire", "ChunkWireError", "Exchange"]
+
+_MAX_ERROR_BODY = 64 * 1024
+_MAX_IDLE_PER_PEER = 16
+_IDLE_EXPIRY = 30.0  # below the peer server's keep-alive idle timeout (75 s)
+
+
+class ChunkWireError(Exception):
+    """The exchange failed on the wire (connection, TLS, timeout, malformed answer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkAnswer:
+    """A peer's answer: for 206 the body (exactly the bytes asked for) and its SHA-256."""
+
+    status: int
+    headers: Mapping[str, str]  # lower-case names
+    body: bytearray
+    sha256: bytes | None
+
+
+class _Connection(http.client.HTTPConnection):
+    """http.client over TLS with the given context and no host name check (peers are reached by
+    address and authenticated by the cluster CA), or over plain TCP."""
+
+    def __init__(self, address: str, tls: ssl.SSLContext | None, connect_timeout: float) -> None:
+        super().__init__(address, timeout=connect_timeout)
+        self._tls = tls
+        self.idle_since = 0.0
+
+    def connect(self) -> None:
+        super().connect()
+        if self._tls is not None:
+            self.sock = self._tls.wrap_socket(self.sock, server_hostname=None)
+
+
+class Exchange:
+    """One request in flight; ``abort`` may be called from another thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.aborted = False
+
+    def _attach(self, conn: _Connection) -> None:
+        with self._lock:
+            self._sock = conn.sock
+            if self.aborted:
+                self._shutdown()
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+
+class ChunkWire:
+    """A pool of keep-alive connections per peer address, used from worker threads."""
+
+    def __init__(self, *, tls: ssl.SSLContext | None, connect_timeout: float, read_timeout: float) -> None:
+        self._tls = tls
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle: dict[str, list[_Connection]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+    def _take(self, address: str) -> _Connection | None:
+        now = time.monotonic()
+        with self._lock:
+            conns = self._idle.get(address, [])
+            while conns:
+                conn = conns.pop()
+                if now - conn.idle_since < _IDLE_EXPIRY:
+                    return conn
+                conn.close()
+        return None
+
+    def _give_back(self, address: str, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            conns = self._idle.setdefault(address, [])
+            if not self._closed and len(conns) < _MAX_IDLE_PER_PEER:
+                conns.append(conn)
+                return
+        conn.close()
+
+    def get_range(self, address: str, target: str, headers: Mapping[str, str], start: int, length: int,
+                  exchange: Exchange) -> ChunkAnswer:
+        """GET ``target`` bytes ``start..start+length-1`` from ``address`` (blocking).
+
+        Raises:
+            ChunkWireError: on any failure of the connection or the answer's framing.
+        """
+        pooled = self._take(address)
+        for attempt in (0, 1):
+            conn = pooled if attempt == 0 and pooled is not None else _Connection(address, self._tls,
+                                                                                  self._connect_timeout)
+            reused = conn is pooled
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                conn.sock.settimeout(self._read_timeout)
+                exchange._attach(conn)
+                conn.putrequest("GET", target, skip_accept_encoding=True)
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                conn.putheader("Range", f"bytes={start}-{start + length - 1}")
+                conn.endheaders()
+                response = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                conn.close()
+                if reused and not exchange.aborted:
+                    continue  # the peer closed the idle connection: once more, on a new one
+                raise ChunkWireError(_reason(exc, exchange)) from None
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                conn.close()
+                raise ChunkWireError(_reason(exc, exchange)) from None
+            try:
+                answer = self._read(response, length)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                conn.close()
+                raise ChunkWireError(_reason(exc, exchange)) from None
+            except ChunkWireError:
+                conn.close()
+                raise
+            if exchange.aborted or response.will_close:
+                conn.close()
+            else:
+                self._give_back(address, conn)
+            return answer
+        raise ChunkWireError("connection closed")  # not reached: the second attempt returns or raises
+
+    @staticmethod
+    def _read(response: http.client.HTTPResponse, length: int) -> ChunkAnswer:
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        if response.status != 206:
+            declared = response.length
+            if declared is None or declared > _MAX_ERROR_BODY:
+                response.will_close = True  # not worth reading: drop the connection instead
+                return ChunkAnswer(response.status, headers, bytearray(), None)
+            response.read()
+            return ChunkAnswer(response.status, headers, bytearray(), None)
+        if response.length != length:
+            raise ChunkWireError(f"Content-Length {response.length} for a chunk of {length} bytes")
+        body = bytearray(length)
+        view = memoryview(body)
+        got = 0
+        while got < length:
+            n = response.readinto(view[got:])
+            if not n:
+                raise ChunkWireError(f"connection closed after {got} of {length} bytes")
+            got += n
+        return ChunkAnswer(206, headers, body, hashlib.sha256(body).digest())
+
+
+def _reason(exc: BaseException, exchange: Exchange) -> str:
+    if exchange.aborted:
+        return "aborted"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout"
+    return str(exc) or type(exc).__name__

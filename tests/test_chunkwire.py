@@ -1,0 +1,159 @@
+"""Chunk downloads on blocking keep-alive connections in worker threads (``p2pd/swarm/chunkwire.py``,
+``PeerClient.fetch_chunk``), against a small HTTP/1.1 server on 127.0.0.1 that misbehaves on demand:
+connections are reused, a pooled connection the server closed is replaced without an error,
+error statuses keep the connection, wrong framing is an error, and a cancelled fetch ends at once.
+The TLS path is exercised by every swarm test (peer TLS is on by default)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from p2pd.oci.digest import Digest
+from p2pd.swarm.peers import PeerBusy, PeerClient, PeerError, PeerMissing, PeerRefused
+
+BLOB = os.urandom(3 * 65536 + 123)
+DIGEST = Digest.parse("sha256:" + hashlib.sha256(BLOB).hexdigest())
+
+
+@dataclass
+class Server:
+    """Answers ``GET`` with ``Range``; ``mode`` picks the behaviour of the next answers."""
+
+    mode: str = "ok"
+    connections: int = 0
+    requests: list[str] = field(default_factory=list)
+    port: int = 0
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                self.requests.append(lines[0])
+                headers = dict(line.split(": ", 1) for line in lines[1:])
+                first, last = (int(x) for x in headers["Range"].removeprefix("bytes=").split("-"))
+                if not await self.answer(stream, first, last):
+                    return
+        except trio.BrokenResourceError:
+            return
+        finally:
+            await stream.aclose()
+
+    async def answer(self, stream: trio.SocketStream, first: int, last: int) -> bool:
+        body = BLOB[first:last + 1]
+        mode = self.mode
+        if mode in ("404", "403", "429"):
+            text = b'{"error": "no"}'
+            await stream.send_all(f"HTTP/1.1 {mode} X\r\nContent-Length: {len(text)}\r\nRetry-After: 3\r\n\r\n"
+                                  .encode() + text)
+            return True
+        if mode == "short":
+            await stream.send_all(f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n"
+                                  f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\n\r\n".encode() + body[:10])
+            return False
+        if mode == "stall":
+            await trio.sleep_forever()
+        if mode == "wrong-range":
+            first += 1
+        await stream.send_all(f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n"
+                              f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\nX-P2PD-Have: gA==\r\n\r\n"
+                              .encode() + body)
+        return mode != "close-after"
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> Server:
+    state = Server()
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, state.serve, 0, host="127.0.0.1"))
+    state.port = listeners[0].socket.getsockname()[1]
+    return state
+
+
+async def test_chunks_arrive_verified_over_one_kept_alive_connection(server: Server) -> None:
+    client = PeerClient("me", None)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        for start in (0, 65536, 131072):
+            chunk = await client.fetch_chunk(address, DIGEST, start, 65536)
+            assert bytes(chunk.data) == BLOB[start:start + 65536]
+            assert chunk.sha256 == hashlib.sha256(BLOB[start:start + 65536]).digest()
+            assert chunk.have == b"\x80"
+        assert server.connections == 1
+        assert server.requests == [f"GET /p2p/v1/blobs/{DIGEST} HTTP/1.1"] * 3
+
+        # The server closes a connection after its answer: the next fetch opens a new one, no error.
+        server.mode = "close-after"
+        await client.fetch_chunk(address, DIGEST, 0, 100)
+        server.mode = "ok"
+        await client.fetch_chunk(address, DIGEST, 100, 100)
+        assert server.connections == 2
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(("mode", "error"), [("404", PeerMissing), ("403", PeerRefused), ("429", PeerBusy)])
+async def test_error_statuses_are_peer_errors_and_keep_the_connection(server: Server, mode: str,
+                                                                     error: type[PeerError]) -> None:
+    client = PeerClient("me", None)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        server.mode = mode
+        with pytest.raises(error) as caught:
+            await client.fetch_chunk(address, DIGEST, 0, 100)
+        if isinstance(caught.value, PeerBusy):
+            assert caught.value.retry_after == 3.0
+        server.mode = "ok"
+        assert bytes((await client.fetch_chunk(address, DIGEST, 0, 100)).data) == BLOB[:100]
+        assert server.connections == 1  # the small error body was read: the connection stayed usable
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("mode", ["short", "wrong-range"])
+async def test_bad_framing_is_an_error(server: Server, mode: str) -> None:
+    client = PeerClient("me", None)
+    try:
+        server.mode = mode
+        with pytest.raises(PeerError):
+            await client.fetch_chunk(f"127.0.0.1:{server.port}", DIGEST, 0, 1000)
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_fetch_ends_at_once_and_drops_its_connection(server: Server) -> None:
+    client = PeerClient("me", None, read_timeout=60.0)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        server.mode = "stall"
+        started = trio.current_time()
+        with trio.move_on_after(0.5) as scope:
+            await client.fetch_chunk(address, DIGEST, 0, 1000)
+        assert scope.cancelled_caught
+        assert trio.current_time() - started < 5
+        server.mode = "ok"
+        await client.fetch_chunk(address, DIGEST, 0, 1000)
+        assert server.connections == 2  # the aborted connection was not pooled
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreachable_peer_is_a_peer_error() -> None:
+    client = PeerClient("me", None, connect_timeout=1.0)
+    try:
+        with pytest.raises(PeerError):
+            await client.fetch_chunk("127.0.0.1:9", DIGEST, 0, 100)
+    finally:
+        await client.aclose()
