@@ -507,7 +507,8 @@ class _FakeClient:
         self.announced_at.setdefault(message.node, []).append(trio.current_time())
         return self.states[address].announce(message, trio.current_time())
 
-    def open_range(self, address: str, digest: Digest, start: int, end: int, grant: str | None = None) -> NoReturn:
+    async def fetch_chunk(self, address: str, digest: Digest, start: int, length: int, grant: str | None = None,
+                          **_kwargs: object) -> NoReturn:
         raise PeerError(f"{address}: connection refused")  # no peer serves chunks here
 
     async def chunk_map(self, address: str, digest: Digest, grant: str | None = None) -> NoReturn:

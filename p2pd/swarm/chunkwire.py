@@ -15,7 +15,8 @@ Rules:
   request is retried once on a fresh connection (GET is idempotent).
 - ``Exchange.abort`` (called from the event loop when the caller is cancelled) shuts the
   socket down, so the thread's blocked read ends at once and the connection is dropped.
-- Every socket wait is bounded by ``read_timeout``; a body longer than asked is an error.
+- Every socket wait is bounded by ``read_timeout`` (no byte for that long fails the exchange;
+  the caller bounds the whole); a body of another length than asked is an error.
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ class _Connection(http.client.HTTPConnection):
 
 
 class Exchange:
-    """One request in flight; ``abort`` may be called from another thread."""
+    """One request in flight; ``abort`` may be called from another thread, ``received`` (body
+    bytes so far) read from any: a slow chunk that is still arriving is not a stalled one."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.aborted = False
+        self.received = 0
 
     def _attach(self, conn: _Connection) -> None:
         with self._lock:
@@ -162,7 +165,7 @@ class ChunkWire:
                 conn.close()
                 raise ChunkWireError(_reason(exc, exchange)) from None
             try:
-                answer = self._read(response, length)
+                answer = self._read(response, length, exchange)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 conn.close()
                 raise ChunkWireError(_reason(exc, exchange)) from None
@@ -177,7 +180,7 @@ class ChunkWire:
         raise ChunkWireError("connection closed")  # not reached: the second attempt returns or raises
 
     @staticmethod
-    def _read(response: http.client.HTTPResponse, length: int) -> ChunkAnswer:
+    def _read(response: http.client.HTTPResponse, length: int, exchange: Exchange) -> ChunkAnswer:
         headers = {name.lower(): value for name, value in response.getheaders()}
         if response.status != 206:
             declared = response.length
@@ -196,6 +199,7 @@ class ChunkWire:
             if not n:
                 raise ChunkWireError(f"connection closed after {got} of {length} bytes")
             got += n
+            exchange.received = got
         return ChunkAnswer(206, headers, body, hashlib.sha256(body).digest())
 
 

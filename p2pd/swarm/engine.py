@@ -39,6 +39,7 @@ from p2pd.oci.chunkmap import ChunkMap, chunk_count
 from p2pd.oci.digest import Digest
 
 from ..errors import UpstreamError, VerificationError
+from .chunkwire import Exchange
 from .coordinator import CoordinatorState
 from .grants import GrantStore
 from .membership import Member, Membership
@@ -66,6 +67,7 @@ _LESSEE_LOOKAHEAD = 8  # chunks past the lease holder's verified prefix that may
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
+_CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
@@ -100,6 +102,9 @@ class SwarmTransfer:
     designated: dict[int, tuple[int, bool]] = field(default_factory=dict)  # chunk → (downloaders seen, we may ask)
     grant: str | None = None  # shown to peers for a protected blob (p2pd.swarm.grants)
     disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
+    exchanges: set[Exchange] = field(default_factory=set)  # chunk requests in flight
+    arriving: int = 0  # body bytes of the requests in flight, when last looked at
+    site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -125,6 +130,14 @@ class SwarmTransfer:
 
     def partial_map(self) -> PartialChunkMap:
         return PartialChunkMap(self.digest, self.size, self.chunk_size, tuple(self.hashes))
+
+    def bytes_arrived(self) -> bool:
+        """Whether chunks in flight received bytes since the last look: a transfer whose
+        chunks come slowly (peers' uplinks shared by many) is moving, not stuck."""
+        arriving = sum(exchange.received for exchange in self.exchanges)
+        moved = arriving > self.arriving
+        self.arriving = arriving
+        return moved
 
 
 class Swarm:
@@ -280,7 +293,12 @@ class Swarm:
                         transfer.ranges = ((0, transfer.count - 1),)
                     else:
                         transfer.disputed.clear()  # told
-                        self._absorb(transfer, reply)
+                        if self._absorb(transfer, reply):
+                            # The swarm got new chunks of this blob: the client's stream waits for
+                            # ours (containerd would otherwise fall back to the registry after
+                            # stall_timeout, one more copy over the uplink). The engine's own
+                            # stuck_after still sends this node to the upstream if none come.
+                            on_progress()
                     announced_at = time.monotonic()
                     next_announce = announced_at + self.announce_interval(leased=transfer.leased)
                 stuck = time.monotonic() - transfer.last_progress > self.stuck_after
@@ -293,9 +311,15 @@ class Swarm:
                 await self._schedule_peer_requests(transfer, nursery, on_progress)
                 with trio.move_on_after(min(0.5, self.announce_interval())):
                     await transfer.wait_changed()
+                if transfer.bytes_arrived():
+                    # Bytes on their way count as progress: neither this node (stuck_after) nor
+                    # the client's stream (stall_timeout) gives up on a swarm that is delivering.
+                    transfer.last_progress = time.monotonic()
+                    on_progress()
             nursery.cancel_scope.cancel()
 
-    def _absorb(self, transfer: SwarmTransfer, reply: Reply) -> None:
+    def _absorb(self, transfer: SwarmTransfer, reply: Reply) -> bool:
+        """Takes in a coordinator's reply; True when its holders have more chunks than before."""
         # A coordinator that grants without ranges (an older node) leases the whole blob.
         ranges = (reply.ranges or ((0, transfer.count - 1),)) if reply.granted else ()
         if ranges and ranges != transfer.ranges:
@@ -318,6 +342,16 @@ class Swarm:
         lessees.pop(self.me.node_id, None)
         transfer.lessees = {node: (max(0, first), min(last, transfer.count - 1))
                             for node, (first, last) in lessees.items() if first < transfer.count}
+        site_chunks = 0
+        for peer in reply.holders:
+            if peer.complete:
+                site_chunks += transfer.count
+            elif peer.have is not None:
+                with contextlib.suppress(ValueError):
+                    site_chunks += Bitmap(transfer.count, peer.have).cardinality()
+        grew = site_chunks > transfer.site_chunks
+        transfer.site_chunks = site_chunks
+        return grew
 
     def _learn(self, transfer: SwarmTransfer, peer: PeerInfo) -> None:
         if peer.node == self.me.node_id:
@@ -456,8 +490,18 @@ class Swarm:
             if address is None:
                 return
             await self.download_bucket.take(length)
-            with trio.fail_after(self.peer_timeout):
-                chunk = await self.client.fetch_chunk(address, transfer.digest, offset, length, transfer.grant)
+            exchange = Exchange()
+            transfer.exchanges.add(exchange)
+            try:
+                # No byte for peer_timeout fails the request (the wire's read timeout); a chunk
+                # that keeps arriving, slowly because its holder serves several peers, may
+                # take longer, up to this bound.
+                with trio.fail_after(self.peer_timeout * _CHUNK_TIMEOUTS):
+                    chunk = await self.client.fetch_chunk(address, transfer.digest, offset, length, transfer.grant,
+                                                          exchange=exchange)
+            finally:
+                transfer.exchanges.discard(exchange)
+                transfer.arriving -= exchange.received
             if chunk.have is not None:
                 with contextlib.suppress(ValueError):
                     transfer.sources[node] = Bitmap(transfer.count, chunk.have)

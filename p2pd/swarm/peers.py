@@ -307,10 +307,11 @@ class PeerClient:
 
 
     async def fetch_chunk(self, address: str, digest: Digest, start: int, length: int,
-                          grant: str | None = None) -> PeerChunk:
+                          grant: str | None = None, *, exchange: Exchange | None = None) -> PeerChunk:
         """Bytes ``start..start+length-1`` of a blob from a peer, in one worker thread.
 
-        The caller bounds the call (cancelling it aborts the exchange at once).
+        The caller bounds the call (cancelling it aborts the exchange at once) and may pass an
+        ``Exchange`` to watch the bytes arrive. No byte for ``read_timeout`` fails the call.
 
         Raises:
             PeerMissing: 404. PeerRefused: 403. PeerBusy: 429. PeerError: anything else.
@@ -319,7 +320,7 @@ class PeerClient:
         headers = _auth_headers(self.key, self.node_id, "GET", target)
         if grant is not None:
             headers[GRANT_HEADER] = grant
-        exchange = Exchange()
+        exchange = exchange or Exchange()
         try:
             answer = await trio.to_thread.run_sync(self._wire.get_range, address, target, headers, start, length,
                                                    exchange, limiter=self._wire_threads, abandon_on_cancel=True)
