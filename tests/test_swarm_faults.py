@@ -509,3 +509,31 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
             assert await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_refused_total") == before + 1
     finally:
         await trio.to_thread.run_sync(cluster.stop)
+
+
+# ---- a slow holder -----------------------------------------------------------------------
+
+
+async def test_a_chunk_arriving_slowly_is_waited_for_not_abandoned(tmp_path: Path, key_file: Path) -> None:
+    """The only holder uploads at 512 KiB/s, so each 1 MiB chunk takes 2 s: longer than the
+    requester's peer_timeout (1.5 s) and its client's stall_timeout (1.5 s). Bytes keep
+    arriving, so the chunk request goes on, the client's stream stays open, and nothing is
+    fetched from the upstream again."""
+    data = os.urandom(4 * MiB)
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=1.5, upload_rate=512 * 1024)
+    config.write_text(config.read_text() + "[fetch]\nstall_timeout = 1.5\n")
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=2, base=70, config=config)
+    await trio.to_thread.run_sync(cluster.start)
+    try:
+        digest = await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
+        await trio.to_thread.run_sync(cluster.wait_members)
+        holder, requester = cluster.agents
+        assert await _pull(holder, digest) == digest
+        assert await _pull(requester, digest) == digest
+        fetched = partial(requester.metric, "p2pd_fetched_bytes_total")
+        upstream = await trio.to_thread.run_sync(partial(fetched, source="upstream"))
+        from_peer = await trio.to_thread.run_sync(partial(fetched, source="peer"))
+        stalled = await trio.to_thread.run_sync(requester.metric, "p2pd_stalled_streams_total")
+        assert (upstream, from_peer, stalled) == (0, len(data), 0), cluster.logs()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 __all__ = ["ChunkAnswer", "ChunkWire", "ChunkWireError", "Exchange"]
 
 _MAX_ERROR_BODY = 64 * 1024
+_READ_STEP = 64 * 1024
 _MAX_IDLE_PER_PEER = 16
 _IDLE_EXPIRY = 30.0  # below the peer server's keep-alive idle timeout (75 s)
 
@@ -195,7 +196,9 @@ class ChunkWire:
         view = memoryview(body)
         got = 0
         while got < length:
-            n = response.readinto(view[got:])
+            # In steps: a buffered readinto returns only when its buffer is full, and the
+            # caller watches ``received`` to tell a slow chunk from a stalled one.
+            n = response.readinto(view[got:got + _READ_STEP])
             if not n:
                 raise ChunkWireError(f"connection closed after {got} of {length} bytes")
             got += n
