@@ -152,7 +152,7 @@ class SwarmConfig:
     suspend_after_failures: int = 3
     suspend_seconds: float = 30.0
     upload_rate: int = 0  # bytes/s served to peers; 0 = unlimited
-    max_uploads: int = 16  # concurrent chunk uploads; more get 429 + Retry-After
+    max_uploads: int = 4  # concurrent chunk uploads; more get 429 + Retry-After
     download_rate: int = 0  # bytes/s fetched from peers; 0 = unlimited
     upstream_rate: int = 0  # bytes/s fetched from upstreams; 0 = unlimited
 

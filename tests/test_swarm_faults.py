@@ -520,7 +520,9 @@ async def test_a_chunk_arriving_slowly_is_waited_for_not_abandoned(tmp_path: Pat
     arriving, so the chunk request goes on, the client's stream stays open, and nothing is
     fetched from the upstream again."""
     data = os.urandom(4 * MiB)
-    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=1.5, upload_rate=512 * 1024)
+    # One request at a time: two uploads sharing the token bucket would not alternate fairly.
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=1.5, upload_rate=512 * 1024,
+                                max_requests_per_peer=1)
     config.write_text(config.read_text() + "[fetch]\nstall_timeout = 1.5\n")
     cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=2, base=70, config=config)
     await trio.to_thread.run_sync(cluster.start)

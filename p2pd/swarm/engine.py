@@ -104,6 +104,7 @@ class SwarmTransfer:
     disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
     exchanges: set[Exchange] = field(default_factory=set)  # chunk requests in flight
     arriving: int = 0  # body bytes of the requests in flight, when last looked at
+    upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
     _changed: trio.Event = field(default_factory=trio.Event)
 
@@ -134,7 +135,7 @@ class SwarmTransfer:
     def bytes_arrived(self) -> bool:
         """Whether chunks in flight received bytes since the last look: a transfer whose
         chunks come slowly (peers' uplinks shared by many) is moving, not stuck."""
-        arriving = sum(exchange.received for exchange in self.exchanges)
+        arriving = self.upstream_received + sum(exchange.received for exchange in self.exchanges)
         moved = arriving > self.arriving
         self.arriving = arriving
         return moved
@@ -293,9 +294,10 @@ class Swarm:
                         transfer.ranges = ((0, transfer.count - 1),)
                     else:
                         transfer.disputed.clear()  # told
-                        if self._absorb(transfer, reply):
-                            # The swarm got new chunks of this blob: the client's stream waits for
-                            # ours (containerd would otherwise fall back to the registry after
+                        if self._absorb(transfer, reply) or self._next_chunk_leased(transfer):
+                            # The swarm got new chunks of this blob, or the chunk our reader needs
+                            # next is in a live range lease: the client's stream waits for it
+                            # (containerd would otherwise fall back to the registry after
                             # stall_timeout, one more copy over the uplink). The engine's own
                             # stuck_after still sends this node to the upstream if none come.
                             on_progress()
@@ -352,6 +354,13 @@ class Swarm:
         grew = site_chunks > transfer.site_chunks
         transfer.site_chunks = site_chunks
         return grew
+
+    @staticmethod
+    def _next_chunk_leased(transfer: SwarmTransfer) -> bool:
+        """Whether the chunk the local reader needs next is in another node's range lease (a
+        coordinator keeps a lease only while its holder's range grows: it is on its way)."""
+        wanted = transfer.have.prefix()
+        return any(first <= wanted <= last for first, last in transfer.lessees.values())
 
     def _learn(self, transfer: SwarmTransfer, peer: PeerInfo) -> None:
         if peer.node == self.me.node_id:
@@ -604,6 +613,7 @@ class Swarm:
 
         async def accept(piece: bytes) -> None:
             await self.upstream_bucket.take(len(piece))
+            transfer.upstream_received += len(piece)
             buffer = state["buffer"]
             assert isinstance(buffer, bytearray)
             buffer += piece
