@@ -40,6 +40,7 @@ import trio
 import trio.testing
 
 from p2pd.config import SwarmConfig
+from p2pd.oci.chunkmap import ChunkMap
 from p2pd.oci.digest import Digest
 from p2pd.swarm.coordinator import CoordinatorState, split_ranges
 from p2pd.swarm.engine import _LESSEE_LOOKAHEAD, Swarm
@@ -732,3 +733,40 @@ async def test_the_chunks_a_local_reader_needs_next_are_requested_first(
         await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
     os.close(fd)
     assert sorted(planned) == [1, 2]
+
+
+async def test_a_node_whose_request_slots_are_full_announces_once_a_second(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Announcements were a busy node's largest CPU cost: with every request slot taken (slow
+    holders), a node announces once a second instead of every 0.25 s; its peers' answers carry
+    their bitmaps meanwhile."""
+    data = random.Random(7).randbytes(16 * _CHUNK)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    swarm, client, ranking = _engine(monkeypatch, 6, digest, 3)
+    holders = [m for m in swarm.membership.live() if m.node_id != "lessee"]  # type: ignore[attr-defined]
+    for holder in holders:
+        message = Announce(digest, holder.node_id, holder.address, "s", len(data), _CHUNK, True, None, False)
+        for member in ranking:
+            await client.announce(member.address, message)
+    client.announced_at.clear()
+
+    in_flight: list[str] = []
+
+    async def slow_chunk(address: str, *_args: object, **_kwargs: object) -> NoReturn:
+        in_flight.append(address)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(client, "fetch_chunk", slow_chunk, raising=False)
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        hashes = tuple(hashlib.sha256(data[i:i + _CHUNK]).digest() for i in range(0, len(data), _CHUNK))
+        transfer = swarm.start_transfer(digest, len(data), fd, ChunkMap(digest, len(data), _CHUNK, hashes))
+        with trio.move_on_after(10):
+            await swarm.run_transfer(transfer, _slow_upstream(1000.0, data), lambda: None)
+    finally:
+        os.close(fd)
+    assert len(in_flight) == swarm.max_parallel_chunks  # every slot taken, none freed in 10 s
+    sent = len(client.announced_at["lessee"])
+    print(f"\n{sent} announcements in 10 s with every request slot busy")
+    assert sent <= 12  # once a second (every 0.25 s would be 40)

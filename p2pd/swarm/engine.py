@@ -68,6 +68,7 @@ _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned bef
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
+_BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
@@ -184,12 +185,14 @@ class Swarm:
         chosen = coordinators(str(digest), live, 1 + self.coordinator_backups)
         return [live[node] for node in chosen]
 
-    def announce_interval(self, *, leased: bool = False) -> float:
+    def announce_interval(self, *, leased: bool = False, busy: bool = False) -> float:
         # Small clusters refresh their view of each other's chunks often; large ones keep
-        # each coordinator's load near 100 announcements per second per hot digest. However
-        # large the cluster, a lease holder refreshes its lease well within the TTL, or a
-        # second node of its site would get it and fetch from the upstream too.
-        interval = max(0.25, len(self.membership.live()) / 100.0)
+        # each coordinator's load near 100 announcements per second per hot digest. A node
+        # whose requests fill its slots needs no fresher view (its peers' answers carry their
+        # bitmaps): it announces once a second, which was the largest CPU cost of a busy node.
+        # However large the cluster, a lease holder refreshes its lease well within the TTL,
+        # or a second node of its site would get it and fetch from the upstream too.
+        interval = max(_BUSY_ANNOUNCE_INTERVAL if busy else 0.25, len(self.membership.live()) / 100.0)
         return min(interval, self.coordinator.lease_ttl / 3) if leased else interval
 
     async def announce(self, message: Announce) -> Reply | None:
@@ -278,12 +281,15 @@ class Swarm:
         async with trio.open_nursery() as nursery:
             next_announce = 0.0
             announced_at = time.monotonic()
+            starving = False  # free request slots and nothing known to ask for: announce sooner
             upstream_running = False
             while not transfer.have.is_full():
                 now = time.monotonic()
                 # A node that gets no chunks asks for fresh holders (early, whatever the cluster
                 # size) well before it gives up on its peers and goes to the upstream itself.
                 stalled = now - max(transfer.last_progress, announced_at) >= self.stuck_after / 3
+                if starving and now - announced_at >= self.announce_interval(leased=transfer.leased):
+                    next_announce = now
                 if now >= next_announce or stalled:
                     # The lease holder keeps asking for its lease too: a backup coordinator that
                     # takes over (with no state) then learns who holds it.
@@ -302,7 +308,7 @@ class Swarm:
                             # stuck_after still sends this node to the upstream if none come.
                             on_progress()
                     announced_at = time.monotonic()
-                    next_announce = announced_at + self.announce_interval(leased=transfer.leased)
+                    next_announce = announced_at + self.announce_interval(leased=transfer.leased, busy=True)
                 stuck = time.monotonic() - transfer.last_progress > self.stuck_after
                 if (transfer.leased or stuck) and not upstream_running:
                     if stuck and not transfer.leased:
@@ -310,7 +316,7 @@ class Swarm:
                                     transfer.digest, self.stuck_after)
                     upstream_running = True
                     nursery.start_soon(self._upstream_worker, transfer, upstream_range, on_progress)
-                await self._schedule_peer_requests(transfer, nursery, on_progress)
+                starving = await self._schedule_peer_requests(transfer, nursery, on_progress)
                 with trio.move_on_after(min(0.5, self.announce_interval())):
                     await transfer.wait_changed()
                 if transfer.bytes_arrived():
@@ -432,16 +438,17 @@ class Swarm:
         return allowed
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
-                                      on_progress: Callable[[], None]) -> None:
+                                      on_progress: Callable[[], None]) -> bool:
+        """Starts requests for free slots; True when slots stay free for want of known sources."""
         room = self.max_parallel_chunks - sum(transfer.busy.values())
         if room <= 0:
-            return
+            return False
         needed = [i for i in range(transfer.count) if i not in transfer.have and i not in transfer.requested]
         if not needed:
-            return
+            return False
         sources = self._candidate_sources(transfer)
         if not sources:
-            return
+            return True
         same_site = [node for node in sources if transfer.sites.get(node) == self.me.site]
         # The chunks the local reader needs next go first: a stream to containerd advances only
         # with the verified prefix, and one that stops for stall_timeout is cut. Rarest first
@@ -464,6 +471,7 @@ class Swarm:
             transfer.requested.add(request.index)
             transfer.busy[request.source] = transfer.busy.get(request.source, 0) + 1
             nursery.start_soon(self._fetch_chunk, transfer, request.index, request.source, on_progress)
+        return len(plan) < min(room, len(needed))
 
     async def _refresh_hashes(self, transfer: SwarmTransfer) -> None:
         """Fills unknown chunk hashes from the lease holder or a complete holder (signed)."""
