@@ -133,6 +133,22 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
         for name in ("swarm-tiny-cdf.png", "swarm-tiny-bytes.png"):
             assert (json_path.parent / name).read_bytes()[:4] == b"\x89PNG"
             assert f"bench/{name}" in section
+    # The weak-regime matrix table (make bench-swarm runs nine p2pd-only cells): the tiny p2pd
+    # run rendered as a cell, from the raw results.
+    cell = json.loads(json.dumps(result))
+    cell["scenario"].update(key="matrix-tiny", matrix=True)
+    cell["methods"] = {"p2pd": cell["methods"]["p2pd"]}
+    report["results"].append(cell)
+    json_path.write_text(json.dumps(report))
+    rerun = subprocess.run([sys.executable, "-m", "tests.bench.swarm", "--from-json", str(json_path), "--out", str(out),
+                            *([] if plots else ["--no-plots"])], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    doc = out.read_text()
+    section = doc[doc.index(MARK_START):doc.index(MARK_END)]
+    assert "The weak-regime matrix" in section and "| 3 | 5 | 20 / 100 |" in section, section[-3000:]
+    if plots:
+        assert "bench/swarm-matrix.png" in section
     # Nothing left behind: namespaces, owner files, work files.
     assert set(list_namespaces()) - before == set()
     assert not list((tmp_path / "work").glob("p2pbed-*")) and not list((tmp_path / "work").glob("bench-swarm-*"))
