@@ -77,11 +77,12 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 install-bench: $(BENCH_STAMP)
 
 # One image to N nodes on a network-namespace testbed with tc-shaped links: direct vs site cache vs
-# p2pd vs the Kumar-Ross bound; N = 16 (+ a p2pd-only rerun at 10x faster links) and N = 8 with ctr;
-# table, plots and raw JSON (root, ~12 min).
-# The benchmark stops itself after 14 min; timeout's SIGTERM (handled like Ctrl-C: full teardown) is a backstop.
+# p2pd vs the Kumar-Ross bound; N = 16 and N = 8 with ctr, then the weak-regime matrix (node/seed
+# link 1, 2, 10 x N = 8, 16, 32; p2pd only); table, plots and raw JSON (root, ~35 min).
+# The benchmark stops itself after 42 min; timeout's SIGTERM (handled like Ctrl-C: full teardown) is a backstop.
 bench-swarm: install-bench system-deps
-	timeout --foreground --signal=TERM --kill-after=60 1740 $(PY) -m tests.bench.swarm --out docs/benchmarks.md
+	timeout --foreground --signal=TERM --kill-after=60 2700 $(PY) -m tests.bench.swarm --out docs/benchmarks.md \
+		--deadline-s 2550
 
 # p2pd preheat of a 200 MiB layer to 8 nodes on the namespace testbed, then a rollout pull that must send
 # nothing upstream (a few minutes; tiny version in tests/test_preheat_bench.py).

@@ -539,3 +539,47 @@ async def test_a_chunk_arriving_slowly_is_waited_for_not_abandoned(tmp_path: Pat
         assert (upstream, from_peer, stalled) == (0, len(data), 0), cluster.logs()
     finally:
         await trio.to_thread.run_sync(cluster.stop)
+
+
+# ---- churn: a node joins mid-pull ----------------------------------------------------------
+
+
+async def test_a_node_that_joins_mid_pull_gets_the_blob_from_the_swarm(
+        tmp_path: Path, key_file: Path, blob: tuple[bytes, str]) -> None:
+    """Two nodes pull through a slow uplink; a third starts once they hold a quarter of the blob
+    and pulls too. It gets most of the blob from them (it helps at once: it may take a free range
+    lease, and what it fetches it shares), and the site still fetches about one copy: at most the
+    blob plus one range (the digest's coordinator may move to the newcomer, which starts with no
+    state)."""
+    data, digest = blob
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0, upstream_rate=8 * MiB)
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=3, base=80, config=config)
+    await trio.to_thread.run_sync(cluster.start)
+    try:
+        await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
+        first, second, newcomer = cluster.agents
+        await trio.to_thread.run_sync(newcomer.stop)
+        await trio.to_thread.run_sync(cluster.wait_members, [first, second])
+        seed_before = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
+        results: dict[str, object] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pull, first, digest, results)
+            nursery.start_soon(pull, second, digest, results)
+            with trio.fail_after(30):
+                await wait_until(lambda: sum(_have(a, digest, BLOB_MIB // 8) for a in (first, second)) >= 1)
+            joined_at = trio.current_time()
+            await trio.to_thread.run_sync(newcomer.start, cluster.seed.url)
+            await trio.to_thread.run_sync(newcomer.wait_ready)
+            nursery.start_soon(pull, newcomer, digest, results)
+        assert results == {a.node_id: digest for a in cluster.agents}, cluster.logs()
+        fetched = partial(newcomer.metric, "p2pd_fetched_bytes_total")
+        from_peers = await trio.to_thread.run_sync(partial(fetched, source="peer"))
+        from_upstream = await trio.to_thread.run_sync(partial(fetched, source="upstream"))
+        seed_sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes) - seed_before
+        print(f"\nnewcomer joined at {joined_at:.1f}; from peers {from_peers / MiB:.0f} MiB, from the upstream "
+              f"{from_upstream / MiB:.0f} MiB; seed sent {seed_sent / len(data):.2f} x the blob")
+        assert from_peers >= len(data) / 2, cluster.logs()
+        largest_range = max(last - first_ + 1 for first_, last in split_ranges(BLOB_MIB, MAX_RANGES)) * MiB
+        assert seed_sent <= len(data) + largest_range, cluster.logs()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)

@@ -68,6 +68,7 @@ _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned bef
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
+_JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a first peer
 _BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
@@ -177,6 +178,7 @@ class Swarm:
         self.completed_maps: OrderedDict[Digest, PartialChunkMap] = OrderedDict()
         self.messages_sent = 0
         self._rng = rng or random.Random()
+        self.started = time.monotonic()
 
     # ---- coordination -----------------------------------------------------------------
 
@@ -278,6 +280,7 @@ class Swarm:
     async def run_transfer(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
                            on_progress: Callable[[], None]) -> None:
         """Fills ``transfer`` from peers and (when leased, or stuck) the upstream."""
+        await self._wait_for_first_peer()
         async with trio.open_nursery() as nursery:
             next_announce = 0.0
             announced_at = time.monotonic()
@@ -325,6 +328,16 @@ class Swarm:
                     transfer.last_progress = time.monotonic()
                     on_progress()
             nursery.cancel_scope.cancel()
+
+    async def _wait_for_first_peer(self) -> None:
+        """A node that has just started may not have met its peers yet: alone, it would be its
+        own coordinator and take the whole blob from the upstream (a node joining a pull in
+        progress would add a copy instead of helping). For ``_JOIN_GRACE`` seconds after the
+        start, a transfer waits for a first member; a node that is alone waits no longer."""
+        left = self.started + _JOIN_GRACE - time.monotonic()
+        with trio.move_on_after(max(0.0, left)):
+            while not any(m.node_id != self.me.node_id for m in self.membership.live()):
+                await self.membership.wait_changed()
 
     def _absorb(self, transfer: SwarmTransfer, reply: Reply) -> bool:
         """Takes in a coordinator's reply; True when its holders have more chunks than before."""
