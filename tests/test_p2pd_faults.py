@@ -288,7 +288,8 @@ async def test_concurrent_readers_share_one_upstream_fetch(
     # Bytes were streamed as they were verified, not after the whole blob had arrived.
     download_time = len(data) / rate
     assert min(finished) >= 0.9 * download_time
-    assert max(first_byte) < download_time / 2, (first_byte, finished)
+    # Relative, not a wall-clock target: every reader had bytes well before the first finished.
+    assert max(first_byte) < 0.6 * min(finished), (first_byte, finished)
 
 
 # ---- crash in the middle of a download ---------------------------------------------------------
