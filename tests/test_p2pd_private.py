@@ -553,9 +553,7 @@ async def test_members_get_a_protected_blob_only_with_the_registry_grant(
     async def chunk_with(node_id: str, grant: str | None) -> None:
         client = PeerClient(node_id, key, tls=tls)
         try:
-            async with client.open_range(address, digest, 0, 1023, grant) as (_response, pieces):
-                async for _piece in pieces:
-                    pass
+            await client.fetch_chunk(address, digest, 0, 1024, grant)
         finally:
             await client.aclose()
 

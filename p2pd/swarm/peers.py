@@ -20,10 +20,9 @@ messages.
 from __future__ import annotations
 
 import base64
-import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,37 +274,6 @@ class PeerClient:
         _check_response(self.key, target, response, response.content)
         return response.content
 
-    @contextlib.asynccontextmanager
-    async def open_range(self, address: str, digest: Digest, start: int, end: int, grant: str | None = None
-                         ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
-        """Streams bytes ``start..end`` of a blob from a peer.
-
-        Raises:
-            PeerMissing: 404. PeerBusy: 429. PeerError: anything else.
-        """
-        target = f"{PROTOCOL_PREFIX}/blobs/{digest}"
-        headers = _auth_headers(self.key, self.node_id, "GET", target)
-        headers["Range"] = f"bytes={start}-{end}"
-        if grant is not None:
-            headers[GRANT_HEADER] = grant
-        try:
-            async with self._client.stream("GET", self._url(address, target), headers=headers) as response:
-                if response.status_code == 404:
-                    raise PeerMissing(f"{address}: no {digest} bytes {start}-{end}")
-                if response.status_code == 403:
-                    raise PeerRefused(f"{address}: refused {digest} (peer grant)")
-                if response.status_code == 429:
-                    raise PeerBusy(f"{address}: busy", _retry_after(response))
-                if response.status_code != 206:
-                    raise PeerError(f"{address}: status {response.status_code} for a chunk")
-                expected = f"bytes {start}-{end}/"
-                if not response.headers.get("content-range", "").startswith(expected):
-                    raise PeerError(f"{address}: wrong Content-Range")
-                yield response, _raw(response)
-        except httpx.HTTPError as exc:
-            raise PeerError(f"{address}: {type(exc).__name__}") from exc
-
-
     async def fetch_chunk(self, address: str, digest: Digest, start: int, length: int,
                           grant: str | None = None, *, exchange: Exchange | None = None) -> PeerChunk:
         """Bytes ``start..start+length-1`` of a blob from a peer, in one worker thread.
@@ -341,11 +309,6 @@ class PeerClient:
         if not answer.headers.get("content-range", "").startswith(f"bytes {start}-{start + length - 1}/"):
             raise PeerError(f"{address}: wrong Content-Range")
         return PeerChunk(answer.body, answer.sha256, parse_have(answer.headers))
-
-
-async def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
-    async for piece in response.aiter_raw():
-        yield piece
 
 
 def _retry_after(response: httpx.Response | Mapping[str, str]) -> float:
