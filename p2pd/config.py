@@ -155,6 +155,9 @@ class SwarmConfig:
     max_uploads: int = 4  # concurrent chunk uploads; more get 429 + Retry-After
     download_rate: int = 0  # bytes/s fetched from peers; 0 = unlimited
     upstream_rate: int = 0  # bytes/s fetched from upstreams; 0 = unlimited
+    # bytes/s the whole site (all its nodes together) fetches from upstreams; 0 = unlimited.
+    # Kept by one member of the site and shared by its fetchers (p2pd/swarm/budget.py).
+    site_upstream_rate: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -304,6 +307,9 @@ def _checked_swarm(swarm: SwarmConfig) -> SwarmConfig:
         raise ConfigError("swarm.node_id: 1-63 letters, digits and '-' (no dots)")
     if swarm.site is not None and not _NODE_ID_RE.fullmatch(swarm.site):
         raise ConfigError("swarm.site: 1-63 letters, digits and '-'")
+    for name in ("upload_rate", "download_rate", "upstream_rate", "site_upstream_rate"):
+        if getattr(swarm, name) < 0:
+            raise ConfigError(f"swarm.{name} must be 0 (unlimited) or a positive number of bytes per second")
     if swarm.chunk_size & (swarm.chunk_size - 1) or not 64 * 1024 <= swarm.chunk_size <= 64 * 1024 * 1024:
         raise ConfigError("swarm.chunk_size must be a power of two between 64 KiB and 64 MiB")
     return swarm

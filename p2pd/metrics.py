@@ -59,8 +59,14 @@ class AgentMetrics:
         self.peers_banned = Gauge("p2pd_peers_banned", "Peers banned for sending bad bytes",
                                   registry=self.registry)
         self.peer_messages = Counter("p2pd_peer_messages", "Requests sent to other nodes, by kind "
-                                     "(announce, chunkmap, chunk)", ["kind"], registry=self.registry)
+                                     "(announce, budget, chunkmap, chunk)", ["kind"], registry=self.registry)
         self.leases = Counter("p2pd_leases", "Upstream leases this node was granted", registry=self.registry)
+        self.site_upstream_share = Gauge("p2pd_site_upstream_share_bytes_per_second", "This node's current share "
+                                         "of its site's upstream budget ([swarm] site_upstream_rate)",
+                                         registry=self.registry)
+        self.site_budget_asks = Counter("p2pd_site_budget_asks", "Requests for a share of a site's upstream "
+                                        "budget answered by this node (its site's budget keeper)",
+                                        registry=self.registry)
         self.claims_disputed = Counter("p2pd_claims_disputed", "Peers that answered 'not here' for chunks they "
                                        "claimed to hold (reported to the coordinator)", registry=self.registry)
         self.uploads_refused = Counter("p2pd_peer_uploads_refused", "Peer chunk requests answered 429",

@@ -68,6 +68,27 @@ def test_teardown_on_exception_kills_processes_and_deletes_namespaces(tmp_path: 
 
 
 @pytest.mark.root
+def test_two_sites_reach_the_seed_and_not_each_other(tmp_path: Path) -> None:
+    _require_testbed()
+    with Netbed(4, LinkRates(seed_up=10, node_up=50, node_down=50), workdir=tmp_path, sites=2) as bed:
+        assert [bed.site_of(i) for i in range(1, 5)] == [0, 0, 1, 1]
+        assert bed.node_ips == ["10.88.0.11", "10.88.0.12", "10.88.1.13", "10.88.1.14"]
+        assert bed.seed_ips == ["10.88.0.2", "10.88.1.2"]
+
+        def ping(ns: str, address: str) -> bool:
+            return bed.run_in(ns, ["busybox", "ping", "-c", "1", "-W", "1", address], check=False).returncode == 0
+
+        assert ping(bed.nodes[0], bed.node_ips[1]) and ping(bed.nodes[2], bed.node_ips[3])  # within a site
+        assert ping(bed.nodes[0], bed.seed_ips[0]) and ping(bed.nodes[3], bed.seed_ips[1])  # each its uplink
+        assert not ping(bed.nodes[0], bed.node_ips[2])  # no path between sites
+        assert not ping(bed.nodes[0], bed.seed_ips[1])  # nor through the seed's other link
+        ports = bed.port_bytes()
+        assert {"s0", "s1", "n1", "n4"} <= set(ports)
+        assert bed.link_bytes()[bed.seed]["up"] == ports["s0"]["up"] + ports["s1"]["up"]
+    assert _run_namespaces(bed.run_id) == []
+
+
+@pytest.mark.root
 def test_cleanup_stale_removes_only_dead_runs(tmp_path: Path) -> None:
     _require_testbed()
     rates = LinkRates(seed_up=10, node_up=50, node_down=50)

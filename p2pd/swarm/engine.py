@@ -39,11 +39,12 @@ from p2pd.oci.chunkmap import ChunkMap, chunk_count
 from p2pd.oci.digest import Digest
 
 from ..errors import UpstreamError, VerificationError
+from .budget import SiteBudgets, SiteShare
 from .chunkwire import Exchange
 from .coordinator import CoordinatorState
 from .grants import GrantStore
 from .membership import Member, Membership
-from .messages import MAX_DISPUTED, Announce, PeerInfo, Reply
+from .messages import MAX_DISPUTED, Announce, BudgetAsk, BudgetGrant, PeerInfo, Reply
 from .peers import (
     PartialChunkMap,
     PeerBusy,
@@ -156,7 +157,7 @@ class Swarm:
     def __init__(self, *, me: Member, membership: Membership, client: PeerClient, metrics: AgentMetrics,
                  chunk_size: int, lease_ttl: float, coordinator_backups: int, peer_timeout: float,
                  max_parallel_chunks: int, max_requests_per_peer: int, ban_seconds: float,
-                 grants: GrantStore, download_rate: int = 0, upstream_rate: int = 0,
+                 grants: GrantStore, download_rate: int = 0, upstream_rate: int = 0, site_upstream_rate: int = 0,
                  rng: random.Random | None = None) -> None:
         self.me = me
         self.membership = membership
@@ -172,6 +173,9 @@ class Swarm:
         self.stuck_after = max(lease_ttl, 3 * peer_timeout)
         self.download_bucket = TokenBucket(download_rate)
         self.upstream_bucket = TokenBucket(upstream_rate)
+        # The site's upstream budget: kept by one member of the site, shared by its fetchers.
+        self.budgets = SiteBudgets()
+        self.site_share = SiteShare(site_upstream_rate, self.ask_budget, self._static_budget_share)
         self.transfers: dict[Digest, SwarmTransfer] = {}
         self.grants = grants  # blobs whose chunks are served only against a peer grant
         # Maps of blobs assembled here, for peers that need hashes (bounded, newest kept).
@@ -186,6 +190,46 @@ class Swarm:
         live = {m.node_id: m for m in self.membership.live()}
         chosen = coordinators(str(digest), live, 1 + self.coordinator_backups)
         return [live[node] for node in chosen]
+
+    def budget_keeper(self) -> Member:
+        """The member of our site that keeps its upstream budget (``p2pd.swarm.budget``)."""
+        site = {m.node_id: m for m in self.membership.live() if m.site == self.me.site}
+        site[self.me.node_id] = self.me
+        return site[coordinators(f"budget:{self.me.site}", site, 1)[0]]
+
+    def keep_budget(self, ask: BudgetAsk) -> BudgetGrant:
+        """A node of some site asks us, its keeper, for a share of the site's upstream budget."""
+        grant = self.budgets.ask(ask.site, ask.node, ask.cap, ask.want, time.monotonic())
+        self.metrics.site_budget_asks.inc()
+        return grant
+
+    async def ask_budget(self, want: bool) -> BudgetGrant | None:
+        """Our share of the site's upstream budget from its keeper; None when it does not answer."""
+        ask = BudgetAsk(self.me.node_id, self.me.site, self.site_share.cap, want)
+        keeper = self.budget_keeper()
+        if keeper.node_id == self.me.node_id:
+            grant: BudgetGrant | None = self.keep_budget(ask)
+        else:
+            self.messages_sent += 1
+            self.metrics.peer_messages.labels("budget").inc()
+            try:
+                with trio.fail_after(min(2.0, self.peer_timeout)):
+                    grant = await self.client.budget(keeper.address, ask)
+            except (PeerError, trio.TooSlowError) as exc:
+                log.info("site budget keeper %s unreachable: %s", keeper.node_id, exc)
+                self.membership.failure(keeper.node_id)
+                grant = None
+            else:
+                self.membership.success(keeper.node_id)
+        if want:
+            self.metrics.site_upstream_share.set(grant.rate if grant is not None else self._static_budget_share())
+        else:
+            self.metrics.site_upstream_share.set(0)
+        return grant
+
+    def _static_budget_share(self) -> int:
+        members = sum(1 for m in self.membership.live() if m.site == self.me.site and m.node_id != self.me.node_id)
+        return self.site_share.cap // (members + 1)
 
     def announce_interval(self, *, leased: bool = False, busy: bool = False) -> float:
         # Small clusters refresh their view of each other's chunks often; large ones keep
@@ -593,6 +637,14 @@ class Swarm:
         Chunks that live peers hold are left to them (a lease that moved must not refetch
         what the site already has), unless nothing has arrived for ``stuck_after``.
         """
+        self.site_share.start()
+        try:
+            await self._fetch_missing_from_upstream(transfer, upstream_range, on_progress)
+        finally:
+            await self.site_share.stop()
+
+    async def _fetch_missing_from_upstream(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
+                                           on_progress: Callable[[], None]) -> None:
         while not transfer.have.is_full():
             skip = transfer.have.indexes()
             skip_set = set(skip) | transfer.requested | self._held_by_peers(transfer)
@@ -634,6 +686,7 @@ class Swarm:
 
         async def accept(piece: bytes) -> None:
             await self.upstream_bucket.take(len(piece))
+            await self.site_share.take(len(piece))
             transfer.upstream_received += len(piece)
             buffer = state["buffer"]
             assert isinstance(buffer, bytearray)

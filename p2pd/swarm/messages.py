@@ -18,6 +18,8 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_RANGES",
     "Announce",
+    "BudgetAsk",
+    "BudgetGrant",
     "MessageError",
     "PeerInfo",
     "RangeLease",
@@ -87,6 +89,25 @@ class Reply:
     lessees: tuple[RangeLease, ...] = ()  # every live range lease of the asking node's site
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetAsk:
+    """A node of ``site`` asks the site's keeper for a share of its upstream budget (``want``), or
+    gives its share back; ``cap`` is the asker's configured ``site_upstream_rate`` (bytes/s)."""
+
+    node: str
+    site: str
+    cap: int
+    want: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGrant:
+    """A rate (bytes/s) the asking node may fetch from the upstream for ``ttl`` seconds."""
+
+    rate: int
+    ttl: float
+
+
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
         raise MessageError(f"{name} must be a short string")
@@ -138,7 +159,21 @@ def _lessees(value: Any) -> tuple[RangeLease, ...]:
     return tuple(leases)
 
 
-def encode(message: Announce | Reply) -> bytes:
+def _count(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise MessageError(f"{name} must be a non-negative integer")
+    return value
+
+
+Message = Announce | Reply | BudgetAsk | BudgetGrant
+
+
+def encode(message: Message) -> bytes:
+    if isinstance(message, BudgetAsk):
+        return msgpack.packb({"t": "budget", "node": message.node, "site": message.site, "cap": message.cap,
+                              "want": message.want})
+    if isinstance(message, BudgetGrant):
+        return msgpack.packb({"t": "grant", "rate": message.rate, "ttl": message.ttl})
     if isinstance(message, Announce):
         body: dict[str, Any] = {
             "t": "announce", "digest": str(message.digest), "node": message.node, "address": message.address,
@@ -164,7 +199,7 @@ def encode(message: Announce | Reply) -> bytes:
     return msgpack.packb(body)
 
 
-def decode(data: bytes) -> Announce | Reply:
+def decode(data: bytes) -> Message:
     """Parses and validates one message; raises MessageError."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageError("message too large")
@@ -208,4 +243,15 @@ def decode(data: bytes) -> Announce | Reply:
                      None if lease_holder is None else _text(lease_holder, "lease_holder"),
                      None if lease_address is None else _text(lease_address, "lease_address"),
                      granted, float(ttl), _ranges(obj.get("ranges", [])), _lessees(obj.get("lessees", [])))
+    if kind == "budget":
+        want = obj.get("want")
+        if not isinstance(want, bool):
+            raise MessageError("want must be a boolean")
+        return BudgetAsk(_text(obj.get("node"), "node"), _text(obj.get("site"), "site"), _count(obj.get("cap"), "cap"),
+                         want)
+    if kind == "grant":
+        ttl = obj.get("ttl")
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 3600:
+            raise MessageError("ttl must be a positive number of seconds")
+        return BudgetGrant(_count(obj.get("rate"), "rate"), float(ttl))
     raise MessageError("unknown message type")

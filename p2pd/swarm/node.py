@@ -132,7 +132,8 @@ async def serve_swarm(
                           max_parallel_chunks=settings.max_parallel_chunks,
                           max_requests_per_peer=settings.max_requests_per_peer, ban_seconds=settings.ban_seconds,
                           grants=GrantStore(Path(config.data) / "peer-grants"),
-                          download_rate=settings.download_rate, upstream_rate=settings.upstream_rate)
+                          download_rate=settings.download_rate, upstream_rate=settings.upstream_rate,
+                          site_upstream_rate=settings.site_upstream_rate)
             service_box.append(PeerService(swarm=swarm, store=store, key=key, metrics=metrics,
                                            max_uploads=settings.max_uploads, upload_rate=settings.upload_rate,
                                            chunk_wait=min(2.0, settings.peer_timeout / 2)))

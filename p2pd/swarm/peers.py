@@ -36,7 +36,7 @@ from p2pd.oci.digest import Digest
 from . import auth
 from .chunkwire import ChunkWire, ChunkWireError, Exchange
 from .grants import GRANT_HEADER
-from .messages import Announce, MessageError, Reply, decode, encode
+from .messages import Announce, BudgetAsk, BudgetGrant, MessageError, Reply, decode, encode
 
 __all__ = [
     "PROTOCOL_PREFIX",
@@ -249,6 +249,17 @@ class PeerClient:
         if not isinstance(reply, Reply):
             raise PeerError("expected a reply")
         return reply
+
+    async def budget(self, address: str, message: BudgetAsk) -> BudgetGrant:
+        """Asks the site's budget keeper at ``address`` for a share of the upstream budget."""
+        data = await self._metadata(address, "POST", f"{PROTOCOL_PREFIX}/budget", encode(message))
+        try:
+            grant = decode(data)
+        except MessageError as exc:
+            raise PeerError(f"malformed budget grant: {exc}") from exc
+        if not isinstance(grant, BudgetGrant):
+            raise PeerError("expected a budget grant")
+        return grant
 
     async def chunk_map(self, address: str, digest: Digest, grant: str | None = None) -> PartialChunkMap:
         data = await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/chunkmap/{digest}", grant=grant)

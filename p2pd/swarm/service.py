@@ -33,7 +33,7 @@ from . import auth
 from .discovery import PROTOCOL_VERSION
 from .engine import Swarm
 from .grants import GRANT_HEADER, GrantRefused, verify_grant
-from .messages import Announce, MessageError, decode, encode
+from .messages import Announce, BudgetAsk, MessageError, decode, encode
 from .peers import (
     HAVE_HEADER,
     NODE_HEADER,
@@ -96,6 +96,14 @@ class PeerService:
                 raise OCIError("BAD_REQUEST", "announcement must come from its own node")
             reply = self.swarm.coordinator.announce(message, time.monotonic())
             return self._signed(request, encode(reply))
+        if path == f"{PROTOCOL_PREFIX}/budget" and request.method == "POST":
+            try:
+                ask = decode(body)
+            except MessageError as exc:
+                raise OCIError("BAD_REQUEST", f"malformed budget request: {exc}") from exc
+            if not isinstance(ask, BudgetAsk) or ask.node != request.headers.get(NODE_HEADER):
+                raise OCIError("BAD_REQUEST", "a budget request must come from its own node")
+            return self._signed(request, encode(self.swarm.keep_budget(ask)))
         if path == f"{PROTOCOL_PREFIX}/preheat" and request.method == "POST" and self.preheat_handler is not None:
             return self._signed(request, await self.preheat_handler(body))
         if request.method not in ("GET", "HEAD"):

@@ -89,9 +89,18 @@ class LinkRates:
         return self.seed_up if self.seed_down is None else self.seed_down
 
 
-def node_ip(index: int) -> str:
-    """Address of node ``index`` (1-based)."""
-    return f"{SUBNET}.{FIRST_NODE_HOST - 1 + index}"
+def node_ip(index: int, site: int = 0) -> str:
+    """Address of node ``index`` (1-based) in site ``site`` (0-based; site k is 10.88.k.0/24)."""
+    return f"{site_subnet(site)}.{FIRST_NODE_HOST - 1 + index}"
+
+
+def site_subnet(site: int) -> str:
+    return SUBNET if site == 0 else f"{SUBNET.rsplit('.', 1)[0]}.{site}"
+
+
+def seed_ip(site: int = 0) -> str:
+    """The seed's address on site ``site``'s link."""
+    return f"{site_subnet(site)}.2"
 
 
 def _ip() -> str:
@@ -252,9 +261,16 @@ def install_signal_handlers() -> None:
 class Netbed:
     """One seed host and ``nodes`` node hosts on a private bridge, links shaped with tbf.
 
+    With ``sites`` > 1 the nodes are split into that many sites of equal size, each on its own
+    bridge (``br<k>``, subnet 10.88.k.0/24, so mDNS never crosses sites) with its own link to
+    the seed (the seed has one interface per site, ``eth<k>`` = 10.88.k.2, switch port
+    ``s<k>``, shaped at ``seed_up``/``seed_down`` each: every site's uplink). Sites reach each
+    other only through nothing: no routing between subnets.
+
     Args:
         nodes: number of node hosts (1..200).
         rates: the shaped link rates.
+        sites: number of sites (``nodes`` must divide evenly).
         workdir: parent directory for the run's files (default: the system temp dir); the run
             uses ``<workdir>/p2pbed-<id>-XXXX`` and removes it on exit (``keep_files`` keeps it).
 
@@ -263,10 +279,13 @@ class Netbed:
     """
 
     def __init__(self, nodes: int, rates: LinkRates, *, workdir: str | Path | None = None,
-                 keep_files: bool = False) -> None:
+                 keep_files: bool = False, sites: int = 1) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be between 1 and {MAX_NODES}")
+        if not 1 <= sites <= 8 or nodes % sites:
+            raise ValueError("sites must be 1..8 and divide the node count")
         self.count = nodes
+        self.sites = sites
         self.rates = rates
         self.run_id = secrets.token_hex(3)
         base = f"{PREFIX}-{self.run_id}"
@@ -274,7 +293,8 @@ class Netbed:
         self.seed = f"{base}-seed"
         self.nodes = [f"{base}-n{i}" for i in range(1, nodes + 1)]
         self.seed_ip = SEED_IP
-        self.node_ips = [node_ip(i) for i in range(1, nodes + 1)]
+        self.seed_ips = [seed_ip(k) for k in range(sites)]
+        self.node_ips = [node_ip(i, self.site_of(i)) for i in range(1, nodes + 1)]
         self._parent = Path(workdir) if workdir is not None else None
         self.keep_files = keep_files
         self.dir = Path()
@@ -288,9 +308,14 @@ class Netbed:
     def namespaces(self) -> list[str]:
         return [self.sw, self.seed, *self.nodes]
 
+    def site_of(self, index: int) -> int:
+        """The site (0-based) of node ``index`` (1-based)."""
+        return (index - 1) // (self.count // self.sites)
+
     def ports(self) -> dict[str, str]:
-        """Switch port name (in the switch namespace) -> host namespace."""
-        return {"s0": self.seed, **{f"n{i}": ns for i, ns in enumerate(self.nodes, 1)}}
+        """Switch port name (in the switch namespace) -> host namespace (the seed has one per site)."""
+        seed_ports = {f"s{k}": self.seed for k in range(self.sites)}
+        return {**seed_ports, **{f"n{i}": ns for i, ns in enumerate(self.nodes, 1)}}
 
     def start(self) -> Netbed:
         if self._started:
@@ -304,22 +329,27 @@ class Netbed:
         self._add_ns(self.sw)
         sw = [ip, "-n", self.sw]
         _run([*sw, "link", "set", "lo", "up"])
-        _run([*sw, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
-        _run([*sw, "link", "set", "br0", "up"])
+        for k in range(self.sites):
+            _run([*sw, "link", "add", f"br{k}", "type", "bridge", "mcast_snooping", "0"])
+            _run([*sw, "link", "set", f"br{k}", "up"])
         rates = self.rates
-        hosts = [("s0", self.seed, self.seed_ip, rates.seed_up, rates.seed_down_rate, rates.seed_queue_ms)]
-        hosts += [(f"n{i}", ns, node_ip(i), rates.node_up, rates.node_down, rates.node_queue_ms)
-                  for i, ns in enumerate(self.nodes, 1)]
-        for port, ns, address, up, down, queue_ms in hosts:
-            self._add_ns(ns)
+        # (switch port, bridge, host ns, host device, address, up, down, queue)
+        hosts = [(f"s{k}", k, self.seed, f"eth{k}", self.seed_ips[k], rates.seed_up, rates.seed_down_rate,
+                  rates.seed_queue_ms) for k in range(self.sites)]
+        hosts += [(f"n{i}", self.site_of(i), ns, "eth0", self.node_ips[i - 1], rates.node_up, rates.node_down,
+                   rates.node_queue_ms) for i, ns in enumerate(self.nodes, 1)]
+        for port, site, ns, dev, address, up, down, queue_ms in hosts:
+            if ns not in self._created:
+                self._add_ns(ns)
+                _run([ip, "-n", ns, "link", "set", "lo", "up"])
             host = [ip, "-n", ns]
-            _run([*sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])
-            _run([*sw, "link", "set", port, "master", "br0", "up"])
-            _run([*host, "link", "set", "lo", "up"])
-            _run([*host, "addr", "add", f"{address}/24", "dev", "eth0"])
-            _run([*host, "link", "set", "eth0", "up"])
-            _run([*host, "route", "add", "224.0.0.0/4", "dev", "eth0"])  # multicast (mDNS) on the bridge
-            self.shape(ns, "eth0", up, queue_ms)  # the host's uplink
+            _run([*sw, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns])
+            _run([*sw, "link", "set", port, "master", f"br{site}", "up"])
+            _run([*host, "addr", "add", f"{address}/24", "dev", dev])
+            _run([*host, "link", "set", dev, "up"])
+            if dev == "eth0":
+                _run([*host, "route", "add", "224.0.0.0/4", "dev", dev])  # multicast (mDNS) on the bridge
+            self.shape(ns, dev, up, queue_ms)  # the host's uplink
             self.shape(self.sw, port, down, queue_ms)  # the host's downlink
         return self
 
@@ -423,6 +453,15 @@ class Netbed:
 
         Counted at the switch end of each veth (L2 frames, headers included).
         """
+        result: dict[str, dict[str, int]] = {}
+        for port, counts in self.port_bytes().items():
+            total = result.setdefault(self.ports()[port], {"up": 0, "down": 0})
+            total["up"] += counts["up"]
+            total["down"] += counts["down"]
+        return result
+
+    def port_bytes(self) -> dict[str, dict[str, int]]:
+        """The same per switch port (``s<k>``: the seed's link to site k, ``n<i>``: node i)."""
         data: list[dict[str, Any]] = json.loads(_run([_ip(), "-n", self.sw, "-s", "-j", "link", "show"]).stdout)
         ports = self.ports()
         result = {}
@@ -430,16 +469,18 @@ class Netbed:
             name = link.get("ifname")
             if name in ports:
                 stats = link.get("stats64", {})
-                result[ports[name]] = {"up": int(stats["rx"]["bytes"]), "down": int(stats["tx"]["bytes"])}
+                result[name] = {"up": int(stats["rx"]["bytes"]), "down": int(stats["tx"]["bytes"])}
         return result
 
     def qdisc_drops(self) -> dict[str, int]:
         """Packets dropped by each host's uplink tbf (its queue overflowed)."""
         drops = {}
-        for ns in (self.seed, *self.nodes):
-            out = _run([_tc(), "-n", ns, "-s", "-j", "qdisc", "show", "dev", "eth0"], check=False).stdout
+        devices = [(self.seed, f"eth{k}") for k in range(self.sites)] + [(ns, "eth0") for ns in self.nodes]
+        for ns, dev in devices:
+            out = _run([_tc(), "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev], check=False).stdout
             with contextlib.suppress(ValueError):
-                drops[ns] = sum(int(q.get("drops", 0)) for q in json.loads(out or "[]") if q.get("kind") == "tbf")
+                drops[ns] = drops.get(ns, 0) + sum(int(q.get("drops", 0)) for q in json.loads(out or "[]")
+                                                   if q.get("kind") == "tbf")
         return drops
 
 
