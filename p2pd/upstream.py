@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Iterator
@@ -634,7 +635,17 @@ class _EgressTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def _guarded_network_transport(guard: EgressGuard, verify: ssl.SSLContext | bool) -> httpx.AsyncHTTPTransport:
+def receive_buffer_options(receive_buffer: int | None) -> list[httpcore.SOCKET_OPTION]:
+    """Socket options for a capped upstream: a fixed receive buffer (``SO_RCVBUF``).
+
+    A rate cap slows how fast p2pd *reads*; without a small buffer the kernel's autotuned
+    window (megabytes) lets the registry send that much at the link's full rate first, and a
+    site's cap is exceeded at the start of every transfer."""
+    return [] if not receive_buffer else [(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)]
+
+
+def _guarded_network_transport(guard: EgressGuard, verify: ssl.SSLContext | bool,
+                               socket_options: list[httpcore.SOCKET_OPTION] | None = None) -> httpx.AsyncHTTPTransport:
     """httpx's own transport, connecting through ``_GuardedNetworkBackend``."""
     context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify, trust_env=False)
     transport = httpx.AsyncHTTPTransport(verify=context, trust_env=False)
@@ -646,6 +657,7 @@ def _guarded_network_transport(guard: EgressGuard, verify: ssl.SSLContext | bool
         max_keepalive_connections=20,
         keepalive_expiry=5.0,
         network_backend=_GuardedNetworkBackend(guard),
+        socket_options=socket_options or None,
     )
     return transport
 
@@ -731,6 +743,7 @@ class HttpUpstream:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         egress: EgressGuard | None = None,
+        receive_buffer: int | None = None,
     ) -> None:
         self.namespace = config.namespace
         self.url = config.url.rstrip("/")
@@ -752,8 +765,11 @@ class HttpUpstream:
         timeout = httpx.Timeout(
             connect=fetch.connect_timeout, read=fetch.read_timeout, write=fetch.read_timeout, pool=fetch.connect_timeout
         )
+        options = receive_buffer_options(receive_buffer)
         if egress is not None:
-            transport = _EgressTransport(egress, transport or _guarded_network_transport(egress, verify))
+            transport = _EgressTransport(egress, transport or _guarded_network_transport(egress, verify, options))
+        elif transport is None and options:
+            transport = httpx.AsyncHTTPTransport(verify=verify, trust_env=False, socket_options=options)
         self._client = httpx.AsyncClient(
             verify=verify,
             timeout=timeout,
@@ -1290,6 +1306,16 @@ class UpstreamPool:
                                     allow_networks=config.allow_networks)
         self.egress = EgressGuard(policy, resolver=resolver, on_refused=on_refused)
 
+    def _receive_buffer(self) -> int | None:
+        """1/16 s of the tightest upstream cap (32 KiB - 1 MiB), or None: the kernel's own.
+
+        Every connection to the upstream can hold this much ahead of the cap (twice, as Linux
+        counts), and a pull opens several at once (one per blob and node); a window of 32 KiB
+        still carries ~5 Mbit/s over a 50 ms round trip per connection."""
+        swarm = self._config.swarm
+        caps = [rate for rate in (swarm.site_upstream_rate, swarm.upstream_rate) if rate > 0]
+        return min(max(min(caps) // 16, 32 * 1024), 1024 * 1024) if caps else None
+
     def check_namespace(self, ns: str | None) -> str | None:
         """Checks containerd's ``ns=`` before anything is read or fetched for it.
 
@@ -1369,7 +1395,8 @@ class UpstreamPool:
         key = replace(config, namespace="")  # one client per URL and credentials
         upstream = self._clients.get(key)
         if upstream is None:
-            upstream = self._clients[key] = HttpUpstream(config, self._config.fetch, egress=self.egress)
+            upstream = self._clients[key] = HttpUpstream(config, self._config.fetch, egress=self.egress,
+                                                         receive_buffer=self._receive_buffer())
         return upstream
 
     async def aclose(self) -> None:

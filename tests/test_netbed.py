@@ -173,3 +173,32 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     # Nothing left behind: namespaces, owner files, work files.
     assert set(list_namespaces()) - before == set()
     assert not list((tmp_path / "work").glob("p2pbed-*")) and not list((tmp_path / "work").glob("bench-swarm-*"))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_tiny_bench_swarm_sites_and_churn(tmp_path: Path) -> None:
+    """The smallest two-site and churn scenarios of ``make bench-swarm`` (p2pd only)."""
+    _require_testbed()
+    out = tmp_path / "benchmarks.md"
+    json_path = tmp_path / "bench" / "swarm.json"
+    argv = [sys.executable, "-m", "tests.bench.swarm", "--scenarios", "tiny-sites,tiny-churn", "--methods", "p2pd",
+            "--out", str(out), "--json", str(json_path), "--workdir", str(tmp_path / "work"), "--deadline-s", "150",
+            "--no-plots"]
+    before = set(list_namespaces())
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    sites, churn = json.loads(json_path.read_text())["results"]
+    p2pd = sites["methods"]["p2pd"]
+    assert p2pd["failures"] == 0
+    assert [s["nodes"] for s in p2pd["sites"]] == [2, 2]
+    for site in p2pd["sites"]:  # each site took the image from the seed once, over its own link
+        assert 0.9 <= site["egress_ratio"] <= 1.05 and site["link_ratio"] >= 0.9, site
+    assert p2pd["sites"][1]["cap_mbit"] == 10.0 and p2pd["sites"][1]["mean_mbit"] is not None
+    c = churn["methods"]["p2pd"]["churn"]
+    assert c["killed"] and c["late"] == [4] and c["lost_pulls"] == [], c
+    assert c["roles"]["joined"]["ok"] == 1 and c["roles"]["stayed"]["ok"] == 2
+    section = out.read_text()
+    assert "Pulls lost to churn: **0**" in section and "Each site pulls once" in section
+    assert set(list_namespaces()) - before == set()

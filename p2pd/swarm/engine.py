@@ -418,12 +418,12 @@ class Swarm:
         transfer.site_chunks = site_chunks
         return grew
 
-    @staticmethod
-    def _next_chunk_leased(transfer: SwarmTransfer) -> bool:
-        """Whether the chunk the local reader needs next is in another node's range lease (a
+    def _next_chunk_leased(self, transfer: SwarmTransfer) -> bool:
+        """Whether the chunk the local reader needs next is in a live node's range lease (a
         coordinator keeps a lease only while its holder's range grows: it is on its way)."""
         wanted = transfer.have.prefix()
-        return any(first <= wanted <= last for first, last in transfer.lessees.values())
+        return any(first <= wanted <= last and self.membership.is_usable(node)
+                   for node, (first, last) in transfer.lessees.items())
 
     def _learn(self, transfer: SwarmTransfer, peer: PeerInfo) -> None:
         if peer.node == self.me.node_id:
@@ -625,6 +625,14 @@ class Swarm:
             log.info("chunk %d of %s from %s failed: %s", index, transfer.digest, node, reason)
             self.membership.failure(node)
             transfer.retry_at[node] = time.monotonic() + 1.0
+            if not self.membership.is_usable(node) and (node in transfer.lessees or node in transfer.sources):
+                # It stopped answering (suspended): a dead range holder must not keep its range
+                # until lease_ttl while every reader waits for those chunks (containerd gives up
+                # after its own timeout). Disputed, the coordinator takes the range back and
+                # grants it to a live node at once.
+                log.info("%s stopped answering; telling the coordinator of %s", node, transfer.digest)
+                transfer.disputed.add(node)
+                transfer.sources.pop(node, None)
         finally:
             transfer.requested.discard(index)
             transfer.busy[node] = max(0, transfer.busy.get(node, 1) - 1)

@@ -64,6 +64,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -134,10 +135,27 @@ class Scenario:
     variant_of: str | None = None  # a sensitivity run: reported in a line under that scenario
     matrix: bool = False  # a cell of the weak-regime matrix: one row of its table
     p2pd_runs: int = 3  # p2pd repeats (cheap, and its times vary from run to run); the median run is shown
+    # Two sites (or more) sharing the seed: ``nodes`` split evenly, each site on its own bridge with
+    # its own ``seed_mbit`` link to the seed; ``site_caps_mbit[k]``: site k's [swarm]
+    # site_upstream_rate (0: none).
+    sites: int = 1
+    site_caps_mbit: tuple[float, ...] = ()
+    # Churn: a quarter of the nodes start late and join mid-pull, and a quarter of the others
+    # (the busiest range holder among them) are killed mid-pull.
+    churn: bool = False
 
     @property
     def rates(self) -> LinkRates:
         return LinkRates(seed_up=self.seed_mbit, node_up=self.node_mbit, node_down=self.node_mbit)
+
+    def site_cap_mbit(self, site: int) -> float:
+        return self.site_caps_mbit[site] if site < len(self.site_caps_mbit) else 0.0
+
+    def site_rates(self, site: int) -> LinkRates:
+        """The rates a site sees: its link to the seed, or its cap when lower."""
+        cap = self.site_cap_mbit(site)
+        return LinkRates(seed_up=min(self.seed_mbit, cap) if cap else self.seed_mbit, node_up=self.node_mbit,
+                         node_down=self.node_mbit)
 
 
 SCENARIOS = {
@@ -166,8 +184,30 @@ for _n, _seed in MATRIX_NODES.items():
         SCENARIOS[_key] = Scenario(
             _key, f"Node links {_ratio}x the seed's, N = {_n}", nodes=_n, seed_mbit=_seed, node_mbit=_seed * _ratio,
             layer_mib=MATRIX_LAYER_MIB[_n], client="httpx", methods=("p2pd",), p2pd_runs=1, matrix=True)
+# Issue 11: two sites sharing one seed, each over its own 16 Mbit/s link; site 1 caps its
+# upstream at half of it ([swarm] site_upstream_rate), site 0 does not.
+SCENARIOS["two-sites"] = Scenario(
+    "two-sites", "Two sites sharing one seed", nodes=16, seed_mbit=16, node_mbit=160, layer_mib=16, client="httpx",
+    methods=("p2pd",), p2pd_runs=1, sites=2, site_caps_mbit=(0.0, 8.0),
+    description="two sites of 8 nodes, each behind its own 16 Mbit/s link to the same seed; site 1 caps its "
+                "upstream at 8 Mbit/s")
+# Issue 11: churn during a cluster burst.
+SCENARIOS["churn"] = Scenario(
+    "churn", "Churn", nodes=16, seed_mbit=10, node_mbit=50, layer_mib=16, client="httpx", methods=("p2pd",),
+    p2pd_runs=1, churn=True,
+    description="12 nodes pull at once; at 40 % of the bound the 4 newest range holders of the big layer are "
+                "killed (SIGKILL) and 4 more nodes start, each pulling as soon as its agent is ready")
 QUICK = Scenario("tiny", "Tiny (make test)", nodes=3, seed_mbit=20, node_mbit=100, layer_mib=2, client="ctr",
                  description="the smallest version, run by tests/test_netbed.py", p2pd_runs=1)
+# The smallest versions of the two-site and churn scenarios (tests/test_netbed.py; not in the default run).
+TINY = {
+    "tiny-sites": Scenario("tiny-sites", "Two sites (tiny)", nodes=4, seed_mbit=20, node_mbit=100, layer_mib=3,
+                           client="httpx", methods=("p2pd",), p2pd_runs=1, sites=2, site_caps_mbit=(0.0, 10.0),
+                           description="two sites of 2 nodes; site 1 caps its upstream at 10 Mbit/s"),
+    "tiny-churn": Scenario("tiny-churn", "Churn (tiny)", nodes=4, seed_mbit=10, node_mbit=50, layer_mib=4,
+                           client="httpx", methods=("p2pd",), p2pd_runs=1, churn=True,
+                           description="3 nodes pull; one range holder is killed and a 4th node joins mid-pull"),
+}
 
 
 # ---- small helpers ------------------------------------------------------------------------
@@ -351,6 +391,10 @@ class Bed:
     def seed_url(self) -> str:
         return f"http://{self.seed_host}"
 
+    def seed_host_of(self, node: int) -> str:
+        """The seed as node ``node`` (1-based) reaches it: over its site's link."""
+        return f"{self.net.seed_ips[self.net.site_of(node)]}:{SEED_PORT}"
+
     def seed_metrics(self) -> Samples:
         answer = self.seed_worker.get(f"http://127.0.0.1:{SEED_PORT}/metrics")
         if answer["status"] != 200:
@@ -457,21 +501,34 @@ def is_p2pd(method: str) -> bool:
     return method in ("p2pd", "p2pd-plain")
 
 
-def start_p2pd(bed: Bed, setup: MethodSetup, *, peer_tls: bool = True) -> None:
+def start_p2pd(bed: Bed, setup: MethodSetup, scenario: Scenario, *, peer_tls: bool = True,
+               nodes: Sequence[int] | None = None) -> None:
+    """p2pd on ``nodes`` (1-based; default all), ready and members of each other (per site)."""
     net = bed.net
-    bed.p2pd_generation += 1
-    for i, ns in enumerate(net.nodes, 1):
-        address = net.node_ips[i - 1]
-        argv = [sys.executable, "-m", "p2pd", "--log-level", "INFO", "serve", "--listen",
-                f"127.0.0.1:{AGENT_PORT}", "--data", str(net.dir / f"p2pd-{bed.p2pd_generation}-n{i}"),
-                "--upstream", f"{bed.seed_host}={bed.seed_url}", "--peer-listen", f"{address}:{PEER_PORT}",
-                "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}",
-                *([] if peer_tls else ["--no-peer-tls"])]
-        setup.agents[ns] = net.start_in(ns, argv, log_path=p2pd_log(bed, i))
-    for worker in bed.workers:
-        proc = setup.agents[worker.ns]
+    if nodes is None:
+        bed.p2pd_generation += 1
+    started = list(nodes if nodes is not None else range(1, len(net.nodes) + 1))
+    for i in started:
+        setup.agents[net.nodes[i - 1]] = start_agent(bed, scenario, i, peer_tls=peer_tls)
+    for i in started:
+        worker, proc = bed.workers[i - 1], setup.agents[net.nodes[i - 1]]
         wait_http(worker, f"http://127.0.0.1:{AGENT_PORT}/readyz", 60, lambda p=proc: p.poll() is None)
-    setup.membership_s = wait_membership(bed)
+    setup.membership_s = wait_membership(bed, started)
+
+
+def start_agent(bed: Bed, scenario: Scenario, i: int, *, peer_tls: bool = True) -> subprocess.Popen[bytes]:
+    """Starts p2pd on node ``i`` (1-based): upstream = the seed over its site's link."""
+    net = bed.net
+    address = net.node_ips[i - 1]
+    seed_host = bed.seed_host_of(i)
+    cap = scenario.site_cap_mbit(net.site_of(i))
+    argv = [sys.executable, "-m", "p2pd", "--log-level", "INFO", "serve", "--listen",
+            f"127.0.0.1:{AGENT_PORT}", "--data", str(net.dir / f"p2pd-{bed.p2pd_generation}-n{i}"),
+            "--upstream", f"{seed_host}=http://{seed_host}", "--peer-listen", f"{address}:{PEER_PORT}",
+            "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}",
+            *([] if peer_tls else ["--no-peer-tls"]),
+            *(["--site-upstream-rate", str(int(cap * 1e6 / 8))] if cap else [])]
+    return net.start_in(net.nodes[i - 1], argv, log_path=p2pd_log(bed, i))
 
 
 def agent_status(worker: NsWorker) -> dict[str, Any]:
@@ -482,25 +539,29 @@ def agent_status(worker: NsWorker) -> dict[str, Any]:
     return result
 
 
-def wait_membership(bed: Bed) -> float:
-    """Waits until every agent has found (mDNS) and authenticated all the others."""
+def wait_membership(bed: Bed, nodes: Sequence[int] | None = None) -> float:
+    """Waits until every agent of ``nodes`` (default all) has found (mDNS) and authenticated all
+    the others of its site."""
     started = time.monotonic()
-    want = len(bed.workers) - 1
+    nodes = list(nodes if nodes is not None else range(1, len(bed.workers) + 1))
+    workers = [bed.workers[i - 1] for i in nodes]
+    sites = [bed.net.site_of(i) for i in nodes]
+    wants = [sites.count(site) - 1 for site in sites]
     while True:
-        views = _parallel(agent_status, bed.workers)
+        views = _parallel(agent_status, workers)
         live = [sum(1 for p in v.get("peers", []) if not p["suspended"] and not p["banned"]) for v in views]
-        if all(n == want for n in live):
+        if all(n >= want for n, want in zip(live, wants, strict=True)):
             return round(time.monotonic() - started, 2)
         if time.monotonic() - started > _MEMBERSHIP_TIMEOUT_S:
             raise BenchError(f"agents did not find each other by mDNS within {_MEMBERSHIP_TIMEOUT_S:g} s: "
-                             f"live peers per node {live} (want {want})")
+                             f"live peers per node {live} (want {wants})")
         time.sleep(0.25)
 
 
-def wait_settled(bed: Bed) -> bool:
+def wait_settled(bed: Bed, workers: Sequence[NsWorker] | None = None) -> bool:
     deadline = time.monotonic() + _SETTLE_TIMEOUT_S
     while time.monotonic() < deadline:
-        views = _parallel(agent_status, bed.workers)
+        views = _parallel(agent_status, workers if workers is not None else bed.workers)
         if all(not v.get("downloads") and not v.get("transfers") for v in views):
             return True
         time.sleep(0.1)
@@ -509,7 +570,7 @@ def wait_settled(bed: Bed) -> bool:
 
 def hosts_for(bed: Bed, method: str, node: int) -> list[dict[str, Any]]:
     """Where node ``node`` (1-based) pulls from, in order (like a hosts.toml)."""
-    seed = {"url": bed.seed_url, "mirror": False, "role": "seed"}
+    seed = {"url": f"http://{bed.seed_host_of(node)}", "mirror": False, "role": "seed"}
     if method == "cache":
         return [{"url": f"http://{bed.net.node_ips[0]}:{CACHE_PORT}", "mirror": True, "role": "cache"}, seed]
     if is_p2pd(method):
@@ -533,7 +594,7 @@ def setup_method(bed: Bed, scenario: Scenario, method: str) -> MethodSetup:
     if method == "cache":
         start_cache(bed, setup)
     elif is_p2pd(method):
-        start_p2pd(bed, setup, peer_tls=method == "p2pd")
+        start_p2pd(bed, setup, scenario, peer_tls=method == "p2pd")
     return setup
 
 
@@ -599,7 +660,7 @@ def pull_all(bed: Bed, scenario: Scenario, setup: MethodSetup, method: str, imag
             argv = setup.containerds[index].pull_argv(image.ref, setup.hosts_dir)
             return worker.call("run", timeout=max_time + 30, argv=argv, at=at, timeout_s=max_time)
         return worker.call("pull", timeout=max_time + 30, at=at, hosts=hosts_for(bed, method, index + 1),
-                           repo=REPO, reference=image.tag, ns=bed.seed_host, max_time=max_time)
+                           repo=REPO, reference=image.tag, ns=bed.seed_host_of(index + 1), max_time=max_time)
 
     return at, _parallel(one, list(range(len(bed.workers))))
 
@@ -626,27 +687,203 @@ def log_events(path: Path) -> dict[str, int]:
 
 def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time: float) -> dict[str, Any]:
     net = bed.net
-    setup = setup_method(bed, scenario, method)
+    churn: dict[str, Any] = {}
+    setup = MethodSetup() if scenario.churn else setup_method(bed, scenario, method)
+    if scenario.churn:
+        start_p2pd(bed, setup, scenario, nodes=churn_plan(len(net.nodes))[0])
     try:
         for name, (pid, _) in _pids(bed, setup).items():
             if name.startswith("agent:"):
                 reset_peak_rss(pid)
         before = snapshot(bed, setup, method)
         sampler = CpuSampler(_pids(bed, setup))
-        at, results = pull_all(bed, scenario, setup, method, image, max_time)
+        ports = PortSampler(net) if scenario.sites > 1 else None
+        if scenario.churn:
+            at, results = pull_with_churn(bed, scenario, setup, image, max_time, churn)
+        else:
+            at, results = pull_all(bed, scenario, setup, method, image, max_time)
         finished = time.monotonic()
-        settled = wait_settled(bed) if is_p2pd(method) else True
+        alive = [w for w in bed.workers if (proc := setup.agents.get(w.ns)) is not None and proc.poll() is None]
+        settled = wait_settled(bed, alive) if is_p2pd(method) else True
         samples, our_samples = sampler.stop()
+        port_samples = ports.stop() if ports is not None else []
         after = snapshot(bed, setup, method)
         rss = {name: process_status_kib(pid, "VmHWM") for name, (pid, _) in _pids(bed, setup).items()
-               if name.startswith("agent:")}
+               if name.startswith("agent:") and Path(f"/proc/{pid}/status").exists()}  # killed ones are gone
         problems = [check_ctr(ctd, image) for ctd in setup.containerds] if scenario.client == "ctr" else []
     finally:
         teardown_method(bed, setup)
     events = {f"n{i}": log_events(p2pd_log(bed, i)) for i in range(1, len(net.nodes) + 1)} \
         if is_p2pd(method) else {}
-    return summarize_method(bed, scenario, method, image, setup, at, finished, results, before, after,
-                            (samples, our_samples), rss, problems, settled, events)
+    result = summarize_method(bed, scenario, method, image, setup, at, finished, results, before, after,
+                              (samples, our_samples), rss, problems, settled, events)
+    if scenario.sites > 1:
+        result["sites"] = site_summaries(bed, scenario, image, result, at, port_samples)
+    if scenario.churn:
+        for node, answer in zip(result["nodes"], results, strict=True):
+            if "joined_s" in answer:
+                node["joined_s"] = answer["joined_s"]
+        result["churn"] = churn_summary(churn, result, image, at)
+    return result
+
+
+# ---- two sites ------------------------------------------------------------------------------
+
+_RATE_WINDOW_S = 2.0  # the site's cap is checked over windows this long
+
+
+class PortSampler:
+    """The bytes the seed sends on each site's link (switch ports ``s<k>``), every 0.5 s, in a thread."""
+
+    def __init__(self, net: Netbed) -> None:
+        self.net = net
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="port-sampler", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        ports = self.net.port_bytes()
+        self.samples.append((time.monotonic(), {k: v["up"] for k, v in ports.items() if k.startswith("s")}))
+
+    def _run(self) -> None:
+        self._sample()
+        while not self._stop.wait(_SAMPLE_S):
+            with contextlib.suppress(NetbedError):
+                self._sample()
+
+    def stop(self) -> list[tuple[float, dict[str, int]]]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(NetbedError):
+            self._sample()
+        return self.samples
+
+
+def rate_profile(samples: Sequence[tuple[float, dict[str, int]]], port: str) -> dict[str, float | None]:
+    """Mbit/s on ``port``: the highest over any ``_RATE_WINDOW_S`` window, and the mean while bytes flowed."""
+    points = [(t, counts.get(port, 0)) for t, counts in samples]
+    peak = 0.0
+    for i, (t0, b0) in enumerate(points):
+        for t1, b1 in points[i + 1:]:
+            if t1 - t0 >= _RATE_WINDOW_S:
+                peak = max(peak, (b1 - b0) * 8 / (t1 - t0) / 1e6)
+                break
+    moving = [i for i in range(1, len(points)) if points[i][1] - points[i - 1][1] > 64 * 1024]
+    if not moving:
+        return {"peak_mbit": round(peak, 2), "mean_mbit": None}
+    first, last = moving[0] - 1, moving[-1]
+    span = points[last][0] - points[first][0]
+    mean = (points[last][1] - points[first][1]) * 8 / span / 1e6 if span > 0 else None
+    return {"peak_mbit": round(peak, 2), "mean_mbit": None if mean is None else round(mean, 2)}
+
+
+def site_summaries(bed: Bed, scenario: Scenario, image: Image, result: dict[str, Any], at: float,
+                   port_samples: Sequence[tuple[float, dict[str, int]]]) -> list[dict[str, Any]]:
+    """Per site: completion times ÷ the site's own bound, its egress from the seed (agents' content
+    bytes and bytes on its link), and the rate on its link against its cap."""
+    net = bed.net
+    first, last = port_samples[0][1] if port_samples else {}, port_samples[-1][1] if port_samples else {}
+    summaries = []
+    for k in range(scenario.sites):
+        members = [n for i, n in enumerate(result["nodes"], 1) if net.site_of(i) == k]
+        times = sorted(n["seconds"] for n in members if n["ok"])
+        limit = bound(image.total_bytes, len(members), scenario.site_rates(k))["seconds"]
+        content = sum(n.get("agent_upstream_bytes", 0) for n in members)
+        link = last.get(f"s{k}", 0) - first.get(f"s{k}", 0)
+        summaries.append({
+            "site": k, "nodes": len(members), "cap_mbit": scenario.site_cap_mbit(k) or None,
+            "link_mbit": scenario.seed_mbit, "bound_s": round(limit, 2),
+            "p50_s": _median(times), "max_s": times[-1] if times and len(times) == len(members) else None,
+            "max_vs_bound": ratio_or_none(times[-1], limit) if times and len(times) == len(members) else None,
+            "failures": sum(1 for n in members if not n["ok"]),
+            "fallbacks": sum(1 for n in members if not n.get("via_agent", True)),
+            "egress_ratio": round(content / image.total_bytes, 3),
+            "link_ratio": round(link / image.total_bytes, 3),
+            **rate_profile(port_samples, f"s{k}"),
+        })
+    return summaries
+
+
+# ---- churn ----------------------------------------------------------------------------------
+
+
+def churn_plan(nodes: int) -> tuple[list[int], list[int], int]:
+    """(nodes started at once, nodes started mid-pull, how many of the first are killed): a quarter
+    of the nodes join late and as many of the others are killed."""
+    quarter = max(1, nodes // 4)
+    return list(range(1, nodes - quarter + 1)), list(range(nodes - quarter + 1, nodes + 1)), quarter
+
+
+_LEASE_LINE = re.compile(r"holding the upstream lease for (\S+), chunks (\d+)-(\d+)")
+
+
+def pull_with_churn(bed: Bed, scenario: Scenario, setup: MethodSetup, image: Image, max_time: float,
+                    churn: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+    """The first nodes pull at once; at ~40 % of the bound the range holders of the big layer (the
+    newest first, then others) are SIGKILLed — a quarter of the nodes — and the late quarter's
+    agents start, each pulling as soon as it is ready. Hosts: the local agent only (no fallback
+    to the seed), so a pull that the churn breaks fails instead of hiding behind the seed."""
+    net = bed.net
+    first, late, kill_count = churn_plan(len(net.nodes))
+    limit = bound(image.total_bytes, len(net.nodes), scenario.rates)["seconds"]
+    at = time.monotonic() + 0.5
+    churn_at = at + 0.4 * limit
+    agent_only = [{"url": f"http://127.0.0.1:{AGENT_PORT}", "mirror": True, "role": "p2pd"}]
+    churn.update({"first": first, "late": late, "churn_at_s": round(churn_at - at, 2)})
+
+    def pull(index: int, when: float) -> dict[str, Any]:
+        return bed.workers[index - 1].call("pull", timeout=max_time + 30, at=when, hosts=agent_only, repo=REPO,
+                                           reference=image.tag, ns=bed.seed_host_of(index), max_time=max_time)
+
+    def join(index: int) -> dict[str, Any]:
+        time.sleep(max(0.0, churn_at - time.monotonic()))
+        worker = bed.workers[index - 1]
+        proc = setup.agents[net.nodes[index - 1]] = start_agent(bed, scenario, index)
+        wait_http(worker, f"http://127.0.0.1:{AGENT_PORT}/readyz", 60, lambda: proc.poll() is None)
+        joined = time.monotonic()
+        result = pull(index, joined)
+        result["joined_s"] = round(joined - at, 3)
+        return result
+
+    def kill() -> dict[str, Any]:
+        time.sleep(max(0.0, churn_at - time.monotonic()))
+        holders: dict[int, int] = {}  # node -> position of its newest lease line on the big layer
+        for i in first:
+            text = p2pd_log(bed, i).read_text(errors="replace") if p2pd_log(bed, i).exists() else ""
+            leases = [m for m in _LEASE_LINE.finditer(text) if m.group(1) == image.layer_digest]
+            if leases:
+                holders[i] = leases[-1].start()
+        ranked = sorted(holders, key=lambda i: -holders[i]) + [i for i in first if i not in holders]
+        victims = ranked[:kill_count]
+        for i in victims:
+            setup.agents[net.nodes[i - 1]].kill()
+        churn.update({"killed": victims, "killed_holders": [i for i in victims if i in holders],
+                      "killed_at_s": round(time.monotonic() - at, 2)})
+        return {}
+
+    jobs: list[Callable[[], dict[str, Any]]] = [partial(pull, i, at) for i in first]
+    jobs += [partial(join, i) for i in late] + [kill]
+    answers = _parallel(lambda job: job(), jobs)
+    return at, answers[:len(first) + len(late)]
+
+
+def churn_summary(churn: dict[str, Any], result: dict[str, Any], image: Image, at: float) -> dict[str, Any]:
+    killed = set(churn.get("killed", []))
+    roles = {i: "killed" if i in killed else "joined" if i in churn["late"] else "stayed"
+             for i in [*churn["first"], *churn["late"]]}
+    by_role: dict[str, dict[str, Any]] = {}
+    for i, node in enumerate(result["nodes"], 1):
+        node["role"] = roles[i]
+    for role in ("stayed", "joined", "killed"):
+        members = [n for n in result["nodes"] if n["role"] == role]
+        times = sorted(n["seconds"] for n in members if n["ok"])
+        since_join = sorted(n["seconds"] - n.get("joined_s", 0.0) for n in members if n["ok"])
+        by_role[role] = {"nodes": len(members), "ok": len(times), "p50_s": _median(times),
+                         "max_s": times[-1] if times else None,
+                         "max_since_join_s": round(since_join[-1], 3) if since_join else None}
+    lost = [n["node"] for n in result["nodes"] if n["role"] != "killed" and not n["ok"]]
+    return {**churn, "roles": by_role, "lost_pulls": lost, "seed_egress_ratio": result["seed_egress_ratio"]}
 
 
 def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, setup: MethodSetup, at: float,
@@ -702,7 +939,7 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
             node["via_agent"] = node["agent_served_bytes"] >= image.total_bytes - 4096
         agent_name = f"agent:{ns}"
         if agent_name in after.cpu:
-            node["agent_cpu_s"] = round(after.cpu[agent_name] - before.cpu.get(agent_name, 0.0), 3)
+            node["agent_cpu_s"] = round(max(0.0, after.cpu[agent_name] - before.cpu.get(agent_name, 0.0)), 3)
             peak = rss.get(agent_name)
             node["agent_peak_rss_mib"] = None if peak is None else round(peak / 1024, 1)
         nodes.append(node)
@@ -711,7 +948,8 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
                                                                                   "seed_blob_bytes_sent_total"))
     seed_link = after.links[net.seed]["up"] - before.links[net.seed]["up"]
     wall = after.at - before.at
-    cpu = {name: round(after.cpu[name] - before.cpu.get(name, 0.0), 3) for name in after.cpu}
+    # max(0, ...): a killed agent's counters are gone with it (churn)
+    cpu = {name: round(max(0.0, after.cpu[name] - before.cpu.get(name, 0.0)), 3) for name in after.cpu}
     ours = sum(cpu.values())
     ncpu = len(os.sched_getaffinity(0))
     machine = after.machine_busy - before.machine_busy
@@ -810,7 +1048,8 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
     tag = f"{scenario.key}-{os.getpid()}"
     images.add_random_layer(layout, "busybox", tag, scenario.layer_mib)
     methods: dict[str, dict[str, Any]] = {}
-    with Netbed(scenario.nodes, scenario.rates, workdir=args.workdir, keep_files=args.keep) as net:
+    with Netbed(scenario.nodes, scenario.rates, workdir=args.workdir, keep_files=args.keep,
+                sites=scenario.sites) as net:
         bed = start_bed(net)
         image = push_image(bed, layout, tag)
         limit = bound(image.total_bytes, scenario.nodes, scenario.rates)
@@ -1099,6 +1338,88 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
     return "\n".join(lines)
 
 
+def _special(result: dict[str, Any]) -> bool:
+    """Scenarios with a table of their own (churn, several sites)."""
+    return bool(result["scenario"].get("churn")) or result["scenario"].get("sites", 1) > 1
+
+
+def _plot_lines(title: str, plots: dict[str, str]) -> list[str]:
+    return [f"![{title}: {'completion-time CDF' if key == 'cdf' else 'bytes by source'}]({plots[key]})"
+            for key in ("cdf", "bytes") if key in plots]
+
+
+def render_sites(result: dict[str, Any], plots: dict[str, str]) -> str:
+    sc, image = result["scenario"], result["image"]
+    p = result["methods"].get("p2pd")
+    lines = [f"### {sc['title']}: {sc['sites']} sites of {sc['nodes'] // sc['sites']} nodes, "
+             f"{sc['seed_mbit']:g} Mbit/s each to the seed, node links {sc['node_mbit']:g} Mbit/s (p2pd only)", "",
+             f"{sc['description'][:1].upper() + sc['description'][1:]}. Each site is its own bridge and subnet "
+             "(mDNS stays inside it, no path between sites), with its own shaped link to the seed's interface for "
+             f"it. Image: busybox + {sc['layer_mib']} MiB, F = {image['total_bytes'] / MIB:.2f} MiB; all 16 nodes "
+             "pull at once (httpx client, agent then seed). Per site: the bound uses the site's link, or its cap "
+             "when lower; *egress* = bytes the site's agents fetched from the seed ÷ F, *on its link* = bytes the "
+             f"seed sent on the site's link (TCP/IP headers included, ≈ +4.4 %) ÷ F; rates on the link: the "
+             f"highest over any {_RATE_WINDOW_S:g} s window and the mean while bytes flowed (sampled every "
+             f"{_SAMPLE_S:g} s; headers included).", ""]
+    if p is None or "sites" not in p:
+        return "\n".join([*lines, "p2pd was not run.", ""])
+    lines += ["| site | cap | bound | p50 ÷ bound | max ÷ bound | egress ÷ F | on its link ÷ F | peak rate (2 s) | "
+              "mean rate | failed (fell back) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    held = []
+    for site in p["sites"]:
+        cap = site["cap_mbit"]
+        bound_s = site["bound_s"]
+        lines.append(
+            f"| {site['site']} | {DASH if cap is None else f'{cap:g} Mbit/s'} | {bound_s:.1f} s | "
+            f"{_fmt(ratio_or_none(site['p50_s'], bound_s))}{X} | **{_fmt(site['max_vs_bound'])}{X}** | "
+            f"**{site['egress_ratio']:.2f}{X}** | {site['link_ratio']:.2f}{X} | {site['peak_mbit']:.1f} Mbit/s | "
+            f"{_fmt(site['mean_mbit'], '.1f')} Mbit/s | {site['failures']} ({site['fallbacks']}) |")
+        if cap is not None:
+            held.append((site["site"], cap, site["peak_mbit"], site["mean_mbit"]))
+    once = all(site["egress_ratio"] <= GOAL_EGRESS for site in p["sites"])
+    lines += ["", f"Each site pulls once (egress ≤ {GOAL_EGRESS}{X} per site): **{'met' if once else 'NOT met'}**."]
+    for site, cap, peak, mean in held:
+        ok = mean is not None and mean <= cap * 1.05 * 1.045
+        lines.append(f"Site {site}'s cap of {cap:g} Mbit/s (content; ≈ {cap * 1.045:.1f} Mbit/s on the wire): mean "
+                     f"{_fmt(mean, '.1f')} Mbit/s while its bytes flowed — **{'holds' if ok else 'NOT held'}** "
+                     f"(goal: within 5 % of the cap on the wire); highest {_RATE_WINDOW_S:g} s window {peak:.1f} "
+                     f"Mbit/s ({peak / (cap * 1.045):.2f}{X} the cap on the wire). The cap paces what the "
+                     "site's nodes *read*; at the start every new connection to the seed may carry its receive "
+                     "buffer (1/16 s of the cap, p2pd sets it) ahead of the cap, and a pull opens several at once.")
+    lines += ["", *_plot_lines(sc["title"], plots), ""]
+    return "\n".join(lines)
+
+
+def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
+    sc, image, limit = result["scenario"], result["image"], result["bound"]["seconds"]
+    p = result["methods"].get("p2pd")
+    lines = [f"### {sc['title']}: N = {sc['nodes']}, seed uplink {sc['seed_mbit']:g} Mbit/s, node links "
+             f"{sc['node_mbit']:g} Mbit/s (p2pd only)", "",
+             f"{sc['description'][:1].upper() + sc['description'][1:]}. Image: busybox + {sc['layer_mib']} MiB, "
+             f"F = {image['total_bytes'] / MIB:.2f} MiB; bound for all {sc['nodes']} nodes {limit:.1f} s. Each "
+             "client's only host is its own agent (no fallback to the seed), so a pull the churn breaks fails "
+             "instead of hiding behind the seed; a killed node's own pull is lost with it (not counted).", ""]
+    if p is None or "churn" not in p:
+        return "\n".join([*lines, "p2pd was not run.", ""])
+    churn = p["churn"]
+    lines += ["| nodes | count | completed | p50 s | max s | max since start or join |", "|---|---|---|---|---|---|"]
+    for role, label in (("stayed", "pulled from the start"), ("joined", "started mid-pull"),
+                        ("killed", "killed mid-pull")):
+        r = churn["roles"][role]
+        lines.append(f"| {label} | {r['nodes']} | {r['ok']} | {_fmt(r['p50_s'])} | {_fmt(r['max_s'])} | "
+                     f"{_fmt(r['max_since_join_s'])} |")
+    lost = churn["lost_pulls"]
+    lines += ["", f"Killed at {churn.get('killed_at_s', DASH)} s: "
+              + ", ".join(f"n{i}" for i in churn.get("killed", []))
+              + f" ({len(churn.get('killed_holders', []))} of them range holders of the big layer); joined: "
+              + ", ".join(f"n{i}" for i in churn["late"]) + ". "
+              f"Seed egress {churn['seed_egress_ratio']:.2f}{X} the image (the killed holders' unfinished ranges "
+              "are fetched again by others). "
+              f"Pulls lost to churn: **{len(lost)}**" + (f" ({', '.join(lost)})." if lost else " (goal: none)."),
+              "", *_plot_lines(sc["title"], plots), ""]
+    return "\n".join(lines)
+
+
 def cpu_check(report: dict[str, Any]) -> dict[str, Any]:
     """Was the machine the bottleneck? Our processes' and the whole machine's CPU during every pull."""
     rows = [(r["scenario"]["title"], m) for r in report["results"] for m in r["methods"].values()]
@@ -1172,6 +1493,8 @@ def render_section(report: dict[str, Any]) -> str:
         "",
         f"- Date: {report['date']}; duration {report['duration_s']:.0f} s",
         f"- Command: `{report['command']}` (`make bench-swarm`)",
+        *(f"- Later run merged in: {run['scenarios']} on {run['date']} by `{run['command']}` "
+          f"({tree_text(run.get('tree'))}; {run['duration_s']:.0f} s)" for run in report.get("merged_runs", [])),
         f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB RAM, Linux {m['kernel']}, "
         f"Python {m['python']}; p2pd and seed {m['seed_version']} ({tree_text(report.get('tree'))}), "
         f"{report['versions']['containerd']}, {report['versions']['registry']}",
@@ -1195,13 +1518,18 @@ def render_section(report: dict[str, Any]) -> str:
     ]
     results = report["results"]
     cells = [r for r in results if r["scenario"].get("matrix")]
-    for result in (r for r in results if not r["scenario"].get("variant_of") and not r["scenario"].get("matrix")):
+    for result in (r for r in results if not r["scenario"].get("variant_of") and not r["scenario"].get("matrix")
+                   and not _special(r)):
         variants = [r for r in results if r["scenario"].get("variant_of") == result["scenario"]["key"]]
         lines.append(render_scenario(result, report["plots"].get(result["scenario"]["key"], {}), variants))
     cache = [(r["scenario"]["nodes"], r["methods"]["cache"]["seed_egress_ratio"]) for r in report["results"]
              if "cache" in r["methods"]]
     if cells:
         lines.append(render_matrix(cells, report["plots"].get("matrix", {})))
+    for result in (r for r in results if r["scenario"].get("churn")):
+        lines.append(render_churn(result, report["plots"].get(result["scenario"]["key"], {})))
+    for result in (r for r in results if r["scenario"].get("sites", 1) > 1):
+        lines.append(render_sites(result, report["plots"].get(result["scenario"]["key"], {})))
     lines += [cpu_check_text(report), ""]
     if cache:
         lines += ["Why the site cache does not help a cold burst: its seed egress was "
@@ -1340,6 +1668,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", action="store_true", help="keep the run's files (logs) for debugging")
     parser.add_argument("--from-json", type=Path, metavar="JSON",
                         help="run nothing: rewrite the section and plots from the raw results of an earlier run")
+    parser.add_argument("--merge-into", type=Path, metavar="JSON",
+                        help="run --scenarios, then put their results into an earlier run's raw results (replacing "
+                             "scenarios with the same key; the section names both runs) and rewrite from those")
     return parser
 
 
@@ -1397,7 +1728,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     began = time.monotonic()
     deadline = began + args.deadline_s
     tree_start = tree_state()
-    scenarios = [QUICK] if args.quick else [SCENARIOS[k] for k in args.scenarios.split(",") if k]
+    scenarios = [QUICK] if args.quick else [{**SCENARIOS, **TINY}[k] for k in args.scenarios.split(",") if k]
     load_start = loadavg()
     removed = cleanup_stale()
     if removed:
@@ -1448,11 +1779,22 @@ def write_report(report: dict[str, Any], out: Path, json_path: Path | None, *, p
     return section
 
 
+def merge_reports(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``earlier`` with ``later``'s scenarios put in (same key: replaced) and ``later`` named."""
+    keys = {r["scenario"]["key"] for r in later["results"]}
+    merged = dict(earlier)
+    merged["results"] = [r for r in earlier["results"] if r["scenario"]["key"] not in keys] + later["results"]
+    merged["merged_runs"] = [*earlier.get("merged_runs", []),
+                             {"date": later["date"], "command": later["command"], "tree": later.get("tree"),
+                              "scenarios": sorted(keys), "duration_s": later["duration_s"]}]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(ALL_METHODS)
-    if unknown or any(k not in SCENARIOS for k in args.scenarios.split(",") if k):
+    if unknown or any(k not in SCENARIOS and k not in TINY for k in args.scenarios.split(",") if k):
         print(f"unknown method or scenario: {sorted(unknown) or args.scenarios}", file=sys.stderr)
         return 2
     if args.from_json is not None:
@@ -1466,10 +1808,13 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, NetbedError) as exc:
         print(f"bench-swarm: {exc}", file=sys.stderr)
         return 1
+    fresh = report
+    if args.merge_into is not None:
+        report = merge_reports(json.loads(args.merge_into.read_text()), fresh)
     section = write_report(report, args.out, args.json, plots=not args.no_plots)
     print(section)
-    failed = sum(m["failures"] for r in report["results"] for m in r["methods"].values())
-    return 1 if report["truncated"] or failed or not report["results"] else 0
+    failed = sum(m["failures"] for r in fresh["results"] for m in r["methods"].values())
+    return 1 if fresh["truncated"] or failed or not fresh["results"] else 0
 
 
 if __name__ == "__main__":
