@@ -724,6 +724,12 @@ def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time
             if "joined_s" in answer:
                 node["joined_s"] = answer["joined_s"]
         result["churn"] = churn_summary(churn, result, image, at)
+        # A killed node's own pull dies with it: failures and the last node count the others.
+        kept = [n for n in result["nodes"] if n["role"] != "killed"]
+        result["failures"] = sum(1 for n in kept if not n["ok"])
+        result["fallbacks"] = sum(1 for n in kept if not n.get("via_agent", True))
+        result["max_s"] = max(n["seconds"] for n in kept) if not result["failures"] else None
+        result["p50_s"] = _median([n["seconds"] for n in kept if n["ok"]])
     return result
 
 
@@ -1390,6 +1396,14 @@ def render_sites(result: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _largest_range(image: dict[str, Any]) -> int:
+    """Bytes of the largest range lease of the big layer (1 MiB chunks, the coordinator's split)."""
+    from p2pd.swarm.coordinator import split_ranges
+
+    chunks = -(-image["blobs"][image["layer_digest"]] // MIB)
+    return max(last - first + 1 for first, last in split_ranges(chunks, 16)) * MIB
+
+
 def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
     sc, image, limit = result["scenario"], result["image"], result["bound"]["seconds"]
     p = result["methods"].get("p2pd")
@@ -1402,6 +1416,7 @@ def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
     if p is None or "churn" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     churn = p["churn"]
+    holders, largest = len(churn.get("killed_holders", [])), _largest_range(image)
     lines += ["| nodes | count | completed | p50 s | max s | max since start or join |", "|---|---|---|---|---|---|"]
     for role, label in (("stayed", "pulled from the start"), ("joined", "started mid-pull"),
                         ("killed", "killed mid-pull")):
@@ -1413,8 +1428,9 @@ def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
               + ", ".join(f"n{i}" for i in churn.get("killed", []))
               + f" ({len(churn.get('killed_holders', []))} of them range holders of the big layer); joined: "
               + ", ".join(f"n{i}" for i in churn["late"]) + ". "
-              f"Seed egress {churn['seed_egress_ratio']:.2f}{X} the image (the killed holders' unfinished ranges "
-              "are fetched again by others). "
+              f"Seed egress {churn['seed_egress_ratio']:.2f}{X} the image; the issue's allowance — the killed "
+              f"holders' unfinished ranges, at most {holders} times the largest range "
+              f"({largest / MIB:.0f} MiB) — is {1 + holders * largest / image['total_bytes']:.2f}{X}. "
               f"Pulls lost to churn: **{len(lost)}**" + (f" ({', '.join(lost)})." if lost else " (goal: none)."),
               "", *_plot_lines(sc["title"], plots), ""]
     return "\n".join(lines)
