@@ -24,7 +24,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgpack
@@ -172,6 +172,9 @@ def parse_have(response: httpx.Response | Mapping[str, str]) -> bytes | None:
         return None
 
 
+_Answer = TypeVar("_Answer", Reply, BudgetGrant)
+
+
 class PeerClient:
     """Signed requests to other nodes' peer endpoints over one httpx client.
 
@@ -240,26 +243,24 @@ class PeerClient:
             raise PeerError("malformed hello")
         return node, site
 
-    async def announce(self, address: str, message: Announce) -> Reply:
-        data = await self._metadata(address, "POST", f"{PROTOCOL_PREFIX}/announce", encode(message))
+    async def _post_message(self, address: str, endpoint: str, message: Announce | BudgetAsk,
+                            answer: type[_Answer]) -> _Answer:
+        """POSTs a peer message and decodes the answer, which must be of type ``answer``."""
+        data = await self._metadata(address, "POST", f"{PROTOCOL_PREFIX}/{endpoint}", encode(message))
         try:
             reply = decode(data)
         except MessageError as exc:
-            raise PeerError(f"malformed reply: {exc}") from exc
-        if not isinstance(reply, Reply):
-            raise PeerError("expected a reply")
+            raise PeerError(f"malformed {endpoint} answer: {exc}") from exc
+        if not isinstance(reply, answer):
+            raise PeerError(f"expected a {answer.__name__} from {endpoint}")
         return reply
+
+    async def announce(self, address: str, message: Announce) -> Reply:
+        return await self._post_message(address, "announce", message, Reply)
 
     async def budget(self, address: str, message: BudgetAsk) -> BudgetGrant:
         """Asks the site's budget keeper at ``address`` for a share of the upstream budget."""
-        data = await self._metadata(address, "POST", f"{PROTOCOL_PREFIX}/budget", encode(message))
-        try:
-            grant = decode(data)
-        except MessageError as exc:
-            raise PeerError(f"malformed budget grant: {exc}") from exc
-        if not isinstance(grant, BudgetGrant):
-            raise PeerError("expected a budget grant")
-        return grant
+        return await self._post_message(address, "budget", message, BudgetGrant)
 
     async def chunk_map(self, address: str, digest: Digest, grant: str | None = None) -> PartialChunkMap:
         data = await self._metadata(address, "GET", f"{PROTOCOL_PREFIX}/chunkmap/{digest}", grant=grant)
