@@ -123,6 +123,10 @@ _NAMESPACE_RE = re.compile(  # a trailing dot is accepted here and dropped by th
 )
 # The request extension that tells the auth flow which repository a request is for.
 _SCOPE_EXTENSION = "p2pd_token_scope"
+# A connection attempt that times out is made again (nothing was sent yet): on an uplink whose
+# queue is full of layer bytes, SYNs and SYN-ACKs are dropped and one fresh attempt with its own
+# retransmissions often gets through within the caller's bound. Refused connections fail at once.
+_CONNECT_ATTEMPTS = 3
 
 
 # ---- interface ----------------------------------------------------------------------------
@@ -813,8 +817,16 @@ class HttpUpstream:
         request = self._client.build_request(
             method, url, headers=headers, params=params, extensions={_SCOPE_EXTENSION: _pull_scope(repository)}
         )
-        with _translate(what):
-            response = await self._client.send(request, auth=self._auth, stream=True)
+        for attempt in range(1, _CONNECT_ATTEMPTS + 1):
+            try:
+                with _translate(what):
+                    response = await self._client.send(request, auth=self._auth, stream=True)
+                break
+            except UpstreamUnavailable as exc:
+                if attempt == _CONNECT_ATTEMPTS or not isinstance(exc.__cause__, httpx.ConnectTimeout):
+                    raise
+                log.info("%s: connecting timed out (attempt %d of %d); trying again", what, attempt,
+                         _CONNECT_ATTEMPTS)
         try:
             yield response
         finally:

@@ -960,3 +960,42 @@ async def test_peer_grant_support_and_keys_are_remembered(autojump_clock: trio.t
     await upstream.get_peer_grant("app", IMAGE.layer_digest, "n1")
     assert calls[-1] == "/token/keys"
     await upstream.aclose()
+
+
+async def test_a_connection_attempt_that_times_out_is_made_again_and_a_refused_one_is_not() -> None:
+    """A thin uplink full of layer bytes drops SYNs: the tag HEAD of a node that joins late timed
+    out connecting (the agent then answered 404 and the client failed on the same link)."""
+    calls: list[str] = []
+
+    async def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if len(calls) < 3:
+            raise httpx.ConnectTimeout("SYN lost", request=request)
+        return httpx.Response(200, headers={"Docker-Content-Digest": str(digest_of(b"{}")),
+                                            "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                                            "Content-Length": "2"})
+
+    upstream = mock_upstream(flaky)
+    with trio.fail_after(TIMEOUT):
+        result = await upstream.head_manifest("lab/app", "v1")
+    assert result.digest == digest_of(b"{}") and calls == ["HEAD"] * 3
+
+    calls.clear()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        raise httpx.ConnectTimeout("SYN lost", request=request)
+
+    with pytest.raises(UpstreamUnavailable), trio.fail_after(TIMEOUT):
+        await mock_upstream(never).head_manifest("lab/app", "v1")
+    assert len(calls) == 3  # bounded
+
+    calls.clear()
+
+    async def refused(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(UpstreamUnavailable), trio.fail_after(TIMEOUT):
+        await mock_upstream(refused).head_manifest("lab/app", "v1")
+    assert calls == ["HEAD"]
