@@ -42,7 +42,6 @@ import trio.testing
 from p2pd.config import SwarmConfig
 from p2pd.oci.chunkmap import ChunkMap
 from p2pd.oci.digest import Digest
-from p2pd.swarm import engine
 from p2pd.swarm.coordinator import CoordinatorState, split_ranges
 from p2pd.swarm.engine import _LESSEE_LOOKAHEAD, Swarm
 from p2pd.swarm.grants import GrantStore
@@ -681,22 +680,11 @@ async def test_a_stalled_node_asks_for_fresh_holders_before_it_gives_up_on_its_p
             await trio.sleep(1.5)
             transfer = swarm.start_transfer(digest, len(data), fd, None)
             transfer.last_progress = started = trio.current_time()
-            upstream = _slow_upstream(0.1, data)
-            asked: list[float] = []
-
-            async def recorded(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
-                asked.append(trio.current_time() - started)
-                await upstream(start, end, accept)
-
-            await swarm.run_transfer(transfer, recorded, lambda: None)
+            await swarm.run_transfer(transfer, _slow_upstream(0.1, data), lambda: None)
             nursery.cancel_scope.cancel()
         assert os.pread(fd, len(data), 0) == data
     finally:
         os.close(fd)
-    # The chunk it needs is in the other node's live lease: it waits for that node, not only
-    # stuck_after, but no longer than _LEASE_PATIENCE lease TTLs without a chunk.
-    patience = engine._LEASE_PATIENCE * swarm.coordinator.lease_ttl
-    assert asked and patience <= asked[0] <= patience + swarm.stuck_after + 2, (asked[0], patience)
     times = [t - started for t in client.announced_at["lessee"]]
     print(
         f"\nregular interval {swarm.announce_interval():.0f} s; stuck after {swarm.stuck_after:.0f} s; "
