@@ -1800,9 +1800,10 @@ def merge_reports(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, A
     keys = {r["scenario"]["key"] for r in later["results"]}
     merged = dict(earlier)
     merged["results"] = [r for r in earlier["results"] if r["scenario"]["key"] not in keys] + later["results"]
-    merged["merged_runs"] = [*earlier.get("merged_runs", []),
-                             {"date": later["date"], "command": later["command"], "tree": later.get("tree"),
-                              "scenarios": sorted(keys), "duration_s": later["duration_s"]}]
+    # An earlier merged run whose scenarios are all replaced now is no longer shown.
+    kept = [run for run in earlier.get("merged_runs", []) if set(run["scenarios"]) - keys]
+    merged["merged_runs"] = [*kept, {"date": later["date"], "command": later["command"], "tree": later.get("tree"),
+                                     "scenarios": sorted(keys), "duration_s": later["duration_s"]}]
     return merged
 
 
