@@ -345,6 +345,7 @@ def test_messages_round_trip() -> None:
         _announce(gone=True, have=None),
         _announce(leased=True),
         _announce(disputed=("node-x", "node-y")),
+        _announce(leased=True, ranges=((0, 3), (8, 11))),
     ):
         assert decode(encode(message)) == message
     # A message from a node that does not send the newer flags still decodes.
@@ -661,9 +662,11 @@ def _node_announce(
     gone: bool = False,
     leased: bool = False,
     digest: Digest = DIGEST,
+    ranges: tuple[tuple[int, int], ...] = (),
 ) -> Announce:
     have = None if complete else have
-    return Announce(digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete, have, want_lease, gone, leased)
+    return Announce(digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete, have, want_lease, gone, leased,
+                    ranges=ranges)
 
 
 def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> None:
@@ -727,6 +730,31 @@ def test_a_coordinator_taking_over_a_transfer_in_progress_lets_the_lease_holder_
     # And a claim never takes over a live lease of another node.
     reply = state.announce(_node_announce("z", have=some, leased=True), 1.0)
     assert not reply.granted and reply.lease_holder == "b"
+
+
+def test_a_coordinator_taking_over_gives_each_range_holder_back_its_own_range() -> None:
+    """Four ranges of two chunks; holders of ranges 2 and 0 (half fetched) reach a new coordinator
+    that has no state. Each gets back the range it names, not the first free one (which another
+    node would then fetch a second time); nobody gets a free range until the takeover is over."""
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    assert not state.announce(_node_announce("b", have=bytes([0b00110000])), 0.0).granted  # a downloader
+    reply = state.announce(_node_announce("c", have=bytes([0b00001000]), leased=True, ranges=((4, 5),)), 1.0)
+    assert reply.granted and reply.ranges == ((4, 5),)
+    # A holder naming a range that another holder got back first, or one not of this split, gets nothing.
+    assert not state.announce(_node_announce("d", have=bytes(1), leased=True, ranges=((4, 5),)), 1.5).granted
+    assert not state.announce(_node_announce("d", have=bytes(1), leased=True, ranges=((3, 6),)), 1.6).granted
+    reply = state.announce(_node_announce("a", have=bytes([0b10000000]), leased=True, ranges=((0, 1),)), 2.0)
+    assert reply.granted and reply.ranges == ((0, 1),)
+    assert {(lease.node, lease.first) for lease in reply.lessees} == {("a", 0), ("c", 4)}
+    # Range 1 is in the site (b has chunks 2-3); range 3 is free: granted once the takeover is over.
+    assert not state.announce(_node_announce("b", have=bytes([0b00110000])), TTL - 0.1).granted
+    reply = state.announce(_node_announce("b", have=bytes([0b00110000])), TTL + 0.1)
+    assert reply.granted and reply.ranges == ((6, 7),)
+    # A reclaimed lease lives like any other: renewed on progress, ended when its range is in.
+    reply = state.announce(_node_announce("c", have=bytes([0b00001000]), leased=True, ranges=((4, 5),)), 10.0)
+    assert reply.granted and reply.ranges == ((4, 5),)
+    reply = state.announce(_node_announce("c", have=bytes([0b00001100]), leased=True, ranges=((4, 5),)), TTL + 1)
+    assert not reply.granted and {lease.first for lease in reply.lessees} == {0, 6}
 
 
 def test_a_lease_holder_that_makes_no_progress_loses_the_lease() -> None:

@@ -14,9 +14,9 @@ Rules/invariants:
   lease expires ``lease_ttl`` seconds after its holder's last announcement with progress.
 - A coordinator that learns of a digest from a node that already holds chunks has taken
   over a transfer in progress (its predecessor died, or membership changed) and does not
-  know who holds the lease. For ``lease_ttl`` it grants the lease only to a node that says
-  it holds one (``Announce.leased``; the holder announces well within that time), so the
-  site does not get a second upstream fetch.
+  know who holds which range. For ``lease_ttl`` (holders announce well within that time) it
+  gives each holder back the ranges it names (``Announce.ranges``) and grants no other
+  range, so no range a holder is fetching goes to a second node (a second upstream fetch).
 - Claims are checked against what a node serves, by the nodes that ask it: a node that
   answered "not here" for chunks it claimed is *disputed* in the asker's next announcement.
   A disputed node is not listed as a holder, does not count as the site's complete copy and
@@ -173,7 +173,13 @@ class CoordinatorState:
                     lease.expires = now + self.lease_ttl  # the lessee is alive and working
         site_has_copy = any(h.info.complete and h.info.site == message.site and h.info.node not in state.distrusted
                             for h in state.holders.values())
-        may_grant = trusted and (message.leased or now >= state.takeover_until)
+        taking_over = now < state.takeover_until
+        if taking_over and trusted and site is not None and message.leased and message.want_lease \
+                and not site_has_copy and not message.gone:
+            self._reclaim(site, message, have, now)
+        # While taking over, only a holder that does not name its ranges (an older node) gets a
+        # free one; a node naming its ranges got back what is still its own.
+        may_grant = trusted and (not taking_over or (message.leased and not message.ranges))
         mine = [lease for lease in site.leases.values() if lease.node == message.node] if site is not None else []
         if message.want_lease and not mine and site is not None and not site_has_copy and not message.gone \
                 and may_grant:
@@ -209,6 +215,22 @@ class CoordinatorState:
             count = -(-message.size // message.chunk_size)
             site = state.sites[message.site] = _SiteRanges(split_ranges(max(count, 1), self.max_ranges))
         return site
+
+    def _reclaim(self, site: _SiteRanges, message: Announce, have: Bitmap | None, now: float) -> None:
+        """A coordinator taking over gives a holder back the ranges it names (those of this
+        site's split, unfinished and leased to nobody else): the range it is half way through
+        is not handed to another node and fetched twice."""
+        for first, last in message.ranges:
+            try:
+                index = site.ranges.index((first, last))
+            except ValueError:
+                continue  # not a range of this split (another chunk size or an older coordinator's)
+            held = site.leases.get(index)
+            if index in site.done or held is not None:
+                continue  # in, leased to another node, or already given back to this one
+            chunks = sum(1 for i in range(first, last + 1) if i in have) if have is not None else 0
+            site.leases[index] = _Lease(message.node, message.address, now + self.lease_ttl, now, chunks, first, last)
+            self.leases_granted += 1  # granted again, by this coordinator
 
     def _release(self, state: _DigestState, node: str) -> None:
         for site in state.sites.values():

@@ -44,7 +44,7 @@ from .chunkwire import Exchange
 from .coordinator import CoordinatorState
 from .grants import GrantStore
 from .membership import Member, Membership
-from .messages import MAX_DISPUTED, Announce, BudgetAsk, BudgetGrant, PeerInfo, Reply
+from .messages import MAX_DISPUTED, MAX_RANGES, Announce, BudgetAsk, BudgetGrant, PeerInfo, Reply
 from .peers import (
     PartialChunkMap,
     PeerBusy,
@@ -71,6 +71,7 @@ _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holde
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
 _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a first peer
 _BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
+_LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without a new chunk before the upstream
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
@@ -109,6 +110,7 @@ class SwarmTransfer:
     arriving: int = 0  # body bytes of the requests in flight, when last looked at
     upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
+    lease_wait: tuple[float, int] | None = None  # waiting for a lease holder since, with this many chunks
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -265,7 +267,8 @@ class Swarm:
         disputed = tuple(sorted(transfer.disputed))[:MAX_DISPUTED] if transfer is not None else ()
         return Announce(digest, self.me.node_id, self.me.address, self.me.site,
                         transfer.size if transfer else size, self.chunk_size, complete, have, want_lease, gone,
-                        leased=transfer is not None and transfer.leased, disputed=disputed)
+                        leased=transfer is not None and transfer.leased, disputed=disputed,
+                        ranges=transfer.ranges[:MAX_RANGES] if transfer is not None and transfer.leased else ())
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):
@@ -347,13 +350,21 @@ class Swarm:
                         transfer.ranges = ((0, transfer.count - 1),)
                     else:
                         transfer.disputed.clear()  # told
-                        if self._absorb(transfer, reply) or self._next_chunk_leased(transfer):
+                        grew, leased_next = self._absorb(transfer, reply), self._next_chunk_leased(transfer)
+                        if grew or leased_next:
                             # The swarm got new chunks of this blob, or the chunk our reader needs
                             # next is in a live range lease: the client's stream waits for it
                             # (containerd would otherwise fall back to the registry after
-                            # stall_timeout, one more copy over the uplink). The engine's own
-                            # stuck_after still sends this node to the upstream if none come.
+                            # stall_timeout, one more copy over the uplink).
                             on_progress()
+                        if leased_next and self._may_wait_for_lease(transfer):
+                            # Nor does this node go to the upstream for it: a coordinator keeps a
+                            # lease only while its holder progresses, so a chunk slower than
+                            # stuck_after on a thin uplink is not fetched twice. A holder that
+                            # stalls loses its lease after lease_ttl; then stuck_after runs.
+                            # Bounded: a coordinator that lies about a lease cannot hold the node
+                            # back longer than _LEASE_PATIENCE lease TTLs without a new chunk.
+                            transfer.last_progress = time.monotonic()
                     announced_at = time.monotonic()
                     next_announce = announced_at + self.announce_interval(leased=transfer.leased, busy=True)
                 stuck = time.monotonic() - transfer.last_progress > self.stuck_after
@@ -417,6 +428,14 @@ class Swarm:
         grew = site_chunks > transfer.site_chunks
         transfer.site_chunks = site_chunks
         return grew
+
+    def _may_wait_for_lease(self, transfer: SwarmTransfer) -> bool:
+        """Whether this node may still wait for another node's range lease instead of going to
+        the upstream: for at most ``_LEASE_PATIENCE`` lease TTLs without a new chunk here."""
+        now, count = time.monotonic(), transfer.have.cardinality()
+        if transfer.lease_wait is None or transfer.lease_wait[1] != count:
+            transfer.lease_wait = (now, count)
+        return now - transfer.lease_wait[0] < _LEASE_PATIENCE * self.coordinator.lease_ttl
 
     def _next_chunk_leased(self, transfer: SwarmTransfer) -> bool:
         """Whether the chunk the local reader needs next is in a live node's range lease (a

@@ -66,6 +66,9 @@ class Announce:
     # Nodes that answered "not here" for chunks they claimed to hold (a stale or false claim):
     # the coordinator stops trusting their claims for a while (p2pd.swarm.coordinator).
     disputed: tuple[str, ...] = ()
+    # The range leases the node holds (first, last inclusive): a coordinator that took over with
+    # no state gives a holder back the range it is fetching, not another one.
+    ranges: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,8 @@ def encode(message: Message) -> bytes:
         }
         if message.disputed:
             body["disputed"] = list(message.disputed)
+        if message.ranges:
+            body["ranges"] = [[first, last] for first, last in message.ranges]
     else:
         body = {
             "t": "reply",
@@ -230,7 +235,7 @@ def decode(data: bytes) -> Message:
         return Announce(digest, _text(obj.get("node"), "node"), _text(obj.get("address"), "address"),
                         _text(obj.get("site"), "site"), size, chunk_size, flags[0],
                         _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3],
-                        tuple(_text(node, "disputed node") for node in disputed))
+                        tuple(_text(node, "disputed node") for node in disputed), _ranges(obj.get("ranges", [])))
     if kind == "reply":
         holders = obj.get("holders")
         if not isinstance(holders, list):
