@@ -82,6 +82,11 @@ def test_two_sites_reach_the_seed_and_not_each_other(tmp_path: Path) -> None:
         assert ping(bed.nodes[0], bed.seed_ips[0]) and ping(bed.nodes[3], bed.seed_ips[1])  # each its uplink
         assert not ping(bed.nodes[0], bed.node_ips[2])  # no path between sites
         assert not ping(bed.nodes[0], bed.seed_ips[1])  # nor through the seed's other link
+        # Neighbours are pinned within each site (the kernel's shared table would overflow at
+        # N = 32 otherwise), and only there.
+        pinned = bed.run_in(bed.nodes[0], ["ip", "neigh", "show", "nud", "permanent"]).stdout
+        assert f"{bed.seed_ips[0]} dev eth0" in pinned and f"{bed.node_ips[1]} dev eth0" in pinned
+        assert bed.node_ips[2] not in pinned and bed.seed_ips[1] not in pinned
         ports = bed.port_bytes()
         assert {"s0", "s1", "n1", "n4"} <= set(ports)
         assert bed.link_bytes()[bed.seed]["up"] == ports["s0"]["up"] + ports["s1"]["up"]

@@ -25,7 +25,9 @@ KeyboardInterrupt; :func:`install_signal_handlers` turns SIGTERM/SIGHUP into an 
 ``/run/p2pbed/<id>.json`` (pid + start time of the owning process) lets :func:`cleanup_stale`
 delete them, and only them, on the next run.
 
-Kernel note: tbf is built into this kernel, netem is not (no delay or loss emulation).
+Kernel notes: tbf is built into this kernel, netem is not (no delay or loss emulation). The
+neighbour (ARP) table is shared by all namespaces, so the hosts of a site get permanent entries
+for each other (see :meth:`Netbed._pin_neighbours`).
 """
 
 from __future__ import annotations
@@ -351,7 +353,33 @@ class Netbed:
                 _run([*host, "route", "add", "224.0.0.0/4", "dev", dev])  # multicast (mDNS) on the bridge
             self.shape(ns, dev, up, queue_ms)  # the host's uplink
             self.shape(self.sw, port, down, queue_ms)  # the host's downlink
+        self._pin_neighbours()
         return self
+
+    def _pin_neighbours(self) -> None:
+        """Permanent ARP entries between the hosts of each site (the seed's interface included).
+
+        The kernel keeps one neighbour table for all namespaces, and its limit
+        (``net.ipv4.neigh.default.gc_thresh3``, 1024 by default) counts the dynamic entries of
+        every namespace together: 32 fully meshed nodes need 32 * 33, new entries then fail and a
+        node's SYNs wait unsent until they time out ("neighbor table overflow" in dmesg; it made
+        every N = 32 cell of ``bench-swarm`` fail pulls). Real hosts each have their own table.
+        Permanent entries are not counted, so the testbed pins them instead of raising a
+        host-wide limit.
+        """
+        ip = _ip()
+        for site in range(self.sites):
+            hosts = [(self.seed, f"eth{site}", self.seed_ips[site])]
+            hosts += [(ns, "eth0", address) for i, (ns, address) in enumerate(zip(self.nodes, self.node_ips,
+                                                                                   strict=True), 1)
+                      if self.site_of(i) == site]
+            macs = [json.loads(_run([ip, "-n", ns, "-j", "link", "show", "dev", dev]).stdout)[0]["address"]
+                    for ns, dev, _ in hosts]
+            for ns, dev, address in hosts:
+                batch = self.dir / f"neigh-{ns}-{dev}.batch"
+                batch.write_text("".join(f"neigh replace {other} lladdr {mac} dev {dev} nud permanent\n"
+                                         for (_, _, other), mac in zip(hosts, macs, strict=True) if other != address))
+                _run([ip, "-n", ns, "-batch", str(batch)])
 
     def _add_ns(self, ns: str) -> None:
         _run([_ip(), "netns", "add", ns])
