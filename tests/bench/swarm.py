@@ -1295,8 +1295,9 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     sc, rates, limit = result["scenario"], result["rates"], result["bound"]["seconds"]
     p = result["methods"]["p2pd"]
     nodes = p["nodes"]
-    # Range-lease holders: the nodes that fetched from the seed; their copies to peers per copy received.
-    holders = [n for n in nodes if n.get("agent_upstream_bytes", 0) > 0]
+    # Range-lease holders: the nodes that fetched at least a chunk from the seed (not only manifests
+    # or a small layer, which made the ratio below meaningless); their copies to peers per copy received.
+    holders = [n for n in nodes if n.get("agent_upstream_bytes", 0) >= MIB]
     copies = [n.get("agent_peer_served_bytes", 0) / n["agent_upstream_bytes"] for n in holders]
     rss = [n["agent_peak_rss_mib"] for n in nodes if n.get("agent_peak_rss_mib") is not None]
     return {
@@ -1320,7 +1321,8 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
         "Every node pulls the image at once (busybox + one random layer: 12 MiB for N = 8 and 16, 8 MiB for "
         "N = 32; the httpx client). The seed's uplink shrinks as N grows (16, 8, 4 Mbit/s) so the 2-core machine "
         "stays below ~70 % busy (the *machine busy* column is measured during the pull). *Holders' copies*: "
-        "bytes a range-lease holder sent to peers ÷ bytes it fetched from the seed (mean; max). CPU = the agents' "
+        "bytes a range-lease holder (a node that fetched at least 1 MiB from the seed) sent to peers ÷ bytes "
+        "it fetched from the seed (mean; max). CPU = the agents' "
         "CPU per MiB they received plus sent. One run per cell.",
         "",
         "| N | node ÷ seed | links (Mbit/s) | bound | p50 ÷ bound | max ÷ bound | seed egress ÷ image | failed | "
