@@ -573,7 +573,7 @@ async def test_a_node_that_joins_mid_pull_gets_the_blob_from_the_swarm(
     cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=3, base=80, config=config)
     first, second, newcomer = cluster.agents
     # A genuine join: the newcomer has never run (a restarted node is another case: peers that
-    # suspended it see it again only after suspend_seconds; see docs/benchmarks.md).
+    # suspended it probe it when it talks to them; tests/test_swarm_membership.py).
     await trio.to_thread.run_sync(cluster.seed.start)
     for agent in (first, second):
         agent.start(cluster.seed.url)

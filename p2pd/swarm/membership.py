@@ -10,11 +10,16 @@ Rules/invariants:
   mDNS answer or a stale DNS record cannot add a member.
 - A peer that fails ``suspend_after`` times in a row is suspended for ``suspend_seconds``
   and probed again afterwards; a banned peer (bad bytes) is ignored until its ban ends.
+  An authenticated request from a suspended peer (``heard_from``: it restarted, or its
+  trouble is over) has it probed at once, at most once per ``_INBOUND_PROBE_INTERVAL``: a
+  node that restarts mid-pull is used again as soon as it answers, not after
+  ``suspend_seconds`` in which its peers' views and its own disagree.
   mDNS goodbyes and vanished DNS records remove members found only by that source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +35,8 @@ log = logging.getLogger("p2pd.swarm.membership")
 
 _PROBE_INTERVAL = 10.0  # longest wait between re-probes of an address that does not answer (seconds)
 _PROBE_TICK = 0.25
+_INBOUND_PROBE_INTERVAL = 1.0  # seconds between probes of a suspended peer that sends us requests
+_INBOUND = "inbound"  # the sighting of a suspended peer that sent a request (not a discovery source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,7 @@ class _Entry:
     failures: int = 0
     suspended_until: float = 0.0
     banned_until: float = 0.0
+    inbound_probe_at: float = float("-inf")  # when its last request asked for a probe
 
 
 # Hello: address → (node id, site), raising on failure or bad authentication.
@@ -124,6 +132,18 @@ class Membership:
                      self.suspend_seconds, entry.failures)
             self._notify()
 
+    def heard_from(self, node_id: str) -> None:
+        """An authenticated request came from ``node_id``: a suspended peer is probed at once
+        (at most once per ``_INBOUND_PROBE_INTERVAL``) and usable again if it answers."""
+        entry = self._entries.get(node_id)
+        now = time.monotonic()
+        if entry is None or entry.suspended_until <= now or now - entry.inbound_probe_at < _INBOUND_PROBE_INTERVAL:
+            return
+        entry.inbound_probe_at = now
+        member = entry.member
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):  # a full channel: the re-probe loop
+            self.sightings.send_nowait(Sighting(_INBOUND, member.address, member.node_id, member.site))
+
     def ban(self, node_id: str, seconds: float) -> None:
         entry = self._entries.get(node_id)
         if entry is None:
@@ -184,7 +204,8 @@ class Membership:
                 known = self._by_address.get(sighting.address)
                 if known is not None and known in self._entries:
                     entry = self._entries[known]
-                    entry.sources.add(sighting.source)
+                    if sighting.source != _INBOUND:  # only discovery sources keep a member listed
+                        entry.sources.add(sighting.source)
                     if entry.suspended_until > time.monotonic() or entry.failures:
                         nursery.start_soon(self._probe, sighting.address)
                     continue

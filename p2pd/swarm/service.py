@@ -133,6 +133,8 @@ class PeerService:
             log.info("refused unauthenticated peer request from %s (claims node %r): %s", request.client,
                      (request.headers.get(NODE_HEADER) or "")[:64], exc)
             raise OCIError("UNAUTHORIZED", "peer authentication failed", status=401) from exc
+        # A suspended peer that talks to us again (it restarted) is probed now, not after its suspension.
+        self.swarm.membership.heard_from(request.headers.get(NODE_HEADER, "") or "")
 
     def _signed(self, request: Request, body: bytes) -> Response:
         headers = [("Content-Type", "application/msgpack")]

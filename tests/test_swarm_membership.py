@@ -1,0 +1,90 @@
+"""The member table (p2pd.swarm.membership) with a scripted hello, on trio's mock clock."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from p2pd.swarm.discovery import Sighting
+from p2pd.swarm.membership import Member, Membership
+
+ME = Member("me", "10.0.0.1:7080", "site-a")
+PEER = Member("peer", "10.0.0.2:7080", "site-a")
+
+
+class _Hello:
+    """Answers like ``PEER`` while ``up``; counts the probes."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.calls = 0
+
+    async def __call__(self, address: str) -> tuple[str, str]:
+        self.calls += 1
+        if not self.up or address != PEER.address:
+            raise OSError("connection refused")
+        return PEER.node_id, PEER.site
+
+
+async def test_a_suspended_peer_that_sends_a_request_is_probed_and_usable_again_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer restarts mid-pull: its requests reach us while we still hold it suspended. One
+    authenticated request gets it probed (not after suspend_seconds); a flood of them does not
+    flood it with probes; and the request is not a discovery source (an mDNS goodbye still
+    removes a member found only by mDNS)."""
+    hello = _Hello()
+    membership = Membership(ME, hello, suspend_after=3, suspend_seconds=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        await membership.sightings.send(Sighting("mdns", PEER.address, PEER.node_id, PEER.site))
+        await trio.sleep(0.1)
+        assert PEER in membership.live()
+
+        hello.up = False  # it dies; our chunk requests fail
+        for _ in range(3):
+            membership.failure(PEER.node_id)
+        assert PEER not in membership.live()
+
+        await trio.sleep(2.0)  # it is back and asks us for chunks
+        hello.up = True
+        probes = hello.calls
+        for _ in range(50):
+            membership.heard_from(PEER.node_id)
+        membership.heard_from("stranger")  # unknown nodes are ignored
+        await trio.sleep(0.1)
+        assert PEER in membership.live()
+        assert hello.calls == probes + 1
+
+        # Not suspended: a request costs nothing.
+        membership.heard_from(PEER.node_id)
+        await trio.sleep(0.1)
+        assert hello.calls == probes + 1
+
+        await membership.sightings.send(Sighting("mdns", PEER.address, None, None, gone=True))
+        await trio.sleep(0.1)
+        assert PEER not in membership.live() and membership.get(PEER.node_id) is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_suspended_peer_that_still_does_not_answer_stays_suspended(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its requests reach us but ours do not reach it (one-way reachability): each request
+    asks for at most one probe a second, and it stays out of use while probes fail."""
+    hello = _Hello()
+    membership = Membership(ME, hello, suspend_after=3, suspend_seconds=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        await membership.sightings.send(Sighting("static", PEER.address, None, None))
+        await trio.sleep(0.1)
+        hello.up = False
+        for _ in range(3):
+            membership.failure(PEER.node_id)
+        probes = hello.calls
+        for _ in range(20):  # a request every 0.25 s for 5 s
+            membership.heard_from(PEER.node_id)
+            await trio.sleep(0.25)
+        assert PEER not in membership.live()
+        assert hello.calls - probes <= 6
+        nursery.cancel_scope.cancel()
