@@ -321,8 +321,6 @@ class Simulation:
                 node.upstream_chunks += 1
                 node.progress(now)
                 taken += 1
-                if any(index == first for first, _last in node.ranges):  # as the engine: the first chunk
-                    node.next_announce = now  # of a range is announced at once (it opens the next range)
 
     def run(self) -> Result:
         active = list(self.nodes.values())
@@ -335,12 +333,9 @@ class Simulation:
                 # As the engine does: on schedule, or early when no chunk came for stuck_after / 3.
                 stalled = node.announcements and now - max(node.last_progress, node.announced_at) >= self.stalled
                 if node.next_announce <= now or stalled:
-                    reply = self._announce(node, now)
-                    self._absorb(node, reply)
+                    self._absorb(node, self._announce(node, now))
                     node.announced_at = now
                     node.next_announce = now + self.swarm.announce_interval(leased=node.leased)
-                    if reply.retry_in > 0 and not node.leased:  # as the engine: a range is held back for it
-                        node.next_announce = min(node.next_announce, now + reply.retry_in)
             for node in active:
                 stuck = now - node.last_progress > self.stuck_after
                 if (node.leased or stuck) and node.announcements:

@@ -12,12 +12,6 @@ Rules/invariants:
   fetches every chunk from the upstream once. A range is finished when its holder's
   bitmap covers it. Leases are granted only while the site has no complete holder, and a
   lease expires ``lease_ttl`` seconds after its holder's last announcement with progress.
-- Ranges are opened one after another: a new range is granted only once every live lease of
-  the site has brought in its first chunk (or ``lease_ttl / 3`` passed without one). Ranges
-  opened all at once share the site's uplink from the start, so the site's first chunk, the
-  one every reader waits for, arrived only after about as many chunk-times as there are
-  ranges; opened one by one, the first chunk comes at the uplink's full rate and the site
-  starts relaying it while the next ranges start.
 - A coordinator that learns of a digest from a node that already holds chunks has taken
   over a transfer in progress (its predecessor died, or membership changed) and does not
   know who holds which range. For ``lease_ttl`` (holders announce well within that time) it
@@ -62,7 +56,6 @@ def split_ranges(count: int, max_ranges: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 _EXPIRY_INTERVAL = 1.0  # seconds between expiry scans of one digest's holders
-_STANDBY_RETRY = 0.5  # seconds: how soon a node a range is held back for asks again
 
 
 @dataclass(slots=True)
@@ -87,7 +80,6 @@ class _SiteRanges:
     ranges: list[tuple[int, int]]
     leases: dict[int, _Lease] = field(default_factory=dict)  # range index → live lease
     done: set[int] = field(default_factory=set)
-    standby: dict[str, float] = field(default_factory=dict)  # node → until: told to ask again soon
 
 
 @dataclass(slots=True)
@@ -189,24 +181,15 @@ class CoordinatorState:
         # free one; a node naming its ranges got back what is still its own.
         may_grant = trusted and (not taking_over or (message.leased and not message.ranges))
         mine = [lease for lease in site.leases.values() if lease.node == message.node] if site is not None else []
-        retry_in = 0.0
         if message.want_lease and not mine and site is not None and not site_has_copy and not message.gone \
                 and may_grant:
-            free = [i for i in range(len(site.ranges)) if i not in site.leases and i not in site.done]
-            for other in [n for n, until in site.standby.items() if until <= now]:
-                del site.standby[other]
-            # Nodes told to stand by come first (a fast holder done with its range does not take
-            # every next range: the first copies still come in through several uplinks).
-            turn = message.node in site.standby or not site.standby
-            if free and turn and self._may_open_range(site, now):
-                first, last = site.ranges[free[0]]
-                held = site.leases[free[0]] = _Lease(message.node, message.address, now + self.lease_ttl, now,
-                                                     0, first, last)
-                site.standby.pop(message.node, None)
+            free = next((i for i in range(len(site.ranges)) if i not in site.leases and i not in site.done), None)
+            if free is not None:
+                first, last = site.ranges[free]
+                held = site.leases[free] = _Lease(message.node, message.address, now + self.lease_ttl, now,
+                                                  0, first, last)
                 self.leases_granted += 1
                 mine = [held]
-            elif free:
-                retry_in = self._stand_by(site, message.node, len(free), now)
         granted = bool(mine) and message.want_lease
         live = sorted(site.leases.items()) if site is not None else []
         first_lease = live[0][1] if live else None
@@ -223,7 +206,7 @@ class CoordinatorState:
                      first_lease.address if first_lease else None, granted, self.lease_ttl,
                      ranges=tuple((held.first, held.last) for held in mine) if granted else (),
                      lessees=tuple(RangeLease(held.node, held.address, held.first, held.last)
-                                   for _index, held in live[:MAX_RANGES]), retry_in=retry_in)
+                                   for _index, held in live[:MAX_RANGES]))
 
     def _site(self, state: _DigestState, message: Announce) -> _SiteRanges | None:
         """The site's ranges; made from the blob's size when a node of the site first names it."""
@@ -232,22 +215,6 @@ class CoordinatorState:
             count = -(-message.size // message.chunk_size)
             site = state.sites[message.site] = _SiteRanges(split_ranges(max(count, 1), self.max_ranges))
         return site
-
-    def _may_open_range(self, site: _SiteRanges, now: float) -> bool:
-        """Whether another range may start: every live lease has brought in a chunk of its range,
-        or has had ``lease_ttl / 3`` to do so (a slow holder does not keep the others waiting)."""
-        return all(lease.chunks > 0 or now - lease.progressed >= self.lease_ttl / 3
-                   for lease in site.leases.values())
-
-    def _stand_by(self, site: _SiteRanges, node: str, free: int, now: float) -> float:
-        """A node asked for a range that is held back: as many nodes as there are free ranges
-        are told to ask again soon (``Reply.retry_in``), so each range opens within that once the
-        gate opens, not at the askers' regular interval (members/100 s in a large cluster); the
-        others ask at their interval, which keeps a hot digest's coordinator load bounded."""
-        if node not in site.standby and len(site.standby) >= free:
-            return 0.0
-        site.standby[node] = now + self.lease_ttl / 3
-        return _STANDBY_RETRY
 
     def _reclaim(self, site: _SiteRanges, message: Announce, have: Bitmap | None, now: float) -> None:
         """A coordinator taking over gives a holder back the ranges it names (those of this

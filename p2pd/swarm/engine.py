@@ -111,7 +111,6 @@ class SwarmTransfer:
     upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
     lease_wait: tuple[float, int] | None = None  # waiting for a lease holder since, with this many chunks
-    announce_soon: bool = False  # the first chunk of one of our ranges is in: tell the coordinator now
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -341,8 +340,7 @@ class Swarm:
                 stalled = now - max(transfer.last_progress, announced_at) >= self.stuck_after / 3
                 if starving and now - announced_at >= self.announce_interval(leased=transfer.leased):
                     next_announce = now
-                if now >= next_announce or stalled or transfer.announce_soon:
-                    transfer.announce_soon = False
+                if now >= next_announce or stalled:
                     # The lease holder keeps asking for its lease too: a backup coordinator that
                     # takes over (with no state) then learns who holds it.
                     reply = await self.announce(self._announcement(transfer, transfer.digest, want_lease=True))
@@ -369,9 +367,6 @@ class Swarm:
                             transfer.last_progress = time.monotonic()
                     announced_at = time.monotonic()
                     next_announce = announced_at + self.announce_interval(leased=transfer.leased, busy=True)
-                    if reply is not None and reply.retry_in > 0 and not transfer.leased:
-                        # A range is held back for us until the site's first chunks are in: ask again soon.
-                        next_announce = min(next_announce, announced_at + reply.retry_in)
                 stuck = time.monotonic() - transfer.last_progress > self.stuck_after
                 if (transfer.leased or stuck) and not upstream_running:
                     if stuck and not transfer.leased:
@@ -747,9 +742,6 @@ class Swarm:
                     transfer.have.set(index)
                     transfer.upstream_bytes += length
                     self.metrics.fetched_bytes.labels("upstream").inc(length)
-                    # The coordinator opens the site's next range once each live range has its
-                    # first chunk (p2pd.swarm.coordinator): say so now, not at the next interval.
-                    transfer.announce_soon |= any(index == first for first, _last in transfer.ranges)
                 transfer.last_progress = time.monotonic()
                 state["index"] = index + 1
                 transfer.notify()

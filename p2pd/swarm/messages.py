@@ -90,9 +90,6 @@ class Reply:
     lease_ttl: float
     ranges: tuple[tuple[int, int], ...] = ()  # the asking node's ranges (first, last), inclusive
     lessees: tuple[RangeLease, ...] = ()  # every live range lease of the asking node's site
-    # > 0: a range is held back for the asking node until the site's live leases have brought in
-    # their first chunks; it should announce again within this many seconds (not at its interval).
-    retry_in: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +201,6 @@ def encode(message: Message) -> bytes:
         if message.lessees:
             body["lessees"] = [{"node": lease.node, "address": lease.address, "first": lease.first,
                                 "last": lease.last} for lease in message.lessees]
-        if message.retry_in > 0:
-            body["retry_in"] = message.retry_in
     return msgpack.packb(body)
 
 
@@ -249,14 +244,10 @@ def decode(data: bytes) -> Message:
         granted, ttl = obj.get("granted"), obj.get("lease_ttl")
         if not isinstance(granted, bool) or not isinstance(ttl, int | float) or isinstance(ttl, bool):
             raise MessageError("bad lease fields")
-        retry_in = obj.get("retry_in", 0.0)
-        if not isinstance(retry_in, int | float) or isinstance(retry_in, bool) or not 0 <= retry_in <= 60:
-            raise MessageError("retry_in must be 0 to 60 seconds")
         return Reply(tuple(_peer(h) for h in holders),
                      None if lease_holder is None else _text(lease_holder, "lease_holder"),
                      None if lease_address is None else _text(lease_address, "lease_address"),
-                     granted, float(ttl), _ranges(obj.get("ranges", [])), _lessees(obj.get("lessees", [])),
-                     float(retry_in))
+                     granted, float(ttl), _ranges(obj.get("ranges", [])), _lessees(obj.get("lessees", [])))
     if kind == "budget":
         want = obj.get("want")
         if not isinstance(want, bool):
