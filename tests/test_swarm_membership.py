@@ -88,3 +88,28 @@ async def test_a_suspended_peer_that_still_does_not_answer_stays_suspended(
         assert PEER not in membership.live()
         assert hello.calls - probes <= 6
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_that_talks_to_us_before_we_confirmed_it_is_probed_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A static peer that was not up when we started is re-probed with a growing backoff (up to
+    10 s). When it starts and says hello, the addresses not confirmed yet are probed at once, so
+    it is in our view before it pulls (two views of the membership mean two coordinators for a
+    digest, and ranges fetched twice)."""
+    hello = _Hello()
+    hello.up = False
+    membership = Membership(ME, hello)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        await membership.sightings.send(Sighting("static", PEER.address, None, None))
+        await trio.sleep(5.0)  # probed at 0, 0.25, ~0.75, ~1.75, ~3.75; next at ~7.75
+        hello.up = True
+        membership.heard_from(PEER.node_id)
+        await trio.sleep(0.05)
+        assert PEER in membership.live()
+        # It came from the static list, not from its request: a later goodbye by that source removes it.
+        await membership.sightings.send(Sighting("static", PEER.address, None, None, gone=True))
+        await trio.sleep(0.05)
+        assert membership.get(PEER.node_id) is None
+        nursery.cancel_scope.cancel()

@@ -13,7 +13,8 @@ Rules/invariants:
   An authenticated request from a suspended peer (``heard_from``: it restarted, or its
   trouble is over) has it probed at once, at most once per ``_INBOUND_PROBE_INTERVAL``: a
   node that restarts mid-pull is used again as soon as it answers, not after
-  ``suspend_seconds`` in which its peers' views and its own disagree.
+  ``suspend_seconds`` in which its peers' views and its own disagree. A request from a node
+  not in the table yet (it just started) has the unconfirmed addresses probed at once.
   mDNS goodbyes and vanished DNS records remove members found only by that source.
 """
 
@@ -37,6 +38,7 @@ _PROBE_INTERVAL = 10.0  # longest wait between re-probes of an address that does
 _PROBE_TICK = 0.25
 _INBOUND_PROBE_INTERVAL = 1.0  # seconds between probes of a suspended peer that sends us requests
 _INBOUND = "inbound"  # the sighting of a suspended peer that sent a request (not a discovery source)
+_MAX_PENDING_PROBES = 16  # unconfirmed addresses probed at once when an unknown node talks to us
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class Membership:
         self._entries: dict[str, _Entry] = {}
         self._by_address: dict[str, str] = {}
         self._pending: dict[str, set[str]] = {}  # address → sources, not yet confirmed by hello
+        self._pending_probe_at = float("-inf")  # when an unknown node's request last had them probed
         self._changed = trio.Event()
         send, receive = trio.open_memory_channel[Sighting](1024)
         self.sightings: trio.MemorySendChannel[Sighting] = send
@@ -137,7 +140,18 @@ class Membership:
         (at most once per ``_INBOUND_PROBE_INTERVAL``) and usable again if it answers."""
         entry = self._entries.get(node_id)
         now = time.monotonic()
-        if entry is None or entry.suspended_until <= now or now - entry.inbound_probe_at < _INBOUND_PROBE_INTERVAL:
+        if entry is None:
+            # A node we have not confirmed yet (it just started): the addresses our discovery
+            # sources gave us that have not answered yet are probed now, not at their backoff
+            # (up to _PROBE_INTERVAL), so the newcomer is in our view before it pulls and the
+            # coordinators of its digests agree (two views: two coordinators, ranges fetched twice).
+            if self._pending and now - self._pending_probe_at >= _INBOUND_PROBE_INTERVAL:
+                self._pending_probe_at = now
+                for address in list(self._pending)[:_MAX_PENDING_PROBES]:
+                    with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                        self.sightings.send_nowait(Sighting(_INBOUND, address, None, None))
+            return
+        if entry.suspended_until <= now or now - entry.inbound_probe_at < _INBOUND_PROBE_INTERVAL:
             return
         entry.inbound_probe_at = now
         member = entry.member
@@ -207,6 +221,10 @@ class Membership:
                     if sighting.source != _INBOUND:  # only discovery sources keep a member listed
                         entry.sources.add(sighting.source)
                     if entry.suspended_until > time.monotonic() or entry.failures:
+                        nursery.start_soon(self._probe, sighting.address)
+                    continue
+                if sighting.source == _INBOUND:  # not a discovery source: only an address we were given
+                    if sighting.address in self._pending:
                         nursery.start_soon(self._probe, sighting.address)
                     continue
                 first = sighting.address not in self._pending
