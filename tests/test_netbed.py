@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench.netbed import OWNER_DIR, LinkRates, Netbed, cleanup_stale, list_namespaces
-from tests.bench.swarm import MARK_END, MARK_START, bound
+from tests.bench.swarm import MARK_END, MARK_START, bound, matrix_row
 from tests.harness.tools import require_root, require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,24 @@ def test_bound_matches_the_anchor_example() -> None:
     # Many nodes with thin uplinks: the aggregate term dominates.
     many = bound(10**9, 1000, LinkRates(seed_up=100, node_up=10, node_down=1000))
     assert many["seconds"] == pytest.approx(1000 * 8e9 / (1e8 + 1000 * 1e7))
+
+
+def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() -> None:
+    """A node that fetched only a manifest from the seed is not a range holder: its few bytes
+    fetched made the copies ratio read in the thousands."""
+    mib = 1 << 20
+    nodes = [{"agent_upstream_bytes": 6 * mib, "agent_peer_served_bytes": 30 * mib},
+             {"agent_upstream_bytes": 2 * mib, "agent_peer_served_bytes": 20 * mib},
+             {"agent_upstream_bytes": 700, "agent_peer_served_bytes": 12 * mib},
+             {"agent_upstream_bytes": 0, "agent_peer_served_bytes": 9 * mib}]
+    result = {"scenario": {"key": "matrix-1x-4", "nodes": 4}, "rates": {"node_up": 16, "seed_up": 16},
+              "bound": {"seconds": 10.0},
+              "methods": {"p2pd": {"nodes": nodes, "p50_s": 12.0, "max_s": 13.0, "seed_egress_ratio": 1.0,
+                                   "failures": 0, "fallbacks": 0, "agent_cpu_ms_per_mib": 30.0,
+                                   "cpu": {"machine_share": 0.4}}}}
+    row = matrix_row(result)
+    assert row["holders"] == 2
+    assert row["holder_copies_mean"] == pytest.approx(7.5) and row["holder_copies_max"] == pytest.approx(10.0)
 
 
 @pytest.mark.root

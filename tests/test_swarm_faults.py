@@ -605,3 +605,28 @@ async def test_a_node_that_joins_mid_pull_gets_the_blob_from_the_swarm(
         assert seed_sent <= len(data) + largest_range, cluster.logs()
     finally:
         await trio.to_thread.run_sync(cluster.stop)
+
+
+def test_a_peer_that_starts_late_is_in_the_others_view_as_soon_as_it_says_hello(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """a1 is a static peer of a0 but starts 8 s after it: a0's probes of a1's address back off
+    (next one ~16 s after a0's start). a1's authenticated hello has a0 probe it at once, so
+    both see each other before a1 pulls anything (two views of the membership would mean two
+    coordinators for a digest, and ranges fetched twice)."""
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=2, base=88)
+    first, late = cluster.agents
+    cluster.seed.start()
+    try:
+        first.start(cluster.seed.url)
+        first.wait_ready()
+        time.sleep(8.0)  # a0 has probed a1's address at ~0.25, 0.75, 1.75, 3.75, 7.75 s
+        late.start(cluster.seed.url)
+        late.wait_ready()
+        ready = time.monotonic()
+        cluster.wait_members([first, late], timeout=20.0)
+        waited = time.monotonic() - ready
+        print(f"\na0 saw a1 {waited:.2f} s after a1 was ready")
+        assert waited < 4.0, "a0 saw a1 only at its next re-probe"
+    finally:
+        cluster.stop()

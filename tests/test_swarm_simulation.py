@@ -770,3 +770,50 @@ async def test_a_node_whose_request_slots_are_full_announces_once_a_second(
     sent = len(client.announced_at["lessee"])
     print(f"\n{sent} announcements in 10 s with every request slot busy")
     assert sent <= 12  # once a second (every 0.25 s would be 40)
+
+
+async def test_a_node_waits_for_a_progressing_range_holder_past_stuck_after_but_not_forever(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The chunk our reader needs next is in another node's range lease, and that holder's range
+    keeps growing, slower than stuck_after per chunk (a thin uplink): the node does not fetch
+    it a second time after stuck_after. Bounded: it goes to the upstream after _LEASE_PATIENCE
+    lease TTLs without a new chunk of its own (then stuck_after), whatever the holder claims."""
+    from p2pd.swarm.engine import _LEASE_PATIENCE
+
+    data = random.Random(11).randbytes(16 * _CHUNK)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    swarm, client, ranking = _engine(monkeypatch, 6, digest, 3)
+    ttl = swarm.coordinator.lease_ttl
+    upstream_started: list[float] = []
+
+    async def holder() -> None:
+        """Holds the site's only range and announces one more chunk every ttl/3 (it never serves)."""
+        have = Bitmap(16)
+        for index in range(15):
+            message = Announce(digest, "other", "10.0.9.9:7000", "s", len(data), _CHUNK, False, have.to_bytes(),
+                               True, leased=index > 0)
+            assert (await client.announce(ranking[0].address, message)).granted
+            have.set(index)
+            await trio.sleep(ttl / 3)
+
+    def upstream(start: int, end: int, accept):  # type: ignore[no-untyped-def]
+        upstream_started.append(trio.current_time())
+        return _slow_upstream(0.01, data)(start, end, accept)
+
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder)
+            await trio.sleep(0.1)  # the holder has its lease
+            transfer = swarm.start_transfer(digest, len(data), fd, None)
+            transfer.last_progress = started = trio.current_time()
+            await swarm.run_transfer(transfer, upstream, lambda: None)
+            nursery.cancel_scope.cancel()
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    waited = upstream_started[0] - started
+    print(f"\nwent to the upstream after {waited:.1f} s (stuck_after {swarm.stuck_after:.0f} s, lease_ttl {ttl:.0f} s)")
+    assert waited >= _LEASE_PATIENCE * ttl  # not after stuck_after: the holder was progressing
+    assert waited <= _LEASE_PATIENCE * ttl + swarm.stuck_after + 2 * ttl / 3  # nor forever

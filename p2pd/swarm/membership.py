@@ -136,8 +136,9 @@ class Membership:
             self._notify()
 
     def heard_from(self, node_id: str) -> None:
-        """An authenticated request came from ``node_id``: a suspended peer is probed at once
-        (at most once per ``_INBOUND_PROBE_INTERVAL``) and usable again if it answers."""
+        """An authenticated request came from ``node_id`` (``PeerService``): a suspended peer,
+        or, for a node not in the table yet, the addresses not confirmed yet, are probed at once
+        (at most once per ``_INBOUND_PROBE_INTERVAL``); a peer that answers is usable again."""
         entry = self._entries.get(node_id)
         now = time.monotonic()
         if entry is None:
