@@ -142,11 +142,11 @@ class SwarmConfig:
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    chunk_size: int = DEFAULT_CHUNK_SIZE  # see docs/architecture.md for why 1 MiB
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # the largest; small blobs get smaller chunks (chunk_size_for)
     coordinator_backups: int = 2
     lease_ttl: float = 15.0
     peer_timeout: float = 5.0  # a chunk request with no progress for this long moves to another source
-    max_parallel_chunks: int = 8
+    max_parallel_chunks: int = 16  # chunk requests in flight (docs/architecture.md, "Request slots")
     max_requests_per_peer: int = 2
     ban_seconds: float = 300.0  # a peer that sent bad bytes is ignored this long
     suspend_after_failures: int = 3

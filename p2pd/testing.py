@@ -16,7 +16,7 @@ import trio
 
 from .errors import UpstreamError, UpstreamNotFound, UpstreamUnavailable
 from .oci import mediatypes
-from .oci.chunkmap import ChunkHasher, ChunkMap, validate_chunk_size
+from .oci.chunkmap import ChunkHasher, ChunkMap, chunk_size_for, validate_chunk_size
 from .oci.digest import Digest, digest_of
 from .oci.errors import OCIError
 from .oci.grammar import validate_name, validate_reference
@@ -200,10 +200,10 @@ class MemoryUpstream:
             raise UpstreamError(f"blob {repository}@{digest}: range from {offset} not satisfiable", status=416)
         yield MemoryBlobResponse(self, data, offset, end)
 
-    async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
+    async def get_chunk_map(self, repository: str, digest: Digest, largest: int) -> ChunkMap | None:
         self.chunk_map_requests += 1
         try:
-            validate_chunk_size(chunk_size)
+            validate_chunk_size(largest)
         except OCIError as exc:
             raise ValueError(exc.message) from exc
         validate_name(repository)
@@ -215,7 +215,7 @@ class MemoryUpstream:
             return None
         if digest in self.chunk_map_overrides:
             return self.chunk_map_overrides[digest]
-        hasher = ChunkHasher(chunk_size)
+        hasher = ChunkHasher(chunk_size_for(len(data), largest))
         hasher.update(data)
         return hasher.finish(digest)
 

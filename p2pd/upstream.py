@@ -192,8 +192,9 @@ class Upstream(Protocol):
         """The blob's size, from a HEAD request (no body crosses the network)."""
         ...
 
-    async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
-        """The blob's chunk map, or None when this upstream does not provide chunk maps."""
+    async def get_chunk_map(self, repository: str, digest: Digest, largest: int) -> ChunkMap | None:
+        """The blob's chunk map in chunks of at most ``largest`` bytes (the size
+        ``chunk_size_for`` gives), or None when this upstream does not provide chunk maps."""
         ...
 
     async def get_signatures(self, repository: str, digest: Digest) -> list[ExtensionSignature]:
@@ -974,8 +975,9 @@ class HttpUpstream:
             raise UpstreamError(f"{what}: Content-Length does not match Content-Range", status=206)
         return _HttpBlobResponse(response, total, offset, skip=0, what=what)
 
-    async def get_chunk_map(self, repository: str, digest: Digest, chunk_size: int) -> ChunkMap | None:
-        """Fetches ``/v2/<repository>/blobs/<digest>/chunks?size=<chunk_size>`` (a p2pd seed).
+    async def get_chunk_map(self, repository: str, digest: Digest, largest: int) -> ChunkMap | None:
+        """Fetches ``/v2/<repository>/blobs/<digest>/chunks?largest=<largest>`` (a p2pd seed): the
+        map in chunks of ``chunk_size_for(blob size, largest)`` bytes, the size every node uses.
 
         Returns:
             The decoded map, or None when the upstream has none: it answered 400, 404, 405
@@ -984,20 +986,21 @@ class HttpUpstream:
             not asked again for ``CHUNK_MAP_UNSUPPORTED_TTL`` seconds.
 
         Raises:
-            ValueError: ``chunk_size`` is not a power of two in [64 KiB, 64 MiB].
-            VerificationError: the map is malformed or describes another blob or size.
+            ValueError: ``largest`` is not a power of two in [64 KiB, 64 MiB].
+            VerificationError: the map is malformed, describes another blob, or has chunks
+                larger than ``largest``.
             UpstreamError: the map is larger than ``MAX_CHUNK_MAP_SIZE`` (and the other
                 errors of ``Upstream``).
         """
         try:
-            validate_chunk_size(chunk_size)
+            validate_chunk_size(largest)
         except OCIError as exc:
             raise ValueError(exc.message) from exc
         if trio.current_time() < self._chunk_maps_unsupported_until:
             return None
         url = self._endpoint(repository, "blobs", f"{digest}/chunks")
         what = f"GET chunk map {repository}@{digest}"
-        params = {"size": str(chunk_size)}
+        params = {"largest": str(largest)}
         async with self._send("GET", repository, url, {"Accept": CHUNK_MAP_MEDIA_TYPE}, what, params) as response:
             status = response.status_code
             if status in (400, 404, 405, 501):
@@ -1014,8 +1017,11 @@ class HttpUpstream:
             chunk_map = ChunkMap.decode(data, expected_digest=digest)
         except OCIError as exc:
             raise VerificationError(f"{what}: {exc.message}") from exc
-        if chunk_map.chunk_size != chunk_size:
-            raise VerificationError(f"{what}: asked for {chunk_size}-byte chunks, got {chunk_map.chunk_size}")
+        # A seed that predates ``largest`` answers with its configured size: every node of the
+        # site takes the same map from it, so they still agree, as long as it is within bounds.
+        if chunk_map.chunk_size > largest:
+            raise VerificationError(f"{what}: asked for chunks of at most {largest} bytes, "
+                                    f"got {chunk_map.chunk_size}")
         return chunk_map
 
     async def get_signatures(self, repository: str, digest: Digest) -> list[ExtensionSignature]:

@@ -23,6 +23,7 @@ import trio
 
 from p2pd.httpd import FileBody, Request, Response, ServerInfo, TlsContextProvider, TlsFiles, serve_http
 from p2pd.oci import mediatypes
+from p2pd.oci.chunkmap import chunk_size_for, validate_chunk_size
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import validate_name, validate_reference
@@ -79,6 +80,12 @@ _POLICY_DENIAL_LOG_SIZE = 4096
 
 def _method_not_allowed(allowed: str) -> OCIError:
     return OCIError("UNSUPPORTED", "method not allowed", status=405, headers=[("Allow", allowed)])
+
+
+def _byte_count(text: str, what: str) -> int:
+    if text.isascii() and text.isdigit() and len(text) < 12:
+        return int(text)
+    raise OCIError("BAD_REQUEST", f"{what} must be a number of bytes")
 
 
 def _range_header(size: int) -> str:
@@ -311,16 +318,27 @@ class SeedRegistry:
 
     async def get_chunks(self, request: Request, name: str, digest: str) -> Response:
         parsed = Digest.parse(digest)
-        size_text = request.query_one("size")
-        if size_text is None:
-            chunk_size = self.config.storage.chunk_size
-        elif size_text.isascii() and size_text.isdigit() and len(size_text) < 12:
-            chunk_size = int(size_text)
+        # ?size=N: chunks of exactly N bytes. ?largest=N: the size every p2pd node computes
+        # from the blob's size (chunk_size_for), at most N, so small blobs come in enough
+        # chunks to pipeline. Neither: the configured size.
+        size_text, largest_text = request.query_one("size"), request.query_one("largest")
+        if size_text is not None:
+            chunk_size = _byte_count(size_text, "size")
+            encoded = await trio.to_thread.run_sync(self.storage.chunk_map, name, parsed, chunk_size)
+        elif largest_text is not None:
+            largest = validate_chunk_size(_byte_count(largest_text, "largest"))
+            encoded = await trio.to_thread.run_sync(self._adaptive_chunk_map, name, parsed, largest)
         else:
-            raise OCIError("BAD_REQUEST", "size must be a number of bytes")
-        encoded = await trio.to_thread.run_sync(self.storage.chunk_map, name, parsed, chunk_size)
+            encoded = await trio.to_thread.run_sync(self.storage.chunk_map, name, parsed,
+                                                    self.config.storage.chunk_size)
         return Response(200, [("Content-Type", CHUNK_MAP_MEDIA_TYPE), ("Docker-Content-Digest", str(parsed))],
                         encoded)
+
+    def _adaptive_chunk_map(self, name: str, digest: Digest, largest: int) -> bytes:
+        size = self.storage.repository_blob_size(name, digest)
+        if size is None:
+            raise OCIError("BLOB_UNKNOWN", "blob unknown to registry", detail={"digest": str(digest)})
+        return self.storage.chunk_map(name, digest, chunk_size_for(size, largest))
 
     # ---- discovery --------------------------------------------------------------------
 

@@ -49,14 +49,15 @@ def test_bound_matches_the_anchor_example() -> None:
 
 def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() -> None:
     """A node that fetched only a manifest from the seed is not a range holder: its few bytes
-    fetched made the copies ratio read in the thousands."""
+    fetched made the copies ratio read in the thousands. One chunk of the big layer (128 KiB for
+    12 MiB) is enough to count."""
     mib = 1 << 20
     nodes = [{"agent_upstream_bytes": 6 * mib, "agent_peer_served_bytes": 30 * mib},
-             {"agent_upstream_bytes": 2 * mib, "agent_peer_served_bytes": 20 * mib},
+             {"agent_upstream_bytes": mib // 8, "agent_peer_served_bytes": mib + mib // 4},
              {"agent_upstream_bytes": 700, "agent_peer_served_bytes": 12 * mib},
              {"agent_upstream_bytes": 0, "agent_peer_served_bytes": 9 * mib}]
     result = {"scenario": {"key": "matrix-1x-4", "nodes": 4}, "rates": {"node_up": 16, "seed_up": 16},
-              "bound": {"seconds": 10.0},
+              "bound": {"seconds": 10.0}, "image": {"blobs": {"sha256:l": 12 * mib}, "layer_digest": "sha256:l"},
               "methods": {"p2pd": {"nodes": nodes, "p50_s": 12.0, "max_s": 13.0, "seed_egress_ratio": 1.0,
                                    "failures": 0, "fallbacks": 0, "agent_cpu_ms_per_mib": 30.0,
                                    "cpu": {"machine_share": 0.4}}}}

@@ -12,9 +12,12 @@ from p2pd.oci.chunkmap import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    SMALLEST_AUTO_CHUNK,
+    TARGET_CHUNKS,
     ChunkHasher,
     ChunkMap,
     chunk_count,
+    chunk_size_for,
     validate_chunk_size,
 )
 from p2pd.oci.digest import digest_of
@@ -50,6 +53,28 @@ def test_validate_chunk_size() -> None:
         with pytest.raises(OCIError) as info:
             validate_chunk_size(size)
         assert info.value.status == 400
+
+
+def test_chunk_size_for_a_blob() -> None:
+    mib = 1024 * 1024
+    # Small blobs are cut into at least TARGET_CHUNKS chunks, down to SMALLEST_AUTO_CHUNK;
+    # large ones keep the configured (largest) size.
+    assert [chunk_size_for(size, DEFAULT_CHUNK_SIZE) // 1024 for size in (0, 1, mib, 12 * mib, 16 * mib, 24 * mib,
+                                                                           32 * mib, 64 * mib, 1024 * mib)] == [
+        128, 128, 128, 128, 256, 256, 512, 1024, 1024]
+    assert chunk_size_for(1024 * mib, 4 * mib) == 4 * mib
+    assert chunk_size_for(12 * mib, MIN_CHUNK_SIZE) == MIN_CHUNK_SIZE  # never above the configured size
+    rng = random.Random(3)
+    sizes = sorted(rng.randrange(0, 2 * 1024 * mib) for _ in range(300))
+    for largest in (MIN_CHUNK_SIZE, SMALLEST_AUTO_CHUNK, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE):
+        chosen = [chunk_size_for(size, largest) for size in sizes]
+        assert all(validate_chunk_size(c) == c and c <= largest for c in chosen)
+        assert chosen == sorted(chosen)  # a larger blob never gets smaller chunks
+        for size, chunk in zip(sizes, chosen, strict=True):
+            if SMALLEST_AUTO_CHUNK < chunk < largest:
+                assert TARGET_CHUNKS <= chunk_count(size, chunk) <= 2 * TARGET_CHUNKS
+    with pytest.raises(OCIError):
+        chunk_size_for(mib, 1000)
 
 
 def test_chunk_count() -> None:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from p2pd.httpd import ServerInfo
 from p2pd.oci import mediatypes
-from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, ChunkMap
+from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkMap, chunk_size_for
 from p2pd.oci.digest import Digest, digest_of
 from p2pd.oci.manifest import MAX_MANIFEST_SIZE
 from seed.cli import main as seed_main
@@ -974,6 +974,29 @@ async def test_chunk_map_endpoint(seed: Seed) -> None:
         _error_code(r)
     _assert_error(await seed.client.get(f"/v2/repo/blobs/{MISSING}/chunks"), 404, "BLOB_UNKNOWN")
     _assert_error(await seed.client.get(f"/v2/other/blobs/{digest}/chunks"), 404, "BLOB_UNKNOWN")
+
+
+async def test_chunk_map_in_the_size_p2pd_nodes_compute(seed: Seed) -> None:
+    """``?largest=N``: the map in the chunk size every node derives from the blob's size
+    (``chunk_size_for``), so a small blob comes in enough chunks to pipeline through a swarm."""
+    data = random.Random(8).randbytes(2 * DEFAULT_CHUNK_SIZE + 4321)
+    digest = await push_blob(seed.client, "repo", data)
+    expected = chunk_size_for(len(data), DEFAULT_CHUNK_SIZE)
+    assert expected < DEFAULT_CHUNK_SIZE  # a 2 MiB blob is cut finer than the configured size
+    for largest, size in ((DEFAULT_CHUNK_SIZE, expected), (MIN_CHUNK_SIZE, MIN_CHUNK_SIZE)):
+        r = await seed.client.get(f"/v2/repo/blobs/{digest}/chunks", params={"largest": largest})
+        assert r.status_code == 200
+        chunk_map = ChunkMap.decode(r.content, expected_digest=Digest.parse(digest), expected_size=len(data))
+        assert chunk_map.chunk_size == size
+        assert all(chunk_map.verify_chunk(i, data[i * size : (i + 1) * size]) for i in range(len(chunk_map.hashes)))
+    for bad in ("1000", "0", "abc", str(2**40), "", "²"):
+        r = await seed.client.get(f"/v2/repo/blobs/{digest}/chunks", params={"largest": bad})
+        assert r.status_code == 400, bad
+        _error_code(r)
+    _assert_error(await seed.client.get(f"/v2/repo/blobs/{MISSING}/chunks", params={"largest": DEFAULT_CHUNK_SIZE}),
+                  404, "BLOB_UNKNOWN")
+    _assert_error(await seed.client.get(f"/v2/other/blobs/{digest}/chunks", params={"largest": DEFAULT_CHUNK_SIZE}),
+                  404, "BLOB_UNKNOWN")
 
 
 async def test_chunk_map_of_chunked_and_empty_uploads(seed: Seed) -> None:

@@ -4,7 +4,7 @@
 - the coordinator of the blob's digest is killed in the middle of the transfer;
 - a node with the cluster key lies (claims the blob, serves flipped bytes);
 - nodes without the key (none, or a wrong one) try to join;
-- a node at its upload limit answers 429 + Retry-After.
+- a node at its upload limit has a request wait briefly for a slot, then answers 429 + Retry-After.
 
 Every pull that can complete must complete with the right digest, and no wrong byte may
 reach a client. The malicious peer is a small server in this test speaking the peer
@@ -523,6 +523,22 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
                 assert busy.status_code == 429
                 assert re.fullmatch(r"\d+", busy.headers["retry-after"])
             before = refused
+            assert await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_refused_total") == before + 1
+            # A request that finds the slot taken waits briefly for it: when the upload ends
+            # meanwhile, it is served instead of sent away for its Retry-After second.
+            answers: list[httpx.Response] = []
+
+            async def ask() -> None:
+                answers.append(await client.get(
+                    url, headers={**signed_headers(key, "a3", "GET", target), "Range": "bytes=0-1023"}))
+
+            async with client.stream("GET", url, headers=signed_headers(key, "a1", "GET", target)) as holding:
+                assert holding.status_code == 200
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask)
+                    await trio.sleep(0.2)
+                    await holding.aclose()  # the upload ends; its slot goes to the waiting request
+            assert [answer.status_code for answer in answers] == [206]
             assert await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_refused_total") == before + 1
     finally:
         await trio.to_thread.run_sync(cluster.stop)

@@ -855,6 +855,22 @@ def test_a_site_fetches_disjoint_ranges_through_several_nodes() -> None:
     assert other.granted and other.ranges == ((0, 3),)
 
 
+def test_a_node_cutting_the_blob_in_other_chunks_does_not_set_the_sites_split() -> None:
+    """Nodes cut a blob by its size (chunk_size_for); one of another version or configuration
+    may cut it in other chunks. It announced first and the coordinator split the site's ranges
+    by its chunk count: the others' bitmaps did not fit, no range was ever done and leases ran
+    out (a test pull took 3.6 copies from the seed). Each chunk size has its own split."""
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    size = 12 * 2**20
+    odd = state.announce(Announce(DIGEST, "old", "127.0.0.9:7000", "s1", size, 4 * 2**20, False,
+                                  Bitmap(3).to_bytes(), True, False), 0.0)
+    assert odd.granted and odd.ranges == ((0, 2),)  # 3 chunks of 4 MiB: one range (at least 2 chunks each)
+    assert state.announce(_ranged("a", 12), 0.1).ranges == ((0, 3),)
+    assert state.announce(_ranged("b", 12), 0.2).ranges == ((4, 7),)
+    # a's range is done by its own bitmap, read against its own split; it gets the next one.
+    assert state.announce(_ranged("a", 12, set(range(4))), 1.0).ranges == ((8, 11),)
+
+
 def test_a_node_done_with_its_range_gets_the_next_free_one() -> None:
     state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
     assert state.announce(_ranged("solo", 12), 0.0).ranges == ((0, 3),)

@@ -745,6 +745,8 @@ async def test_a_node_whose_request_slots_are_full_announces_once_a_second(
     digest = Digest("sha256", hashlib.sha256(data).hexdigest())
     swarm, client, ranking = _engine(monkeypatch, 6, digest, 3)
     holders = [m for m in swarm.membership.live() if m.node_id != "lessee"]  # type: ignore[attr-defined]
+    # Slots, not sources, must be what runs out: fewer slots than holders x requests per holder.
+    swarm.max_parallel_chunks = min(swarm.max_parallel_chunks, len(holders) * swarm.max_requests_per_peer - 1)
     for holder in holders:
         message = Announce(digest, holder.node_id, holder.address, "s", len(data), _CHUNK, True, None, False)
         for member in ranking:

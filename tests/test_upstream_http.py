@@ -705,7 +705,7 @@ async def test_chunk_map_support_is_remembered(autojump_clock: trio.testing.Mock
     async def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request.url)
         assert request.url.path.startswith("/v2/app/blobs/sha256:") and request.url.path.endswith("/chunks")
-        assert request.url.params["size"] == str(MIN_CHUNK_SIZE)
+        assert request.url.params["largest"] == str(MIN_CHUNK_SIZE) and "size" not in request.url.params
         if answer["status"] == 200:
             return httpx.Response(200, headers={"Content-Type": CHUNK_MAP_MEDIA_TYPE}, content=answer["body"])
         return httpx.Response(answer["status"], json=answer["json"])
@@ -734,6 +734,12 @@ async def test_chunk_map_support_is_remembered(autojump_clock: trio.testing.Mock
         await upstream.get_chunk_map("app", IMAGE.layer_digest, MIN_CHUNK_SIZE)
     with pytest.raises(ValueError):
         await upstream.get_chunk_map("app", IMAGE.layer_digest, 1000)
+    # Chunks larger than asked for would not fit the size the other nodes use.
+    bigger = ChunkHasher(2 * MIN_CHUNK_SIZE)
+    bigger.update(data)
+    answer.update(body=bigger.finish(IMAGE.layer_digest).encode())
+    with pytest.raises(VerificationError, match="at most"):
+        await upstream.get_chunk_map("app", IMAGE.layer_digest, MIN_CHUNK_SIZE)
     await upstream.aclose()
 
 

@@ -20,9 +20,12 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
+    "SMALLEST_AUTO_CHUNK",
+    "TARGET_CHUNKS",
     "ChunkHasher",
     "ChunkMap",
     "chunk_count",
+    "chunk_size_for",
     "validate_chunk_size",
 ]
 
@@ -42,6 +45,28 @@ def validate_chunk_size(size: int) -> int:
 
 def chunk_count(blob_size: int, chunk_size: int) -> int:
     return max(1, -(-blob_size // chunk_size)) if blob_size else 0
+
+
+# A blob is cut into at least this many chunks when that keeps chunks at SMALLEST_AUTO_CHUNK or
+# more. A chunk moves store-and-forward (a node relays it once it has all of it, verified), so
+# every hop costs a chunk's transfer time: a 12 MiB layer in 1 MiB chunks gives 8-32 nodes 12
+# pieces to pass around and the last node waited 2.1x the bound with node links as fast as the
+# seed's (7.3x at N = 32, where clients gave up on the first chunk); in 128 KiB chunks 1.5x and
+# 1.9x (docs/benchmarks.md). Large blobs keep the configured size: enough chunks already, and
+# fewer requests, hashes and bitmap bits per MiB.
+TARGET_CHUNKS = 64
+SMALLEST_AUTO_CHUNK = 128 * 1024
+
+
+def chunk_size_for(blob_size: int, largest: int) -> int:
+    """The chunk size every node uses for a blob of ``blob_size`` bytes, given the configured
+    (largest) chunk size: the largest power of two that cuts the blob into ``TARGET_CHUNKS``
+    chunks, between ``SMALLEST_AUTO_CHUNK`` and ``largest``. Nodes and the seed compute it
+    from the size alone, so they agree without talking."""
+    validate_chunk_size(largest)
+    size = max(blob_size, 0) // TARGET_CHUNKS
+    chosen = 1 << (size.bit_length() - 1) if size else 1
+    return min(largest, max(SMALLEST_AUTO_CHUNK, chosen))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,10 @@ Rules/invariants:
   fetches every chunk from the upstream once. A range is finished when its holder's
   bitmap covers it. Leases are granted only while the site has no complete holder, and a
   lease expires ``lease_ttl`` seconds after its holder's last announcement with progress.
+  A site has one split per chunk size: nodes cut a blob by its size (``chunk_size_for``), and
+  a node that cuts it otherwise (another version or configuration) gets ranges of its own
+  split rather than setting the split the others' bitmaps are read against (a second copy
+  from the upstream while versions are mixed, not a stalled site).
 - A coordinator that learns of a digest from a node that already holds chunks has taken
   over a transfer in progress (its predecessor died, or membership changed) and does not
   know who holds which range. For ``lease_ttl`` (holders announce well within that time) it
@@ -86,7 +90,10 @@ class _SiteRanges:
 class _DigestState:
     holders: OrderedDict[str, _Holder] = field(default_factory=OrderedDict)
     expired_at: float = float("-inf")
-    sites: dict[str, _SiteRanges] = field(default_factory=dict)  # the range leases of each site
+    # The range leases of each site, per chunk size: nodes cut a blob by its size
+    # (chunk_size_for), but one of another version or configuration may cut it otherwise, and
+    # its announcement must not set the split the others' bitmaps are read against.
+    sites: dict[tuple[str, int], _SiteRanges] = field(default_factory=dict)
     takeover_until: float = 0.0  # until then, only a node that says it holds the lease gets it
     distrusted: dict[str, float] = field(default_factory=dict)  # node → until (its claims are ignored)
 
@@ -210,10 +217,11 @@ class CoordinatorState:
 
     def _site(self, state: _DigestState, message: Announce) -> _SiteRanges | None:
         """The site's ranges; made from the blob's size when a node of the site first names it."""
-        site = state.sites.get(message.site)
+        key = (message.site, message.chunk_size)
+        site = state.sites.get(key)
         if site is None and message.size is not None and message.chunk_size > 0:
             count = -(-message.size // message.chunk_size)
-            site = state.sites[message.site] = _SiteRanges(split_ranges(max(count, 1), self.max_ranges))
+            site = state.sites[key] = _SiteRanges(split_ranges(max(count, 1), self.max_ranges))
         return site
 
     def _reclaim(self, site: _SiteRanges, message: Announce, have: Bitmap | None, now: float) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import trio
 
 from p2pd.metrics import AgentMetrics
-from p2pd.oci.chunkmap import ChunkMap, chunk_count
+from p2pd.oci.chunkmap import ChunkMap, chunk_count, chunk_size_for
 from p2pd.oci.digest import Digest
 
 from ..errors import UpstreamError, VerificationError
@@ -165,7 +165,7 @@ class Swarm:
         self.membership = membership
         self.client = client
         self.metrics = metrics
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size  # the largest: a blob gets chunk_size_for(size, chunk_size)
         self.coordinator = CoordinatorState(lease_ttl=lease_ttl)
         self.coordinator_backups = coordinator_backups
         self.peer_timeout = peer_timeout
@@ -266,13 +266,24 @@ class Swarm:
         have = None if transfer is None or complete else transfer.have.to_bytes()
         disputed = tuple(sorted(transfer.disputed))[:MAX_DISPUTED] if transfer is not None else ()
         return Announce(digest, self.me.node_id, self.me.address, self.me.site,
-                        transfer.size if transfer else size, self.chunk_size, complete, have, want_lease, gone,
+                        transfer.size if transfer else size, self._chunk_size_of(transfer, digest, size),
+                        complete, have, want_lease, gone,
                         leased=transfer is not None and transfer.leased, disputed=disputed,
                         ranges=transfer.ranges[:MAX_RANGES] if transfer is not None and transfer.leased else ())
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):
             await self.announce(self._announcement(None, digest, complete=True, size=size))
+
+    def _chunk_size_of(self, transfer: SwarmTransfer | None, digest: Digest, size: int | None) -> int:
+        """The chunk size this node uses for ``digest`` (the coordinator splits the site's
+        ranges by it): its transfer's, its finished map's, or the one every node computes."""
+        if transfer is not None:
+            return transfer.chunk_size
+        finished = self.completed_maps.get(digest)
+        if finished is not None:
+            return finished.chunk_size
+        return chunk_size_for(size or 0, self.chunk_size)
 
     async def announce_gone(self, digest: Digest) -> None:
         with trio.move_on_after(self.peer_timeout * 2):
@@ -286,7 +297,7 @@ class Swarm:
         if trusted_map is not None:
             chunk_size, hashes = trusted_map.chunk_size, list[bytes | None](trusted_map.hashes)
         else:
-            chunk_size = self.chunk_size
+            chunk_size = chunk_size_for(size, self.chunk_size)
             hashes = [None] * chunk_count(size, chunk_size)
         transfer = SwarmTransfer(digest, size, chunk_size, fd, trusted_map is not None, hashes, Bitmap(len(hashes)),
                                  grant=grant)

@@ -136,7 +136,8 @@ async def serve_swarm(
                           site_upstream_rate=settings.site_upstream_rate)
             service_box.append(PeerService(swarm=swarm, store=store, key=key, metrics=metrics,
                                            max_uploads=settings.max_uploads, upload_rate=settings.upload_rate,
-                                           chunk_wait=min(2.0, settings.peer_timeout / 2)))
+                                           chunk_wait=min(2.0, settings.peer_timeout / 2),
+                                           slot_wait=min(1.0, settings.peer_timeout / 4)))
             await nursery.start(membership.run)
             if settings.peers:
                 await nursery.start(partial(run_static, settings.peers, membership.sightings))

@@ -3,8 +3,8 @@
 Every request must carry a valid HMAC from the cluster key (401 otherwise); metadata
 responses are signed. Chunk bytes are served only when every chunk they overlap is
 verified here; a request for a chunk this node is still downloading waits briefly for it.
-Uploads are limited in number (429 + Retry-After beyond ``max_uploads``) and in rate
-(token bucket).
+Uploads are limited in number (beyond ``max_uploads`` a request waits up to ``slot_wait``
+for a slot, then gets 429 + Retry-After) and in rate (token bucket).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import trio
 
 from p2pd.httpd import FileBody, Request, Response
 from p2pd.metrics import AgentMetrics
-from p2pd.oci.chunkmap import ChunkHasher
+from p2pd.oci.chunkmap import ChunkHasher, chunk_size_for
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.oci.manifest import MAX_MANIFEST_SIZE
@@ -54,6 +54,7 @@ _MAP_RE = re.compile(rf"{PROTOCOL_PREFIX}/chunkmap/(?P<digest>[^/]+)")
 _MANIFEST_RE = re.compile(rf"{PROTOCOL_PREFIX}/manifests/(?P<digest>[^/]+)")
 _MAX_ANNOUNCE = 1024 * 1024
 _PIECE = 256 * 1024
+_MAX_SLOT_WAITERS = 4  # requests waiting for an upload slot, per slot
 _VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
 
 
@@ -61,13 +62,19 @@ class PeerService:
     """Request handler of the peer endpoint."""
 
     def __init__(self, *, swarm: Swarm, store: BlobStore, key: bytes | None, metrics: AgentMetrics,
-                 max_uploads: int, upload_rate: int, chunk_wait: float) -> None:
+                 max_uploads: int, upload_rate: int, chunk_wait: float, slot_wait: float = 0.0) -> None:
         self.swarm = swarm
         self.store = store
         self.key = key
         self.metrics = metrics
         self.max_uploads = max_uploads
         self.uploads = 0
+        # A request that finds every upload slot taken waits this long for one (at most
+        # _MAX_SLOT_WAITERS of them), then is refused. Slots free every fraction of a second
+        # when chunks are small; a 429 costs the asker its Retry-After second on this node.
+        self.slot_wait = slot_wait
+        self._slot_waiters = 0
+        self._slot_freed = trio.lowlevel.ParkingLot()
         self.upload_bucket = TokenBucket(upload_rate)
         self.chunk_wait = chunk_wait
         self._verified_grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
@@ -188,7 +195,8 @@ class PeerService:
         return self._signed(request, encode_chunk_map(cached))
 
     def _compute_map(self, digest: Digest, size: int) -> PartialChunkMap:
-        hasher = ChunkHasher(self.swarm.chunk_size)
+        # The size every node computes for it (what a trusted map from a seed of this version has).
+        hasher = ChunkHasher(chunk_size_for(size, self.swarm.chunk_size))
         with open(self.store.blob_path(digest), "rb") as handle:
             while piece := handle.read(1024 * 1024):
                 hasher.update(piece)
@@ -197,6 +205,14 @@ class PeerService:
 
     async def _blob(self, request: Request, digest: Digest) -> Response:
         self._check_grant(request, digest)
+        if self.uploads >= self.max_uploads and self._slot_waiters < _MAX_SLOT_WAITERS * self.max_uploads:
+            self._slot_waiters += 1
+            try:
+                with trio.move_on_after(self.slot_wait):
+                    while self.uploads >= self.max_uploads:
+                        await self._slot_freed.park()
+            finally:
+                self._slot_waiters -= 1
         if self.uploads >= self.max_uploads:
             self.metrics.uploads_refused.inc()
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
@@ -252,6 +268,7 @@ class PeerService:
 
         def done() -> None:
             self.uploads -= 1
+            self._slot_freed.unpark()
 
         if self.upload_bucket.rate <= 0:
             body: FileBody | AsyncIterator[bytes] = FileBody(fd, start, end - start + 1)

@@ -69,6 +69,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, chunk_size_for
 from tests.bench.common import (
     DASH,
     MIB,
@@ -1295,9 +1296,11 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     sc, rates, limit = result["scenario"], result["rates"], result["bound"]["seconds"]
     p = result["methods"]["p2pd"]
     nodes = p["nodes"]
-    # Range-lease holders: the nodes that fetched at least a chunk from the seed (not only manifests
-    # or a small layer, which made the ratio below meaningless); their copies to peers per copy received.
-    holders = [n for n in nodes if n.get("agent_upstream_bytes", 0) >= MIB]
+    # Range-lease holders: the nodes that fetched at least a chunk of the big layer from the seed
+    # (not only manifests or a small layer, which made the ratio below meaningless); their copies
+    # to peers per copy received.
+    chunk = _layer_chunk_size(result["image"])
+    holders = [n for n in nodes if n.get("agent_upstream_bytes", 0) >= chunk]
     copies = [n.get("agent_peer_served_bytes", 0) / n["agent_upstream_bytes"] for n in holders]
     rss = [n["agent_peak_rss_mib"] for n in nodes if n.get("agent_peak_rss_mib") is not None]
     return {
@@ -1398,12 +1401,18 @@ def render_sites(result: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _layer_chunk_size(image: dict[str, Any]) -> int:
+    """The chunk size the agents (default [swarm] chunk_size) use for the big layer."""
+    return chunk_size_for(image["blobs"][image["layer_digest"]], DEFAULT_CHUNK_SIZE)
+
+
 def _largest_range(image: dict[str, Any]) -> int:
-    """Bytes of the largest range lease of the big layer (1 MiB chunks, the coordinator's split)."""
+    """Bytes of the largest range lease of the big layer (its chunk size, the coordinator's split)."""
     from p2pd.swarm.coordinator import split_ranges
 
-    chunks = -(-image["blobs"][image["layer_digest"]] // MIB)
-    return max(last - first + 1 for first, last in split_ranges(chunks, 16)) * MIB
+    chunk = _layer_chunk_size(image)
+    chunks = -(-image["blobs"][image["layer_digest"]] // chunk)
+    return max(last - first + 1 for first, last in split_ranges(chunks, 16)) * chunk
 
 
 def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
