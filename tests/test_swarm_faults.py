@@ -28,6 +28,7 @@ import trio
 
 import p2pd.cli
 from p2pd.httpd import Request, Response, serve_http
+from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, chunk_size_for
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.oci.ranges import parse_range
@@ -619,6 +620,65 @@ async def test_a_node_that_joins_mid_pull_gets_the_blob_from_the_swarm(
         assert from_peers >= len(data) / 2, cluster.logs()
         largest_range = max(last - first_ + 1 for first_, last in split_ranges(BLOB_MIB, MAX_RANGES)) * MiB
         assert seed_sent <= len(data) + largest_range, cluster.logs()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
+async def test_a_node_restarted_mid_pull_keeps_its_chunks_and_is_used_again_at_once(
+        tmp_path: Path, key_file: Path, blob: tuple[bytes, str]) -> None:
+    """Three nodes pull through a slow uplink; one is killed (SIGKILL) once it holds a quarter of
+    the blob and started again on the same data directory and node id, and its client pulls
+    again. It keeps the chunks it had verified (they are checked again, not fetched again), its
+    peers use it again as soon as it talks to them (not after ``suspend_seconds``, 30 s), every
+    pull completes, and the site fetches about one copy: at most the blob plus the range the
+    victim was fetching."""
+    data, digest = blob
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0, upstream_rate=8 * MiB)
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=3, base=130, config=config)
+    first, victim, third = cluster.agents
+    chunk = chunk_size_for(len(data), DEFAULT_CHUNK_SIZE)
+    await trio.to_thread.run_sync(cluster.start)
+    try:
+        await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
+        await trio.to_thread.run_sync(cluster.wait_members)
+        seed_before = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
+        results: dict[str, object] = {}
+        async with trio.open_nursery() as nursery:
+            for agent in cluster.agents:
+                nursery.start_soon(pull, agent, digest, results)
+            quarter = -(-len(data) // chunk) // 4
+            with trio.fail_after(30):
+                await wait_until(partial(_have, victim, digest, quarter))
+            had = (transfer_of(victim, digest) or {}).get("have", 0)
+            await trio.to_thread.run_sync(victim.kill9)
+            killed_at = trio.current_time()
+            # Its peers see requests to it fail and suspend it meanwhile.
+            with trio.fail_after(20):
+                await wait_until(lambda: victim.node_id not in first.live_peers())
+            await trio.to_thread.run_sync(victim.start, cluster.seed.url)
+            await trio.to_thread.run_sync(victim.wait_ready)
+            ready_at = trio.current_time()
+            nursery.start_soon(pull, victim, digest, results)
+            with trio.fail_after(10):
+                await wait_until(lambda: all(victim.node_id in a.live_peers() for a in (first, third)))
+            seen_after = trio.current_time() - ready_at
+        assert results == {a.node_id: digest for a in cluster.agents}, cluster.logs()
+        fetched = partial(victim.metric, "p2pd_fetched_bytes_total")  # since the restart
+        fetched_again = (await trio.to_thread.run_sync(partial(fetched, source="peer"))
+                         + await trio.to_thread.run_sync(partial(fetched, source="upstream")))
+        seed_sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes) - seed_before
+        print(f"\nkilled {victim.node_id} holding {had} of {-(-len(data) // chunk)} chunks, "
+              f"{ready_at - killed_at:.1f} s down; its peers used it again {seen_after:.2f} s after it was "
+              f"ready; it fetched {fetched_again / MiB:.1f} MiB after the restart; seed sent "
+              f"{seed_sent / len(data):.3f} x the blob")
+        assert had >= quarter
+        # What it had verified before the kill it did not fetch again (bytes in flight at the
+        # kill are lost: a few chunks at most).
+        assert fetched_again <= len(data) - had * chunk + 16 * chunk, cluster.logs()
+        largest_range = max(last - first_ + 1 for first_, last in split_ranges(-(-len(data) // chunk), MAX_RANGES))
+        # Plus what was on its way to the victim when it died (sent by the seed, never read:
+        # socket buffers at 8 MiB/s).
+        assert seed_sent <= len(data) + largest_range * chunk + MiB, cluster.logs()
     finally:
         await trio.to_thread.run_sync(cluster.stop)
 
