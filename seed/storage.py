@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Protocol
 
 from p2pd.fsutil import fsync_dir, write_atomic
-from p2pd.oci.chunkmap import ChunkHasher, ChunkMap, validate_chunk_size
+from p2pd.oci.chunkmap import ChunkHasher, ChunkMap, chunk_size_for, validate_chunk_size
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.oci.grammar import is_valid_name, is_valid_tag
@@ -56,6 +56,7 @@ log = logging.getLogger("seed.storage")
 
 _UPLOAD_ID_RE = re.compile(r"[a-f0-9]{32}")
 _READ_PIECE = 1024 * 1024
+_MAP_LOCKS = 64  # striped locks: one computation per chunk map at a time (bounded memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,9 @@ class Storage:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._hash_states: dict[str, _HashState] = {}
         self._hash_lock = threading.Lock()
+        # Every node of a site asks for a new blob's map at the same moment: one of them
+        # computes a map that is not stored yet, the others wait for it and read it.
+        self._map_locks = [threading.Lock() for _ in range(_MAP_LOCKS)]
         if clean_tmp:
             # Only the serving process may clean: `seed gc` runs beside a live server whose
             # temporary files are in use.
@@ -352,6 +356,11 @@ class Storage:
             shutil.rmtree(session.directory, ignore_errors=True)
         if chunk_map is not None and chunk_map.size == size:
             self._store_chunk_map(chunk_map)
+            # The map p2pd nodes ask for (``?largest=`` their chunk size, by default the same as
+            # ours): smaller chunks for a blob under 64 of ours, so hashing it again is cheap.
+            adaptive = chunk_size_for(size, self.chunk_size)
+            if adaptive != self.chunk_size:
+                self._store_chunk_map(self._compute_chunk_map(expected, adaptive))
         self.link_blob(session.name, expected)
         return size
 
@@ -423,13 +432,19 @@ class Storage:
             return path.read_bytes()
         if digest.algorithm != "sha256":
             raise OCIError("UNSUPPORTED", "chunk maps exist for sha256 blobs only", status=400)
+        with self._map_locks[hash(path) % _MAP_LOCKS]:
+            with contextlib.suppress(FileNotFoundError):
+                return path.read_bytes()  # computed meanwhile by the request we waited for
+            chunk_map = self._compute_chunk_map(digest, chunk_size)
+            self._store_chunk_map(chunk_map)
+        return chunk_map.encode()
+
+    def _compute_chunk_map(self, digest: Digest, chunk_size: int) -> ChunkMap:
         hasher = ChunkHasher(chunk_size)
         with open(self.blob_path(digest), "rb") as handle:
             while piece := handle.read(_READ_PIECE):
                 hasher.update(piece)
-        chunk_map = hasher.finish(digest)
-        self._store_chunk_map(chunk_map)
-        return chunk_map.encode()
+        return hasher.finish(digest)
 
     # ---- manifests and tags -----------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +28,7 @@ from p2pd.oci.manifest import MAX_MANIFEST_SIZE
 from seed.cli import main as seed_main
 from seed.config import SeedConfig, load_config
 from seed.registry import CHUNK_MAP_MEDIA_TYPE, SeedRegistry, serve_seed
+from seed.storage import Storage
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -983,6 +986,9 @@ async def test_chunk_map_in_the_size_p2pd_nodes_compute(seed: Seed) -> None:
     digest = await push_blob(seed.client, "repo", data)
     expected = chunk_size_for(len(data), DEFAULT_CHUNK_SIZE)
     assert expected < DEFAULT_CHUNK_SIZE  # a 2 MiB blob is cut finer than the configured size
+    # Computed with the push: the nodes of a site all ask for it when they first pull the blob.
+    stored = sorted(path.name for path in (seed.data / "chunkmaps").rglob(f"{Digest.parse(digest).encoded}.*"))
+    assert stored == sorted(f"{Digest.parse(digest).encoded}.{size}" for size in (DEFAULT_CHUNK_SIZE, expected))
     for largest, size in ((DEFAULT_CHUNK_SIZE, expected), (MIN_CHUNK_SIZE, MIN_CHUNK_SIZE)):
         r = await seed.client.get(f"/v2/repo/blobs/{digest}/chunks", params={"largest": largest})
         assert r.status_code == 200
@@ -997,6 +1003,34 @@ async def test_chunk_map_in_the_size_p2pd_nodes_compute(seed: Seed) -> None:
                   404, "BLOB_UNKNOWN")
     _assert_error(await seed.client.get(f"/v2/other/blobs/{digest}/chunks", params={"largest": DEFAULT_CHUNK_SIZE}),
                   404, "BLOB_UNKNOWN")
+
+
+def test_a_chunk_map_asked_for_by_many_at_once_is_computed_once(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "data", chunk_size=DEFAULT_CHUNK_SIZE)
+    data = random.Random(9).randbytes(3 * DEFAULT_CHUNK_SIZE)
+    session = storage.create_upload("repo")
+    session.data_path.write_bytes(data)
+    digest = digest_of(data)
+    storage.commit_upload(session, digest)
+    computed = []
+    compute = storage._compute_chunk_map
+
+    def counting(digest: Digest, chunk_size: int) -> ChunkMap:
+        computed.append(chunk_size)
+        time.sleep(0.2)  # long enough for every thread to ask before the map is stored
+        return compute(digest, chunk_size)
+
+    storage._compute_chunk_map = counting  # type: ignore[method-assign]
+    answers: list[bytes] = []
+    threads = [threading.Thread(target=lambda: answers.append(storage.chunk_map("repo", digest, MIN_CHUNK_SIZE)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert computed == [MIN_CHUNK_SIZE]
+    assert len(answers) == 8 and len(set(answers)) == 1
+    assert ChunkMap.decode(answers[0], expected_digest=digest).chunk_size == MIN_CHUNK_SIZE
 
 
 async def test_chunk_map_of_chunked_and_empty_uploads(seed: Seed) -> None:
