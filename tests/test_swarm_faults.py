@@ -131,11 +131,14 @@ async def _kill_mid_transfer(tmp_path: Path, key_file: Path, blob: tuple[bytes, 
             for agent in cluster.agents:
                 if agent is not first:
                     nursery.start_soon(pull, agent, digest, results)
-            # The lease holder has fetched over a third of the blob and shared some: now the victim dies.
+            # The lease holder has fetched over a third of the blob and shared some: now the victim
+            # dies. (A pull that is already complete has no transfer left to look at: it counts.)
+            chunks = -(-len(data) // chunk_size_for(len(data), DEFAULT_CHUNK_SIZE))
             with trio.fail_after(20):
-                await wait_until(partial(_have, first, digest, BLOB_MIB * 3 // 8))
+                await wait_until(lambda: _have(first, digest, chunks * 3 // 8) or first.node_id in results)
             with trio.fail_after(20):
-                await wait_until(lambda: sum(_have(a, digest, 2) for a in cluster.agents if a is not first) >= 2)
+                await wait_until(lambda: sum(_have(a, digest, 2) or a.node_id in results
+                                             for a in cluster.agents if a is not first) >= 2)
             await trio.to_thread.run_sync(victim.kill9)
             killed_at = trio.current_time() - started
         elapsed = trio.current_time() - started
