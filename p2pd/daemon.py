@@ -58,6 +58,7 @@ async def serve_agent(
     upstreams = UpstreamPool(config, resolver=resolver,
                              on_refused=lambda reason: metrics.egress_refused.labels(reason.value).inc())
     try:
+        upstreams.prepare()
         fetcher = Fetcher(config, store, upstreams, metrics)
         # Every client request is authorized before the store, the fetcher or the peers see it.
         front = MirrorFront(config, store, fetcher, upstreams, metrics, AccessGate(config, upstreams, metrics))

@@ -852,6 +852,20 @@ async def test_docker_hub_mapping(pool_factory: Callable[..., UpstreamPool]) -> 
     assert (url_of(upstream), repository, upstream.namespace) == ("http://127.0.0.1:1", "library/alpine", "docker.io")
 
 
+async def test_configured_upstream_clients_are_made_before_the_first_pull(
+        pool_factory: Callable[..., UpstreamPool]) -> None:
+    """Building a client reads the system CA bundle (tens of ms of CPU): the agent does it at
+    startup, not when every node of a cluster pulls at once. The first request uses that client."""
+    pool = pool_factory(upstreams=(UpstreamConfig("reg.test", "http://127.0.0.1:1"),),
+                        default_upstream="https://other.test")
+    assert pool.prepare() == 2
+    made = dict(pool._clients)
+    assert pool.resolve("reg.test", "app")[0] in made.values()
+    assert pool.resolve(None, "app")[0] in made.values()
+    assert pool._clients == made  # nothing new at the first request
+    assert pool_factory().prepare() == 0  # nothing configured: clients come with the requests
+
+
 async def test_namespace_mapping_order(pool_factory: Callable[..., UpstreamPool]) -> None:
     plain = pool_factory(allow_registries=("ghcr.io",))
     ghcr, repository = plain.resolve("ghcr.io", "org/app")
