@@ -40,7 +40,7 @@ import trio
 import trio.testing
 
 from p2pd.config import SwarmConfig
-from p2pd.oci.chunkmap import ChunkMap
+from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, SMALLEST_AUTO_CHUNK, ChunkMap
 from p2pd.oci.digest import Digest
 from p2pd.swarm.coordinator import CoordinatorState, split_ranges
 from p2pd.swarm.engine import _LESSEE_LOOKAHEAD, Swarm
@@ -819,3 +819,24 @@ async def test_a_node_waits_for_a_progressing_range_holder_past_stuck_after_but_
     print(f"\nwent to the upstream after {waited:.1f} s (stuck_after {swarm.stuck_after:.0f} s, lease_ttl {ttl:.0f} s)")
     assert waited >= _LEASE_PATIENCE * ttl  # not after stuck_after: the holder was progressing
     assert waited <= _LEASE_PATIENCE * ttl + swarm.stuck_after + 2 * ttl / 3  # nor forever
+
+
+async def test_a_blob_without_a_trusted_map_is_cut_as_every_node_cuts_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without the seed's map (a registry that has none) a node cuts the blob by its size
+    (chunk_size_for), as every other node does, and announces that chunk size: the
+    coordinator splits the site's ranges by it."""
+    digest = Digest("sha256", hashlib.sha256(random.Random(7).randbytes(16 * _CHUNK)).hexdigest())
+    swarm, _client, _ranking = _engine(monkeypatch, 6, digest, 3)
+    swarm.chunk_size = DEFAULT_CHUNK_SIZE
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        transfer = swarm.start_transfer(digest, 12 * 2**20, fd, None)
+    finally:
+        os.close(fd)
+    assert (transfer.chunk_size, transfer.count) == (SMALLEST_AUTO_CHUNK, 96)  # 1 MiB would give 12 chunks
+    assert swarm._announcement(transfer, digest, want_lease=True).chunk_size == SMALLEST_AUTO_CHUNK
+    # Once it is complete (no transfer left), it still announces the size it used.
+    swarm.finish_transfer(transfer)
+    assert swarm._announcement(None, digest, complete=True, size=12 * 2**20).chunk_size == SMALLEST_AUTO_CHUNK
