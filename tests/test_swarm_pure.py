@@ -757,6 +757,36 @@ def test_a_coordinator_taking_over_gives_each_range_holder_back_its_own_range() 
     assert not reply.granted and {lease.first for lease in reply.lessees} == {0, 6}
 
 
+def test_a_coordinator_that_a_joining_node_reached_first_takes_over_when_the_running_transfer_reaches_it() -> None:
+    """A node joins mid-pull, the digest's coordinator moves to it, and it announces first, with
+    nothing: a new transfer as far as the state knows. The nodes already fetching ranges under
+    the old coordinator reach it next (CI, 12-04: a0 and a2 were given ranges a1 was fetching,
+    and the seed sent 1.12x the blob). From the first of them, no free range is granted for a
+    lease TTL, and each gets back the range it names."""
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    reply = state.announce(_node_announce("newcomer", have=bytes(1)), 0.0)
+    assert reply.granted and reply.ranges == ((0, 1),)  # all it could know
+    # a fetched ranges 0 and 1 (in the site now) and was given range 2 by the old coordinator.
+    reply = state.announce(_node_announce("a", have=bytes([0b11110000]), leased=True, ranges=((4, 5),)), 0.5)
+    assert reply.granted and reply.ranges == ((4, 5),)
+    # b is fetching range 3 and has not reached this coordinator yet (its view of the members
+    # lags): nobody else gets range 3 meanwhile, not even a node asking without a range.
+    assert not state.announce(_node_announce("c", have=bytes([0b11000000])), 1.0).granted
+    assert not state.announce(_node_announce("newcomer", have=bytes(1)), 2.0).granted  # its range is in (a had it)
+    reply = state.announce(_node_announce("b", have=bytes([0b00000010]), leased=True, ranges=((6, 7),)), 3.0)
+    assert reply.granted and reply.ranges == ((6, 7),)
+    assert state.leases_granted == 3
+    # The takeover lasts a lease TTL from the first node that came from elsewhere (a at 0.5);
+    # the newcomer's range is in the site (a had it), so its lease ended.
+    reply = state.announce(_node_announce("newcomer", have=bytes([0b11000000]), leased=True, ranges=((0, 1),)),
+                           0.5 + TTL - 0.1)
+    assert not reply.granted
+    assert not state.announce(_node_announce("c", have=bytes([0b11000000])), 0.5 + TTL - 0.1).granted
+    state.announce(_node_announce("a", have=bytes([0b11111100]), leased=True, ranges=((4, 5),)), 0.5 + TTL)
+    state.announce(_node_announce("b", have=bytes([0b00000011]), leased=True, ranges=((6, 7),)), 0.5 + TTL)
+    assert not state.announce(_node_announce("c", have=bytes([0b11000000])), 0.5 + TTL + 0.1).granted  # all in
+
+
 def test_a_lease_holder_that_makes_no_progress_loses_the_lease() -> None:
     state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
     assert state.announce(_node_announce("a", have=b"\x00"), 0.0).granted
@@ -880,6 +910,7 @@ def test_a_node_done_with_its_range_gets_the_next_free_one() -> None:
     # A range someone already has (a node that fetched it when stuck) is not handed out again.
     state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
     state.announce(_ranged("a", 12), 0.0)
+    state.announce(_ranged("stuck", 12, want_lease=False), 0.2)  # known here (else it came from elsewhere)
     state.announce(_ranged("stuck", 12, set(range(4, 8)), want_lease=False), 0.5)
     assert state.announce(_ranged("b", 12), 1.0).ranges == ((8, 11),)
 

@@ -16,9 +16,11 @@ Rules/invariants:
   a node that cuts it otherwise (another version or configuration) gets ranges of its own
   split rather than setting the split the others' bitmaps are read against (a second copy
   from the upstream while versions are mixed, not a stalled site).
-- A coordinator that learns of a digest from a node that already holds chunks has taken
-  over a transfer in progress (its predecessor died, or membership changed) and does not
-  know who holds which range. For ``lease_ttl`` (holders announce well within that time) it
+- A coordinator that learns of a digest from a node that already holds chunks or ranges has
+  taken over a transfer in progress (its predecessor died, or membership changed) and does not
+  know who holds which range. That node may also be the second it hears from: a node that
+  joins can move the digest to itself and be the first to announce, with nothing. From the
+  first such node on, for ``lease_ttl`` (holders announce well within that time), it
   gives each holder back the ranges it names (``Announce.ranges``) and grants no other
   range, so no range a holder is fetching goes to a second node (a second upstream fetch).
 - Claims are checked against what a node serves, by the nodes that ask it: a node that
@@ -138,12 +140,18 @@ class CoordinatorState:
         state = self._digests.get(message.digest)
         if state is None:
             state = self._digests[message.digest] = _DigestState()
-            if message.have is not None and any(message.have):
+            if _worked_elsewhere(message):
                 state.takeover_until = now + self.lease_ttl
             while len(self._digests) > self.max_digests:
                 self._digests.popitem(last=False)
         else:
             self._digests.move_to_end(message.digest)
+            if message.node not in state.holders and _worked_elsewhere(message) and now >= state.takeover_until:
+                # This state began with a node that had nothing (a node that just joined, and
+                # whose joining moved the digest here), but the transfer was running under
+                # another coordinator, whose leases are unknown here: take over from now on.
+                # One takeover lasts lease_ttl from its start, however many such nodes arrive.
+                state.takeover_until = now + self.lease_ttl
         self._expire(state, now)
         self._dispute(state, message, now)
         trusted = message.node not in state.distrusted
@@ -258,6 +266,12 @@ class CoordinatorState:
 
     def digests(self) -> int:
         return len(self._digests)
+
+
+def _worked_elsewhere(message: Announce) -> bool:
+    """The node holds chunks or ranges of a transfer this coordinator has not seen it in."""
+    return not message.gone and not message.complete and (
+        bool(message.ranges) or (message.have is not None and any(message.have)))
 
 
 def _bitmap(message: Announce, site: _SiteRanges | None) -> Bitmap | None:
