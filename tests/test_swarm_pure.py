@@ -24,7 +24,7 @@ from p2pd.swarm import auth, coordinator, messages, planning, rendezvous
 from p2pd.swarm.auth import AuthError
 from p2pd.swarm.coordinator import MIN_RANGE_CHUNKS, CoordinatorState, split_ranges
 from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, Reply, decode, encode
-from p2pd.swarm.planning import Bitmap, ChunkRequest, plan_requests
+from p2pd.swarm.planning import LESSEE_LOOKAHEAD, Bitmap, ChunkRequest, lessee_view, plan_requests
 
 
 def _digest(name: str) -> Digest:
@@ -645,6 +645,19 @@ def test_fallback_source_is_used_only_for_chunks_nobody_else_has() -> None:
         range(8), sources, busy={}, max_per_source=8, limit=3, fallback=["lessee"], rng=random.Random(0)
     )
     assert all(r.index >= 4 for r in plan)
+
+
+def test_a_range_holder_is_asked_for_its_next_chunks_as_far_ahead_as_its_share_of_the_upstream() -> None:
+    """What it has plus the next chunks of its range; the sole holder 8 ahead, each of 16 holders
+    (each fetching at 1/16 of the upstream) one ahead; never past its range."""
+    known = Bitmap(64)
+    for index in (16, 17, 19):
+        known.set(index)
+    assert lessee_view(known, 64, 16, 31, 1).indexes() == list(range(16, 18 + LESSEE_LOOKAHEAD))  # 18..25
+    assert lessee_view(known, 64, 16, 31, 16).indexes() == [16, 17, 18, 19]
+    assert lessee_view(known, 64, 16, 31, 3).indexes() == [16, 17, 18, 19]  # 8 // 3 = 2: 18 and 19
+    assert lessee_view(None, 64, 60, 63, 1).indexes() == [60, 61, 62, 63]  # not past its range
+    assert lessee_view(known, 64, 0, 3, 0).indexes() == [0, 1, 2, 3, 16, 17, 19]  # no lessee count: as one
 
 
 # ---- coordinator ----------------------------------------------------------------------

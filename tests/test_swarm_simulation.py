@@ -43,12 +43,12 @@ from p2pd.config import SwarmConfig
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, SMALLEST_AUTO_CHUNK, ChunkMap
 from p2pd.oci.digest import Digest
 from p2pd.swarm.coordinator import CoordinatorState, split_ranges
-from p2pd.swarm.engine import _LESSEE_LOOKAHEAD, Swarm
+from p2pd.swarm.engine import Swarm
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member
 from p2pd.swarm.messages import Announce, Reply
 from p2pd.swarm.peers import PeerError
-from p2pd.swarm.planning import Bitmap, plan_requests
+from p2pd.swarm.planning import Bitmap, lessee_view, plan_requests
 from p2pd.swarm.rendezvous import coordinators
 
 ROUND = 0.25  # simulated seconds per round
@@ -243,12 +243,7 @@ class Simulation:
                 continue
             # As the engine does: what a range holder is known to have, plus the next few
             # chunks of its range (it fetches in order and its endpoint waits for them).
-            known = node.known.get(lessee)
-            optimistic = Bitmap(CHUNKS, known.to_bytes()) if known else Bitmap(CHUNKS)
-            frontier = next((i for i in range(first, last + 1) if i not in optimistic), last + 1)
-            for index in range(frontier, min(last + 1, frontier + _LESSEE_LOOKAHEAD)):
-                optimistic.set(index)
-            sources[lessee] = optimistic
+            sources[lessee] = lessee_view(node.known.get(lessee), CHUNKS, first, last, len(node.lessees))
         if not sources:
             return
         same_site = [peer for peer in sources if node.sites.get(peer, self.nodes[peer].site) == node.site]

@@ -54,7 +54,7 @@ from .peers import (
     PeerRefused,
     TokenBucket,
 )
-from .planning import Bitmap, plan_requests
+from .planning import Bitmap, lessee_view, plan_requests
 from .rendezvous import coordinators, rank
 
 __all__ = ["HOLDBACK", "Swarm", "SwarmTransfer"]
@@ -64,7 +64,6 @@ log = logging.getLogger("p2pd.swarm")
 HOLDBACK = 1024 * 1024
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
-_LESSEE_LOOKAHEAD = 8  # chunks past the lease holder's verified prefix that may be asked of it
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
@@ -473,14 +472,8 @@ class Swarm:
         for lessee, (first, last) in transfer.lessees.items():
             if not self.membership.is_usable(lessee) or transfer.retry_at.get(lessee, 0.0) > now:
                 continue
-            # A range holder fetches its range in order: besides what it has, it will have the
-            # next few chunks of its range soon, and its endpoint waits briefly for a chunk in
-            # flight. Asking it for chunks far ahead would only wait.
             known = transfer.sources.get(lessee)
-            optimistic = Bitmap(transfer.count, known.to_bytes()) if known else Bitmap(transfer.count)
-            frontier = next((i for i in range(first, last + 1) if i not in optimistic), last + 1)
-            for index in range(frontier, min(last + 1, frontier + _LESSEE_LOOKAHEAD)):
-                optimistic.set(index)
+            optimistic = lessee_view(known, transfer.count, first, last, len(transfer.lessees))
             sources[lessee] = self._super_seed(transfer, lessee, optimistic, known, sources, now)
         return sources
 

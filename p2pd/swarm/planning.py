@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Bitmap", "ChunkRequest", "plan_requests"]
+__all__ = ["LESSEE_LOOKAHEAD", "Bitmap", "ChunkRequest", "lessee_view", "plan_requests"]
 
 
 class Bitmap:
@@ -72,6 +72,28 @@ class Bitmap:
 
     def __repr__(self) -> str:
         return f"Bitmap({self.cardinality()}/{self.count})"
+
+
+LESSEE_LOOKAHEAD = 8  # chunks past a sole range holder's verified prefix that may be asked of it
+
+
+def lessee_view(known: Bitmap | None, count: int, first: int, last: int, lessees: int) -> Bitmap:
+    """What a range holder is asked for: what it is known to have, plus the next chunks of its
+    range (``first``..``last``), which it fetches in order; its endpoint waits briefly for a
+    chunk on its way.
+
+    How far ahead is shared out among the ``lessees`` (range holders of the blob fetching at
+    once): each gets about 1/lessees of the upstream, so its next chunks come that many times
+    slower. Asking 16 holders for 8 chunks ahead each kept a downloader's request slots waiting
+    for chunks seconds away (answered 404 at the end of the wait) instead of fetching chunks
+    that were there (N = 16 equal links: 1.68x the bound; one chunk ahead: 1.48x).
+    """
+    view = Bitmap(count, known.to_bytes()) if known is not None else Bitmap(count)
+    frontier = next((i for i in range(first, last + 1) if i not in view), last + 1)
+    ahead = max(1, LESSEE_LOOKAHEAD // max(1, lessees))
+    for index in range(frontier, min(last + 1, frontier + ahead)):
+        view.set(index)
+    return view
 
 
 @dataclass(frozen=True, slots=True)
