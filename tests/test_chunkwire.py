@@ -1,8 +1,9 @@
 """Chunk downloads on blocking keep-alive connections in worker threads (``p2pd/swarm/chunkwire.py``,
 ``PeerClient.fetch_chunk``), against a small HTTP/1.1 server on 127.0.0.1 that misbehaves on demand:
 connections are reused, a pooled connection the server closed is replaced without an error,
-error statuses keep the connection, wrong framing is an error, and a cancelled fetch ends at once.
-The TLS path is exercised by every swarm test (peer TLS is on by default)."""
+error statuses keep the connection, wrong framing is an error, a cancelled fetch ends at once,
+and a new TLS connection resumes the last full handshake's session (for a bounded time). The TLS path
+is exercised by every swarm test too (peer TLS is on by default)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
 
 from p2pd.oci.digest import Digest
+from p2pd.swarm import chunkwire
 from p2pd.swarm.peers import PeerBusy, PeerClient, PeerError, PeerMissing, PeerRefused
+from p2pd.swarm.tls import PeerTls
 
 BLOB = os.urandom(3 * 65536 + 123)
 DIGEST = Digest.parse("sha256:" + hashlib.sha256(BLOB).hexdigest())
@@ -155,5 +159,40 @@ async def test_an_unreachable_peer_is_a_peer_error() -> None:
     try:
         with pytest.raises(PeerError):
             await client.fetch_chunk("127.0.0.1:9", DIGEST, 0, 100)
+    finally:
+        await client.aclose()
+
+
+async def test_a_new_tls_connection_resumes_the_last_full_handshakes_session(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutual TLS as between nodes: a connection after the first resumes its session (cheaper:
+    no certificate signing or checking), for ``_SESSION_REUSE`` seconds after the last full
+    handshake, then a full one again; the chunks are the same either way."""
+    key = os.urandom(32)
+    server_tls = PeerTls.derived(key, "holder", tmp_path / "holder").server()
+    client_tls = PeerTls.derived(key, "asker", tmp_path / "asker").client()
+    state = Server(mode="close-after")  # every answer ends its connection: every fetch connects anew
+    resumed: list[bool] = []
+
+    async def serve_tls(stream: trio.SocketStream) -> None:
+        tls_stream = trio.SSLStream(stream, server_tls, server_side=True)
+        try:
+            await tls_stream.do_handshake()
+        except trio.BrokenResourceError:
+            return
+        resumed.append(bool(tls_stream.session_reused))
+        await state.serve(tls_stream)  # type: ignore[arg-type]  # the same byte stream interface
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, serve_tls, 0, host="127.0.0.1"))
+    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    client = PeerClient("asker", None, tls=client_tls)
+    try:
+        for start in (0, 65536, 131072):
+            chunk = await client.fetch_chunk(address, DIGEST, start, 65536)
+            assert bytes(chunk.data) == BLOB[start:start + 65536]
+        assert resumed == [False, True, True]
+        monkeypatch.setattr(chunkwire, "_SESSION_REUSE", 0.0)  # the full handshake is too old now
+        await client.fetch_chunk(address, DIGEST, 0, 100)
+        assert resumed == [False, True, True, False]
     finally:
         await client.aclose()

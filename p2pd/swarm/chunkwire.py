@@ -17,6 +17,11 @@ Rules:
   socket down, so the thread's blocked read ends at once and the connection is dropped.
 - Every socket wait is bounded by ``read_timeout`` (no byte for that long fails the exchange;
   the caller bounds the whole); a body of another length than asked is an error.
+- A new TLS connection to a peer resumes the session of the last full handshake with it, for
+  ``_SESSION_REUSE`` seconds after that handshake: a full mutual handshake costs ~3.3 ms of CPU
+  for both ends together, a resumed one ~1.9 (in-process, P-256 peer certificates), and a node
+  opens dozens of connections per pull. Every request is still authenticated by the cluster key;
+  a peer that restarted cannot resume (its ticket keys are new) and the handshake is a full one.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ _MAX_ERROR_BODY = 64 * 1024
 _READ_STEP = 64 * 1024
 _MAX_IDLE_PER_PEER = 16
 _IDLE_EXPIRY = 30.0  # below the peer server's keep-alive idle timeout (75 s)
+_SESSION_REUSE = 60.0  # seconds a full handshake's TLS session is resumed for new connections
+_MAX_SESSIONS = 4096  # peers whose sessions are kept
 
 
 class ChunkWireError(Exception):
@@ -57,15 +64,17 @@ class _Connection(http.client.HTTPConnection):
     """http.client over TLS with the given context and no host name check (peers are reached by
     address and authenticated by the cluster CA), or over plain TCP."""
 
-    def __init__(self, address: str, tls: ssl.SSLContext | None, connect_timeout: float) -> None:
+    def __init__(self, address: str, tls: ssl.SSLContext | None, connect_timeout: float,
+                 session: ssl.SSLSession | None = None) -> None:
         super().__init__(address, timeout=connect_timeout)
         self._tls = tls
+        self._session = session
         self.idle_since = 0.0
 
     def connect(self) -> None:
         super().connect()
         if self._tls is not None:
-            self.sock = self._tls.wrap_socket(self.sock, server_hostname=None)
+            self.sock = self._tls.wrap_socket(self.sock, server_hostname=None, session=self._session)
 
 
 class Exchange:
@@ -103,6 +112,7 @@ class ChunkWire:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle: dict[str, list[_Connection]] = {}
+        self._sessions: dict[str, tuple[ssl.SSLSession, float]] = {}  # address → (session, full handshake at)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -125,6 +135,26 @@ class ChunkWire:
                 conn.close()
         return None
 
+    def _session(self, address: str) -> ssl.SSLSession | None:
+        with self._lock:
+            entry = self._sessions.get(address)
+        if entry is None or time.monotonic() - entry[1] > _SESSION_REUSE:
+            return None
+        return entry[0]
+
+    def _remember_session(self, address: str, conn: _Connection) -> None:
+        """After a complete exchange (a TLS 1.3 ticket arrives after the handshake): the session of
+        a full handshake, to resume; a resumed one does not extend the reuse period."""
+        sock = conn.sock
+        if not isinstance(sock, ssl.SSLSocket) or sock.session_reused or sock.session is None \
+                or not sock.session.has_ticket:
+            return
+        with self._lock:
+            self._sessions.pop(address, None)
+            self._sessions[address] = (sock.session, time.monotonic())
+            while len(self._sessions) > _MAX_SESSIONS:
+                self._sessions.pop(next(iter(self._sessions)))
+
     def _give_back(self, address: str, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
         with self._lock:
@@ -143,8 +173,8 @@ class ChunkWire:
         """
         pooled = self._take(address)
         for attempt in (0, 1):
-            conn = pooled if attempt == 0 and pooled is not None else _Connection(address, self._tls,
-                                                                                  self._connect_timeout)
+            conn = pooled if attempt == 0 and pooled is not None else _Connection(
+                address, self._tls, self._connect_timeout, self._session(address) if self._tls else None)
             reused = conn is pooled
             try:
                 if conn.sock is None:
@@ -173,6 +203,8 @@ class ChunkWire:
             except ChunkWireError:
                 conn.close()
                 raise
+            if not reused:
+                self._remember_session(address, conn)
             if exchange.aborted or response.will_close:
                 conn.close()
             else:
