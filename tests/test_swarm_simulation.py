@@ -835,3 +835,110 @@ async def test_a_blob_without_a_trusted_map_is_cut_as_every_node_cuts_it(
     # Once it is complete (no transfer left), it still announces the size it used.
     swarm.finish_transfer(transfer)
     assert swarm._announcement(None, digest, complete=True, size=12 * 2**20).chunk_size == SMALLEST_AUTO_CHUNK
+
+
+async def test_the_last_chunks_still_in_flight_are_asked_of_a_second_peer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Endgame: with every missing chunk requested, a chunk whose only request went to a slow
+    peer is asked of another peer that has it; the first verified answer wins and the other
+    request is cancelled, not waited for (it would have run until the chunk timeout)."""
+    from p2pd.swarm.peers import PeerChunk
+
+    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
+    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"endgame%d" % i).hexdigest()) for i in range(100))
+                  if coordinators(str(d), members, 1) != ["lessee"])
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    count = 8
+    data = os.urandom(count * _CHUNK)
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
+    transfer = swarm.start_transfer(digest, count * _CHUNK, fd, None)
+    transfer.hashes = [hashlib.sha256(data[i * _CHUNK:(i + 1) * _CHUNK]).digest() for i in range(count)]
+    os.pwrite(fd, data[:6 * _CHUNK], 0)
+    for index in range(6):
+        transfer.have.set(index)  # two chunks left: 6 and 7
+    crowded, other = "node-0001", "node-0002"
+    transfer.sources[crowded] = Bitmap.full(count)
+    transfer.sources[other] = Bitmap(count)  # it has nothing we need yet
+    for node in (crowded, other):
+        transfer.addresses[node] = f"{node}:7000"
+    asked: list[tuple[str, int]] = []
+    cancelled: list[int] = []
+
+    async def fetch_chunk(address: str, digest_: Digest, start: int, length: int, grant: str | None = None,
+                          **_kwargs: object) -> PeerChunk:
+        asked.append((address.split(":")[0], start // _CHUNK))
+        try:
+            await trio.sleep(3600 if address.startswith(crowded) else 0.5)
+        except trio.Cancelled:
+            cancelled.append(start // _CHUNK)
+            raise
+        body = bytearray(data[start:start + length])
+        return PeerChunk(body, hashlib.sha256(body).digest(), None)
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
+        await trio.sleep(1.0)
+        assert sorted(asked) == [(crowded, 6), (crowded, 7)]  # only the crowded peer had them
+        transfer.sources[other] = Bitmap.full(count)  # now the other one has them too
+        await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
+        with trio.fail_after(30):  # without the endgame: until the crowded peer's requests time out
+            while not transfer.have.is_full():
+                await transfer.wait_changed()
+    os.close(fd)
+    assert sorted(asked) == [(crowded, 6), (crowded, 7), (other, 6), (other, 7)]
+    assert sorted(cancelled) == [6, 7]  # the crowded peer's requests were cancelled...
+    assert trio.current_time() - started < 2.0  # ...not waited for
+    assert transfer.inflight == {} and not transfer.requested and not any(transfer.busy.values())
+    assert (tmp_path / "partial").read_bytes() == data
+
+
+async def test_two_answers_for_one_chunk_in_the_endgame_count_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Both requests for a chunk answer at the same moment and both are verified: while the first
+    is written, the second must not count it again (bytes fetched, bytes per peer) — found by the
+    mDNS test, whose node fetched 1 MiB more than the image."""
+    from p2pd.swarm.peers import PeerChunk
+
+    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
+    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"endgame-race%d" % i).hexdigest())
+                              for i in range(100)) if coordinators(str(d), members, 1) != ["lessee"])
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+
+    async def run_in_a_moment(function, *args):  # type: ignore[no-untyped-def]
+        with trio.CancelScope(shield=True):  # as a worker thread: not cancelled half way
+            await trio.sleep(0.3)  # a slow disk write: the other answer arrives meanwhile
+        return function(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_in_a_moment)
+    count = 2
+    data = os.urandom(count * _CHUNK)
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
+    transfer = swarm.start_transfer(digest, count * _CHUNK, fd, None)
+    transfer.hashes = [hashlib.sha256(data[i * _CHUNK:(i + 1) * _CHUNK]).digest() for i in range(count)]
+    os.pwrite(fd, data[:_CHUNK], 0)
+    transfer.have.set(0)
+    for node in ("node-0001", "node-0002"):
+        transfer.sources[node] = Bitmap.full(count)
+        transfer.addresses[node] = f"{node}:7000"
+
+    async def fetch_chunk(address: str, digest_: Digest, start: int, length: int, grant: str | None = None,
+                          **_kwargs: object) -> PeerChunk:
+        await trio.sleep(0.5)  # both answer together
+        body = bytearray(data[start:start + length])
+        return PeerChunk(body, hashlib.sha256(body).digest(), None)
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    async with trio.open_nursery() as nursery:
+        await swarm._schedule_peer_requests(transfer, nursery, lambda: None)  # chunk 1 from one peer...
+        await trio.sleep(0.1)
+        await swarm._schedule_peer_requests(transfer, nursery, lambda: None)  # ...and from the other
+        await trio.sleep(0.1)
+        assert len(transfer.inflight[1]) == 2
+    os.close(fd)
+    assert transfer.have.is_full() and sum(transfer.peer_bytes.values()) == _CHUNK
+    assert swarm.metrics.fetched_bytes.labels("peer")._value.get() == _CHUNK
+    assert (tmp_path / "partial").read_bytes() == data

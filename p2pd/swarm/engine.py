@@ -65,6 +65,7 @@ HOLDBACK = 1024 * 1024
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
+_ENDGAME_CHUNKS = 4  # chunks missing (all requested) from which one in flight is also asked of a second peer
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
@@ -106,6 +107,7 @@ class SwarmTransfer:
     grant: str | None = None  # shown to peers for a protected blob (p2pd.swarm.grants)
     disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
     exchanges: set[Exchange] = field(default_factory=set)  # chunk requests in flight
+    inflight: dict[int, dict[str, trio.CancelScope]] = field(default_factory=dict)  # chunk → peer → its request
     arriving: int = 0  # body bytes of the requests in flight, when last looked at
     upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
@@ -525,6 +527,7 @@ class Swarm:
             return False
         needed = [i for i in range(transfer.count) if i not in transfer.have and i not in transfer.requested]
         if not needed:
+            self._endgame(transfer, nursery, on_progress, room)
             return False
         sources = self._candidate_sources(transfer)
         if not sources:
@@ -553,6 +556,34 @@ class Swarm:
             nursery.start_soon(self._fetch_chunk, transfer, request.index, request.source, on_progress)
         return len(plan) < min(room, len(needed))
 
+    def _endgame(self, transfer: SwarmTransfer, nursery: trio.Nursery, on_progress: Callable[[], None],
+                 room: int) -> None:
+        """The last few chunks, all requested: each still in flight from a peer is asked of a
+        second peer too, and the first verified answer cancels the other. A pull ends with its
+        last chunk, and one request to a peer whose uplink is crowded (or that is about to fail)
+        made a node finish seconds after all others (N = 16 equal links: the last node 2 s behind
+        the one before it, waiting for a chunk that 15 peers had)."""
+        if transfer.count - transfer.have.cardinality() > _ENDGAME_CHUNKS:
+            return
+        waiting = [i for i, asked in transfer.inflight.items() if len(asked) == 1 and i not in transfer.have]
+        if not waiting:
+            return
+        sources = self._candidate_sources(transfer)
+        for index in waiting:
+            if room <= 0:
+                return
+            asked = transfer.inflight[index]
+            candidates = [node for node, bitmap in sources.items()
+                          if index in bitmap and node not in asked
+                          and transfer.busy.get(node, 0) < self.max_requests_per_peer]
+            if not candidates:
+                continue
+            node = min(candidates, key=lambda n: (transfer.busy.get(n, 0), self._rng.random()))
+            room -= 1
+            transfer.busy[node] = transfer.busy.get(node, 0) + 1
+            log.debug("chunk %d of %s: asking %s too (endgame)", index, transfer.digest, node)
+            nursery.start_soon(self._fetch_chunk, transfer, index, node, on_progress)
+
     async def _refresh_hashes(self, transfer: SwarmTransfer) -> None:
         """Fills unknown chunk hashes from the lease holder or a complete holder (signed)."""
         # Without the seed's map, each range holder computed the hashes of its own range.
@@ -580,6 +611,25 @@ class Swarm:
 
     async def _fetch_chunk(self, transfer: SwarmTransfer, index: int, node: str,
                            on_progress: Callable[[], None]) -> None:
+        """One request for chunk ``index`` to ``node``; the scheduler counted it in ``requested``
+        and ``busy``. A second request for the same chunk (``_endgame``) may run beside it: the
+        first verified answer cancels the other, and the chunk leaves ``requested`` with the last."""
+        scope = trio.CancelScope()
+        asked = transfer.inflight.setdefault(index, {})
+        asked[node] = scope
+        try:
+            with scope:
+                await self._fetch_chunk_from(transfer, index, node, on_progress)
+        finally:
+            asked.pop(node, None)
+            if not asked:
+                transfer.inflight.pop(index, None)
+                transfer.requested.discard(index)
+            transfer.busy[node] = max(0, transfer.busy.get(node, 1) - 1)
+            transfer.notify()  # a request slot is free (and maybe a chunk landed): plan again
+
+    async def _fetch_chunk_from(self, transfer: SwarmTransfer, index: int, node: str,
+                                on_progress: Callable[[], None]) -> None:
         offset, length = transfer.bounds(index)
         address = transfer.addresses.get(node)
         self.metrics.peer_messages.labels("chunk").inc()
@@ -614,7 +664,12 @@ class Swarm:
             if index in transfer.have:
                 return
             await trio.to_thread.run_sync(_pwrite_all, transfer.fd, chunk.data, offset)
+            if index in transfer.have:
+                return  # the endgame's other request for it was written meanwhile (the same verified bytes)
             transfer.have.set(index)
+            for other, request in transfer.inflight.get(index, {}).items():
+                if other != node:
+                    request.cancel()  # the endgame's other request for it: not needed any more
             transfer.peer_bytes[node] = transfer.peer_bytes.get(node, 0) + length
             transfer.last_progress = time.monotonic()
             self.metrics.chunks_verified.inc()
@@ -656,10 +711,6 @@ class Swarm:
                 log.info("%s stopped answering; telling the coordinator of %s", node, transfer.digest)
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
-        finally:
-            transfer.requested.discard(index)
-            transfer.busy[node] = max(0, transfer.busy.get(node, 1) - 1)
-            transfer.notify()  # a request slot is free (and maybe a chunk landed): plan again
 
     async def _upstream_worker(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
                                on_progress: Callable[[], None]) -> None:
