@@ -69,6 +69,10 @@ class AgentMetrics:
                                         registry=self.registry)
         self.claims_disputed = Counter("p2pd_claims_disputed", "Peers that answered 'not here' for chunks they "
                                        "claimed to hold (reported to the coordinator)", registry=self.registry)
+        self.uploads_active = Gauge("p2pd_peer_uploads_active", "Chunk uploads to other nodes in progress "
+                                    "(at most [swarm] max_uploads)", registry=self.registry)
+        self.uploads_waiting = Gauge("p2pd_peer_uploads_waiting", "Peer chunk requests waiting for an upload "
+                                     "slot", registry=self.registry)
         self.uploads_refused = Counter("p2pd_peer_uploads_refused", "Peer chunk requests answered 429",
                                        registry=self.registry)
         self.peer_tls_refused = Counter("p2pd_peer_tls_refused", "Peer connections refused in the TLS handshake, by "

@@ -95,6 +95,11 @@ def _lessee(agent: Agent, digest: str) -> bool:
     return bool(transfer and transfer["leased"])
 
 
+def _uploads_quiet(agent: Agent) -> bool:
+    metrics = agent.metrics()
+    return all(metrics[(name, frozenset())] == 0 for name in ("p2pd_peer_uploads_active", "p2pd_peer_uploads_waiting"))
+
+
 def _have(agent: Agent, digest: str, chunks: int) -> bool:
     transfer = transfer_of(agent, digest)
     return bool(transfer and transfer["have"] >= chunks)
@@ -514,6 +519,12 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
         for node, by_peer in from_others.items():
             assert sum(v for p, v in by_peer.items() if p != limited.node_id) > 0, node
 
+        # The pulls are done, but a peer's last request (an endgame duplicate that lost, say) may
+        # still hold or wait for a0's slot for a moment: the wire check starts from a quiet a0.
+        with trio.fail_after(15):
+            await wait_until(partial(_uploads_quiet, limited))
+        refused = await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_refused_total")
+
         # On the wire: one upload in progress (a client that does not read), then a 429.
         target = f"/p2p/v1/blobs/{digest}"
         url = f"https://{limited.peer_address}{target}"
@@ -526,6 +537,7 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
                 )
                 assert busy.status_code == 429
                 assert re.fullmatch(r"\d+", busy.headers["retry-after"])
+                assert await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_active") == 1
             before = refused
             assert await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_refused_total") == before + 1
             # A request that finds the slot taken waits briefly for it: when the upload ends
