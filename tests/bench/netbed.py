@@ -91,6 +91,18 @@ class LinkRates:
         return self.seed_up if self.seed_down is None else self.seed_down
 
 
+_HOST_CC = Path("/proc/sys/net/ipv4/tcp_congestion_control")
+_ALLOWED_CC = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+
+
+def host_congestion_control() -> str:
+    """The host's default TCP congestion control (what a namespace created now starts with)."""
+    try:
+        return _HOST_CC.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def node_ip(index: int, site: int = 0) -> str:
     """Address of node ``index`` (1-based) in site ``site`` (0-based; site k is 10.88.k.0/24)."""
     return f"{site_subnet(site)}.{FIRST_NODE_HOST - 1 + index}"
@@ -281,7 +293,7 @@ class Netbed:
     """
 
     def __init__(self, nodes: int, rates: LinkRates, *, workdir: str | Path | None = None,
-                 keep_files: bool = False, sites: int = 1) -> None:
+                 keep_files: bool = False, sites: int = 1, congestion_control: str | None = None) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be between 1 and {MAX_NODES}")
         if not 1 <= sites <= 8 or nodes % sites:
@@ -303,6 +315,11 @@ class Netbed:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._created: list[str] = []
         self._started = False
+        # TCP congestion control of every namespace; None: the host's default, which new
+        # namespaces inherit. Another one must be in the host's allowed list (a global
+        # sysctl): it is added for the run and the list restored at stop.
+        self.congestion_control = congestion_control
+        self._allowed_before: str | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -327,6 +344,11 @@ class Netbed:
             self._parent.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{self.run_id}-", dir=self._parent))
         _write_owner(self.run_id, self.dir)
+        if self.congestion_control is not None:
+            allowed = _ALLOWED_CC.read_text().split()
+            if self.congestion_control not in allowed:
+                self._allowed_before = " ".join(allowed)
+                _ALLOWED_CC.write_text(" ".join([*allowed, self.congestion_control]))
         ip = _ip()
         self._add_ns(self.sw)
         sw = [ip, "-n", self.sw]
@@ -384,6 +406,9 @@ class Netbed:
     def _add_ns(self, ns: str) -> None:
         _run([_ip(), "netns", "add", ns])
         self._created.append(ns)
+        if self.congestion_control is not None:
+            _run([_ip(), "netns", "exec", ns, "sysctl", "-qw",
+                  f"net.ipv4.tcp_congestion_control={self.congestion_control}"])
 
     @staticmethod
     def shape(ns: str, dev: str, mbit: float, queue_ms: float) -> None:
@@ -420,6 +445,12 @@ class Netbed:
         left = [ns for ns in list_namespaces() if ns.startswith(f"{PREFIX}-{self.run_id}-")]
         if left:
             errors.append(f"namespaces left: {left}")
+        if self._allowed_before is not None:
+            try:
+                _ALLOWED_CC.write_text(self._allowed_before)
+                self._allowed_before = None
+            except OSError as exc:
+                errors.append(f"restoring {_ALLOWED_CC}: {exc}")
         if errors:
             log.error("testbed teardown: %s", "; ".join(errors))
 

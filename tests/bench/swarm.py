@@ -84,7 +84,15 @@ from tests.bench.common import (
     tool_version,
     update_doc,
 )
-from tests.bench.netbed import LinkRates, Netbed, NetbedError, NsWorker, cleanup_stale, install_signal_handlers
+from tests.bench.netbed import (
+    LinkRates,
+    Netbed,
+    NetbedError,
+    NsWorker,
+    cleanup_stale,
+    host_congestion_control,
+    install_signal_handlers,
+)
 from tests.harness import images
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.p2pd_process import Samples, parse_metrics
@@ -194,6 +202,14 @@ SCENARIOS["two-sites"] = Scenario(
     methods=("p2pd",), p2pd_runs=1, sites=2, site_caps_mbit=(0.0, 8.0),
     description="two sites of 8 nodes, each behind its own 16 Mbit/s link to the same seed; site 1 caps its "
                 "upstream at 8 Mbit/s")
+# Issue 11's CPU goal at the chunk size real layers get: the matrix's 8-12 MiB layers are cut in
+# 128 KiB chunks, a layer of 64 MiB or more in 1 MiB ones (chunk_size_for). Same links as the
+# N = 8, 2x cell; tells a per-chunk cost (requests, planning, handshakes) from a per-byte one.
+SCENARIOS["big-chunks"] = Scenario(
+    "big-chunks", "Big layer (1 MiB chunks)", nodes=8, seed_mbit=16, node_mbit=32, layer_mib=64, client="httpx",
+    methods=("p2pd",), p2pd_runs=1,
+    description="the N = 8, 2x matrix cell with a 64 MiB layer, cut in 1 MiB chunks instead of 128 KiB: "
+                "CPU per MiB at the chunk size of real layers")
 # Issue 11: churn during a cluster burst.
 SCENARIOS["churn"] = Scenario(
     "churn", "Churn", nodes=16, seed_mbit=10, node_mbit=50, layer_mib=16, client="httpx", methods=("p2pd",),
@@ -1058,7 +1074,7 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
     images.add_random_layer(layout, "busybox", tag, scenario.layer_mib)
     methods: dict[str, dict[str, Any]] = {}
     with Netbed(scenario.nodes, scenario.rates, workdir=args.workdir, keep_files=args.keep,
-                sites=scenario.sites) as net:
+                sites=scenario.sites, congestion_control=args.congestion_control) as net:
         bed = start_bed(net)
         image = push_image(bed, layout, tag)
         limit = bound(image.total_bytes, scenario.nodes, scenario.rates)
@@ -1515,6 +1531,14 @@ def tree_text(tree: dict[str, Any] | None) -> str:
     return f"this tree; **it changed during the run**: {one(start)} at the start, {one(end)} at the end"
 
 
+def _tcp_text(tcp: dict[str, Any] | None) -> str:
+    if not tcp:
+        return "TCP congestion control: not recorded (the host's default)."
+    how = ("this host's default, which the namespaces inherit; Debian's default is CUBIC" if tcp["host_default"]
+           else "set in every namespace with `--congestion-control`")
+    return f"TCP congestion control: {tcp['congestion_control']} ({how})."
+
+
 def render_section(report: dict[str, Any]) -> str:
     m, load = report["machine"], report["load"]
     lines = [
@@ -1531,6 +1555,7 @@ def render_section(report: dict[str, Any]) -> str:
         "one seed host, N node hosts, each attached by a veth pair; `tc tbf` shapes both directions of every "
         "link (host egress and switch-port egress; rate = the figure given, burst ≥ 64 KiB; queue: "
         f"{report['queues']['seed_ms']:g} ms on the seed's uplink, {report['queues']['node_ms']:g} ms on node links). "
+        + _tcp_text(report.get("tcp")) + " "
         "Nothing in the root namespace; mDNS only on the private bridge. No latency or loss emulation "
         "(this kernel has no netem). Rates are tc's (10^6 bit/s of Ethernet frames): TCP/IP headers take "
         f"≈ 4.4 % of them, so even a perfect transfer shows ≈ 1.05{X} a bound computed from payload bytes.",
@@ -1695,6 +1720,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the whole run is stopped (and torn down) after this many seconds")
     parser.add_argument("--workdir", type=Path, help="parent of the run's files (default: the temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the run's files (logs) for debugging")
+    parser.add_argument("--congestion-control", metavar="NAME",
+                        help="TCP congestion control in every namespace (e.g. cubic, Debian's default; "
+                             "default: the host's, which new namespaces inherit)")
     parser.add_argument("--from-json", type=Path, metavar="JSON",
                         help="run nothing: rewrite the section and plots from the raw results of an earlier run")
     parser.add_argument("--merge-into", type=Path, metavar="JSON",
@@ -1787,6 +1815,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "registry": tool_version([find_tool("docker-registry"), "--version"])},
         "load": {"loadavg_start": load_start, "loadavg_end": loadavg()},
         "queues": {"seed_ms": LinkRates(0, 0, 0).seed_queue_ms, "node_ms": LinkRates(0, 0, 0).node_queue_ms},
+        "tcp": _planned_tcp(args),
         "results": results,
         "truncated": truncated,
         "duration_s": round(time.monotonic() - began, 1),
@@ -1808,10 +1837,19 @@ def write_report(report: dict[str, Any], out: Path, json_path: Path | None, *, p
     return section
 
 
+def _planned_tcp(args: argparse.Namespace) -> dict[str, Any]:
+    """The TCP congestion control the run's namespaces use (recorded with the results)."""
+    return {"congestion_control": args.congestion_control or host_congestion_control(),
+            "host_default": args.congestion_control is None}
+
+
 def merge_reports(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
     """``earlier`` with ``later``'s scenarios put in (same key: replaced) and ``later`` named."""
     keys = {r["scenario"]["key"] for r in later["results"]}
+    if earlier.get("tcp") not in (None, later.get("tcp")):  # main() refuses such a run before it starts
+        raise ValueError(f"runs with other TCP congestion controls: {earlier['tcp']}, {later.get('tcp')}")
     merged = dict(earlier)
+    merged["tcp"] = later.get("tcp")
     merged["results"] = [r for r in earlier["results"] if r["scenario"]["key"] not in keys] + later["results"]
     # An earlier merged run whose scenarios are all replaced now is no longer shown.
     kept = [run for run in earlier.get("merged_runs", []) if set(run["scenarios"]) - keys]
@@ -1831,6 +1869,12 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.from_json.read_text())
         print(write_report(report, args.out, args.json, plots=not args.no_plots))
         return 0
+    if args.merge_into is not None:
+        earlier = json.loads(args.merge_into.read_text()).get("tcp")
+        if earlier not in (None, _planned_tcp(args)):
+            print(f"bench-swarm: {args.merge_into} was measured with TCP {earlier}; this run would use "
+                  f"{_planned_tcp(args)}: write it to a report of its own", file=sys.stderr)
+            return 2
     install_signal_handlers()
     try:
         _check_prerequisites()
