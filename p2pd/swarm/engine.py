@@ -66,7 +66,6 @@ _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
 _ENDGAME_CHUNKS = 4  # chunks missing (all requested) from which one in flight is also asked of a second peer
-_ENDGAME_AFTER = 0.5  # seconds a chunk's only request must have been in flight before it is asked again
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
@@ -109,7 +108,6 @@ class SwarmTransfer:
     disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
     exchanges: set[Exchange] = field(default_factory=set)  # chunk requests in flight
     inflight: dict[int, dict[str, trio.CancelScope]] = field(default_factory=dict)  # chunk → peer → its request
-    inflight_since: dict[int, float] = field(default_factory=dict)  # chunk → its first request's start (trio clock)
     arriving: int = 0  # body bytes of the requests in flight, when last looked at
     upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
@@ -564,16 +562,12 @@ class Swarm:
         second peer too, and the first verified answer cancels the other. A pull ends with its
         last chunk, and one request to a peer whose uplink is crowded (or that is about to fail)
         made a node finish seconds after all others (N = 16 equal links: the last node 1.6 s behind
-        the one before it, waiting for a chunk that 15 peers had). Only a request in flight for
-        ``_ENDGAME_AFTER`` seconds is doubled (the run loop plans at least every 0.5 s): a small
-        blob (a config, one chunk) whose answer is on its way is not asked of a second peer at
-        once. The cost: up to 4 chunks of a blob fetched twice in part (the loser is cancelled
-        when the winner is verified)."""
+        the one before it, waiting for a chunk that 15 peers had). The cost: up to 4 chunks of a
+        blob fetched twice in part (the loser is cancelled when the winner is verified), and a blob
+        of one chunk (a config) asked of two peers at once."""
         if transfer.count - transfer.have.cardinality() > _ENDGAME_CHUNKS:
             return
-        slow_since = trio.current_time() - _ENDGAME_AFTER
-        waiting = [i for i, asked in transfer.inflight.items()
-                   if len(asked) == 1 and i not in transfer.have and transfer.inflight_since.get(i, 0.0) <= slow_since]
+        waiting = [i for i, asked in transfer.inflight.items() if len(asked) == 1 and i not in transfer.have]
         if not waiting:
             return
         sources = self._candidate_sources(transfer)
@@ -624,8 +618,6 @@ class Swarm:
         first verified answer cancels the other, and the chunk leaves ``requested`` with the last."""
         scope = trio.CancelScope()
         asked = transfer.inflight.setdefault(index, {})
-        if not asked:
-            transfer.inflight_since[index] = trio.current_time()
         asked[node] = scope
         try:
             with scope:
@@ -634,7 +626,6 @@ class Swarm:
             asked.pop(node, None)
             if not asked:
                 transfer.inflight.pop(index, None)
-                transfer.inflight_since.pop(index, None)
                 transfer.requested.discard(index)
             transfer.busy[node] = max(0, transfer.busy.get(node, 1) - 1)
             transfer.notify()  # a request slot is free (and maybe a chunk landed): plan again
