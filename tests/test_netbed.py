@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench.netbed import OWNER_DIR, LinkRates, Netbed, cleanup_stale, list_namespaces
-from tests.bench.swarm import MARK_END, MARK_START, bound, matrix_row
+from tests.bench.swarm import MARK_END, MARK_START, bound, matrix_row, merge_reports
 from tests.harness.tools import require_root, require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,32 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() ->
     row = matrix_row(result)
     assert row["holders"] == 2
     assert row["holder_copies_mean"] == pytest.approx(7.5) and row["holder_copies_max"] == pytest.approx(10.0)
+
+
+def test_runs_with_other_congestion_controls_are_not_merged() -> None:
+    def report(tcp: dict[str, object] | None, key: str) -> dict[str, object]:
+        return {"tcp": tcp, "date": "d", "command": "c", "duration_s": 1.0, "results": [{"scenario": {"key": key}}]}
+
+    bbr = {"congestion_control": "bbr", "host_default": True}
+    cubic = {"congestion_control": "cubic", "host_default": False}
+    assert merge_reports(report(None, "a"), report(bbr, "b"))["tcp"] == bbr  # an older report recorded none
+    assert merge_reports(report(bbr, "a"), report(bbr, "b"))["tcp"] == bbr
+    with pytest.raises(ValueError, match="congestion"):
+        merge_reports(report(bbr, "a"), report(cubic, "b"))
+
+
+@pytest.mark.root
+def test_a_congestion_control_is_set_in_every_namespace(tmp_path: Path) -> None:
+    _require_testbed()
+    allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+    before = allowed.read_text()
+    assert "reno" in before.split()  # always built in and allowed: the host's list is not touched
+    with Netbed(1, LinkRates(seed_up=10, node_up=50, node_down=50), workdir=tmp_path,
+                congestion_control="reno") as bed:
+        for ns in bed.namespaces:
+            result = bed.run_in(ns, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"])
+            assert result.stdout.strip() == "reno", ns
+    assert allowed.read_text() == before
 
 
 @pytest.mark.root
