@@ -87,7 +87,7 @@ def test_a_congestion_control_is_set_in_every_namespace(tmp_path: Path) -> None:
     with Netbed(1, LinkRates(seed_up=10, node_up=50, node_down=50), workdir=tmp_path,
                 congestion_control="reno") as bed:
         for ns in bed.namespaces:
-            result = bed.run_in(ns, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"])
+            result = bed.run_in(ns, ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"])
             assert result.stdout.strip() == "reno", ns
     assert allowed.read_text() == before
 

@@ -407,8 +407,8 @@ class Netbed:
         _run([_ip(), "netns", "add", ns])
         self._created.append(ns)
         if self.congestion_control is not None:
-            _run([_ip(), "netns", "exec", ns, "sysctl", "-qw",
-                  f"net.ipv4.tcp_congestion_control={self.congestion_control}"])
+            # /proc/sys/net is the reading process's namespace's (no procps needed for sysctl).
+            _run([_ip(), "netns", "exec", ns, "sh", "-c", f'echo "$1" > {_HOST_CC}', "sh", self.congestion_control])
 
     @staticmethod
     def shape(ns: str, dev: str, mbit: float, queue_ms: float) -> None:
