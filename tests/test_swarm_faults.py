@@ -100,6 +100,10 @@ def _uploads_quiet(agent: Agent) -> bool:
     return all(metrics[(name, frozenset())] == 0 for name in ("p2pd_peer_uploads_active", "p2pd_peer_uploads_waiting"))
 
 
+def _uploads_waiting(agent: Agent, count: int) -> bool:
+    return agent.metric("p2pd_peer_uploads_waiting") == count
+
+
 def _have(agent: Agent, digest: str, chunks: int) -> bool:
     transfer = transfer_of(agent, digest)
     return bool(transfer and transfer["have"] >= chunks)
@@ -552,7 +556,8 @@ async def test_a_node_at_its_upload_limit_answers_429_and_the_others_take_over(
                 assert holding.status_code == 200
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(ask)
-                    await trio.sleep(0.2)
+                    with trio.fail_after(5):
+                        await wait_until(partial(_uploads_waiting, limited, 1), interval=0.02)
                     await holding.aclose()  # the upload ends; its slot goes to the waiting request
             assert [answer.status_code for answer in answers] == [206]
             assert await trio.to_thread.run_sync(limited.metric, "p2pd_peer_uploads_refused_total") == before + 1

@@ -75,6 +75,8 @@ class PeerService:
         self.slot_wait = slot_wait
         self._slot_waiters = 0
         self._slot_freed = trio.lowlevel.ParkingLot()
+        metrics.uploads_active.set_function(lambda: self.uploads)
+        metrics.uploads_waiting.set_function(lambda: self._slot_waiters)
         self.upload_bucket = TokenBucket(upload_rate)
         self.chunk_wait = chunk_wait
         self._verified_grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
@@ -207,14 +209,12 @@ class PeerService:
         self._check_grant(request, digest)
         if self.uploads >= self.max_uploads and self._slot_waiters < _MAX_SLOT_WAITERS * self.max_uploads:
             self._slot_waiters += 1
-            self.metrics.uploads_waiting.set(self._slot_waiters)
             try:
                 with trio.move_on_after(self.slot_wait):
                     while self.uploads >= self.max_uploads:
                         await self._slot_freed.park()
             finally:
                 self._slot_waiters -= 1
-                self.metrics.uploads_waiting.set(self._slot_waiters)
         if self.uploads >= self.max_uploads:
             self.metrics.uploads_refused.inc()
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
@@ -267,11 +267,9 @@ class PeerService:
             headers.append(("Content-Range", byte_range.content_range(size)))
             status = 206
         self.uploads += 1
-        self.metrics.uploads_active.set(self.uploads)
 
         def done() -> None:
             self.uploads -= 1
-            self.metrics.uploads_active.set(self.uploads)
             self._slot_freed.unpark()
 
         if self.upload_bucket.rate <= 0:
