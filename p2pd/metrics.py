@@ -59,7 +59,7 @@ class AgentMetrics:
         self.peers_banned = Gauge("p2pd_peers_banned", "Peers banned for sending bad bytes",
                                   registry=self.registry)
         self.peer_messages = Counter("p2pd_peer_messages", "Requests sent to other nodes, by kind "
-                                     "(announce, budget, chunkmap, chunk)", ["kind"], registry=self.registry)
+                                     "(announce, handoff, budget, chunkmap, chunk)", ["kind"], registry=self.registry)
         self.leases = Counter("p2pd_leases", "Upstream leases this node was granted", registry=self.registry)
         self.site_upstream_share = Gauge("p2pd_site_upstream_share_bytes_per_second", "This node's current share "
                                          "of its site's upstream budget ([swarm] site_upstream_rate)",

@@ -11,6 +11,7 @@ import os
 import random
 import stat
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -319,6 +320,7 @@ def test_keygen_writes_a_private_key_file(tmp_path: Path, capsys: pytest.Capture
 # ---- messages -------------------------------------------------------------------------
 
 DIGEST = _digest("layer")
+DIGEST_B = _digest("another layer")
 
 
 def _announce(**overrides: object) -> Announce:
@@ -346,6 +348,7 @@ def test_messages_round_trip() -> None:
         _announce(leased=True),
         _announce(disputed=("node-x", "node-y")),
         _announce(leased=True, ranges=((0, 3), (8, 11))),
+        _announce(have=None, want_lease=False, handoff=True),
     ):
         assert decode(encode(message)) == message
     # A message from a node that does not send the newer flags still decodes.
@@ -798,6 +801,49 @@ def test_a_coordinator_that_a_joining_node_reached_first_takes_over_when_the_run
     state.announce(_node_announce("a", have=bytes([0b11111100]), leased=True, ranges=((4, 5),)), 0.5 + TTL)
     state.announce(_node_announce("b", have=bytes([0b00000011]), leased=True, ranges=((6, 7),)), 0.5 + TTL)
     assert not state.announce(_node_announce("c", have=bytes([0b11000000])), 0.5 + TTL + 0.1).granted  # all in
+
+
+def test_a_coordinator_that_a_joining_node_moved_the_digest_to_starts_from_what_the_previous_one_knew() -> None:
+    """A node joins mid-pull and outranks the digest's coordinator: its state is empty, and the
+    first announcement it handles may be its own, with nothing (CI, 12-04: it granted itself ranges
+    the others were fetching; the seed sent 1.12x the blob). It asks the member ranked next, which
+    answers with what it knows and grants no range for a lease TTL; the new state starts from the
+    answer, so the joiner is granted the first range that is neither in the site nor leased."""
+    old = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    assert old.announce(_node_announce("a"), 0.0).ranges == ((0, 1),)
+    assert old.announce(_node_announce("b"), 0.1).ranges == ((2, 3),)
+    # a fetched range 0 and was given range 2.
+    assert old.announce(_node_announce("a", have=bytes([0b11000000]), leased=True, ranges=((0, 1),)), 1.0).ranges \
+        == ((4, 5),)
+    assert not old.knows(DIGEST_B)
+    question = replace(_node_announce("newcomer", have=None, want_lease=False), handoff=True)
+    # A digest it does not know is not created by the question.
+    assert old.announce(replace(question, digest=DIGEST_B), 1.4) == Reply((), None, None, False, TTL)
+    assert not old.knows(DIGEST_B)
+    answer = old.announce(question, 1.5)
+    assert not answer.granted and {p.node for p in answer.holders} == {"a", "b"}
+    assert {(lease.node, lease.first) for lease in answer.lessees} == {("a", 4), ("b", 2)}
+    # The old coordinator grants nothing more (b, done with its range, asks it before it learns
+    # of the newcomer), until a lease TTL has passed.
+    assert not old.announce(_node_announce("b", have=bytes([0b00110000]), leased=True, ranges=((2, 3),)),
+                            2.0).granted
+    assert old.announce(_node_announce("c"), 1.5 + TTL + 0.1).granted
+
+    new = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    new.adopt(_node_announce("newcomer", have=bytes(1)), answer, 1.6)
+    reply = new.announce(_node_announce("newcomer", have=bytes(1)), 1.7)
+    assert reply.granted and reply.ranges == ((6, 7),)  # range 0 is in (a has it); 1 and 2 are leased
+    assert {p.node for p in reply.holders} == {"a", "b"}
+    # The old leases live on here: renewed by their holders' progress, no takeover pause.
+    reply = new.announce(_node_announce("a", have=bytes([0b11100000]), leased=True, ranges=((4, 5),)), 2.5)
+    assert reply.granted and reply.ranges == ((4, 5),)
+    reply = new.announce(_node_announce("b", have=bytes([0b00110000]), leased=True, ranges=((2, 3),)), 3.0)
+    assert not reply.granted  # its range is in, and none is free
+    assert new.leases_granted == 1
+    # An answer with nothing in it (a new transfer) leaves the state to be made as usual.
+    fresh = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    fresh.adopt(_node_announce("x"), Reply((), None, None, False, TTL), 0.0)
+    assert not fresh.knows(DIGEST) and fresh.announce(_node_announce("x"), 0.0).ranges == ((0, 1),)
 
 
 def test_a_lease_holder_that_makes_no_progress_loses_the_lease() -> None:

@@ -23,6 +23,13 @@ Rules/invariants:
   first such node on, for ``lease_ttl`` (holders announce well within that time), it
   gives each holder back the ranges it names (``Announce.ranges``) and grants no other
   range, so no range a holder is fetching goes to a second node (a second upstream fetch).
+- Hand-off: a coordinator that has no state for a digest first asks the member ranked next
+  (``handoff`` announcement): when this coordinator has just joined, that member coordinated
+  the digest until now. The member answers with its holders and the site's leases and grants
+  no range for ``lease_ttl`` (the nodes that still announce there move to the new coordinator
+  once they learn of it), and the new state starts from its answer (``adopt``). So a joining
+  node that announces first, with nothing, is granted a range nobody is fetching. The
+  takeover above remains for a predecessor that died (nobody to ask).
 - Claims are checked against what a node serves, by the nodes that ask it: a node that
   answered "not here" for chunks it claimed is *disputed* in the asker's next announcement.
   A disputed node is not listed as a holder, does not count as the site's complete copy and
@@ -98,6 +105,7 @@ class _DigestState:
     sites: dict[tuple[str, int], _SiteRanges] = field(default_factory=dict)
     takeover_until: float = 0.0  # until then, only a node that says it holds the lease gets it
     distrusted: dict[str, float] = field(default_factory=dict)  # node → until (its claims are ignored)
+    handed_off_until: float = 0.0  # a member that outranks this one took the digest over: no grants
 
 
 class CoordinatorState:
@@ -137,6 +145,8 @@ class CoordinatorState:
 
     def announce(self, message: Announce, now: float) -> Reply:
         self.announcements += 1
+        if message.handoff:
+            return self._hand_off(message, now)
         state = self._digests.get(message.digest)
         if state is None:
             state = self._digests[message.digest] = _DigestState()
@@ -168,7 +178,7 @@ class CoordinatorState:
                 state.holders.popitem(last=False)
 
         site = self._site(state, message)
-        have = _bitmap(message, site)
+        have = _bitmap(message.complete, message.have, site)
         if message.complete:
             self._release(state, message.node)  # done: the blob is in the site now
         elif site is not None:
@@ -194,7 +204,8 @@ class CoordinatorState:
             self._reclaim(site, message, have, now)
         # While taking over, only a holder that does not name its ranges (an older node) gets a
         # free one; a node naming its ranges got back what is still its own.
-        may_grant = trusted and (not taking_over or (message.leased and not message.ranges))
+        may_grant = trusted and (not taking_over or (message.leased and not message.ranges)) \
+            and now >= state.handed_off_until
         mine = [lease for lease in site.leases.values() if lease.node == message.node] if site is not None else []
         if message.want_lease and not mine and site is not None and not site_has_copy and not message.gone \
                 and may_grant:
@@ -205,10 +216,12 @@ class CoordinatorState:
                                                   0, first, last)
                 self.leases_granted += 1
                 mine = [held]
-        granted = bool(mine) and message.want_lease
+        return self._reply(state, site, message, mine if message.want_lease else [], now)
+
+    def _reply(self, state: _DigestState, site: _SiteRanges | None, message: Announce, mine: list[_Lease],
+               now: float) -> Reply:
         live = sorted(site.leases.items()) if site is not None else []
         first_lease = live[0][1] if live else None
-
         # Same-site holders first, complete ones first within each group, newest first among
         # equals; only the best MAX_HOLDERS are needed (O(holders), no full sort).
         ranked = enumerate(reversed(state.holders.values()))
@@ -218,10 +231,59 @@ class CoordinatorState:
                                                and h.info.node not in state.distrusted))
         holders = tuple(entry[3] for entry in others)
         return Reply(holders, first_lease.node if first_lease else None,
-                     first_lease.address if first_lease else None, granted, self.lease_ttl,
-                     ranges=tuple((held.first, held.last) for held in mine) if granted else (),
+                     first_lease.address if first_lease else None, bool(mine), self.lease_ttl,
+                     ranges=tuple((held.first, held.last) for held in mine),
                      lessees=tuple(RangeLease(held.node, held.address, held.first, held.last)
                                    for _index, held in live[:MAX_RANGES]))
+
+    def knows(self, digest: Digest) -> bool:
+        """Whether this coordinator has state for ``digest`` (else it may be taking it over)."""
+        return digest in self._digests
+
+    def _hand_off(self, message: Announce, now: float) -> Reply:
+        """The member that now outranks this one for the digest asks what this one knows: the
+        holders and the site's range leases. From now on this state grants no range for a lease
+        TTL (its nodes move to the new coordinator once they learn of it), so no range is leased
+        by both. A digest unknown here is not created by the question."""
+        state = self._digests.get(message.digest)
+        if state is None:
+            return Reply((), None, None, False, self.lease_ttl)
+        self._expire(state, now)
+        state.handed_off_until = now + self.lease_ttl
+        return self._reply(state, self._site(state, message), message, [], now)
+
+    def adopt(self, message: Announce, reply: Reply, now: float) -> None:
+        """Starts the state of a digest this coordinator does not know from what the member ranked
+        next knew (its ``_hand_off`` reply): its holders, and its leases of ``message``'s site. A
+        range a holder's bitmap covers is in the site. So a node that joins mid-pull (and moved
+        the digest here) is granted a range nobody fetches, not one the running transfer leased
+        under the old coordinator."""
+        if message.digest in self._digests or (not reply.holders and not reply.lessees):
+            return
+        state = self._digests[message.digest] = _DigestState()
+        while len(self._digests) > self.max_digests:
+            self._digests.popitem(last=False)
+        for peer in reversed(reply.holders[:self.max_holders]):  # the reply lists the best first
+            state.holders[peer.node] = _Holder(peer, now)
+        site = self._site(state, message)
+        if site is None:
+            return
+        bitmaps = {peer.node: bitmap for peer in reply.holders if peer.site == message.site
+                   and (bitmap := _bitmap(peer.complete, peer.have, site)) is not None}
+        for index, (first, last) in enumerate(site.ranges):
+            if any(all(i in have for i in range(first, last + 1)) for have in bitmaps.values()):
+                site.done.add(index)
+        for lease in reply.lessees:
+            try:
+                index = site.ranges.index((lease.first, lease.last))
+            except ValueError:
+                continue  # not a range of this split
+            if index in site.done or index in site.leases:
+                continue
+            have = bitmaps.get(lease.node)
+            chunks = sum(1 for i in range(lease.first, lease.last + 1) if i in have) if have is not None else 0
+            site.leases[index] = _Lease(lease.node, lease.address, now + self.lease_ttl, now, chunks,
+                                        lease.first, lease.last)
 
     def _site(self, state: _DigestState, message: Announce) -> _SiteRanges | None:
         """The site's ranges; made from the blob's size when a node of the site first names it."""
@@ -274,16 +336,16 @@ def _worked_elsewhere(message: Announce) -> bool:
         bool(message.ranges) or (message.have is not None and any(message.have)))
 
 
-def _bitmap(message: Announce, site: _SiteRanges | None) -> Bitmap | None:
-    """The announced bitmap (all set for a complete copy), or None when it does not fit the blob."""
+def _bitmap(complete: bool, have: bytes | None, site: _SiteRanges | None) -> Bitmap | None:
+    """A node's announced bitmap (all set for a complete copy), or None when it does not fit the blob."""
     if site is None or not site.ranges:
         return None
     count = site.ranges[-1][1] + 1
-    if message.complete:
+    if complete:
         return Bitmap.full(count)
-    if message.have is None:
+    if have is None:
         return None
     try:
-        return Bitmap(count, message.have)
+        return Bitmap(count, have)
     except ValueError:
         return None

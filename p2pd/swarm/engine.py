@@ -30,7 +30,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -71,6 +71,7 @@ _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holde
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
 _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a first peer
 _BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
+_HANDOFF_TIMEOUT = 1.0  # seconds a coordinator with no state waits for the member ranked next to answer
 _LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without a new chunk before the upstream
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
@@ -186,6 +187,7 @@ class Swarm:
         self.messages_sent = 0
         self._rng = rng or random.Random()
         self.started = time.monotonic()
+        self._handoffs: dict[Digest, trio.Event] = {}  # digests whose state is asked of the member ranked next
 
     # ---- coordination -----------------------------------------------------------------
 
@@ -244,11 +246,53 @@ class Swarm:
         interval = max(_BUSY_ANNOUNCE_INTERVAL if busy else 0.25, len(self.membership.live()) / 100.0)
         return min(interval, self.coordinator.lease_ttl / 3) if leased else interval
 
+    async def coordinate(self, message: Announce) -> Reply:
+        """Answers an announcement (a peer's or this node's own) as the digest's coordinator."""
+        if not message.handoff and not message.gone and not self.coordinator.knows(message.digest):
+            await self._take_over(message)
+        return self.coordinator.announce(message, time.monotonic())
+
+    async def _take_over(self, message: Announce) -> None:
+        """Before a digest this node has no state for is coordinated here, asks the member ranked
+        next for it what it knows (``CoordinatorState.adopt``). When this node has just joined,
+        that member coordinated the digest until now, and the running transfer's nodes still
+        announce there until they learn of this one: without its leases, this state would grant
+        a range they are fetching (a second upstream fetch). Bounded by a short timeout; an
+        unknown digest (a new transfer) costs one round trip."""
+        pending = self._handoffs.get(message.digest)
+        if pending is not None:
+            await pending.wait()  # another announcement is asking already
+            return
+        others = {m.node_id: m for m in self.membership.live() if m.node_id != self.me.node_id}
+        if not others:
+            return
+        runner_up = others[coordinators(str(message.digest), others, 1)[0]]
+        done = self._handoffs[message.digest] = trio.Event()
+        try:
+            question = replace(message, node=self.me.node_id, address=self.me.address, have=None,
+                                           complete=False, want_lease=False, leased=False, disputed=(), ranges=(),
+                                           handoff=True)
+            self.messages_sent += 1
+            self.metrics.peer_messages.labels("handoff").inc()
+            try:
+                with trio.fail_after(min(_HANDOFF_TIMEOUT, self.peer_timeout)):
+                    reply = await self.client.announce(runner_up.address, question)
+            except (PeerError, trio.TooSlowError) as exc:
+                log.info("%s did not say what it knows of %s: %s", runner_up.node_id, message.digest, exc)
+                return
+            self.coordinator.adopt(message, reply, time.monotonic())
+            if reply.lessees:
+                log.info("took %s over from %s with %d range leases", message.digest, runner_up.node_id,
+                         len(reply.lessees))
+        finally:
+            del self._handoffs[message.digest]
+            done.set()
+
     async def announce(self, message: Announce) -> Reply | None:
         """Sends ``message`` to the digest's coordinator (or its backups); None if none answer."""
         for member in self.coordinators_for(message.digest):
             if member.node_id == self.me.node_id:
-                return self.coordinator.announce(message, time.monotonic())
+                return await self.coordinate(message)
             self.messages_sent += 1
             self.metrics.peer_messages.labels("announce").inc()
             try:

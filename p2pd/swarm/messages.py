@@ -69,6 +69,10 @@ class Announce:
     # The range leases the node holds (first, last inclusive): a coordinator that took over with
     # no state gives a holder back the range it is fetching, not another one.
     ranges: tuple[tuple[int, int], ...] = ()
+    # Sent by a coordinator that has no state for the digest to the member ranked next (which
+    # coordinated it before this one joined): "tell me what you know, and grant no more ranges"
+    # (p2pd.swarm.coordinator, "hand-off").
+    handoff: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +192,8 @@ def encode(message: Message) -> bytes:
             body["disputed"] = list(message.disputed)
         if message.ranges:
             body["ranges"] = [[first, last] for first, last in message.ranges]
+        if message.handoff:
+            body["handoff"] = True
     else:
         body = {
             "t": "reply",
@@ -222,7 +228,7 @@ def decode(data: bytes) -> Message:
             raise MessageError("size must be a non-negative integer")
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
             raise MessageError("chunk_size must be a positive integer")
-        flags = [obj.get(k, False) for k in ("complete", "want_lease", "gone", "leased")]
+        flags = [obj.get(k, False) for k in ("complete", "want_lease", "gone", "leased", "handoff")]
         if not all(isinstance(flag, bool) for flag in flags):
             raise MessageError("flags must be booleans")
         try:
@@ -235,7 +241,8 @@ def decode(data: bytes) -> Message:
         return Announce(digest, _text(obj.get("node"), "node"), _text(obj.get("address"), "address"),
                         _text(obj.get("site"), "site"), size, chunk_size, flags[0],
                         _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3],
-                        tuple(_text(node, "disputed node") for node in disputed), _ranges(obj.get("ranges", [])))
+                        tuple(_text(node, "disputed node") for node in disputed), _ranges(obj.get("ranges", [])),
+                        flags[4])
     if kind == "reply":
         holders = obj.get("holders")
         if not isinstance(holders, list):

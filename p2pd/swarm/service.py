@@ -103,7 +103,7 @@ class PeerService:
                 raise OCIError("BAD_REQUEST", f"malformed announcement: {exc}") from exc
             if not isinstance(message, Announce) or message.node != request.headers.get(NODE_HEADER):
                 raise OCIError("BAD_REQUEST", "announcement must come from its own node")
-            reply = self.swarm.coordinator.announce(message, time.monotonic())
+            reply = await self.swarm.coordinate(message)
             return self._signed(request, encode(reply))
         if path == f"{PROTOCOL_PREFIX}/budget" and request.method == "POST":
             try:
