@@ -809,7 +809,10 @@ def test_a_coordinator_that_a_joining_node_moved_the_digest_to_starts_from_what_
     the others were fetching; the seed sent 1.12x the blob). It asks the member ranked next, which
     answers with what it knows and grants no range for a lease TTL; the new state starts from the
     answer, so the joiner is granted the first range that is neither in the site nor leased."""
-    old = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    # The old coordinator's node is outranked by the newcomer for this digest.
+    old_node = next(f"old-{i}" for i in range(100)
+                    if rendezvous.rank(str(DIGEST), ["newcomer", f"old-{i}"])[0] == "newcomer")
+    old = CoordinatorState(lease_ttl=TTL, max_ranges=4, node_id=old_node)
     assert old.announce(_node_announce("a"), 0.0).ranges == ((0, 1),)
     assert old.announce(_node_announce("b"), 0.1).ranges == ((2, 3),)
     # a fetched range 0 and was given range 2.
@@ -828,6 +831,11 @@ def test_a_coordinator_that_a_joining_node_moved_the_digest_to_starts_from_what_
     assert not old.announce(_node_announce("b", have=bytes([0b00110000]), leased=True, ranges=((2, 3),)),
                             2.0).granted
     assert old.announce(_node_announce("c"), 1.5 + TTL + 0.1).granted
+    # A node ranked below this one asks (it got announcements from a node whose view of the
+    # members lacks this one): it learns what is known here, and this state goes on granting.
+    lower = next(f"low-{i}" for i in range(100) if rendezvous.rank(str(DIGEST), [f"low-{i}", old_node])[0] == old_node)
+    assert old.announce(replace(question, node=lower), 20.0).lessees
+    assert old.announce(_node_announce("d"), 20.1).granted
 
     new = CoordinatorState(lease_ttl=TTL, max_ranges=4)
     new.adopt(_node_announce("newcomer", have=bytes(1)), answer, 1.6)

@@ -25,9 +25,10 @@ Rules/invariants:
   range, so no range a holder is fetching goes to a second node (a second upstream fetch).
 - Hand-off: a coordinator that has no state for a digest first asks the member ranked next
   (``handoff`` announcement): when this coordinator has just joined, that member coordinated
-  the digest until now. The member answers with its holders and the site's leases and grants
-  no range for ``lease_ttl`` (the nodes that still announce there move to the new coordinator
-  once they learn of it), and the new state starts from its answer (``adopt``). So a joining
+  the digest until now. The member answers with its holders and the site's leases and, when the
+  asker outranks it for the digest, grants no range for ``lease_ttl`` (the nodes that still
+  announce there move to the new coordinator once they learn of it); the new state starts from
+  its answer (``adopt``). So a joining
   node that announces first, with nothing, is granted a range nobody is fetching. The
   takeover above remains for a predecessor that died (nobody to ask).
 - Claims are checked against what a node serves, by the nodes that ask it: a node that
@@ -54,6 +55,7 @@ from p2pd.oci.digest import Digest
 
 from .messages import MAX_HOLDERS, MAX_RANGES, Announce, PeerInfo, RangeLease, Reply
 from .planning import Bitmap
+from .rendezvous import rank
 
 __all__ = ["MIN_RANGE_CHUNKS", "CoordinatorState", "split_ranges"]
 
@@ -113,7 +115,8 @@ class CoordinatorState:
 
     def __init__(self, *, lease_ttl: float = 15.0, holder_ttl: float = 60.0, complete_ttl: float = 1800.0,
                  max_digests: int = 20_000, max_holders: int = 4096, distrust_ttl: float | None = None,
-                 max_ranges: int = 16) -> None:
+                 max_ranges: int = 16, node_id: str | None = None) -> None:
+        self.node_id = node_id  # this coordinator's node: a hand-off pauses it only for a node that outranks it
         self.max_ranges = min(max_ranges, MAX_RANGES)
         self.lease_ttl = lease_ttl
         self.distrust_ttl = lease_ttl if distrust_ttl is None else distrust_ttl
@@ -241,15 +244,19 @@ class CoordinatorState:
         return digest in self._digests
 
     def _hand_off(self, message: Announce, now: float) -> Reply:
-        """The member that now outranks this one for the digest asks what this one knows: the
-        holders and the site's range leases. From now on this state grants no range for a lease
-        TTL (its nodes move to the new coordinator once they learn of it), so no range is leased
-        by both. A digest unknown here is not created by the question."""
+        """A coordinator with no state for the digest asks what this one knows: the holders and
+        the site's range leases. When the asker outranks this node for the digest (it joined, so
+        the digest is its now), this state grants no range for a lease TTL from now on (its nodes
+        move to the asker once they learn of it), so no range is leased by both. An asker ranked
+        below this node got the digest's announcements from a node whose view lacks this one (a
+        flap): it learns what is known here, and this state goes on granting. A digest unknown
+        here is not created by the question."""
         state = self._digests.get(message.digest)
         if state is None:
             return Reply((), None, None, False, self.lease_ttl)
         self._expire(state, now)
-        state.handed_off_until = now + self.lease_ttl
+        if self.node_id is not None and rank(str(message.digest), [message.node, self.node_id])[0] == message.node:
+            state.handed_off_until = now + self.lease_ttl
         return self._reply(state, self._site(state, message), message, [], now)
 
     def adopt(self, message: Announce, reply: Reply, now: float) -> None:

@@ -168,7 +168,7 @@ class Swarm:
         self.client = client
         self.metrics = metrics
         self.chunk_size = chunk_size  # the largest: a blob gets chunk_size_for(size, chunk_size)
-        self.coordinator = CoordinatorState(lease_ttl=lease_ttl)
+        self.coordinator = CoordinatorState(lease_ttl=lease_ttl, node_id=me.node_id)
         self.coordinator_backups = coordinator_backups
         self.peer_timeout = peer_timeout
         self.max_parallel_chunks = max_parallel_chunks
