@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 APT_PACKAGES := docker-registry skopeo containerd umoci busybox-static curl iproute2 nftables podman slapd ldap-utils apache2-utils gnupg gpgv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install system-deps test test-fast lint demo bench bench-seed bench-p2pd bench-chunks bench-scan clean
+.PHONY: venv install system-deps test test-fast lint demo bench bench-seed bench-p2pd bench-chunks bench-chunk-cpu bench-scan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ lint: install
 demo: install system-deps
 	$(PY) -m tests.demo
 
-bench: bench-seed bench-p2pd bench-p2pd-auth bench-chunks bench-scan bench-signatures bench-swarm bench-preheat
+bench: bench-seed bench-p2pd bench-p2pd-auth bench-chunks bench-chunk-cpu bench-scan bench-signatures bench-swarm bench-preheat
 
 bench-seed: install system-deps
 	$(PY) -m tests.bench.seed_throughput --out docs/benchmarks.md
@@ -53,6 +53,11 @@ bench-p2pd: install system-deps
 # namespace, and the cost of one decision (~1 min; tiny version in tests/test_p2pd_auth_bench.py).
 bench-p2pd-auth: install system-deps
 	$(PY) -m tests.bench.p2pd_auth --out docs/benchmarks.md
+
+# An agent's CPU per MiB taking a blob from one peer on loopback, by chunk size and chunk count
+# (~2 min; tiny version in tests/test_chunk_cpu_bench.py).
+bench-chunk-cpu: install system-deps
+	$(PY) -m tests.bench.chunk_cpu --out docs/benchmarks.md
 
 # The scanner: MiB/s of compressed layer (per core) on a 256 MiB image built from this machine's
 # files, and p99 of concurrent blob pulls while a scan runs vs idle (~4 min).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import resource
@@ -174,6 +175,18 @@ def update_doc(path: Path, section: str, mark_start: str, mark_end: str) -> None
         text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def publish(report: dict[str, Any], section: str, *, out: Path | None, json_path: Path | None, name: str,
+            mark_start: str, mark_end: str) -> None:
+    """Writes a benchmark's section into ``out`` (between its marks) and its raw report as JSON:
+    to ``json_path``, or by default to ``bench/<name>.json`` next to ``out``."""
+    if out is not None:
+        update_doc(out, section, mark_start, mark_end)
+        json_path = json_path or out.parent / "bench" / f"{name}.json"
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def machine_basics() -> dict[str, Any]:

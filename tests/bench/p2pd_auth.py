@@ -60,7 +60,7 @@ from p2pd.oci.digest import Digest
 from p2pd.swarm.auth import generate_key
 from p2pd.swarm.grants import PEER_GRANT_AUDIENCE, PEER_GRANT_USE, verify_grant
 from seed.auth.tokens import jwk_of
-from tests.bench.common import X, busy_cores, loadavg, machine_basics, ratio, report_header, update_doc
+from tests.bench.common import X, busy_cores, loadavg, machine_basics, publish, ratio, report_header
 from tests.harness.net import free_port
 from tests.harness.seed_process import SeedProcess
 from tests.swarm_cluster import wait_until
@@ -370,13 +370,8 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     report = run(args, log)
     section = render_section(report)
     log(section)
-    if args.out is not None:
-        update_doc(args.out, section, MARK_START, MARK_END)
-        json_path = args.json or args.out.parent / "bench" / "p2pd_auth.json"
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    elif args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, section, out=args.out, json_path=args.json, name="p2pd_auth", mark_start=MARK_START,
+            mark_end=MARK_END)
     return 0
 
 

@@ -1,0 +1,148 @@
+"""``python -m tests.bench.chunk_cpu``: an agent's CPU per MiB when it takes a blob from one peer.
+
+Two agents (subprocesses, static peers, cluster key, peer TLS) and a seed on loopback, no
+shaping. ``a0`` pulls the blob first (from the seed); then ``a1`` pulls it, and takes every
+chunk from ``a0`` (a complete copy in its site: no upstream lease). Measured over ``a1``'s
+pull, from ``/proc``: the receiver's CPU (whole process, and its event-loop thread alone) and
+the sender's, per MiB of the blob. The cases vary the chunk size (``[swarm] chunk_size``, the
+largest a blob is cut in) and the blob size, so the chunk count goes from 64 to 2,048: work
+done per chunk shows as CPU per MiB that grows as chunks get smaller, and work done per chunk
+*per chunk of the blob* (a scan of every chunk each time one arrives) as CPU per MiB that grows
+with the blob at a fixed chunk size.
+
+Writes the section between ``<!-- bench-chunk-cpu:start -->`` and ``<!-- bench-chunk-cpu:end -->``
+of ``--out`` and the raw numbers as JSON (``docs/bench/chunk_cpu.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import p2pd.cli
+from tests.bench.common import loadavg, machine_basics, publish, report_header
+from tests.swarm_cluster import Cluster, pull_blob, push_blob, write_swarm_config
+
+MARK_START = "<!-- bench-chunk-cpu:start -->"
+MARK_END = "<!-- bench-chunk-cpu:end -->"
+SECTION_TITLE = "## An agent's CPU per chunk, from one peer on loopback (make bench-chunk-cpu)"
+MIB = 1024 * 1024
+REPOSITORY = "bench/cpu"
+DEFAULT_CASES = "128:64,128:256,1024:64,1024:1024"  # chunk KiB : blob MiB
+
+
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(root: Path, key_file: Path, chunk_kib: int, blob_mib: float, base: int) -> dict[str, Any]:
+    config = write_swarm_config(root / f"swarm-{base}.toml", chunk_size=chunk_kib * 1024)
+    size = int(blob_mib * MIB)
+    with Cluster(root / f"cluster-{base}", key_file=key_file, count=2, base=base, config=config) as cluster:
+        data = os.urandom(size)
+        digest = push_blob(cluster.seed.url, REPOSITORY, data)
+        del data
+        cluster.wait_members()
+        holder, receiver = cluster.agents
+        assert trio.run(pull_blob, holder, REPOSITORY, digest) == digest
+        time.sleep(0.5)  # the holder's announcement of its complete copy
+        assert holder.proc is not None and receiver.proc is not None
+        sender_pid, receiver_pid = holder.proc.pid, receiver.proc.pid
+        before = (_cpu_seconds(sender_pid), _cpu_seconds(receiver_pid), _cpu_seconds(receiver_pid, receiver_pid))
+        started = time.monotonic()
+        assert trio.run(pull_blob, receiver, REPOSITORY, digest) == digest
+        wall = time.monotonic() - started
+        time.sleep(0.3)  # the receiver's final digest check and commit are part of the pull
+        after = (_cpu_seconds(sender_pid), _cpu_seconds(receiver_pid), _cpu_seconds(receiver_pid, receiver_pid))
+        from_peer = receiver.metric("p2pd_fetched_bytes_total", source="peer")
+    mib = size / MIB
+    chunk = chunk_kib * 1024
+    return {"chunk_kib": chunk_kib, "blob_mib": blob_mib, "chunks": -(-size // chunk), "wall_s": round(wall, 3),
+            "sender_ms_per_mib": round((after[0] - before[0]) * 1000 / mib, 1),
+            "receiver_ms_per_mib": round((after[1] - before[1]) * 1000 / mib, 1),
+            "receiver_loop_ms_per_mib": round((after[2] - before[2]) * 1000 / mib, 1),
+            "from_peer_mib": round(from_peer / MIB, 2)}
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    report = report_header("chunk_cpu", args.argv)
+    report["machine"] = machine_basics()
+    report["load_before"] = loadavg()
+    cases = [(int(kib), float(mib)) for kib, mib in (case.split(":") for case in args.cases.split(","))]
+    report["parameters"] = {"cases": args.cases, "repeat": args.repeat}
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-chunk-cpu-") as tmp:
+        root = Path(tmp)
+        key_file = root / "cluster.key"
+        p2pd.cli.main(["keygen", "--out", str(key_file)])
+        base = 180
+        for repetition in range(args.repeat):
+            for chunk_kib, blob_mib in cases:
+                result = _measure(root, key_file, chunk_kib, blob_mib, base)
+                base += 2
+                result["repetition"] = repetition
+                log(f"{chunk_kib} KiB chunks, {blob_mib:g} MiB: {result}")
+                runs.append(result)
+    summary = []
+    for chunk_kib, blob_mib in cases:
+        mine = [r for r in runs if r["chunk_kib"] == chunk_kib and r["blob_mib"] == blob_mib]
+        row = {key: mine[0][key] for key in ("chunk_kib", "blob_mib", "chunks")}
+        for key in ("wall_s", "sender_ms_per_mib", "receiver_ms_per_mib", "receiver_loop_ms_per_mib"):
+            row[key] = round(statistics.median(r[key] for r in mine), 3 if key == "wall_s" else 1)
+        row["from_peer_mib"] = mine[-1]["from_peer_mib"]
+        summary.append(row)
+    report["summary"], report["runs"] = summary, runs
+    report["load_after"] = loadavg()
+    return report
+
+
+def render_section(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [SECTION_TITLE, "",
+             f"- Date: {report['date']}",
+             f"- Command: `{report['command']}`",
+             f"- Machine: {machine.get('nproc')} CPUs, Python {machine.get('python')}; load "
+             f"{report['load_before']} before, {report['load_after']} after",
+             "- Setup: a seed and two agents on loopback (static peers, cluster key, peer TLS), no shaping. The first "
+             "agent pulls the blob from the seed; the second then takes every chunk from it. CPU from `/proc` over "
+             "the second pull: the receiver's whole process, its event-loop thread alone, and the sender's process, "
+             f"per MiB of the blob. Medians of {report['parameters']['repeat']}.", "",
+             "| chunk | blob | chunks | pull | receiver CPU | of which its event loop | sender CPU | from the peer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in report["summary"]:
+        lines.append(f"| {row['chunk_kib']} KiB | {row['blob_mib']:g} MiB | {row['chunks']} | {row['wall_s']:.2f} s | "
+                     f"{row['receiver_ms_per_mib']} ms/MiB | {row['receiver_loop_ms_per_mib']} ms/MiB | "
+                     f"{row['sender_ms_per_mib']} ms/MiB | {row['from_peer_mib']:g} MiB |")
+    lines += ["", "Raw numbers: [`bench/chunk_cpu.json`](bench/chunk_cpu.json).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, help="Markdown file whose bench-chunk-cpu section is rewritten")
+    parser.add_argument("--json", type=Path, help="raw results (default: docs/bench/chunk_cpu.json next to --out)")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="chunk KiB:blob MiB, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    report = run(args, log)
+    section = render_section(report)
+    log(section)
+    publish(report, section, out=args.out, json_path=args.json, name="chunk_cpu", mark_start=MARK_START,
+            mark_end=MARK_END)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
