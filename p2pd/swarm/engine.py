@@ -270,9 +270,8 @@ class Swarm:
         runner_up = others[coordinators(str(message.digest), others, 1)[0]]
         done = self._handoffs[message.digest] = trio.Event()
         try:
-            question = replace(message, node=self.me.node_id, address=self.me.address, have=None,
-                                           complete=False, want_lease=False, leased=False, disputed=(), ranges=(),
-                                           handoff=True)
+            question = replace(message, node=self.me.node_id, address=self.me.address, have=None, complete=False,
+                               want_lease=False, leased=False, disputed=(), ranges=(), handoff=True)
             self.messages_sent += 1
             self.metrics.peer_messages.labels("handoff").inc()
             try:
