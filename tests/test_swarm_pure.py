@@ -538,40 +538,6 @@ def test_bitmap_operations() -> None:
     assert repr(bitmap) == "Bitmap(5/11)"
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.integers(0, 300).flatmap(lambda count: st.tuples(
-    st.just(count), st.sets(st.integers(0, max(0, count - 1))), st.sets(st.integers(0, max(0, count - 1))),
-    st.integers(0, count + 2), st.integers(0, count + 2), st.integers(-1, count + 1), st.integers(1, 40))))
-def test_bitmap_whole_map_operations_match_a_set_of_chunks(
-        case: tuple[int, set[int], set[int], int, int, int, int]) -> None:
-    """The bitmap is one int in memory (chunk i at bit i) and MSB-first bytes on the wire: every
-    operation agrees with the same question asked of a set of chunk indexes."""
-    count, ones, twos, start, first, last, limit = case
-    ones, twos = {i for i in ones if i < count}, {i for i in twos if i < count}
-    a, b = Bitmap.of(count, ones), Bitmap.of(count, twos)
-    wire = bytearray((count + 7) // 8)
-    for index in ones:
-        wire[index // 8] |= 0x80 >> (index % 8)
-    assert a.to_bytes() == bytes(wire) and Bitmap(count, bytes(wire)) == a
-    assert a.indexes() == sorted(ones) and a.cardinality() == len(ones) and bool(a) == bool(ones)
-    assert [i for i in range(count) if i in a] == sorted(ones)
-    assert (a | b).indexes() == sorted(ones | twos) and (a & b).indexes() == sorted(ones & twos)
-    assert (a - b).indexes() == sorted(ones - twos) and a.missing().indexes() == sorted(set(range(count)) - ones)
-    assert a.is_full() == (len(ones) == count)
-    assert a.prefix() == next(i for i in range(count + 1) if i not in ones or i == count)
-    assert a.first_missing(start) == next((i for i in range(start, count) if i not in ones), count)
-    assert a.first() == (min(ones) if ones else count)
-    assert a.count_in(first, last) == sum(1 for i in range(first, last + 1) if i in ones)
-    assert a.covers(first, last) == all(i in ones for i in range(first, last + 1))
-    assert Bitmap.span(count, first, last).indexes() == [i for i in range(first, last + 1) if 0 <= i < count]
-    wrapped = [i for i in sorted(ones) if i >= start] + [i for i in sorted(ones) if i < start]
-    assert a.indexes(limit=limit, start=start) == wrapped[:limit]
-    copy = a.copy()
-    if count:
-        copy.set(count - 1)
-    assert a.indexes() == sorted(ones)  # a copy is its own
-
-
 # ---- planning: rarest first, randomness, caps, locality, fallback ---------------------
 
 

@@ -187,14 +187,14 @@ class CoordinatorState:
         elif site is not None:
             if have is not None:
                 for index, (first, last) in enumerate(site.ranges):
-                    if index not in site.done and have.covers(first, last):
+                    if index not in site.done and all(i in have for i in range(first, last + 1)):
                         site.done.add(index)  # this range is in the site now, whoever fetched it
                         site.leases.pop(index, None)
             for lease in list(site.leases.values()):
                 if lease.node != message.node:
                     continue
                 # Progress on its own range: chunks from peers do not keep a range lease alive.
-                chunks = have.count_in(lease.first, lease.last) if have is not None else 0
+                chunks = sum(1 for i in range(lease.first, lease.last + 1) if i in have) if have is not None else 0
                 if chunks > lease.chunks:
                     lease.chunks, lease.progressed = chunks, now
                 if now - lease.progressed < self.lease_ttl:
@@ -278,7 +278,7 @@ class CoordinatorState:
         bitmaps = {peer.node: bitmap for peer in reply.holders if peer.site == message.site
                    and (bitmap := _bitmap(peer.complete, peer.have, site)) is not None}
         for index, (first, last) in enumerate(site.ranges):
-            if any(have.covers(first, last) for have in bitmaps.values()):
+            if any(all(i in have for i in range(first, last + 1)) for have in bitmaps.values()):
                 site.done.add(index)
         for lease in reply.lessees:
             try:
@@ -288,7 +288,7 @@ class CoordinatorState:
             if index in site.done or index in site.leases:
                 continue
             have = bitmaps.get(lease.node)
-            chunks = have.count_in(lease.first, lease.last) if have is not None else 0
+            chunks = sum(1 for i in range(lease.first, lease.last + 1) if i in have) if have is not None else 0
             site.leases[index] = _Lease(lease.node, lease.address, now + self.lease_ttl, now, chunks,
                                         lease.first, lease.last)
 
@@ -313,7 +313,7 @@ class CoordinatorState:
             held = site.leases.get(index)
             if index in site.done or held is not None:
                 continue  # in, leased to another node, or already given back to this one
-            chunks = have.count_in(first, last) if have is not None else 0
+            chunks = sum(1 for i in range(first, last + 1) if i in have) if have is not None else 0
             site.leases[index] = _Lease(message.node, message.address, now + self.lease_ttl, now, chunks, first, last)
             self.leases_granted += 1  # granted again, by this coordinator
 

@@ -64,7 +64,6 @@ log = logging.getLogger("p2pd.swarm")
 HOLDBACK = 1024 * 1024
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
-_PLAN_WINDOW = 128  # chunks some peer has that one planning round weighs at most (rarest first among them)
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
 _ENDGAME_CHUNKS = 4  # chunks missing (all requested) from which one in flight is also asked of a second peer
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
@@ -135,7 +134,7 @@ class SwarmTransfer:
         """Whether every chunk overlapping bytes start..end is here and verified."""
         if self.size == 0 or end >= self.size:
             return False
-        return self.have.covers(start // self.chunk_size, end // self.chunk_size)
+        return all(index in self.have for index in range(start // self.chunk_size, end // self.chunk_size + 1))
 
     def partial_map(self) -> PartialChunkMap:
         return PartialChunkMap(self.digest, self.size, self.chunk_size, tuple(self.hashes))
@@ -534,19 +533,15 @@ class Swarm:
         ``super_seed_wait`` seconds anyone may ask, so a slow or lost designated node
         costs a short delay, never a stall.
         """
-        elsewhere = transfer.have.copy()
-        for node, bitmap in sources.items():
-            if node != lessee:
-                elsewhere = elsewhere | bitmap
-        # Chunks here or at another source: plan_requests prefers the other holders anyway.
-        allowed = lessee_bitmap & elsewhere
-        only_lessee = lessee_bitmap - elsewhere
-        if not only_lessee:
-            return allowed
+        others = [bitmap for node, bitmap in sources.items() if node != lessee]
         downloaders = [node for node, bitmap in transfer.sources.items()
                        if node not in transfer.lessees and not bitmap.is_full()]
+        allowed = Bitmap(transfer.count)
         wait = min(_SUPER_SEED_WAIT_MAX, 2 * self.announce_interval())
-        for index in only_lessee.indexes():
+        for index in lessee_bitmap.indexes():
+            if index in transfer.have or any(index in bitmap for bitmap in others):
+                allowed.set(index)  # plan_requests prefers the other holders anyway
+                continue
             # Cached per chunk, but recomputed when more downloaders become known: a node that
             # saw only itself at first must not stay "designated" for everything.
             cached = transfer.designated.get(index)
@@ -573,8 +568,8 @@ class Swarm:
         room = self.max_parallel_chunks - sum(transfer.busy.values())
         if room <= 0:
             return False
-        needed_map = transfer.have.missing() - Bitmap.of(transfer.count, transfer.requested)
-        if not needed_map:
+        needed = [i for i in range(transfer.count) if i not in transfer.have and i not in transfer.requested]
+        if not needed:
             self._endgame(transfer, nursery, on_progress, room)
             return False
         sources = self._candidate_sources(transfer)
@@ -583,16 +578,8 @@ class Swarm:
         same_site = [node for node in sources if transfer.sites.get(node) == self.me.site]
         # The chunks the local reader needs next go first: a stream to containerd advances only
         # with the verified prefix, and one that stops for stall_timeout is cut. Rarest first
-        # for the rest, which spreads chunks through the swarm: among all the chunks some source
-        # has, or, for a blob with more of them than _PLAN_WINDOW, among that many from a random
-        # place on (the planner's work per call stays bounded however large the blob).
-        urgent = needed_map.indexes(limit=_READER_AHEAD)
-        offered = Bitmap(transfer.count)
-        for bitmap in sources.values():
-            offered = offered | bitmap
-        offered = offered & needed_map
-        window = offered.cardinality() > _PLAN_WINDOW
-        needed = offered.indexes(limit=_PLAN_WINDOW, start=self._rng.randrange(transfer.count) if window else 0)
+        # for the rest, which spreads chunks through the swarm.
+        urgent = needed[:_READER_AHEAD]
         plan = plan_requests(urgent, sources, busy=transfer.busy, max_per_source=self.max_requests_per_peer,
                              limit=room, preferred=same_site, fallback=list(transfer.lessees), rng=self._rng)
         busy = dict(transfer.busy)
@@ -610,7 +597,7 @@ class Swarm:
             transfer.requested.add(request.index)
             transfer.busy[request.source] = transfer.busy.get(request.source, 0) + 1
             nursery.start_soon(self._fetch_chunk, transfer, request.index, request.source, on_progress)
-        return len(plan) < min(room, needed_map.cardinality())
+        return len(plan) < min(room, len(needed))
 
     def _endgame(self, transfer: SwarmTransfer, nursery: trio.Nursery, on_progress: Callable[[], None],
                  room: int) -> None:
@@ -786,19 +773,20 @@ class Swarm:
     async def _fetch_missing_from_upstream(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
                                            on_progress: Callable[[], None]) -> None:
         while not transfer.have.is_full():
-            skip = transfer.have | Bitmap.of(transfer.count, transfer.requested) | self._held_by_peers(transfer)
+            skip = transfer.have.indexes()
+            skip_set = set(skip) | transfer.requested | self._held_by_peers(transfer)
             stuck = time.monotonic() - transfer.last_progress > self.stuck_after
             # Our range leases (in order); everything missing once nothing arrives any more.
-            mine = Bitmap.full(transfer.count) if stuck else Bitmap(transfer.count)
-            for first, last in () if stuck else transfer.ranges:
-                mine = mine | Bitmap.span(transfer.count, first, last)
-            wanted = mine - skip
-            if not wanted:
+            allowed = [i for first, last in transfer.ranges for i in range(first, last + 1)]
+            mine = set(range(transfer.count)) if stuck else set(allowed)
+            first = next((i for i in sorted(mine) if i not in skip_set), None)
+            if first is None:
                 with trio.move_on_after(min(1.0, self.stuck_after / 3)):
                     await transfer.wait_changed()
                 continue
-            first = wanted.first()
-            last = wanted.first_missing(first) - 1  # the run of wanted chunks from first on
+            last = first
+            while last + 1 < transfer.count and last + 1 not in skip_set and last + 1 in mine:
+                last += 1
             run = range(first, last + 1)
             transfer.requested.update(run)
             try:
@@ -807,13 +795,13 @@ class Swarm:
                 transfer.requested.difference_update(run)
                 transfer.notify()
 
-    def _held_by_peers(self, transfer: SwarmTransfer) -> Bitmap:
-        held = Bitmap(transfer.count)
+    def _held_by_peers(self, transfer: SwarmTransfer) -> set[int]:
         if time.monotonic() - transfer.last_progress > self.stuck_after:
-            return held
+            return set()
+        held: set[int] = set()
         for node, bitmap in transfer.sources.items():
             if node != self.me.node_id and self.membership.is_usable(node):
-                held = held | bitmap
+                held.update(bitmap.indexes())
         return held
 
     async def _fetch_run_from_upstream(self, transfer: SwarmTransfer, first: int, last: int,
