@@ -492,6 +492,7 @@ class _FakeClient:
     def __init__(self, states: dict[str, CoordinatorState]) -> None:
         self.states = states
         self.dead: set[str] = set()
+        self.hung: set[str] = set()  # addresses that never answer
         self.sent: Counter[str] = Counter()
         self.announced_at: dict[str, list[float]] = {}  # by sending node
 
@@ -499,6 +500,8 @@ class _FakeClient:
         await trio.sleep(0.001)
         if address in self.dead:
             raise PeerError(f"{address}: connection refused")
+        if address in self.hung:
+            await trio.sleep_forever()
         self.sent[address] += 1
         self.announced_at.setdefault(message.node, []).append(trio.current_time())
         return self.states[address].announce(message, trio.current_time())
@@ -512,9 +515,11 @@ class _FakeClient:
 
 
 def _engine(
-    monkeypatch: pytest.MonkeyPatch, members: int, digest: Digest, coordinator_count: int
+    monkeypatch: pytest.MonkeyPatch, members: int, digest: Digest, coordinator_count: int, *,
+    coordinating: bool = False,
 ) -> tuple[Swarm, _FakeClient, list[Member]]:
-    """A real Swarm for node "lessee" among ``members``, whose digest's coordinators are others."""
+    """A real Swarm for node "lessee" among ``members``, whose digest's coordinators are others
+    (``coordinating``: "lessee" is the coordinator, and every other node has a state)."""
     import p2pd.swarm.engine as engine_module
     from p2pd.metrics import AgentMetrics
 
@@ -530,11 +535,12 @@ def _engine(
     me = Member("lessee", "10.0.0.1:7000", "s")
     others = [Member(f"node-{i:04d}", f"10.0.1.{i % 250}:{7000 + i}", "s") for i in range(members - 1)]
     ranking = coordinators(str(digest), [m.node_id for m in [me, *others]], coordinator_count)
-    assert "lessee" not in ranking
+    assert (ranking[0] == "lessee") if coordinating else ("lessee" not in ranking)
     by_id = {m.node_id: m for m in others}
     # One range: these tests follow the single lease of a site through coordinator failures.
-    client = _FakeClient({by_id[node].address: CoordinatorState(lease_ttl=config.lease_ttl, max_ranges=1)
-                          for node in ranking})
+    client = _FakeClient({by_id[node].address: CoordinatorState(lease_ttl=config.lease_ttl, max_ranges=1,
+                                                                node_id=node)
+                          for node in (by_id if coordinating else ranking)})
     swarm = Swarm(
         me=me,
         membership=_FakeMembership(me, others),
@@ -549,7 +555,7 @@ def _engine(
         ban_seconds=config.ban_seconds,
         grants=GrantStore(Path("/nonexistent/peer-grants")),  # nothing is protected in the simulation
     )
-    return swarm, client, [by_id[node] for node in ranking]
+    return swarm, client, [by_id[node] for node in ranking if node != "lessee"]
 
 
 def _slow_upstream(seconds_per_chunk: float, data: bytes):  # type: ignore[no-untyped-def]
@@ -942,3 +948,43 @@ async def test_two_answers_for_one_chunk_in_the_endgame_count_once(
     assert transfer.have.is_full() and sum(transfer.peer_bytes.values()) == _CHUNK
     assert swarm.metrics.fetched_bytes.labels("peer")._value.get() == _CHUNK
     assert (tmp_path / "partial").read_bytes() == data
+
+
+async def test_a_coordinator_without_state_asks_the_member_ranked_next_once_and_never_waits_long(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """This node has just become a digest's coordinator (it outranks the one before). Three
+    announcements reach it at once with nothing: one question goes to the member ranked next,
+    whose range lease then stands here (nobody is granted it again), and that member grants no
+    more ranges. A member ranked next that never answers delays the answer by at most 1 s."""
+    ids = ["lessee", "node-0000", "node-0001", "node-0002"]
+    digests = (Digest("sha256", hashlib.sha256(bytes([i])).hexdigest()) for i in range(256))
+    digest, other = itertools.islice((d for d in digests if coordinators(str(d), ids, 1) == ["lessee"]), 2)
+    swarm, client, ranking = _engine(monkeypatch, 4, digest, 3, coordinating=True)
+    swarm.coordinator.max_ranges = 1  # the others' split (one range)
+    size = 16 * _CHUNK
+    old = client.states[ranking[0].address]
+    assert old.announce(Announce(digest, "node-x", "10.0.9.1:7000", "s", size, _CHUNK, False, bytes(2), True),
+                        trio.current_time()).granted
+
+    def asking(node: str, blob: Digest = digest) -> Announce:
+        return Announce(blob, node, f"{node}:7000", "s", size, _CHUNK, False, bytes(2), True)
+
+    replies: list[Reply] = []
+
+    async def ask(node: str) -> None:
+        replies.append(await swarm.coordinate(asking(node)))
+
+    async with trio.open_nursery() as nursery:
+        for node in ("lessee", "node-a", "node-b"):
+            nursery.start_soon(ask, node)
+    assert client.sent[ranking[0].address] == 1  # one question for the three
+    assert len(replies) == 3 and not any(reply.granted for reply in replies)
+    assert all(reply.lease_holder == "node-x" for reply in replies)
+    assert not old.announce(asking("node-y"), trio.current_time()).granted  # handed off
+    # The member ranked next for another digest never answers: a new transfer after at most 1 s.
+    for member in ranking:
+        client.hung.add(member.address)
+    started = trio.current_time()
+    reply = await swarm.coordinate(asking("lessee", other))
+    assert reply.granted and trio.current_time() - started <= 1.01

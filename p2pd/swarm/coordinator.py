@@ -28,9 +28,9 @@ Rules/invariants:
   the digest until now. The member answers with its holders and the site's leases and, when the
   asker outranks it for the digest, grants no range for ``lease_ttl`` (the nodes that still
   announce there move to the new coordinator once they learn of it); the new state starts from
-  its answer (``adopt``). So a joining
-  node that announces first, with nothing, is granted a range nobody is fetching. The
-  takeover above remains for a predecessor that died (nobody to ask).
+  its answer (``adopt``). So a joining node that announces first, with nothing, is granted a
+  range nobody is fetching. The takeover above remains for a predecessor that died (nobody to
+  ask).
 - Claims are checked against what a node serves, by the nodes that ask it: a node that
   answered "not here" for chunks it claimed is *disputed* in the asker's next announcement.
   A disputed node is not listed as a holder, does not count as the site's complete copy and

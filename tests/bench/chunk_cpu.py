@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from typing import Any
 import trio
 
 import p2pd.cli
-from tests.bench.common import loadavg, machine_basics, publish, report_header
+from tests.bench.common import loadavg, machine_basics, report_header, run_and_publish
 from tests.swarm_cluster import Cluster, pull_blob, push_blob, write_swarm_config
 
 MARK_START = "<!-- bench-chunk-cpu:start -->"
@@ -130,18 +129,10 @@ def render_section(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", type=Path, help="Markdown file whose bench-chunk-cpu section is rewritten")
-    parser.add_argument("--json", type=Path, help="raw results (default: docs/bench/chunk_cpu.json next to --out)")
     parser.add_argument("--cases", default=DEFAULT_CASES, help="chunk KiB:blob MiB, comma-separated")
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    report = run(args, log)
-    section = render_section(report)
-    log(section)
-    publish(report, section, out=args.out, json_path=args.json, name="chunk_cpu", mark_start=MARK_START,
-            mark_end=MARK_END)
-    return 0
+    return run_and_publish(parser, argv, run, render_section, log, name="chunk_cpu", mark_start=MARK_START,
+                           mark_end=MARK_END)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ other work on the machine takes from the cores meanwhile.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
@@ -16,8 +17,9 @@ import resource
 import shlex
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,16 +179,29 @@ def update_doc(path: Path, section: str, mark_start: str, mark_end: str) -> None
     path.write_text(text)
 
 
-def publish(report: dict[str, Any], section: str, *, out: Path | None, json_path: Path | None, name: str,
-            mark_start: str, mark_end: str) -> None:
-    """Writes a benchmark's section into ``out`` (between its marks) and its raw report as JSON:
-    to ``json_path``, or by default to ``bench/<name>.json`` next to ``out``."""
-    if out is not None:
-        update_doc(out, section, mark_start, mark_end)
-        json_path = json_path or out.parent / "bench" / f"{name}.json"
+def run_and_publish(parser: argparse.ArgumentParser, argv: list[str] | None,
+                    run: Callable[[argparse.Namespace, Callable[[str], None]], dict[str, Any]],
+                    render: Callable[[dict[str, Any]], str], log: Callable[[str], None], *, name: str,
+                    mark_start: str, mark_end: str) -> int:
+    """A benchmark's ``main``: parses ``argv`` (``parser`` has the benchmark's own options; ``--out``
+    and ``--json`` are added here), runs it, logs its section, writes the section into ``--out``
+    (between its marks) and the raw report as JSON (``--json``, by default ``bench/<name>.json``
+    next to ``--out``)."""
+    parser.add_argument("--out", type=Path, help="Markdown file whose section of this benchmark is rewritten")
+    parser.add_argument("--json", type=Path, help=f"raw results (default: docs/bench/{name}.json next to --out)")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    report = run(args, log)
+    section = render(report)
+    log(section)
+    json_path = args.json
+    if args.out is not None:
+        update_doc(args.out, section, mark_start, mark_end)
+        json_path = json_path or args.out.parent / "bench" / f"{name}.json"
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 def machine_basics() -> dict[str, Any]:

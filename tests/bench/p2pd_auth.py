@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,7 +59,7 @@ from p2pd.oci.digest import Digest
 from p2pd.swarm.auth import generate_key
 from p2pd.swarm.grants import PEER_GRANT_AUDIENCE, PEER_GRANT_USE, verify_grant
 from seed.auth.tokens import jwk_of
-from tests.bench.common import X, busy_cores, loadavg, machine_basics, publish, ratio, report_header
+from tests.bench.common import X, busy_cores, loadavg, machine_basics, ratio, report_header, run_and_publish
 from tests.harness.net import free_port
 from tests.harness.seed_process import SeedProcess
 from tests.swarm_cluster import wait_until
@@ -358,21 +357,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", type=Path, help="Markdown file whose bench-p2pd-auth section is rewritten")
-    parser.add_argument("--json", type=Path, help="raw results (default: docs/bench/p2pd_auth.json next to --out)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--layer-mib", type=float, default=16.0)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--decisions", type=int, default=20000, help="gate decisions timed for the per-call cost")
     parser.add_argument("--swarm-nodes", type=int, default=3, help="agents in the swarm part")
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    report = run(args, log)
-    section = render_section(report)
-    log(section)
-    publish(report, section, out=args.out, json_path=args.json, name="p2pd_auth", mark_start=MARK_START,
-            mark_end=MARK_END)
-    return 0
+    return run_and_publish(parser, argv, run, render_section, log, name="p2pd_auth", mark_start=MARK_START,
+                           mark_end=MARK_END)
 
 
 if __name__ == "__main__":
