@@ -285,6 +285,11 @@ async def test_robot_cli_beside_an_in_process_seed(tmp_path: Path, nursery: trio
     report = await trio.to_thread.run_sync(verify_audit_log, audit_directory(data))
     assert report.ok and report.inbox_pending == 0
     registry_metrics = registry.metrics.registry
+    # Counted once the writer's worker thread has returned the records, which is just after
+    # they are in the file the query above read (CI, 12-04: read in between, None).
+    with trio.fail_after(15):
+        while registry_metrics.get_sample_value("seed_audit_events_total", {"action": "robot.create"}) is None:  # noqa: ASYNC110
+            await trio.sleep(0.05)  # a prometheus counter has nothing to wait on
     assert registry_metrics.get_sample_value("seed_audit_events_total", {"action": "robot.create"}) == 1
 
 
