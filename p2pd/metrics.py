@@ -51,6 +51,9 @@ class AgentMetrics:
                                           ["peer"], registry=self.registry)
         self.peer_served_bytes = Counter("p2pd_peer_served_bytes", "Chunk bytes served to other nodes",
                                          registry=self.registry)
+        self.chunks_relayed = Counter("p2pd_peer_chunks_relayed", "Chunks sent to other nodes while they were "
+                                      "still arriving here from the upstream (not counted in uploads_active)",
+                                      registry=self.registry)
         self.chunks_verified = Counter("p2pd_chunks_verified", "Chunks from peers that matched the chunk map",
                                        registry=self.registry)
         self.chunks_failed = Counter("p2pd_chunks_failed", "Chunks from peers that failed verification",

@@ -57,11 +57,12 @@ from .peers import (
 from .planning import Bitmap, lessee_view, plan_requests
 from .rendezvous import coordinators, rank
 
-__all__ = ["HOLDBACK", "Swarm", "SwarmTransfer"]
+__all__ = ["HOLDBACK", "RELAY_HOLDBACK", "Arrival", "Swarm", "SwarmTransfer"]
 
 log = logging.getLogger("p2pd.swarm")
 
 HOLDBACK = 1024 * 1024
+RELAY_HOLDBACK = 16 * 1024  # bytes of an arriving chunk relayed only once the whole chunk is verified
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
@@ -76,6 +77,34 @@ _LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without 
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class Arrival:
+    """A chunk whose bytes are arriving here from the upstream, readable while they arrive.
+
+    A range holder's peers ask it for the chunk it is fetching now; answering only once the
+    chunk is complete made every chunk wait a whole chunk-time at the holder, and with every
+    holder's upstream share at 1/K of the seed's uplink that was K chunk-times at the start of
+    a pull and again at its end (the peers served with its last chunk). The peer service sends
+    the bytes as they land (``p2pd.swarm.service``), all but the last ``RELAY_HOLDBACK``, which
+    follow only once the chunk is verified; a chunk that fails cuts the answers short, so no
+    peer ever receives a whole chunk that was not verified here.
+    """
+
+    index: int
+    buffer: bytearray  # the chunk's length, filled from the front
+    received: int = 0
+    verified: bool = False
+    failed: bool = False
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
 
 
 @dataclass(eq=False)
@@ -113,6 +142,7 @@ class SwarmTransfer:
     upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
     lease_wait: tuple[float, int] | None = None  # waiting for a lease holder since, with this many chunks
+    arrivals: dict[int, Arrival] = field(default_factory=dict)  # chunks arriving from the upstream now
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -806,50 +836,81 @@ class Swarm:
 
     async def _fetch_run_from_upstream(self, transfer: SwarmTransfer, first: int, last: int,
                                        upstream_range: UpstreamRange, on_progress: Callable[[], None]) -> None:
+        """Chunks ``first..last`` from the upstream in one request, each verified as it completes.
+        The chunk being filled is an ``Arrival`` peers may be served from while it arrives."""
         start = transfer.bounds(first)[0]
         end_offset, end_length = transfer.bounds(last)
         end = end_offset + end_length - 1
-        state = {"index": first, "buffer": bytearray()}
+        index = first
+        arrival: Arrival | None = None
+
+        def open_arrival() -> Arrival | None:
+            if index > last or index in transfer.have or index in transfer.arrivals:
+                return None  # nothing to relay from this run for it (another request brings it)
+            opened = transfer.arrivals[index] = Arrival(index, bytearray(transfer.bounds(index)[1]))
+            return opened
 
         async def accept(piece: bytes) -> None:
+            nonlocal index, arrival
             await self.upstream_bucket.take(len(piece))
             await self.site_share.take(len(piece))
             transfer.upstream_received += len(piece)
-            buffer = state["buffer"]
-            assert isinstance(buffer, bytearray)
-            buffer += piece
-            while True:
-                index = state["index"]
-                assert isinstance(index, int)
+            view = memoryview(piece)
+            while view:
                 if index > last:
-                    if buffer:
-                        raise VerificationError("upstream sent more bytes than asked")
+                    raise VerificationError("upstream sent more bytes than asked")
+                if arrival is None or arrival.index != index:
+                    arrival = open_arrival() or Arrival(index, bytearray(transfer.bounds(index)[1]))
+                length = len(arrival.buffer)
+                take = min(len(view), length - arrival.received)
+                arrival.buffer[arrival.received:arrival.received + take] = view[:take]
+                arrival.received += take
+                view = view[take:]
+                if arrival.received < length:
+                    arrival.notify()
                     return
-                offset, length = transfer.bounds(index)
-                if len(buffer) < length:
-                    return
-                data = bytes(buffer[:length])
-                del buffer[:length]
-                digest = hashlib.sha256(data).digest()
-                expected = transfer.hashes[index]
-                if expected is None:
-                    transfer.hashes[index] = digest  # we are the lease holder: our map for peers
-                elif digest != expected:
-                    self.metrics.verification_failures.labels("upstream").inc()
-                    raise VerificationError(f"chunk {index} of {transfer.digest} from the upstream failed")
-                if index not in transfer.have:
-                    await trio.to_thread.run_sync(_pwrite_all, transfer.fd, data, offset)
-                    transfer.have.set(index)
-                    transfer.upstream_bytes += length
-                    self.metrics.fetched_bytes.labels("upstream").inc(length)
-                transfer.last_progress = time.monotonic()
-                state["index"] = index + 1
+                await self._land_upstream_chunk(transfer, arrival)
+                index += 1
+                arrival = open_arrival()  # before the notify: a waiting peer request is relayed at once
                 transfer.notify()
                 on_progress()
 
-        await upstream_range(start, end, accept)
-        if state["index"] != last + 1:
+        arrival = open_arrival()
+        if arrival is not None:
+            transfer.notify()
+        try:
+            await upstream_range(start, end, accept)
+        finally:
+            # A run that ends early (an error, a cancel) cuts short the answers relaying its chunk.
+            if arrival is not None and not arrival.verified:
+                arrival.failed = True
+                arrival.notify()
+                if transfer.arrivals.get(arrival.index) is arrival:
+                    del transfer.arrivals[arrival.index]
+        if index != last + 1:
             raise UpstreamError(f"upstream ended {transfer.digest} early")
+
+    async def _land_upstream_chunk(self, transfer: SwarmTransfer, arrival: Arrival) -> None:
+        """Verifies a complete chunk from the upstream and writes it (unless it is here already)."""
+        index = arrival.index
+        digest = hashlib.sha256(arrival.buffer).digest()
+        expected = transfer.hashes[index]
+        if expected is None:
+            transfer.hashes[index] = digest  # we are the lease holder: our map for peers
+        elif digest != expected:
+            self.metrics.verification_failures.labels("upstream").inc()
+            raise VerificationError(f"chunk {index} of {transfer.digest} from the upstream failed")
+        if index not in transfer.have:
+            offset, length = transfer.bounds(index)
+            await trio.to_thread.run_sync(_pwrite_all, transfer.fd, arrival.buffer, offset)
+            transfer.have.set(index)
+            transfer.upstream_bytes += length
+            self.metrics.fetched_bytes.labels("upstream").inc(length)
+        transfer.last_progress = time.monotonic()
+        arrival.verified = True
+        arrival.notify()
+        if transfer.arrivals.get(index) is arrival:
+            del transfer.arrivals[index]
 
     def have_header(self, digest: Digest) -> str | None:
         transfer = self.transfers.get(digest)

@@ -31,7 +31,7 @@ from p2pd.store import BlobStore
 
 from . import auth
 from .discovery import PROTOCOL_VERSION
-from .engine import Swarm
+from .engine import RELAY_HOLDBACK, Arrival, Swarm, SwarmTransfer
 from .grants import GRANT_HEADER, GrantRefused, verify_grant
 from .messages import Announce, BudgetAsk, MessageError, decode, encode
 from .peers import (
@@ -47,6 +47,19 @@ from .peers import (
 
 __all__ = ["PeerService"]
 
+
+class _RelayCut(Exception):
+    """A relayed chunk will not complete here: its answer is cut short (the asker retries)."""
+
+
+def _whole_chunk(transfer: SwarmTransfer, start: int, end: int) -> int | None:
+    """The chunk index when bytes start..end are exactly one chunk (what peers ask for)."""
+    if transfer.chunk_size <= 0 or start % transfer.chunk_size:
+        return None
+    index = start // transfer.chunk_size
+    offset, length = transfer.bounds(index)
+    return index if index < transfer.count and end == offset + length - 1 else None
+
 log = logging.getLogger("p2pd.swarm.service")
 
 _BLOB_RE = re.compile(rf"{PROTOCOL_PREFIX}/blobs/(?P<digest>[^/]+)")
@@ -55,6 +68,8 @@ _MANIFEST_RE = re.compile(rf"{PROTOCOL_PREFIX}/manifests/(?P<digest>[^/]+)")
 _MAX_ANNOUNCE = 1024 * 1024
 _PIECE = 256 * 1024
 _MAX_SLOT_WAITERS = 4  # requests waiting for an upload slot, per slot
+_RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
+_RELAY_STALL = 30.0  # seconds a relayed chunk may go without a new byte before its answer is cut
 _VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
 
 
@@ -79,6 +94,8 @@ class PeerService:
         metrics.uploads_waiting.set_function(lambda: self._slot_waiters)
         self.upload_bucket = TokenBucket(upload_rate)
         self.chunk_wait = chunk_wait
+        self.relays = 0
+        self.max_relays = _RELAYS_PER_SLOT * max_uploads
         self._verified_grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         # POST /p2p/v1/preheat: JSON request body in, JSON report out (p2pd/preheat.py); None: 404.
         self.preheat_handler: Callable[[bytes], Awaitable[bytes]] | None = None
@@ -207,6 +224,54 @@ class PeerService:
 
     async def _blob(self, request: Request, digest: Digest) -> Response:
         self._check_grant(request, digest)
+        headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", str(digest))]
+        if self.store.size(digest) is not None:
+            await self._take_slot()
+            try:
+                fd, size = self.store.open_blob(digest)
+            except KeyError:
+                pass
+            else:
+                return self._range_response(request, digest, fd, size, headers)
+        transfer = self.swarm.transfers.get(digest)
+        if transfer is None:
+            raise OCIError("BLOB_UNKNOWN", "not here", status=404)
+        byte_range = parse_range(request.headers.get("range"), transfer.size)
+        start, end = (0, transfer.size - 1) if byte_range is None else (byte_range.start, byte_range.end)
+        # A chunk still on its way here is worth a short wait: this is how the swarm
+        # forwards chunks as soon as they are verified, or relays one while it arrives.
+        chunk = _whole_chunk(transfer, start, end)
+
+        def relayable() -> Arrival | None:
+            arrival = transfer.arrivals.get(chunk) if chunk is not None else None
+            return arrival if arrival is not None and self.relays < self.max_relays else None
+
+        with trio.move_on_after(self.chunk_wait):
+            while not transfer.covers(start, end) and relayable() is None:
+                if self.swarm.transfers.get(digest) is not transfer:
+                    break
+                await transfer.wait_changed()
+        have = self.swarm.have_header(digest)
+        if have:
+            headers.append((HAVE_HEADER, have))
+        arrival = relayable()
+        if not transfer.covers(start, end) and arrival is not None:
+            return self._relay_response(transfer, arrival, headers)
+        if not transfer.covers(start, end):
+            raise OCIError("BLOB_UNKNOWN", "those chunks are not here yet", status=404,
+                           headers=[(HAVE_HEADER, have)] if have else [])
+        await self._take_slot()
+        try:
+            fd = os.open(self.store.partial_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            try:
+                fd, _size = self.store.open_blob(digest)  # committed meanwhile
+            except KeyError:
+                raise OCIError("BLOB_UNKNOWN", "not here", status=404) from None
+        return self._range_response(request, digest, fd, transfer.size, headers)
+
+    async def _take_slot(self) -> None:
+        """Waits (bounded) for an upload slot; raises 429 when none frees in time."""
         if self.uploads >= self.max_uploads and self._slot_waiters < _MAX_SLOT_WAITERS * self.max_uploads:
             self._slot_waiters += 1
             try:
@@ -218,41 +283,43 @@ class PeerService:
         if self.uploads >= self.max_uploads:
             self.metrics.uploads_refused.inc()
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
-        headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", str(digest))]
-        size = self.store.size(digest)
-        if size is not None:
-            try:
-                fd, size = self.store.open_blob(digest)
-            except KeyError:
-                size = None
-            else:
-                return self._range_response(request, digest, fd, size, headers)
-        transfer = self.swarm.transfers.get(digest)
-        if transfer is None:
-            raise OCIError("BLOB_UNKNOWN", "not here", status=404)
-        byte_range = parse_range(request.headers.get("range"), transfer.size)
-        start, end = (0, transfer.size - 1) if byte_range is None else (byte_range.start, byte_range.end)
-        # A chunk still on its way here is worth a short wait: this is how the swarm
-        # forwards chunks as soon as they are verified.
-        with trio.move_on_after(self.chunk_wait):
-            while not transfer.covers(start, end):
-                if self.swarm.transfers.get(digest) is not transfer:
-                    break
-                await transfer.wait_changed()
-        have = self.swarm.have_header(digest)
-        if not transfer.covers(start, end):
-            raise OCIError("BLOB_UNKNOWN", "those chunks are not here yet", status=404,
-                           headers=[(HAVE_HEADER, have)] if have else [])
-        try:
-            fd = os.open(self.store.partial_path(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            try:
-                fd, _size = self.store.open_blob(digest)  # committed meanwhile
-            except KeyError:
-                raise OCIError("BLOB_UNKNOWN", "not here", status=404) from None
-        if have:
-            headers.append((HAVE_HEADER, have))
-        return self._range_response(request, digest, fd, transfer.size, headers)
+
+    def _relay_response(self, transfer: SwarmTransfer, arrival: Arrival,
+                        headers: list[tuple[str, str]]) -> Response:
+        """A chunk still arriving from the upstream, sent as its bytes land (``Arrival``).
+
+        Relays take no upload slot: each runs at the rate the chunk arrives, a fraction of the
+        uplink, and a range holder's peers all wait for its next chunk at once. They are
+        bounded by ``max_relays`` instead; past that, a request waits for the chunk as before.
+        """
+        offset, length = transfer.bounds(arrival.index)
+        headers.append(("Content-Range", f"bytes {offset}-{offset + length - 1}/{transfer.size}"))
+        self.relays += 1
+        self.metrics.chunks_relayed.inc()
+
+        def done() -> None:
+            self.relays -= 1
+
+        return Response(206, headers, self._relayed(arrival), content_length=length, on_close=done)
+
+    async def _relayed(self, arrival: Arrival) -> AsyncIterator[bytes]:
+        length = len(arrival.buffer)
+        sent = 0
+        while sent < length:
+            if arrival.failed:
+                raise _RelayCut(f"chunk {arrival.index} failed or its fetch ended")
+            ready = length if arrival.verified else max(0, arrival.received - RELAY_HOLDBACK)
+            if ready > sent:
+                piece = bytes(arrival.buffer[sent:ready])
+                await self.upload_bucket.take(len(piece))
+                sent += len(piece)
+                self.metrics.peer_served_bytes.inc(len(piece))
+                yield piece
+                continue
+            with trio.move_on_after(_RELAY_STALL) as waited:
+                await arrival.wait_changed()
+            if waited.cancelled_caught:
+                raise _RelayCut(f"chunk {arrival.index} stopped arriving")
 
     def _range_response(self, request: Request, digest: Digest, fd: int, size: int,
                         headers: list[tuple[str, str]]) -> Response:

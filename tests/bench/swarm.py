@@ -958,6 +958,7 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
                 "leases": delta("p2pd_leases_total"),
                 "chunks_failed": delta("p2pd_chunks_failed_total"),
                 "uploads_refused": delta("p2pd_peer_uploads_refused_total"),
+                "chunks_relayed": delta("p2pd_peer_chunks_relayed_total"),
                 **events.get(f"n{i}", {}),
             })
             # containerd (or the client) got the image from its agent unless it fell back to the seed.

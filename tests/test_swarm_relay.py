@@ -1,0 +1,269 @@
+"""A range holder relays the chunk it is fetching from the upstream while the bytes arrive.
+
+The real peer endpoint (``PeerService`` behind the real HTTP server, plain TCP on loopback)
+and the real chunk wire of the asking node; the upstream is a function the test feeds piece by
+piece, so every step is observed, not timed:
+- the asker receives bytes of a chunk before the chunk is complete here;
+- the last ``RELAY_HOLDBACK`` bytes wait for the chunk's verification, so a chunk that fails
+  (or a fetch that ends early) reaches no asker whole: its answer is cut short;
+- relays take no upload slot (a holder's peers all want its next chunk at once) and are bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pd.errors import UpstreamError, VerificationError
+from p2pd.httpd import Headers, Request, RequestBody, Response, serve_http
+from p2pd.metrics import AgentMetrics
+from p2pd.oci.chunkmap import ChunkHasher
+from p2pd.oci.digest import Digest
+from p2pd.oci.errors import OCIError
+from p2pd.store import BlobStore
+from p2pd.swarm.chunkwire import ChunkWire, ChunkWireError, Exchange
+from p2pd.swarm.engine import RELAY_HOLDBACK, Swarm, SwarmTransfer
+from p2pd.swarm.grants import GrantStore
+from p2pd.swarm.membership import Member, Membership
+from p2pd.swarm.peers import PeerClient
+from p2pd.swarm.service import PeerService
+from tests.swarm_cluster import wait_until
+
+CHUNK = 128 * 1024
+DATA = random.Random(11).randbytes(3 * CHUNK)
+DIGEST = Digest.parse("sha256:" + hashlib.sha256(DATA).hexdigest())
+
+Accept = Callable[[bytes], Awaitable[None]]
+
+
+class _Holder:
+    """One node that holds the upstream lease for DIGEST, with its peer endpoint."""
+
+    def __init__(self, tmp_path: Path, *, max_uploads: int = 4) -> None:
+        async def no_hello(address: str) -> tuple[str, str]:
+            raise AssertionError("no peers in this test")
+
+        me = Member("holder", "127.0.0.1:1", "s")
+        self.metrics = AgentMetrics()
+        self.swarm = Swarm(me=me, membership=Membership(me, no_hello), client=PeerClient("holder", None),
+                           metrics=self.metrics, chunk_size=CHUNK, lease_ttl=15.0, coordinator_backups=1,
+                           peer_timeout=5.0, max_parallel_chunks=16, max_requests_per_peer=2, ban_seconds=60.0,
+                           grants=GrantStore(tmp_path / "peer-grants"))
+        self.store = BlobStore(tmp_path / "store", max_bytes=1 << 30)
+        self.service = PeerService(swarm=self.swarm, store=self.store, key=None, metrics=self.metrics,
+                                   max_uploads=max_uploads, upload_rate=0, chunk_wait=2.0, slot_wait=0.0)
+        hasher = ChunkHasher(CHUNK)
+        hasher.update(DATA)
+        fd, _existing = self.store.open_partial(DIGEST)
+        self.transfer: SwarmTransfer = self.swarm.start_transfer(DIGEST, len(DATA), fd, hasher.finish(DIGEST))
+        self.pieces_in, self.pieces_out = trio.open_memory_channel[bytes | None](0)
+        self.fetch_error: BaseException | None = None
+
+    async def upstream(self, start: int, end: int, accept: Accept) -> None:
+        """An HTTP Range answer for bytes start..end: the pieces the test feeds, then its end."""
+        left = end + 1 - start
+        while left > 0:
+            piece = await self.pieces_out.receive()
+            if piece is None:
+                raise UpstreamError("the upstream connection broke")
+            left -= len(piece)
+            await accept(piece)
+
+    async def fetch(self, first: int, last: int) -> None:
+        """The lease holder's upstream run (``Swarm._fetch_run_from_upstream``)."""
+        try:
+            await self.swarm._fetch_run_from_upstream(self.transfer, first, last, self.upstream, lambda: None)
+        except (UpstreamError, VerificationError) as exc:
+            self.fetch_error = exc
+
+    async def feed(self, piece: bytes | None) -> None:
+        await self.pieces_in.send(piece)
+        await trio.testing.wait_all_tasks_blocked()
+
+    async def relay_to_be_cut(self, nursery: trio.Nursery, last: int) -> list[bytes]:
+        """Starts the upstream run of chunks 0..last and one relay of chunk 0 whose answer must
+        end cut short; returns what the asker received (filled as it arrives)."""
+        nursery.start_soon(self.fetch, 0, last)
+        await trio.testing.wait_all_tasks_blocked()
+        response = await self.service.handle(self.request(0))
+        got: list[bytes] = []
+
+        async def read() -> None:
+            with pytest.raises(Exception, match="chunk 0 failed or its fetch ended"):
+                await _read(response, got)
+
+        nursery.start_soon(read)
+        return got
+
+    def request(self, index: int) -> Request:
+        start = index * CHUNK
+        target = f"/p2p/v1/blobs/{DIGEST}"
+        return Request("GET", target, target, {}, Headers([("Range", f"bytes={start}-{start + CHUNK - 1}")]),
+                       RequestBody(None), ("127.0.0.1", 1), "1.1")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk writes in the test's own thread: with the mock clock, a worker thread would let
+    time jump ahead while it runs, and every step here is observed when all tasks wait."""
+    async def run_inline(function, *args):  # type: ignore[no-untyped-def]
+        return function(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_inline)
+
+
+async def _read(response: Response, into: list[bytes]) -> None:
+    """What the HTTP server does with an answer: send its body, then close it."""
+    assert isinstance(response.body, AsyncIterator)
+    try:
+        async for piece in response.body:
+            into.append(piece)
+    finally:
+        assert response.on_close is not None
+        response.on_close()
+
+
+async def test_a_chunk_is_relayed_while_it_arrives_and_its_tail_waits_for_the_verification(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    holder = _Holder(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.fetch, 0, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert 0 in holder.transfer.arrivals  # open before the first byte: an asker waits on it, not on the disk
+        response = await holder.service.handle(holder.request(0))
+        assert response.status == 206 and response.content_length == CHUNK
+        assert holder.service.uploads == 0 and holder.service.relays == 1  # no upload slot taken
+        got: list[bytes] = []
+        nursery.start_soon(_read, response, got)
+        await holder.feed(DATA[:100_000])
+        assert b"".join(got) == DATA[:100_000 - RELAY_HOLDBACK]  # relayed as it arrived, minus the tail
+        await holder.feed(DATA[100_000:CHUNK - 1])
+        assert len(b"".join(got)) == CHUNK - 1 - RELAY_HOLDBACK  # the tail waits: the chunk is not verified
+        await holder.feed(DATA[CHUNK - 1:CHUNK + 10])  # completes chunk 0 (verified) and starts chunk 1
+        assert b"".join(got) == DATA[:CHUNK]
+        assert 0 in holder.transfer.have and list(holder.transfer.arrivals) == [1]
+        assert holder.metrics.chunks_relayed._value.get() == 1
+        await holder.feed(DATA[CHUNK + 10:2 * CHUNK])
+    assert holder.fetch_error is None and holder.service.relays == 0
+    assert os.pread(holder.transfer.fd, 2 * CHUNK, 0) == DATA[:2 * CHUNK]
+
+
+async def test_a_chunk_that_fails_verification_reaches_no_asker_whole(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    holder = _Holder(tmp_path)
+    bad = bytearray(DATA[:CHUNK])
+    bad[-1] ^= 1  # in the held-back tail: everything before it was relayed already
+    async with trio.open_nursery() as nursery:
+        got = await holder.relay_to_be_cut(nursery, 0)
+        await holder.feed(bytes(bad[:100_000]))
+        await holder.feed(bytes(bad[100_000:]))
+    assert isinstance(holder.fetch_error, VerificationError)
+    assert b"".join(got) == DATA[:100_000 - RELAY_HOLDBACK]  # then the server closes the connection
+    assert 0 not in holder.transfer.have and not holder.transfer.arrivals
+    # Asked again, the chunk is not here: a fast 404 (the asker tries another peer).
+    with pytest.raises(OCIError) as refused:
+        await holder.service.handle(holder.request(0))
+    assert refused.value.status == 404
+
+
+async def test_an_upstream_fetch_that_ends_early_cuts_its_relays_short(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    holder = _Holder(tmp_path)
+    async with trio.open_nursery() as nursery:
+        got = await holder.relay_to_be_cut(nursery, 2)
+        await holder.feed(DATA[:50_000])
+        await holder.feed(None)  # the upstream connection breaks
+    assert isinstance(holder.fetch_error, UpstreamError)
+    assert b"".join(got) == DATA[:50_000 - RELAY_HOLDBACK]
+    assert not holder.transfer.arrivals and holder.service.relays == 0
+
+
+async def test_relays_take_no_upload_slot_and_past_their_bound_a_request_waits_for_the_chunk(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    holder = _Holder(tmp_path, max_uploads=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.fetch, 0, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        relayed = [await holder.service.handle(holder.request(0)) for _ in range(holder.service.max_relays)]
+        assert holder.service.relays == holder.service.max_relays and holder.service.uploads == 0
+        reads: list[list[bytes]] = [[] for _ in relayed]
+        for response, got in zip(relayed, reads, strict=True):
+            nursery.start_soon(_read, response, got)
+        late: list[int] = []
+
+        async def ask_past_the_bound() -> None:
+            response = await holder.service.handle(holder.request(0))  # waits (chunk_wait) for the chunk
+            late.append(response.status)
+            assert response.on_close is not None
+            response.on_close()  # a disk upload: it took the one slot
+
+        nursery.start_soon(ask_past_the_bound)
+        await trio.testing.wait_all_tasks_blocked()
+        assert late == []
+        await holder.feed(DATA[:CHUNK])
+        assert late == [206]
+        await holder.feed(DATA[CHUNK:2 * CHUNK])
+    assert all(b"".join(got) == DATA[:CHUNK] for got in reads)
+
+
+async def test_the_chunk_wire_receives_a_relayed_chunk_before_it_is_complete_at_the_holder(
+    tmp_path: Path,
+) -> None:
+    """End to end on loopback: the asking node's wire reads relayed bytes as they come and gets
+    the verified chunk; a failing one ends in a wire error (retried elsewhere), never in a chunk."""
+    holder = _Holder(tmp_path)
+    wire = ChunkWire(tls=None, connect_timeout=5.0, read_timeout=5.0)
+    target = f"/p2p/v1/blobs/{DIGEST}"
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(partial(serve_http, holder.service.handle, "127.0.0.1", 0))
+        address = f"127.0.0.1:{info.port}"
+        nursery.start_soon(holder.fetch, 0, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        exchange = Exchange()
+        answers: list[object] = []
+
+        async def ask(index: int, exchange: Exchange) -> None:
+            try:
+                answers.append(await trio.to_thread.run_sync(
+                    wire.get_range, address, target, {}, index * CHUNK, CHUNK, exchange))
+            except ChunkWireError as exc:
+                answers.append(exc)
+
+        nursery.start_soon(ask, 0, exchange)
+        with trio.fail_after(10):
+            await wait_until(lambda: holder.service.relays > 0, interval=0.01)
+        await holder.pieces_in.send(DATA[:100_000])
+        with trio.fail_after(10):
+            # The wire reads in 64 KiB steps.
+            await wait_until(lambda: exchange.received >= 64 * 1024, interval=0.01)
+        assert 0 not in holder.transfer.have
+        await holder.pieces_in.send(DATA[100_000:CHUNK])
+        with trio.fail_after(10):
+            await wait_until(lambda: bool(answers), interval=0.01)
+        answer = answers.pop()
+        assert not isinstance(answer, ChunkWireError), answer
+        assert answer.status == 206 and answer.sha256 == hashlib.sha256(DATA[:CHUNK]).digest()  # type: ignore[attr-defined]
+
+        bad = bytearray(DATA[CHUNK:2 * CHUNK])
+        bad[-1] ^= 1
+        nursery.start_soon(ask, 1, Exchange())
+        with trio.fail_after(10):
+            await wait_until(lambda: holder.service.relays > 0, interval=0.01)
+        await holder.pieces_in.send(bytes(bad))
+        with trio.fail_after(10):
+            await wait_until(lambda: bool(answers), interval=0.01)
+        assert isinstance(answers.pop(), ChunkWireError)
+        nursery.cancel_scope.cancel()
+    wire.close()
+    assert isinstance(holder.fetch_error, VerificationError)
