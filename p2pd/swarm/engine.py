@@ -63,6 +63,9 @@ log = logging.getLogger("p2pd.swarm")
 
 HOLDBACK = 1024 * 1024
 RELAY_HOLDBACK = 16 * 1024  # bytes of an arriving chunk relayed only once the whole chunk is verified
+# Relays of an arriving chunk wake up every this many bytes, not for every network read (a
+# range holder's share of the upstream arrives in reads of a few KiB, and ~15 peers relay each).
+_RELAY_STEP = 16 * 1024
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
@@ -864,10 +867,11 @@ class Swarm:
                 length = len(arrival.buffer)
                 take = min(len(view), length - arrival.received)
                 arrival.buffer[arrival.received:arrival.received + take] = view[:take]
-                arrival.received += take
+                before, arrival.received = arrival.received, arrival.received + take
                 view = view[take:]
                 if arrival.received < length:
-                    arrival.notify()
+                    if arrival.received // _RELAY_STEP > before // _RELAY_STEP:
+                        arrival.notify()
                     return
                 await self._land_upstream_chunk(transfer, arrival)
                 index += 1
