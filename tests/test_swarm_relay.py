@@ -28,11 +28,11 @@ from p2pd.oci.chunkmap import ChunkHasher
 from p2pd.oci.digest import Digest
 from p2pd.oci.errors import OCIError
 from p2pd.store import BlobStore
-from p2pd.swarm.chunkwire import ChunkWire, ChunkWireError, Exchange
+from p2pd.swarm.chunkwire import Exchange
 from p2pd.swarm.engine import RELAY_HOLDBACK, Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member, Membership
-from p2pd.swarm.peers import PeerClient
+from p2pd.swarm.peers import PeerChunk, PeerClient, PeerError, PeerMissing
 from p2pd.swarm.service import PeerService
 from tests.swarm_cluster import wait_until
 
@@ -217,53 +217,52 @@ async def test_relays_take_no_upload_slot_and_past_their_bound_a_request_waits_f
     assert all(b"".join(got) == DATA[:CHUNK] for got in reads)
 
 
-async def test_the_chunk_wire_receives_a_relayed_chunk_before_it_is_complete_at_the_holder(
-    tmp_path: Path,
-) -> None:
-    """End to end on loopback: the asking node's wire reads relayed bytes as they come and gets
-    the verified chunk; a failing one ends in a wire error (retried elsewhere), never in a chunk."""
+async def test_a_peer_receives_a_relayed_chunk_before_it_is_complete_at_the_holder(tmp_path: Path) -> None:
+    """End to end on loopback, through the asking node's ``PeerClient``: it reads relayed bytes as
+    they come and gets the chunk; a relayed chunk that fails at the holder, or stops arriving
+    there for longer than the asker's read timeout, ends as ``PeerMissing`` (ask again soon; not
+    a failure of the holder, which would get it suspended), never as a chunk."""
     holder = _Holder(tmp_path)
-    wire = ChunkWire(tls=None, connect_timeout=5.0, read_timeout=5.0)
-    target = f"/p2p/v1/blobs/{DIGEST}"
+    client = PeerClient("asker", None, read_timeout=1.0)
     async with trio.open_nursery() as nursery:
         info = await nursery.start(partial(serve_http, holder.service.handle, "127.0.0.1", 0))
         address = f"127.0.0.1:{info.port}"
-        nursery.start_soon(holder.fetch, 0, 1)
+        nursery.start_soon(holder.fetch, 0, 2)
         await trio.testing.wait_all_tasks_blocked()
-        exchange = Exchange()
         answers: list[object] = []
 
         async def ask(index: int, exchange: Exchange) -> None:
             try:
-                answers.append(await trio.to_thread.run_sync(
-                    wire.get_range, address, target, {}, index * CHUNK, CHUNK, exchange))
-            except ChunkWireError as exc:
+                answers.append(await client.fetch_chunk(address, DIGEST, index * CHUNK, CHUNK, exchange=exchange))
+            except PeerError as exc:
                 answers.append(exc)
 
-        nursery.start_soon(ask, 0, exchange)
-        with trio.fail_after(10):
-            await wait_until(lambda: holder.service.relays > 0, interval=0.01)
-        await holder.pieces_in.send(DATA[:100_000])
-        with trio.fail_after(10):
-            # The wire reads in 64 KiB steps.
-            await wait_until(lambda: exchange.received >= 64 * 1024, interval=0.01)
-        assert 0 not in holder.transfer.have
-        await holder.pieces_in.send(DATA[100_000:CHUNK])
-        with trio.fail_after(10):
-            await wait_until(lambda: bool(answers), interval=0.01)
-        answer = answers.pop()
-        assert not isinstance(answer, ChunkWireError), answer
-        assert answer.status == 206 and answer.sha256 == hashlib.sha256(DATA[:CHUNK]).digest()  # type: ignore[attr-defined]
+        async def relayed_then_fed(index: int, pieces: list[bytes]) -> object:
+            exchange = Exchange()
+            relayed = holder.metrics.chunks_relayed._value.get()
+            nursery.start_soon(ask, index, exchange)
+            with trio.fail_after(10):
+                await wait_until(lambda: holder.metrics.chunks_relayed._value.get() > relayed, interval=0.01)
+            for piece in pieces:
+                await holder.pieces_in.send(piece)
+                if piece is pieces[0]:
+                    with trio.fail_after(10):  # the wire reads in 64 KiB steps
+                        await wait_until(lambda: exchange.received >= 64 * 1024, interval=0.01)
+                    assert index not in holder.transfer.have  # bytes came before the chunk was complete
+            with trio.fail_after(10):
+                await wait_until(lambda: bool(answers), interval=0.01)
+            return answers.pop()
 
-        bad = bytearray(DATA[CHUNK:2 * CHUNK])
+        answer = await relayed_then_fed(0, [DATA[:100_000], DATA[100_000:CHUNK]])
+        assert isinstance(answer, PeerChunk) and answer.sha256 == hashlib.sha256(DATA[:CHUNK]).digest()
+
+        stalled = await relayed_then_fed(1, [DATA[CHUNK:CHUNK + 100_000]])  # then nothing for 1 s
+        assert isinstance(stalled, PeerMissing), stalled
+
+        bad = bytearray(DATA[CHUNK + 100_000:2 * CHUNK])
         bad[-1] ^= 1
-        nursery.start_soon(ask, 1, Exchange())
-        with trio.fail_after(10):
-            await wait_until(lambda: holder.service.relays > 0, interval=0.01)
-        await holder.pieces_in.send(bytes(bad))
-        with trio.fail_after(10):
-            await wait_until(lambda: bool(answers), interval=0.01)
-        assert isinstance(answers.pop(), ChunkWireError)
+        answer = await relayed_then_fed(1, [bytes(bad)])  # chunk 1 completes: it fails at the holder
+        assert isinstance(answer, PeerMissing), answer
         nursery.cancel_scope.cancel()
-    wire.close()
+    await client.aclose()
     assert isinstance(holder.fetch_error, VerificationError)

@@ -47,7 +47,15 @@ _MAX_SESSIONS = 4096  # peers whose sessions are kept
 
 
 class ChunkWireError(Exception):
-    """The exchange failed on the wire (connection, TLS, timeout, malformed answer)."""
+    """The exchange failed on the wire (connection, TLS, timeout, malformed answer).
+
+    ``relay_cut``: the peer had answered with a relay of a chunk still arriving there (its
+    answer carried ``relay_header``), and the body stopped short or stalled: the chunk failed
+    or stopped coming at the peer, which is not a fault of the peer itself."""
+
+    def __init__(self, reason: str, *, relay_cut: bool = False) -> None:
+        super().__init__(reason)
+        self.relay_cut = relay_cut
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +115,10 @@ class Exchange:
 class ChunkWire:
     """A pool of keep-alive connections per peer address, used from worker threads."""
 
-    def __init__(self, *, tls: ssl.SSLContext | None, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None, connect_timeout: float, read_timeout: float,
+                 relay_header: str | None = None) -> None:
         self._tls = tls
+        self._relay_header = relay_header
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle: dict[str, list[_Connection]] = {}
@@ -195,14 +205,13 @@ class ChunkWire:
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 conn.close()
                 raise ChunkWireError(_reason(exc, exchange)) from None
+            relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
             try:
                 answer = self._read(response, length, exchange)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except (OSError, http.client.HTTPException, ValueError, ChunkWireError) as exc:
                 conn.close()
-                raise ChunkWireError(_reason(exc, exchange)) from None
-            except ChunkWireError:
-                conn.close()
-                raise
+                reason = str(exc) if isinstance(exc, ChunkWireError) else _reason(exc, exchange)
+                raise ChunkWireError(reason, relay_cut=relay and not exchange.aborted) from None
             if not reused:
                 self._remember_session(address, conn)
             if exchange.aborted or response.will_close:

@@ -57,6 +57,7 @@ NODE_HEADER = "X-P2PD-Node"
 TIME_HEADER = "X-P2PD-Time"
 SIGNATURE_HEADER = "X-P2PD-Signature"
 HAVE_HEADER = "X-P2PD-Have"
+RELAY_HEADER = "X-P2PD-Relay"  # on a chunk answer sent while the chunk still arrives at the sender
 _MAX_METADATA = 8 * 1024 * 1024
 _CHUNK_THREADS = 32  # chunk downloads at once (the engine asks for ~8 per transfer)
 
@@ -195,7 +196,8 @@ class PeerClient:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             trust_env=False, follow_redirects=False, verify=tls if tls is not None else True)
         # Chunks go over blocking connections in worker threads (see chunkwire: CPU).
-        self._wire = ChunkWire(tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self._wire = ChunkWire(tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                               relay_header=RELAY_HEADER)
         self._wire_threads = trio.CapacityLimiter(_CHUNK_THREADS)
 
     async def aclose(self) -> None:
@@ -305,6 +307,10 @@ class PeerClient:
             answer = await trio.to_thread.run_sync(self._wire.get_range, address, target, headers, start, length,
                                                    exchange, limiter=self._wire_threads, abandon_on_cancel=True)
         except ChunkWireError as exc:
+            if exc.relay_cut:
+                # The chunk failed or stopped arriving at the peer while it relayed it: ask
+                # again soon (there or elsewhere), as for a chunk that is not there yet.
+                raise PeerMissing(f"{address}: relay of {digest} bytes {start}- cut short: {exc}") from None
             raise PeerError(f"{address}: {exc}") from None
         except BaseException:
             exchange.abort()  # cancelled: the thread's read ends now, its connection is dropped

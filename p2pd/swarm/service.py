@@ -38,6 +38,7 @@ from .peers import (
     HAVE_HEADER,
     NODE_HEADER,
     PROTOCOL_PREFIX,
+    RELAY_HEADER,
     SIGNATURE_HEADER,
     TIME_HEADER,
     PartialChunkMap,
@@ -293,7 +294,7 @@ class PeerService:
         bounded by ``max_relays`` instead; past that, a request waits for the chunk as before.
         """
         offset, length = transfer.bounds(arrival.index)
-        headers.append(("Content-Range", f"bytes {offset}-{offset + length - 1}/{transfer.size}"))
+        headers += [("Content-Range", f"bytes {offset}-{offset + length - 1}/{transfer.size}"), (RELAY_HEADER, "1")]
         self.relays += 1
         self.metrics.chunks_relayed.inc()
 
@@ -316,6 +317,10 @@ class PeerService:
                 self.metrics.peer_served_bytes.inc(len(piece))
                 yield piece
                 continue
+            # A chunk that stops arriving here (this node's upstream flow starved) keeps the
+            # asker's bytes so far until its read timeout, after which it asks again soon and
+            # does not count it as a failure of this node (RELAY_HEADER); this bound only frees
+            # the answer of an asker that never gives up.
             with trio.move_on_after(_RELAY_STALL) as waited:
                 await arrival.wait_changed()
             if waited.cancelled_caught:
