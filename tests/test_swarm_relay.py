@@ -32,7 +32,7 @@ from p2pd.swarm.chunkwire import Exchange
 from p2pd.swarm.engine import RELAY_HOLDBACK, Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member, Membership
-from p2pd.swarm.peers import PeerChunk, PeerClient, PeerError, PeerMissing
+from p2pd.swarm.peers import PeerChunk, PeerClient, PeerError, PeerRelayCut
 from p2pd.swarm.service import PeerService
 from tests.swarm_cluster import wait_until
 
@@ -220,8 +220,8 @@ async def test_relays_take_no_upload_slot_and_past_their_bound_a_request_waits_f
 async def test_a_peer_receives_a_relayed_chunk_before_it_is_complete_at_the_holder(tmp_path: Path) -> None:
     """End to end on loopback, through the asking node's ``PeerClient``: it reads relayed bytes as
     they come and gets the chunk; a relayed chunk that fails at the holder, or stops arriving
-    there for longer than the asker's read timeout, ends as ``PeerMissing`` (ask again soon; not
-    a failure of the holder, which would get it suspended), never as a chunk."""
+    there for longer than the asker's read timeout, ends as ``PeerRelayCut`` (ask again soon: neither
+    a failure of the holder, which would get it suspended, nor a false claim), never as a chunk."""
     holder = _Holder(tmp_path)
     client = PeerClient("asker", None, read_timeout=1.0)
     async with trio.open_nursery() as nursery:
@@ -257,12 +257,12 @@ async def test_a_peer_receives_a_relayed_chunk_before_it_is_complete_at_the_hold
         assert isinstance(answer, PeerChunk) and answer.sha256 == hashlib.sha256(DATA[:CHUNK]).digest()
 
         stalled = await relayed_then_fed(1, [DATA[CHUNK:CHUNK + 100_000]])  # then nothing for 1 s
-        assert isinstance(stalled, PeerMissing), stalled
+        assert isinstance(stalled, PeerRelayCut), stalled
 
         bad = bytearray(DATA[CHUNK + 100_000:2 * CHUNK])
         bad[-1] ^= 1
         answer = await relayed_then_fed(1, [bytes(bad)])  # chunk 1 completes: it fails at the holder
-        assert isinstance(answer, PeerMissing), answer
+        assert isinstance(answer, PeerRelayCut), answer
         nursery.cancel_scope.cancel()
     await client.aclose()
     assert isinstance(holder.fetch_error, VerificationError)

@@ -52,6 +52,7 @@ from .peers import (
     PeerError,
     PeerMissing,
     PeerRefused,
+    PeerRelayCut,
     TokenBucket,
 )
 from .planning import Bitmap, lessee_view, plan_requests
@@ -757,6 +758,11 @@ class Swarm:
             on_progress()
         except PeerBusy as exc:
             transfer.retry_at[node] = time.monotonic() + exc.retry_after
+        except PeerRelayCut as exc:
+            # The chunk stopped arriving at (or failed at) the range holder that relayed it. Not
+            # a false claim, nor a dead holder: asked again soon, there or elsewhere.
+            log.info("chunk %d of %s: %s", index, transfer.digest, exc)
+            transfer.retry_at[node] = time.monotonic() + 0.2
         except PeerMissing:
             transfer.retry_at[node] = time.monotonic() + 0.2
             claimed = transfer.sources.get(node)

@@ -47,6 +47,7 @@ __all__ = [
     "PeerError",
     "PeerMissing",
     "PeerRefused",
+    "PeerRelayCut",
     "TokenBucket",
     "decode_chunk_map",
     "encode_chunk_map",
@@ -68,6 +69,11 @@ class PeerError(RemoteError):
 
 class PeerMissing(PeerError):
     """The peer does not have the requested content (404)."""
+
+
+class PeerRelayCut(PeerError):
+    """The peer relayed a chunk still arriving there, and it failed or stopped arriving: not a
+    fault of the peer, nor a false claim (``p2pd.swarm.engine.Arrival``)."""
 
 
 class PeerRefused(PeerError):
@@ -296,7 +302,8 @@ class PeerClient:
         ``Exchange`` to watch the bytes arrive. No byte for ``read_timeout`` fails the call.
 
         Raises:
-            PeerMissing: 404. PeerRefused: 403. PeerBusy: 429. PeerError: anything else.
+            PeerMissing: 404. PeerRefused: 403. PeerBusy: 429. PeerRelayCut: a relayed chunk cut
+            short (it failed or stopped arriving at the peer). PeerError: anything else.
         """
         target = f"{PROTOCOL_PREFIX}/blobs/{digest}"
         headers = _auth_headers(self.key, self.node_id, "GET", target)
@@ -310,7 +317,7 @@ class PeerClient:
             if exc.relay_cut:
                 # The chunk failed or stopped arriving at the peer while it relayed it: ask
                 # again soon (there or elsewhere), as for a chunk that is not there yet.
-                raise PeerMissing(f"{address}: relay of {digest} bytes {start}- cut short: {exc}") from None
+                raise PeerRelayCut(f"{address}: relay of {digest} bytes {start}- cut short: {exc}") from None
             raise PeerError(f"{address}: {exc}") from None
         except BaseException:
             exchange.abort()  # cancelled: the thread's read ends now, its connection is dropped
