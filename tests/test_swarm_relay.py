@@ -188,15 +188,15 @@ async def test_an_upstream_fetch_that_ends_early_cuts_its_relays_short(
     assert not holder.transfer.arrivals and holder.service.relays == 0
 
 
-async def test_relays_take_no_upload_slot_and_past_their_bound_a_request_waits_for_the_chunk(
+async def test_relays_take_no_upload_slot_and_past_their_bound_per_chunk_a_request_waits_for_it(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
 ) -> None:
     holder = _Holder(tmp_path, max_uploads=1)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(holder.fetch, 0, 1)
         await trio.testing.wait_all_tasks_blocked()
-        relayed = [await holder.service.handle(holder.request(0)) for _ in range(holder.service.max_relays)]
-        assert holder.service.relays == holder.service.max_relays and holder.service.uploads == 0
+        relayed = [await holder.service.handle(holder.request(0)) for _ in range(holder.service.max_relays_per_chunk)]
+        assert holder.service.relays == holder.service.max_relays_per_chunk == 2 and holder.service.uploads == 0
         reads: list[list[bytes]] = [[] for _ in relayed]
         for response, got in zip(relayed, reads, strict=True):
             nursery.start_soon(_read, response, got)

@@ -101,6 +101,7 @@ class Arrival:
     received: int = 0
     verified: bool = False
     failed: bool = False
+    relays: int = 0  # answers relaying it now (the peer service bounds them)
     _changed: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:

@@ -70,6 +70,11 @@ _MAX_ANNOUNCE = 1024 * 1024
 _PIECE = 256 * 1024
 _MAX_SLOT_WAITERS = 4  # requests waiting for an upload slot, per slot
 _RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
+# Relays of one arriving chunk, per upload slot. Every reader wants a blob's first chunk at
+# once: with 31 peers relaying it (N = 32, equal links), the fan-out at the chunk's arrival rate
+# was twice the holder's uplink, the holder's own upstream flow starved behind it (its ACKs
+# share that uplink), the chunk took 15 s to arrive and bench clients gave up at byte 0.
+_CHUNK_RELAYS_PER_SLOT = 2
 _RELAY_STALL = 30.0  # seconds a relayed chunk may go without a new byte before its answer is cut
 _VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
 
@@ -97,6 +102,7 @@ class PeerService:
         self.chunk_wait = chunk_wait
         self.relays = 0
         self.max_relays = _RELAYS_PER_SLOT * max_uploads
+        self.max_relays_per_chunk = _CHUNK_RELAYS_PER_SLOT * max_uploads
         self._verified_grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         # POST /p2p/v1/preheat: JSON request body in, JSON report out (p2pd/preheat.py); None: 404.
         self.preheat_handler: Callable[[bytes], Awaitable[bytes]] | None = None
@@ -245,7 +251,9 @@ class PeerService:
 
         def relayable() -> Arrival | None:
             arrival = transfer.arrivals.get(chunk) if chunk is not None else None
-            return arrival if arrival is not None and self.relays < self.max_relays else None
+            if arrival is None or self.relays >= self.max_relays or arrival.relays >= self.max_relays_per_chunk:
+                return None
+            return arrival
 
         with trio.move_on_after(self.chunk_wait):
             while not transfer.covers(start, end) and relayable() is None:
@@ -291,15 +299,18 @@ class PeerService:
 
         Relays take no upload slot: each runs at the rate the chunk arrives, a fraction of the
         uplink, and a range holder's peers all wait for its next chunk at once. They are
-        bounded by ``max_relays`` instead; past that, a request waits for the chunk as before.
+        bounded by ``max_relays`` and, per chunk, by ``max_relays_per_chunk`` instead; past
+        that, a request waits for the chunk as before.
         """
         offset, length = transfer.bounds(arrival.index)
         headers += [("Content-Range", f"bytes {offset}-{offset + length - 1}/{transfer.size}"), (RELAY_HEADER, "1")]
         self.relays += 1
+        arrival.relays += 1
         self.metrics.chunks_relayed.inc()
 
         def done() -> None:
             self.relays -= 1
+            arrival.relays -= 1
 
         return Response(206, headers, self._relayed(arrival), content_length=length, on_close=done)
 
