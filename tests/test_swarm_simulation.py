@@ -988,3 +988,44 @@ async def test_a_coordinator_without_state_asks_the_member_ranked_next_once_and_
     started = trio.current_time()
     reply = await swarm.coordinate(asking("lessee", other))
     assert reply.granted and trio.current_time() - started <= 1.01
+
+
+@pytest.mark.parametrize("answer", ["relay cut short", "not here"])
+async def test_a_relay_cut_short_is_neither_a_failure_nor_a_false_claim(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock, answer: str
+) -> None:
+    """A range holder relayed a chunk still arriving there and the chunk stalled (or failed): by
+    the time the asker gives up, the holder may have it and its bitmap say so. Found at N = 32
+    with equal links: counted as a false claim, the holder was disputed and its range fetched from
+    the seed a second time. A plain "not here" for a claimed chunk is still disputed."""
+    from p2pd.swarm.peers import PeerMissing, PeerRelayCut
+
+    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
+    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"relay-cut%d" % i).hexdigest())
+                              for i in range(100)) if coordinators(str(d), members, 1) != ["lessee"])
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    failures: list[str] = []
+    monkeypatch.setattr(swarm.membership, "failure", failures.append)
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
+    transfer = swarm.start_transfer(digest, 4 * _CHUNK, fd, None)
+    transfer.hashes = [bytes(32)] * 4
+    holder = "node-0001"
+    transfer.sources[holder] = Bitmap(4)
+    transfer.sources[holder].set(1)  # in its bitmap by now (it completed while the relay stalled)
+    transfer.addresses[holder] = f"{holder}:7000"
+    transfer.lessees[holder] = (0, 3)
+
+    async def fetch_chunk(*_args: object, **_kwargs: object) -> None:
+        raise PeerRelayCut("relay cut short: timeout") if answer == "relay cut short" else PeerMissing("not here")
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    transfer.requested.add(1)
+    transfer.busy[holder] = 1
+    await swarm._fetch_chunk(transfer, 1, holder, lambda: None)
+    os.close(fd)
+    assert failures == []
+    assert transfer.retry_at[holder] <= trio.current_time() + 0.2  # asked again soon
+    if answer == "relay cut short":
+        assert holder not in transfer.disputed and holder in transfer.sources
+    else:
+        assert holder in transfer.disputed and holder not in transfer.sources
