@@ -1,8 +1,10 @@
 """The peer endpoint (``--peer-listen``): what other nodes ask this node.
 
 Every request must carry a valid HMAC from the cluster key (401 otherwise); metadata
-responses are signed. Chunk bytes are served only when every chunk they overlap is
-verified here; a request for a chunk this node is still downloading waits briefly for it.
+responses are signed. A chunk's last bytes are served only once the chunk is verified
+here; a request for a chunk this node is still downloading waits briefly for it, and
+one for the chunk it is fetching from the upstream now is relayed as the bytes arrive (all but the
+last ``RELAY_HOLDBACK``, sent once the chunk is verified; ``p2pd.swarm.engine.Arrival``).
 Uploads are limited in number (beyond ``max_uploads`` a request waits up to ``slot_wait``
 for a slot, then gets 429 + Retry-After) and in rate (token bucket).
 """
@@ -53,14 +55,6 @@ class _RelayCut(Exception):
     """A relayed chunk will not complete here: its answer is cut short (the asker retries)."""
 
 
-def _whole_chunk(transfer: SwarmTransfer, start: int, end: int) -> int | None:
-    """The chunk index when bytes start..end are exactly one chunk (what peers ask for)."""
-    if transfer.chunk_size <= 0 or start % transfer.chunk_size:
-        return None
-    index = start // transfer.chunk_size
-    offset, length = transfer.bounds(index)
-    return index if index < transfer.count and end == offset + length - 1 else None
-
 log = logging.getLogger("p2pd.swarm.service")
 
 _BLOB_RE = re.compile(rf"{PROTOCOL_PREFIX}/blobs/(?P<digest>[^/]+)")
@@ -73,10 +67,20 @@ _RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
 # Relays of one arriving chunk, per upload slot. Every reader wants a blob's first chunk at
 # once: with 31 peers relaying it (N = 32, equal links), the fan-out at the chunk's arrival rate
 # was twice the holder's uplink, the holder's own upstream flow starved behind it (its ACKs
-# share that uplink), the chunk took 15 s to arrive and bench clients gave up at byte 0.
+# share that uplink), the chunk took 15 s to arrive and bench clients gave up at byte 0. The cap
+# bounds that fan-out; it did not by itself end those fallbacks (docs/benchmarks.md, sixth session).
 _CHUNK_RELAYS_PER_SLOT = 2
 _RELAY_STALL = 30.0  # seconds a relayed chunk may go without a new byte before its answer is cut
 _VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
+
+
+def _whole_chunk(transfer: SwarmTransfer, start: int, end: int) -> int | None:
+    """The chunk index when bytes start..end are exactly one chunk (what peers ask for)."""
+    if transfer.chunk_size <= 0 or start % transfer.chunk_size:
+        return None
+    index = start // transfer.chunk_size
+    offset, length = transfer.bounds(index)
+    return index if index < transfer.count and end == offset + length - 1 else None
 
 
 class PeerService:
@@ -322,7 +326,7 @@ class PeerService:
                 raise _RelayCut(f"chunk {arrival.index} failed or its fetch ended")
             ready = length if arrival.verified else max(0, arrival.received - RELAY_HOLDBACK)
             if ready > sent:
-                piece = bytes(arrival.buffer[sent:ready])
+                piece = bytes(memoryview(arrival.buffer)[sent:ready])  # one copy, not two
                 await self.upload_bucket.take(len(piece))
                 sent += len(piece)
                 self.metrics.peer_served_bytes.inc(len(piece))
