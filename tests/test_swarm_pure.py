@@ -902,6 +902,42 @@ def test_false_claims_are_disputed_and_stop_holding_up_the_site() -> None:
     assert state.disputes == before
 
 
+def test_a_finished_range_its_holder_took_away_is_granted_again() -> None:
+    """A range is done once its holder has it all; the holder may die before any peer copied a
+    chunk of it. Disputed (it stopped answering), its range is reopened unless the site's other
+    holders cover it. Before, the range stayed done and the chunks only it held waited for
+    stuck_after at every reader: a CI run's pulls stalled past stall_timeout and failed."""
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    assert [state.announce(_ranged(n, 12), 0.0).ranges for n in ("n0", "n1", "n2")] == [((0, 3),), ((4, 7),),
+                                                                                          ((8, 11),)]
+    assert state.announce(_ranged("n0", 12, set(range(4))), 1.0).ranges == ()  # done, nothing left to grant
+    assert not state.announce(_ranged("n3", 12), 1.5).granted
+    # n1 copied chunks 0 and 1 of it (and says so), then n0 dies before anyone copied 2 and 3.
+    state.announce(_ranged("n1", 12, {0, 1}, leased=True), 2.0)
+    reply = state.announce(replace(_ranged("n2", 12, leased=True), disputed=("n0",), ranges=((8, 11),)), 3.0)
+    assert reply.ranges == ((8, 11),)  # n2 keeps its own range
+    reply = state.announce(_ranged("n3", 12), 3.5)
+    assert reply.granted and reply.ranges == ((0, 3),)
+    # A lost holder whose range others hold: nothing reopened.
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    state.announce(_ranged("n0", 12), 0.0)
+    for node in ("n1", "n2"):
+        state.announce(_ranged(node, 12, want_lease=False), 0.1)  # known here (else they took over from elsewhere)
+    state.announce(_ranged("n0", 12, set(range(4))), 1.0)
+    state.announce(_ranged("n1", 12, {0, 1}, want_lease=False), 1.5)
+    state.announce(_ranged("n2", 12, {2, 3}, want_lease=False), 1.6)
+    state.announce(replace(_ranged("n2", 12, {2, 3}, want_lease=False), disputed=("n0",)), 2.0)
+    assert state.announce(_ranged("n3", 12), 2.5).ranges == ((4, 7),)
+    # A holder that leaves (gone) is a lost holder too; a holder of another site covers nothing here.
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    state.announce(_ranged("n0", 12), 0.0)
+    state.announce(_ranged("n0", 12, set(range(4))), 1.0)
+    state.announce(_ranged("m0", 12, site="s2", want_lease=False), 0.1)
+    state.announce(_ranged("m0", 12, set(range(4)), site="s2", want_lease=False), 1.2)
+    state.announce(_ranged("n0", 12, gone=True), 2.0)
+    assert state.announce(_ranged("n3", 12), 2.5).ranges == ((0, 3),)
+
+
 def _announce_disputing(node: str, *disputed: str, want_lease: bool = True) -> Announce:
     message = _node_announce(node, want_lease=want_lease)
     return Announce(message.digest, message.node, message.address, message.site, message.size, message.chunk_size,

@@ -39,6 +39,10 @@ Rules/invariants:
   announcement round, not until ``stuck_after``. One dispute suffices (a site may have two
   nodes); a member that disputes honest nodes costs at most an extra upstream fetch per
   ``distrust_ttl``.
+- A finished range is reopened when the site may have lost it: a node of the site is disputed
+  (it died, or lied) or gone, and the site's other trusted holders do not cover the range. Its
+  holder may have fetched it and died before any peer copied a chunk of it; the range was done,
+  so nobody would fetch those chunks until every reader gave up (``stuck_after``).
 - A lease is renewed only while its holder makes progress (its bitmap grows); a holder that
   announces but fetches nothing loses the lease ``lease_ttl`` seconds after its last progress.
 - Memory is bounded: at most ``max_digests`` digests and ``max_holders`` holders each;
@@ -166,7 +170,7 @@ class CoordinatorState:
                 # One takeover lasts lease_ttl from its start, however many such nodes arrive.
                 state.takeover_until = now + self.lease_ttl
         self._expire(state, now)
-        self._dispute(state, message, now)
+        lost_holder = self._dispute(state, message, now) or (message.gone and message.node in state.holders)
         trusted = message.node not in state.distrusted
 
         if message.gone:
@@ -180,6 +184,8 @@ class CoordinatorState:
             while len(state.holders) > self.max_holders:
                 state.holders.popitem(last=False)
 
+        if lost_holder:
+            self._reopen_lost_ranges(state, now)
         site = self._site(state, message)
         have = _bitmap(message.complete, message.have, site)
         if message.complete:
@@ -322,16 +328,42 @@ class CoordinatorState:
             for index in [i for i, lease in site.leases.items() if lease.node == node]:
                 del site.leases[index]
 
-    def _dispute(self, state: _DigestState, message: Announce, now: float) -> None:
+    def _dispute(self, state: _DigestState, message: Announce, now: float) -> bool:
+        """Distrusts the nodes ``message`` disputes; True when one was trusted until now."""
+        newly = False
         for node in message.disputed:
             if node == message.node or (node not in state.holders and all(
                     lease.node != node for site in state.sites.values() for lease in site.leases.values())):
                 continue  # nothing to take back (and a node cannot dispute itself)
             self.disputes += 1
+            newly = newly or node not in state.distrusted
             state.distrusted[node] = now + self.distrust_ttl
             self._release(state, node)
             while len(state.distrusted) > self.max_holders:
                 state.distrusted.pop(next(iter(state.distrusted)))
+        return newly
+
+    def _reopen_lost_ranges(self, state: _DigestState, now: float) -> None:
+        """Takes back ``done`` from each finished range that the site's fresh, trusted holders no
+        longer cover (their last announced bitmaps), so the next node that asks is granted it.
+        A bitmap a few announcements old may reopen a range a peer just copied: one more range
+        from the upstream, against a pull that fails. Runs only when a holder is lost (O(holders))."""
+        for (site_name, _chunk_size), site in state.sites.items():
+            if not site.done:
+                continue
+            count = site.ranges[-1][1] + 1
+            covered = 0
+            for holder in state.holders.values():
+                info = holder.info
+                if info.site != site_name or info.node in state.distrusted or not self._fresh(holder, now):
+                    continue
+                bitmap = _bitmap(info.complete, info.have, site)
+                if bitmap is not None:
+                    covered |= int.from_bytes(bitmap.to_bytes(), "big")
+            held = Bitmap(count, covered.to_bytes((count + 7) // 8, "big"))
+            for index in [i for i in site.done if not all(c in held for c in range(site.ranges[i][0],
+                                                                                      site.ranges[i][1] + 1))]:
+                site.done.discard(index)
 
     def digests(self) -> int:
         return len(self._digests)
