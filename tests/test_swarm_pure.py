@@ -24,7 +24,7 @@ from p2pd.oci.digest import Digest
 from p2pd.swarm import auth, coordinator, messages, planning, rendezvous
 from p2pd.swarm.auth import AuthError
 from p2pd.swarm.coordinator import MIN_RANGE_CHUNKS, CoordinatorState, split_ranges
-from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, Reply, decode, encode
+from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, RangeLease, Reply, decode, encode
 from p2pd.swarm.planning import LESSEE_LOOKAHEAD, Bitmap, ChunkRequest, lessee_view, plan_requests
 
 
@@ -349,6 +349,7 @@ def test_messages_round_trip() -> None:
         _announce(disputed=("node-x", "node-y")),
         _announce(leased=True, ranges=((0, 3), (8, 11))),
         _announce(have=None, want_lease=False, handoff=True),
+        _announce(lessees=(RangeLease("node-b", "127.0.0.11:7000", 0, 3), RangeLease("node-c", "c:1", 4, 7))),
     ):
         assert decode(encode(message)) == message
     # A message from a node that does not send the newer flags still decodes.
@@ -936,6 +937,35 @@ def test_a_finished_range_its_holder_took_away_is_granted_again() -> None:
     state.announce(_ranged("m0", 12, set(range(4)), site="s2", want_lease=False), 1.2)
     state.announce(_ranged("n0", 12, gone=True), 2.0)
     assert state.announce(_ranged("n3", 12), 2.5).ranges == ((0, 3),)
+
+
+def test_a_backup_without_state_does_not_grant_the_ranges_its_askers_know_are_leased() -> None:
+    """The coordinator of a pull at N = 32 timed out for some nodes (its uplink full, its CPU
+    shared by 32 agents) and they announced to the backup, which had no state and could not
+    reach the coordinator for a hand-off either. The first of them had no chunks yet, so the
+    backup did not know a pull was running and granted ranges 0-27 again (seed egress 1.44x).
+    Now each announcement lists the site's leases its node knows; the backup takes over with
+    them, and they last a lease TTL past the takeover while their holders announce elsewhere."""
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    known = (RangeLease("n0", "n0:7000", 0, 3), RangeLease("n1", "n1:7000", 4, 7))
+    reply = state.announce(replace(_ranged("x", 12), lessees=known), 0.0)
+    assert not reply.granted  # taking over: nothing granted but what a holder names as its own
+    assert [(lease.node, lease.first) for lease in reply.lessees] == [("n0", 0), ("n1", 4)]
+    reply = state.announce(_ranged("y", 12), TTL + 0.5)  # after the takeover: a free range only
+    assert reply.ranges == ((8, 11),)
+    assert state.announce(_ranged("z", 12), TTL + 1.0).ranges == ()
+    # A lease heard of (its holder never announced here) ends a TTL after the takeover.
+    assert state.announce(_ranged("z", 12), 2 * TTL + 0.5).ranges == ((0, 3),)
+    # A coordinator that has state ignores the lists (its own leases are the truth): a lease it
+    # released is not brought back by a node that still lists it.
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    assert state.announce(_ranged("n0", 12), 0.0).ranges == ((0, 3),)
+    state.announce(_ranged("a", 12, want_lease=False), 0.1)
+    # n0 stopped answering: released, and granted to b.
+    assert state.announce(replace(_ranged("b", 12), disputed=("n0",)), 1.0).ranges == ((0, 3),)
+    reply = state.announce(replace(_ranged("a", 12), lessees=(RangeLease("n0", "n0:7000", 0, 3),)), 1.5)
+    assert reply.ranges == ((4, 7),)
+    assert [(lease.node, lease.first) for lease in reply.lessees] == [("b", 0), ("a", 4)]
 
 
 def _announce_disputing(node: str, *disputed: str, want_lease: bool = True) -> Announce:

@@ -1029,3 +1029,39 @@ async def test_a_relay_cut_short_is_neither_a_failure_nor_a_false_claim(
         assert holder not in transfer.disputed and holder in transfer.sources
     else:
         assert holder in transfer.disputed and holder not in transfer.sources
+
+
+async def test_a_chunk_claimed_only_while_it_was_asked_for_is_not_a_false_claim(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer answers "not here" for a chunk and gets it a moment later; its bitmap saying so
+    (in another of its answers, or a coordinator's reply) reaches the asker before the "not
+    here" is handled. Judged against that bitmap, the honest peer was disputed, lost its range
+    lease, and the range came from the seed twice (N = 32 equal links, 1.04x egress)."""
+    from p2pd.swarm.peers import PeerMissing
+
+    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
+    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"late-claim%d" % i).hexdigest())
+                              for i in range(100)) if coordinators(str(d), members, 1) != ["lessee"])
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT)
+    transfer = swarm.start_transfer(digest, 4 * _CHUNK, fd, None)
+    transfer.hashes = [bytes(32)] * 4
+    holder = "node-0001"
+    transfer.sources[holder] = Bitmap(4)  # it has nothing yet when asked
+    transfer.addresses[holder] = f"{holder}:7000"
+    transfer.lessees[holder] = (0, 3)
+
+    async def fetch_chunk(*_args: object, **_kwargs: object) -> None:
+        fresher = Bitmap(4)
+        fresher.set(1)
+        transfer.sources[holder] = fresher  # its newer bitmap arrives while the request is out
+        raise PeerMissing("not here")
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    transfer.requested.add(1)
+    transfer.busy[holder] = 1
+    await swarm._fetch_chunk(transfer, 1, holder, lambda: None)
+    os.close(fd)
+    assert holder not in transfer.disputed and holder in transfer.sources
+    assert transfer.retry_at[holder] <= trio.current_time() + 0.2  # asked again soon

@@ -23,6 +23,10 @@ Rules/invariants:
   first such node on, for ``lease_ttl`` (holders announce well within that time), it
   gives each holder back the ranges it names (``Announce.ranges``) and grants no other
   range, so no range a holder is fetching goes to a second node (a second upstream fetch).
+  A node that lists range leases another coordinator granted (``Announce.lessees``: its
+  predecessor is alive but unreachable from some nodes, and a first asker may have no chunks
+  yet) starts the takeover too, and the leases listed during it are kept until a lease TTL
+  after it (their holders may announce only to the other coordinator).
 - Hand-off: a coordinator that has no state for a digest first asks the member ranked next
   (``handoff`` announcement): when this coordinator has just joined, that member coordinated
   the digest until now. The member answers with its holders and the site's leases and, when the
@@ -211,6 +215,13 @@ class CoordinatorState:
         if taking_over and trusted and site is not None and message.leased and message.want_lease \
                 and not site_has_copy and not message.gone:
             self._reclaim(site, message, have, now)
+        if taking_over and trusted and site is not None and message.lessees and not site_has_copy:
+            # The leases its last coordinator listed. Their holders may go on announcing there
+            # (this coordinator may be standing in only for the nodes that could not reach it),
+            # so each lasts a lease TTL past the takeover, not one from now. Only while taking
+            # over: this state's own replies, listed back to it, must not keep a dead holder's
+            # lease alive.
+            self._adopt_leases(state, site, message.lessees, {}, now, state.takeover_until + self.lease_ttl)
         # While taking over, only a holder that does not name its ranges (an older node) gets a
         # free one; a node naming its ranges got back what is still its own.
         may_grant = trusted and (not taking_over or (message.leased and not message.ranges)) \
@@ -286,17 +297,23 @@ class CoordinatorState:
         for index, (first, last) in enumerate(site.ranges):
             if any(all(i in have for i in range(first, last + 1)) for have in bitmaps.values()):
                 site.done.add(index)
-        for lease in reply.lessees:
+        self._adopt_leases(state, site, reply.lessees, bitmaps, now, now + self.lease_ttl)
+
+    def _adopt_leases(self, state: _DigestState, site: _SiteRanges, lessees: tuple[RangeLease, ...],
+                      bitmaps: dict[str, Bitmap], now: float, expires: float) -> None:
+        """Takes in range leases another coordinator granted (as its hand-off reply, or an
+        announcing node, lists them): ranges of this split that are neither in nor leased here.
+        Each lasts until ``expires`` unless its holder announces here (and progresses)."""
+        for lease in lessees:
             try:
                 index = site.ranges.index((lease.first, lease.last))
             except ValueError:
                 continue  # not a range of this split
-            if index in site.done or index in site.leases:
+            if index in site.done or index in site.leases or lease.node in state.distrusted:
                 continue
             have = bitmaps.get(lease.node)
             chunks = sum(1 for i in range(lease.first, lease.last + 1) if i in have) if have is not None else 0
-            site.leases[index] = _Lease(lease.node, lease.address, now + self.lease_ttl, now, chunks,
-                                        lease.first, lease.last)
+            site.leases[index] = _Lease(lease.node, lease.address, expires, now, chunks, lease.first, lease.last)
 
     def _site(self, state: _DigestState, message: Announce) -> _SiteRanges | None:
         """The site's ranges; made from the blob's size when a node of the site first names it."""
@@ -370,9 +387,10 @@ class CoordinatorState:
 
 
 def _worked_elsewhere(message: Announce) -> bool:
-    """The node holds chunks or ranges of a transfer this coordinator has not seen it in."""
+    """The node holds chunks or ranges of a transfer this coordinator has not seen it in, or
+    knows of range leases another coordinator granted."""
     return not message.gone and not message.complete and (
-        bool(message.ranges) or (message.have is not None and any(message.have)))
+        bool(message.ranges) or bool(message.lessees) or (message.have is not None and any(message.have)))
 
 
 def _bitmap(complete: bool, have: bytes | None, site: _SiteRanges | None) -> Bitmap | None:

@@ -44,7 +44,7 @@ from .chunkwire import Exchange
 from .coordinator import CoordinatorState
 from .grants import GrantStore
 from .membership import Member, Membership
-from .messages import MAX_DISPUTED, MAX_RANGES, Announce, BudgetAsk, BudgetGrant, PeerInfo, Reply
+from .messages import MAX_DISPUTED, MAX_RANGES, Announce, BudgetAsk, BudgetGrant, PeerInfo, RangeLease, Reply
 from .peers import (
     PartialChunkMap,
     PeerBusy,
@@ -305,7 +305,8 @@ class Swarm:
         done = self._handoffs[message.digest] = trio.Event()
         try:
             question = replace(message, node=self.me.node_id, address=self.me.address, have=None, complete=False,
-                               want_lease=False, leased=False, disputed=(), ranges=(), handoff=True)
+                               want_lease=False, leased=False, disputed=(), ranges=(), handoff=True,
+                               lessees=())
             self.messages_sent += 1
             self.metrics.peer_messages.labels("handoff").inc()
             try:
@@ -344,11 +345,16 @@ class Swarm:
                       want_lease: bool = False, gone: bool = False, size: int | None = None) -> Announce:
         have = None if transfer is None or complete else transfer.have.to_bytes()
         disputed = tuple(sorted(transfer.disputed))[:MAX_DISPUTED] if transfer is not None else ()
+        lessees = tuple(RangeLease(node, address, first, last)
+                        for node, (first, last) in sorted(transfer.lessees.items())
+                        if (address := transfer.addresses.get(node)) is not None)[:MAX_RANGES] \
+            if transfer is not None and not complete and not gone else ()
         return Announce(digest, self.me.node_id, self.me.address, self.me.site,
                         transfer.size if transfer else size, self._chunk_size_of(transfer, digest, size),
                         complete, have, want_lease, gone,
                         leased=transfer is not None and transfer.leased, disputed=disputed,
-                        ranges=transfer.ranges[:MAX_RANGES] if transfer is not None and transfer.leased else ())
+                        ranges=transfer.ranges[:MAX_RANGES] if transfer is not None and transfer.leased else (),
+                        lessees=lessees)
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):
@@ -712,6 +718,12 @@ class Swarm:
                                 on_progress: Callable[[], None]) -> None:
         offset, length = transfer.bounds(index)
         address = transfer.addresses.get(node)
+        # Whether it claimed the chunk when asked. A bitmap that says so only while the request
+        # is out (in another of its answers, or the coordinator's reply) came after its "not
+        # here": it got the chunk meanwhile (N = 32 equal links: a range holder's chunk landed
+        # just after it answered, the holder was disputed and its range fetched twice).
+        known = transfer.sources.get(node)
+        claimed = known is not None and index in known
         self.metrics.peer_messages.labels("chunk").inc()
         try:
             if address is None:
@@ -766,8 +778,7 @@ class Swarm:
             transfer.retry_at[node] = time.monotonic() + 0.2
         except PeerMissing:
             transfer.retry_at[node] = time.monotonic() + 0.2
-            claimed = transfer.sources.get(node)
-            if claimed is not None and index in claimed:
+            if claimed:
                 # It said it had this chunk (a complete copy, or its bitmap) and has not: a stale
                 # or false claim. The coordinator hears of it with our next announcement.
                 log.info("%s claimed chunk %d of %s but does not serve it", node, index, transfer.digest)

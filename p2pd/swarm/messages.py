@@ -73,6 +73,10 @@ class Announce:
     # coordinated it before this one joined): "tell me what you know, and grant no more ranges"
     # (p2pd.swarm.coordinator, "hand-off").
     handoff: bool = False
+    # The site's range leases the node learned from its coordinator's last reply. A backup that
+    # takes the digest over with no state (its predecessor unreachable, perhaps only from some
+    # nodes) learns from them which ranges are being fetched, instead of granting them again.
+    lessees: tuple[RangeLease, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,8 @@ def encode(message: Message) -> bytes:
             body["ranges"] = [[first, last] for first, last in message.ranges]
         if message.handoff:
             body["handoff"] = True
+        if message.lessees:
+            body["lessees"] = _encode_lessees(message.lessees)
     else:
         body = {
             "t": "reply",
@@ -205,9 +211,13 @@ def encode(message: Message) -> bytes:
         if message.ranges:
             body["ranges"] = [[first, last] for first, last in message.ranges]
         if message.lessees:
-            body["lessees"] = [{"node": lease.node, "address": lease.address, "first": lease.first,
-                                "last": lease.last} for lease in message.lessees]
+            body["lessees"] = _encode_lessees(message.lessees)
     return msgpack.packb(body)
+
+
+def _encode_lessees(lessees: tuple[RangeLease, ...]) -> list[dict[str, Any]]:
+    return [{"node": lease.node, "address": lease.address, "first": lease.first, "last": lease.last}
+            for lease in lessees]
 
 
 def decode(data: bytes) -> Message:
@@ -242,7 +252,7 @@ def decode(data: bytes) -> Message:
                         _text(obj.get("site"), "site"), size, chunk_size, flags[0],
                         _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3],
                         tuple(_text(node, "disputed node") for node in disputed), _ranges(obj.get("ranges", [])),
-                        flags[4])
+                        flags[4], _lessees(obj.get("lessees", [])))
     if kind == "reply":
         holders = obj.get("holders")
         if not isinstance(holders, list):
