@@ -155,6 +155,9 @@ class SwarmConfig:
     max_uploads: int = 4  # concurrent chunk uploads; more get 429 + Retry-After
     download_rate: int = 0  # bytes/s fetched from peers; 0 = unlimited
     upstream_rate: int = 0  # bytes/s fetched from upstreams; 0 = unlimited
+    # A range holder's upstream response that stops for this long once its bytes flow is
+    # reopened where it stopped (0: never); its peers and their readers wait for those chunks.
+    upstream_stall: float = 3.0
     # bytes/s the whole site (all its nodes together) fetches from upstreams; 0 = unlimited.
     # Kept by one member of the site and shared by its fetchers (p2pd/swarm/budget.py).
     site_upstream_rate: int = 0

@@ -270,7 +270,8 @@ class Fetcher:
                 download._release(swarm.released(transfer))
 
             async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> None:
-                await self._upstream_range(upstream, repository, digest, start, end, accept)
+                await self._upstream_range(upstream, repository, digest, start, end, accept,
+                                           stall=self.config.swarm.upstream_stall)
 
             on_progress()
             await swarm.run_transfer(transfer, upstream_range, on_progress)
@@ -288,8 +289,16 @@ class Fetcher:
         await swarm.announce_complete(digest, size)
 
     async def _upstream_range(self, upstream: Upstream, repository: str, digest: Digest, start: int, end: int,
-                              accept: Callable[[bytes], Awaitable[None]]) -> None:
-        """Feeds bytes start..end from the upstream to ``accept``, resuming after failures."""
+                              accept: Callable[[bytes], Awaitable[None]], *, stall: float = 0.0) -> None:
+        """Feeds bytes start..end from the upstream to ``accept``, resuming after failures.
+
+        ``stall`` > 0: a response whose bytes stop for that long, once they flow, is reopened
+        where it stopped. On a thin uplink shared by a site's range holders, one holder's flow
+        stalled 11 s mid-chunk (TCP backing off after losses at the uplink's queue) while the
+        others ran at their share; it carried the blob's first chunk, and every node's reader
+        waited for it (N = 32 equal links: clients fell back to the seed). A new connection
+        does not wait out the backoff. The first byte is not bounded this way: a registry may
+        take long to start a blob (a pull-through cache fetching it first)."""
         position = start
         failures_without_progress = 0
         while position <= end:
@@ -297,7 +306,13 @@ class Fetcher:
             try:
                 self.metrics.upstream_fetches.inc()
                 async with upstream.open_blob(repository, digest, position, end) as response:
-                    async for piece in response.aiter_bytes():
+                    pieces = response.aiter_bytes()
+                    while True:
+                        with trio.move_on_after(stall if stall > 0 and position > before else math.inf) as waited:
+                            piece = await anext(pieces, b"")
+                        if waited.cancelled_caught:
+                            self.metrics.upstream_stalls.inc()
+                            raise UpstreamError(f"no byte for {stall:g}s")
                         piece = piece[: end + 1 - position]
                         if not piece:
                             break

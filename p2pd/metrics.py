@@ -29,6 +29,8 @@ class AgentMetrics:
         self.inflight = Gauge("p2pd_inflight_fetches", "Blob downloads in progress", registry=self.registry)
         self.upstream_fetches = Counter("p2pd_upstream_fetches", "Blob GET requests sent to upstreams",
                                         registry=self.registry)
+        self.upstream_stalls = Counter("p2pd_upstream_stalls", "Upstream range responses reopened after their "
+                                       "bytes stopped for [swarm] upstream_stall seconds", registry=self.registry)
         self.verification_failures = Counter("p2pd_verification_failures",
                                              "Content that failed digest or chunk verification", ["source"],
                                              registry=self.registry)

@@ -156,6 +156,35 @@ async def test_a_chunk_is_relayed_while_it_arrives_and_its_tail_waits_for_the_ve
     assert os.pread(holder.transfer.fd, 2 * CHUNK, 0) == DATA[:2 * CHUNK]
 
 
+async def test_a_chunk_that_arrives_slowly_is_relayed_at_least_every_second(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A starved upstream flow (N = 32 equal links: a few KB/s for seconds) crossed no 16 KiB
+    step within the askers' read timeout, so every relay of the blob's first chunk was cut and
+    its askers queued for upload slots once it landed. Bytes that arrive go on within a second."""
+    import types
+
+    import p2pd.swarm.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(monotonic=trio.current_time))
+    holder = _Holder(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.fetch, 0, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        response = await holder.service.handle(holder.request(0))
+        got: list[bytes] = []
+        nursery.start_soon(_read, response, got)
+        sizes = []
+        for step in range(16):  # 3 KiB a second: no 16 KiB step in 4 s
+            await holder.feed(DATA[step * 768:(step + 1) * 768])
+            sizes.append(len(b"".join(got)))
+            await trio.sleep(0.25)
+        assert 0 < sizes[4] < sizes[8] < sizes[12]  # each second, more
+        assert sizes[-1] <= 16 * 768 - RELAY_HOLDBACK  # never the tail
+        await holder.feed(DATA[16 * 768:CHUNK])
+    assert b"".join(got) == DATA[:CHUNK] and holder.fetch_error is None
+
+
 async def test_a_chunk_that_fails_verification_reaches_no_asker_whole(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
 ) -> None:
@@ -266,3 +295,40 @@ async def test_a_peer_receives_a_relayed_chunk_before_it_is_complete_at_the_hold
         nursery.cancel_scope.cancel()
     await client.aclose()
     assert isinstance(holder.fetch_error, VerificationError)
+
+
+async def test_the_blobs_first_chunks_come_from_the_upstream_in_a_request_each_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    """Every node's reader starts at chunk 0: the holder of the first range fetches its first
+    chunks (up to four) in a request each, at once (a larger share of a thin uplink, and not all
+    starved together); any other range comes in one request, in order. Each byte is asked for once."""
+    holder = _Holder(tmp_path)
+    transfer = holder.transfer
+    asked: list[tuple[int, int]] = []
+    running = peak = 0
+
+    async def upstream(start: int, end: int, accept: Accept) -> None:
+        nonlocal running, peak
+        asked.append((start, end))
+        running += 1
+        peak = max(peak, running)
+        await trio.sleep(1)  # all of them are open before any byte comes
+        try:
+            for offset in range(start, end + 1, 10_000):
+                await accept(DATA[offset:min(offset + 10_000, end + 1)])
+        finally:
+            running -= 1
+
+    transfer.ranges = ((0, 2),)
+    await holder.swarm._fetch_missing_from_upstream(transfer, upstream, lambda: None)
+    assert sorted(asked) == [(0, CHUNK - 1), (CHUNK, 2 * CHUNK - 1), (2 * CHUNK, 3 * CHUNK - 1)] and peak == 3
+    assert transfer.have.is_full() and not transfer.requested
+    assert os.pread(transfer.fd, len(DATA), 0) == DATA
+    # Another range: one request.
+    other = _Holder(tmp_path / "other")
+    other.transfer.ranges = ((1, 2),)
+    other.transfer.have.set(0)
+    asked.clear()
+    await other.swarm._fetch_missing_from_upstream(other.transfer, upstream, lambda: None)
+    assert asked == [(CHUNK, 3 * CHUNK - 1)]

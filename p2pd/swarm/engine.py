@@ -25,6 +25,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -63,13 +64,21 @@ __all__ = ["HOLDBACK", "RELAY_HOLDBACK", "Arrival", "Swarm", "SwarmTransfer"]
 log = logging.getLogger("p2pd.swarm")
 
 HOLDBACK = 1024 * 1024
-RELAY_HOLDBACK = 16 * 1024  # bytes of an arriving chunk relayed only once the whole chunk is verified
+# Bytes of an arriving chunk relayed only once the whole chunk is verified: any tail keeps a
+# chunk that fails from reaching a peer whole; a short one keeps a slow relay's bytes moving.
+RELAY_HOLDBACK = 1024
 # Relays of an arriving chunk wake up every this many bytes, not for every network read (a
-# range holder's share of the upstream arrives in reads of a few KiB, and ~15 peers relay each).
+# range holder's share of the upstream arrives in reads of a few KiB, and ~15 peers relay each),
+# and at least every _RELAY_TICK seconds while bytes arrive. A starved upstream flow (N = 32
+# equal links: 3 KB/s for seconds) crossed no 16 KiB step within the askers' read timeout:
+# every relay of a blob's first chunk was cut and the askers queued for the holder's upload
+# slots once it landed (the first of them got it 5 s later; two bench clients fell back).
 _RELAY_STEP = 16 * 1024
+_RELAY_TICK = 1.0
 _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
+_FRONT_FLOWS = 4  # a blob's first chunks, fetched from the upstream in a request each, at once
 _ENDGAME_CHUNKS = 4  # chunks missing (all requested) from which one in flight is also asked of a second peer
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
@@ -102,9 +111,11 @@ class Arrival:
     verified: bool = False
     failed: bool = False
     relays: int = 0  # answers relaying it now (the peer service bounds them)
+    notified_at: float = -math.inf  # time.monotonic() of the last notify
     _changed: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:
+        self.notified_at = time.monotonic()
         self._changed.set()
         self._changed = trio.Event()
 
@@ -823,6 +834,7 @@ class Swarm:
 
     async def _fetch_missing_from_upstream(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
                                            on_progress: Callable[[], None]) -> None:
+        await self._fetch_front_from_upstream(transfer, upstream_range, on_progress)
         while not transfer.have.is_full():
             skip = transfer.have.indexes()
             skip_set = set(skip) | transfer.requested | self._held_by_peers(transfer)
@@ -845,6 +857,35 @@ class Swarm:
             finally:
                 transfer.requested.difference_update(run)
                 transfer.notify()
+
+    async def _fetch_front_from_upstream(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
+                                         on_progress: Callable[[], None]) -> None:
+        """The blob's first ``_FRONT_FLOWS`` chunks, when they are in our range and none is here
+        or on its way, one request each, at once; the rest of the range follows in order.
+
+        Every node's reader starts at chunk 0, and a range holder's request gets 1/K of a thin
+        uplink shared by K holders, less when its flow starves: at N = 32 with equal links the
+        first chunk took 12-22 s to reach its holder (fair share ~6 s), and bench clients gave
+        up at byte 0 and fetched the layer from the seed. Requests of their own give the first
+        chunks a larger share together, and they do not all starve at once. The bytes are the
+        same (one copy per site); a range of many chunks is not split further, so a reader
+        that follows it in order is not slowed by parts of it arriving side by side."""
+        front = next(((first, last) for first, last in transfer.ranges if first == 0), None)
+        if front is None or front[1] < 1:
+            return
+        chunks = range(0, min(front[1], _FRONT_FLOWS - 1) + 1)
+        busy = transfer.requested | self._held_by_peers(transfer)
+        if any(i in transfer.have or i in busy for i in chunks):
+            return
+        transfer.requested.update(chunks)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in chunks:
+                    nursery.start_soon(self._fetch_run_from_upstream, transfer, index, index, upstream_range,
+                                       on_progress)
+        finally:
+            transfer.requested.difference_update(chunks)
+            transfer.notify()
 
     def _held_by_peers(self, transfer: SwarmTransfer) -> set[int]:
         if time.monotonic() - transfer.last_progress > self.stuck_after:
@@ -888,7 +929,8 @@ class Swarm:
                 before, arrival.received = arrival.received, arrival.received + take
                 view = view[take:]
                 if arrival.received < length:
-                    if arrival.received // _RELAY_STEP > before // _RELAY_STEP:
+                    if arrival.received // _RELAY_STEP > before // _RELAY_STEP \
+                            or time.monotonic() - arrival.notified_at >= _RELAY_TICK:
                         arrival.notify()
                     return
                 await self._land_upstream_chunk(transfer, arrival)

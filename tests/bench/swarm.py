@@ -959,6 +959,8 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
                 "chunks_failed": delta("p2pd_chunks_failed_total"),
                 "uploads_refused": delta("p2pd_peer_uploads_refused_total"),
                 "chunks_relayed": delta("p2pd_peer_chunks_relayed_total"),
+                "announcements_sent": delta("p2pd_peer_messages_total", kind="announce"),
+                "upstream_stalls": delta("p2pd_upstream_stalls_total"),
                 **events.get(f"n{i}", {}),
             })
             # containerd (or the client) got the image from its agent unless it fell back to the seed.
