@@ -313,6 +313,8 @@ def _checked_swarm(swarm: SwarmConfig) -> SwarmConfig:
     for name in ("upload_rate", "download_rate", "upstream_rate", "site_upstream_rate"):
         if getattr(swarm, name) < 0:
             raise ConfigError(f"swarm.{name} must be 0 (unlimited) or a positive number of bytes per second")
+    if not 0 <= swarm.upstream_stall < float("inf"):
+        raise ConfigError("swarm.upstream_stall must be 0 (never) or a positive number of seconds")
     if swarm.chunk_size & (swarm.chunk_size - 1) or not 64 * 1024 <= swarm.chunk_size <= 64 * 1024 * 1024:
         raise ConfigError("swarm.chunk_size must be a power of two between 64 KiB and 64 MiB")
     return swarm

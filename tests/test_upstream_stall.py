@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 
-from p2pd.config import AgentConfig
+from p2pd.config import AgentConfig, ConfigError, SwarmConfig, _checked_swarm
 from p2pd.fetcher import Fetcher
 from p2pd.metrics import AgentMetrics
 from p2pd.oci.digest import Digest
@@ -85,3 +86,10 @@ async def test_without_a_stall_bound_the_response_is_waited_for(autojump_clock: 
     with trio.move_on_after(60) as waited:
         await _range(upstream, stall=0.0)
     assert waited.cancelled_caught and len(upstream.opened) == 1
+
+
+def test_the_stall_bound_is_checked() -> None:
+    assert _checked_swarm(SwarmConfig(upstream_stall=0.0)).upstream_stall == 0.0
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="upstream_stall"):
+            _checked_swarm(SwarmConfig(upstream_stall=bad))
