@@ -294,11 +294,13 @@ class Fetcher:
 
         ``stall`` > 0: a response whose bytes stop for that long, once they flow, is reopened
         where it stopped. On a thin uplink shared by a site's range holders, one holder's flow
-        stalled 11 s mid-chunk (TCP backing off after losses at the uplink's queue) while the
-        others ran at their share; it carried the blob's first chunk, and every node's reader
-        waited for it (N = 32 equal links: clients fell back to the seed). A new connection
-        does not wait out the backoff. The first byte is not bounded this way: a registry may
-        take long to start a blob (a pull-through cache fetching it first)."""
+        stalled or trickled for ~11 s mid-chunk (TCP backing off after losses at the uplink's
+        queue) while the others ran at their share; it carried the blob's first chunk, and every
+        node's reader waited for it (N = 32 equal links: clients fell back to the seed). A new
+        connection does not wait out the backoff; a trickle is not caught by this bound (the
+        relay tick and the first chunks' own requests, ``p2pd.swarm.engine``, are for that).
+        The first byte is not bounded this way: a registry may take long to start a blob (a
+        pull-through cache fetching it first)."""
         position = start
         failures_without_progress = 0
         while position <= end:
