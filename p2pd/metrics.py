@@ -63,6 +63,12 @@ class AgentMetrics:
         self.peers_known = Gauge("p2pd_peers_known", "Live peers in the member table", registry=self.registry)
         self.peers_banned = Gauge("p2pd_peers_banned", "Peers banned for sending bad bytes",
                                   registry=self.registry)
+        self.peer_requests_served = Counter("p2pd_peer_requests_served", "Requests answered on the peer "
+                                            "endpoint, by route (chunk, map, announce, hello, ...) and status",
+                                            ["route", "status"], registry=self.registry)
+        self.peer_connections = Counter("p2pd_peer_connections", "Chunk connections opened to other nodes, by "
+                                        "handshake (full or resumed TLS, or plain)", ["handshake"],
+                                        registry=self.registry)
         self.peer_messages = Counter("p2pd_peer_messages", "Requests sent to other nodes, by kind "
                                      "(announce, handoff, budget, chunkmap, chunk)", ["kind"], registry=self.registry)
         self.leases = Counter("p2pd_leases", "Upstream leases this node was granted", registry=self.registry)
@@ -97,6 +103,9 @@ class AgentMetrics:
         self.requests.labels(method, request.route, str(status)).inc()
         if request.route in ("blob", "manifest") and request.method == "GET":
             self.served_bytes.inc(bytes_sent)
+
+    def observe_peer(self, request: Request, status: int, bytes_sent: int, seconds: float) -> None:
+        self.peer_requests_served.labels(request.route, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

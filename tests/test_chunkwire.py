@@ -48,6 +48,13 @@ class Server:
                 lines = head.decode().split("\r\n")
                 self.requests.append(lines[0])
                 headers = dict(line.split(": ", 1) for line in lines[1:])
+                if "Range" not in headers:  # a peer message: echo its body (or a large answer)
+                    length = int(headers.get("Content-Length", "0"))
+                    while len(buffer) < length:
+                        buffer += await stream.receive_some(65536)
+                    body, buffer = buffer[:length], buffer[length:]
+                    await self.answer_message(stream, body)
+                    continue
                 first, last = (int(x) for x in headers["Range"].removeprefix("bytes=").split("-"))
                 if not await self.answer(stream, first, last):
                     return
@@ -55,6 +62,12 @@ class Server:
             return
         finally:
             await stream.aclose()
+
+    async def answer_message(self, stream: trio.SocketStream, body: bytes) -> None:
+        status, text = (404, b"{}") if self.mode == "404" else (200, b"echo:" + body)
+        if self.mode == "large":
+            text = b"x" * (8 * 1024 * 1024 + 1)
+        await stream.send_all(f"HTTP/1.1 {status} X\r\nContent-Length: {len(text)}\r\n\r\n".encode() + text)
 
     async def answer(self, stream: trio.SocketStream, first: int, last: int) -> bool:
         body = BLOB[first:last + 1]
@@ -194,5 +207,36 @@ async def test_a_new_tls_connection_resumes_the_last_full_handshakes_session(
         monkeypatch.setattr(chunkwire, "_SESSION_REUSE", 0.0)  # the full handshake is too old now
         await client.fetch_chunk(address, DIGEST, 0, 100)
         assert resumed == [False, True, True, False]
+    finally:
+        await client.aclose()
+
+
+async def test_peer_messages_go_over_the_chunk_connections(server: Server) -> None:
+    # A message and the chunks after it share one kept-alive connection (one TLS handshake per
+    # peer, not one per client library); the body of a POST arrives whole.
+    opened: list[str] = []
+    client = PeerClient("me", None, on_connect=opened.append)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        assert await client.manifest(address, DIGEST) == b"echo:"
+        chunk = await client.fetch_chunk(address, DIGEST, 0, 65536)
+        assert bytes(chunk.data) == BLOB[:65536]
+        answer = await trio.to_thread.run_sync(client._wire.request, address, "POST", "/p2p/v1/announce", {},
+                                               b"hello" * 1000, 1024 * 1024, chunkwire.Exchange())
+        assert answer.status == 200 and bytes(answer.body) == b"echo:" + b"hello" * 1000
+        assert server.connections == 1 and opened == ["plain"]
+        assert [line.split()[0] for line in server.requests] == ["GET", "GET", "POST"]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(("mode", "error"), [("404", PeerMissing), ("large", PeerError)])
+async def test_a_message_answer_that_is_missing_or_too_large_is_a_peer_error(server: Server, mode: str,
+                                                                             error: type[Exception]) -> None:
+    server.mode = mode
+    client = PeerClient("me", None)
+    try:
+        with pytest.raises(error):
+            await client.manifest(f"127.0.0.1:{server.port}", DIGEST)
     finally:
         await client.aclose()

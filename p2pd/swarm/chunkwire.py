@@ -1,4 +1,4 @@
-"""Chunk downloads from peers on blocking keep-alive connections, run in worker threads.
+"""Chunk downloads and peer messages on blocking keep-alive connections, run in worker threads.
 
 Why not the async client: a 1 MiB chunk over TLS arrives as 64 TLS records, and every record
 went through six layers of async generators (httpx, httpcore, h11, trio's SSLStream), which
@@ -33,7 +33,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 __all__ = ["ChunkAnswer", "ChunkWire", "ChunkWireError", "Exchange"]
@@ -116,8 +116,11 @@ class ChunkWire:
     """A pool of keep-alive connections per peer address, used from worker threads."""
 
     def __init__(self, *, tls: ssl.SSLContext | None, connect_timeout: float, read_timeout: float,
-                 relay_header: str | None = None) -> None:
+                 relay_header: str | None = None, on_connect: Callable[[str], None] | None = None) -> None:
         self._tls = tls
+        # Told of every new connection ("full" or "resumed" TLS handshake, or "plain"): each
+        # costs CPU at both ends, so operators can see how well connections are reused.
+        self._on_connect = on_connect
         self._relay_header = relay_header
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -181,6 +184,27 @@ class ChunkWire:
         Raises:
             ChunkWireError: on any failure of the connection or the answer's framing.
         """
+        ranged = {**headers, "Range": f"bytes={start}-{start + length - 1}"}
+        return self._exchange(address, "GET", target, ranged, b"", exchange,
+                              lambda response: self._read(response, length, exchange))
+
+    def request(self, address: str, method: str, target: str, headers: Mapping[str, str], body: bytes,
+                max_body: int, exchange: Exchange) -> ChunkAnswer:
+        """A small exchange (a peer message, a hello, a chunk map) on the same pooled connections
+        as chunks (blocking): one connection and TLS handshake per peer serves both, and a
+        message costs one wake-up of the event loop instead of a pass through the async client's
+        layers. A POST is sent again on a fresh connection if a pooled one turns out closed
+        before any answer byte: the peer did not read it, and peer messages are idempotent.
+
+        Raises:
+            ChunkWireError: on any failure of the connection or the answer's framing, or a body
+            over ``max_body`` bytes.
+        """
+        return self._exchange(address, method, target, headers, body, exchange,
+                              lambda response: self._read_small(response, max_body))
+
+    def _exchange(self, address: str, method: str, target: str, headers: Mapping[str, str], body: bytes,
+                  exchange: Exchange, read: Callable[[http.client.HTTPResponse], ChunkAnswer]) -> ChunkAnswer:
         pooled = self._take(address)
         for attempt in (0, 1):
             conn = pooled if attempt == 0 and pooled is not None else _Connection(
@@ -189,13 +213,16 @@ class ChunkWire:
             try:
                 if conn.sock is None:
                     conn.connect()
+                    if self._on_connect is not None:
+                        self._on_connect(_handshake(conn))
                 conn.sock.settimeout(self._read_timeout)
                 exchange._attach(conn)
-                conn.putrequest("GET", target, skip_accept_encoding=True)
+                conn.putrequest(method, target, skip_accept_encoding=True)
                 for name, value in headers.items():
                     conn.putheader(name, value)
-                conn.putheader("Range", f"bytes={start}-{start + length - 1}")
-                conn.endheaders()
+                if method not in ("GET", "HEAD"):
+                    conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body if body else None)
                 response = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 conn.close()
@@ -207,7 +234,7 @@ class ChunkWire:
                 raise ChunkWireError(_reason(exc, exchange)) from None
             relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
             try:
-                answer = self._read(response, length, exchange)
+                answer = read(response)
             except (OSError, http.client.HTTPException, ValueError, ChunkWireError) as exc:
                 conn.close()
                 reason = str(exc) if isinstance(exc, ChunkWireError) else _reason(exc, exchange)
@@ -220,6 +247,17 @@ class ChunkWire:
                 self._give_back(address, conn)
             return answer
         raise ChunkWireError("connection closed")  # not reached: the second attempt returns or raises
+
+    @staticmethod
+    def _read_small(response: http.client.HTTPResponse, max_body: int) -> ChunkAnswer:
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        declared = response.length
+        if declared is not None and declared > max_body:
+            raise ChunkWireError(f"answer of {declared} bytes, more than {max_body}")
+        data = response.read(max_body + 1) if declared is None else response.read()
+        if len(data) > max_body:
+            raise ChunkWireError(f"answer over {max_body} bytes")
+        return ChunkAnswer(response.status, headers, bytearray(data), None)
 
     @staticmethod
     def _read(response: http.client.HTTPResponse, length: int, exchange: Exchange) -> ChunkAnswer:
@@ -245,6 +283,13 @@ class ChunkWire:
             got += n
             exchange.received = got
         return ChunkAnswer(206, headers, body, hashlib.sha256(body).digest())
+
+
+def _handshake(conn: _Connection) -> str:
+    sock = conn.sock
+    if not isinstance(sock, ssl.SSLSocket):
+        return "plain"
+    return "resumed" if sock.session_reused else "full"
 
 
 def _reason(exc: BaseException, exchange: Exchange) -> str:

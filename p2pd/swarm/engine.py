@@ -620,7 +620,7 @@ class Swarm:
         room = self.max_parallel_chunks - sum(transfer.busy.values())
         if room <= 0:
             return False
-        needed = [i for i in range(transfer.count) if i not in transfer.have and i not in transfer.requested]
+        needed = [i for i in transfer.have.missing() if i not in transfer.requested]
         if not needed:
             self._endgame(transfer, nursery, on_progress, room)
             return False

@@ -101,7 +101,8 @@ async def serve_swarm(
     node_id = await trio.to_thread.run_sync(load_node_id, config.data, settings.node_id)
     tls = await trio.to_thread.run_sync(peer_tls, config, key, node_id)
     client = PeerClient(node_id, key, connect_timeout=min(2.0, settings.peer_timeout),
-                        read_timeout=settings.peer_timeout, tls=tls.client() if tls is not None else None)
+                        read_timeout=settings.peer_timeout, tls=tls.client() if tls is not None else None,
+                        on_connect=lambda handshake: metrics.peer_connections.labels(handshake).inc())
     server_context = tls.server() if tls is not None else None
 
     def tls_refused(error: BaseException | None) -> None:
@@ -117,7 +118,8 @@ async def serve_swarm(
                 return await service_box[0].handle(request)
 
             peer_info = await nursery.start(partial(
-                serve_http, handle, peer_host, peer_port, limits=config.limits, shutdown=shutdown,
+                serve_http, handle, peer_host, peer_port, limits=config.limits, observer=metrics.observe_peer,
+                shutdown=shutdown,
                 tls=(lambda: server_context) if server_context is not None else None, on_tls_refused=tls_refused))
             advertise = settings.advertise or f"{peer_host}:{peer_info.port}"
             advertise_host, _ = parse_listen(advertise)

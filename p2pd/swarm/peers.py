@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,6 +61,7 @@ HAVE_HEADER = "X-P2PD-Have"
 RELAY_HEADER = "X-P2PD-Relay"  # on a chunk answer sent while the chunk still arrives at the sender
 _MAX_METADATA = 8 * 1024 * 1024
 _CHUNK_THREADS = 32  # chunk downloads at once (the engine asks for ~8 per transfer)
+_MESSAGE_THREADS = 16  # peer messages (hello, announce, budget, chunk map, manifest) at once
 
 
 class PeerError(RemoteError):
@@ -147,12 +148,13 @@ def _auth_headers(key: bytes | None, node_id: str, method: str, target: str, bod
     return headers
 
 
-def _check_response(key: bytes | None, target: str, response: httpx.Response, body: bytes) -> None:
+def _check_response(key: bytes | None, target: str, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    """Headers: lower-case names (``ChunkAnswer``) or httpx's case-insensitive ones."""
     if key is None:
         return
     try:
-        auth.verify_response(key, target, response.status_code, response.headers.get(NODE_HEADER, ""),
-                             response.headers.get(TIME_HEADER, ""), response.headers.get(SIGNATURE_HEADER, ""),
+        auth.verify_response(key, target, status, headers.get(NODE_HEADER.lower(), ""),
+                             headers.get(TIME_HEADER.lower(), ""), headers.get(SIGNATURE_HEADER.lower(), ""),
                              time.time(), body)
     except auth.AuthError as exc:
         raise PeerError(f"unauthenticated response: {exc}") from exc
@@ -190,10 +192,12 @@ class PeerClient:
         key: the cluster key, or None with ``--insecure-peers``.
         tls: the client context of mutual TLS (``PeerTls.client()``); None: plain HTTP.
         connect_timeout, read_timeout: per network wait (callers bound whole operations).
+        on_connect: told of each new chunk connection's handshake ("full", "resumed", "plain").
     """
 
     def __init__(self, node_id: str, key: bytes | None, *, connect_timeout: float = 2.0,
-                 read_timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
+                 read_timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+                 on_connect: Callable[[str], None] | None = None) -> None:
         self.node_id = node_id
         self.key = key
         self._scheme = "https" if tls is not None else "http"
@@ -203,8 +207,10 @@ class PeerClient:
             trust_env=False, follow_redirects=False, verify=tls if tls is not None else True)
         # Chunks go over blocking connections in worker threads (see chunkwire: CPU).
         self._wire = ChunkWire(tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout,
-                               relay_header=RELAY_HEADER)
+                               relay_header=RELAY_HEADER, on_connect=on_connect)
         self._wire_threads = trio.CapacityLimiter(_CHUNK_THREADS)
+        # Messages have threads of their own: an announcement must not wait behind chunk downloads.
+        self._message_threads = trio.CapacityLimiter(_MESSAGE_THREADS)
 
     async def aclose(self) -> None:
         self._wire.close()
@@ -218,25 +224,27 @@ class PeerClient:
         headers = _auth_headers(self.key, self.node_id, method, target, body)
         if grant is not None:
             headers[GRANT_HEADER] = grant
+        exchange = Exchange()
         try:
-            async with self._client.stream(method, self._url(address, target), headers=headers,
-                                           content=body if method == "POST" else None) as response:
-                data = b""
-                async for piece in response.aiter_raw():
-                    data += piece
-                    if len(data) > _MAX_METADATA:
-                        raise PeerError("metadata response too large")
-        except httpx.HTTPError as exc:
-            raise PeerError(f"{address}: {type(exc).__name__}") from exc
-        if response.status_code == 404:
+            answer = await trio.to_thread.run_sync(self._wire.request, address, method, target, headers, body,
+                                                   _MAX_METADATA, exchange, limiter=self._message_threads,
+                                                   abandon_on_cancel=True)
+        except ChunkWireError as exc:
+            raise PeerError(f"{address}: {exc}") from None
+        except BaseException:
+            exchange.abort()  # cancelled: the thread's read ends now, its connection is dropped
+            raise
+        status = answer.status
+        if status == 404:
             raise PeerMissing(f"{address}{target}: not found")
-        if response.status_code == 403:
+        if status == 403:
             raise PeerRefused(f"{address}{target}: refused (peer grant)")
-        if response.status_code == 429:
-            raise PeerBusy(f"{address}: busy", _retry_after(response))
-        if response.status_code != 200:
-            raise PeerError(f"{address}{target}: status {response.status_code}")
-        _check_response(self.key, target, response, data)
+        if status == 429:
+            raise PeerBusy(f"{address}: busy", _retry_after(answer.headers))
+        if status != 200:
+            raise PeerError(f"{address}{target}: status {status}")
+        data = bytes(answer.body)
+        _check_response(self.key, target, status, answer.headers, data)
         return data
 
     async def hello(self, address: str) -> tuple[str, str]:
@@ -291,7 +299,7 @@ class PeerClient:
             raise PeerError(f"{address}: {type(exc).__name__}") from exc
         if response.status_code != 200 or len(response.content) > _MAX_METADATA:
             raise PeerError(f"{address}{target}: status {response.status_code}")
-        _check_response(self.key, target, response, response.content)
+        _check_response(self.key, target, response.status_code, response.headers, response.content)
         return response.content
 
     async def fetch_chunk(self, address: str, digest: Digest, start: int, length: int,

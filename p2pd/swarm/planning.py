@@ -15,6 +15,13 @@ from dataclasses import dataclass
 __all__ = ["LESSEE_LOOKAHEAD", "Bitmap", "ChunkRequest", "lessee_view", "plan_requests"]
 
 
+# The set bits of each byte value, most significant first (bit 0 of a bitmap is 0x80 of byte 0):
+# the scheduler lists a bitmap's chunks several times per chunk it receives, and a lookup per
+# byte is ~10x faster than testing each chunk.
+_BYTE_BITS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(bit for bit in range(8) if value & (0x80 >> bit)) for value in range(256))
+
+
 class Bitmap:
     """Which chunks of a blob a node has, as a compact bit string (msgpack bytes)."""
 
@@ -29,39 +36,44 @@ class Bitmap:
         self.count = count
         self._bits = bytearray(bits) if bits is not None else bytearray(size)
         if count % 8 and self._bits:
-            self._bits[-1] &= (0xFF << (8 - count % 8)) & 0xFF  # unused bits stay clear
+            self._bits[-1] &= _tail_mask(count)  # unused bits stay clear
 
     @classmethod
     def full(cls, count: int) -> Bitmap:
-        bitmap = cls(count)
-        for index in range(count):
-            bitmap.set(index)
-        return bitmap
+        return cls(count, b"\xff" * ((count + 7) // 8))
 
     def set(self, index: int) -> None:
         if not 0 <= index < self.count:
             raise IndexError(index)
-        self._bits[index // 8] |= 0x80 >> (index % 8)
+        self._bits[index >> 3] |= 0x80 >> (index & 7)
 
     def __contains__(self, index: object) -> bool:
         if not isinstance(index, int) or not 0 <= index < self.count:
             return False
-        return bool(self._bits[index // 8] & (0x80 >> (index % 8)))
+        return bool(self._bits[index >> 3] & (0x80 >> (index & 7)))
 
     def indexes(self) -> list[int]:
-        return [i for i in range(self.count) if i in self]
+        return _set_bits(self._bits)
+
+    def missing(self) -> list[int]:
+        """The chunks not set, in order."""
+        inverted = bytearray(byte ^ 0xFF for byte in self._bits)
+        if self.count % 8 and inverted:
+            inverted[-1] &= _tail_mask(self.count)
+        return _set_bits(inverted)
 
     def cardinality(self) -> int:
-        return sum(bin(byte).count("1") for byte in self._bits)
+        return int.from_bytes(self._bits, "big").bit_count()
 
     def is_full(self) -> bool:
         return self.cardinality() == self.count
 
     def prefix(self) -> int:
         """How many chunks from the start are present without a gap."""
-        for index in range(self.count):
-            if index not in self:
-                return index
+        for position, byte in enumerate(self._bits):
+            if byte != 0xFF:
+                # The first clear bit of this byte (the unused tail bits are clear).
+                return min(self.count, position * 8 + 8 - (byte ^ 0xFF).bit_length())
         return self.count
 
     def to_bytes(self) -> bytes:
@@ -72,6 +84,15 @@ class Bitmap:
 
     def __repr__(self) -> str:
         return f"Bitmap({self.cardinality()}/{self.count})"
+
+
+def _tail_mask(count: int) -> int:
+    """The used bits of a bitmap's last byte when ``count`` is not a multiple of 8."""
+    return (0xFF << (8 - count % 8)) & 0xFF
+
+
+def _set_bits(bits: bytes | bytearray) -> list[int]:
+    return [position * 8 + bit for position, byte in enumerate(bits) if byte for bit in _BYTE_BITS[byte]]
 
 
 LESSEE_LOOKAHEAD = 8  # chunks past a sole range holder's verified prefix that may be asked of it
@@ -130,27 +151,48 @@ def plan_requests(
     load = dict(busy)
     preferred_set = set(preferred)
     fallback_set = set(fallback)
+    # Who holds each needed chunk: the regular sources, or the fallback ones for a chunk no
+    # regular source has. Built from each source's set bits that are needed (a C-level set
+    # intersection), not a membership test per chunk and source: a blob of thousands of chunks
+    # is planned after every chunk that arrives.
+    wanted = set(needed)
     holders: dict[int, list[str]] = {}
-    for index in needed:
-        having = [node for node, bitmap in sources.items() if index in bitmap]
-        regular = [node for node in having if node not in fallback_set]
-        if regular or having:
-            holders[index] = regular or having
-    # Rarest first; shuffle before the stable sort so equal rarity is in random order.
-    order = list(holders)
-    rng.shuffle(order)
-    order.sort(key=lambda index: len(holders[index]))
+    spare: dict[int, list[str]] = {}
+    for node, bitmap in sources.items():
+        table = spare if node in fallback_set else holders
+        for index in wanted.intersection(bitmap.indexes()):
+            nodes = table.get(index)
+            if nodes is None:
+                table[index] = [node]
+            else:
+                nodes.append(node)
+    for index, nodes in spare.items():
+        holders.setdefault(index, nodes)
+    # Rarest first, in random order among equally rare chunks. Drawn lazily (a Fisher-Yates
+    # shuffle cut short) and only until the plan is full or every source is at its cap: a
+    # blob of thousands of chunks is planned after every chunk that arrives.
+    by_rarity: dict[int, list[int]] = {}
+    for index, nodes in holders.items():
+        by_rarity.setdefault(len(nodes), []).append(index)
+    open_sources = {node for node in sources if load.get(node, 0) < max_per_source}
     plan: list[ChunkRequest] = []
-    for index in order:
-        if len(plan) >= limit:
-            break
-        candidates = [node for node in holders[index] if load.get(node, 0) < max_per_source]
-        if not candidates:
-            continue
-        near = [node for node in candidates if node in preferred_set]
-        pool = near or candidates
-        least = min(load.get(node, 0) for node in pool)
-        choice = rng.choice([node for node in pool if load.get(node, 0) == least])
-        load[choice] = load.get(choice, 0) + 1
-        plan.append(ChunkRequest(index, choice))
+    for rarity in sorted(by_rarity):
+        group = by_rarity[rarity]
+        for position in range(len(group)):
+            if len(plan) >= limit or not open_sources:
+                return plan
+            pick = rng.randrange(position, len(group))
+            group[position], group[pick] = group[pick], group[position]
+            index = group[position]
+            candidates = [node for node in holders[index] if node in open_sources]
+            if not candidates:
+                continue
+            near = [node for node in candidates if node in preferred_set]
+            pool = near or candidates
+            least = min(load.get(node, 0) for node in pool)
+            choice = rng.choice([node for node in pool if load.get(node, 0) == least])
+            load[choice] = load.get(choice, 0) + 1
+            if load[choice] >= max_per_source:
+                open_sources.discard(choice)
+            plan.append(ChunkRequest(index, choice))
     return plan

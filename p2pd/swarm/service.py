@@ -121,10 +121,12 @@ class PeerService:
         self._authenticate(request, body)
         path = request.path
         if path == f"{PROTOCOL_PREFIX}/hello" and request.method == "GET":
+            request.route = "hello"
             me = self.swarm.me
             return self._signed(request, msgpack.packb({"node": me.node_id, "site": me.site, "address": me.address,
                                                         "v": PROTOCOL_VERSION}))
         if path == f"{PROTOCOL_PREFIX}/announce" and request.method == "POST":
+            request.route = "announce"
             try:
                 message = decode(body)
             except MessageError as exc:
@@ -134,6 +136,7 @@ class PeerService:
             reply = await self.swarm.coordinate(message)
             return self._signed(request, encode(reply))
         if path == f"{PROTOCOL_PREFIX}/budget" and request.method == "POST":
+            request.route = "budget"
             try:
                 ask = decode(body)
             except MessageError as exc:
@@ -142,14 +145,18 @@ class PeerService:
                 raise OCIError("BAD_REQUEST", "a budget request must come from its own node")
             return self._signed(request, encode(self.swarm.keep_budget(ask)))
         if path == f"{PROTOCOL_PREFIX}/preheat" and request.method == "POST" and self.preheat_handler is not None:
+            request.route = "preheat"
             return self._signed(request, await self.preheat_handler(body))
         if request.method not in ("GET", "HEAD"):
             raise OCIError("UNSUPPORTED", "method not allowed", status=405)
         if match := _BLOB_RE.fullmatch(path):
+            request.route = "chunk"
             return await self._blob(request, Digest.parse(match["digest"]))
         if match := _MAP_RE.fullmatch(path):
+            request.route = "map"
             return await self._chunk_map(request, Digest.parse(match["digest"]))
         if match := _MANIFEST_RE.fullmatch(path):
+            request.route = "manifest"
             digest = Digest.parse(match["digest"])
             data = await trio.to_thread.run_sync(self.store.read_small, digest, MAX_MANIFEST_SIZE)
             if data is None:

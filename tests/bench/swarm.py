@@ -263,6 +263,19 @@ def _label_values(samples: Samples, name: str, label: str) -> dict[str, float]:
             if metric == name and label in dict(labels)}
 
 
+def _counts(before: Samples, after: Samples, name: str, *labels: str) -> dict[str, int]:
+    """A counter's increase per label combination ("route status"), zero ones left out."""
+    counts: dict[str, int] = {}
+    for (metric, pairs), value in after.items():
+        if metric != name:
+            continue
+        named = dict(pairs)
+        grew = int(value - before.get((metric, pairs), 0.0))
+        if grew:
+            counts[" ".join(named.get(label, "") for label in labels)] = grew
+    return dict(sorted(counts.items()))
+
+
 def _parallel(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """``[fn(item) for item in items]``, concurrently. On an error (or Ctrl-C) it does not wait for the
     other calls: teardown stops the workers they wait for, which ends them."""
@@ -961,6 +974,8 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
                 "chunks_relayed": delta("p2pd_peer_chunks_relayed_total"),
                 "announcements_sent": delta("p2pd_peer_messages_total", kind="announce"),
                 "upstream_stalls": delta("p2pd_upstream_stalls_total"),
+                "peer_connections": _counts(b, a, "p2pd_peer_connections_total", "handshake"),
+                "peer_requests_served": _counts(b, a, "p2pd_peer_requests_served_total", "route", "status"),
                 **events.get(f"n{i}", {}),
             })
             # containerd (or the client) got the image from its agent unless it fell back to the seed.
