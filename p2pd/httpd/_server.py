@@ -50,6 +50,7 @@ log = logging.getLogger("p2pd.httpd")
 _RECEIVE_SIZE = 256 * 1024
 _FILE_PIECE = 4 * 1024 * 1024
 _FALLBACK_READ = 1024 * 1024
+_COALESCE = 1024 * 1024  # file bodies up to this size are read whole and sent with their head
 _MAX_QUERY_FIELDS = 64
 
 
@@ -301,6 +302,9 @@ class _Connection:
             else:
                 await self.send_bytes(bytes(piece))
 
+    def can_sendfile(self) -> bool:
+        return self.limits.use_sendfile and getattr(self.stream, "socket", None) is not None
+
     async def _send_file_span(self, body: FileBody) -> None:
         socket = getattr(self.stream, "socket", None) if self.limits.use_sendfile else None
         offset, remaining = body.offset, body.length
@@ -397,16 +401,30 @@ async def _send_response(conn: _Connection, request: h11.Request, response: Resp
     headers, _ = _prepare_headers(response, method)
     if close_after:
         headers.append(("Connection", "close"))
-    await conn.send_event(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status)))
+    head = conn.h11.send(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status)))
     body = response.body
-    if method != "HEAD" and response.status not in (204, 304):
-        if isinstance(body, bytes):
-            if body:
-                await conn.send_data(body)
-        elif isinstance(body, FileBody):
-            await conn.send_file(body)
-        else:
-            await _send_stream(conn, body)
+    if method == "HEAD" or response.status in (204, 304):
+        await conn.send_bytes(head + (conn.h11.send(h11.EndOfMessage()) or b""))
+        return
+    # A small answer goes out in one send with its head: over TLS every send is a pass through
+    # the TLS stream's layers and at least one record, and a peer asks for thousands of chunks.
+    data: bytes | None = None
+    if isinstance(body, bytes):
+        data = body
+    elif isinstance(body, FileBody) and body.length <= _COALESCE and not conn.can_sendfile():
+        data = await trio.to_thread.run_sync(os.pread, body.fd, body.length, body.offset)
+        if len(data) != body.length:
+            raise _ClientGone("file shorter than announced")
+    if data is not None:
+        framed = conn.h11.send(h11.Data(data=data)) if data else b""
+        conn.bytes_sent += len(data)
+        await conn.send_bytes(b"".join((head, framed or b"", conn.h11.send(h11.EndOfMessage()) or b"")))
+        return
+    await conn.send_bytes(head)
+    if isinstance(body, FileBody):
+        await conn.send_file(body)
+    elif not isinstance(body, bytes):
+        await _send_stream(conn, body)
     await conn.send_event(h11.EndOfMessage())
 
 
