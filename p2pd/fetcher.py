@@ -479,6 +479,9 @@ async def stream_download(download: Download, store: BlobStore, start: int, end:
         while position <= end:
             if download.error is not None:
                 raise P2PDError(f"download of {download.digest} failed: {download.error}")
+            if download.size is not None and end >= download.size:
+                # Asked with a size from elsewhere (the manifest) that the blob does not have.
+                raise P2PDError(f"{download.digest} has {download.size} bytes, fewer than asked")
             if download.released > position:
                 if fd is None:
                     fd = _open_growing(store, download.digest)

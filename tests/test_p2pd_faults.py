@@ -19,9 +19,11 @@ import httpx
 import pytest
 import trio
 
-from p2pd.fetcher import HOLDBACK
+from p2pd.errors import P2PDError
+from p2pd.fetcher import HOLDBACK, Download, stream_download
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, chunk_size_for
 from p2pd.oci.digest import Digest
+from p2pd.store import BlobStore
 from tests.harness import skopeo
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.faulty_proxy import ProxyFaults, serve_faulty_proxy
@@ -400,6 +402,65 @@ async def test_silent_upstream_gives_a_fast_404(tmp_path: Path, nursery: trio.Nu
     assert response.status_code == 404
     assert response.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert first_byte_timeout * 0.9 <= elapsed <= first_byte_timeout + 2.0
+
+
+def _push_image(registry_url: str, repository: str, tag: str, layer: bytes) -> str:
+    """A config and one layer, and an OCI image manifest naming them under ``tag``; the layer's digest."""
+    config = b"{}"
+    config_digest = push_blob(registry_url, repository, config)
+    layer_digest = push_blob(registry_url, repository, layer)
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                           "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest,
+                            "size": len(layer)}]}
+    with httpx.Client(base_url=registry_url, trust_env=False, timeout=30) as http:
+        answer = http.put(f"/v2/{repository}/manifests/{tag}", content=json.dumps(manifest).encode(),
+                          headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        assert answer.status_code == 201, answer.text
+    return layer_digest
+
+
+async def test_a_blob_whose_size_comes_late_is_answered_with_its_manifests_size(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    # The upstream says nothing about the blob for longer than first_byte_timeout (a congested
+    # uplink). The manifest this agent served gave the blob's size: the client gets it and the
+    # bytes as they come, not a 404 that would send it to the registry for a copy of its own.
+    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
+    layer = random_bytes(256 * 1024)
+    layer_digest = await trio.to_thread.run_sync(_push_image, seed_url, "lab/blob", "v1", layer)
+    faults = ProxyFaults()
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, faults)
+    agent = await start_agent(nursery, agent_config(tmp_path, proxy.url, fetch={"first_byte_timeout": 1.0}))
+
+    async def answer_again_soon() -> None:
+        await trio.sleep(0.5)  # before the blob request's first_byte_timeout: its GET is answered
+        faults.hang = False
+
+    async with client() as http:
+        manifest = await http.get(f"{agent.info.url}/v2/lab/blob/manifests/v1?ns={NS}",
+                                  headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert manifest.status_code == 200
+        faults.hang = True  # the chunk-map request hangs until first_byte_timeout
+        nursery.start_soon(answer_again_soon)
+        with trio.fail_after(20):
+            status, length, body, complete = await get_blob_raw(http, blob_url(agent.info.url, layer_digest))
+        assert (status, length, complete) == (200, len(layer), True) and body == layer
+        # A blob no manifest served here named is still a fast 404 (test_silent_upstream_gives_a_fast_404).
+        faults.hang = True
+        other = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", random_bytes(1000))
+        with trio.fail_after(10):
+            assert (await http.get(blob_url(agent.info.url, other))).status_code == 404
+
+
+async def test_a_stream_asked_for_more_than_the_blob_has_ends(tmp_path: Path) -> None:
+    # Answered with a manifest's size that the download then contradicts: the stream ends at
+    # once (the client retries, then falls back), it does not wait for bytes that never come.
+    download = Download(Digest.parse("sha256:" + "ab" * 32), NS, "lab/blob", size=10, released=10)
+    with pytest.raises(P2PDError, match="fewer than asked"):
+        with trio.fail_after(2):
+            async for _ in stream_download(download, BlobStore(tmp_path, max_bytes=MiB), 0, 19, 60.0):
+                pass
 
 
 # ---- requests a read-only mirror refuses ---------------------------------------------------------
