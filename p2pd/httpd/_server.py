@@ -50,7 +50,7 @@ log = logging.getLogger("p2pd.httpd")
 _RECEIVE_SIZE = 256 * 1024
 _FILE_PIECE = 4 * 1024 * 1024
 _FALLBACK_READ = 1024 * 1024
-_COALESCE = 1024 * 1024  # file bodies up to this size are read whole and sent with their head
+_COALESCE = 256 * 1024  # file bodies up to this size are read whole and sent with their head (a copy)
 _MAX_QUERY_FIELDS = 64
 
 
