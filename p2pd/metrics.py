@@ -66,8 +66,8 @@ class AgentMetrics:
         self.peer_requests_served = Counter("p2pd_peer_requests_served", "Requests answered on the peer "
                                             "endpoint, by route (chunk, map, announce, hello, ...) and status",
                                             ["route", "status"], registry=self.registry)
-        self.peer_connections = Counter("p2pd_peer_connections", "Chunk connections opened to other nodes, by "
-                                        "handshake (full or resumed TLS, or plain)", ["handshake"],
+        self.peer_connections = Counter("p2pd_peer_connections", "Connections opened to other nodes (chunks and "
+                                        "messages), by handshake (full or resumed TLS, or plain)", ["handshake"],
                                         registry=self.registry)
         self.peer_messages = Counter("p2pd_peer_messages", "Requests sent to other nodes, by kind "
                                      "(announce, handoff, budget, chunkmap, chunk)", ["kind"], registry=self.registry)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -84,6 +86,24 @@ async def test_file_bodies_ranges_head_and_keep_alive_over_tls(tls_server: TlsSe
         assert r.status_code == 200 and int(r.headers["content-length"]) == len(DATA) and r.content == b""
     # One TLS connection carried all three requests, and the client address is known.
     assert len({peer for peer in tls_server.peers}) == 1 and tls_server.peers[0] is not None
+
+
+async def test_a_small_answer_leaves_in_one_tls_record_with_its_head(tls_server: TlsServer) -> None:
+    # A peer asks for thousands of small chunks: each answer's head and body go out in one
+    # send, so one TLS read returns the whole answer (a read returns one record at most).
+    def exchange(path: str, extra: str = "") -> bytes:
+        context = _client_context(tls_server.ca)
+        with socket.create_connection(("127.0.0.1", tls_server.info.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: seed\r\n{extra}\r\n".encode())
+            time.sleep(0.5)  # the whole answer is here by now, in as many records as it was sent
+            return tls.recv(1 << 20)
+
+    first_read = await trio.to_thread.run_sync(exchange, "/file", "Range: bytes=0-999\r\n")
+    head, _, body = first_read.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206") and body == DATA[:1000]
+    head, _, body = (await trio.to_thread.run_sync(exchange, "/")).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b"hello"
 
 
 async def test_untrusted_server_certificate_fails_at_the_client(tls_server: TlsServer, tmp_path: Path) -> None:

@@ -189,9 +189,22 @@ async def test_five_agents_pull_an_image_at_once_and_the_seed_sends_it_once(
         for node_id, (_upstream, _peer, peers) in report.items():
             real_sources = [peer for peer, value in peers.items() if value >= MiB]
             assert len(real_sources) >= 2, f"{node_id} got chunks from {peers}"
-        # And each one uploaded to the others.
+        # And each one uploaded to the others. What the peer endpoints answered is counted by
+        # route and status, and the connections the nodes opened by handshake: messages share
+        # the chunk connections, all mutual TLS (peer TLS is on by default).
+        announcements = connections = 0.0
         for agent in cluster.agents:
             assert await trio.to_thread.run_sync(agent.metric, "p2pd_peer_served_bytes_total") > 0
             assert await trio.to_thread.run_sync(agent.metric, "p2pd_chunks_failed_total") == 0
+            metrics = await trio.to_thread.run_sync(agent.metrics)
+            assert metrics.get(("p2pd_peer_requests_served_total",
+                                frozenset({("route", "chunk"), ("status", "206")})), 0.0) > 0, agent.node_id
+            announcements += metrics.get(("p2pd_peer_requests_served_total",
+                                          frozenset({("route", "announce"), ("status", "200")})), 0.0)
+            opened = {dict(labels)["handshake"]: value for (name, labels), value in metrics.items()
+                      if name == "p2pd_peer_connections_total"}
+            assert opened.get("plain", 0.0) == 0, opened
+            connections += sum(opened.values())
+        assert announcements > 0 and connections > 0
     finally:
         await trio.to_thread.run_sync(cluster.stop)

@@ -12,7 +12,7 @@ Rules:
   turns statuses into peer errors. Bodies of error answers are read (bounded) so the
   connection can be reused; a connection is pooled again only after a complete exchange.
 - A pooled connection the peer has meanwhile closed fails before any answer byte: the
-  request is retried once on a fresh connection (GET is idempotent).
+  request is retried once on a fresh connection (GETs and peer messages are idempotent).
 - ``Exchange.abort`` (called from the event loop when the caller is cancelled) shuts the
   socket down, so the thread's blocked read ends at once and the connection is dropped.
 - Every socket wait is bounded by ``read_timeout`` (no byte for that long fails the exchange;

@@ -24,6 +24,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import httpx
@@ -34,7 +35,7 @@ from p2pd.errors import RemoteError
 from p2pd.oci.digest import Digest
 
 from . import auth
-from .chunkwire import ChunkWire, ChunkWireError, Exchange
+from .chunkwire import ChunkAnswer, ChunkWire, ChunkWireError, Exchange
 from .grants import GRANT_HEADER
 from .messages import Announce, BudgetAsk, BudgetGrant, MessageError, Reply, decode, encode
 
@@ -170,8 +171,8 @@ class PeerChunk:
     have: bytes | None
 
 
-def parse_have(response: httpx.Response | Mapping[str, str]) -> bytes | None:
-    headers = response.headers if isinstance(response, httpx.Response) else response
+def parse_have(headers: Mapping[str, str]) -> bytes | None:
+    """The peer's bitmap from a chunk answer's headers (lower-case names), if it sent one."""
     value = headers.get(HAVE_HEADER) or headers.get(HAVE_HEADER.lower())
     if not value or len(value) > 1 << 20:
         return None
@@ -185,14 +186,15 @@ _Answer = TypeVar("_Answer", Reply, BudgetGrant)
 
 
 class PeerClient:
-    """Signed requests to other nodes' peer endpoints over one httpx client.
+    """Signed requests to other nodes' peer endpoints: chunks and messages on the pooled blocking
+    connections of ``ChunkWire`` (worker threads), preheat (which may last minutes) on httpx.
 
     Args:
         node_id: our id, sent with every request.
         key: the cluster key, or None with ``--insecure-peers``.
         tls: the client context of mutual TLS (``PeerTls.client()``); None: plain HTTP.
         connect_timeout, read_timeout: per network wait (callers bound whole operations).
-        on_connect: told of each new chunk connection's handshake ("full", "resumed", "plain").
+        on_connect: told of each new connection's handshake ("full", "resumed", "plain").
     """
 
     def __init__(self, node_id: str, key: bytes | None, *, connect_timeout: float = 2.0,
@@ -226,21 +228,12 @@ class PeerClient:
             headers[GRANT_HEADER] = grant
         exchange = Exchange()
         try:
-            answer = await trio.to_thread.run_sync(self._wire.request, address, method, target, headers, body,
-                                                   _MAX_METADATA, exchange, limiter=self._message_threads,
-                                                   abandon_on_cancel=True)
+            answer = await _in_thread(self._message_threads, exchange, self._wire.request, address, method, target,
+                                      headers, body, _MAX_METADATA)
         except ChunkWireError as exc:
             raise PeerError(f"{address}: {exc}") from None
-        except BaseException:
-            exchange.abort()  # cancelled: the thread's read ends now, its connection is dropped
-            raise
         status = answer.status
-        if status == 404:
-            raise PeerMissing(f"{address}{target}: not found")
-        if status == 403:
-            raise PeerRefused(f"{address}{target}: refused (peer grant)")
-        if status == 429:
-            raise PeerBusy(f"{address}: busy", _retry_after(answer.headers))
+        _raise_refusal(status, answer.headers, f"{address}{target}")
         if status != 200:
             raise PeerError(f"{address}{target}: status {status}")
         data = bytes(answer.body)
@@ -319,24 +312,16 @@ class PeerClient:
             headers[GRANT_HEADER] = grant
         exchange = exchange or Exchange()
         try:
-            answer = await trio.to_thread.run_sync(self._wire.get_range, address, target, headers, start, length,
-                                                   exchange, limiter=self._wire_threads, abandon_on_cancel=True)
+            answer = await _in_thread(self._wire_threads, exchange, self._wire.get_range, address, target, headers,
+                                      start, length)
         except ChunkWireError as exc:
             if exc.relay_cut:
                 # The chunk failed or stopped arriving at the peer while it relayed it: ask
                 # again soon (there or elsewhere), as for a chunk that is not there yet.
                 raise PeerRelayCut(f"{address}: relay of {digest} bytes {start}- cut short: {exc}") from None
             raise PeerError(f"{address}: {exc}") from None
-        except BaseException:
-            exchange.abort()  # cancelled: the thread's read ends now, its connection is dropped
-            raise
         status = answer.status
-        if status == 404:
-            raise PeerMissing(f"{address}: no {digest} bytes {start}-{start + length - 1}")
-        if status == 403:
-            raise PeerRefused(f"{address}: refused {digest} (peer grant)")
-        if status == 429:
-            raise PeerBusy(f"{address}: busy", _retry_after(answer.headers))
+        _raise_refusal(status, answer.headers, f"{address}: {digest} bytes {start}-{start + length - 1}")
         if status != 206 or answer.sha256 is None:
             raise PeerError(f"{address}: status {status} for a chunk")
         if not answer.headers.get("content-range", "").startswith(f"bytes {start}-{start + length - 1}/"):
@@ -344,8 +329,31 @@ class PeerClient:
         return PeerChunk(answer.body, answer.sha256, parse_have(answer.headers))
 
 
-def _retry_after(response: httpx.Response | Mapping[str, str]) -> float:
-    headers = response.headers if isinstance(response, httpx.Response) else response
+async def _in_thread(limiter: trio.CapacityLimiter, exchange: Exchange,
+                     call: Callable[..., ChunkAnswer], *args: Any) -> ChunkAnswer:
+    """One blocking ``ChunkWire`` exchange in a worker thread. Cancelled, it aborts the exchange:
+    the thread's read ends now and its connection is dropped (the thread is not waited for)."""
+    try:
+        return await trio.to_thread.run_sync(partial(call, *args, exchange), limiter=limiter,
+                                             abandon_on_cancel=True)
+    except ChunkWireError:
+        raise
+    except BaseException:
+        exchange.abort()
+        raise
+
+
+def _raise_refusal(status: int, headers: Mapping[str, str], what: str) -> None:
+    """The answers callers tell apart: 404 (not there), 403 (no accepted peer grant), 429 (busy)."""
+    if status == 404:
+        raise PeerMissing(f"{what}: not found")
+    if status == 403:
+        raise PeerRefused(f"{what}: refused (peer grant)")
+    if status == 429:
+        raise PeerBusy(f"{what}: busy", _retry_after(headers))
+
+
+def _retry_after(headers: Mapping[str, str]) -> float:
     try:
         return max(0.0, min(float(headers.get("retry-after", "1")), 60.0))
     except ValueError:
