@@ -33,6 +33,7 @@ class TlsServer:
     server: Issued
     provider: TlsContextProvider
     peers: list[tuple[str, int] | None]
+    paceable: list[bool]
 
 
 def _client_context(ca: Ca, client: Issued | None = None) -> ssl.SSLContext:
@@ -52,9 +53,11 @@ async def _start(nursery: trio.Nursery, tmp_path: Path, *, client_ca: Path | Non
     data_file = tmp_path / "blob"
     data_file.write_bytes(DATA)
     peers: list[tuple[str, int] | None] = []
+    paceable: list[bool] = []
 
     async def handler(request: Request) -> Response:
         peers.append(request.client)
+        paceable.append(request.pace is not None)
         if request.path == "/file":
             fd = os.open(data_file, os.O_RDONLY)
             byte_range = parse_range(request.headers.get("range"), len(DATA))
@@ -66,7 +69,7 @@ async def _start(nursery: trio.Nursery, tmp_path: Path, *, client_ca: Path | Non
 
     limits = ServerLimits(header_timeout=0.5)
     info = await nursery.start(partial(serve_http, handler, "127.0.0.1", 0, limits=limits, tls=provider.context))
-    return TlsServer(info, ca, issued, provider, peers)
+    return TlsServer(info, ca, issued, provider, peers, paceable)
 
 
 @pytest.fixture
@@ -86,6 +89,8 @@ async def test_file_bodies_ranges_head_and_keep_alive_over_tls(tls_server: TlsSe
         assert r.status_code == 200 and int(r.headers["content-length"]) == len(DATA) and r.content == b""
     # One TLS connection carried all three requests, and the client address is known.
     assert len({peer for peer in tls_server.peers}) == 1 and tls_server.peers[0] is not None
+    # The handler can pace the connection: its TCP socket is found under the TLS stream.
+    assert tls_server.paceable == [True, True, True]
 
 
 async def test_a_small_answer_leaves_in_one_tls_record_with_its_head(tls_server: TlsServer) -> None:

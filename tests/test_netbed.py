@@ -19,8 +19,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.common import X
 from tests.bench.netbed import OWNER_DIR, LinkRates, Netbed, cleanup_stale, list_namespaces
-from tests.bench.swarm import MARK_END, MARK_START, bound, matrix_row, merge_reports
+from tests.bench.swarm import (
+    MARK_END,
+    MARK_START,
+    SCENARIOS,
+    PortSampler,
+    bound,
+    link_use,
+    main,
+    matrix_row,
+    merge_reports,
+)
 from tests.harness.tools import require_root, require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +75,38 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() ->
     row = matrix_row(result)
     assert row["holders"] == 2
     assert row["holder_copies_mean"] == pytest.approx(7.5) and row["holder_copies_max"] == pytest.approx(10.0)
+
+
+def test_link_use_counts_the_seeds_sending_window_and_idle_uplinks() -> None:
+    """Node link use while the seed sends (wire bytes ÷ capacity), from switch-port counters
+    sampled every 0.25 s: a node whose uplink carried nothing for 0.75 s shows it."""
+    rate = SCENARIOS["matrix-1x-8"].node_mbit * 1e6 / 8 * 0.25  # bytes a full link carries in a sample
+    sampler = PortSampler.__new__(PortSampler)
+    sampler.links = []
+    seed = n1_up = n2_up = n1_down = n2_down = 0
+    for step in range(10):
+        sending = 1 <= step <= 8  # the seed sends in samples 1..8
+        seed += int(rate) if sending else 0
+        n1_down += int(0.8 * rate) if sending else 0
+        n2_down += int(0.6 * rate) if sending else 0
+        n1_up += int(0.9 * rate) if sending else 0
+        n2_up += 0 if 3 <= step <= 5 else int(0.5 * rate)  # idle for three samples
+        sampler.links.append((step * 0.25, {"s0": (seed, 0), "n1": (n1_up, n1_down), "n2": (n2_up, n2_down)}))
+    use = link_use(sampler, SCENARIOS["matrix-1x-8"])
+    assert use is not None and use["seed_sending_s"] == 2.0
+    assert use["down"] == {"n1": pytest.approx(0.8, abs=0.01), "n2": pytest.approx(0.6, abs=0.01)}
+    assert use["down_mean"] == pytest.approx(0.7, abs=0.01) and use["down_min"] == pytest.approx(0.6, abs=0.01)
+    assert use["idle_uplink_s"] == {"n1": 0.0, "n2": 0.75} and use["longest_idle_uplink_s"] == 0.75
+    sampler.links = [(0.0, {"s0": (5, 0), "n1": (0, 0)}), (0.25, {"s0": (5, 0), "n1": (9, 9)})]
+    assert link_use(sampler, SCENARIOS["matrix-1x-8"]) is None  # the seed sent nothing
+
+
+def test_runs_with_changed_agents_or_rates_are_not_merged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    earlier = tmp_path / "swarm.json"
+    earlier.write_text("{}")
+    for extra in (["--upload-share", "0.9"], ["--rate-scale", "0.5"]):
+        assert main(["--scenarios", "matrix-1x-8", "--merge-into", str(earlier), *extra]) == 2
+        assert "not merged" in capsys.readouterr().err
 
 
 def test_runs_with_other_congestion_controls_are_not_merged() -> None:
@@ -195,6 +238,9 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     assert p2pd["seed_egress_bytes"] < 2 * image  # the swarm shared the image
     assert p2pd["bytes_by_source"]["peers"] > 0
     assert p2pd["agent_peak_rss_mib_max"] and p2pd["agents_cpu_s"] is not None
+    use = p2pd["link_use"]
+    assert use is not None and use["seed_sending_s"] > 0 and set(use["down"]) == {"n1", "n2", "n3"}
+    assert 0 < use["down_mean"] < 1.5 and use["longest_idle_uplink_s"] >= 0
 
     doc = out.read_text()
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in doc
@@ -218,6 +264,7 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     doc = out.read_text()
     section = doc[doc.index(MARK_START):doc.index(MARK_END)]
     assert "The weak-regime matrix" in section and "| 3 | 5 | 20 / 100 |" in section, section[-3000:]
+    assert "Link use while the seed was sending" in section and f"N = 3 at 5{X}: down " in section
     if plots:
         assert "bench/swarm-matrix.png" in section
     # Nothing left behind: namespaces, owner files, work files.

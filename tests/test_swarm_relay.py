@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -22,7 +24,8 @@ import pytest
 import trio
 
 from p2pd.errors import UpstreamError, VerificationError
-from p2pd.httpd import Headers, Request, RequestBody, Response, serve_http
+from p2pd.httpd import FileBody, Headers, Request, RequestBody, Response, serve_http
+from p2pd.httpd._server import _SO_MAX_PACING_RATE, _pacer
 from p2pd.metrics import AgentMetrics
 from p2pd.oci.chunkmap import ChunkHasher
 from p2pd.oci.digest import Digest
@@ -46,7 +49,7 @@ Accept = Callable[[bytes], Awaitable[None]]
 class _Holder:
     """One node that holds the upstream lease for DIGEST, with its peer endpoint."""
 
-    def __init__(self, tmp_path: Path, *, max_uploads: int = 4) -> None:
+    def __init__(self, tmp_path: Path, *, max_uploads: int = 4, upload_rate: int = 0) -> None:
         async def no_hello(address: str) -> tuple[str, str]:
             raise AssertionError("no peers in this test")
 
@@ -58,7 +61,7 @@ class _Holder:
                            grants=GrantStore(tmp_path / "peer-grants"))
         self.store = BlobStore(tmp_path / "store", max_bytes=1 << 30)
         self.service = PeerService(swarm=self.swarm, store=self.store, key=None, metrics=self.metrics,
-                                   max_uploads=max_uploads, upload_rate=0, chunk_wait=2.0, slot_wait=0.0)
+                                   max_uploads=max_uploads, upload_rate=upload_rate, chunk_wait=2.0, slot_wait=0.0)
         hasher = ChunkHasher(CHUNK)
         hasher.update(DATA)
         fd, _existing = self.store.open_partial(DIGEST)
@@ -332,3 +335,55 @@ async def test_the_blobs_first_chunks_come_from_the_upstream_in_a_request_each_a
     asked.clear()
     await other.swarm._fetch_missing_from_upstream(other.transfer, upstream, lambda: None)
     assert asked == [(CHUNK, 3 * CHUNK - 1)]
+
+
+
+async def test_the_upload_rate_is_shared_by_pacing_each_uploads_connection(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    """With ``upload_rate`` the kernel paces each upload's connection at the rate ÷ the uploads
+    in progress (a relay counts too), and a landed chunk stays a file the server sends whole
+    (not pieces through the token bucket); an ended upload's connection keeps its share (its tail
+    may still wait in the socket's buffer)."""
+    holder = _Holder(tmp_path, upload_rate=1_200_000)
+    paces: list[list[int]] = [[], [], []]
+
+    def asking(index: int, pacer: int) -> Request:
+        request = holder.request(index)
+        request.pace = paces[pacer].append
+        return request
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.fetch, 0, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        await holder.feed(DATA[:CHUNK + 10])  # chunk 0 lands; chunk 1 starts arriving
+        assert 0 in holder.transfer.have and list(holder.transfer.arrivals) == [1]
+        landed = [await holder.service.handle(asking(0, pacer)) for pacer in (0, 1)]
+        assert all(isinstance(response.body, FileBody) for response in landed)
+        assert paces[0] == [1_200_000, 600_000] and paces[1] == [600_000]
+        relay = await holder.service.handle(asking(1, 2))
+        assert holder.service.relays == 1
+        assert paces[2] == [400_000] and paces[0][-1] == paces[1][-1] == 400_000
+        got: list[bytes] = []
+        nursery.start_soon(_read, relay, got)
+        await holder.feed(DATA[CHUNK + 10:2 * CHUNK])
+    assert b"".join(got) == DATA[CHUNK:2 * CHUNK]  # relayed unthrottled by the bucket: the kernel paces it
+    assert paces[0][-1] == paces[1][-1] == 600_000 and paces[2][-1] == 400_000
+    for response in landed:
+        assert response.on_close is not None and isinstance(response.body, FileBody)
+        response.on_close()
+        os.close(response.body.fd)
+    assert paces[0][-1] == 600_000  # ended: kept its share
+    assert paces[1][-1] == 1_200_000 and not holder.service._paced  # the last upload had the whole rate
+
+
+def test_a_connection_is_paced_by_the_kernel() -> None:
+    """``Request.pace`` sets SO_MAX_PACING_RATE on the connection's socket; 0 lifts it."""
+    with socket.socket() as sock:
+        pace = _pacer(sock)
+        assert pace is not None
+        pace(1_500_000)
+        assert struct.unpack("=I", sock.getsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, 4)) == (1_500_000,)
+        pace(0)
+        assert struct.unpack("=I", sock.getsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, 4)) == (0xFFFFFFFF,)
+    assert _pacer(None) is None

@@ -20,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket as socket_module
 import ssl
+import struct
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
@@ -52,6 +55,10 @@ _FILE_PIECE = 4 * 1024 * 1024
 _FALLBACK_READ = 1024 * 1024
 _COALESCE = 256 * 1024  # file bodies up to this size are read whole and sent with their head (a copy)
 _MAX_QUERY_FIELDS = 64
+# Linux's SO_MAX_PACING_RATE (asm-generic/socket.h; Python's socket module does not name it):
+# the most bytes a second the kernel sends on the socket, spread evenly (TCP's own pacing).
+_SO_MAX_PACING_RATE = getattr(socket_module, "SO_MAX_PACING_RATE", 47)
+_UNPACED = 0xFFFFFFFF  # the kernel's "no cap" (~0U)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +189,9 @@ class Request:
     route: str = "other"
     # Set by the application: who is asking, once it has authenticated the request.
     identity: object | None = None
+    # Caps how fast the kernel sends this connection's bytes, in bytes a second (0 lifts the
+    # cap); None where the connection has no TCP socket to pace (memory streams in tests).
+    pace: Callable[[int], None] | None = None
 
     def query_one(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -341,6 +351,23 @@ class _Connection:
             deadline = trio.current_time() + self.limits.send_timeout
 
 
+def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> Callable[[int], None] | None:
+    """Sets ``SO_MAX_PACING_RATE`` on ``sock``: the kernel spreads the connection's packets
+    evenly at that rate instead of sending a window at once, so a shaped link's short queue does
+    not overflow. Best effort: a kernel that refuses it leaves the connection unpaced."""
+    if sock is None or not sys.platform.startswith("linux"):
+        return None
+
+    def pace(rate: int) -> None:
+        value = min(rate, _UNPACED - 1) if rate > 0 else _UNPACED
+        try:
+            sock.setsockopt(socket_module.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", value))
+        except OSError as exc:
+            log.debug("SO_MAX_PACING_RATE refused: %s", exc)
+
+    return pace
+
+
 def _head_size(request: h11.Request) -> int:
     """Approximate size on the wire of a request head (request line and header lines)."""
     return (len(request.method) + len(request.target) + 12
@@ -457,6 +484,7 @@ async def _serve_connection(stream: trio.SocketStream | trio.abc.Stream, handler
     client: tuple[str, int] | None = None
     # Over TLS the socket is the transport's (SSLStream wraps a SocketStream).
     socket = getattr(stream, "socket", None) or getattr(getattr(stream, "transport_stream", None), "socket", None)
+    pace = _pacer(socket)
     if socket is not None:
         try:
             peer = socket.getpeername()
@@ -481,7 +509,7 @@ async def _serve_connection(stream: trio.SocketStream | trio.abc.Stream, handler
             if head is None:
                 return
             first = False
-            if not await _handle_one(conn, head, handler, observer, client, shutting_down):
+            if not await _handle_one(conn, head, handler, observer, client, shutting_down, pace):
                 return
             conn.h11.start_next_cycle()
     except _ClientGone:
@@ -523,7 +551,7 @@ async def _reject(conn: _Connection, exc: h11.RemoteProtocolError) -> None:
 
 async def _handle_one(conn: _Connection, head: h11.Request, handler: Handler,
                       observer: ResponseObserver | None, client: tuple[str, int] | None,
-                      shutting_down: trio.Event) -> bool:
+                      shutting_down: trio.Event, pace: Callable[[int], None] | None = None) -> bool:
     """Handles one request; returns whether the connection can serve another."""
     started = time.monotonic()
     target = head.target.decode("ascii", errors="replace")
@@ -531,7 +559,7 @@ async def _handle_one(conn: _Connection, head: h11.Request, handler: Handler,
     body = RequestBody(conn)
     request = Request(method=head.method.decode("ascii", errors="replace"), target=target, path="",
                       query={}, headers=headers, body=body, client=client,
-                      http_version=head.http_version.decode("ascii"))
+                      http_version=head.http_version.decode("ascii"), pace=pace)
     try:
         request.path, request.query = _parse_target(target)
         response = await handler(request)

@@ -6,12 +6,16 @@ here; a request for a chunk this node is still downloading waits briefly for it,
 one for the chunk it is fetching from the upstream now is relayed as the bytes arrive (all but the
 last ``RELAY_HOLDBACK``, sent once the chunk is verified; ``p2pd.swarm.engine.Arrival``).
 Uploads are limited in number (beyond ``max_uploads`` a request waits up to ``slot_wait``
-for a slot, then gets 429 + Retry-After) and in rate (token bucket).
+for a slot, then gets 429 + Retry-After) and in rate: ``upload_rate`` is shared among the
+uploads in progress by the kernel's pacing of each one's connection (``Request.pace``), so a
+node's uploads leave evenly instead of in window-sized bursts that overflow a short queue on
+its uplink; a token bucket where a connection cannot be paced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -103,6 +107,11 @@ class PeerService:
         metrics.uploads_active.set_function(lambda: self.uploads)
         metrics.uploads_waiting.set_function(lambda: self._slot_waiters)
         self.upload_bucket = TokenBucket(upload_rate)
+        self.upload_rate = upload_rate
+        # The pacers of the uploads in progress (chunks and relays), each paced at
+        # upload_rate ÷ their number.
+        self._paced: dict[int, Callable[[int], None]] = {}
+        self._pace_tokens = itertools.count()
         self.chunk_wait = chunk_wait
         self.relays = 0
         self.max_relays = _RELAYS_PER_SLOT * max_uploads
@@ -276,7 +285,7 @@ class PeerService:
             headers.append((HAVE_HEADER, have))
         arrival = relayable()
         if not transfer.covers(start, end) and arrival is not None:
-            return self._relay_response(transfer, arrival, headers)
+            return self._relay_response(request, transfer, arrival, headers)
         if not transfer.covers(start, end):
             raise OCIError("BLOB_UNKNOWN", "those chunks are not here yet", status=404,
                            headers=[(HAVE_HEADER, have)] if have else [])
@@ -304,7 +313,33 @@ class PeerService:
             self.metrics.uploads_refused.inc()
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
 
-    def _relay_response(self, transfer: SwarmTransfer, arrival: Arrival,
+    def _paced_upload(self, request: Request) -> Callable[[], None] | None:
+        """Paces ``request``'s connection at its share of ``upload_rate`` (the rate ÷ the uploads
+        in progress, every other one's share updated too); returns what ends the upload's
+        share, or None when the upload is not paced (no cap, or no socket to pace).
+
+        An ended upload's connection keeps its last share: its last bytes may still be in the
+        socket's buffer, and they leave at that rate, not at once.
+        """
+        if self.upload_rate <= 0 or request.pace is None:
+            return None
+        token = next(self._pace_tokens)
+        self._paced[token] = request.pace
+        self._repace()
+
+        def end() -> None:
+            del self._paced[token]
+            self._repace()
+
+        return end
+
+    def _repace(self) -> None:
+        if self._paced:
+            share = max(1, self.upload_rate // len(self._paced))
+            for pace in self._paced.values():
+                pace(share)
+
+    def _relay_response(self, request: Request, transfer: SwarmTransfer, arrival: Arrival,
                         headers: list[tuple[str, str]]) -> Response:
         """A chunk still arriving from the upstream, sent as its bytes land (``Arrival``).
 
@@ -318,14 +353,18 @@ class PeerService:
         self.relays += 1
         arrival.relays += 1
         self.metrics.chunks_relayed.inc()
+        end_pacing = self._paced_upload(request)
 
         def done() -> None:
             self.relays -= 1
             arrival.relays -= 1
+            if end_pacing is not None:
+                end_pacing()
 
-        return Response(206, headers, self._relayed(arrival), content_length=length, on_close=done)
+        return Response(206, headers, self._relayed(arrival, paced=end_pacing is not None), content_length=length,
+                        on_close=done)
 
-    async def _relayed(self, arrival: Arrival) -> AsyncIterator[bytes]:
+    async def _relayed(self, arrival: Arrival, *, paced: bool) -> AsyncIterator[bytes]:
         length = len(arrival.buffer)
         sent = 0
         while sent < length:
@@ -334,7 +373,8 @@ class PeerService:
             ready = length if arrival.verified else max(0, arrival.received - RELAY_HOLDBACK)
             if ready > sent:
                 piece = bytes(memoryview(arrival.buffer)[sent:ready])  # one copy, not two
-                await self.upload_bucket.take(len(piece))
+                if not paced:
+                    await self.upload_bucket.take(len(piece))
                 sent += len(piece)
                 self.metrics.peer_served_bytes.inc(len(piece))
                 yield piece
@@ -361,12 +401,15 @@ class PeerService:
             headers.append(("Content-Range", byte_range.content_range(size)))
             status = 206
         self.uploads += 1
+        end_pacing = self._paced_upload(request)
 
         def done() -> None:
             self.uploads -= 1
             self._slot_freed.unpark()
+            if end_pacing is not None:
+                end_pacing()
 
-        if self.upload_bucket.rate <= 0:
+        if self.upload_bucket.rate <= 0 or end_pacing is not None:
             body: FileBody | AsyncIterator[bytes] = FileBody(fd, start, end - start + 1)
             self.metrics.peer_served_bytes.inc(end - start + 1)
             return Response(status, headers, body, on_close=done)

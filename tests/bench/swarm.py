@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -117,6 +118,7 @@ GOAL_TIME = 1.3  # p2pd's last node / the bound
 GOAL_EGRESS = 1.05  # seed egress / image size with p2pd
 MATRIX_GOAL_TIME = 1.25  # issue 11: the last node / the bound, in every cell of the matrix
 _SAMPLE_S = 0.5
+_LINK_SAMPLE_S = 0.25  # bytes on the switch ports (link use, two sites' rates)
 _SATURATED = 0.95  # a 0.5 s sample with the machine this busy counts as saturated
 _MEMBERSHIP_TIMEOUT_S = 45.0
 _SETTLE_TIMEOUT_S = 15.0
@@ -414,6 +416,8 @@ class Bed:
     workers: list[NsWorker]  # index i is node i + 1
     key_file: Path
     p2pd_generation: int = 0  # every p2pd run gets fresh data directories and logs
+    # Each agent's [swarm] upload_rate as a share of its node link (--upload-share; 0: none).
+    upload_share: float = 0.0
 
     @property
     def seed_host(self) -> str:
@@ -559,7 +563,8 @@ def start_agent(bed: Bed, scenario: Scenario, i: int, *, peer_tls: bool = True) 
             "--upstream", f"{seed_host}=http://{seed_host}", "--peer-listen", f"{address}:{PEER_PORT}",
             "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}",
             *([] if peer_tls else ["--no-peer-tls"]),
-            *(["--site-upstream-rate", str(int(cap * 1e6 / 8))] if cap else [])]
+            *(["--site-upstream-rate", str(int(cap * 1e6 / 8))] if cap else []),
+            *(["--upload-rate", str(int(bed.upload_share * scenario.node_mbit * 1e6 / 8))] if bed.upload_share else [])]
     return net.start_in(net.nodes[i - 1], argv, log_path=p2pd_log(bed, i))
 
 
@@ -729,7 +734,7 @@ def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time
                 reset_peak_rss(pid)
         before = snapshot(bed, setup, method)
         sampler = CpuSampler(_pids(bed, setup))
-        ports = PortSampler(net) if scenario.sites > 1 else None
+        ports = PortSampler(net) if scenario.sites > 1 or is_p2pd(method) else None
         if scenario.churn:
             at, results = pull_with_churn(bed, scenario, setup, image, max_time, churn)
         else:
@@ -738,7 +743,7 @@ def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time
         alive = [w for w in bed.workers if (proc := setup.agents.get(w.ns)) is not None and proc.poll() is None]
         settled = wait_settled(bed, alive) if is_p2pd(method) else True
         samples, our_samples = sampler.stop()
-        port_samples = ports.stop() if ports is not None else []
+        port_sampler = ports.stop() if ports is not None else None
         after = snapshot(bed, setup, method)
         rss = {name: process_status_kib(pid, "VmHWM") for name, (pid, _) in _pids(bed, setup).items()
                if name.startswith("agent:") and Path(f"/proc/{pid}/status").exists()}  # killed ones are gone
@@ -750,7 +755,10 @@ def run_method(bed: Bed, scenario: Scenario, method: str, image: Image, max_time
     result = summarize_method(bed, scenario, method, image, setup, at, finished, results, before, after,
                               (samples, our_samples), rss, problems, settled, events)
     if scenario.sites > 1:
-        result["sites"] = site_summaries(bed, scenario, image, result, at, port_samples)
+        result["sites"] = site_summaries(bed, scenario, image, result, at,
+                                         port_sampler.samples if port_sampler is not None else [])
+    elif port_sampler is not None:
+        result["link_use"] = link_use(port_sampler, scenario)
     if scenario.churn:
         for node, answer in zip(result["nodes"], results, strict=True):
             if "joined_s" in answer:
@@ -771,31 +779,74 @@ _RATE_WINDOW_S = 2.0  # the site's cap is checked over windows this long
 
 
 class PortSampler:
-    """The bytes the seed sends on each site's link (switch ports ``s<k>``), every 0.5 s, in a thread."""
+    """Bytes on every switch port, every ``_LINK_SAMPLE_S``, in a thread: ``samples`` has what the
+    seed sent on each site's link (ports ``s<k>``), ``links`` each port's (up, down) counters."""
 
     def __init__(self, net: Netbed) -> None:
         self.net = net
         self.samples: list[tuple[float, dict[str, int]]] = []
+        self.links: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="port-sampler", daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         ports = self.net.port_bytes()
-        self.samples.append((time.monotonic(), {k: v["up"] for k, v in ports.items() if k.startswith("s")}))
+        now = time.monotonic()
+        self.samples.append((now, {k: v["up"] for k, v in ports.items() if k.startswith("s")}))
+        self.links.append((now, {k: (v["up"], v["down"]) for k, v in ports.items()}))
 
     def _run(self) -> None:
         self._sample()
-        while not self._stop.wait(_SAMPLE_S):
+        while not self._stop.wait(_LINK_SAMPLE_S):
             with contextlib.suppress(NetbedError):
                 self._sample()
 
-    def stop(self) -> list[tuple[float, dict[str, int]]]:
+    def stop(self) -> PortSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         with contextlib.suppress(NetbedError):
             self._sample()
-        return self.samples
+        return self
+
+
+_IDLE_SHARE = 0.1  # a link carrying less than this share of its rate over a sample is idle
+
+
+def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
+    """How busy the node links were while the seed was sending (from its first sample with bytes
+    on the seed's link to its last): bytes on the wire (headers included) ÷ what the link could
+    carry meanwhile, per node down and up, and the longest stretch a node's uplink stayed idle.
+    At node links as fast as the seed's, the bound asks every downlink to run full all along."""
+    points = sampler.links
+    seed_moves = [i for i in range(1, len(points))
+                  if sum(v[0] for k, v in points[i][1].items() if k.startswith("s"))
+                  > sum(v[0] for k, v in points[i - 1][1].items() if k.startswith("s")) + 16 * 1024]
+    if not seed_moves:
+        return None
+    first, last = seed_moves[0] - 1, seed_moves[-1]
+    span = points[last][0] - points[first][0]
+    capacity = scenario.node_mbit * 1e6 / 8
+    nodes = sorted((k for k in points[first][1] if k.startswith("n")), key=lambda k: int(k[1:]))
+    down, up, idle = {}, {}, {}
+    for node in nodes:
+        if node not in points[last][1]:
+            continue
+        down[node] = round((points[last][1][node][1] - points[first][1][node][1]) / (capacity * span), 3)
+        up[node] = round((points[last][1][node][0] - points[first][1][node][0]) / (capacity * span), 3)
+        longest = run = 0.0
+        for i in range(first + 1, last + 1):
+            dt = points[i][0] - points[i - 1][0]
+            sent = points[i][1][node][0] - points[i - 1][1][node][0]
+            run = run + dt if sent < _IDLE_SHARE * capacity * dt else 0.0
+            longest = max(longest, run)
+        idle[node] = round(longest, 2)
+    if not down:
+        return None
+    return {"seed_sending_s": round(span, 2), "sample_s": _LINK_SAMPLE_S,
+            "down_mean": round(sum(down.values()) / len(down), 3), "down_min": min(down.values()),
+            "up_mean": round(sum(up.values()) / len(up), 3), "longest_idle_uplink_s": max(idle.values()),
+            "down": down, "up": up, "idle_uplink_s": idle}
 
 
 def rate_profile(samples: Sequence[tuple[float, dict[str, int]]], port: str) -> dict[str, float | None]:
@@ -1094,6 +1145,7 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
     with Netbed(scenario.nodes, scenario.rates, workdir=args.workdir, keep_files=args.keep,
                 sites=scenario.sites, congestion_control=args.congestion_control) as net:
         bed = start_bed(net)
+        bed.upload_share = args.upload_share
         image = push_image(bed, layout, tag)
         limit = bound(image.total_bytes, scenario.nodes, scenario.rates)
         print(f"   pushed {image.ref} ({image.total_bytes / MIB:.2f} MiB); bound {limit['seconds']:.1f} s, "
@@ -1340,6 +1392,7 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     copies = [n.get("agent_peer_served_bytes", 0) / n["agent_upstream_bytes"] for n in holders]
     rss = [n["agent_peak_rss_mib"] for n in nodes if n.get("agent_peak_rss_mib") is not None]
     return {
+        "link_use": p.get("link_use"),
         "key": sc["key"], "nodes": sc["nodes"], "ratio": rates["node_up"] / rates["seed_up"],
         "seed_mbit": rates["seed_up"], "node_mbit": rates["node_up"], "bound_s": limit,
         "p50_vs_bound": ratio_or_none(p["p50_s"], limit), "max_vs_bound": ratio_or_none(p["max_s"], limit),
@@ -1380,6 +1433,14 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
               f"{GOAL_EGRESS}{X}: **{len(met)} of {len(rows)} cells met**"
               + (" (" + ", ".join(f"N = {r['nodes']} at {r['ratio']:g}{X}" for r in met) + ")." if met else "."),
               ""]
+    uses = [(r, r["link_use"]) for r in rows if r["link_use"]]
+    if uses:
+        lines += ["Link use while the seed was sending (bytes on the wire, headers included, ÷ what the link could "
+                  "carry meanwhile; mean of the nodes, lowest node in brackets; and the longest stretch any node's "
+                  f"uplink carried under {_IDLE_SHARE:.0%} of its rate, sampled every {_LINK_SAMPLE_S:g} s): "
+                  + "; ".join(f"N = {r['nodes']} at {r['ratio']:g}{X}: down {_pct(u['down_mean'])} "
+                              f"({_pct(u['down_min'])}), up {_pct(u['up_mean'])}, idle uplink "
+                              f"{u['longest_idle_uplink_s']:g} s" for r, u in uses) + ".", ""]
     if "matrix" in plots:
         lines += [f"![time ÷ bound per matrix cell]({plots['matrix']})", ""]
     return "\n".join(lines)
@@ -1407,7 +1468,7 @@ def render_sites(result: dict[str, Any], plots: dict[str, str]) -> str:
              "when lower; *egress* = bytes the site's agents fetched from the seed ÷ F, *on its link* = bytes the "
              f"seed sent on the site's link (TCP/IP headers included, ≈ +4.4 %) ÷ F; rates on the link: the "
              f"highest over any {_RATE_WINDOW_S:g} s window and the mean while bytes flowed (sampled every "
-             f"{_SAMPLE_S:g} s; headers included).", ""]
+             f"{_LINK_SAMPLE_S:g} s; headers included).", ""]
     if p is None or "sites" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     lines += ["| site | cap | bound | p50 ÷ bound | max ÷ bound | egress ÷ F | on its link ÷ F | peak rate (2 s) | "
@@ -1573,7 +1634,7 @@ def render_section(report: dict[str, Any]) -> str:
         "one seed host, N node hosts, each attached by a veth pair; `tc tbf` shapes both directions of every "
         "link (host egress and switch-port egress; rate = the figure given, burst ≥ 64 KiB; queue: "
         f"{report['queues']['seed_ms']:g} ms on the seed's uplink, {report['queues']['node_ms']:g} ms on node links). "
-        + _tcp_text(report.get("tcp")) + " "
+        + _tcp_text(report.get("tcp")) + " " + _agents_text(report.get("agents")) +
         "Nothing in the root namespace; mDNS only on the private bridge. No latency or loss emulation "
         "(this kernel has no netem). Rates are tc's (10^6 bit/s of Ethernet frames): TCP/IP headers take "
         f"≈ 4.4 % of them, so even a perfect transfer shows ≈ 1.05{X} a bound computed from payload bytes.",
@@ -1741,6 +1802,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--congestion-control", metavar="NAME",
                         help="TCP congestion control in every namespace (e.g. cubic, Debian's default; "
                              "default: the host's, which new namespaces inherit)")
+    parser.add_argument("--upload-share", type=float, default=0.0, metavar="SHARE",
+                        help="run every agent with [swarm] upload_rate = SHARE x its node link (default: no cap)")
+    parser.add_argument("--rate-scale", type=float, default=1.0, metavar="FACTOR",
+                        help="multiply every link rate (and site cap) by FACTOR: is a cell held back by the "
+                             "machine? (such a run is not merged into another)")
     parser.add_argument("--from-json", type=Path, metavar="JSON",
                         help="run nothing: rewrite the section and plots from the raw results of an earlier run")
     parser.add_argument("--merge-into", type=Path, metavar="JSON",
@@ -1804,6 +1870,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     deadline = began + args.deadline_s
     tree_start = tree_state()
     scenarios = [QUICK] if args.quick else [{**SCENARIOS, **TINY}[k] for k in args.scenarios.split(",") if k]
+    if args.rate_scale != 1.0:
+        scenarios = [dataclasses.replace(sc, seed_mbit=sc.seed_mbit * args.rate_scale,
+                                         node_mbit=sc.node_mbit * args.rate_scale,
+                                         site_caps_mbit=tuple(c * args.rate_scale for c in sc.site_caps_mbit))
+                     for sc in scenarios]
     load_start = loadavg()
     removed = cleanup_stale()
     if removed:
@@ -1834,6 +1905,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load": {"loadavg_start": load_start, "loadavg_end": loadavg()},
         "queues": {"seed_ms": LinkRates(0, 0, 0).seed_queue_ms, "node_ms": LinkRates(0, 0, 0).node_queue_ms},
         "tcp": _planned_tcp(args),
+        "agents": {"upload_share": args.upload_share or None, "rate_scale": args.rate_scale},
         "results": results,
         "truncated": truncated,
         "duration_s": round(time.monotonic() - began, 1),
@@ -1853,6 +1925,19 @@ def write_report(report: dict[str, Any], out: Path, json_path: Path | None, *, p
     section = render_section(report)
     update_doc(out, section, MARK_START, MARK_END)
     return section
+
+
+def _agents_text(agents: dict[str, Any] | None) -> str:
+    """What the run changed from the agents' defaults and the scenarios' rates (nothing: empty)."""
+    if not agents:
+        return ""
+    parts = []
+    if agents.get("upload_share"):
+        parts.append(f"Every agent ran with `[swarm] upload_rate` = {agents['upload_share']:g}{X} its node link "
+                     "(`--upload-share`).")
+    if agents.get("rate_scale", 1.0) != 1.0:
+        parts.append(f"Every link rate was scaled by {agents['rate_scale']:g} (`--rate-scale`).")
+    return " ".join(parts) + (" " if parts else "")
 
 
 def _planned_tcp(args: argparse.Namespace) -> dict[str, Any]:
@@ -1887,6 +1972,9 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.from_json.read_text())
         print(write_report(report, args.out, args.json, plots=not args.no_plots))
         return 0
+    if args.merge_into is not None and (args.upload_share or args.rate_scale != 1.0):
+        print("bench-swarm: runs with --upload-share or --rate-scale are not merged into another", file=sys.stderr)
+        return 2
     if args.merge_into is not None:
         earlier = json.loads(args.merge_into.read_text()).get("tcp")
         if earlier not in (None, _planned_tcp(args)):
