@@ -67,6 +67,8 @@ class Download:
     complete: bool = False
     error: BaseException | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
+    # Readers (``stream_download``) waiting for bytes not released yet: reader → since when.
+    _waiting: dict[object, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -88,6 +90,10 @@ class Download:
     async def wait_changed(self) -> None:
         """Returns at the next progress, release, completion or failure."""
         await self._changed.wait()
+
+    def reader_wait(self) -> float:
+        """Seconds the longest-waiting reader has gone without a byte (0: none waits)."""
+        return time.monotonic() - min(self._waiting.values()) if self._waiting else 0.0
 
     async def wait_size(self) -> int:
         """The blob's size, once the first upstream response (or chunk map) says it.
@@ -274,7 +280,7 @@ class Fetcher:
                                            stall=self.config.swarm.upstream_stall)
 
             on_progress()
-            await swarm.run_transfer(transfer, upstream_range, on_progress)
+            await swarm.run_transfer(transfer, upstream_range, on_progress, download.reader_wait)
             actual = await trio.to_thread.run_sync(_hash_file, fd, size, digest.algorithm)
             if actual != digest.encoded:
                 await trio.to_thread.run_sync(self.store.discard_partial, digest)
@@ -475,6 +481,7 @@ async def stream_download(download: Download, store: BlobStore, start: int, end:
     """
     fd: int | None = None
     position = start
+    reader = object()
     try:
         while position <= end:
             if download.error is not None:
@@ -486,14 +493,17 @@ async def stream_download(download: Download, store: BlobStore, start: int, end:
                 if fd is None:
                     fd = _open_growing(store, download.digest)
                 length = min(download.released, end + 1, position + _SEND_PIECE) - position
+                download._waiting.pop(reader, None)
                 yield FileBody(fd, position, length)
                 position += length
                 continue
+            download._waiting.setdefault(reader, time.monotonic())
             with trio.move_on_after(stall_timeout) as scope:
                 await download.wait_changed()
             if scope.cancelled_caught:
                 raise P2PDError(f"download of {download.digest} made no progress for {stall_timeout}s")
     finally:
+        download._waiting.pop(reader, None)
         if fd is not None:
             os.close(fd)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -461,6 +462,30 @@ async def test_a_stream_asked_for_more_than_the_blob_has_ends(tmp_path: Path) ->
         with trio.fail_after(2):
             async for _ in stream_download(download, BlobStore(tmp_path, max_bytes=MiB), 0, 19, 60.0):
                 pass
+
+
+async def test_a_stream_waiting_for_bytes_tells_how_long_its_reader_has_waited(tmp_path: Path) -> None:
+    # The swarm rescues the chunk a reader needs once it has waited too long (Swarm._rescue_reader):
+    # the wait is the reader's since its last byte, and ends with the stream.
+    store = BlobStore(tmp_path, max_bytes=MiB)
+    digest = Digest.parse("sha256:" + "cd" * 32)
+    fd, _ = store.open_partial(digest)
+    os.pwrite(fd, b"x" * 20, 0)
+    download = Download(digest, NS, "lab/blob", size=20, released=10)
+    assert download.reader_wait() == 0.0
+    got: list[int] = []
+
+    async def read() -> None:
+        async for piece in stream_download(download, store, 0, 19, 60.0):
+            got.append(piece.length)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.sleep(0.3)
+        assert got == [10] and 0.2 < download.reader_wait() < 5.0  # waiting for bytes 10..19
+        download._release(20)
+    assert got == [10, 10] and download.reader_wait() == 0.0
+    os.close(fd)
 
 
 # ---- requests a read-only mirror refuses ---------------------------------------------------------

@@ -43,7 +43,7 @@ from p2pd.config import SwarmConfig
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, SMALLEST_AUTO_CHUNK, ChunkMap
 from p2pd.oci.digest import Digest
 from p2pd.swarm.coordinator import CoordinatorState, split_ranges
-from p2pd.swarm.engine import Swarm
+from p2pd.swarm.engine import Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member
 from p2pd.swarm.messages import Announce, Reply
@@ -558,6 +558,13 @@ def _engine(
     return swarm, client, [by_id[node] for node in ranking if node != "lessee"]
 
 
+def _digest_coordinated_elsewhere(label: bytes) -> Digest:
+    """A digest whose coordinator, among "lessee" and 4 others, is not "lessee" (``_engine``'s node)."""
+    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
+    return next(d for d in (Digest("sha256", hashlib.sha256(label + b"%d" % i).hexdigest()) for i in range(100))
+                if coordinators(str(d), members, 1) != ["lessee"])
+
+
 def _slow_upstream(seconds_per_chunk: float, data: bytes):  # type: ignore[no-untyped-def]
     async def upstream_range(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
         for offset in range(start, end + 1, _CHUNK):
@@ -705,9 +712,7 @@ async def test_the_chunks_a_local_reader_needs_next_are_requested_first(
 ) -> None:
     """Rarest first spreads chunks, but a stream to containerd advances only with the verified
     prefix: the two chunks after it are planned before rarer ones."""
-    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
-    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"reader%d" % i).hexdigest()) for i in range(100))
-                  if coordinators(str(d), members, 1) != ["lessee"])
+    digest = _digest_coordinated_elsewhere(b"reader")
     swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
     swarm.max_parallel_chunks = 2
     count = 16
@@ -851,9 +856,7 @@ async def test_the_last_chunks_still_in_flight_are_asked_of_a_second_peer(
     request is cancelled, not waited for (it would have run until the chunk timeout)."""
     from p2pd.swarm.peers import PeerChunk
 
-    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
-    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"endgame%d" % i).hexdigest()) for i in range(100))
-                  if coordinators(str(d), members, 1) != ["lessee"])
+    digest = _digest_coordinated_elsewhere(b"endgame")
     swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
     count = 8
     data = os.urandom(count * _CHUNK)
@@ -909,9 +912,7 @@ async def test_two_answers_for_one_chunk_in_the_endgame_count_once(
     mDNS test, whose node fetched 1 MiB more than the image."""
     from p2pd.swarm.peers import PeerChunk
 
-    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
-    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"endgame-race%d" % i).hexdigest())
-                              for i in range(100)) if coordinators(str(d), members, 1) != ["lessee"])
+    digest = _digest_coordinated_elsewhere(b"endgame-race")
     swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
 
     async def run_in_a_moment(function, *args):  # type: ignore[no-untyped-def]
@@ -1065,3 +1066,120 @@ async def test_a_chunk_claimed_only_while_it_was_asked_for_is_not_a_false_claim(
     os.close(fd)
     assert holder not in transfer.disputed and holder in transfer.sources
     assert transfer.retry_at[holder] <= trio.current_time() + 0.2  # asked again soon
+
+
+async def test_a_reader_that_waits_has_its_chunk_asked_of_more_peers_then_of_the_upstream(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A local reader (containerd's stream) stuck at its next chunk, asked of a peer that sends no
+    byte (its uplink crowded): after a few seconds the chunk is asked of more peers; when no peer
+    has it but the crowded one, later that one chunk (not the blob) comes from the upstream. N = 32
+    with equal links: bench clients gave up at byte 0 after 30 s and pulled the layer from the
+    seed instead."""
+    from p2pd.swarm.engine import _READER_DUPLICATE_AFTER as DUPLICATE_AFTER
+    from p2pd.swarm.engine import _READER_UPSTREAM_AFTER as UPSTREAM_AFTER
+    from p2pd.swarm.peers import PeerChunk
+
+    members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
+    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"reader%d" % i).hexdigest()) for i in range(100))
+                  if coordinators(str(d), members, 1) != ["lessee"])
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    count = 4
+    data = os.urandom(count * _CHUNK)
+    crowded, other = "node-0001", "node-0002"
+    asked: list[tuple[str, int]] = []
+    cancelled: list[tuple[str, int]] = []
+
+    async def fetch_chunk(address: str, digest_: Digest, start: int, length: int, grant: str | None = None,
+                          **_kwargs: object) -> PeerChunk:
+        node = address.split(":")[0]
+        asked.append((node, start // _CHUNK))
+        try:
+            await trio.sleep(3600 if node == crowded else 0.5)
+        except trio.Cancelled:
+            cancelled.append((node, start // _CHUNK))
+            raise
+        body = bytearray(data[start:start + length])
+        return PeerChunk(body, hashlib.sha256(body).digest(), None)
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    upstream_asked: list[tuple[int, int]] = []
+
+    async def upstream_range(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
+        upstream_asked.append((start, end))
+        await accept(data[start:end + 1])
+
+    def transfer_with(holders: dict[str, Bitmap]) -> tuple[SwarmTransfer, int]:
+        fd = os.open(tmp_path / f"partial-{len(holders)}", os.O_RDWR | os.O_CREAT)
+        transfer = swarm.start_transfer(digest, count * _CHUNK, fd, None)
+        transfer.hashes = [hashlib.sha256(data[i * _CHUNK:(i + 1) * _CHUNK]).digest() for i in range(count)]
+        for node, bitmap in holders.items():
+            transfer.sources[node] = bitmap
+            transfer.addresses[node] = f"{node}:7000"
+        return transfer, fd
+
+    # More peers: the other one has chunk 0 too but was not asked (one request per chunk).
+    only_first = Bitmap(count)
+    only_first.set(0)
+    transfer, fd = transfer_with({crowded: only_first, other: only_first})
+    transfer.busy[other] = swarm.max_requests_per_peer  # busy when the chunk was planned
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert asked == [(crowded, 0)]
+        transfer.busy[other] = 0
+        for waited in (1.0, DUPLICATE_AFTER - 0.1, DUPLICATE_AFTER):  # the reader's wait, as run_transfer checks it
+            await trio.sleep(1.0)
+            swarm._rescue_reader(transfer, waited, nursery, upstream_range, lambda: None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(asked) == (2 if waited >= DUPLICATE_AFTER else 1)
+        with trio.fail_after(5):
+            while 0 not in transfer.have:
+                await transfer.wait_changed()
+        nursery.cancel_scope.cancel()
+    os.close(fd)
+    assert asked == [(crowded, 0), (other, 0)] and (crowded, 0) in cancelled
+    assert trio.current_time() - started < 5.0 and not upstream_asked
+    assert swarm.metrics.reader_rescues.labels("peers")._value.get() == 1
+
+    # The upstream: only the crowded peer has chunk 0; one chunk is fetched, once.
+    asked.clear()
+    cancelled.clear()
+    swarm.transfers.pop(digest, None)
+    transfer, fd = transfer_with({crowded: Bitmap.full(count)})
+    async with trio.open_nursery() as nursery:
+        await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (crowded, 0) in asked
+        for waited in (DUPLICATE_AFTER, UPSTREAM_AFTER - 0.1):
+            swarm._rescue_reader(transfer, waited, nursery, upstream_range, lambda: None)
+        assert not upstream_asked  # until then the reader waits for the peers
+        swarm._rescue_reader(transfer, UPSTREAM_AFTER, nursery, upstream_range, lambda: None)
+        swarm._rescue_reader(transfer, UPSTREAM_AFTER + 1, nursery, upstream_range, lambda: None)  # once per chunk
+        with trio.fail_after(5):
+            while 0 not in transfer.have:
+                await transfer.wait_changed()
+        nursery.cancel_scope.cancel()
+    os.close(fd)
+    assert upstream_asked == [(0, _CHUNK - 1)] and transfer.upstream_bytes == _CHUNK
+    assert (crowded, 0) in cancelled  # the peer's request for it ended when the chunk landed
+    assert swarm.metrics.reader_rescues.labels("upstream")._value.get() == 1
+    assert (tmp_path / "partial-1").read_bytes()[:_CHUNK] == data[:_CHUNK]
+
+    # Nothing to rescue: a chunk no peer has yet (its range holder's to bring), or one whose
+    # bytes are coming, however slowly.
+    from p2pd.swarm.chunkwire import Exchange
+
+    swarm.transfers.pop(digest, None)
+    transfer, fd = transfer_with({crowded: Bitmap(count)})
+    async with trio.open_nursery() as nursery:
+        swarm._rescue_reader(transfer, UPSTREAM_AFTER, nursery, upstream_range, lambda: None)
+        transfer.sources[crowded] = Bitmap.full(count)
+        slow = Exchange()
+        slow.received = 1000
+        transfer.receiving[0] = {slow}
+        swarm._rescue_reader(transfer, UPSTREAM_AFTER, nursery, upstream_range, lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+    os.close(fd)
+    assert upstream_asked == [(0, _CHUNK - 1)] and not transfer.rescued and not transfer.inflight

@@ -87,6 +87,12 @@ _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a fir
 _BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
 _HANDOFF_TIMEOUT = 1.0  # seconds a coordinator with no state waits for the member ranked next to answer
 _LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without a new chunk before the upstream
+# A local reader (containerd's stream) that has had no byte for this long has the chunk it needs
+# asked of up to _READER_SOURCES peers at once, and after _READER_UPSTREAM_AFTER with no byte of
+# it arriving, that one chunk fetched from the upstream (Swarm._rescue_reader).
+_READER_DUPLICATE_AFTER = 5.0
+_READER_SOURCES = 3
+_READER_UPSTREAM_AFTER = 20.0
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
@@ -159,6 +165,8 @@ class SwarmTransfer:
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
     lease_wait: tuple[float, int] | None = None  # waiting for a lease holder since, with this many chunks
     arrivals: dict[int, Arrival] = field(default_factory=dict)  # chunks arriving from the upstream now
+    receiving: dict[int, set[Exchange]] = field(default_factory=dict)  # chunk → its peer requests in flight
+    rescued: set[int] = field(default_factory=set)  # chunks fetched from the upstream for a waiting reader
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -432,8 +440,11 @@ class Swarm:
         return prefix
 
     async def run_transfer(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
-                           on_progress: Callable[[], None]) -> None:
-        """Fills ``transfer`` from peers and (when leased, or stuck) the upstream."""
+                           on_progress: Callable[[], None], reader_wait: Callable[[], float] = lambda: 0.0) -> None:
+        """Fills ``transfer`` from peers and (when leased, or stuck) the upstream.
+
+        ``reader_wait``: how long a local reader of the blob has gone without a byte (0: none
+        waits); past a bound, the chunk it needs is rescued (``_rescue_reader``)."""
         await self._wait_for_first_peer()
         async with trio.open_nursery() as nursery:
             next_announce = 0.0
@@ -482,6 +493,7 @@ class Swarm:
                     upstream_running = True
                     nursery.start_soon(self._upstream_worker, transfer, upstream_range, on_progress)
                 starving = await self._schedule_peer_requests(transfer, nursery, on_progress)
+                self._rescue_reader(transfer, reader_wait(), nursery, upstream_range, on_progress)
                 with trio.move_on_after(min(0.5, self.announce_interval())):
                     await transfer.wait_changed()
                 if transfer.bytes_arrived():
@@ -490,6 +502,68 @@ class Swarm:
                     transfer.last_progress = time.monotonic()
                     on_progress()
             nursery.cancel_scope.cancel()
+
+    def _rescue_reader(self, transfer: SwarmTransfer, waited: float, nursery: trio.Nursery,
+                       upstream_range: UpstreamRange, on_progress: Callable[[], None]) -> None:
+        """The chunk a local reader needs next, when the reader has waited too long for it.
+
+        A stream to containerd advances only with the verified prefix: its next chunk, asked of
+        one peer whose uplink carries dozens of flows, kept a reader at byte 0 for 30 s (N = 32,
+        equal links: the bench client then pulled the layer from the seed, one more copy over
+        the uplink). Only a chunk that peers have and none is sending is rescued: one not in the
+        site yet is its range holder's to bring, one arriving (however slowly) is on its way.
+        After ``_READER_DUPLICATE_AFTER`` it is asked of up to ``_READER_SOURCES`` peers at once
+        (the first verified answer cancels the others); after ``_READER_UPSTREAM_AFTER`` it comes
+        from the upstream, once per chunk: a chunk, not the blob.
+        """
+        if waited < _READER_DUPLICATE_AFTER:
+            return
+        index = transfer.have.prefix()
+        if index >= transfer.count or index in transfer.arrivals \
+                or any(first <= index <= last for first, last in transfer.ranges):
+            return  # arriving here from the upstream, or due in this node's own range lease
+        sources = self._candidate_sources(transfer)
+        if not any(index in bitmap for bitmap in sources.values()):
+            return  # not in the site yet: its range holder brings it (stuck_after if it died)
+        if any(exchange.received for exchange in transfer.receiving.get(index, ())):
+            return  # on its way, if slowly
+        asked = transfer.inflight.get(index, {})
+        if len(asked) < _READER_SOURCES:
+            candidates = [node for node, bitmap in sources.items()
+                          if index in bitmap and node not in asked
+                          and transfer.busy.get(node, 0) < self.max_requests_per_peer]
+            self._rng.shuffle(candidates)
+            for node in sorted(candidates, key=lambda n: transfer.busy.get(n, 0))[:_READER_SOURCES - len(asked)]:
+                transfer.requested.add(index)
+                transfer.busy[node] = transfer.busy.get(node, 0) + 1
+                self.metrics.reader_rescues.labels("peers").inc()
+                log.debug("chunk %d of %s: a reader waits %.1fs; asking %s too", index, transfer.digest, waited, node)
+                nursery.start_soon(self._fetch_chunk, transfer, index, node, on_progress)
+        if waited >= _READER_UPSTREAM_AFTER and index not in transfer.rescued:
+            transfer.rescued.add(index)
+            self.metrics.reader_rescues.labels("upstream").inc()
+            log.info("chunk %d of %s: a reader waited %.0fs while no peer that has it sent a byte of it; fetching "
+                     "it from the upstream", index, transfer.digest, waited)
+            nursery.start_soon(self._rescue_from_upstream, transfer, index, upstream_range, on_progress)
+
+    async def _rescue_from_upstream(self, transfer: SwarmTransfer, index: int, upstream_range: UpstreamRange,
+                                    on_progress: Callable[[], None]) -> None:
+        """Chunk ``index`` alone from the upstream; given up as soon as a peer's copy lands."""
+        async with trio.open_nursery() as nursery:
+            async def until_landed() -> None:
+                while index not in transfer.have:
+                    await transfer.wait_changed()
+                nursery.cancel_scope.cancel()
+
+            async def fetch() -> None:
+                try:
+                    await self._fetch_run_from_upstream(transfer, index, index, upstream_range, on_progress)
+                except (UpstreamError, VerificationError) as exc:
+                    log.info("chunk %d of %s from the upstream failed: %s", index, transfer.digest, exc)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_landed)
+            nursery.start_soon(fetch)
 
     async def _wait_for_first_peer(self) -> None:
         """A node that has just started may not have met its peers yet: alone, it would be its
@@ -742,6 +816,7 @@ class Swarm:
             await self.download_bucket.take(length)
             exchange = Exchange()
             transfer.exchanges.add(exchange)
+            transfer.receiving.setdefault(index, set()).add(exchange)
             try:
                 # No byte for peer_timeout fails the request (the wire's read timeout); a chunk
                 # that keeps arriving, slowly because its holder serves several peers, may
@@ -751,6 +826,11 @@ class Swarm:
                                                           exchange=exchange)
             finally:
                 transfer.exchanges.discard(exchange)
+                receiving = transfer.receiving.get(index)
+                if receiving is not None:
+                    receiving.discard(exchange)
+                    if not receiving:
+                        del transfer.receiving[index]
                 transfer.arriving -= exchange.received
             if chunk.have is not None:
                 with contextlib.suppress(ValueError):
@@ -970,6 +1050,8 @@ class Swarm:
             transfer.have.set(index)
             transfer.upstream_bytes += length
             self.metrics.fetched_bytes.labels("upstream").inc(length)
+            for request in transfer.inflight.get(index, {}).values():
+                request.cancel()  # a peer asked for it too (a reader's rescue): not needed any more
         transfer.last_progress = time.monotonic()
         arrival.verified = True
         arrival.notify()

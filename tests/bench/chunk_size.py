@@ -10,7 +10,8 @@ For every chunk size (default 256 KiB, 1 MiB, 4 MiB, 16 MiB), loopback only:
    network-limited instead of CPU-limited on a small machine: ``[swarm] upload_rate``
    (``--upload-rate``, default 20 MiB/s: what each agent serves to peers) and
    ``[swarm] upstream_rate`` (``--upstream-rate``, default 20 MiB/s: what the lease holder
-   fetches from the seed). Both token buckets start with one second of burst. At 40 MiB/s
+   fetches from the seed). Uploads are paced by the kernel (``SO_MAX_PACING_RATE``, the rate ÷
+   uploads in progress); the upstream's token bucket starts with one second of burst. At 40 MiB/s
    the benchmark's processes used ~80 % of a 2-core machine (CPU-bound); at 20 MiB/s about
    half, which every run checks and reports (CPU seconds of all processes vs wall time).
 3. Once every agent sees all others, one thread per agent is released at the same moment
@@ -563,8 +564,8 @@ def render_section(report: dict[str, Any]) -> str:
         f"fresh data directories every repetition, peer endpoints on 127.0.0.{_FIRST_HOST}"
         f"{DASH}{_FIRST_HOST + p['agents'] - 1}, static peers, cluster key, no mDNS). "
         f"`[swarm] upload_rate` = {p['upload_rate_mib_s']:g} MiB/s per agent, `upstream_rate` = "
-        f"{p['upstream_rate_mib_s']:g} MiB/s (the lease holder's fetch from the seed); both token buckets "
-        "start with one second of burst.",
+        f"{p['upstream_rate_mib_s']:g} MiB/s (the lease holder's fetch from the seed); uploads paced by the "
+        "kernel (the rate ÷ uploads in progress), the upstream's token bucket starts with one second of burst.",
         f"- Workload: one {blob_mib} MiB random blob; all {p['agents']} agents' clients (httpx, sha256 while "
         f"reading) GET it at the same moment. {p['reps_done']} repetitions per size, interleaved across sizes. "
         f"Lower bound set by the upstream limit: the lease holder needs ≈ {lessee_bound:.1f} s for the blob "
