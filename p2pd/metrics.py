@@ -78,9 +78,9 @@ class AgentMetrics:
         self.site_budget_asks = Counter("p2pd_site_budget_asks", "Requests for a share of a site's upstream "
                                         "budget answered by this node (its site's budget keeper)",
                                         registry=self.registry)
-        self.reader_rescues = Counter("p2pd_swarm_reader_rescues", "Chunks a local reader had waited for too "
-                                      "long, asked of more peers at once (how=peers) or fetched from the "
-                                      "upstream (how=upstream)", ["how"], registry=self.registry)
+        self.reader_rescues = Counter("p2pd_swarm_reader_rescues", "Chunks fetched from the upstream for a local "
+                                      "reader that had waited too long while peers that have them sent nothing",
+                                      registry=self.registry)
         self.claims_disputed = Counter("p2pd_claims_disputed", "Peers that answered 'not here' for chunks they "
                                        "claimed to hold (reported to the coordinator)", registry=self.registry)
         self.uploads_active = Gauge("p2pd_peer_uploads_active", "Chunk uploads to other nodes in progress "

@@ -1027,7 +1027,7 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
                 "upstream_stalls": delta("p2pd_upstream_stalls_total"),
                 "peer_connections": _counts(b, a, "p2pd_peer_connections_total", "handshake"),
                 "peer_requests_served": _counts(b, a, "p2pd_peer_requests_served_total", "route", "status"),
-                "reader_rescues": _counts(b, a, "p2pd_swarm_reader_rescues_total", "how"),
+                "reader_rescues": delta("p2pd_swarm_reader_rescues_total"),
                 **events.get(f"n{i}", {}),
             })
             # containerd (or the client) got the image from its agent unless it fell back to the seed.
