@@ -1142,7 +1142,7 @@ async def test_a_reader_that_waits_gets_its_chunk_from_the_upstream_when_no_peer
         transfer.sources[crowded] = Bitmap.full(count)
         slow = Exchange()
         slow.received = 1000
-        transfer.receiving[0] = {slow}
+        transfer.exchanges[slow] = 0
         swarm._rescue_reader(transfer, 2 * RESCUE_AFTER, nursery, upstream_range, lambda: None)
         await trio.testing.wait_all_tasks_blocked()
     os.close(fd)

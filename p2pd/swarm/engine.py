@@ -155,14 +155,13 @@ class SwarmTransfer:
     designated: dict[int, tuple[int, bool]] = field(default_factory=dict)  # chunk → (downloaders seen, we may ask)
     grant: str | None = None  # shown to peers for a protected blob (p2pd.swarm.grants)
     disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
-    exchanges: set[Exchange] = field(default_factory=set)  # chunk requests in flight
+    exchanges: dict[Exchange, int] = field(default_factory=dict)  # chunk requests in flight → their chunk
     inflight: dict[int, dict[str, trio.CancelScope]] = field(default_factory=dict)  # chunk → peer → its request
     arriving: int = 0  # body bytes of the requests in flight, when last looked at
     upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
     lease_wait: tuple[float, int] | None = None  # waiting for a lease holder since, with this many chunks
     arrivals: dict[int, Arrival] = field(default_factory=dict)  # chunks arriving from the upstream now
-    receiving: dict[int, set[Exchange]] = field(default_factory=dict)  # chunk → its peer requests in flight
     rescued: set[int] = field(default_factory=set)  # chunks fetched from the upstream for a waiting reader
     _changed: trio.Event = field(default_factory=trio.Event)
 
@@ -522,7 +521,7 @@ class Swarm:
             return  # rescued already, arriving here from the upstream, or due in this node's own range
         if not any(index in bitmap for bitmap in self._candidate_sources(transfer).values()):
             return  # not in the site yet: its range holder brings it (stuck_after if it died)
-        if any(exchange.received for exchange in transfer.receiving.get(index, ())):
+        if any(exchange.received for exchange, chunk in transfer.exchanges.items() if chunk == index):
             return  # on its way, if slowly
         transfer.rescued.add(index)
         self.metrics.reader_rescues.inc()
@@ -799,8 +798,7 @@ class Swarm:
                 return
             await self.download_bucket.take(length)
             exchange = Exchange()
-            transfer.exchanges.add(exchange)
-            transfer.receiving.setdefault(index, set()).add(exchange)
+            transfer.exchanges[exchange] = index
             try:
                 # No byte for peer_timeout fails the request (the wire's read timeout); a chunk
                 # that keeps arriving, slowly because its holder serves several peers, may
@@ -809,12 +807,7 @@ class Swarm:
                     chunk = await self.client.fetch_chunk(address, transfer.digest, offset, length, transfer.grant,
                                                           exchange=exchange)
             finally:
-                transfer.exchanges.discard(exchange)
-                receiving = transfer.receiving.get(index)
-                if receiving is not None:
-                    receiving.discard(exchange)
-                    if not receiving:
-                        del transfer.receiving[index]
+                del transfer.exchanges[exchange]
                 transfer.arriving -= exchange.received
             if chunk.have is not None:
                 with contextlib.suppress(ValueError):
