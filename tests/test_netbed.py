@@ -72,8 +72,11 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() ->
               "methods": {"p2pd": {"nodes": nodes, "p50_s": 12.0, "max_s": 13.0, "seed_egress_ratio": 1.0,
                                    "failures": 0, "fallbacks": 0, "agent_cpu_ms_per_mib": 30.0,
                                    "cpu": {"machine_share": 0.4}}}}
+    for node, wait in zip(nodes, (1.5, 4.25, None, 0.5), strict=True):
+        node["client_longest_wait_s"] = wait
     row = matrix_row(result)
     assert row["holders"] == 2
+    assert row["longest_wait_s"] == 4.25  # the longest any client waited for a byte (ctr clients: none)
     assert row["holder_copies_mean"] == pytest.approx(7.5) and row["holder_copies_max"] == pytest.approx(10.0)
 
 
@@ -293,6 +296,9 @@ def test_tiny_bench_swarm_sites_and_churn(tmp_path: Path) -> None:
     for site in p2pd["sites"]:  # each site took the image from the seed once, over its own link
         assert 0.9 <= site["egress_ratio"] <= 1.05 and site["link_ratio"] >= 0.9, site
     assert p2pd["sites"][1]["cap_mbit"] == 10.0 and p2pd["sites"][1]["mean_mbit"] is not None
+    # The httpx client times its longest stretch without a body byte (a fallback's cause).
+    waits = [n["client_longest_wait_s"] for n in p2pd["nodes"]]
+    assert all(0 < w < 30 for w in waits), waits
     c = churn["methods"]["p2pd"]["churn"]
     assert c["killed"] and c["late"] == [4] and c["lost_pulls"] == [], c
     assert c["roles"]["joined"]["ok"] == 1 and c["roles"]["stayed"]["ok"] == 2

@@ -6,9 +6,9 @@ Rules/invariants:
   backups the next ones; a node that cannot reach one tries the next, and with none
   reachable it fetches from the upstream itself (a pull never fails when the upstream
   alone could serve it).
-- Only the lease holder of a site fetches from the upstream. Others fetch chunks from
-  holders (rarest first, random among equals, same site first) and may ask the lease
-  holder for chunks it is still downloading (its endpoint waits briefly for them).
+- Only a site's range-lease holders fetch from the upstream, each its own chunk ranges.
+  Others fetch chunks from holders (rarest first, random among equals, same site first)
+  and may ask a range holder for chunks it is still downloading (it relays them).
 - Every chunk is checked against a chunk map before it is written: the seed's (trusted)
   when the upstream serves one, otherwise the map the lease holder computed while
   fetching, delivered in signed metadata. A peer whose bytes fail is banned. The whole
@@ -17,6 +17,8 @@ Rules/invariants:
   map is not the seed's, the last ``HOLDBACK`` bytes wait for the whole-digest check.
 - A node that gets no chunk for ``stuck_after`` seconds fetches the missing ranges from
   the upstream itself; a dead lease holder's lease expires and moves to another node.
+- A local reader that has waited ``_READER_RESCUE_AFTER`` for its next chunk, one peers have
+  and none is sending, gets that one chunk from the upstream (``_rescue_reader``), once.
 """
 
 from __future__ import annotations

@@ -588,7 +588,9 @@ class NsWorker:
         return result
 
     def get(self, url: str, *, timeout: float = 5.0) -> dict[str, Any]:
-        return self.call("get", timeout=timeout + 5, url=url, timeout_s=timeout)
+        # The worker answers within ``timeout`` unless the machine starves it: 32 agents starting
+        # at once (each compiling its modules) kept a worker from answering for over 7 s.
+        return self.call("get", timeout=timeout + 30, url=url, timeout_s=timeout)
 
 
 @contextlib.contextmanager

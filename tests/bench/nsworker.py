@@ -108,7 +108,8 @@ class Pull:
         got = 0
         by_host: dict[str, int] = {}
         requests = 0
-        started = time.monotonic()
+        started = last_byte = time.monotonic()
+        longest_wait = 0.0  # the longest stretch without a body byte, from the first request on
         for host in self.hosts:
             url = f"{host['url']}/v2/{self.repo}/blobs/{digest}"
             resumes = 0
@@ -123,6 +124,8 @@ class Pull:
                                                f"HTTP {response.status_code}")
                             break  # next host
                         for piece in response.iter_raw(_PIECE):
+                            now = time.monotonic()
+                            longest_wait, last_byte = max(longest_wait, now - last_byte), now
                             sha.update(piece)
                             got += len(piece)
                             by_host[host["url"]] = by_host.get(host["url"], 0) + len(piece)
@@ -140,9 +143,12 @@ class Pull:
         if not ok:
             self.errors.append(f"blob {digest[:19]}: {got} of {size} bytes" + (", digest mismatch" if got == size
                                                                                 else ""))
+        if not ok:
+            longest_wait = max(longest_wait, time.monotonic() - last_byte)
         with self._lock:
             self.blobs.append({"digest": digest, "size": size, "ok": ok, "bytes_by_host": by_host,
-                               "requests": requests, "seconds": round(time.monotonic() - started, 3)})
+                               "requests": requests, "seconds": round(time.monotonic() - started, 3),
+                               "longest_wait_s": round(longest_wait, 2)})
 
     def run(self) -> bool:
         head = self._manifest_request("HEAD", self.reference)
