@@ -143,7 +143,6 @@ class Pull:
         if not ok:
             self.errors.append(f"blob {digest[:19]}: {got} of {size} bytes" + (", digest mismatch" if got == size
                                                                                 else ""))
-        if not ok:
             longest_wait = max(longest_wait, time.monotonic() - last_byte)
         with self._lock:
             self.blobs.append({"digest": digest, "size": size, "ok": ok, "bytes_by_host": by_host,
