@@ -167,6 +167,51 @@ async def test_a_cancelled_fetch_ends_at_once_and_drops_its_connection(server: S
         await client.aclose()
 
 
+async def test_a_chunk_is_stored_in_the_fetch_thread_only_when_asked_and_not_after_a_cancel(
+        server: Server, tmp_path: Path) -> None:
+    client = PeerClient("me", None, read_timeout=60.0)
+    address = f"127.0.0.1:{server.port}"
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    calls: list[tuple[bytes, bytes]] = []
+
+    def store(data: bytearray, sha256: bytes) -> bool:
+        calls.append((bytes(data), sha256))
+        if sha256 != hashlib.sha256(BLOB[65536:131072]).digest():
+            return False  # not the chunk the caller's map names: nothing written
+        os.pwrite(fd, data, 65536)
+        return True
+
+    try:
+        chunk = await client.fetch_chunk(address, DIGEST, 65536, 65536, store=store)
+        assert chunk.stored and os.pread(fd, 65536, 65536) == BLOB[65536:131072]
+        assert calls == [(BLOB[65536:131072], chunk.sha256)]
+        chunk = await client.fetch_chunk(address, DIGEST, 0, 65536, store=store)  # a hash store() rejects
+        assert not chunk.stored and bytes(chunk.data) == BLOB[:65536]
+        assert not (await client.fetch_chunk(address, DIGEST, 0, 100)).stored  # no store given
+        # A status other than 206 never reaches store().
+        server.mode = "404"
+        with pytest.raises(PeerMissing):
+            await client.fetch_chunk(address, DIGEST, 65536, 65536, store=store)
+        # A cancelled fetch never stores, even if its thread ends later.
+        server.mode = "stall"
+        with trio.move_on_after(0.3):
+            await client.fetch_chunk(address, DIGEST, 65536, 65536, store=store)
+        await trio.sleep(0.2)
+        assert len(calls) == 2
+    finally:
+        os.close(fd)
+        await client.aclose()
+
+
+def test_an_action_runs_only_until_the_exchange_is_aborted() -> None:
+    exchange = chunkwire.Exchange()
+    ran: list[int] = []
+    assert exchange.unless_aborted(lambda: ran.append(1))
+    exchange.abort()
+    assert not exchange.unless_aborted(lambda: ran.append(2))
+    assert ran == [1]
+
+
 async def test_an_unreachable_peer_is_a_peer_error() -> None:
     client = PeerClient("me", None, connect_timeout=1.0)
     try:

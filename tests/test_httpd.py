@@ -569,6 +569,36 @@ async def test_file_body_sendfile_with_offsets(nursery: trio.Nursery, tmp_path: 
             os.fstat(fd)  # the server closed every descriptor
 
 
+async def test_a_cached_file_span_is_read_without_a_worker_thread(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pd.httpd import _server
+
+    data = random.Random(9).randbytes(300_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    threaded: list[int] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threaded.append(1)
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert await _server._pread(fd, 1000, 5) == data[5:1005]  # just written: in the page cache
+        assert threaded == ([] if _server._RWF_NOWAIT else [1])
+        # Past the end (a short read) and a span the cache does not hold go to a worker thread.
+        assert await _server._pread(fd, 1000, len(data) - 10) == data[-10:]
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        threaded.clear()
+        assert await _server._pread(fd, 200_000, 50_000) == data[50_000:250_000]
+        assert threaded == [1]
+    finally:
+        os.close(fd)
+
+
 async def test_file_body_to_slow_reader(nursery: trio.Nursery, tmp_path: Path) -> None:
     # The socket buffer fills up, so sendfile has to wait for writability and resume.
     data = random.Random(8).randbytes(6 * 1024 * 1024)

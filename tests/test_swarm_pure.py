@@ -539,6 +539,20 @@ def test_bitmap_operations() -> None:
     assert repr(bitmap) == "Bitmap(5/11)"
 
 
+def test_bitmap_masks_combine_bitmaps_and_round_trip() -> None:
+    a, b = Bitmap(11), Bitmap(11)
+    for index in (0, 3, 10):
+        a.set(index)
+    for index in (3, 4):
+        b.set(index)
+    assert Bitmap.from_mask(11, a.mask()) == a
+    assert Bitmap.from_mask(11, a.mask() | b.mask()).indexes() == [0, 3, 4, 10]
+    assert Bitmap.from_mask(11, a.mask() & b.mask()).indexes() == [3]
+    assert Bitmap.from_mask(11, a.mask() & ~b.mask()).indexes() == [0, 10]  # a negative mask
+    assert Bitmap.from_mask(11, ~0) == Bitmap.full(11)  # bits beyond the count dropped
+    assert Bitmap.from_mask(0, ~0) == Bitmap(0)
+
+
 def test_bitmap_queries_match_a_test_of_every_chunk() -> None:
     # indexes, missing, cardinality and prefix work a byte at a time: checked against the
     # definition (a test per chunk) on counts around byte edges and random contents.

@@ -106,6 +106,16 @@ class Exchange:
             self.aborted = True
             self._shutdown()
 
+    def unless_aborted(self, action: Callable[[], None]) -> bool:
+        """Runs ``action`` (in the calling thread) unless the exchange was aborted; False if it
+        was. An ``abort`` waits for an action under way, so none runs once ``abort`` returns:
+        the caller may then close what the action writes to."""
+        with self._lock:
+            if self.aborted:
+                return False
+            action()
+            return True
+
     def _shutdown(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):

@@ -376,8 +376,8 @@ class CoordinatorState:
                     continue
                 bitmap = _bitmap(info.complete, info.have, site)
                 if bitmap is not None:
-                    covered |= int.from_bytes(bitmap.to_bytes(), "big")
-            held = Bitmap(count, covered.to_bytes((count + 7) // 8, "big"))
+                    covered |= bitmap.mask()
+            held = Bitmap.from_mask(count, covered)
             for index in [i for i in site.done if not all(c in held for c in range(site.ranges[i][0],
                                                                                       site.ranges[i][1] + 1))]:
                 site.done.discard(index)

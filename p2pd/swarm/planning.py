@@ -79,6 +79,18 @@ class Bitmap:
     def to_bytes(self) -> bytes:
         return bytes(self._bits)
 
+    def mask(self) -> int:
+        """The bitmap as one integer (chunk 0 the most significant bit of the first byte): sets
+        of chunks of many peers combine with ``|``, ``&`` and ``~`` in C, not a test per chunk."""
+        return int.from_bytes(self._bits, "big")
+
+    @classmethod
+    def from_mask(cls, count: int, mask: int) -> Bitmap:
+        """The bitmap of ``count`` chunks whose ``mask()`` is ``mask`` (bits beyond ``count``
+        and negative masks' sign bits dropped)."""
+        size = (count + 7) // 8
+        return cls(count, (mask & ((1 << (size * 8)) - 1)).to_bytes(size, "big"))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Bitmap) and self.count == other.count and self._bits == other._bits
 
