@@ -63,7 +63,7 @@ class Bitmap:
         return _set_bits(inverted)
 
     def cardinality(self) -> int:
-        return int.from_bytes(self._bits, "big").bit_count()
+        return self.mask().bit_count()
 
     def is_full(self) -> bool:
         return self.cardinality() == self.count
