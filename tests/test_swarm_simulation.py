@@ -628,7 +628,7 @@ async def test_lease_holder_keeps_its_lease_through_a_long_fetch_in_any_cluster_
     )
     assert transfer.leased and transfer.upstream_bytes == len(data)
     assert granted_to_other == [], "a second node of the site was given the upstream lease"
-    # Still a bounded number of messages: at most one per lease_ttl/3 (or per 0.25 s in small clusters).
+    # Still a bounded number of messages: at most one per lease_ttl/3 (or per second in small clusters).
     assert sent <= elapsed / min(swarm.announce_interval(), SwarmConfig().lease_ttl / 3) + 2
 
 
@@ -745,8 +745,8 @@ async def test_a_node_whose_request_slots_are_full_announces_once_a_second(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Announcements were a busy node's largest CPU cost: with every request slot taken (slow
-    holders), a node announces once a second instead of every 0.25 s; its peers' answers carry
-    their bitmaps meanwhile."""
+    holders), a node announces once a second, as every node does (it did every 0.25 s when it had
+    free slots and nothing to ask for until 12-05); its peers' answers carry their bitmaps meanwhile."""
     data = random.Random(7).randbytes(16 * _CHUNK)
     digest = Digest("sha256", hashlib.sha256(data).hexdigest())
     swarm, client, ranking = _engine(monkeypatch, 6, digest, 3)
