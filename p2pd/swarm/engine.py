@@ -577,7 +577,9 @@ class Swarm:
             log.info("holding the upstream lease for %s, chunks %s", transfer.digest,
                      ", ".join(f"{first}-{last}" for first, last in ranges))
             self.metrics.leases.inc()
-        transfer.ranges = ranges
+        changed, transfer.ranges = ranges != transfer.ranges, ranges
+        if changed:
+            transfer.notify()  # an upstream worker with nothing left to fetch waits for a new range
         transfer.leased = bool(ranges)
         transfer.lessee, transfer.lessee_address = reply.lease_holder, reply.lease_address
         for peer in reply.holders:
