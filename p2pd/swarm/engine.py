@@ -86,7 +86,7 @@ _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holde
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
 _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a first peer
-_ANNOUNCE_INTERVAL = 1.0  # seconds between a node's announcements of a blob (at least; more in large clusters)
+_BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
 _HANDOFF_TIMEOUT = 1.0  # seconds a coordinator with no state waits for the member ranked next to answer
 _LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without a new chunk before the upstream
 # A local reader (containerd's stream) that has had no byte for this long, waiting for a chunk
@@ -293,15 +293,14 @@ class Swarm:
         members = sum(1 for m in self.membership.live() if m.site == self.me.site and m.node_id != self.me.node_id)
         return self.site_share.cap // (members + 1)
 
-    def announce_interval(self, *, leased: bool = False) -> float:
-        # Once a second, and each coordinator's load near 100 announcements per second per hot
-        # digest in large clusters. A node with nothing to ask for learns of new chunks no
-        # sooner by asking more often: its peers announce them once a second too. Announcing
-        # every 0.25 s then (until 12-05) doubled the messages and cost 10-30 % of the agents'
-        # CPU for no gain in time (docs/benchmarks.md). However large the cluster, a lease
-        # holder refreshes its lease well within the TTL, or a second node of its site would
-        # get it and fetch from the upstream too.
-        interval = max(_ANNOUNCE_INTERVAL, len(self.membership.live()) / 100.0)
+    def announce_interval(self, *, leased: bool = False, busy: bool = False) -> float:
+        # Small clusters refresh their view of each other's chunks often; large ones keep
+        # each coordinator's load near 100 announcements per second per hot digest. A node
+        # whose requests fill its slots needs no fresher view (its peers' answers carry their
+        # bitmaps): it announces once a second, which was the largest CPU cost of a busy node.
+        # However large the cluster, a lease holder refreshes its lease well within the TTL,
+        # or a second node of its site would get it and fetch from the upstream too.
+        interval = max(_BUSY_ANNOUNCE_INTERVAL if busy else 0.25, len(self.membership.live()) / 100.0)
         return min(interval, self.coordinator.lease_ttl / 3) if leased else interval
 
     async def coordinate(self, message: Announce) -> Reply:
@@ -453,6 +452,7 @@ class Swarm:
         async with trio.open_nursery() as nursery:
             next_announce = 0.0
             announced_at = time.monotonic()
+            starving = False  # free request slots and nothing known to ask for: announce sooner
             upstream_running = False
             asked_after: tuple[tuple[int, int], ...] = ()  # the finished ranges we asked the next one after
             while not transfer.have.is_full():
@@ -464,6 +464,8 @@ class Swarm:
                     # A range holder that finished its ranges asks for the next at once (once):
                     # its upstream flow would otherwise idle until the next announcement.
                     asked_after = transfer.ranges
+                    next_announce = now
+                if starving and now - announced_at >= self.announce_interval(leased=transfer.leased):
                     next_announce = now
                 if now >= next_announce or stalled:
                     # The lease holder keeps asking for its lease too: a backup coordinator that
@@ -491,7 +493,7 @@ class Swarm:
                             # back longer than _LEASE_PATIENCE lease TTLs without a new chunk.
                             transfer.last_progress = time.monotonic()
                     announced_at = time.monotonic()
-                    next_announce = announced_at + self.announce_interval(leased=transfer.leased)
+                    next_announce = announced_at + self.announce_interval(leased=transfer.leased, busy=True)
                 stuck = time.monotonic() - transfer.last_progress > self.stuck_after
                 if (transfer.leased or stuck) and not upstream_running:
                     if stuck and not transfer.leased:
@@ -499,7 +501,7 @@ class Swarm:
                                     transfer.digest, self.stuck_after)
                     upstream_running = True
                     nursery.start_soon(self._upstream_worker, transfer, upstream_range, on_progress)
-                await self._schedule_peer_requests(transfer, nursery, on_progress)
+                starving = await self._schedule_peer_requests(transfer, nursery, on_progress)
                 self._rescue_reader(transfer, reader_wait(), nursery, upstream_range, on_progress)
                 with trio.move_on_after(min(0.5, self.announce_interval())):
                     await transfer.wait_changed()
@@ -696,18 +698,18 @@ class Swarm:
         return allowed
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
-                                      on_progress: Callable[[], None]) -> None:
-        """Starts requests for free slots."""
+                                      on_progress: Callable[[], None]) -> bool:
+        """Starts requests for free slots; True when slots stay free for want of known sources."""
         room = self.max_parallel_chunks - sum(transfer.busy.values())
         if room <= 0:
-            return
+            return False
         needed = [i for i in transfer.have.missing() if i not in transfer.requested]
         if not needed:
             self._endgame(transfer, nursery, on_progress, room)
-            return
+            return False
         sources = self._candidate_sources(transfer)
         if not sources:
-            return
+            return True
         same_site = [node for node in sources if transfer.sites.get(node) == self.me.site]
         # The chunks the local reader needs next go first: a stream to containerd advances only
         # with the verified prefix, and one that stops for stall_timeout is cut. Rarest first
@@ -730,6 +732,7 @@ class Swarm:
             transfer.requested.add(request.index)
             transfer.busy[request.source] = transfer.busy.get(request.source, 0) + 1
             nursery.start_soon(self._fetch_chunk, transfer, request.index, request.source, on_progress)
+        return len(plan) < min(room, len(needed))
 
     def _endgame(self, transfer: SwarmTransfer, nursery: trio.Nursery, on_progress: Callable[[], None],
                  room: int) -> None:
