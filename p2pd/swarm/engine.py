@@ -575,12 +575,12 @@ class Swarm:
         """Takes in a coordinator's reply; True when its holders have more chunks than before."""
         # A coordinator that grants without ranges (an older node) leases the whole blob.
         ranges = (reply.ranges or ((0, transfer.count - 1),)) if reply.granted else ()
-        if ranges and ranges != transfer.ranges:
-            log.info("holding the upstream lease for %s, chunks %s", transfer.digest,
-                     ", ".join(f"{first}-{last}" for first, last in ranges))
-            self.metrics.leases.inc()
-        changed, transfer.ranges = ranges != transfer.ranges, ranges
-        if changed:
+        if ranges != transfer.ranges:
+            if ranges:
+                log.info("holding the upstream lease for %s, chunks %s", transfer.digest,
+                         ", ".join(f"{first}-{last}" for first, last in ranges))
+                self.metrics.leases.inc()
+            transfer.ranges = ranges
             transfer.notify()  # an upstream worker with nothing left to fetch waits for a new range
         transfer.leased = bool(ranges)
         transfer.lessee, transfer.lessee_address = reply.lease_holder, reply.lease_address
