@@ -82,7 +82,8 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() ->
 
 def test_link_use_counts_the_seeds_sending_window_and_idle_uplinks() -> None:
     """Node link use while the seed sends (wire bytes ÷ capacity), from switch-port counters
-    sampled every 0.25 s: a node whose uplink carried nothing for 0.75 s shows it."""
+    sampled every 0.25 s: a node whose uplink carried nothing for 0.75 s shows it, and so does a
+    downlink that started slowly (the first quarter of the seed's sending apart from the rest)."""
     rate = SCENARIOS["matrix-1x-8"].node_mbit * 1e6 / 8 * 0.25  # bytes a full link carries in a sample
     sampler = PortSampler.__new__(PortSampler)
     sampler.links = []
@@ -90,15 +91,17 @@ def test_link_use_counts_the_seeds_sending_window_and_idle_uplinks() -> None:
     for step in range(10):
         sending = 1 <= step <= 8  # the seed sends in samples 1..8
         seed += int(rate) if sending else 0
-        n1_down += int(0.8 * rate) if sending else 0
+        n1_down += (int(0.4 * rate) if step <= 2 else int(rate)) if sending else 0
         n2_down += int(0.6 * rate) if sending else 0
         n1_up += int(0.9 * rate) if sending else 0
         n2_up += 0 if 3 <= step <= 5 else int(0.5 * rate)  # idle for three samples
         sampler.links.append((step * 0.25, {"s0": (seed, 0), "n1": (n1_up, n1_down), "n2": (n2_up, n2_down)}))
     use = link_use(sampler, SCENARIOS["matrix-1x-8"])
     assert use is not None and use["seed_sending_s"] == 2.0
-    assert use["down"] == {"n1": pytest.approx(0.8, abs=0.01), "n2": pytest.approx(0.6, abs=0.01)}
-    assert use["down_mean"] == pytest.approx(0.7, abs=0.01) and use["down_min"] == pytest.approx(0.6, abs=0.01)
+    assert use["down"] == {"n1": pytest.approx(0.85, abs=0.01), "n2": pytest.approx(0.6, abs=0.01)}
+    assert use["down_mean"] == pytest.approx(0.725, abs=0.01) and use["down_min"] == pytest.approx(0.6, abs=0.01)
+    assert use["down_first_quarter"] == pytest.approx(0.5, abs=0.01)
+    assert use["down_rest"] == pytest.approx(0.8, abs=0.01)
     assert use["idle_uplink_s"] == {"n1": 0.0, "n2": 0.75} and use["longest_idle_uplink_s"] == 0.75
     sampler.links = [(0.0, {"s0": (5, 0), "n1": (0, 0)}), (0.25, {"s0": (5, 0), "n1": (9, 9)})]
     assert link_use(sampler, SCENARIOS["matrix-1x-8"]) is None  # the seed sent nothing

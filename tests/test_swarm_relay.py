@@ -122,6 +122,15 @@ def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trio.to_thread, "run_sync", run_inline)
 
 
+async def _ask_past_the_bound(holder: _Holder, statuses: list[int]) -> None:
+    """A request for chunk 0 past the relays' bound: it waits (``chunk_wait``) for the chunk and
+    is answered from disk, taking the upload slot."""
+    response = await holder.service.handle(holder.request(0))
+    statuses.append(response.status)
+    assert response.on_close is not None
+    response.on_close()
+
+
 async def _read(response: Response, into: list[bytes]) -> None:
     """What the HTTP server does with an answer: send its body, then close it."""
     assert isinstance(response.body, AsyncIterator)
@@ -220,29 +229,30 @@ async def test_an_upstream_fetch_that_ends_early_cuts_its_relays_short(
     assert not holder.transfer.arrivals and holder.service.relays == 0
 
 
+@pytest.mark.parametrize(("other_holders", "bound"), [((), 2), (("a", "b", "c"), 4)])
 async def test_relays_take_no_upload_slot_and_past_their_bound_per_chunk_a_request_waits_for_it(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None, other_holders: tuple[str, ...],
+    bound: int,
 ) -> None:
+    """The bound per chunk is 2 relays per upload slot (one slot here), or the blob's range
+    holders when they are more (this node and three others): K holders share the seed's uplink,
+    so each one's chunk arrives at ~1/K of it, and K relays of it send about what the seed does."""
     holder = _Holder(tmp_path, max_uploads=1)
+    holder.transfer.leased = True
+    holder.transfer.lessees = {node: (1, 2) for node in other_holders}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(holder.fetch, 0, 1)
         await trio.testing.wait_all_tasks_blocked()
-        relayed = [await holder.service.handle(holder.request(0)) for _ in range(holder.service.max_relays_per_chunk)]
-        assert holder.service.relays == holder.service.max_relays_per_chunk == 2 and holder.service.uploads == 0
+        relayed = [await holder.service.handle(holder.request(0)) for _ in range(bound)]
+        assert holder.service.relays == bound and holder.service.max_relays_per_chunk == 2
+        assert all(response.status == 206 for response in relayed) and holder.service.uploads == 0
         reads: list[list[bytes]] = [[] for _ in relayed]
         for response, got in zip(relayed, reads, strict=True):
             nursery.start_soon(_read, response, got)
         late: list[int] = []
-
-        async def ask_past_the_bound() -> None:
-            response = await holder.service.handle(holder.request(0))  # waits (chunk_wait) for the chunk
-            late.append(response.status)
-            assert response.on_close is not None
-            response.on_close()  # a disk upload: it took the one slot
-
-        nursery.start_soon(ask_past_the_bound)
+        nursery.start_soon(_ask_past_the_bound, holder, late)
         await trio.testing.wait_all_tasks_blocked()
-        assert late == []
+        assert late == [] and holder.service.relays == bound
         await holder.feed(DATA[:CHUNK])
         assert late == [206]
         await holder.feed(DATA[CHUNK:2 * CHUNK])

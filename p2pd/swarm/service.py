@@ -68,11 +68,16 @@ _MAX_ANNOUNCE = 1024 * 1024
 _PIECE = 256 * 1024
 _MAX_SLOT_WAITERS = 4  # requests waiting for an upload slot, per slot
 _RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
-# Relays of one arriving chunk, per upload slot. Every reader wants a blob's first chunk at
-# once: with 31 peers relaying it (N = 32, equal links), the fan-out at the chunk's arrival rate
-# was twice the holder's uplink, the holder's own upstream flow starved behind it (its ACKs
-# share that uplink), the chunk took 15 s to arrive and bench clients gave up at byte 0. The cap
-# bounds that fan-out; it did not by itself end those fallbacks (docs/benchmarks.md, sixth session).
+# Relays of one arriving chunk, per upload slot, or one per range holder of its blob when they
+# are more. Every reader wants a blob's first chunk at once: with 31 peers relaying it (N = 32,
+# equal links), the fan-out at the chunk's arrival rate was twice the holder's uplink, the
+# holder's own upstream flow starved behind it (its ACKs share that uplink), the chunk took 15 s
+# to arrive and bench clients gave up at byte 0 (docs/benchmarks.md, sixth session). But K range
+# holders share the seed's uplink, so a chunk arrives at ~1/K of it: K relays of it send about
+# what the seed does, no more than a node's uplink as fast as the seed's. With 8 a chunk, the 15
+# peers of an N = 16 site asked each holder for its arriving chunk, 7 of them waited 2 s
+# (``chunk_wait``) for nothing, and half of every node's request slots sat in those waits in the
+# first seconds of a pull (docs/benchmarks.md, thirteenth session).
 _CHUNK_RELAYS_PER_SLOT = 2
 _RELAY_STALL = 30.0  # seconds a relayed chunk may go without a new byte before its answer is cut
 _VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
@@ -271,7 +276,7 @@ class PeerService:
 
         def relayable() -> Arrival | None:
             arrival = transfer.arrivals.get(chunk) if chunk is not None else None
-            if arrival is None or self.relays >= self.max_relays or arrival.relays >= self.max_relays_per_chunk:
+            if arrival is None or self.relays >= self.max_relays or arrival.relays >= self._relays_per_chunk(transfer):
                 return None
             return arrival
 
@@ -298,6 +303,13 @@ class PeerService:
             except KeyError:
                 raise OCIError("BLOB_UNKNOWN", "not here", status=404) from None
         return self._range_response(request, digest, fd, transfer.size, headers)
+
+    def _relays_per_chunk(self, transfer: SwarmTransfer) -> int:
+        """How many answers may relay one chunk of ``transfer`` while it arrives (see
+        ``_CHUNK_RELAYS_PER_SLOT``): the per-slot bound, or the blob's range holders (the other
+        nodes' leases this node knows of, and its own) when they are more."""
+        holders = len(transfer.lessees) + (1 if transfer.leased else 0)
+        return max(self.max_relays_per_chunk, holders)
 
     async def _take_slot(self) -> None:
         """Waits (bounded) for an upload slot; raises 429 when none frees in time."""
@@ -345,7 +357,7 @@ class PeerService:
 
         Relays take no upload slot: each runs at the rate the chunk arrives, a fraction of the
         uplink, and a range holder's peers all wait for its next chunk at once. They are
-        bounded by ``max_relays`` and, per chunk, by ``max_relays_per_chunk`` instead; past
+        bounded by ``max_relays`` and, per chunk, by ``_relays_per_chunk`` instead; past
         that, a request waits for the chunk as before.
         """
         offset, length = transfer.bounds(arrival.index)

@@ -832,6 +832,18 @@ def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
     span = points[last][0] - points[first][0]
     capacity = scenario.node_mbit * 1e6 / 8
     nodes = sorted((k for k in points[first][1] if k.startswith("n")), key=lambda k: int(k[1:]))
+    # The first quarter of the seed's sending apart: at equal links a downlink that idles early
+    # never catches up (it can take no more than the seed sends), and the deficit is the tail.
+    quarter = next(i for i in range(first, last + 1) if points[i][0] - points[first][0] >= span / 4)
+
+    def down_share(a: int, b: int) -> float | None:
+        seconds = points[b][0] - points[a][0]
+        live = [n for n in nodes if n in points[a][1] and n in points[b][1]]
+        if seconds <= 0 or not live:
+            return None
+        moved = sum(points[b][1][n][1] - points[a][1][n][1] for n in live)
+        return round(moved / (capacity * seconds * len(live)), 3)
+
     down, up, idle = {}, {}, {}
     for node in nodes:
         if node not in points[last][1]:
@@ -850,6 +862,7 @@ def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
     return {"seed_sending_s": round(span, 2), "sample_s": _LINK_SAMPLE_S,
             "down_mean": round(sum(down.values()) / len(down), 3), "down_min": min(down.values()),
             "up_mean": round(sum(up.values()) / len(up), 3), "longest_idle_uplink_s": max(idle.values()),
+            "down_first_quarter": down_share(first, quarter), "down_rest": down_share(quarter, last),
             "down": down, "up": up, "idle_uplink_s": idle}
 
 
@@ -1457,7 +1470,8 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
                   "carry meanwhile; mean of the nodes, lowest node in brackets; and the longest stretch any node's "
                   f"uplink carried under {_IDLE_SHARE:.0%} of its rate, sampled every {_LINK_SAMPLE_S:g} s): "
                   + "; ".join(f"N = {r['nodes']} at {r['ratio']:g}{X}: down {_pct(u['down_mean'])} "
-                              f"({_pct(u['down_min'])}), up {_pct(u['up_mean'])}, idle uplink "
+                              f"({_pct(u['down_min'])}; first quarter {_pct(u.get('down_first_quarter'))}, "
+                              f"the rest {_pct(u.get('down_rest'))}), up {_pct(u['up_mean'])}, idle uplink "
                               f"{u['longest_idle_uplink_s']:g} s" for r, u in uses) + ".", ""]
     if "matrix" in plots:
         lines += [f"![time ÷ bound per matrix cell]({plots['matrix']})", ""]
