@@ -58,7 +58,7 @@ def test_bound_matches_the_anchor_example() -> None:
     assert many["seconds"] == pytest.approx(1000 * 8e9 / (1e8 + 1000 * 1e7))
 
 
-def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() -> None:
+def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed_and_relays_are_a_share() -> None:
     """A node that fetched only a manifest from the seed is not a range holder: its few bytes
     fetched made the copies ratio read in the thousands. One chunk of the big layer (128 KiB for
     12 MiB) is enough to count."""
@@ -74,7 +74,11 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed() ->
                                    "cpu": {"machine_share": 0.4}}}}
     for node, wait in zip(nodes, (1.5, 4.25, None, 0.5), strict=True):
         node["client_longest_wait_s"] = wait
+    assert matrix_row(result)["relayed_share"] is None  # runs before the count was kept
+    for node, (relayed, taken) in zip(nodes, ((60, 40), (12, 50), (0, 100), (0, 50)), strict=True):
+        node["chunks_relayed"], node["chunks_verified"] = relayed, taken
     row = matrix_row(result)
+    assert row["relayed_share"] == pytest.approx(72 / 240)  # relays sent ÷ chunks taken from peers, all nodes
     assert row["holders"] == 2
     assert row["longest_wait_s"] == 4.25  # the longest any client waited for a byte (ctr clients: none)
     assert row["holder_copies_mean"] == pytest.approx(7.5) and row["holder_copies_max"] == pytest.approx(10.0)

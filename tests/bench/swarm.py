@@ -1044,6 +1044,7 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
                 "chunks_failed": delta("p2pd_chunks_failed_total"),
                 "uploads_refused": delta("p2pd_peer_uploads_refused_total"),
                 "chunks_relayed": delta("p2pd_peer_chunks_relayed_total"),
+                "chunks_verified": delta("p2pd_chunks_verified_total"),
                 "announcements_sent": delta("p2pd_peer_messages_total", kind="announce"),
                 "upstream_stalls": delta("p2pd_upstream_stalls_total"),
                 "peer_connections": _counts(b, a, "p2pd_peer_connections_total", "handshake"),
@@ -1414,7 +1415,13 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     copies = [n.get("agent_peer_served_bytes", 0) / n["agent_upstream_bytes"] for n in holders]
     rss = [n["agent_peak_rss_mib"] for n in nodes if n.get("agent_peak_rss_mib") is not None]
     waits = [n["client_longest_wait_s"] for n in nodes if n.get("client_longest_wait_s") is not None]
+    # Of the chunks the nodes took from peers, the share a range holder relayed while it still
+    # arrived from the seed (the rest were sent complete, later): at equal links every node must
+    # get each chunk about as it lands somewhere, and what reaches it later is its tail.
+    taken = sum(n.get("chunks_verified", 0) for n in nodes)
+    relayed = sum(n.get("chunks_relayed", 0) for n in nodes)
     return {
+        "relayed_share": relayed / taken if taken else None,
         "longest_wait_s": max(waits) if waits else None,
         "link_use": p.get("link_use"),
         "key": sc["key"], "nodes": sc["nodes"], "ratio": rates["node_up"] / rates["seed_up"],
@@ -1472,7 +1479,10 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
                   + "; ".join(f"N = {r['nodes']} at {r['ratio']:g}{X}: down {_pct(u['down_mean'])} "
                               f"({_pct(u['down_min'])}; first quarter {_pct(u.get('down_first_quarter'))}, "
                               f"the rest {_pct(u.get('down_rest'))}), up {_pct(u['up_mean'])}, idle uplink "
-                              f"{u['longest_idle_uplink_s']:g} s" for r, u in uses) + ".", ""]
+                              f"{u['longest_idle_uplink_s']:g} s, relayed {_pct(r.get('relayed_share'))}"
+                              for r, u in uses) + ". *Relayed*: of the chunks nodes took from peers, the share "
+                  "sent by a range holder while the chunk still arrived there from the seed (the rest went "
+                  "out complete, later).", ""]
     if "matrix" in plots:
         lines += [f"![time ÷ bound per matrix cell]({plots['matrix']})", ""]
     return "\n".join(lines)
