@@ -61,7 +61,7 @@ def test_bound_matches_the_anchor_example() -> None:
 def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed_and_relays_are_a_share() -> None:
     """A node that fetched only a manifest from the seed is not a range holder: its few bytes
     fetched made the copies ratio read in the thousands. One chunk of the big layer (128 KiB for
-    12 MiB) is enough to count."""
+    12 MiB) is enough to count. The relayed share is over all nodes: relays sent ÷ chunks taken."""
     mib = 1 << 20
     nodes = [{"agent_upstream_bytes": 6 * mib, "agent_peer_served_bytes": 30 * mib},
              {"agent_upstream_bytes": mib // 8, "agent_peer_served_bytes": mib + mib // 4},

@@ -1417,7 +1417,8 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     waits = [n["client_longest_wait_s"] for n in nodes if n.get("client_longest_wait_s") is not None]
     # Of the chunks the nodes took from peers, the share a range holder relayed while it still
     # arrived from the seed (the rest were sent complete, later): at equal links every node must
-    # get each chunk about as it lands somewhere, and what reaches it later is its tail.
+    # get each chunk about as it lands somewhere, and what reaches it later is its tail. Relays
+    # are counted as they begin (a cut one too; they are few, and its chunk is asked again).
     taken = sum(n.get("chunks_verified", 0) for n in nodes)
     relayed = sum(n.get("chunks_relayed", 0) for n in nodes)
     return {
