@@ -507,13 +507,14 @@ class Netbed:
 
     # ---- observation ----------------------------------------------------------------------
 
-    def link_bytes(self) -> dict[str, dict[str, int]]:
+    def link_bytes(self, ports: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
         """Bytes through every switch port: ``{host ns: {"up": host->switch, "down": switch->host}}``.
 
-        Counted at the switch end of each veth (L2 frames, headers included).
+        Counted at the switch end of each veth (L2 frames, headers included); from ``ports`` (a
+        ``port_bytes()`` reading) when given, else from a new reading.
         """
         result: dict[str, dict[str, int]] = {}
-        for port, counts in self.port_bytes().items():
+        for port, counts in (self.port_bytes() if ports is None else ports).items():
             total = result.setdefault(self.ports()[port], {"up": 0, "down": 0})
             total["up"] += counts["up"]
             total["down"] += counts["down"]
