@@ -187,8 +187,8 @@ def test_two_sites_reach_the_seed_and_not_each_other(tmp_path: Path) -> None:
         assert bed.node_ips[2] not in pinned and bed.seed_ips[1] not in pinned
         ports = bed.port_bytes()
         assert {"s0", "s1", "n1", "n4"} <= set(ports)
-        # One reading: the hosts' own packets (IPv6 neighbour discovery after link-up) may pass
-        # between two, and a second reading then counted one more of them (CI, 12-05).
+        # One reading: the hosts' own packets after link-up may pass between two (CI, 12-05: a
+        # second reading counted one more 90-byte frame, the size of an IPv6 MLD report).
         assert bed.link_bytes(ports)[bed.seed]["up"] == ports["s0"]["up"] + ports["s1"]["up"]
     assert _run_namespaces(bed.run_id) == []
 
