@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--data", type=Path, help="data directory")
     serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--upload-rate", type=int, metavar="BYTES_PER_S",
+                       help="bytes/s the blob downloads in progress share, each paced at its part (server.upload_rate)")
     serve.add_argument("--open", action="store_true",
                        help="serve without access control even on a non-loopback address (anyone can push)")
 
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         if args.command == "serve":
-            overrides = {"listen": args.listen, "data": args.data, "open": args.open, "serving": True}
+            overrides = {"listen": args.listen, "data": args.data, "open": args.open, "serving": True,
+                         "upload_rate": args.upload_rate}
             config = load_config(args.config, **overrides)
             try:
                 trio.run(_serve, config, os.environ.get("NOTIFY_SOCKET"), overrides)

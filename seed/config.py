@@ -105,6 +105,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 5000
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # bytes/s the blob downloads in progress share, each paced by the kernel at its part (0: none).
+    upload_rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -212,11 +214,16 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
         raise ConfigError(f"unknown sections: {', '.join(sorted(unknown))}")
     server_table = dict(document.get("server", {}))
     listen = overrides.get("listen") or server_table.pop("listen", None)
+    upload_rate = server_table.pop("upload_rate", 0)
+    if overrides.get("upload_rate") is not None:
+        upload_rate = overrides["upload_rate"]
+    if isinstance(upload_rate, bool) or not isinstance(upload_rate, int) or upload_rate < 0:
+        raise ConfigError("server.upload_rate must be a whole number of bytes per second, 0 or more")
     limits = build_section(ServerLimits, {k: v for k, v in server_table.items() if k in _LIMIT_KEYS}, "server")
     rest = {k: v for k, v in server_table.items() if k not in _LIMIT_KEYS}
     if rest:
         raise ConfigError(f"unknown setting server.{sorted(rest)[0]}")
-    server = ServerConfig(limits=limits)
+    server = ServerConfig(limits=limits, upload_rate=upload_rate)
     if listen:
         host, port = parse_listen(listen)
         server = replace(server, host=host, port=port)

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from p2pd.httpd import FileBody, Request, Response, ServerInfo, TlsContextProvider, TlsFiles, serve_http
+from p2pd.httpd import FileBody, Request, Response, ServerInfo, SharedPacing, TlsContextProvider, TlsFiles, serve_http
 from p2pd.oci import mediatypes
 from p2pd.oci.chunkmap import chunk_size_for, validate_chunk_size
 from p2pd.oci.digest import Digest
@@ -108,6 +108,11 @@ class SeedRegistry:
                  token_service: TokenService | None = None, audit: AuditHook | None = None) -> None:
         self.config = config
         self.storage = storage
+        # [server] upload_rate: the blob downloads in progress share it, each connection paced by
+        # the kernel at its part. Unpaced, the flows to a site's range holders started together,
+        # overflowed the uplink's queue and some stalled for seconds in retransmission timeouts
+        # while others ran at many times their share (docs/benchmarks.md, fifteenth session).
+        self.pacing = SharedPacing(config.server.upload_rate)
         # Upload sessions are state, not content: a shared store can take them over when the
         # seed runs as several replicas (the local files are the default).
         self.uploads: UploadSessions = storage
@@ -144,7 +149,8 @@ class SeedRegistry:
         return await trio.to_thread.run_sync(self.tls.reload)
 
     async def reload(self, config: SeedConfig) -> None:
-        """Applies a re-read configuration (SIGHUP): access rules, identity providers, token keys.
+        """Applies a re-read configuration (SIGHUP): access rules, identity providers, token keys,
+        the shared upload rate.
 
         Listen address, storage and TLS files are not changed here (``reload_tls`` re-reads the
         certificate). A configuration that fails to build leaves the running one in place.
@@ -157,6 +163,7 @@ class SeedRegistry:
         if config.webhooks != self.config.webhooks:
             log.warning("[[webhooks]] changed: the running seed keeps its endpoints until it is restarted")
         self.gate, self.token_service, self.config = gate, token_service, config
+        self.pacing.rate = config.server.upload_rate  # for the downloads that start from now on
         self.signatures.replace_policy(config.signatures)  # new keys: verdicts are computed again
         self._audit("config.reload", {"actor": "", "actor_kind": "system",
                                       "detail": {"rules": len(config.access), "mode": config.auth.mode}})
@@ -236,10 +243,11 @@ class SeedRegistry:
         headers = [("Content-Type", mediatypes.OCTET_STREAM), ("Docker-Content-Digest", str(parsed)),
                    ("Accept-Ranges", "bytes"), ("ETag", f'"{parsed}"'),
                    ("Cache-Control", "max-age=31536000")]
+        end_pacing = self.pacing.start(request.pace) if request.method == "GET" else None
         if byte_range is None:
-            return Response(200, headers, FileBody(fd, 0, size))
+            return Response(200, headers, FileBody(fd, 0, size), on_close=end_pacing)
         headers.append(("Content-Range", byte_range.content_range(size)))
-        return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length))
+        return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length), on_close=end_pacing)
 
     async def get_manifest(self, request: Request, name: str, reference: str) -> Response:
         try:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from p2pd.httpd import FileBody, Request, Response, ServerInfo, ServerLimits, serve_http
+from p2pd.httpd import FileBody, Request, Response, ServerInfo, ServerLimits, SharedPacing, serve_http
 from p2pd.oci.errors import OCIError
 
 HOST = "127.0.0.1"
@@ -733,3 +733,20 @@ async def test_graceful_shutdown_deadline_cuts_long_requests(nursery: trio.Nurse
     assert trio.current_time() - start < 1.5
     raw = await _read_until_closed(stream)
     assert b"piece99;" not in raw  # cut, not completed
+
+
+def test_shared_pacing_divides_the_rate_among_the_responses_in_progress() -> None:
+    """Each paced response gets the rate ÷ the responses in progress, re-divided as they start and
+    end; an ended one keeps its last share (its tail may still wait in the socket's buffer), and
+    ending twice changes nothing. No rate, or no socket to pace: nothing is paced."""
+    pacing = SharedPacing(900)
+    paces: list[list[int]] = [[], [], []]
+    ends = [pacing.start(paces[i].append) for i in range(3)]
+    assert paces == [[900, 450, 300], [450, 300], [300]]
+    assert ends[0] is not None and ends[1] is not None
+    ends[0]()
+    ends[0]()
+    assert paces == [[900, 450, 300], [450, 300, 450], [300, 450]]
+    ends[1]()
+    assert paces[2][-1] == 900 and paces[1][-1] == 450
+    assert SharedPacing(0).start(paces[0].append) is None and pacing.start(None) is None

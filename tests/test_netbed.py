@@ -25,6 +25,7 @@ from tests.bench.swarm import (
     MARK_END,
     MARK_START,
     SCENARIOS,
+    SEED_SHARE,
     PortSampler,
     bound,
     link_use,
@@ -236,6 +237,7 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     report = json.loads(json_path.read_text())
     (result,) = report["results"]
     assert result["scenario"]["nodes"] == 3
+    assert result["seed_share"] == SEED_SHARE  # the seed's downloads shared its uplink, paced
     methods = result["methods"]
     assert set(methods) == {"direct", "cache", "p2pd"}
     image = result["image"]["total_bytes"]
@@ -258,6 +260,7 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in doc
     section = doc[doc.index(MARK_START):doc.index(MARK_END)]
     assert "| p2pd |" in section and "bound (Kumar" in section and "CPU check" in section
+    assert f"`[server] upload_rate` = {SEED_SHARE:g}" in section
     if plots:
         for name in ("swarm-tiny-cdf.png", "swarm-tiny-bytes.png"):
             assert (json_path.parent / name).read_bytes()[:4] == b"\x89PNG"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import threading
 import time
@@ -20,7 +21,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2pd.httpd import ServerInfo
+from p2pd.httpd import FileBody, ServerInfo
 from p2pd.oci import mediatypes
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkMap, chunk_size_for
 from p2pd.oci.digest import Digest, digest_of
@@ -241,6 +242,42 @@ async def test_monolithic_push(seed: Seed) -> None:
     assert r.headers["docker-content-digest"] == digest
     r = await seed.client.get(f"/v2/team/app/blobs/{digest}")
     assert (r.status_code, r.content) == (200, data)
+
+
+async def test_blob_downloads_share_the_upload_rate(tmp_path: Path) -> None:
+    """``[server] upload_rate`` (``--upload-rate``): each blob download in progress has its
+    connection paced at the rate ÷ the downloads in progress, re-divided as they start and end;
+    HEAD and manifests are not paced, and without the setting nothing is."""
+    from p2pd.httpd import Headers, Request, RequestBody
+
+    config = load_config(None, listen="127.0.0.1:0", data=tmp_path / "data", upload_rate=1_000_000)
+    assert config.server.upload_rate == 1_000_000
+    assert load_config(None, data=tmp_path / "data").server.upload_rate == 0
+    data = random.Random(3).randbytes(4096)
+    async with trio.open_nursery() as nursery:
+        info, registry = await nursery.start(partial(serve_seed, config))
+        async with httpx.AsyncClient(base_url=info.url, trust_env=False, timeout=30) as client:
+            digest = await push_blob(client, "team/app", data)
+        paces: list[list[int]] = [[], [], []]
+
+        def request(method: str, pace: list[int], byte_range: str | None = None) -> Request:
+            target = f"/v2/team/app/blobs/{digest}"
+            headers = Headers([("Range", byte_range)] if byte_range else [])
+            return Request(method, target, target, {}, headers, RequestBody(None),  # type: ignore[arg-type]
+                           ("127.0.0.1", 1), "1.1", pace=pace.append)
+
+        whole = await registry.handle(request("GET", paces[0]))
+        ranged = await registry.handle(request("GET", paces[1], "bytes=0-99"))
+        head = await registry.handle(request("HEAD", paces[2]))
+        assert (whole.status, ranged.status, head.status) == (200, 206, 200)
+        assert paces == [[1_000_000, 500_000], [500_000], []]
+        for response in (whole, ranged, head):
+            assert isinstance(response.body, FileBody)
+            os.close(response.body.fd)
+        assert whole.on_close is not None and head.on_close is None
+        whole.on_close()
+        assert paces[1][-1] == 1_000_000
+        nursery.cancel_scope.cancel()
 
 
 async def test_single_request_push(seed: Seed) -> None:

@@ -1,4 +1,4 @@
-"""Loading ``[auth]``, ``[[access]]`` and ``[audit]``: deny by default, and what is refused."""
+"""Loading ``[auth]``, ``[[access]]``, ``[audit]``, ``[server] upload_rate``: deny by default, what is refused."""
 
 from __future__ import annotations
 
@@ -61,3 +61,14 @@ role = "push"
 def test_bad_auth_configuration_is_refused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, text)
+
+
+@pytest.mark.parametrize("value", ["-1", "true", '"1M"', "1.5"])
+def test_the_upload_rate_is_a_whole_number_of_bytes_per_second(tmp_path: Path, value: str) -> None:
+    """``[server] upload_rate`` (the rate the blob downloads in progress share, paced): bytes per
+    second, 0 (the default) for none; the command line's ``--upload-rate`` wins over the file."""
+    assert _load(tmp_path, "[server]\nupload_rate = 2500000\n").server.upload_rate == 2_500_000
+    assert _load(tmp_path, "[server]\nupload_rate = 2500000\n", upload_rate=0).server.upload_rate == 0
+    assert _load(tmp_path, "").server.upload_rate == 0
+    with pytest.raises(ConfigError, match=r"server\.upload_rate"):
+        _load(tmp_path, f"[server]\nupload_rate = {value}\n")

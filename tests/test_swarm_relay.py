@@ -384,7 +384,7 @@ async def test_the_upload_rate_is_shared_by_pacing_each_uploads_connection(
         response.on_close()
         os.close(response.body.fd)
     assert paces[0][-1] == 600_000  # ended: kept its share
-    assert paces[1][-1] == 1_200_000 and not holder.service._paced  # the last upload had the whole rate
+    assert paces[1][-1] == 1_200_000 and not holder.service._pacing._paced  # the last upload had the whole rate
 
 
 def test_a_connection_is_paced_by_the_kernel() -> None:

@@ -2,10 +2,12 @@
 
 Keep-alive, HEAD, streamed request and response bodies (Content-Length and chunked),
 ``Expect: 100-continue``, header-size and idle/read/send timeouts, graceful shutdown, and
-``os.sendfile`` for file bodies when the transport is a plain socket, and optional TLS
-(reloadable contexts, optional client certificates).
+``os.sendfile`` for file bodies when the transport is a plain socket, optional TLS
+(reloadable contexts, optional client certificates), and an egress rate shared by the
+responses in progress, kept by the kernel's pacing of their connections (``SharedPacing``).
 """
 
+from ._pacing import SharedPacing
 from ._server import (
     FileBody,
     Handler,
@@ -28,6 +30,7 @@ __all__ = [
     "Response",
     "ServerInfo",
     "ServerLimits",
+    "SharedPacing",
     "TlsContextProvider",
     "TlsFiles",
     "serve_http",

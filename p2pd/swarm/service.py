@@ -15,7 +15,6 @@ its uplink; a token bucket where a connection cannot be paced.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgpack
 import trio
 
-from p2pd.httpd import FileBody, Request, Response
+from p2pd.httpd import FileBody, Request, Response, SharedPacing
 from p2pd.metrics import AgentMetrics
 from p2pd.oci.chunkmap import ChunkHasher, chunk_size_for
 from p2pd.oci.digest import Digest
@@ -113,10 +112,8 @@ class PeerService:
         metrics.uploads_waiting.set_function(lambda: self._slot_waiters)
         self.upload_bucket = TokenBucket(upload_rate)
         self.upload_rate = upload_rate
-        # The pacers of the uploads in progress (chunks and relays), each paced at
-        # upload_rate ÷ their number.
-        self._paced: dict[int, Callable[[int], None]] = {}
-        self._pace_tokens = itertools.count()
+        # The uploads in progress (chunks and relays), each paced at upload_rate ÷ their number.
+        self._pacing = SharedPacing(upload_rate)
         self.chunk_wait = chunk_wait
         self.relays = 0
         self.max_relays = _RELAYS_PER_SLOT * max_uploads
@@ -326,30 +323,10 @@ class PeerService:
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
 
     def _paced_upload(self, request: Request) -> Callable[[], None] | None:
-        """Paces ``request``'s connection at its share of ``upload_rate`` (the rate ÷ the uploads
-        in progress, every other one's share updated too); returns what ends the upload's
-        share, or None when the upload is not paced (no cap, or no socket to pace).
-
-        An ended upload's connection keeps its last share: its last bytes may still be in the
-        socket's buffer, and they leave at that rate, not at once.
-        """
-        if self.upload_rate <= 0 or request.pace is None:
-            return None
-        token = next(self._pace_tokens)
-        self._paced[token] = request.pace
-        self._repace()
-
-        def end() -> None:
-            del self._paced[token]
-            self._repace()
-
-        return end
-
-    def _repace(self) -> None:
-        if self._paced:
-            share = max(1, self.upload_rate // len(self._paced))
-            for pace in self._paced.values():
-                pace(share)
+        """Paces ``request``'s connection at its share of ``upload_rate`` (``SharedPacing``);
+        returns what ends the upload's share, or None when the upload is not paced (no cap, or
+        no socket to pace)."""
+        return self._pacing.start(request.pace)
 
     def _relay_response(self, request: Request, transfer: SwarmTransfer, arrival: Arrival,
                         headers: list[tuple[str, str]]) -> Response:

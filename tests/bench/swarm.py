@@ -193,6 +193,11 @@ SCENARIOS = {
 # seed (docs/benchmarks.md, 12-05 session) - a weakness of the swarm at that rate, not hidden
 # by a faster one, and reported as not met.
 MATRIX_RATIOS = (1, 2, 10)
+# The seed's [server] upload_rate as a share of its uplink (--seed-share): its blob downloads share
+# it, each connection paced by the kernel. Unpaced, the flows to a site's range holders started
+# together, overflowed the uplink's queue, and some stalled for seconds in retransmission
+# timeouts while others ran at many times their share (docs/benchmarks.md, fifteenth session).
+SEED_SHARE = 0.97
 MATRIX_NODES = {8: 8.0, 16: 4.0, 32: 3.0}  # N -> seed uplink (Mbit/s)
 MATRIX_LAYER_MIB = {8: 12, 16: 12, 32: 8}
 for _n, _seed in MATRIX_NODES.items():
@@ -455,11 +460,14 @@ def wait_http(worker: NsWorker, url: str, seconds: float, alive: Callable[[], bo
     raise BenchError(f"{url} in {worker.ns} not ready after {seconds:g} s: {last}")
 
 
-def start_bed(net: Netbed) -> Bed:
+def start_bed(net: Netbed, seed_upload_rate: int = 0) -> Bed:
+    """The seed (its blob downloads sharing ``seed_upload_rate`` bytes/s, paced; 0: unpaced) and a
+    worker in every namespace."""
     seed_data = net.dir / "seed-data"
     seed_proc = net.start_in(net.seed, [sys.executable, "-m", "seed", "--log-level", "WARNING", "serve",
                                         "--listen", f"0.0.0.0:{SEED_PORT}", "--data", str(seed_data),
-                                        "--open"],
+                                        "--open",
+                                        *(["--upload-rate", str(seed_upload_rate)] if seed_upload_rate else [])],
                              log_path=net.dir / "seed.log")
     workers = _parallel(lambda ns: NsWorker(net, ns), [net.seed, *net.nodes])
     seed_worker = workers[0]
@@ -1167,7 +1175,7 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
     methods: dict[str, dict[str, Any]] = {}
     with Netbed(scenario.nodes, scenario.rates, workdir=args.workdir, keep_files=args.keep,
                 sites=scenario.sites, congestion_control=args.congestion_control) as net:
-        bed = start_bed(net)
+        bed = start_bed(net, seed_upload_rate(scenario, args.seed_share))
         bed.upload_share = args.upload_share
         image = push_image(bed, layout, tag)
         limit = bound(image.total_bytes, scenario.nodes, scenario.rates)
@@ -1200,7 +1208,25 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
                         print(f"     {node['node']} failed: {node['errors'][:3]}", flush=True)
             methods[method] = median_run(runs, image.total_bytes, limit["seconds"])
     return {"scenario": asdict(scenario), "image": asdict(image), "bound": limit, "methods": methods,
-            "rates": asdict(scenario.rates), "duration_s": round(time.monotonic() - began, 1)}
+            "rates": asdict(scenario.rates), "seed_share": args.seed_share or None,
+            "duration_s": round(time.monotonic() - began, 1)}
+
+
+def seed_upload_rate(scenario: Scenario, share: float) -> int:
+    """The seed's ``[server] upload_rate`` for ``share`` of its uplink (all its site links), bytes/s."""
+    return int(share * scenario.seed_mbit * scenario.sites * 1e6 / 8)
+
+
+def seed_pacing_text(results: Sequence[dict[str, Any]]) -> str:
+    """How the seed's downloads were paced in ``results`` (older results did not record it: unpaced)."""
+    shares = sorted({r.get("seed_share") or 0.0 for r in results})
+    if shares == [0.0]:
+        return "The seed's downloads were not paced. "
+    if len(shares) == 1:
+        return (f"The seed ran with `[server] upload_rate` = {shares[0]:g}{X} its uplink (`--seed-share`): its blob "
+                "downloads in progress share that rate, each connection paced by the kernel at its part. ")
+    return ("The seed's pacing differs between these results (`seed_share` in the JSON; none recorded: "
+            "unpaced). ")
 
 
 def median_run(runs: list[dict[str, Any]], image_bytes: int, limit: float) -> dict[str, Any]:
@@ -1385,7 +1411,7 @@ def render_scenario(result: dict[str, Any], plots: dict[str, str], variants: Seq
         f"{sc['layer_mib']} MiB, F = {image['total_bytes'] / MIB:.2f} MiB in all. Client: {client}. "
         f"Bound = max(F/u_s {limit['seed_term_s']:.2f} s, F/d_min {limit['download_term_s']:.2f} s, "
         f"N·F/(u_s + Σu_i) {limit['aggregate_term_s']:.2f} s) = **{limit['seconds']:.2f} s**; client-server "
-        f"minimum max(N·F/u_s, F/d_min) = {limit['client_server_s']:.1f} s.",
+        f"minimum max(N·F/u_s, F/d_min) = {limit['client_server_s']:.1f} s. " + seed_pacing_text([result]).strip(),
         "",
         render_table(result),
         "",
@@ -1451,7 +1477,7 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
         "included; the client gives up on a host after 30 s without one). *Holders' copies*: "
         "bytes a range-lease holder (a node that fetched at least one chunk of the layer from the seed) sent "
         "to peers ÷ bytes it fetched from the seed (mean; max). CPU = the agents' "
-        "CPU per MiB they received plus sent. One run per cell.",
+        "CPU per MiB they received plus sent. One run per cell. " + seed_pacing_text(cells).strip(),
         "",
         "| N | node ÷ seed | links (Mbit/s) | bound | p50 ÷ bound | max ÷ bound | seed egress ÷ image | failed | "
         "client fallbacks | longest client wait | range holders | holders' copies | CPU ms/MiB | peak RSS (MiB) | "
@@ -1511,7 +1537,7 @@ def render_sites(result: dict[str, Any], plots: dict[str, str]) -> str:
              "when lower; *egress* = bytes the site's agents fetched from the seed ÷ F, *on its link* = bytes the "
              f"seed sent on the site's link (TCP/IP headers included, ≈ +4.4 %) ÷ F; rates on the link: the "
              f"highest over any {_RATE_WINDOW_S:g} s window and the mean while bytes flowed (sampled every "
-             f"{_LINK_SAMPLE_S:g} s; headers included).", ""]
+             f"{_LINK_SAMPLE_S:g} s; headers included). " + seed_pacing_text([result]).strip(), ""]
     if p is None or "sites" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     lines += ["| site | cap | bound | p50 ÷ bound | max ÷ bound | egress ÷ F | on its link ÷ F | peak rate (2 s) | "
@@ -1563,7 +1589,8 @@ def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
              f"{sc['description'][:1].upper() + sc['description'][1:]}. Image: busybox + {sc['layer_mib']} MiB, "
              f"F = {image['total_bytes'] / MIB:.2f} MiB; bound for all {sc['nodes']} nodes {limit:.1f} s. Each "
              "client's only host is its own agent (no fallback to the seed), so a pull the churn breaks fails "
-             "instead of hiding behind the seed; a killed node's own pull is lost with it (not counted).", ""]
+             "instead of hiding behind the seed; a killed node's own pull is lost with it (not counted). "
+             + seed_pacing_text([result]).strip(), ""]
     if p is None or "churn" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     churn = p["churn"]
@@ -1847,6 +1874,9 @@ def _parser() -> argparse.ArgumentParser:
                              "default: the host's, which new namespaces inherit)")
     parser.add_argument("--upload-share", type=float, default=0.0, metavar="SHARE",
                         help="run every agent with [swarm] upload_rate = SHARE x its node link (default: no cap)")
+    parser.add_argument("--seed-share", type=float, default=SEED_SHARE, metavar="SHARE",
+                        help="run the seed with [server] upload_rate = SHARE x its uplink (its downloads share it, "
+                             f"paced; default {SEED_SHARE:g}, as an operator who knows the uplink sets it; 0: unpaced)")
     parser.add_argument("--rate-scale", type=float, default=1.0, metavar="FACTOR",
                         help="multiply every link rate (and site cap) by FACTOR: is a cell held back by the "
                              "machine? (such a run is not merged into another)")
