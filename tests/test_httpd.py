@@ -750,3 +750,13 @@ def test_shared_pacing_divides_the_rate_among_the_responses_in_progress() -> Non
     ends[1]()
     assert paces[2][-1] == 900 and paces[1][-1] == 450
     assert SharedPacing(0).start(paces[0].append) is None and pacing.start(None) is None
+    # The rate changes (a reload): 0 lifts the pace of the response still in progress when the
+    # next one ends, not a pace of 1 byte a second.
+    pacing.rate = 0
+    assert pacing.start(paces[0].append) is None
+    later = SharedPacing(600)
+    ends = [later.start(paces[i].append) for i in (0, 1)]
+    later.rate = 0
+    assert ends[0] is not None
+    ends[0]()
+    assert paces[1][-1] == 0

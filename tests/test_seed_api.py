@@ -247,7 +247,8 @@ async def test_monolithic_push(seed: Seed) -> None:
 async def test_blob_downloads_share_the_upload_rate(tmp_path: Path) -> None:
     """``[server] upload_rate`` (``--upload-rate``): each blob download in progress has its
     connection paced at the rate ÷ the downloads in progress, re-divided as they start and end;
-    HEAD and manifests are not paced, and without the setting nothing is."""
+    HEAD and manifests are not paced, and without the setting nothing is. A reload applies a new
+    rate to the downloads that start after it."""
     from p2pd.httpd import Headers, Request, RequestBody
 
     config = load_config(None, listen="127.0.0.1:0", data=tmp_path / "data", upload_rate=1_000_000)
@@ -277,6 +278,14 @@ async def test_blob_downloads_share_the_upload_rate(tmp_path: Path) -> None:
         assert whole.on_close is not None and head.on_close is None
         whole.on_close()
         assert paces[1][-1] == 1_000_000
+        # A reload (SIGHUP) changes the rate for the downloads that start from then on.
+        await registry.reload(load_config(None, listen="127.0.0.1:0", data=tmp_path / "data", upload_rate=300_000))
+        again = await registry.handle(request("GET", paces[2]))
+        assert paces[2] == [150_000] and paces[1][-1] == 150_000
+        assert isinstance(again.body, FileBody) and again.on_close is not None and ranged.on_close is not None
+        os.close(again.body.fd)
+        again.on_close()
+        ranged.on_close()
         nursery.cancel_scope.cancel()
 
 

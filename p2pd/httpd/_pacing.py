@@ -19,7 +19,9 @@ Pace = Callable[[int], None]
 
 
 class SharedPacing:
-    """``rate`` bytes/s shared equally by the paced responses in progress (0: no pacing)."""
+    """``rate`` bytes/s shared equally by the paced responses in progress (0: no pacing). ``rate``
+    may change (a reload): responses that start from then on get the new one, and those in
+    progress are re-divided at the next start or end."""
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
@@ -47,6 +49,7 @@ class SharedPacing:
 
     def _repace(self) -> None:
         if self._paced:
-            share = max(1, self.rate // len(self._paced))
+            # A rate set to 0 (a reload) lifts the pace of the responses still in progress.
+            share = max(1, self.rate // len(self._paced)) if self.rate > 0 else 0
             for pace in self._paced.values():
                 pace(share)
