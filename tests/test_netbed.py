@@ -32,6 +32,8 @@ from tests.bench.swarm import (
     main,
     matrix_row,
     merge_reports,
+    seed_pacing_text,
+    seed_upload_rate,
 )
 from tests.harness.tools import require_root, require_tool
 
@@ -83,6 +85,17 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed_and_
     assert row["holders"] == 2
     assert row["longest_wait_s"] == 4.25  # the longest any client waited for a byte (ctr clients: none)
     assert row["holder_copies_mean"] == pytest.approx(7.5) and row["holder_copies_max"] == pytest.approx(10.0)
+
+
+def test_the_seeds_pacing_is_a_share_of_all_its_links_and_each_section_says_it() -> None:
+    """``--seed-share``: the seed's ``upload_rate`` is that share of its uplink (one link per site),
+    and a section says how its results were run (results from before it recorded nothing: unpaced)."""
+    assert seed_upload_rate(SCENARIOS["matrix-1x-8"], 0.97) == 970_000
+    assert seed_upload_rate(SCENARIOS["two-sites"], 0.5) == 2_000_000  # 2 sites of 16 Mbit/s
+    assert seed_upload_rate(SCENARIOS["matrix-1x-8"], 0.0) == 0
+    assert "`[server] upload_rate` = 0.97" in seed_pacing_text([{"seed_share": 0.97}, {"seed_share": 0.97}])
+    assert seed_pacing_text([{}, {"seed_share": None}]) == "The seed's downloads were not paced."
+    assert "differs" in seed_pacing_text([{}, {"seed_share": 0.97}])
 
 
 def test_link_use_counts_the_seeds_sending_window_and_idle_uplinks() -> None:

@@ -1221,12 +1221,12 @@ def seed_pacing_text(results: Sequence[dict[str, Any]]) -> str:
     """How the seed's downloads were paced in ``results`` (older results did not record it: unpaced)."""
     shares = sorted({r.get("seed_share") or 0.0 for r in results})
     if shares == [0.0]:
-        return "The seed's downloads were not paced. "
+        return "The seed's downloads were not paced."
     if len(shares) == 1:
         return (f"The seed ran with `[server] upload_rate` = {shares[0]:g}{X} its uplink (`--seed-share`): its blob "
-                "downloads in progress share that rate, each connection paced by the kernel at its part. ")
+                "downloads in progress share that rate, each connection paced by the kernel at its part.")
     return ("The seed's pacing differs between these results (`seed_share` in the JSON; none recorded: "
-            "unpaced). ")
+            "unpaced).")
 
 
 def median_run(runs: list[dict[str, Any]], image_bytes: int, limit: float) -> dict[str, Any]:
@@ -1411,7 +1411,7 @@ def render_scenario(result: dict[str, Any], plots: dict[str, str], variants: Seq
         f"{sc['layer_mib']} MiB, F = {image['total_bytes'] / MIB:.2f} MiB in all. Client: {client}. "
         f"Bound = max(F/u_s {limit['seed_term_s']:.2f} s, F/d_min {limit['download_term_s']:.2f} s, "
         f"N·F/(u_s + Σu_i) {limit['aggregate_term_s']:.2f} s) = **{limit['seconds']:.2f} s**; client-server "
-        f"minimum max(N·F/u_s, F/d_min) = {limit['client_server_s']:.1f} s. " + seed_pacing_text([result]).strip(),
+        f"minimum max(N·F/u_s, F/d_min) = {limit['client_server_s']:.1f} s. " + seed_pacing_text([result]),
         "",
         render_table(result),
         "",
@@ -1477,7 +1477,7 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
         "included; the client gives up on a host after 30 s without one). *Holders' copies*: "
         "bytes a range-lease holder (a node that fetched at least one chunk of the layer from the seed) sent "
         "to peers ÷ bytes it fetched from the seed (mean; max). CPU = the agents' "
-        "CPU per MiB they received plus sent. One run per cell. " + seed_pacing_text(cells).strip(),
+        "CPU per MiB they received plus sent. One run per cell. " + seed_pacing_text(cells),
         "",
         "| N | node ÷ seed | links (Mbit/s) | bound | p50 ÷ bound | max ÷ bound | seed egress ÷ image | failed | "
         "client fallbacks | longest client wait | range holders | holders' copies | CPU ms/MiB | peak RSS (MiB) | "
@@ -1537,7 +1537,7 @@ def render_sites(result: dict[str, Any], plots: dict[str, str]) -> str:
              "when lower; *egress* = bytes the site's agents fetched from the seed ÷ F, *on its link* = bytes the "
              f"seed sent on the site's link (TCP/IP headers included, ≈ +4.4 %) ÷ F; rates on the link: the "
              f"highest over any {_RATE_WINDOW_S:g} s window and the mean while bytes flowed (sampled every "
-             f"{_LINK_SAMPLE_S:g} s; headers included). " + seed_pacing_text([result]).strip(), ""]
+             f"{_LINK_SAMPLE_S:g} s; headers included). " + seed_pacing_text([result]), ""]
     if p is None or "sites" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     lines += ["| site | cap | bound | p50 ÷ bound | max ÷ bound | egress ÷ F | on its link ÷ F | peak rate (2 s) | "
@@ -1590,7 +1590,7 @@ def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
              f"F = {image['total_bytes'] / MIB:.2f} MiB; bound for all {sc['nodes']} nodes {limit:.1f} s. Each "
              "client's only host is its own agent (no fallback to the seed), so a pull the churn breaks fails "
              "instead of hiding behind the seed; a killed node's own pull is lost with it (not counted). "
-             + seed_pacing_text([result]).strip(), ""]
+             + seed_pacing_text([result]), ""]
     if p is None or "churn" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     churn = p["churn"]
