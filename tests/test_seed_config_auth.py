@@ -72,3 +72,11 @@ def test_the_upload_rate_is_a_whole_number_of_bytes_per_second(tmp_path: Path, v
     assert _load(tmp_path, "").server.upload_rate == 0
     with pytest.raises(ConfigError, match=r"server\.upload_rate"):
         _load(tmp_path, f"[server]\nupload_rate = {value}\n")
+
+
+def test_the_upload_rate_flag_reaches_the_configuration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``seed serve --upload-rate`` is checked like ``[server] upload_rate`` (a refused value stops it)."""
+    from seed.cli import main
+
+    assert main(["serve", "--data", str(tmp_path / "data"), "--upload-rate", "-1"]) == 2
+    assert "server.upload_rate" in capsys.readouterr().err

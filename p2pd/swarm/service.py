@@ -111,8 +111,8 @@ class PeerService:
         metrics.uploads_active.set_function(lambda: self.uploads)
         metrics.uploads_waiting.set_function(lambda: self._slot_waiters)
         self.upload_bucket = TokenBucket(upload_rate)
-        self.upload_rate = upload_rate
-        # The uploads in progress (chunks and relays), each paced at upload_rate ÷ their number.
+        # The uploads in progress (chunks and relays), each paced at upload_rate ÷ their number
+        # (``start`` returns what ends an upload's share, or None when it is not paced).
         self._pacing = SharedPacing(upload_rate)
         self.chunk_wait = chunk_wait
         self.relays = 0
@@ -322,12 +322,6 @@ class PeerService:
             self.metrics.uploads_refused.inc()
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
 
-    def _paced_upload(self, request: Request) -> Callable[[], None] | None:
-        """Paces ``request``'s connection at its share of ``upload_rate`` (``SharedPacing``);
-        returns what ends the upload's share, or None when the upload is not paced (no cap, or
-        no socket to pace)."""
-        return self._pacing.start(request.pace)
-
     def _relay_response(self, request: Request, transfer: SwarmTransfer, arrival: Arrival,
                         headers: list[tuple[str, str]]) -> Response:
         """A chunk still arriving from the upstream, sent as its bytes land (``Arrival``).
@@ -342,7 +336,7 @@ class PeerService:
         self.relays += 1
         arrival.relays += 1
         self.metrics.chunks_relayed.inc()
-        end_pacing = self._paced_upload(request)
+        end_pacing = self._pacing.start(request.pace)
 
         def done() -> None:
             self.relays -= 1
@@ -390,7 +384,7 @@ class PeerService:
             headers.append(("Content-Range", byte_range.content_range(size)))
             status = 206
         self.uploads += 1
-        end_pacing = self._paced_upload(request)
+        end_pacing = self._pacing.start(request.pace)
 
         def done() -> None:
             self.uploads -= 1
