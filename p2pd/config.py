@@ -157,8 +157,9 @@ class SwarmConfig:
     upstream_rate: int = 0  # bytes/s fetched from upstreams; 0 = unlimited
     # A range holder's upstream response that stops for this long once its bytes flow is
     # reopened where it stopped (0: never); its peers and their readers wait for those chunks.
-    # Longer than the gaps TCP recovers from by itself (up to 5.3 s at N = 16 and 6.6 s at N = 32
-    # on the testbed, docs/benchmarks.md): a reopen before that throws away what is in flight.
+    # Longer than nearly every gap TCP recovers from by itself (on the testbed, 202 of 203 gaps
+    # over 1 s in two pulls; the longest 5.3 s at N = 16, 6.6 s at N = 32: docs/benchmarks.md):
+    # a reopen during one throws away the window in flight.
     upstream_stall: float = 6.0
     # bytes/s the whole site (all its nodes together) fetches from upstreams; 0 = unlimited.
     # Kept by one member of the site and shared by its fetchers (p2pd/swarm/budget.py).
