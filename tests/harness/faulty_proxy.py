@@ -64,7 +64,9 @@ class ProxyFaults:
             every response that carries it, Range responses included.
         rate: blob bodies are sent at about this many bytes per second (per response).
         stall_after: after this many body bytes of a blob response nothing more is sent
-            (the connection stays open) until the proxy is cancelled.
+            (the connection stays open) until the proxy is cancelled, or for ``pause``
+            seconds when that is set (then the rest flows, as when TCP recovers by itself).
+        pause: see ``stall_after``.
         hang: blob and chunk-map requests are never answered (no status line).
         chunk_maps: False answers chunk-map requests (``.../blobs/<digest>/chunks``) 404
             like a registry without the endpoint.
@@ -74,6 +76,7 @@ class ProxyFaults:
     corrupt: bool = False
     rate: float | None = None
     stall_after: int | None = None
+    pause: float | None = None
     hang: bool = False
     chunk_maps: bool = True
 
@@ -219,16 +222,23 @@ async def _blob_body(
     """The upstream body with the faults applied; always closes the upstream response."""
     start = trio.current_time()
     offset, size = span if span is not None else (0, 0)
+    paused = False
     try:
         async for data in upstream.aiter_raw(_PIECE):
             piece = data
             sent = seen.body_bytes
-            if faults.stall_after is not None and sent + len(piece) > faults.stall_after:
-                piece = piece[: max(0, faults.stall_after - sent)]
-                if piece:
-                    seen.body_bytes += len(piece)
-                    yield piece
-                await trio.sleep_forever()
+            if faults.stall_after is not None and not paused and sent + len(piece) > faults.stall_after:
+                before = piece[: max(0, faults.stall_after - sent)]
+                if before:
+                    seen.body_bytes += len(before)
+                    yield before
+                if faults.pause is None:
+                    await trio.sleep_forever()
+                await trio.sleep(faults.pause)
+                paused = True
+                piece, sent = piece[len(before):], seen.body_bytes
+                if not piece:
+                    continue
             if faults.truncate_after is not None and sent + len(piece) >= faults.truncate_after:
                 piece = piece[: faults.truncate_after - sent]
                 if piece:
