@@ -113,3 +113,78 @@ async def test_a_node_that_talks_to_us_before_we_confirmed_it_is_probed_at_once(
         await trio.sleep(0.05)
         assert membership.get(PEER.node_id) is None
         nursery.cancel_scope.cancel()
+
+
+class _BusyPeer:
+    """A peer that is busy starting: the first hello to it is answered after ``answer_after``
+    seconds; hellos sent while one is in flight fail after ``refuse_after`` (their handshakes
+    given up). Counts the hellos in flight at once."""
+
+    def __init__(self, answer_after: float, refuse_after: float) -> None:
+        self.answer_after = answer_after
+        self.refuse_after = refuse_after
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.calls = 0
+
+    async def __call__(self, address: str) -> tuple[str, str]:
+        self.calls += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.in_flight > 1:
+                await trio.sleep(self.refuse_after)
+                raise OSError("handshake given up")
+            await trio.sleep(self.answer_after)
+            return PEER.node_id, PEER.site
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_peer_slow_to_answer_its_first_hello_is_not_suspended_once_it_joined(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Nodes that start together on busy machines answer handshakes slowly. Our discovery, the
+    re-probe loop and the requests of other newcomers all asked for hellos to an address that
+    had not answered yet; the extra ones failed after the first had made it a member, counted
+    as its failures and suspended it for ``suspend_seconds`` (the N = 32 testbed: membership
+    took 16-25 s after every agent was ready). One hello at a time per address."""
+    peer = _BusyPeer(answer_after=1.5, refuse_after=0.75)
+    membership = Membership(ME, peer, suspend_after=3, suspend_seconds=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        await membership.sightings.send(Sighting("mdns", PEER.address, PEER.node_id, PEER.site))
+        await trio.sleep(0.3)  # the re-probe loop's tick has passed
+        membership.heard_from("newcomer-1")  # nodes we do not know yet ask us for things
+        await trio.sleep(1.0)
+        membership.heard_from("newcomer-2")
+        await membership.sightings.send(Sighting("dns", PEER.address, None, None))
+        await trio.sleep(3.0)
+        assert PEER in membership.live()
+        assert peer.most_in_flight == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_address_that_does_not_answer_delays_no_other(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A hello that hangs until its timeout (5 s) held up the re-probe of every other address
+    that had not answered yet; now the re-probes run side by side."""
+    silent = "10.0.0.3:7080"
+    up_at = trio.current_time() + 1.0
+
+    async def hello(address: str) -> tuple[str, str]:
+        if address == silent:
+            await trio.sleep_forever()
+        if trio.current_time() < up_at:
+            raise OSError("connection refused")
+        return PEER.node_id, PEER.site
+
+    membership = Membership(ME, hello)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        await membership.sightings.send(Sighting("static", silent, None, None))
+        await membership.sightings.send(Sighting("static", PEER.address, None, None))
+        await trio.sleep(2.0)  # PEER is up from 1 s; its backoff is at most 1 s by then
+        assert PEER in membership.live()
+        nursery.cancel_scope.cancel()

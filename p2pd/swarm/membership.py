@@ -16,12 +16,19 @@ Rules/invariants:
   ``suspend_seconds`` in which its peers' views and its own disagree. A request from a node
   not in the table yet (it just started) has the unconfirmed addresses probed at once.
   mDNS goodbyes and vanished DNS records remove members found only by that source.
+- One hello at a time per address, at most ``_MAX_PROBES`` at once: peers that start together
+  on busy machines answer handshakes slowly, and extra hellos only add to that (N = 32 nodes on
+  2 cores: hundreds of handshakes given up by their clients in the first seconds). A hello that
+  fails counts against a member only when the member has not answered since the hello began:
+  a slow hello from before its first answer says nothing about it now (such stale failures
+  suspended a member that had just joined, for ``suspend_seconds``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +46,8 @@ _PROBE_TICK = 0.25
 _INBOUND_PROBE_INTERVAL = 1.0  # seconds between probes of a suspended peer that sends us requests
 _INBOUND = "inbound"  # the sighting of a suspended peer that sent a request (not a discovery source)
 _MAX_PENDING_PROBES = 16  # unconfirmed addresses probed at once when an unknown node talks to us
+_MAX_PROBES = 16  # hellos in flight at once
+_HELLO_TIMEOUT = 5.0  # seconds a hello may take
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,7 @@ class _Entry:
     suspended_until: float = 0.0
     banned_until: float = 0.0
     inbound_probe_at: float = float("-inf")  # when its last request asked for a probe
+    answered_at: float = float("-inf")  # time.monotonic() of its last answer (hello or request)
 
 
 # Hello: address → (node id, site), raising on failure or bad authentication.
@@ -82,6 +92,8 @@ class Membership:
         self._by_address: dict[str, str] = {}
         self._pending: dict[str, set[str]] = {}  # address → sources, not yet confirmed by hello
         self._pending_probe_at = float("-inf")  # when an unknown node's request last had them probed
+        self._probing: set[str] = set()  # addresses with a hello in flight (or waiting for a slot)
+        self._probe_slots = trio.CapacityLimiter(_MAX_PROBES)
         self._changed = trio.Event()
         send, receive = trio.open_memory_channel[Sighting](1024)
         self.sightings: trio.MemorySendChannel[Sighting] = send
@@ -123,6 +135,7 @@ class Membership:
         entry = self._entries.get(node_id)
         if entry is not None:
             entry.failures = 0
+            entry.answered_at = time.monotonic()
 
     def failure(self, node_id: str) -> None:
         entry = self._entries.get(node_id)
@@ -191,6 +204,7 @@ class Membership:
         entry.sources.add(source)
         entry.failures = 0
         entry.suspended_until = 0.0
+        entry.answered_at = time.monotonic()
         self._by_address[member.address] = member.node_id
         self._notify()
 
@@ -210,7 +224,7 @@ class Membership:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Consumes sightings and probes addresses until cancelled."""
         async with trio.open_nursery() as nursery, self._receive:
-            nursery.start_soon(self._reprobe_loop)
+            nursery.start_soon(self._reprobe_loop, nursery)
             task_status.started()
             async for sighting in self._receive:
                 if sighting.gone:
@@ -234,15 +248,24 @@ class Membership:
                     nursery.start_soon(self._probe, sighting.address)
 
     async def _probe(self, address: str) -> None:
+        if address in self._probing:
+            return  # its answer is on the way
+        self._probing.add(address)
+        began = time.monotonic()
         try:
-            with trio.fail_after(5):
-                node_id, site = await self._hello(address)
+            async with self._probe_slots:
+                began = time.monotonic()
+                with trio.fail_after(_HELLO_TIMEOUT):
+                    node_id, site = await self._hello(address)
         except Exception as exc:  # any failure just leaves the address pending
             log.debug("hello to %s failed: %s", address, exc)
             known = self._by_address.get(address)
-            if known is not None:
+            entry = self._entries.get(known) if known is not None else None
+            if known is not None and entry is not None and entry.answered_at < began:
                 self.failure(known)
             return
+        finally:
+            self._probing.discard(address)
         sources = self._pending.pop(address, set())
         known = self._by_address.get(address)
         if known is not None and known in self._entries:
@@ -250,23 +273,26 @@ class Membership:
         for source in sources or {"probe"}:
             self.add(Member(node_id, address, site), source)
 
-    async def _reprobe_loop(self) -> None:
+    async def _reprobe_loop(self, nursery: trio.Nursery) -> None:
         # Addresses that did not answer are retried with exponential backoff (peers that
-        # start together find each other within a second), capped at _PROBE_INTERVAL.
+        # start together find each other within a second), capped at _PROBE_INTERVAL; the
+        # hellos run side by side, so one that hangs delays no other address. The backoff runs
+        # on trio's clock (the loop's own sleeps), suspensions on time.monotonic() like the rest.
         backoff: dict[str, float] = {}
         next_try: dict[str, float] = {}
         while True:
             await trio.sleep(_PROBE_TICK)
             now = time.monotonic()
+            tick = trio.current_time()
             addresses = list(self._pending)
             addresses += [e.member.address for e in self._entries.values() if 0 < e.suspended_until <= now]
             for address in addresses:
-                if next_try.get(address, 0.0) > now:
+                if next_try.get(address, -math.inf) > tick or address in self._probing:
                     continue
-                await self._probe(address)
+                nursery.start_soon(self._probe, address)
                 delay = min(backoff.get(address, _PROBE_TICK) * 2, _PROBE_INTERVAL)
                 backoff[address] = delay
-                next_try[address] = time.monotonic() + delay
+                next_try[address] = tick + delay
             for address in [a for a in backoff if a not in self._pending and a not in self._by_address]:
                 backoff.pop(address, None)
                 next_try.pop(address, None)
