@@ -188,3 +188,33 @@ async def test_an_address_that_does_not_answer_delays_no_other(
         await trio.sleep(2.0)  # PEER is up from 1 s; its backoff is at most 1 s by then
         assert PEER in membership.live()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_hello_that_began_before_the_peer_last_answered_does_not_count_against_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A member with a failed request is probed; the hello hangs. Meanwhile the member answers a
+    request, then two others time out. The hello's failure began before that answer and says
+    nothing new: two failures, not three, and the member stays in use."""
+    hangs = trio.Event()
+
+    async def hello(address: str) -> tuple[str, str]:
+        hangs.set()
+        await trio.sleep(3.0)
+        raise OSError("handshake given up")
+
+    membership = Membership(ME, hello, suspend_after=3, suspend_seconds=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        membership.add(PEER, "static")
+        membership.failure(PEER.node_id)
+        await membership.sightings.send(Sighting("static", PEER.address, None, None))  # re-probed: it failed once
+        await hangs.wait()
+        membership.success(PEER.node_id)
+        membership.failure(PEER.node_id)
+        membership.failure(PEER.node_id)
+        await trio.sleep(4.0)
+        assert PEER in membership.live()
+        membership.failure(PEER.node_id)  # a third failure after its answer does suspend it
+        assert PEER not in membership.live()
+        nursery.cancel_scope.cancel()

@@ -261,8 +261,8 @@ class Membership:
             log.debug("hello to %s failed: %s", address, exc)
             known = self._by_address.get(address)
             entry = self._entries.get(known) if known is not None else None
-            if known is not None and entry is not None and entry.answered_at < began:
-                self.failure(known)
+            if entry is not None and entry.answered_at < began:
+                self.failure(entry.member.node_id)
             return
         finally:
             self._probing.discard(address)
