@@ -218,3 +218,32 @@ async def test_a_hello_that_began_before_the_peer_last_answered_does_not_count_a
         membership.failure(PEER.node_id)  # a third failure after its answer does suspend it
         assert PEER not in membership.live()
         nursery.cancel_scope.cancel()
+
+
+async def test_at_most_sixteen_hellos_are_in_flight_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """Forty addresses that never answer (a stale DNS list, a flood of mDNS services): the hellos
+    to them wait for one of 16 slots instead of all going out together, and each address still
+    gets one."""
+    in_flight = most = 0
+    asked: set[str] = set()
+
+    async def hello(address: str) -> tuple[str, str]:
+        nonlocal in_flight, most
+        asked.add(address)
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await trio.sleep_forever()
+        finally:
+            in_flight -= 1
+        raise AssertionError("unreachable")
+
+    membership = Membership(ME, hello)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        for host in range(40):
+            await membership.sightings.send(Sighting("dns", f"10.0.1.{host}:7080", None, None))
+        await trio.sleep(20.0)  # the hellos time out after 5 s each: three rounds of 16
+        assert most == 16
+        assert len(asked) == 40
+        nursery.cancel_scope.cancel()

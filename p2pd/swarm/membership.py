@@ -251,10 +251,9 @@ class Membership:
         if address in self._probing:
             return  # its answer is on the way
         self._probing.add(address)
-        began = time.monotonic()
+        began = time.monotonic()  # an answer since then (even while it waits for a slot) makes its failure stale
         try:
             async with self._probe_slots:
-                began = time.monotonic()
                 with trio.fail_after(_HELLO_TIMEOUT):
                     node_id, site = await self._hello(address)
         except Exception as exc:  # any failure just leaves the address pending
