@@ -54,8 +54,9 @@ bench-p2pd: install system-deps
 bench-p2pd-auth: install system-deps
 	$(PY) -m tests.bench.p2pd_auth --out docs/benchmarks.md
 
-# An agent's CPU per MiB taking a blob from one peer on loopback, by chunk size and chunk count
-# (~5 min with the default 3 repetitions; tiny version in tests/test_chunk_cpu_bench.py).
+# An agent's CPU per MiB taking a blob from one peer on loopback, by chunk size and chunk count,
+# and from a sender paced like a slow link (~6 min with the default 3 repetitions; tiny version
+# in tests/test_chunk_cpu_bench.py).
 bench-chunk-cpu: install system-deps
 	$(PY) -m tests.bench.chunk_cpu --out docs/benchmarks.md
 

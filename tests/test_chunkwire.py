@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +85,34 @@ class Server:
             return False
         if mode == "stall":
             await trio.sleep_forever()
+        if mode in ("trickle", "pause", "stall-body"):
+            await self.send_slowly(stream, f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n"
+                                           f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\n\r\n".encode(), body)
+            return True
         if mode == "wrong-range":
             first += 1
         await stream.send_all(f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n"
                               f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\nX-P2PD-Have: gA==\r\n\r\n"
                               .encode() + body)
         return mode != "close-after"
+
+
+    async def send_slowly(self, stream: trio.SocketStream, head: bytes, body: bytes) -> None:
+        """trickle: 4,000-byte pieces 5 ms apart; pause: 30,000 bytes, ten 1,000-byte pieces
+        0.1 s apart, then the rest; stall-body: 30,000 bytes, then nothing."""
+        await stream.send_all(head)
+        if self.mode == "trickle":
+            for offset in range(0, len(body), 4000):
+                await stream.send_all(body[offset:offset + 4000])
+                await trio.sleep(0.005)
+            return
+        await stream.send_all(body[:30000])
+        if self.mode == "stall-body":
+            await trio.sleep_forever()
+        for offset in range(30000, 40000, 1000):
+            await trio.sleep(0.1)
+            await stream.send_all(body[offset:offset + 1000])
+        await stream.send_all(body[40000:])
 
 
 @pytest.fixture
@@ -221,16 +245,12 @@ async def test_an_unreachable_peer_is_a_peer_error() -> None:
         await client.aclose()
 
 
-async def test_a_new_tls_connection_resumes_the_last_full_handshakes_session(
-        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mutual TLS as between nodes: a connection after the first resumes its session (cheaper:
-    no certificate signing or checking), for ``_SESSION_REUSE`` seconds after the last full
-    handshake, then a full one again; the chunks are the same either way."""
+async def _tls_server(nursery: trio.Nursery, state: Server, tmp_path: Path,
+                      on_handshake: Callable[[trio.SSLStream[trio.SocketStream]], None] | None = None,
+                      ) -> tuple[str, ssl.SSLContext]:
+    """``state`` served over mutual TLS as between nodes; returns its address and a client context."""
     key = os.urandom(32)
     server_tls = PeerTls.derived(key, "holder", tmp_path / "holder").server()
-    client_tls = PeerTls.derived(key, "asker", tmp_path / "asker").client()
-    state = Server(mode="close-after")  # every answer ends its connection: every fetch connects anew
-    resumed: list[bool] = []
 
     async def serve_tls(stream: trio.SocketStream) -> None:
         tls_stream = trio.SSLStream(stream, server_tls, server_side=True)
@@ -238,11 +258,24 @@ async def test_a_new_tls_connection_resumes_the_last_full_handshakes_session(
             await tls_stream.do_handshake()
         except trio.BrokenResourceError:
             return
-        resumed.append(bool(tls_stream.session_reused))
+        if on_handshake is not None:
+            on_handshake(tls_stream)
         await state.serve(tls_stream)  # type: ignore[arg-type]  # the same byte stream interface
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, serve_tls, 0, host="127.0.0.1"))
-    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    client_tls = PeerTls.derived(key, "asker", tmp_path / "asker").client()
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}", client_tls
+
+
+async def test_a_new_tls_connection_resumes_the_last_full_handshakes_session(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutual TLS as between nodes: a connection after the first resumes its session (cheaper:
+    no certificate signing or checking), for ``_SESSION_REUSE`` seconds after the last full
+    handshake, then a full one again; the chunks are the same either way."""
+    state = Server(mode="close-after")  # every answer ends its connection: every fetch connects anew
+    resumed: list[bool] = []
+    address, client_tls = await _tls_server(nursery, state, tmp_path,
+                                            lambda tls_stream: resumed.append(bool(tls_stream.session_reused)))
     client = PeerClient("asker", None, tls=client_tls)
     try:
         for start in (0, 65536, 131072):
@@ -285,3 +318,56 @@ async def test_a_message_answer_that_is_missing_or_too_large_is_a_peer_error(ser
             await client.manifest(f"127.0.0.1:{server.port}", DIGEST)
     finally:
         await client.aclose()
+
+
+async def _address(nursery: trio.Nursery, server: Server, tmp_path: Path,
+                   tls: bool) -> tuple[str, ssl.SSLContext | None]:
+    if tls:
+        return await _tls_server(nursery, server, tmp_path)
+    return f"127.0.0.1:{server.port}", None
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest.mark.parametrize("mode", ["trickle", "pause"])
+async def test_a_large_chunk_arriving_in_small_pieces_is_read_whole_and_keeps_the_connection(
+        nursery: trio.Nursery, server: Server, tmp_path: Path, tls: bool, mode: str) -> None:
+    """A chunk over 64 KiB is read a record's worth per wake-up (SO_RCVLOWAT): pieces smaller
+    than that, and a trickle slower than the gathering wait, arrive whole and in order; a trickle
+    is no timeout (1,000 bytes every 0.1 s against a read timeout of 0.35 s); the connection then
+    carries the next request."""
+    address, client_tls = await _address(nursery, server, tmp_path, tls)
+    client = PeerClient("me", None, read_timeout=0.35, tls=client_tls)
+    try:
+        server.mode = mode
+        chunk = await client.fetch_chunk(address, DIGEST, 0, 131072)
+        assert bytes(chunk.data) == BLOB[:131072]
+        assert chunk.sha256 == hashlib.sha256(BLOB[:131072]).digest()
+        server.mode = "ok"
+        chunk = await client.fetch_chunk(address, DIGEST, 131072, len(BLOB) - 131072)
+        assert bytes(chunk.data) == BLOB[131072:]
+        assert server.connections == 1
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_large_chunk_that_stops_mid_body_times_out_and_a_cancel_ends_it_at_once(
+        nursery: trio.Nursery, server: Server, tmp_path: Path, tls: bool) -> None:
+    address, client_tls = await _address(nursery, server, tmp_path, tls)
+    client = PeerClient("me", None, read_timeout=0.35, tls=client_tls)
+    try:
+        server.mode = "stall-body"
+        started = trio.current_time()
+        with pytest.raises(PeerError, match="timeout"):
+            await client.fetch_chunk(address, DIGEST, 0, 131072)
+        assert trio.current_time() - started < 3
+    finally:
+        await client.aclose()
+    slow = PeerClient("me", None, read_timeout=60.0, tls=client_tls)
+    try:
+        started = trio.current_time()
+        with trio.move_on_after(0.5) as scope:
+            await slow.fetch_chunk(address, DIGEST, 0, 131072)
+        assert scope.cancelled_caught and trio.current_time() - started < 3
+    finally:
+        await slow.aclose()

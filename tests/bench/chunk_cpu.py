@@ -8,7 +8,10 @@ the sender's, per MiB of the blob. The cases vary the chunk size (``[swarm] chun
 largest a blob is cut in) and the blob size, so the chunk count goes from 64 to 2,048: work
 done per chunk shows as CPU per MiB that grows as chunks get smaller, and work done per chunk
 *per chunk of the blob* (a scan of every chunk each time one arrives) as CPU per MiB that grows
-with the blob at a fixed chunk size.
+with the blob at a fixed chunk size. A case may pace the sender (``[swarm] upload_rate``: the
+kernel spreads its packets at that rate, ``SO_MAX_PACING_RATE``) so the chunks arrive as over a
+slow link, a few packets at a time, as they do in the swarm testbed; unpaced, each 16 KiB TLS
+record is there whole when the receiver reads it.
 
 Writes the section between ``<!-- bench-chunk-cpu:start -->`` and ``<!-- bench-chunk-cpu:end -->``
 of ``--out`` and the raw numbers as JSON (``docs/bench/chunk_cpu.json``).
@@ -36,7 +39,7 @@ MARK_END = "<!-- bench-chunk-cpu:end -->"
 SECTION_TITLE = "## An agent's CPU per chunk, from one peer on loopback (make bench-chunk-cpu)"
 MIB = 1024 * 1024
 REPOSITORY = "bench/cpu"
-DEFAULT_CASES = "128:64,128:256,1024:64,1024:1024"  # chunk KiB : blob MiB
+DEFAULT_CASES = "128:64,128:256,1024:64,1024:1024,128:8:4"  # chunk KiB : blob MiB [: sender Mbit/s]
 
 
 def _cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -45,8 +48,10 @@ def _cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(root: Path, key_file: Path, chunk_kib: int, blob_mib: float, base: int) -> dict[str, Any]:
-    config = write_swarm_config(root / f"swarm-{base}.toml", chunk_size=chunk_kib * 1024)
+def _measure(root: Path, key_file: Path, chunk_kib: int, blob_mib: float, paced_mbit: float,
+             base: int) -> dict[str, Any]:
+    pacing = {"upload_rate": int(paced_mbit * 1e6 / 8)} if paced_mbit else {}
+    config = write_swarm_config(root / f"swarm-{base}.toml", chunk_size=chunk_kib * 1024, **pacing)
     size = int(blob_mib * MIB)
     with Cluster(root / f"cluster-{base}", key_file=key_file, count=2, base=base, config=config) as cluster:
         data = os.urandom(size)
@@ -67,7 +72,8 @@ def _measure(root: Path, key_file: Path, chunk_kib: int, blob_mib: float, base: 
         from_peer = receiver.metric("p2pd_fetched_bytes_total", source="peer")
     mib = size / MIB
     chunk = chunk_kib * 1024
-    return {"chunk_kib": chunk_kib, "blob_mib": blob_mib, "chunks": -(-size // chunk), "wall_s": round(wall, 3),
+    return {"chunk_kib": chunk_kib, "blob_mib": blob_mib, "paced_mbit": paced_mbit, "chunks": -(-size // chunk),
+            "wall_s": round(wall, 3),
             "sender_ms_per_mib": round((after[0] - before[0]) * 1000 / mib, 1),
             "receiver_ms_per_mib": round((after[1] - before[1]) * 1000 / mib, 1),
             "receiver_loop_ms_per_mib": round((after[2] - before[2]) * 1000 / mib, 1),
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     report = report_header("chunk_cpu", args.argv)
     report["machine"] = machine_basics()
     report["load_before"] = loadavg()
-    cases = [(int(kib), float(mib)) for kib, mib in (case.split(":") for case in args.cases.split(","))]
+    cases = [_case(case) for case in args.cases.split(",")]
     report["parameters"] = {"cases": args.cases, "repeat": args.repeat}
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-chunk-cpu-") as tmp:
@@ -87,16 +93,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         p2pd.cli.main(["keygen", "--out", str(key_file)])
         base = 180
         for repetition in range(args.repeat):
-            for chunk_kib, blob_mib in cases:
-                result = _measure(root, key_file, chunk_kib, blob_mib, base)
+            for chunk_kib, blob_mib, paced_mbit in cases:
+                result = _measure(root, key_file, chunk_kib, blob_mib, paced_mbit, base)
                 base += 2
                 result["repetition"] = repetition
-                log(f"{chunk_kib} KiB chunks, {blob_mib:g} MiB: {result}")
+                log(f"{chunk_kib} KiB chunks, {blob_mib:g} MiB, paced at {paced_mbit:g} Mbit/s: {result}")
                 runs.append(result)
     summary = []
-    for chunk_kib, blob_mib in cases:
-        mine = [r for r in runs if r["chunk_kib"] == chunk_kib and r["blob_mib"] == blob_mib]
-        row = {key: mine[0][key] for key in ("chunk_kib", "blob_mib", "chunks")}
+    for case in cases:
+        mine = [r for r in runs if (r["chunk_kib"], r["blob_mib"], r["paced_mbit"]) == case]
+        row = {key: mine[0][key] for key in ("chunk_kib", "blob_mib", "paced_mbit", "chunks")}
         for key in ("wall_s", "sender_ms_per_mib", "receiver_ms_per_mib", "receiver_loop_ms_per_mib"):
             row[key] = round(statistics.median(r[key] for r in mine), 3 if key == "wall_s" else 1)
         row["from_peer_mib"] = mine[-1]["from_peer_mib"]
@@ -104,6 +110,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     report["summary"], report["runs"] = summary, runs
     report["load_after"] = loadavg()
     return report
+
+
+def _case(text: str) -> tuple[int, float, float]:
+    """``chunk KiB:blob MiB[:sender Mbit/s]`` (no rate: unpaced)."""
+    fields = text.split(":")
+    return int(fields[0]), float(fields[1]), float(fields[2]) if len(fields) > 2 else 0.0
 
 
 def render_section(report: dict[str, Any]) -> str:
@@ -116,11 +128,16 @@ def render_section(report: dict[str, Any]) -> str:
              "- Setup: a seed and two agents on loopback (static peers, cluster key, peer TLS), no shaping. The first "
              "agent pulls the blob from the seed; the second then takes every chunk from it. CPU from `/proc` over "
              "the second pull: the receiver's whole process, its event-loop thread alone, and the sender's process, "
-             f"per MiB of the blob. Medians of {report['parameters']['repeat']}.", "",
-             "| chunk | blob | chunks | pull | receiver CPU | of which its event loop | sender CPU | from the peer |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"per MiB of the blob. Medians of {report['parameters']['repeat']}. *Sender paced*: its `upload_rate` "
+             "(the kernel spreads its packets at that rate, so chunks arrive a few packets at a time, as over a slow "
+             "link).", "",
+             "| chunk | blob | sender paced | chunks | pull | receiver CPU | of which its event loop | sender CPU "
+             "| from the peer |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
-        lines.append(f"| {row['chunk_kib']} KiB | {row['blob_mib']:g} MiB | {row['chunks']} | {row['wall_s']:.2f} s | "
+        paced = f"{row['paced_mbit']:g} Mbit/s" if row.get("paced_mbit") else "no"
+        lines.append(f"| {row['chunk_kib']} KiB | {row['blob_mib']:g} MiB | {paced} | {row['chunks']} | "
+                     f"{row['wall_s']:.2f} s | "
                      f"{row['receiver_ms_per_mib']} ms/MiB | {row['receiver_loop_ms_per_mib']} ms/MiB | "
                      f"{row['sender_ms_per_mib']} ms/MiB | {row['from_peer_mib']:g} MiB |")
     lines += ["", "Raw numbers: [`bench/chunk_cpu.json`](bench/chunk_cpu.json).", ""]
@@ -129,7 +146,8 @@ def render_section(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="chunk KiB:blob MiB, comma-separated")
+    parser.add_argument("--cases", default=DEFAULT_CASES,
+                        help="chunk KiB:blob MiB[:sender Mbit/s], comma-separated")
     parser.add_argument("--repeat", type=int, default=3)
     return run_and_publish(parser, argv, run, render_section, log, name="chunk_cpu", mark_start=MARK_START,
                            mark_end=MARK_END)
