@@ -1454,6 +1454,8 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
         "key": sc["key"], "nodes": sc["nodes"], "ratio": rates["node_up"] / rates["seed_up"],
         "seed_mbit": rates["seed_up"], "node_mbit": rates["node_up"], "bound_s": limit,
         "p50_vs_bound": ratio_or_none(p["p50_s"], limit), "max_vs_bound": ratio_or_none(p["max_s"], limit),
+        # The goal is checked on the unrounded ratio: 1.2516 shows as 1.25 in the table but is not ≤ 1.25.
+        "max_vs_bound_exact": p["max_s"] / limit if p.get("max_s") is not None and limit else None,
         "egress": p["seed_egress_ratio"], "failures": p["failures"], "fallbacks": p["fallbacks"],
         "holders": len(holders), "holder_copies_mean": sum(copies) / len(copies) if copies else None,
         "holder_copies_max": max(copies) if copies else None, "cpu_ms_per_mib": p.get("agent_cpu_ms_per_mib"),
@@ -1463,8 +1465,11 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
 
 def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str:
     rows = sorted((matrix_row(r) for r in cells), key=lambda row: (row["nodes"], row["ratio"]))
-    met = [r for r in rows if r["max_vs_bound"] is not None and r["max_vs_bound"] <= MATRIX_GOAL_TIME
+    met = [r for r in rows if r["max_vs_bound_exact"] is not None and r["max_vs_bound_exact"] <= MATRIX_GOAL_TIME
            and r["egress"] <= GOAL_EGRESS]
+    # Cells the table's two decimals show at the goal that are above it.
+    narrow = [r for r in rows if r not in met and r["max_vs_bound"] is not None
+              and r["max_vs_bound"] <= MATRIX_GOAL_TIME and r["egress"] <= GOAL_EGRESS]
     lines = [
         "### The weak-regime matrix: node link ÷ seed uplink, by N (p2pd only)",
         "",
@@ -1496,7 +1501,9 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
             f"{_fmt(r['rss_max_mib'], '.0f')} | {_pct(r['machine_share'])} |")
     lines += ["", f"Goal (issue 11): every cell ≤ {MATRIX_GOAL_TIME}{X} the bound with seed egress ≤ "
               f"{GOAL_EGRESS}{X}: **{len(met)} of {len(rows)} cells met**"
-              + (" (" + ", ".join(f"N = {r['nodes']} at {r['ratio']:g}{X}" for r in met) + ")." if met else "."),
+              + (" (" + ", ".join(f"N = {r['nodes']} at {r['ratio']:g}{X}" for r in met) + ")." if met else ".")
+              + "".join(f" N = {r['nodes']} at {r['ratio']:g}{X}: {r['max_vs_bound_exact']:.3f}{X}, above the goal by "
+                        "less than the table's rounding." for r in narrow),
               ""]
     uses = [(r, r["link_use"]) for r in rows if r["link_use"]]
     if uses:
