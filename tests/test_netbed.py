@@ -30,6 +30,7 @@ from tests.bench.swarm import (
     bound,
     link_use,
     main,
+    matrix_cell_met,
     matrix_row,
     merge_reports,
     seed_pacing_text,
@@ -96,6 +97,14 @@ def test_the_seeds_pacing_is_a_share_of_all_its_links_and_each_section_says_it()
     assert "`[server] upload_rate` = 0.97" in seed_pacing_text([{"seed_share": 0.97}, {"seed_share": 0.97}])
     assert seed_pacing_text([{}, {"seed_share": None}]) == "The seed's downloads were not paced."
     assert "differs" in seed_pacing_text([{}, {"seed_share": 0.97}])
+
+
+def test_a_matrix_cell_meets_the_goal_on_its_unrounded_ratio() -> None:
+    """1.2516 shows as 1.25 in the table but is above the goal of 1.25; egress counts too."""
+    assert matrix_cell_met({"max_vs_bound_exact": 1.25, "egress": 1.05})
+    assert not matrix_cell_met({"max_vs_bound_exact": 1.2516, "egress": 1.0})
+    assert not matrix_cell_met({"max_vs_bound_exact": 1.1, "egress": 1.06})
+    assert not matrix_cell_met({"max_vs_bound_exact": None, "egress": 1.0})
 
 
 def test_link_use_counts_the_seeds_sending_window_and_idle_uplinks() -> None:
