@@ -247,3 +247,56 @@ async def test_at_most_sixteen_hellos_are_in_flight_at_once(autojump_clock: trio
         assert most == 16
         assert len(asked) == 40
         nursery.cancel_scope.cancel()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduler steps of every task."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_a_membership_with_nothing_to_retry_does_not_wake_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An idle agent's table sleeps: no address waiting for an answer and nobody suspended, no
+    wake-ups (the re-probe loop ticked four times a second for nothing); an address that does
+    not answer, or a suspended member, wakes it again (the backoff still runs), and it sleeps again
+    once the address is gone."""
+    hello = _Hello()
+    membership = Membership(ME, hello, suspend_after=1, suspend_seconds=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)
+        await membership.sightings.send(Sighting("mdns", PEER.address, PEER.node_id, PEER.site))
+        await trio.sleep(1.0)
+        assert PEER in membership.live()
+        steps = _Steps()
+        trio.lowlevel.add_instrument(steps)
+        await trio.sleep(60.0)
+        trio.lowlevel.remove_instrument(steps)
+        assert steps.steps <= 2  # this test's own sleep
+
+        calls = hello.calls
+        await membership.sightings.send(Sighting("static", "10.0.0.9:7080", None, None))  # never answers
+        await trio.sleep(10.0)
+        assert 4 <= hello.calls - calls <= 7  # the first hello, then 0.5, 1, 2, 4 s backoff (and 8 s)
+
+        membership.remove_address("10.0.0.9:7080", "static")
+        await trio.sleep(20.0)  # the loop notices there is nothing left and sleeps again
+        steps = _Steps()
+        trio.lowlevel.add_instrument(steps)
+        await trio.sleep(60.0)
+        trio.lowlevel.remove_instrument(steps)
+        assert steps.steps <= 2
+
+        membership.failure(PEER.node_id)  # suspended (its end is on the real clock): the loop ticks again
+        assert PEER not in membership.live()
+        steps = _Steps()
+        trio.lowlevel.add_instrument(steps)
+        await trio.sleep(1.0)
+        trio.lowlevel.remove_instrument(steps)
+        assert steps.steps >= 4
+        nursery.cancel_scope.cancel()

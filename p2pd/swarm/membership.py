@@ -95,6 +95,7 @@ class Membership:
         self._probing: set[str] = set()  # addresses with a hello in flight (or waiting for a slot)
         self._probe_slots = trio.CapacityLimiter(_MAX_PROBES)
         self._changed = trio.Event()
+        self._reprobe_work = trio.Event()  # set when an address becomes pending or a member is suspended
         send, receive = trio.open_memory_channel[Sighting](1024)
         self.sightings: trio.MemorySendChannel[Sighting] = send
         self._receive = receive
@@ -146,6 +147,7 @@ class Membership:
             entry.suspended_until = time.monotonic() + self.suspend_seconds
             log.info("suspending peer %s (%s) for %.0fs after %d failures", node_id, entry.member.address,
                      self.suspend_seconds, entry.failures)
+            self._reprobe_work.set()
             self._notify()
 
     def heard_from(self, node_id: str) -> None:
@@ -245,6 +247,7 @@ class Membership:
                 first = sighting.address not in self._pending
                 self._pending.setdefault(sighting.address, set()).add(sighting.source)
                 if first:
+                    self._reprobe_work.set()
                     nursery.start_soon(self._probe, sighting.address)
 
     async def _probe(self, address: str) -> None:
@@ -277,9 +280,14 @@ class Membership:
         # start together find each other within a second), capped at _PROBE_INTERVAL; the
         # hellos run side by side, so one that hangs delays no other address. The backoff runs
         # on trio's clock (the loop's own sleeps), suspensions on time.monotonic() like the rest.
+        # With nothing pending and nobody suspended it sleeps until there is: a tick four times
+        # a second for nothing was most of an idle agent's wake-ups.
         backoff: dict[str, float] = {}
         next_try: dict[str, float] = {}
         while True:
+            while not self._pending and not any(e.suspended_until > 0 for e in self._entries.values()):
+                self._reprobe_work = trio.Event()
+                await self._reprobe_work.wait()
             await trio.sleep(_PROBE_TICK)
             now = time.monotonic()
             tick = trio.current_time()
