@@ -301,20 +301,22 @@ class ChunkWire:
         if response.length != length:
             raise ChunkWireError(f"Content-Length {response.length} for a chunk of {length} bytes")
         body = bytearray(length)
+        view = memoryview(body)
+        # The socket under the head reader (``SocketIO._sock`` in CPython); without it, or for a
+        # body too small to gather, the buffered reads below.
         sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
         if isinstance(sock, socket.socket) and length > _GATHER + _UNDELIVERED:
-            _gather_body(response, sock, memoryview(body), exchange, read_timeout)
-            return ChunkAnswer(206, headers, body, hashlib.sha256(body).digest())
-        view = memoryview(body)
-        got = 0
-        while got < length:
-            # In steps: a buffered readinto returns only when its buffer is full, and the
-            # caller watches ``received`` to tell a slow chunk from a stalled one.
-            n = response.readinto(view[got:got + _READ_STEP])
-            if not n:
-                raise ChunkWireError(f"connection closed after {got} of {length} bytes")
-            got += n
-            exchange.received = got
+            _gather_body(response, sock, view, exchange, read_timeout)
+        else:
+            got = 0
+            while got < length:
+                # In steps: a buffered readinto returns only when its buffer is full, and the
+                # caller watches ``received`` to tell a slow chunk from a stalled one.
+                n = response.readinto(view[got:got + _READ_STEP])
+                if not n:
+                    raise ChunkWireError(f"connection closed after {got} of {length} bytes")
+                got += n
+                exchange.received = got
         return ChunkAnswer(206, headers, body, hashlib.sha256(body).digest())
 
 

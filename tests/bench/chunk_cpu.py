@@ -135,7 +135,7 @@ def render_section(report: dict[str, Any]) -> str:
              "| from the peer |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
-        paced = f"{row['paced_mbit']:g} Mbit/s" if row.get("paced_mbit") else "no"
+        paced = f"{row['paced_mbit']:g} Mbit/s" if row["paced_mbit"] else "no"
         lines.append(f"| {row['chunk_kib']} KiB | {row['blob_mib']:g} MiB | {paced} | {row['chunks']} | "
                      f"{row['wall_s']:.2f} s | "
                      f"{row['receiver_ms_per_mib']} ms/MiB | {row['receiver_loop_ms_per_mib']} ms/MiB | "
