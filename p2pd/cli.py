@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("--mdns-interface", metavar="IPV4", help="address to run mDNS on (default: advertised host)")
     peers.add_argument("--upload-rate", type=_size, help="bytes per second served to peers (0: unlimited)")
     peers.add_argument("--max-uploads", type=int, help="concurrent chunk uploads before answering 429")
+    peers.add_argument("--peer-congestion-control", metavar="NAME",
+                       help="TCP congestion control of the peer port's connections (default reno; '' for the host's)")
     peers.add_argument("--site-upstream-rate", type=_size,
                        help="bytes per second the whole site fetches from upstreams (0: unlimited)")
 
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                      "insecure_peers": args.insecure_peers, "site": args.site, "node_id": args.node_id,
                      "mdns": args.mdns, "mdns_interface": args.mdns_interface, "upload_rate": args.upload_rate,
                      "max_uploads": args.max_uploads, "peer_tls": args.peer_tls,
+                     "peer_congestion_control": args.peer_congestion_control,
                      "site_upstream_rate": args.site_upstream_rate}
             config = load_config(args.config, listen=args.listen, data=args.data, upstreams=args.upstream,
                                  default_upstream=args.default_upstream, allow_registries=args.allow_registry,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from p2pd.httpd import ServerLimits
+from p2pd.httpd import ServerLimits, check_congestion_control
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE
 from p2pd.oci.digest import Digest
 
@@ -152,6 +152,10 @@ class SwarmConfig:
     suspend_after_failures: int = 3
     suspend_seconds: float = 30.0
     upload_rate: int = 0  # bytes/s served to peers; 0 = unlimited
+    # TCP congestion control of the connections the peer port accepts (what carries chunks and
+    # relays); "" = the host's default. Why reno: docs/architecture.md, "Congestion control on
+    # the peer port".
+    peer_congestion_control: str = "reno"
     max_uploads: int = 4  # concurrent chunk uploads; more get 429 + Retry-After
     download_rate: int = 0  # bytes/s fetched from peers; 0 = unlimited
     upstream_rate: int = 0  # bytes/s fetched from upstreams; 0 = unlimited
@@ -316,6 +320,10 @@ def _checked_swarm(swarm: SwarmConfig) -> SwarmConfig:
     for name in ("upload_rate", "download_rate", "upstream_rate", "site_upstream_rate"):
         if getattr(swarm, name) < 0:
             raise ConfigError(f"swarm.{name} must be 0 (unlimited) or a positive number of bytes per second")
+    try:
+        check_congestion_control(swarm.peer_congestion_control)
+    except ValueError as exc:
+        raise ConfigError(f"swarm.peer_congestion_control: {exc}") from None
     if not 0 <= swarm.upstream_stall < float("inf"):
         raise ConfigError("swarm.upstream_stall must be 0 (never) or a positive number of seconds")
     if swarm.chunk_size & (swarm.chunk_size - 1) or not 64 * 1024 <= swarm.chunk_size <= 64 * 1024 * 1024:

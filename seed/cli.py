@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument("--upload-rate", type=int, metavar="BYTES_PER_S",
                        help="bytes/s the blob downloads in progress share, each paced at its part (server.upload_rate)")
+    serve.add_argument("--congestion-control", metavar="NAME",
+                       help="TCP congestion control of the connections it accepts ('' for the host's default; "
+                            "server.congestion_control)")
     serve.add_argument("--open", action="store_true",
                        help="serve without access control even on a non-loopback address (anyone can push)")
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             overrides = {"listen": args.listen, "data": args.data, "open": args.open, "serving": True,
-                         "upload_rate": args.upload_rate}
+                         "upload_rate": args.upload_rate, "congestion_control": args.congestion_control}
             config = load_config(args.config, **overrides)
             try:
                 trio.run(_serve, config, os.environ.get("NOTIFY_SOCKET"), overrides)

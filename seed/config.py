@@ -82,7 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pd.errors import ConfigError
-from p2pd.httpd import ServerLimits
+from p2pd.httpd import ServerLimits, check_congestion_control
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, validate_chunk_size
 from p2pd.oci.errors import OCIError
 from p2pd.signing.rules import SignaturePolicy
@@ -107,6 +107,9 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     # bytes/s the blob downloads in progress share, each paced by the kernel at its part (0: none).
     upload_rate: int = 0
+    # TCP congestion control of the connections it accepts ("": the host's default). For a seed in
+    # front of swarm sites whose links are shallow-queued: docs/operations.md, "The seed's uplink".
+    congestion_control: str = ""
 
 
 @dataclass(frozen=True)
@@ -219,11 +222,20 @@ def load_config(path: Path | None = None, **overrides: Any) -> SeedConfig:
         upload_rate = overrides["upload_rate"]
     if isinstance(upload_rate, bool) or not isinstance(upload_rate, int) or upload_rate < 0:
         raise ConfigError("server.upload_rate must be a whole number of bytes per second, 0 or more")
+    congestion_control = server_table.pop("congestion_control", "")
+    if overrides.get("congestion_control") is not None:
+        congestion_control = overrides["congestion_control"]
+    if not isinstance(congestion_control, str):
+        raise ConfigError("server.congestion_control must be a string (\"\" for the host's default)")
+    try:
+        check_congestion_control(congestion_control)
+    except ValueError as exc:
+        raise ConfigError(f"server.congestion_control: {exc}") from None
     limits = build_section(ServerLimits, {k: v for k, v in server_table.items() if k in _LIMIT_KEYS}, "server")
     rest = {k: v for k, v in server_table.items() if k not in _LIMIT_KEYS}
     if rest:
         raise ConfigError(f"unknown setting server.{sorted(rest)[0]}")
-    server = ServerConfig(limits=limits, upload_rate=upload_rate)
+    server = ServerConfig(limits=limits, upload_rate=upload_rate, congestion_control=congestion_control)
     if listen:
         host, port = parse_listen(listen)
         server = replace(server, host=host, port=port)

@@ -152,8 +152,8 @@ class SeedRegistry:
         """Applies a re-read configuration (SIGHUP): access rules, identity providers, token keys,
         the shared upload rate.
 
-        Listen address, storage and TLS files are not changed here (``reload_tls`` re-reads the
-        certificate). A configuration that fails to build leaves the running one in place.
+        Listen address, congestion control, storage and TLS files are not changed here
+        (``reload_tls`` re-reads the certificate). A configuration that fails to build leaves the running one in place.
         """
         # Reading files and keys happens in a worker thread; the swap and the audit record
         # happen here, in the trio thread, between two requests.
@@ -797,7 +797,7 @@ async def serve_seed(
                 await serve_http(webhooks.durable(registry.handle), config.server.host, config.server.port,
                                  limits=config.server.limits, observer=registry.observe,
                                  shutdown=shutdown, tls=tls.context if tls is not None else None,
-                                 task_status=task_status)
+                                 congestion_control=config.server.congestion_control, task_status=task_status)
                 nursery.cancel_scope.cancel()  # graceful shutdown finished: stop the purge loop too
 
             nursery.start_soon(_purge_periodically, registry, config.storage.purge_interval)

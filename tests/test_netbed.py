@@ -25,9 +25,11 @@ from tests.bench.swarm import (
     MARK_END,
     MARK_START,
     SCENARIOS,
+    SEED_CONGESTION_CONTROL,
     SEED_SHARE,
     PortSampler,
     bound,
+    congestion_text,
     link_use,
     main,
     matrix_cell_met,
@@ -100,6 +102,15 @@ def test_the_seeds_pacing_is_a_share_of_all_its_links_and_each_section_says_it()
     assert "`[server] upload_rate` = 0.97" in seed_pacing_text([{"seed_share": 0.97}, {"seed_share": 0.97}])
     assert seed_pacing_text([{}, {"seed_share": None}]) == "The seed's downloads were not paced."
     assert "differs" in seed_pacing_text([{}, {"seed_share": 0.97}])
+
+
+def test_each_section_says_which_congestion_control_the_seed_and_the_peers_used() -> None:
+    """Results from before it was recorded ran both on the namespaces' default (BBR here)."""
+    both_reno = {"congestion_control": {"seed": "reno", "peers": "reno"}}
+    text = congestion_text([both_reno, both_reno])
+    assert "the seed's connections reno" in text and "the agents' peer ports reno" in text
+    assert "the seed's connections bbr" in congestion_text([{}])
+    assert "differ" in congestion_text([{}, both_reno])
 
 
 def test_a_matrix_cell_meets_the_goal_on_its_unrounded_ratio() -> None:
@@ -263,6 +274,7 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     (result,) = report["results"]
     assert result["scenario"]["nodes"] == 3
     assert result["seed_share"] == SEED_SHARE  # the seed's downloads shared its uplink, paced
+    assert result["congestion_control"] == {"seed": SEED_CONGESTION_CONTROL, "peers": "reno"}
     methods = result["methods"]
     assert set(methods) == {"direct", "cache", "p2pd"}
     image = result["image"]["total_bytes"]
@@ -286,6 +298,7 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     section = doc[doc.index(MARK_START):doc.index(MARK_END)]
     assert "| p2pd |" in section and "bound (Kumar" in section and "CPU check" in section
     assert f"`[server] upload_rate` = {SEED_SHARE:g}" in section
+    assert f"the seed's connections {SEED_CONGESTION_CONTROL}" in section
     if plots:
         for name in ("swarm-tiny-cdf.png", "swarm-tiny-bytes.png"):
             assert (json_path.parent / name).read_bytes()[:4] == b"\x89PNG"

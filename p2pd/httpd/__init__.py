@@ -4,9 +4,11 @@ Keep-alive, HEAD, streamed request and response bodies (Content-Length and chunk
 ``Expect: 100-continue``, header-size and idle/read/send timeouts, graceful shutdown, and
 ``os.sendfile`` for file bodies when the transport is a plain socket, optional TLS
 (reloadable contexts, optional client certificates), and an egress rate shared by the
-responses in progress, kept by the kernel's pacing of their connections (``SharedPacing``).
+responses in progress, kept by the kernel's pacing of their connections (``SharedPacing``),
+and the TCP congestion control of the connections a server accepts.
 """
 
+from ._congestion import check_congestion_control
 from ._pacing import SharedPacing
 from ._server import (
     FileBody,
@@ -33,5 +35,6 @@ __all__ = [
     "SharedPacing",
     "TlsContextProvider",
     "TlsFiles",
+    "check_congestion_control",
     "serve_http",
 ]

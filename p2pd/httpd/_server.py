@@ -36,6 +36,8 @@ import trio
 
 from p2pd.oci.errors import OCIError, error_body
 
+from ._congestion import set_congestion_control
+
 __all__ = [
     "FileBody",
     "Handler",
@@ -615,6 +617,7 @@ async def serve_http(
     shutdown: trio.Event | None = None,
     tls: Callable[[], ssl.SSLContext] | None = None,
     on_tls_refused: Callable[[BaseException | None], None] | None = None,
+    congestion_control: str = "",
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves HTTP/1.1 (or HTTPS) on ``host:port`` until cancelled or until ``shutdown`` is set.
@@ -632,6 +635,8 @@ async def serve_http(
             File bodies are then read and sent (no sendfile through TLS).
         on_tls_refused: called with the cause (an ``ssl.SSLError``, or None for a timeout) of
             every handshake that failed, e.g. a peer without a certificate from the cluster CA.
+        congestion_control: the TCP congestion control of every accepted connection ("": the
+            host's default; one the kernel refuses is logged and the default kept).
 
     The value passed to ``task_status.started`` is a ``ServerInfo`` with the bound port.
     """
@@ -639,6 +644,7 @@ async def serve_http(
     shutdown = shutdown if shutdown is not None else trio.Event()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_port = listeners[0].socket.getsockname()[1]
+    set_congestion_control((listener.socket for listener in listeners), congestion_control)
     connection_slots = trio.CapacityLimiter(limits.max_connections)
     idle_waits: set[trio.CancelScope] = set()
 

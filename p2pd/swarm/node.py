@@ -119,7 +119,7 @@ async def serve_swarm(
 
             peer_info = await nursery.start(partial(
                 serve_http, handle, peer_host, peer_port, limits=config.limits, observer=metrics.observe_peer,
-                shutdown=shutdown,
+                shutdown=shutdown, congestion_control=settings.peer_congestion_control,
                 tls=(lambda: server_context) if server_context is not None else None, on_tls_refused=tls_refused))
             advertise = settings.advertise or f"{peer_host}:{peer_info.port}"
             advertise_host, _ = parse_listen(advertise)

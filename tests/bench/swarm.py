@@ -70,6 +70,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from p2pd.config import SwarmConfig
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, chunk_size_for
 from tests.bench.common import (
     DASH,
@@ -198,6 +199,11 @@ MATRIX_RATIOS = (1, 2, 10)
 # together, overflowed the uplink's queue, and some stalled for seconds in retransmission
 # timeouts while others ran at many times their share (docs/benchmarks.md, fifteenth session).
 SEED_SHARE = 0.97
+# The seed's TCP congestion control (--seed-congestion-control; "" = the host's). The host's BBR
+# re-sent ~4.5 % of what the seed sent to a site's range holders, whose shallow downlink queues
+# the peers' relays share; with reno (the agents' peer ports too, their default) 1x/16 went
+# 1.31-1.32x -> 1.24x the bound (docs/benchmarks.md, nineteenth session).
+SEED_CONGESTION_CONTROL = "reno"
 MATRIX_NODES = {8: 8.0, 16: 4.0, 32: 3.0}  # N -> seed uplink (Mbit/s)
 MATRIX_LAYER_MIB = {8: 12, 16: 12, 32: 8}
 for _n, _seed in MATRIX_NODES.items():
@@ -427,6 +433,8 @@ class Bed:
     p2pd_generation: int = 0  # every p2pd run gets fresh data directories and logs
     # Each agent's [swarm] upload_rate as a share of its node link (--upload-share; 0: none).
     upload_share: float = 0.0
+    # Each agent's [swarm] peer_congestion_control (--peer-congestion-control; None: its default).
+    peer_congestion_control: str | None = None
 
     @property
     def seed_host(self) -> str:
@@ -460,14 +468,16 @@ def wait_http(worker: NsWorker, url: str, seconds: float, alive: Callable[[], bo
     raise BenchError(f"{url} in {worker.ns} not ready after {seconds:g} s: {last}")
 
 
-def start_bed(net: Netbed, seed_upload_rate: int = 0) -> Bed:
-    """The seed (its blob downloads sharing ``seed_upload_rate`` bytes/s, paced; 0: unpaced) and a
-    worker in every namespace."""
+def start_bed(net: Netbed, seed_upload_rate: int = 0, seed_congestion_control: str = "") -> Bed:
+    """The seed (its blob downloads sharing ``seed_upload_rate`` bytes/s, paced; 0: unpaced; its
+    connections' congestion control ``seed_congestion_control``, "": the host's) and a worker in
+    every namespace."""
     seed_data = net.dir / "seed-data"
     seed_proc = net.start_in(net.seed, [sys.executable, "-m", "seed", "--log-level", "WARNING", "serve",
                                         "--listen", f"0.0.0.0:{SEED_PORT}", "--data", str(seed_data),
                                         "--open",
-                                        *(["--upload-rate", str(seed_upload_rate)] if seed_upload_rate else [])],
+                                        *(["--upload-rate", str(seed_upload_rate)] if seed_upload_rate else []),
+                                        "--congestion-control", seed_congestion_control],
                              log_path=net.dir / "seed.log")
     workers = _parallel(lambda ns: NsWorker(net, ns), [net.seed, *net.nodes])
     seed_worker = workers[0]
@@ -576,7 +586,9 @@ def start_agent(bed: Bed, scenario: Scenario, i: int, *, peer_tls: bool = True) 
             "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}",
             *([] if peer_tls else ["--no-peer-tls"]),
             *(["--site-upstream-rate", str(int(cap * 1e6 / 8))] if cap else []),
-            *(["--upload-rate", str(int(bed.upload_share * scenario.node_mbit * 1e6 / 8))] if bed.upload_share else [])]
+            *(["--upload-rate", str(int(bed.upload_share * scenario.node_mbit * 1e6 / 8))] if bed.upload_share else []),
+            *(["--peer-congestion-control", bed.peer_congestion_control]
+              if bed.peer_congestion_control is not None else [])]
     return net.start_in(net.nodes[i - 1], argv, log_path=p2pd_log(bed, i))
 
 
@@ -1175,8 +1187,9 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
     methods: dict[str, dict[str, Any]] = {}
     with Netbed(scenario.nodes, scenario.rates, workdir=args.workdir, keep_files=args.keep,
                 sites=scenario.sites, congestion_control=args.congestion_control) as net:
-        bed = start_bed(net, seed_upload_rate(scenario, args.seed_share))
+        bed = start_bed(net, seed_upload_rate(scenario, args.seed_share), args.seed_congestion_control)
         bed.upload_share = args.upload_share
+        bed.peer_congestion_control = args.peer_congestion_control
         image = push_image(bed, layout, tag)
         limit = bound(image.total_bytes, scenario.nodes, scenario.rates)
         print(f"   pushed {image.ref} ({image.total_bytes / MIB:.2f} MiB); bound {limit['seconds']:.1f} s, "
@@ -1209,6 +1222,7 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
             methods[method] = median_run(runs, image.total_bytes, limit["seconds"])
     return {"scenario": asdict(scenario), "image": asdict(image), "bound": limit, "methods": methods,
             "rates": asdict(scenario.rates), "seed_share": args.seed_share or None,
+            "congestion_control": planned_congestion(args),
             "duration_s": round(time.monotonic() - began, 1)}
 
 
@@ -1227,6 +1241,34 @@ def seed_pacing_text(results: Sequence[dict[str, Any]]) -> str:
                 "downloads in progress share that rate, each connection paced by the kernel at its part.")
     return ("The seed's pacing differs between these results (`seed_share` in the JSON; none recorded: "
             "unpaced).")
+
+
+def seed_setup_text(results: Sequence[dict[str, Any]]) -> str:
+    """How the seed was paced and which congestion control it and the peer ports used."""
+    return seed_pacing_text(results) + " " + congestion_text(results)
+
+
+def planned_congestion(args: argparse.Namespace) -> dict[str, str]:
+    """The congestion control of the seed's connections and of the agents' peer ports in a run
+    (the algorithm's name; the namespaces' default where neither sets one)."""
+    namespaces = args.congestion_control or host_congestion_control()
+    peers = args.peer_congestion_control
+    if peers is None:
+        peers = SwarmConfig().peer_congestion_control
+    return {"seed": args.seed_congestion_control or namespaces, "peers": peers or namespaces}
+
+
+def congestion_text(results: Sequence[dict[str, Any]]) -> str:
+    """Which congestion control the seed and the agents' peer ports used in ``results`` (older
+    results did not record it: both used the namespaces' default, BBR on this host)."""
+    seen = {json.dumps(r.get("congestion_control") or {"seed": "bbr", "peers": "bbr"}, sort_keys=True)
+            for r in results}
+    if len(seen) > 1:
+        return ("The seed's and the agents' TCP congestion control differ between these results "
+                "(`congestion_control` in the JSON; none recorded: the namespaces' default, BBR).")
+    used = json.loads(seen.pop())
+    return (f"TCP congestion control: the seed's connections {used['seed']} (`--seed-congestion-control`), "
+            f"the agents' peer ports {used['peers']} (`[swarm] peer_congestion_control`).")
 
 
 def median_run(runs: list[dict[str, Any]], image_bytes: int, limit: float) -> dict[str, Any]:
@@ -1411,7 +1453,7 @@ def render_scenario(result: dict[str, Any], plots: dict[str, str], variants: Seq
         f"{sc['layer_mib']} MiB, F = {image['total_bytes'] / MIB:.2f} MiB in all. Client: {client}. "
         f"Bound = max(F/u_s {limit['seed_term_s']:.2f} s, F/d_min {limit['download_term_s']:.2f} s, "
         f"N·F/(u_s + Σu_i) {limit['aggregate_term_s']:.2f} s) = **{limit['seconds']:.2f} s**; client-server "
-        f"minimum max(N·F/u_s, F/d_min) = {limit['client_server_s']:.1f} s. " + seed_pacing_text([result]),
+        f"minimum max(N·F/u_s, F/d_min) = {limit['client_server_s']:.1f} s. " + seed_setup_text([result]),
         "",
         render_table(result),
         "",
@@ -1485,7 +1527,7 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
         "included; the client gives up on a host after 30 s without one). *Holders' copies*: "
         "bytes a range-lease holder (a node that fetched at least one chunk of the layer from the seed) sent "
         "to peers ÷ bytes it fetched from the seed (mean; max). CPU = the agents' "
-        "CPU per MiB they received plus sent. One run per cell. " + seed_pacing_text(cells),
+        "CPU per MiB they received plus sent. One run per cell. " + seed_setup_text(cells),
         "",
         "| N | node ÷ seed | links (Mbit/s) | bound | p50 ÷ bound | max ÷ bound | seed egress ÷ image | failed | "
         "client fallbacks | longest client wait | range holders | holders' copies | CPU ms/MiB | peak RSS (MiB) | "
@@ -1547,7 +1589,7 @@ def render_sites(result: dict[str, Any], plots: dict[str, str]) -> str:
              "when lower; *egress* = bytes the site's agents fetched from the seed ÷ F, *on its link* = bytes the "
              f"seed sent on the site's link (TCP/IP headers included, ≈ +4.4 %) ÷ F; rates on the link: the "
              f"highest over any {_RATE_WINDOW_S:g} s window and the mean while bytes flowed (sampled every "
-             f"{_LINK_SAMPLE_S:g} s; headers included). " + seed_pacing_text([result]), ""]
+             f"{_LINK_SAMPLE_S:g} s; headers included). " + seed_setup_text([result]), ""]
     if p is None or "sites" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     lines += ["| site | cap | bound | p50 ÷ bound | max ÷ bound | egress ÷ F | on its link ÷ F | peak rate (2 s) | "
@@ -1600,7 +1642,7 @@ def render_churn(result: dict[str, Any], plots: dict[str, str]) -> str:
              f"F = {image['total_bytes'] / MIB:.2f} MiB; bound for all {sc['nodes']} nodes {limit:.1f} s. Each "
              "client's only host is its own agent (no fallback to the seed), so a pull the churn breaks fails "
              "instead of hiding behind the seed; a killed node's own pull is lost with it (not counted). "
-             + seed_pacing_text([result]), ""]
+             + seed_setup_text([result]), ""]
     if p is None or "churn" not in p:
         return "\n".join([*lines, "p2pd was not run.", ""])
     churn = p["churn"]
@@ -1887,6 +1929,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed-share", type=float, default=SEED_SHARE, metavar="SHARE",
                         help="run the seed with [server] upload_rate = SHARE x its uplink (its downloads share it, "
                              f"paced; default {SEED_SHARE:g}, as an operator who knows the uplink sets it; 0: unpaced)")
+    parser.add_argument("--seed-congestion-control", default=SEED_CONGESTION_CONTROL, metavar="NAME",
+                        help="the seed's [server] congestion_control (default %(default)s; '' for the namespaces')")
+    parser.add_argument("--peer-congestion-control", metavar="NAME",
+                        help="every agent's [swarm] peer_congestion_control (default: the agent's, "
+                             f"{SwarmConfig().peer_congestion_control}; '' for the namespaces')")
     parser.add_argument("--rate-scale", type=float, default=1.0, metavar="FACTOR",
                         help="multiply every link rate (and site cap) by FACTOR: is a cell held back by the "
                              "machine? (such a run is not merged into another)")
