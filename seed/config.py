@@ -108,7 +108,7 @@ class ServerConfig:
     # bytes/s the blob downloads in progress share, each paced by the kernel at its part (0: none).
     upload_rate: int = 0
     # TCP congestion control of the connections it accepts ("": the host's default). For a seed in
-    # front of swarm sites whose links are shallow-queued: docs/operations.md, "The seed's uplink".
+    # front of swarm sites: docs/architecture.md, "Congestion control on the peer port".
     congestion_control: str = ""
 
 
