@@ -1058,6 +1058,9 @@ def test_a_chunk_map_asked_for_by_many_at_once_is_computed_once(tmp_path: Path) 
     session.data_path.write_bytes(data)
     digest = digest_of(data)
     storage.commit_upload(session, digest)
+    # A size of which the push stored no map (it stores the configured and the adaptive ones).
+    asked = 2 * MIN_CHUNK_SIZE
+    assert asked not in (DEFAULT_CHUNK_SIZE, chunk_size_for(len(data), DEFAULT_CHUNK_SIZE))
     computed = []
     compute = storage._compute_chunk_map
 
@@ -1068,15 +1071,15 @@ def test_a_chunk_map_asked_for_by_many_at_once_is_computed_once(tmp_path: Path) 
 
     storage._compute_chunk_map = counting  # type: ignore[method-assign]
     answers: list[bytes] = []
-    threads = [threading.Thread(target=lambda: answers.append(storage.chunk_map("repo", digest, MIN_CHUNK_SIZE)))
+    threads = [threading.Thread(target=lambda: answers.append(storage.chunk_map("repo", digest, asked)))
                for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert computed == [MIN_CHUNK_SIZE]
+    assert computed == [asked]
     assert len(answers) == 8 and len(set(answers)) == 1
-    assert ChunkMap.decode(answers[0], expected_digest=digest).chunk_size == MIN_CHUNK_SIZE
+    assert ChunkMap.decode(answers[0], expected_digest=digest).chunk_size == asked
 
 
 async def test_chunk_map_of_chunked_and_empty_uploads(seed: Seed) -> None:

@@ -867,7 +867,7 @@ async def test_a_blob_without_a_trusted_map_is_cut_as_every_node_cuts_it(
         transfer = swarm.start_transfer(digest, 12 * 2**20, fd, None)
     finally:
         os.close(fd)
-    assert (transfer.chunk_size, transfer.count) == (SMALLEST_AUTO_CHUNK, 96)  # 1 MiB would give 12 chunks
+    assert (transfer.chunk_size, transfer.count) == (SMALLEST_AUTO_CHUNK, 192)  # 1 MiB would give 12 chunks
     assert swarm._announcement(transfer, digest, want_lease=True).chunk_size == SMALLEST_AUTO_CHUNK
     # Once it is complete (no transfer left), it still announces the size it used.
     swarm.finish_transfer(transfer)

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 import p2pd.cli
+from p2pd.oci.chunkmap import TARGET_CHUNKS, chunk_size_for
 from tests.bench.common import loadavg, machine_basics, report_header, run_and_publish
 from tests.swarm_cluster import Cluster, pull_blob, push_blob, write_swarm_config
 
@@ -39,7 +40,7 @@ MARK_END = "<!-- bench-chunk-cpu:end -->"
 SECTION_TITLE = "## An agent's CPU per chunk, from one peer on loopback (make bench-chunk-cpu)"
 MIB = 1024 * 1024
 REPOSITORY = "bench/cpu"
-DEFAULT_CASES = "128:64,128:256,1024:64,1024:1024,128:8:4"  # chunk KiB : blob MiB [: sender Mbit/s]
+DEFAULT_CASES = "64:8,128:64,128:256,1024:128,1024:1024,64:8:4,128:16:4"  # chunk KiB : blob MiB [: sender Mbit/s]
 
 
 def _cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -113,9 +114,23 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def _case(text: str) -> tuple[int, float, float]:
-    """``chunk KiB:blob MiB[:sender Mbit/s]`` (no rate: unpaced)."""
+    """``chunk KiB:blob MiB[:sender Mbit/s]`` (no rate: unpaced). The blob must be large enough to
+    be cut in chunks of that size (``chunk_size_for``: at least ``TARGET_CHUNKS`` of them), since
+    the chunk size is the agents' largest and smaller blobs get smaller chunks."""
     fields = text.split(":")
-    return int(fields[0]), float(fields[1]), float(fields[2]) if len(fields) > 2 else 0.0
+    chunk_kib, blob_mib = int(fields[0]), float(fields[1])
+    cut = chunk_size_for(int(blob_mib * MIB), chunk_kib * 1024)
+    if cut != chunk_kib * 1024:
+        raise argparse.ArgumentTypeError(
+            f"{text}: a {blob_mib:g} MiB blob is cut in {cut // 1024} KiB chunks, not {chunk_kib} (chunk_size_for); "
+            f"use a blob of at least {chunk_kib * TARGET_CHUNKS / 1024:g} MiB")
+    return chunk_kib, blob_mib, float(fields[2]) if len(fields) > 2 else 0.0
+
+
+def _checked_cases(text: str) -> str:
+    for case in text.split(","):
+        _case(case)
+    return text
 
 
 def render_section(report: dict[str, Any]) -> str:
@@ -146,7 +161,7 @@ def render_section(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES,
+    parser.add_argument("--cases", default=DEFAULT_CASES, type=_checked_cases,
                         help="chunk KiB:blob MiB[:sender Mbit/s], comma-separated")
     parser.add_argument("--repeat", type=int, default=3)
     return run_and_publish(parser, argv, run, render_section, log, name="chunk_cpu", mark_start=MARK_START,
