@@ -735,66 +735,6 @@ async def test_graceful_shutdown_deadline_cuts_long_requests(nursery: trio.Nurse
     assert b"piece99;" not in raw  # cut, not completed
 
 
-class _DrainingPace:
-    """A pace whose connection still holds ``left`` unsent bytes (what ``SIOCOUTQNSD`` says)."""
-
-    def __init__(self, left: int = 0) -> None:
-        self.paces: list[int] = []
-        self.left = left
-
-    def __call__(self, rate: int) -> None:
-        self.paces.append(rate)
-
-    def unsent(self) -> int:
-        return self.left
-
-
-def test_an_ended_response_keeps_its_share_until_its_last_bytes_have_left(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A small response is all in the socket's buffer when it ends: a response that starts then
-    must not get the whole rate on top of what is still leaving at the first one's share."""
-    clock = [100.0]
-    monkeypatch.setattr("p2pd.httpd._pacing.time.monotonic", lambda: clock[0])
-    pacing = SharedPacing(1000)
-    first, second, third = _DrainingPace(left=500), _DrainingPace(), _DrainingPace()
-    end_first = pacing.start(first)
-    assert end_first is not None and first.paces == [1000]
-    end_first()  # 500 bytes still to leave at 1000 bytes/s: half a second
-    assert pacing.start(second) is not None and second.paces == [500] and first.paces[-1] == 500
-    clock[0] += 0.6  # they have left (0.5 s at 1000 bytes/s; re-paced at 500 they leave later, not sooner)
-    end_third = pacing.start(third)
-    assert end_third is not None and third.paces == [500] and second.paces[-1] == 500
-    end_third()  # nothing left unsent: its share goes back at once
-    assert second.paces[-1] == 1000
-    # Ending twice changes nothing; a pace that cannot tell what is unsent ends at once.
-    end_third()
-    plain: list[int] = []
-    end_plain = pacing.start(plain.append)
-    assert end_plain is not None and plain == [500]
-    end_plain()
-    assert second.paces[-1] == 1000
-
-
-def test_a_socket_pace_tells_the_bytes_not_sent_yet() -> None:
-    """``SIOCOUTQNSD`` on a real TCP connection whose reader has stopped reading."""
-    import socket
-
-    from p2pd.httpd._server import _SocketPace
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    with listener, socket.create_connection(listener.getsockname()) as sender:
-        reader, _ = listener.accept()
-        with reader:
-            pace = _SocketPace(sender)
-            assert pace.unsent() == 0
-            sender.setblocking(False)
-            sent = 0
-            with contextlib.suppress(BlockingIOError):
-                while sent < 64 * 1024 * 1024:
-                    sent += sender.send(b"x" * 65536)
-            assert 0 < pace.unsent() <= sent
-            pace(1_000_000)  # a pace is set without complaint on a connected socket
-
-
 def test_shared_pacing_divides_the_rate_among_the_responses_in_progress() -> None:
     """Each paced response gets the rate ÷ the responses in progress, re-divided as they start and
     end; an ended one keeps its last share (its tail may still wait in the socket's buffer), and

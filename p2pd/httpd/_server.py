@@ -18,7 +18,6 @@ Rules/invariants:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket as socket_module
@@ -63,7 +62,6 @@ _MAX_QUERY_FIELDS = 64
 # the most bytes a second the kernel sends on the socket, spread evenly (TCP's own pacing).
 _SO_MAX_PACING_RATE = getattr(socket_module, "SO_MAX_PACING_RATE", 47)
 _UNPACED = 0xFFFFFFFF  # the kernel's "no cap" (~0U)
-_SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,38 +354,21 @@ class _Connection:
             deadline = trio.current_time() + self.limits.send_timeout
 
 
-class _SocketPace:
-    """Sets ``SO_MAX_PACING_RATE`` on a socket: the kernel spreads the connection's packets evenly
-    at that rate instead of sending a window at once, so a shaped link's short queue does not
-    overflow. Best effort: a kernel that refuses it leaves the connection unpaced. ``unsent()``
-    tells ``SharedPacing`` how much of an ended response is still to leave."""
+def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> Callable[[int], None] | None:
+    """Sets ``SO_MAX_PACING_RATE`` on ``sock``: the kernel spreads the connection's packets
+    evenly at that rate instead of sending a window at once, so a shaped link's short queue does
+    not overflow. Best effort: a kernel that refuses it leaves the connection unpaced."""
+    if sock is None or not sys.platform.startswith("linux"):
+        return None
 
-    __slots__ = ("_sock",)
-
-    def __init__(self, sock: socket_module.socket | trio.socket.SocketType) -> None:
-        self._sock = sock
-
-    def __call__(self, rate: int) -> None:
+    def pace(rate: int) -> None:
         value = min(rate, _UNPACED - 1) if rate > 0 else _UNPACED
         try:
-            self._sock.setsockopt(socket_module.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", value))
+            sock.setsockopt(socket_module.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", value))
         except OSError as exc:
             log.debug("SO_MAX_PACING_RATE refused: %s", exc)
 
-    def unsent(self) -> int:
-        """Bytes in the socket's buffer not sent yet (Linux ``SIOCOUTQNSD``; 0 if unknown)."""
-        try:
-            answer = fcntl.ioctl(self._sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
-        except OSError:
-            return 0
-        return max(0, int(struct.unpack("=i", answer)[0]))
-
-
-def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> Callable[[int], None] | None:
-    """The connection's pace (``_SocketPace``), or None where there is no TCP socket to pace."""
-    if sock is None or not sys.platform.startswith("linux"):
-        return None
-    return _SocketPace(sock)
+    return pace
 
 
 def _head_size(request: h11.Request) -> int:
