@@ -153,7 +153,8 @@ class SeedRegistry:
         the shared upload rate.
 
         Listen address, congestion control, storage and TLS files are not changed here
-        (``reload_tls`` re-reads the certificate). A configuration that fails to build leaves the running one in place.
+        (``reload_tls`` re-reads the certificate). A configuration that fails to build leaves the
+        running one in place.
         """
         # Reading files and keys happens in a worker thread; the swap and the audit record
         # happen here, in the trio thread, between two requests.

@@ -48,13 +48,14 @@ def chunk_count(blob_size: int, chunk_size: int) -> int:
 
 
 # A blob is cut into at least this many chunks when that keeps chunks at SMALLEST_AUTO_CHUNK or
-# more. A chunk moves store-and-forward (a node relays it once it has all of it, verified), so
-# every hop costs a chunk's transfer time: a 12 MiB layer in 1 MiB chunks gives 8-32 nodes 12
-# pieces to pass around and the last node waited 2.1x the bound with node links as fast as the
-# seed's (7.3x at N = 32, where clients gave up on the first chunk); in 128 KiB chunks 1.5x and
-# 1.9x (docs/benchmarks.md). What a hop costs against the whole pull is about the number of
-# range holders (16) over the number of chunks, whatever the blob's size: 128 chunks (64 KiB for
-# the matrix's 12 and 8 MiB layers) instead of 64 took the equal-links cells from 1.26x, 1.26x and
+# more. Past its range holder (which relays a chunk while it arrives) a chunk moves
+# store-and-forward: a node passes it on once it has all of it, verified, so every further hop
+# costs a chunk's transfer time. A 12 MiB layer in 1 MiB chunks gave 8-32 nodes 12 pieces to
+# pass around and the last node waited 2.1x the bound with node links as fast as the seed's (7.3x
+# at N = 32, where clients gave up on the first chunk); in 128 KiB chunks 1.5x and 1.9x, before
+# the relays (docs/benchmarks.md). A hop's share of the whole pull is about range holders (16) ÷
+# chunks, whatever the blob's size: 128 chunks (64 KiB for the matrix's 12 and 8 MiB layers)
+# instead of 64 took the equal-links cells from 1.26x, 1.26x and
 # 1.59x the bound (N = 8, 16, 32) to 1.16x, 1.22x and 1.48-1.51x, for 10-20 % more CPU per MiB
 # (docs/benchmarks.md, nineteenth session). Large blobs keep the configured size: enough chunks
 # already, and fewer requests, hashes and bitmap bits per MiB.

@@ -202,7 +202,7 @@ SEED_SHARE = 0.97
 # The seed's TCP congestion control (--seed-congestion-control; "" = the host's). The host's BBR
 # re-sent ~4.5 % of what the seed sent to a site's range holders, whose shallow downlink queues
 # the peers' relays share; with reno (the agents' peer ports too, their default) 1x/16 went
-# 1.31-1.32x -> 1.24x the bound (docs/benchmarks.md, nineteenth session).
+# 1.31-1.32x -> 1.24-1.27x the bound (docs/benchmarks.md, nineteenth session).
 SEED_CONGESTION_CONTROL = "reno"
 MATRIX_NODES = {8: 8.0, 16: 4.0, 32: 3.0}  # N -> seed uplink (Mbit/s)
 MATRIX_LAYER_MIB = {8: 12, 16: 12, 32: 8}
