@@ -144,6 +144,10 @@ def test_link_use_counts_the_seeds_sending_window_and_idle_uplinks() -> None:
     assert use["down_first_quarter"] == pytest.approx(0.5, abs=0.01)
     assert use["down_rest"] == pytest.approx(0.8, abs=0.01)
     assert use["idle_uplink_s"] == {"n1": 0.0, "n2": 0.75} and use["longest_idle_uplink_s"] == 0.75
+    # each second: the nodes' mean downlink share (n1 0.4 then 1.0; n2 0.6), the seed's link share
+    seed_share = int(rate) / (SCENARIOS["matrix-1x-8"].seed_mbit * 1e6 / 8 * 0.25)
+    assert use["by_second"] == [[1.0, pytest.approx(0.65, abs=0.01), pytest.approx(seed_share, abs=0.01)],
+                                [2.0, pytest.approx(0.8, abs=0.01), pytest.approx(seed_share, abs=0.01)]]
     sampler.links = [(0.0, {"s0": (5, 0), "n1": (0, 0)}), (0.25, {"s0": (5, 0), "n1": (9, 9)})]
     assert link_use(sampler, SCENARIOS["matrix-1x-8"]) is None  # the seed sent nothing
 
@@ -292,6 +296,7 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     use = p2pd["link_use"]
     assert use is not None and use["seed_sending_s"] > 0 and set(use["down"]) == {"n1", "n2", "n3"}
     assert 0 < use["down_mean"] < 1.5 and use["longest_idle_uplink_s"] >= 0
+    assert use["by_second"] and all(len(row) == 3 and row[0] > 0 for row in use["by_second"])
 
     doc = out.read_text()
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in doc

@@ -840,7 +840,9 @@ _IDLE_SHARE = 0.1  # a link carrying less than this share of its rate over a sam
 def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
     """How busy the node links were while the seed was sending (from its first sample with bytes
     on the seed's link to its last): bytes on the wire (headers included) ÷ what the link could
-    carry meanwhile, per node down and up, and the longest stretch a node's uplink stayed idle.
+    carry meanwhile, per node down and up, and the longest stretch a node's uplink stayed idle;
+    and ``by_second``: [seconds since the seed's first byte, mean downlink share, seed link
+    share] each second until the last sample.
     At node links as fast as the seed's, the bound asks every downlink to run full all along."""
     points = sampler.links
     seed_moves = [i for i in range(1, len(points))
@@ -879,7 +881,20 @@ def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
         idle[node] = round(longest, 2)
     if not down:
         return None
-    return {"seed_sending_s": round(span, 2), "sample_s": _LINK_SAMPLE_S,
+    # Second by second from the seed's first byte to the last sample (the tail included): the
+    # mean downlink share and the seed link's. At equal links a downlink below the seed's rate
+    # is a deficit the tail pays back after the seed's last byte (docs/benchmarks.md).
+    step = max(1, round(1.0 / _LINK_SAMPLE_S))
+    seed_capacity = scenario.seed_mbit * 1e6 / 8
+
+    def seed_share(a: int, b: int) -> float:
+        sent = sum(v[0] for k, v in points[b][1].items() if k.startswith("s")) \
+            - sum(v[0] for k, v in points[a][1].items() if k.startswith("s"))
+        return round(sent / (seed_capacity * (points[b][0] - points[a][0])), 3)
+
+    by_second = [[round(points[i][0] - points[first][0], 2), down_share(i - step, i), seed_share(i - step, i)]
+                 for i in range(first + step, len(points), step) if points[i][0] > points[i - step][0]]
+    return {"seed_sending_s": round(span, 2), "sample_s": _LINK_SAMPLE_S, "by_second": by_second,
             "down_mean": round(sum(down.values()) / len(down), 3), "down_min": min(down.values()),
             "up_mean": round(sum(up.values()) / len(up), 3), "longest_idle_uplink_s": max(idle.values()),
             "down_first_quarter": down_share(first, quarter), "down_rest": down_share(quarter, last),
