@@ -245,10 +245,13 @@ class SeedRegistry:
                    ("Accept-Ranges", "bytes"), ("ETag", f'"{parsed}"'),
                    ("Cache-Control", "max-age=31536000")]
         end_pacing = self.pacing.start(request.pace) if request.method == "GET" else None
+        # A paced download's share ends when its last bytes have left, not when they are queued.
+        drained = end_pacing is not None
         if byte_range is None:
-            return Response(200, headers, FileBody(fd, 0, size), on_close=end_pacing)
+            return Response(200, headers, FileBody(fd, 0, size), on_close=end_pacing, drained_close=drained)
         headers.append(("Content-Range", byte_range.content_range(size)))
-        return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length), on_close=end_pacing)
+        return Response(206, headers, FileBody(fd, byte_range.start, byte_range.length), on_close=end_pacing,
+                        drained_close=drained)
 
     async def get_manifest(self, request: Request, name: str, reference: str) -> Response:
         try:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import trio
 
 from p2pd.httpd import FileBody, Request, Response, ServerInfo, ServerLimits, SharedPacing, serve_http
+from p2pd.httpd._server import _drained
 from p2pd.oci.errors import OCIError
 
 HOST = "127.0.0.1"
@@ -760,3 +762,59 @@ def test_shared_pacing_divides_the_rate_among_the_responses_in_progress() -> Non
     assert ends[0] is not None
     ends[0]()
     assert paces[1][-1] == 0
+
+
+async def test_a_drained_close_waits_until_the_last_bytes_have_left(nursery: trio.Nursery) -> None:
+    """``drained_close``: on_close runs once the response's bytes have left the socket's send
+    queue, not when its last byte is queued — a paced response's share of a shared rate
+    (``SharedPacing``) must not end while a whole 64 KiB answer still waits in the buffer (a
+    paced pull of 64 KiB chunks ran at twice its ``upload_rate``)."""
+    closed = trio.Event()
+    body = random.Random(3).randbytes(12 * 1024)
+
+    async def app(request: Request) -> Response:
+        return Response(200, [], body, on_close=closed.set, drained_close=True)
+
+    info = await _start(nursery, app)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # before connecting: a window of a few packets
+    await sock.connect((HOST, info.port))
+    await sock.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    with trio.move_on_after(0.5):
+        await closed.wait()
+    assert not closed.is_set()  # the body is queued at the server, waiting for our window
+    received = bytearray()
+    with trio.fail_after(10):
+        while not received.endswith(body):
+            received += await sock.recv(64 * 1024)
+        await closed.wait()
+    sock.close()
+
+
+async def test_drained_looks_again_as_the_queue_empties_and_gives_up_at_its_limit(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The wait for a send queue to empty looks again when the rest should have left at the rate
+    seen so far (a few looks, not one every few milliseconds), and ends at its limit whatever."""
+    class Queue:
+        def __init__(self, rate: float) -> None:
+            self.left, self.rate, self.looks, self.at = 64 * 1024.0, rate, 0, trio.current_time()
+
+        def __call__(self, rate: int) -> None:
+            pass
+
+        def unsent(self) -> int:
+            now = trio.current_time()
+            self.left, self.at = max(0.0, self.left - self.rate * (now - self.at)), now
+            self.left = self.left if self.left >= 1 else 0.0
+            self.looks += 1
+            return int(self.left)
+
+    draining = Queue(rate=64 * 1024 / 2)  # two seconds to leave
+    start = trio.current_time()
+    await _drained(draining, 60)
+    assert draining.left == 0 and 1.99 <= trio.current_time() - start < 2.6
+    assert draining.looks <= 8
+    stuck = Queue(rate=0)  # a peer that stopped reading
+    start = trio.current_time()
+    await _drained(stuck, 5)
+    assert trio.current_time() - start == pytest.approx(5, abs=0.01) and stuck.left > 0

@@ -276,6 +276,8 @@ async def test_blob_downloads_share_the_upload_rate(tmp_path: Path) -> None:
             assert isinstance(response.body, FileBody)
             os.close(response.body.fd)
         assert whole.on_close is not None and head.on_close is None
+        # a paced download's share ends once its bytes have left the socket, not when queued
+        assert whole.drained_close and ranged.drained_close and not head.drained_close
         whole.on_close()
         assert paces[1][-1] == 1_000_000
         # A reload (SIGHUP) changes the rate for the downloads that start from then on.

@@ -153,6 +153,7 @@ async def test_a_chunk_is_relayed_while_it_arrives_and_its_tail_waits_for_the_ve
         response = await holder.service.handle(holder.request(0))
         assert response.status == 206 and response.content_length == CHUNK
         assert holder.service.uploads == 0 and holder.service.relays == 1  # no upload slot taken
+        assert not response.drained_close  # unpaced: nothing to wait for before it ends
         got: list[bytes] = []
         nursery.start_soon(_read, response, got)
         await holder.feed(DATA[:100_000])
@@ -379,8 +380,10 @@ async def test_the_upload_rate_is_shared_by_pacing_each_uploads_connection(
         await holder.feed(DATA[CHUNK + 10:2 * CHUNK])
     assert b"".join(got) == DATA[CHUNK:2 * CHUNK]  # relayed unthrottled by the bucket: the kernel paces it
     assert paces[0][-1] == paces[1][-1] == 600_000 and paces[2][-1] == 400_000
+    assert relay.drained_close  # its share ends once its last bytes have left the socket
     for response in landed:
         assert response.on_close is not None and isinstance(response.body, FileBody)
+        assert response.drained_close
         response.on_close()
         os.close(response.body.fd)
     assert paces[0][-1] == 600_000  # ended: kept its share

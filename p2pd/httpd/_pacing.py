@@ -6,6 +6,11 @@ re-divided as responses start and end. Paced, a server's packets leave evenly, a
 in all, instead of a congestion window at a time: the short queue of the link it sends over
 does not overflow, and the flows that share it each get their part instead of a few starving
 in retransmission timeouts.
+
+A response's share ends when its ``end`` is called: callers pass it as ``Response.on_close`` with
+``drained_close`` set, so the server calls it once the response's last bytes have left the
+socket's send queue, not when they are queued (a 64 KiB answer is queued whole at once, and a
+paced pull of 64 KiB chunks ran at twice its rate; docs/benchmarks.md, twentieth session).
 """
 
 from __future__ import annotations

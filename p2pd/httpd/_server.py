@@ -18,6 +18,7 @@ Rules/invariants:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket as socket_module
@@ -62,6 +63,12 @@ _MAX_QUERY_FIELDS = 64
 # the most bytes a second the kernel sends on the socket, spread evenly (TCP's own pacing).
 _SO_MAX_PACING_RATE = getattr(socket_module, "SO_MAX_PACING_RATE", 47)
 _UNPACED = 0xFFFFFFFF  # the kernel's "no cap" (~0U)
+_SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
+# A response that waits for its last bytes to leave (Response.drained_close) looks at the send
+# queue again when the rest should have left at the rate seen since the last look, within these.
+_DRAIN_FIRST_LOOK = 0.05
+_DRAIN_LOOK_MIN = 0.01
+_DRAIN_LOOK_MAX = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,10 @@ class Response:
     content_length: int | None = None
     # Called once the response is finished or abandoned (e.g. to release a cache entry).
     on_close: Callable[[], None] | None = None
+    # A finished response calls on_close only once its last bytes have left the socket's send
+    # queue (bounded by send_timeout), not when they are queued: a paced response's share of a
+    # shared rate (SharedPacing) ends then. A 64 KiB answer is all in the queue at once.
+    drained_close: bool = False
 
     @classmethod
     def error(cls, exc: OCIError) -> Response:
@@ -354,21 +365,56 @@ class _Connection:
             deadline = trio.current_time() + self.limits.send_timeout
 
 
-def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> Callable[[int], None] | None:
-    """Sets ``SO_MAX_PACING_RATE`` on ``sock``: the kernel spreads the connection's packets
-    evenly at that rate instead of sending a window at once, so a shaped link's short queue does
-    not overflow. Best effort: a kernel that refuses it leaves the connection unpaced."""
-    if sock is None or not sys.platform.startswith("linux"):
-        return None
+class _SocketPace:
+    """Sets ``SO_MAX_PACING_RATE`` on a socket (``Request.pace``): the kernel spreads the
+    connection's packets evenly at that rate instead of sending a window at once, so a shaped
+    link's short queue does not overflow. Best effort: a kernel that refuses it leaves the
+    connection unpaced. ``unsent()``: what a finished response still has to send."""
 
-    def pace(rate: int) -> None:
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket_module.socket | trio.socket.SocketType) -> None:
+        self._sock = sock
+
+    def __call__(self, rate: int) -> None:
         value = min(rate, _UNPACED - 1) if rate > 0 else _UNPACED
         try:
-            sock.setsockopt(socket_module.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", value))
+            self._sock.setsockopt(socket_module.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", value))
         except OSError as exc:
             log.debug("SO_MAX_PACING_RATE refused: %s", exc)
 
-    return pace
+    def unsent(self) -> int:
+        """Bytes in the socket's send queue not sent yet (Linux ``SIOCOUTQNSD``; 0 if unknown)."""
+        try:
+            answer = fcntl.ioctl(self._sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return 0
+        return max(0, int(struct.unpack("=i", answer)[0]))
+
+
+def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> Callable[[int], None] | None:
+    if sock is None or not sys.platform.startswith("linux"):
+        return None
+    return _SocketPace(sock)
+
+
+async def _drained(pace: Callable[[int], None], limit: float) -> None:
+    """Returns once the connection's send queue is empty (``pace.unsent()``), or after ``limit``
+    seconds. It looks again when the rest should have left at the rate seen since the last look:
+    a few looks per response, not one every few milliseconds."""
+    unsent = getattr(pace, "unsent", None)
+    if unsent is None:
+        return
+    left = unsent()
+    look = _DRAIN_FIRST_LOOK
+    with trio.move_on_after(limit):
+        while left > 0:
+            await trio.sleep(look)
+            now_left = unsent()
+            moved = left - now_left
+            look = min(_DRAIN_LOOK_MAX, max(_DRAIN_LOOK_MIN, now_left * look / moved)) if moved > 0 \
+                else min(_DRAIN_LOOK_MAX, look * 2)
+            left = now_left
 
 
 def _head_size(request: h11.Request) -> int:
@@ -595,6 +641,8 @@ async def _handle_one(conn: _Connection, head: h11.Request, handler: Handler,
     status = response.status
     try:
         await _send_response(conn, head, response, close_after)
+        if response.drained_close and pace is not None:
+            await _drained(pace, conn.limits.send_timeout)
     except h11.LocalProtocolError:
         log.exception("response framing error: %s %s", request.method, target[:200])
         raise _ClientGone("framing error") from None

@@ -345,7 +345,7 @@ class PeerService:
                 end_pacing()
 
         return Response(206, headers, self._relayed(arrival, paced=end_pacing is not None), content_length=length,
-                        on_close=done)
+                        on_close=done, drained_close=end_pacing is not None)
 
     async def _relayed(self, arrival: Arrival, *, paced: bool) -> AsyncIterator[bytes]:
         length = len(arrival.buffer)
@@ -395,7 +395,7 @@ class PeerService:
         if self.upload_bucket.rate <= 0 or end_pacing is not None:
             body: FileBody | AsyncIterator[bytes] = FileBody(fd, start, end - start + 1)
             self.metrics.peer_served_bytes.inc(end - start + 1)
-            return Response(status, headers, body, on_close=done)
+            return Response(status, headers, body, on_close=done, drained_close=end_pacing is not None)
         return Response(status, headers, self._limited(fd, start, end), content_length=end - start + 1,
                         on_close=done)
 
