@@ -65,10 +65,11 @@ _SO_MAX_PACING_RATE = getattr(socket_module, "SO_MAX_PACING_RATE", 47)
 _UNPACED = 0xFFFFFFFF  # the kernel's "no cap" (~0U)
 _SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
 # A response that waits for its last bytes to leave (Response.drained_close) looks at the send
-# queue again when the rest should have left at the rate seen since the last look, within these.
+# queue again when the rest could have left (_drained), within these.
 _DRAIN_FIRST_LOOK = 0.05
 _DRAIN_LOOK_MIN = 0.01
 _DRAIN_LOOK_MAX = 0.5
+_DRAIN_ENOUGH = 4096  # bytes still queued that no longer hold a response's share (three packets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,12 +372,14 @@ class _SocketPace:
     link's short queue does not overflow. Best effort: a kernel that refuses it leaves the
     connection unpaced. ``unsent()``: what a finished response still has to send."""
 
-    __slots__ = ("_sock",)
+    __slots__ = ("_sock", "rate")
 
     def __init__(self, sock: socket_module.socket | trio.socket.SocketType) -> None:
         self._sock = sock
+        self.rate = 0  # the pace last set (bytes/s; 0: none)
 
     def __call__(self, rate: int) -> None:
+        self.rate = max(0, rate)
         value = min(rate, _UNPACED - 1) if rate > 0 else _UNPACED
         try:
             self._sock.setsockopt(socket_module.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", value))
@@ -399,21 +402,27 @@ def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> Callab
 
 
 async def _drained(pace: Callable[[int], None], limit: float) -> None:
-    """Returns once the connection's send queue is empty (``pace.unsent()``), or after ``limit``
-    seconds. It looks again when the rest should have left at the rate seen since the last look:
-    a few looks per response, not one every few milliseconds."""
+    """Returns once the connection's send queue is (nearly) empty (``pace.unsent()``), or after
+    ``limit`` seconds. It looks when the bytes could have left at the connection's pace
+    (``pace.rate``; they cannot leave faster, so no look is early), or without one when the rest
+    should have left at the rate seen since the last look: a look or two per response, each a pass
+    of the event loop, not one every few milliseconds."""
     unsent = getattr(pace, "unsent", None)
     if unsent is None:
         return
     left = unsent()
-    look = _DRAIN_FIRST_LOOK
+    rate = getattr(pace, "rate", 0)
+    look = max(_DRAIN_LOOK_MIN, left / rate) if rate > 0 else _DRAIN_FIRST_LOOK
     with trio.move_on_after(limit):
-        while left > 0:
+        while left > _DRAIN_ENOUGH:
             await trio.sleep(look)
             now_left = unsent()
             moved = left - now_left
-            look = min(_DRAIN_LOOK_MAX, max(_DRAIN_LOOK_MIN, now_left * look / moved)) if moved > 0 \
-                else min(_DRAIN_LOOK_MAX, look * 2)
+            if rate > 0:
+                look = max(_DRAIN_LOOK_MIN, now_left / rate)
+            else:
+                look = min(_DRAIN_LOOK_MAX, max(_DRAIN_LOOK_MIN, now_left * look / moved)) if moved > 0 \
+                    else min(_DRAIN_LOOK_MAX, look * 2)
             left = now_left
 
 
