@@ -9,8 +9,8 @@ in retransmission timeouts.
 
 A response's share ends when its ``end`` is called: callers pass it as ``Response.on_close`` with
 ``drained_close`` set, so the server calls it once the response's last bytes have left the
-socket's send queue, not when they are queued (a 64 KiB answer is queued whole at once, and a
-paced pull of 64 KiB chunks ran at twice its rate; docs/benchmarks.md, twentieth session).
+socket's send queue, not when they are queued (a 64 KiB answer is queued whole at once: agents
+whose ``upload_rate`` was half their link used 0.85 of it; docs/benchmarks.md, twentieth session).
 """
 
 from __future__ import annotations
