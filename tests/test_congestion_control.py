@@ -5,6 +5,7 @@ the host's default unless ``server.congestion_control`` says. Read back from the
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import seed.cli
 from p2pd.config import load_config
 from p2pd.errors import ConfigError
 from p2pd.httpd import Request, Response, check_congestion_control, serve_http
+from p2pd.httpd._congestion import set_congestion_control
 from p2pd.swarm.auth import generate_key
 from seed.config import load_config as load_seed_config
 from seed.registry import serve_seed
@@ -81,6 +83,26 @@ async def test_an_algorithm_the_kernel_refuses_leaves_the_default_and_says_so(
         info = await nursery.start(partial(serve_http, answer, "127.0.0.1", 0, congestion_control="nosuchalgo"))
     assert await congestion_of_a_connection(info.port) == [host_default()]
     assert any("nosuchalgo" in r.getMessage() and "host's default" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refusal_on_one_listener_does_not_skip_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    """Several listeners (IPv4 and IPv6): each is tried, and the warning counts the refusals."""
+    class Listener:
+        def __init__(self, refuse: bool) -> None:
+            self.refuse = refuse
+            self.set: list[bytes] = []
+
+        def setsockopt(self, level: int, option: int, value: bytes, /) -> None:
+            if self.refuse:
+                raise OSError(errno.EPERM, "Operation not permitted")
+            self.set.append(value)
+
+    listeners = [Listener(False), Listener(True), Listener(False)]
+    with caplog.at_level(logging.WARNING, logger="p2pd.httpd"):
+        assert set_congestion_control(listeners, "reno") == "Operation not permitted"
+    assert [listener.set for listener in listeners] == [[b"reno"], [], [b"reno"]]
+    assert any("1 of 3" in r.getMessage() for r in caplog.records)
+    assert set_congestion_control(listeners[:1], "reno") is None and set_congestion_control(listeners, "") is None
 
 
 def test_names_that_cannot_be_an_algorithm_are_refused() -> None:

@@ -39,23 +39,29 @@ def check_congestion_control(name: str) -> str:
 
 
 def set_congestion_control(sockets: Iterable[_Settable], name: str) -> str | None:
-    """Sets ``name`` on ``sockets``; returns None, or why the kernel refused (then they keep the
-    host's default, and a warning says so: a missing algorithm must not keep a server down).
-    "" leaves them alone."""
+    """Sets ``name`` on each of ``sockets``; returns None, or why the kernel refused it (the
+    sockets it refused keep the host's default, and a warning says how many: a missing algorithm
+    must not keep a server down). "" leaves them alone."""
     if not name:
         return None
     if _TCP_CONGESTION is None:
-        reason = "this platform has no TCP_CONGESTION"
-        log.warning("congestion control %s not set: %s; connections use the system's default", name, reason)
-        return reason
+        missing = "this platform has no TCP_CONGESTION"
+        log.warning("congestion control %s not set: %s; connections use the system's default", name, missing)
+        return missing
+    reason: str | None = None
+    refused = tried = 0
     for sock in sockets:
+        tried += 1
         try:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, name.encode())
         except OSError as exc:
             # ENOENT: not built or loaded; EPERM: not in net.ipv4.tcp_allowed_congestion_control
-            # and the process lacks CAP_NET_ADMIN.
+            # and the process lacks CAP_NET_ADMIN. The other listeners (another address family)
+            # are still tried.
+            refused += 1
             reason = exc.strerror or str(exc)
-            log.warning("congestion control %s refused by the kernel (%s); connections use the host's default "
-                        "(net.ipv4.tcp_congestion_control)", name, reason)
-            return reason
-    return None
+    if reason is not None:
+        log.warning("congestion control %s refused by the kernel (%s) on %d of %d listening sockets; their "
+                    "connections use the host's default (net.ipv4.tcp_congestion_control)", name, reason,
+                    refused, tried)
+    return reason
