@@ -773,6 +773,8 @@ async def test_a_drained_close_waits_until_the_last_bytes_have_left(nursery: tri
     body = random.Random(3).randbytes(12 * 1024)
 
     async def app(request: Request) -> Response:
+        assert request.pace is not None
+        request.pace(1_000_000)  # as SharedPacing does: a paced response's share ends when drained
         return Response(200, [], body, on_close=closed.set, drained_close=True)
 
     info = await _start(nursery, app)
@@ -791,35 +793,34 @@ async def test_a_drained_close_waits_until_the_last_bytes_have_left(nursery: tri
     sock.close()
 
 
-async def test_drained_looks_again_as_the_queue_empties_and_gives_up_at_its_limit(
+async def test_drained_looks_when_the_bytes_could_have_left_and_gives_up_at_its_limit(
         autojump_clock: trio.testing.MockClock) -> None:
-    """The wait for a send queue to empty looks again when the rest should have left at the rate
-    seen so far (a few looks, not one every few milliseconds), and ends at its limit whatever."""
+    """The wait for a send queue to empty looks when the queued bytes could have left at the
+    connection's pace (a look or two, not one every few milliseconds), lets the last few packets
+    go, ends at its limit whatever, and does not wait at all for an unpaced connection."""
     class Queue:
-        def __init__(self, speed: float, paced: bool = False) -> None:
-            self.left, self.speed, self.looks, self.at = 64 * 1024.0, speed, 0, trio.current_time()
-            self.rate = int(speed) if paced else 0  # the pace it was given (0: unknown)
-
-        def __call__(self, rate: int) -> None:
-            pass
+        def __init__(self, speed: float, rate: int) -> None:
+            self.left, self.speed, self.rate, self.looks, self.at = 64 * 1024.0, speed, rate, 0, trio.current_time()
 
         def unsent(self) -> int:
             now = trio.current_time()
             self.left, self.at = max(0.0, self.left - self.speed * (now - self.at)), now
-            self.left = self.left if self.left >= 1 else 0.0
             self.looks += 1
             return int(self.left)
 
-    draining = Queue(speed=64 * 1024 / 2)  # two seconds to leave
-    start = trio.current_time()
-    await _drained(draining, 60)
-    assert draining.left <= 4096 and 1.8 <= trio.current_time() - start < 2.6  # a few packets may still be queued
-    assert draining.looks <= 8
-    paced = Queue(speed=64 * 1024 / 2, paced=True)  # its pace known: the first look comes when all should be out
+    paced = Queue(speed=32 * 1024, rate=32 * 1024)  # two seconds to leave, at its pace
     start = trio.current_time()
     await _drained(paced, 60)
-    assert paced.left <= 4096 and paced.looks <= 3
-    stuck = Queue(speed=0)  # a peer that stopped reading
+    assert paced.left <= 4096 and 1.8 <= trio.current_time() - start < 2.1 and paced.looks <= 3
+    slower = Queue(speed=16 * 1024, rate=32 * 1024)  # held back (a full window): leaves at half its pace
+    start = trio.current_time()
+    await _drained(slower, 60)
+    assert slower.left <= 4096 and 3.6 <= trio.current_time() - start < 4.1 and slower.looks <= 8
+    stuck = Queue(speed=0, rate=32 * 1024)  # a peer that stopped reading
     start = trio.current_time()
     await _drained(stuck, 5)
     assert trio.current_time() - start == pytest.approx(5, abs=0.01) and stuck.left > 0
+    unpaced = Queue(speed=0, rate=0)  # a reload lifted the rate: no share to hold
+    start = trio.current_time()
+    await _drained(unpaced, 5)
+    assert trio.current_time() == start and unpaced.looks == 0

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
+from typing import Protocol
 
 import h11
 import trio
@@ -64,11 +65,7 @@ _MAX_QUERY_FIELDS = 64
 _SO_MAX_PACING_RATE = getattr(socket_module, "SO_MAX_PACING_RATE", 47)
 _UNPACED = 0xFFFFFFFF  # the kernel's "no cap" (~0U)
 _SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
-# A response that waits for its last bytes to leave (Response.drained_close) looks at the send
-# queue again when the rest could have left (_drained), within these.
-_DRAIN_FIRST_LOOK = 0.05
-_DRAIN_LOOK_MIN = 0.01
-_DRAIN_LOOK_MAX = 0.5
+_DRAIN_LOOK_MIN = 0.01  # seconds: the shortest wait between two looks at a draining send queue
 _DRAIN_ENOUGH = 4096  # bytes still queued that no longer hold a response's share (three packets)
 
 
@@ -395,35 +392,31 @@ class _SocketPace:
         return max(0, int(struct.unpack("=i", answer)[0]))
 
 
-def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> Callable[[int], None] | None:
+def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> _SocketPace | None:
     if sock is None or not sys.platform.startswith("linux"):
         return None
     return _SocketPace(sock)
 
 
-async def _drained(pace: Callable[[int], None], limit: float) -> None:
-    """Returns once the connection's send queue is (nearly) empty (``pace.unsent()``), or after
-    ``limit`` seconds. It looks when the bytes could have left at the connection's pace
-    (``pace.rate``; they cannot leave faster, so no look is early), or without one when the rest
-    should have left at the rate seen since the last look: a look or two per response, each a pass
-    of the event loop, not one every few milliseconds."""
-    unsent = getattr(pace, "unsent", None)
-    if unsent is None:
+class _SendQueue(Protocol):
+    rate: int
+
+    def unsent(self) -> int: ...
+
+
+async def _drained(queue: _SendQueue, limit: float) -> None:
+    """Returns once the connection's send queue is (nearly) empty, or after ``limit`` seconds; at
+    once when the connection is not paced (a reload lifted the rate: no share to hold). It looks
+    when the queued bytes could have left at the connection's pace (``rate``): they cannot leave
+    faster, so no look is early — a look or two per response, not one every few milliseconds."""
+    if queue.rate <= 0:
         return
-    left = unsent()
-    rate = getattr(pace, "rate", 0)
-    look = max(_DRAIN_LOOK_MIN, left / rate) if rate > 0 else _DRAIN_FIRST_LOOK
     with trio.move_on_after(limit):
-        while left > _DRAIN_ENOUGH:
-            await trio.sleep(look)
-            now_left = unsent()
-            moved = left - now_left
-            if rate > 0:
-                look = max(_DRAIN_LOOK_MIN, now_left / rate)
-            else:
-                look = min(_DRAIN_LOOK_MAX, max(_DRAIN_LOOK_MIN, now_left * look / moved)) if moved > 0 \
-                    else min(_DRAIN_LOOK_MAX, look * 2)
-            left = now_left
+        while True:
+            left = queue.unsent()  # a poll: the kernel tells no one when a send queue empties
+            if left <= _DRAIN_ENOUGH:
+                return
+            await trio.sleep(max(_DRAIN_LOOK_MIN, left / queue.rate))
 
 
 def _head_size(request: h11.Request) -> int:
@@ -627,7 +620,7 @@ async def _reject(conn: _Connection, exc: h11.RemoteProtocolError) -> None:
 
 async def _handle_one(conn: _Connection, head: h11.Request, handler: Handler,
                       observer: ResponseObserver | None, client: tuple[str, int] | None,
-                      shutting_down: trio.Event, pace: Callable[[int], None] | None = None) -> bool:
+                      shutting_down: trio.Event, pace: _SocketPace | None = None) -> bool:
     """Handles one request; returns whether the connection can serve another."""
     started = time.monotonic()
     target = head.target.decode("ascii", errors="replace")

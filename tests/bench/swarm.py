@@ -845,9 +845,11 @@ def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
     share] each second until the last sample.
     At node links as fast as the seed's, the bound asks every downlink to run full all along."""
     points = sampler.links
-    seed_moves = [i for i in range(1, len(points))
-                  if sum(v[0] for k, v in points[i][1].items() if k.startswith("s"))
-                  > sum(v[0] for k, v in points[i - 1][1].items() if k.startswith("s")) + 16 * 1024]
+
+    def seed_sent(i: int) -> int:
+        return sum(v[0] for k, v in points[i][1].items() if k.startswith("s"))
+
+    seed_moves = [i for i in range(1, len(points)) if seed_sent(i) > seed_sent(i - 1) + 16 * 1024]
     if not seed_moves:
         return None
     first, last = seed_moves[0] - 1, seed_moves[-1]
@@ -888,9 +890,7 @@ def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
     seed_capacity = scenario.seed_mbit * 1e6 / 8
 
     def seed_share(a: int, b: int) -> float:
-        sent = sum(v[0] for k, v in points[b][1].items() if k.startswith("s")) \
-            - sum(v[0] for k, v in points[a][1].items() if k.startswith("s"))
-        return round(sent / (seed_capacity * (points[b][0] - points[a][0])), 3)
+        return round((seed_sent(b) - seed_sent(a)) / (seed_capacity * (points[b][0] - points[a][0])), 3)
 
     by_second = [[round(points[i][0] - points[first][0], 2), down_share(i - step, i), seed_share(i - step, i)]
                  for i in range(first + step, len(points), step) if points[i][0] > points[i - step][0]]
