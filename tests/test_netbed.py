@@ -35,6 +35,7 @@ from tests.bench.swarm import (
     matrix_cell_met,
     matrix_row,
     merge_reports,
+    render_matrix,
     seed_pacing_text,
     seed_upload_rate,
 )
@@ -91,6 +92,11 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed_and_
     assert row["holders"] == 2
     assert row["longest_wait_s"] == 4.25  # the longest any client waited for a byte (ctr clients: none)
     assert row["holder_copies_mean"] == pytest.approx(7.5) and row["holder_copies_max"] == pytest.approx(10.0)
+    assert row["kernel_share"] is None  # runs before the split was kept
+    assert "| 30 | " in render_matrix([result], {})
+    result["methods"]["p2pd"]["agent_kernel_share"] = 0.12  # type: ignore[index]
+    assert matrix_row(result)["kernel_share"] == 0.12
+    assert "| 30 (12%) | " in render_matrix([result], {})  # the agents' CPU per MiB, its kernel share in brackets
 
 
 def test_the_seeds_pacing_is_a_share_of_all_its_links_and_each_section_says_it() -> None:
@@ -293,6 +299,7 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     assert p2pd["seed_egress_bytes"] < 2 * image  # the swarm shared the image
     assert p2pd["bytes_by_source"]["peers"] > 0
     assert p2pd["agent_peak_rss_mib_max"] and p2pd["agents_cpu_s"] is not None
+    assert 0.0 <= p2pd["agent_kernel_share"] <= 1.0
     use = p2pd["link_use"]
     assert use is not None and use["seed_sending_s"] > 0 and set(use["down"]) == {"n1", "n2", "n3"}
     assert 0 < use["down_mean"] < 1.5 and use["longest_idle_uplink_s"] >= 0

@@ -13,6 +13,12 @@ kernel spreads its packets at that rate, ``SO_MAX_PACING_RATE``) so the chunks a
 slow link, a few packets at a time, as they do in the swarm testbed; unpaced, each 16 KiB TLS
 record is there whole when the receiver reads it.
 
+The run happens in a private network namespace (``unshare --net``, root) whose loopback has a
+1500-byte MTU (``--link-mtu``), as a real link has: on the host's loopback (MTU 64 KiB) a whole
+chunk leaves in one packet, and a paced sender's rate shows only as the gap after it (the rows
+then measure the loopback's pacing, not a slow link's: a 64 KiB row at 4 Mbit/s took 8.7 s where
+the rate allows 16.8). ``--link-mtu 0``, or no root, runs on the host's loopback and says so.
+
 Writes the section between ``<!-- bench-chunk-cpu:start -->`` and ``<!-- bench-chunk-cpu:end -->``
 of ``--out`` and the raw numbers as JSON (``docs/bench/chunk_cpu.json``).
 """
@@ -21,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +49,9 @@ MARK_END = "<!-- bench-chunk-cpu:end -->"
 SECTION_TITLE = "## An agent's CPU per chunk, from one peer on loopback (make bench-chunk-cpu)"
 MIB = 1024 * 1024
 REPOSITORY = "bench/cpu"
+# Set (to the MTU) in the private network namespace the benchmark re-runs itself in.
+_PRIVATE_LOOPBACK_ENV = "P2PD_BENCH_PRIVATE_LOOPBACK_MTU"
+DEFAULT_LINK_MTU = 1500
 DEFAULT_CASES = "64:8,128:64,128:256,1024:128,1024:1024,64:8:4,128:16:4"  # chunk KiB : blob MiB [: sender Mbit/s]
 
 
@@ -87,6 +99,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     report["load_before"] = loadavg()
     cases = [_case(case) for case in args.cases.split(",")]
     report["parameters"] = {"cases": args.cases, "repeat": args.repeat}
+    private_mtu = os.environ.get(_PRIVATE_LOOPBACK_ENV)
+    report["private_loopback"] = private_mtu is not None
+    report["loopback_mtu"] = int(private_mtu) if private_mtu is not None else _host_loopback_mtu()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-chunk-cpu-") as tmp:
         root = Path(tmp)
@@ -133,14 +148,41 @@ def _checked_cases(text: str) -> str:
     return text
 
 
+def _host_loopback_mtu() -> int | None:
+    # /sys shows the namespace it was mounted in (the host's), not one entered with unshare.
+    try:
+        return int(Path("/sys/class/net/lo/mtu").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _in_private_loopback(argv: list[str], mtu: int, log: Callable[[str], None]) -> int | None:
+    """Runs this benchmark again in a network namespace of its own whose loopback has ``mtu``
+    (its exit status), or None when it cannot (not root, no ``unshare`` or ``ip``): the caller
+    then runs on the host's loopback."""
+    unshare = shutil.which("unshare")
+    ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")
+    if os.geteuid() != 0 or unshare is None or ip is None:
+        log(f"not root, or no unshare/ip: on the host's loopback (MTU {_host_loopback_mtu()}), not at MTU {mtu}")
+        return None
+    command = [unshare, "--net", "--", "sh", "-c", f'"$0" link set lo mtu {mtu} up && shift && exec "$@"', ip,
+               "--", sys.executable, "-m", "tests.bench.chunk_cpu", *argv]
+    return subprocess.run(command, env={**os.environ, _PRIVATE_LOOPBACK_ENV: str(mtu)}, check=False).returncode
+
+
 def render_section(report: dict[str, Any]) -> str:
     machine = report["machine"]
+    mtu = report.get("loopback_mtu")
+    if report.get("private_loopback"):
+        where = f"on the loopback of a private network namespace with a {mtu}-byte MTU (a real link's packet size)"
+    else:
+        where = f"on the host's loopback (MTU {mtu}: a 64 KiB chunk may leave as one packet)"
     lines = [SECTION_TITLE, "",
              f"- Date: {report['date']}",
              f"- Command: `{report['command']}`",
              f"- Machine: {machine.get('nproc')} CPUs, Python {machine.get('python')}; load "
              f"{report['load_before']} before, {report['load_after']} after",
-             "- Setup: a seed and two agents on loopback (static peers, cluster key, peer TLS), no shaping. The first "
+             f"- Setup: a seed and two agents {where} (static peers, cluster key, peer TLS), no shaping. The first "
              "agent pulls the blob from the seed; the second then takes every chunk from it. CPU from `/proc` over "
              "the second pull: the receiver's whole process, its event-loop thread alone, and the sender's process, "
              f"per MiB of the blob. Medians of {report['parameters']['repeat']}. *Sender paced*: its `upload_rate` "
@@ -164,6 +206,14 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     parser.add_argument("--cases", default=DEFAULT_CASES, type=_checked_cases,
                         help="chunk KiB:blob MiB[:sender Mbit/s], comma-separated")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--link-mtu", type=int, default=DEFAULT_LINK_MTU, metavar="BYTES",
+                        help="run in a private network namespace whose loopback has this MTU (root; 0: the host's "
+                             "loopback as it is)")
+    known, _rest = parser.parse_known_args(argv)
+    if known.link_mtu > 0 and os.environ.get(_PRIVATE_LOOPBACK_ENV) != str(known.link_mtu):
+        status = _in_private_loopback(list(argv) if argv is not None else sys.argv[1:], known.link_mtu, log)
+        if status is not None:
+            return status
     return run_and_publish(parser, argv, run, render_section, log, name="chunk_cpu", mark_start=MARK_START,
                            mark_end=MARK_END)
 

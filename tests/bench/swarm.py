@@ -260,13 +260,16 @@ def bound(image_bytes: int, nodes: int, rates: LinkRates) -> dict[str, float]:
             "aggregate_term_s": aggregate, "client_server_s": max(nodes * bits / u_s, download)}
 
 
-def proc_cpu_seconds(pid: int, *, children: bool = False) -> float:
-    """utime + stime of ``pid`` (plus its reaped children's with ``children``), 0 if it is gone."""
+def proc_cpu_seconds(pid: int, *, children: bool = False, kernel_only: bool = False) -> float:
+    """utime + stime of ``pid`` (plus its reaped children's with ``children``), 0 if it is gone;
+    ``kernel_only``: stime alone (the system calls, and the network stack's work done for them)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = text[text.rindex(")") + 2:].split()
+    if kernel_only:
+        return (int(fields[12]) + (int(fields[14]) if children else 0)) / _TICK
     ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
     return ticks / _TICK
 
@@ -682,6 +685,7 @@ class Snapshot:
     seed: Samples
     links: dict[str, dict[str, int]]
     cpu: dict[str, float]  # name -> CPU seconds
+    cpu_kernel: dict[str, float]  # agent name -> its CPU seconds in the kernel (stime)
     machine_busy: float
     agents: dict[str, Samples]
     drops: dict[str, int]
@@ -705,8 +709,11 @@ def snapshot(bed: Bed, setup: MethodSetup, method: str) -> Snapshot:
     if is_p2pd(method):
         texts = _parallel(lambda w: w.get(f"http://127.0.0.1:{AGENT_PORT}/metrics", timeout=5), bed.workers)
         agents = {w.ns: parse_metrics(t["text"]) for w, t in zip(bed.workers, texts, strict=True)}
+    pids = _pids(bed, setup)
     return Snapshot(at=time.monotonic(), seed=bed.seed_metrics(), links=bed.net.link_bytes(),
-                    cpu={name: proc_cpu_seconds(pid, children=ch) for name, (pid, ch) in _pids(bed, setup).items()},
+                    cpu={name: proc_cpu_seconds(pid, children=ch) for name, (pid, ch) in pids.items()},
+                    cpu_kernel={name: proc_cpu_seconds(pid, kernel_only=True) for name, (pid, _ch) in pids.items()
+                                if name.startswith("agent:")},
                     machine_busy=machine_cpu_seconds()[0], agents=agents, drops=bed.net.qdisc_drops())
 
 
@@ -1107,6 +1114,7 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
     machine = after.machine_busy - before.machine_busy
     ok_times = sorted(n["seconds"] for n in nodes if n["ok"])
     agents_cpu = [v for k, v in cpu.items() if k.startswith("agent:")]
+    agents_kernel = sum(max(0.0, spent - before.cpu_kernel.get(name, 0.0)) for name, spent in after.cpu_kernel.items())
     agent_rss = [n["agent_peak_rss_mib"] for n in nodes if n.get("agent_peak_rss_mib") is not None]
     sources = bytes_by_source(method, scenario, nodes, seed_blob, image)
     return {
@@ -1129,6 +1137,9 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
         "agents_cpu_s": round(sum(agents_cpu), 2) if agents_cpu else None,
         "agent_cpu_max_s": round(max(agents_cpu), 2) if agents_cpu else None,
         "agent_cpu_ms_per_mib": _cpu_per_mib(agents_cpu, nodes) if is_p2pd(method) else None,
+        # What the agents' CPU spent in the kernel: a small share says the cost is the agents' own
+        # (Python) work per chunk, not the network stack's per byte or packet.
+        "agent_kernel_share": round(agents_kernel / sum(agents_cpu), 3) if agents_cpu and sum(agents_cpu) else None,
         "agent_peak_rss_mib_max": max(agent_rss) if agent_rss else None,
         "agent_peak_rss_mib_median": _median(agent_rss),
         "fallbacks": fallbacks(method, scenario, nodes),
@@ -1516,6 +1527,7 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
         "egress": p["seed_egress_ratio"], "failures": p["failures"], "fallbacks": p["fallbacks"],
         "holders": len(holders), "holder_copies_mean": sum(copies) / len(copies) if copies else None,
         "holder_copies_max": max(copies) if copies else None, "cpu_ms_per_mib": p.get("agent_cpu_ms_per_mib"),
+        "kernel_share": p.get("agent_kernel_share"),
         "rss_max_mib": max(rss) if rss else None, "machine_share": p["cpu"]["machine_share"],
     }
 
@@ -1542,7 +1554,9 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
         "included; the client gives up on a host after 30 s without one). *Holders' copies*: "
         "bytes a range-lease holder (a node that fetched at least one chunk of the layer from the seed) sent "
         "to peers ÷ bytes it fetched from the seed (mean; max). CPU = the agents' "
-        "CPU per MiB they received plus sent. One run per cell. " + seed_setup_text(cells),
+        "CPU per MiB they received plus sent; in brackets the share of it spent in the kernel (system time: "
+        "system calls and the network stack's work for them; the rest is the agents' own code). One run per "
+        "cell. " + seed_setup_text(cells),
         "",
         "| N | node ÷ seed | links (Mbit/s) | bound | p50 ÷ bound | max ÷ bound | seed egress ÷ image | failed | "
         "client fallbacks | longest client wait | range holders | holders' copies | CPU ms/MiB | peak RSS (MiB) | "
@@ -1557,7 +1571,8 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
             f"| {r['nodes']} | {r['ratio']:g} | {r['seed_mbit']:g} / {r['node_mbit']:g} | {r['bound_s']:.1f} s | "
             f"{_fmt(r['p50_vs_bound'])}{X} | **{_fmt(r['max_vs_bound'])}{X}** | {r['egress']:.2f}{X} | "
             f"{r['failures']} | {r['fallbacks']} | {wait} | {r['holders']} | "
-            f"{copies} | {_fmt(r['cpu_ms_per_mib'], '.0f')} | "
+            f"{copies} | {_fmt(r['cpu_ms_per_mib'], '.0f')}"
+            + ("" if r.get("kernel_share") is None else f" ({_pct(r['kernel_share'])})") + " | "
             f"{_fmt(r['rss_max_mib'], '.0f')} | {_pct(r['machine_share'])} |")
     lines += ["", f"Goal (issue 11): every cell ≤ {MATRIX_GOAL_TIME}{X} the bound with seed egress ≤ "
               f"{GOAL_EGRESS}{X}: **{len(met)} of {len(rows)} cells met**"
