@@ -54,9 +54,9 @@ HOLDBACK = 1024 * 1024
 _SEND_PIECE = 4 * 1024 * 1024
 _READ_PIECE = 1024 * 1024
 # An upstream body read as it arrives costs one pass through httpx, httpcore, h11 and trio per
-# read, and over a slow link a read returns a packet or two: a node's CPU per MiB fetched at
-# 8 Mbit/s was ~5x what it is unpaced. A read that returns less than _GATHER_BYTES is followed
-# by a pause until about that much more could have come at the body's rate so far (at most
+# read, and over a slow link a read returns one burst of packets: a node's CPU per MiB fetched at
+# 4-8 Mbit/s was 7-11x what it is unpaced. A read that returns less than _GATHER_BYTES is followed
+# by a pause until about that much could have come at the body's rate so far (at most
 # _GATHER_PAUSE): the kernel collects the packets meanwhile, and the next read takes them at once.
 _GATHER_BYTES = 64 * 1024
 _GATHER_PAUSE = 0.1
