@@ -55,7 +55,7 @@ _SEND_PIECE = 4 * 1024 * 1024
 _READ_PIECE = 1024 * 1024
 # An upstream body read as it arrives costs one pass through httpx, httpcore, h11 and trio per
 # read, and over a slow link a read returns one burst of packets: a node's CPU per MiB fetched at
-# 4-8 Mbit/s was 7-11x what it is unpaced. A read that returns less than _GATHER_BYTES is followed
+# 4-8 Mbit/s was 7-13x what it is unpaced. A read that returns less than _GATHER_BYTES is followed
 # by a pause until about that much could have come at the body's rate so far (at most
 # _GATHER_PAUSE): the kernel collects the packets meanwhile, and the next read takes them at once.
 _GATHER_BYTES = 64 * 1024
@@ -519,28 +519,31 @@ async def stream_download(download: Download, store: BlobStore, start: int, end:
 
 
 class _ReadGathering:
-    """When to pause between reads of one upstream body (see ``_GATHER_BYTES``)."""
+    """When to pause between reads of one upstream body of ``length`` bytes (None: unknown; see
+    ``_GATHER_BYTES``)."""
 
-    __slots__ = ("_received", "_since")
+    __slots__ = ("_left", "_received", "_since")
 
-    def __init__(self) -> None:
+    def __init__(self, length: int | None = None) -> None:
+        self._left = length  # bytes of the body still to come
         self._since: float | None = None  # when the first byte came
         self._received = 0  # bytes since then
 
-    def pause_after(self, piece: int, now: float, remaining: int | None = None) -> float:
-        """Seconds to wait before the next read, after one that returned ``piece`` bytes, with
-        ``remaining`` bytes of the body still to come (None: unknown).
+    def pause_after(self, piece: int, now: float) -> float:
+        """Seconds to wait before the next read, after one that returned ``piece`` bytes.
 
         Until ``_GATHER_BYTES``, or the rest of the body when that is less, could have come at
         the body's rate so far; at most ``_GATHER_PAUSE``. Near its end the wait is for the rest:
         the read after it ends the response, and the request after it (the next range) starts on
         time instead of on an idle link."""
+        if self._left is not None:
+            self._left -= piece
         if self._since is None:
             self._since = now
             return 0.0  # no rate yet (and a first byte is worth passing on at once)
         self._received += piece
         elapsed = now - self._since
-        want = _GATHER_BYTES if remaining is None else min(_GATHER_BYTES, remaining)
+        want = _GATHER_BYTES if self._left is None else min(_GATHER_BYTES, self._left)
         if piece >= _GATHER_BYTES or want <= 0 or elapsed <= 0.0 or self._received <= 0:
             return 0.0
         return min(_GATHER_PAUSE, want * elapsed / self._received)
@@ -551,13 +554,10 @@ async def _gathered(pieces: AsyncIterator[bytes], length: int | None) -> AsyncGe
     each one that came short of ``_GATHER_BYTES`` (``_ReadGathering``): the next read then takes
     what the kernel collected meanwhile, in one pass through the HTTP client's layers instead of
     one per packet or two. (The body itself is closed with its response.)"""
-    gathering = _ReadGathering()
-    received = 0
+    gathering = _ReadGathering(length)
     async for piece in pieces:
-        received += len(piece)
         yield piece
-        remaining = None if length is None else length - received
-        if pause := gathering.pause_after(len(piece), trio.current_time(), remaining):
+        if pause := gathering.pause_after(len(piece), trio.current_time()):
             await trio.sleep(pause)
 
 

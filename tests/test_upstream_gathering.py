@@ -38,10 +38,10 @@ async def _link(data: bytes, rate: float, reads: list[int]) -> AsyncIterator[byt
 
 
 def test_no_pause_before_a_rate_is_known_nor_after_a_full_read_nor_at_the_end() -> None:
-    gathering = _ReadGathering()
+    gathering = _ReadGathering(100 + _GATHER_BYTES + 1024)
     assert gathering.pause_after(100, 10.0) == 0.0  # the first piece: passed on at once, no rate yet
     assert gathering.pause_after(_GATHER_BYTES, 10.5) == 0.0  # a read that gathered enough
-    assert gathering.pause_after(1024, 11.0, remaining=0) == 0.0  # nothing more to come
+    assert gathering.pause_after(1024, 11.0) == 0.0  # the last piece: nothing more to come
 
 
 def test_the_pause_lets_a_reads_worth_come_at_the_bodys_rate() -> None:
@@ -49,12 +49,13 @@ def test_the_pause_lets_a_reads_worth_come_at_the_bodys_rate() -> None:
     gathering.pause_after(1024, 0.0)
     # 20 KiB in 10 s since the first piece: 2 KiB/s.
     assert gathering.pause_after(20 * 1024, 10.0) == _GATHER_PAUSE  # _GATHER_BYTES would take 32 s
-    gathering = _ReadGathering()
-    gathering.pause_after(1024, 0.0)
     rate = 1024 * 1024
+    last = _GATHER_BYTES + 1024 - 4096  # leaves 4 KiB of the body to come
+    gathering = _ReadGathering(1024 + rate // 100 + _GATHER_BYTES + 1024)
+    gathering.pause_after(1024, 0.0)
     assert gathering.pause_after(rate // 100, 0.01) == pytest.approx(_GATHER_BYTES / rate, rel=1e-3)
-    # Near the end, the wait is for the rest of the body only.
-    assert gathering.pause_after(1024, 0.02, remaining=4096) == pytest.approx(4096 * 0.02 / (rate // 100 + 1024))
+    # Near the end, the wait is for the rest of the body only (4 KiB).
+    assert gathering.pause_after(last, 0.02) == pytest.approx(4096 * 0.02 / (rate // 100 + last))
 
 
 def test_the_pause_is_bounded_on_a_trickle() -> None:
