@@ -46,7 +46,6 @@ MANIFEST_ACCEPT = ", ".join([
     "*/*",
 ])
 _MAX_RESUMES = 5
-_PIECE = 256 * 1024
 
 
 def _cpu_self() -> float:
@@ -110,6 +109,7 @@ class Pull:
         requests = 0
         started = last_byte = time.monotonic()
         longest_wait = 0.0  # the longest stretch without a body byte, from the first request on
+        wait_ended = (0, 0.0)  # the byte offset it ended at, and when (seconds from the blob's start)
         for host in self.hosts:
             url = f"{host['url']}/v2/{self.repo}/blobs/{digest}"
             resumes = 0
@@ -123,9 +123,14 @@ class Pull:
                             self.errors.append(f"GET {digest[:19]} at {host['url']} from byte {got}: "
                                                f"HTTP {response.status_code}")
                             break  # next host
-                        for piece in response.iter_raw(_PIECE):
+                        # Each piece as it comes off the socket: ``iter_raw(size)`` would hold bytes
+                        # back until ``size`` had come, and the wait measured below would be the
+                        # time between such pieces, not a stretch without a byte.
+                        for piece in response.iter_raw():
                             now = time.monotonic()
-                            longest_wait, last_byte = max(longest_wait, now - last_byte), now
+                            if now - last_byte > longest_wait:
+                                longest_wait, wait_ended = now - last_byte, (got, now - started)
+                            last_byte = now
                             sha.update(piece)
                             got += len(piece)
                             by_host[host["url"]] = by_host.get(host["url"], 0) + len(piece)
@@ -143,11 +148,13 @@ class Pull:
         if not ok:
             self.errors.append(f"blob {digest[:19]}: {got} of {size} bytes" + (", digest mismatch" if got == size
                                                                                 else ""))
-            longest_wait = max(longest_wait, time.monotonic() - last_byte)
+            if time.monotonic() - last_byte > longest_wait:
+                longest_wait, wait_ended = time.monotonic() - last_byte, (got, time.monotonic() - started)
         with self._lock:
             self.blobs.append({"digest": digest, "size": size, "ok": ok, "bytes_by_host": by_host,
                                "requests": requests, "seconds": round(time.monotonic() - started, 3),
-                               "longest_wait_s": round(longest_wait, 2)})
+                               "longest_wait_s": round(longest_wait, 2), "longest_wait_at_byte": wait_ended[0],
+                               "longest_wait_ended_s": round(wait_ended[1], 2)})
 
     def run(self) -> bool:
         head = self._manifest_request("HEAD", self.reference)

@@ -1064,7 +1064,14 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
             # The longest the client went without a body byte (a blob's first byte included): a
             # stream to containerd moves only with the verified prefix, and the client leaves a
             # host that sent nothing for 30 s (a fallback; after some bytes it resumes there).
-            node["client_longest_wait_s"] = max((blob["longest_wait_s"] for blob in result["blobs"]), default=None)
+            longest = max(result["blobs"], key=lambda blob: blob["longest_wait_s"], default=None)
+            node["client_longest_wait_s"] = None if longest is None else longest["longest_wait_s"]
+            if longest is not None:
+                # Where it was: which blob (its size), at which byte, and when it ended (seconds
+                # from that blob's first request).
+                node["client_longest_wait_where"] = {
+                    "blob_bytes": longest["size"], "at_byte": longest.get("longest_wait_at_byte"),
+                    "ended_s": longest.get("longest_wait_ended_s")}
         link_b, link_a = before.links.get(ns, {}), after.links.get(ns, {})
         node["link_down_bytes"] = link_a.get("down", 0) - link_b.get("down", 0)
         node["link_up_bytes"] = link_a.get("up", 0) - link_b.get("up", 0)
