@@ -7,9 +7,11 @@ is exercised by every swarm test too (peer TLS is on by default)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import trio
 
 from p2pd.oci.digest import Digest
 from p2pd.swarm import chunkwire
-from p2pd.swarm.peers import PeerBusy, PeerClient, PeerError, PeerMissing, PeerRefused
+from p2pd.swarm.peers import PeerBusy, PeerClient, PeerError, PeerMissing, PeerRefused, PeerUnreachable
 from p2pd.swarm.tls import PeerTls
 
 BLOB = os.urandom(3 * 65536 + 123)
@@ -241,6 +243,76 @@ async def test_an_unreachable_peer_is_a_peer_error() -> None:
     try:
         with pytest.raises(PeerError):
             await client.fetch_chunk("127.0.0.1:9", DIGEST, 0, 100)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_peer_where_nothing_answers_is_unreachable_and_a_silent_one_is_not(
+        nursery: trio.Nursery, tmp_path: Path, tls: bool) -> None:
+    """Nothing listening (refused) and a connection closed before any answer are
+    ``PeerUnreachable``: the peer's process is gone (the engine then takes a dead coordinator's
+    digests over in a short takeover). A peer that takes the connection and says nothing within
+    the read timeout is a plain ``PeerError``: it may be overloaded and still at work."""
+    client_tls = PeerTls.derived(os.urandom(32), "asker", tmp_path / "asker").client() if tls else None
+    client = PeerClient("me", None, connect_timeout=1.0, read_timeout=0.3, tls=client_tls)
+
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    async def say_nothing(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    try:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{probe.getsockname()[1]}"
+        probe.close()
+        with pytest.raises(PeerUnreachable):
+            await client.hello(refused)
+        closing = await nursery.start(functools.partial(trio.serve_tcp, close_at_once, 0, host="127.0.0.1"))
+        with pytest.raises(PeerUnreachable):
+            await client.hello(f"127.0.0.1:{closing[0].socket.getsockname()[1]}")
+        silent = await nursery.start(functools.partial(trio.serve_tcp, say_nothing, 0, host="127.0.0.1"))
+        with pytest.raises(PeerError) as raised:
+            await client.hello(f"127.0.0.1:{silent[0].socket.getsockname()[1]}")
+        assert not isinstance(raised.value, PeerUnreachable)
+    finally:
+        await client.aclose()
+
+
+async def test_a_pooled_tls_connection_the_peer_dropped_uncleanly_is_replaced_without_an_error(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A peer that answers and then drops the connection without a TLS close (killed, or its
+    socket closed under TLS): the next request on the pooled connection meets an SSL EOF, and is
+    sent once more on a new connection, as for a clean close."""
+    key = os.urandom(32)
+    server_tls = PeerTls.derived(key, "holder", tmp_path / "holder").server()
+    connections = 0
+
+    async def answer_once_then_drop(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        tls_stream = trio.SSLStream(stream, server_tls, server_side=True)
+        request = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while b"\r\n\r\n" not in request:
+                request += await tls_stream.receive_some(65536)
+            first, last = (int(x) for x in request.split(b"Range: bytes=")[1].split(b"\r\n")[0].split(b"-"))
+            body = BLOB[first:last + 1]
+            await tls_stream.send_all(f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n"
+                                      f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\n\r\n".encode() + body)
+        await trio.sleep(0.2)  # the answer is read and the connection pooled
+        await stream.aclose()  # the TCP connection, with no TLS close_notify
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer_once_then_drop, 0, host="127.0.0.1"))
+    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    client = PeerClient("me", None, tls=PeerTls.derived(key, "asker", tmp_path / "asker").client())
+    try:
+        assert bytes((await client.fetch_chunk(address, DIGEST, 0, 100)).data) == BLOB[:100]
+        await trio.sleep(0.5)
+        assert bytes((await client.fetch_chunk(address, DIGEST, 100, 100)).data) == BLOB[100:200]
+        assert connections == 2
     finally:
         await client.aclose()
 

@@ -1012,6 +1012,43 @@ def test_a_backup_without_state_does_not_grant_the_ranges_its_askers_know_are_le
     assert [(lease.node, lease.first) for lease in reply.lessees] == [("b", 0), ("a", 4)]
 
 
+def test_a_takeover_whose_predecessor_is_gone_ends_once_every_live_holder_could_have_named_its_ranges() -> None:
+    """The digest's coordinator was killed, and its successor's hand-off found nothing answering
+    there (churn, 12-06: the successor granted no range for a lease TTL, and the last node took
+    27 s instead of 16-18). Nobody can be announcing to a dead coordinator, and a range holder
+    announces at least every lease TTL / 3: after that (and a slack) the free ranges, and those
+    whose holders never named them here (they died too), are granted; a live holder keeps its own.
+    A hand-off that timed out (the predecessor may be overloaded, still granting) keeps the full
+    takeover."""
+    span = TTL / 3 + 2.0
+    known = (RangeLease("dead", "dead:7000", 0, 1), RangeLease("live", "live:7000", 2, 3))
+    for gone in (True, False):
+        state = CoordinatorState(lease_ttl=TTL, max_ranges=4)  # ranges 0-1, 2-3, 4-5, 6-7
+        reply = state.announce(replace(_node_announce("b"), lessees=known), 0.0, predecessor_gone=gone)
+        assert not reply.granted  # taking over
+        reply = state.announce(_node_announce("live", have=bytes([0b00100000]), leased=True, ranges=((2, 3),)),
+                               1.0)
+        assert reply.granted and reply.ranges == ((2, 3),)  # its own, back at once
+        assert not state.announce(_node_announce("c"), span - 0.1).granted
+        reply = state.announce(_node_announce("c"), span + 0.1)
+        if not gone:
+            assert not reply.granted  # a lease TTL; then a free range, the dead holder's a TTL later
+            assert state.announce(_node_announce("c"), TTL + 0.1).ranges == ((4, 5),)
+            continue
+        # The dead holder's range first (it never named it here), then the ranges nobody had.
+        assert reply.granted and reply.ranges == ((0, 1),)
+        assert state.announce(_node_announce("d"), span + 0.2).ranges == ((4, 5),)
+        assert state.announce(_node_announce("e"), span + 0.3).ranges == ((6, 7),)
+        reply = state.announce(_node_announce("live", have=bytes([0b00110000]), leased=True, ranges=((2, 3),)),
+                               span + 0.4)
+        assert not reply.granted  # its range is in (bits 2 and 3): done, not given to anyone else
+        assert {(lease.node, lease.first) for lease in reply.lessees} == {("c", 0), ("d", 4), ("e", 6)}
+    # Given when the state is made; a state that exists already keeps its takeover.
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    state.announce(replace(_node_announce("b"), lessees=known), 0.0)
+    assert not state.announce(_node_announce("c"), span + 0.1, predecessor_gone=True).granted
+
+
 def _announce_disputing(node: str, *disputed: str, want_lease: bool = True) -> Announce:
     message = _node_announce(node, want_lease=want_lease)
     return Announce(message.digest, message.node, message.address, message.site, message.size, message.chunk_size,

@@ -11,8 +11,10 @@ Rules:
 - One exchange per call; the caller (``PeerClient.fetch_chunk``) bounds the whole call and
   turns statuses into peer errors. Bodies of error answers are read (bounded) so the
   connection can be reused; a connection is pooled again only after a complete exchange.
-- A pooled connection the peer has meanwhile closed fails before any answer byte: the
-  request is retried once on a fresh connection (GETs and peer messages are idempotent).
+- A pooled connection the peer has meanwhile closed (cleanly, with a reset or an SSL EOF) fails
+  before any answer byte: the request is retried once on a fresh connection (GETs and peer
+  messages are idempotent). A fresh connection refused, reset or closed before any answer is
+  *unreachable* (``ChunkWireError.unreachable``): nothing answers there.
 - ``Exchange.abort`` (called from the event loop when the caller is cancelled) shuts the
   socket down, so the thread's blocked read ends at once and the connection is dropped.
 - Every socket wait is bounded by ``read_timeout`` (no byte for that long fails the exchange;
@@ -53,6 +55,9 @@ _GATHER = 16 * 1024
 _UNDELIVERED = 48 * 1024
 _GATHER_PATIENCE = 0.5  # seconds a read waits for a record's worth before it takes what is there
 _MAX_IDLE_PER_PEER = 16
+# Failures of a new connection before any answer that say no process answers at the address.
+_UNREACHABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                ssl.SSLEOFError, http.client.RemoteDisconnected)
 _IDLE_EXPIRY = 30.0  # below the peer server's keep-alive idle timeout (75 s)
 _SESSION_REUSE = 60.0  # seconds a full handshake's TLS session is resumed for new connections
 _MAX_SESSIONS = 4096  # peers whose sessions are kept
@@ -63,11 +68,16 @@ class ChunkWireError(Exception):
 
     ``relay_cut``: the peer had answered with a relay of a chunk still arriving there (its
     answer carried ``relay_header``), and the body stopped short or stalled: the chunk failed
-    or stopped coming at the peer, which is not a fault of the peer itself."""
+    or stopped coming at the peer, which is not a fault of the peer itself.
 
-    def __init__(self, reason: str, *, relay_cut: bool = False) -> None:
+    ``unreachable``: nothing answered at the address — a new connection was refused, reset or
+    closed before any answer (``_UNREACHABLE``): the peer's process is gone or restarting. Not
+    a timeout: a peer slow to answer may be overloaded and still at work."""
+
+    def __init__(self, reason: str, *, relay_cut: bool = False, unreachable: bool = False) -> None:
         super().__init__(reason)
         self.relay_cut = relay_cut
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,14 +262,17 @@ class ChunkWire:
                     conn.putheader("Content-Length", str(len(body)))
                 conn.endheaders(body if body else None)
                 response = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
                 conn.close()
                 if reused and not exchange.aborted:
-                    continue  # the peer closed the idle connection: once more, on a new one
-                raise ChunkWireError(_reason(exc, exchange)) from None
+                    # The peer closed the idle connection (an unclean TLS close is an SSL EOF):
+                    # once more, on a new one.
+                    continue
+                raise ChunkWireError(_reason(exc, exchange), unreachable=not exchange.aborted) from None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 conn.close()
-                raise ChunkWireError(_reason(exc, exchange)) from None
+                raise ChunkWireError(_reason(exc, exchange), unreachable=isinstance(exc, _UNREACHABLE)
+                                     and not reused and not exchange.aborted) from None
             relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
             try:
                 answer = read(response)

@@ -27,6 +27,15 @@ Rules/invariants:
   predecessor is alive but unreachable from some nodes, and a first asker may have no chunks
   yet) starts the takeover too, and the leases listed during it are kept until a lease TTL
   after it (their holders may announce only to the other coordinator).
+- A takeover whose predecessor is gone (the hand-off below found nothing answering at its
+  address: refused or closed, not timed out) lasts only ``lease_ttl``/3 + ``_RECLAIM_SLACK``:
+  a range holder announces at least every ``lease_ttl``/3, so by then every live holder has
+  named its ranges, and nobody can be announcing to the dead predecessor instead. The leases
+  heard of end with it (their holders never announced here: they died too), and the free and
+  the dead holders' ranges are granted then, not a lease TTL later (churn, 12-06: the killed
+  coordinator's successor granted nothing for 15 s, and the last node took 27 s instead of
+  16-18). A hand-off that timed out keeps the full takeover: a predecessor slow to answer may
+  be overloaded and still granting (the N = 32 incident above).
 - Hand-off: a coordinator that has no state for a digest first asks the member ranked next
   (``handoff`` announcement): when this coordinator has just joined, that member coordinated
   the digest until now. The member answers with its holders and the site's leases and, when the
@@ -79,6 +88,7 @@ def split_ranges(count: int, max_ranges: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 _EXPIRY_INTERVAL = 1.0  # seconds between expiry scans of one digest's holders
+_RECLAIM_SLACK = 2.0  # seconds past a holder's longest gap between announcements (lease_ttl / 3)
 
 
 @dataclass(slots=True)
@@ -116,6 +126,7 @@ class _DigestState:
     takeover_until: float = 0.0  # until then, only a node that says it holds the lease gets it
     distrusted: dict[str, float] = field(default_factory=dict)  # node → until (its claims are ignored)
     handed_off_until: float = 0.0  # a member that outranks this one took the digest over: no grants
+    predecessor_gone: bool = False  # its hand-off found nothing answering: a short takeover
 
 
 class CoordinatorState:
@@ -154,15 +165,22 @@ class CoordinatorState:
     def _fresh(self, holder: _Holder, now: float) -> bool:
         return now - holder.updated <= (self.complete_ttl if holder.info.complete else self.holder_ttl)
 
-    def announce(self, message: Announce, now: float) -> Reply:
+    def _takeover_span(self, state: _DigestState) -> float:
+        """How long a takeover grants no free range: until every live holder has named its
+        ranges when the predecessor is gone, else a lease TTL (see the module's rules)."""
+        return min(self.lease_ttl, self.lease_ttl / 3 + _RECLAIM_SLACK) if state.predecessor_gone else self.lease_ttl
+
+    def announce(self, message: Announce, now: float, *, predecessor_gone: bool = False) -> Reply:
+        """The reply to ``message``. ``predecessor_gone``: the hand-off this coordinator tried
+        before it handled the digest found nothing answering (used when the state is created)."""
         self.announcements += 1
         if message.handoff:
             return self._hand_off(message, now)
         state = self._digests.get(message.digest)
         if state is None:
-            state = self._digests[message.digest] = _DigestState()
+            state = self._digests[message.digest] = _DigestState(predecessor_gone=predecessor_gone)
             if _worked_elsewhere(message):
-                state.takeover_until = now + self.lease_ttl
+                state.takeover_until = now + self._takeover_span(state)
             while len(self._digests) > self.max_digests:
                 self._digests.popitem(last=False)
         else:
@@ -171,8 +189,8 @@ class CoordinatorState:
                 # This state began with a node that had nothing (a node that just joined, and
                 # whose joining moved the digest here), but the transfer was running under
                 # another coordinator, whose leases are unknown here: take over from now on.
-                # One takeover lasts lease_ttl from its start, however many such nodes arrive.
-                state.takeover_until = now + self.lease_ttl
+                # One takeover lasts its span from its start, however many such nodes arrive.
+                state.takeover_until = now + self._takeover_span(state)
         self._expire(state, now)
         lost_holder = self._dispute(state, message, now) or (message.gone and message.node in state.holders)
         trusted = message.node not in state.distrusted
@@ -220,8 +238,10 @@ class CoordinatorState:
             # (this coordinator may be standing in only for the nodes that could not reach it),
             # so each lasts a lease TTL past the takeover, not one from now. Only while taking
             # over: this state's own replies, listed back to it, must not keep a dead holder's
-            # lease alive.
-            self._adopt_leases(state, site, message.lessees, {}, now, state.takeover_until + self.lease_ttl)
+            # lease alive. With the predecessor gone nobody announces there: a lease whose
+            # holder has not named it here by the end of the takeover died with it.
+            extra = 0.0 if state.predecessor_gone else self.lease_ttl
+            self._adopt_leases(state, site, message.lessees, {}, now, state.takeover_until + extra)
         # While taking over, only a holder that does not name its ranges (an older node) gets a
         # free one; a node naming its ranges got back what is still its own.
         may_grant = trusted and (not taking_over or (message.leased and not message.ranges)) \

@@ -56,6 +56,7 @@ from .peers import (
     PeerMissing,
     PeerRefused,
     PeerRelayCut,
+    PeerUnreachable,
     TokenBucket,
 )
 from .planning import Bitmap, lessee_view, plan_requests
@@ -305,24 +306,27 @@ class Swarm:
 
     async def coordinate(self, message: Announce) -> Reply:
         """Answers an announcement (a peer's or this node's own) as the digest's coordinator."""
+        predecessor_gone = False
         if not message.handoff and not message.gone and not self.coordinator.knows(message.digest):
-            await self._take_over(message)
-        return self.coordinator.announce(message, time.monotonic())
+            predecessor_gone = await self._take_over(message)
+        return self.coordinator.announce(message, time.monotonic(), predecessor_gone=predecessor_gone)
 
-    async def _take_over(self, message: Announce) -> None:
+    async def _take_over(self, message: Announce) -> bool:
         """Before a digest this node has no state for is coordinated here, asks the member ranked
         next for it what it knows (``CoordinatorState.adopt``). When this node has just joined,
         that member coordinated the digest until now, and the running transfer's nodes still
         announce there until they learn of this one: without its leases, this state would grant
-        a range they are fetching (a second upstream fetch). Bounded by a short timeout; an
+        a range they are fetching (a second upstream fetch). When it has just died (the nodes
+        came here because it stopped answering), nothing answers at its address: True, and the
+        state's takeover is a short one (``CoordinatorState``). Bounded by a short timeout; an
         unknown digest (a new transfer) costs one round trip."""
         pending = self._handoffs.get(message.digest)
         if pending is not None:
             await pending.wait()  # another announcement is asking already
-            return
+            return False
         others = {m.node_id: m for m in self.membership.live() if m.node_id != self.me.node_id}
         if not others:
-            return
+            return False
         runner_up = others[coordinators(str(message.digest), others, 1)[0]]
         done = self._handoffs[message.digest] = trio.Event()
         try:
@@ -335,12 +339,15 @@ class Swarm:
                 with trio.fail_after(min(_HANDOFF_TIMEOUT, self.peer_timeout)):
                     reply = await self.client.announce(runner_up.address, question)
             except (PeerError, trio.TooSlowError) as exc:
-                log.info("%s did not say what it knows of %s: %s", runner_up.node_id, message.digest, exc)
-                return
+                gone = isinstance(exc, PeerUnreachable)
+                log.info("%s did not say what it knows of %s%s: %s", runner_up.node_id, message.digest,
+                         " (nothing answers there)" if gone else "", exc)
+                return gone
             self.coordinator.adopt(message, reply, time.monotonic())
             if reply.lessees:
                 log.info("took %s over from %s with %d range leases", message.digest, runner_up.node_id,
                          len(reply.lessees))
+            return False
         finally:
             del self._handoffs[message.digest]
             done.set()

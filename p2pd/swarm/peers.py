@@ -49,6 +49,7 @@ __all__ = [
     "PeerMissing",
     "PeerRefused",
     "PeerRelayCut",
+    "PeerUnreachable",
     "TokenBucket",
     "decode_chunk_map",
     "encode_chunk_map",
@@ -67,6 +68,12 @@ _MESSAGE_THREADS = 16  # peer messages (hello, announce, budget, chunk map, mani
 
 class PeerError(RemoteError):
     """A peer failed, refused us, or sent something invalid."""
+
+
+class PeerUnreachable(PeerError):
+    """Nothing answers at the peer's address: a new connection was refused, reset or closed
+    before any answer (its process is gone or restarting). Not a timeout: a peer slow to answer
+    may be overloaded and still at work."""
 
 
 class PeerMissing(PeerError):
@@ -232,7 +239,7 @@ class PeerClient:
             answer = await _in_thread(self._message_threads, exchange, self._wire.request, address, method, target,
                                       headers, body, _MAX_METADATA)
         except ChunkWireError as exc:
-            raise PeerError(f"{address}: {exc}") from None
+            raise (PeerUnreachable if exc.unreachable else PeerError)(f"{address}: {exc}") from None
         status = answer.status
         _raise_refusal(status, answer.headers, f"{address}{target}")
         if status != 200:
