@@ -35,7 +35,11 @@ Rules/invariants:
   the dead holders' ranges are granted then, not a lease TTL later (churn, 12-06: the killed
   coordinator's successor granted nothing for 15 s, and the last node took 27 s instead of
   16-18). A hand-off that timed out keeps the full takeover: a predecessor slow to answer may
-  be overloaded and still granting (the N = 32 incident above).
+  be overloaded and still granting (the N = 32 incident above). The member asked is the
+  predecessor while this node's view still lists it; once it does not, another member is asked,
+  and if nothing answers there either the takeover is short too. A predecessor that is alive
+  but cut off from this node could then lease a range that this node grants as well: one more
+  upstream copy of that range, never a failed pull.
 - Hand-off: a coordinator that has no state for a digest first asks the member ranked next
   (``handoff`` announcement): when this coordinator has just joined, that member coordinated
   the digest until now. The member answers with its holders and the site's leases and, when the
