@@ -55,9 +55,6 @@ _GATHER = 16 * 1024
 _UNDELIVERED = 48 * 1024
 _GATHER_PATIENCE = 0.5  # seconds a read waits for a record's worth before it takes what is there
 _MAX_IDLE_PER_PEER = 16
-# Failures of a new connection before any answer that say no process answers at the address.
-_UNREACHABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
-                ssl.SSLEOFError, http.client.RemoteDisconnected)
 _IDLE_EXPIRY = 30.0  # below the peer server's keep-alive idle timeout (75 s)
 _SESSION_REUSE = 60.0  # seconds a full handshake's TLS session is resumed for new connections
 _MAX_SESSIONS = 4096  # peers whose sessions are kept
@@ -71,8 +68,8 @@ class ChunkWireError(Exception):
     or stopped coming at the peer, which is not a fault of the peer itself.
 
     ``unreachable``: nothing answered at the address — a new connection was refused, reset or
-    closed before any answer (``_UNREACHABLE``): the peer's process is gone or restarting. Not
-    a timeout: a peer slow to answer may be overloaded and still at work."""
+    closed before any answer: the peer's process is gone or restarting. Not a timeout: a peer
+    slow to answer may be overloaded and still at work."""
 
     def __init__(self, reason: str, *, relay_cut: bool = False, unreachable: bool = False) -> None:
         super().__init__(reason)
@@ -271,8 +268,9 @@ class ChunkWire:
                 raise ChunkWireError(_reason(exc, exchange), unreachable=not exchange.aborted) from None
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 conn.close()
-                raise ChunkWireError(_reason(exc, exchange), unreachable=isinstance(exc, _UNREACHABLE)
-                                     and not reused and not exchange.aborted) from None
+                # (A reset or a close before any answer is the branch above.)
+                refused = isinstance(exc, ConnectionRefusedError | ConnectionAbortedError)
+                raise ChunkWireError(_reason(exc, exchange), unreachable=refused and not exchange.aborted) from None
             relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
             try:
                 answer = read(response)

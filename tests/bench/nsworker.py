@@ -148,8 +148,9 @@ class Pull:
         if not ok:
             self.errors.append(f"blob {digest[:19]}: {got} of {size} bytes" + (", digest mismatch" if got == size
                                                                                 else ""))
-            if time.monotonic() - last_byte > longest_wait:
-                longest_wait, wait_ended = time.monotonic() - last_byte, (got, time.monotonic() - started)
+            now = time.monotonic()
+            if now - last_byte > longest_wait:
+                longest_wait, wait_ended = now - last_byte, (got, now - started)
         with self._lock:
             self.blobs.append({"digest": digest, "size": size, "ok": ok, "bytes_by_host": by_host,
                                "requests": requests, "seconds": round(time.monotonic() - started, 3),

@@ -1067,13 +1067,14 @@ def summarize_method(bed: Bed, scenario: Scenario, method: str, image: Image, se
             # stream to containerd moves only with the verified prefix, and the client leaves a
             # host that sent nothing for 30 s (a fallback; after some bytes it resumes there).
             longest = max(result["blobs"], key=lambda blob: blob["longest_wait_s"], default=None)
-            node["client_longest_wait_s"] = None if longest is None else longest["longest_wait_s"]
+            node["client_longest_wait_s"] = None
             if longest is not None:
+                node["client_longest_wait_s"] = longest["longest_wait_s"]
                 # Where it was: which blob (its size), at which byte, and when it ended (seconds
                 # from that blob's first request).
                 node["client_longest_wait_where"] = {
-                    "blob_bytes": longest["size"], "at_byte": longest.get("longest_wait_at_byte"),
-                    "ended_s": longest.get("longest_wait_ended_s")}
+                    "blob_bytes": longest["size"], "at_byte": longest["longest_wait_at_byte"],
+                    "ended_s": longest["longest_wait_ended_s"]}
         link_b, link_a = before.links.get(ns, {}), after.links.get(ns, {})
         node["link_down_bytes"] = link_a.get("down", 0) - link_b.get("down", 0)
         node["link_up_bytes"] = link_a.get("up", 0) - link_b.get("up", 0)
