@@ -1329,7 +1329,8 @@ class UpstreamPool:
 
         Every connection to the upstream can hold this much ahead of the cap (twice, as Linux
         counts), and a pull opens several at once (one per blob and node); a window of 32 KiB
-        still carries ~5 Mbit/s over a 50 ms round trip per connection."""
+        still carries ~5 Mbit/s over a 50 ms round trip per connection. (A range holder's
+        fetch under a cap asks for no more than it has paid for: ``p2pd.swarm.engine``.)"""
         swarm = self._config.swarm
         caps = [rate for rate in (swarm.site_upstream_rate, swarm.upstream_rate) if rate > 0]
         return min(max(min(caps) // 16, 32 * 1024), 1024 * 1024) if caps else None

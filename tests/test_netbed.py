@@ -358,6 +358,7 @@ def test_tiny_bench_swarm_sites_and_churn(tmp_path: Path) -> None:
     for site in p2pd["sites"]:  # each site took the image from the seed once, over its own link
         assert 0.9 <= site["egress_ratio"] <= 1.05 and site["link_ratio"] >= 0.9, site
     assert p2pd["sites"][1]["cap_mbit"] == 10.0 and p2pd["sites"][1]["mean_mbit"] is not None
+    assert p2pd["sites"][1]["by_half_second"], p2pd["sites"][1]  # the rate on the site's link over time
     # The httpx client times its longest stretch without a body byte (a fallback's cause).
     waits = [n["client_longest_wait_s"] for n in p2pd["nodes"]]
     assert all(0 < w < 30 for w in waits), waits

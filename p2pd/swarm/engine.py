@@ -93,6 +93,11 @@ _LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without 
 # A local reader (containerd's stream) that has had no byte for this long, waiting for a chunk
 # peers have and none is sending, gets that one chunk from the upstream (Swarm._rescue_reader).
 _READER_RESCUE_AFTER = 20.0
+# Under an upstream cap, a range holder asks the upstream for this many seconds of its rate at a
+# time (at least _CAPPED_PIECE_MIN bytes), each piece paid for before it is asked for
+# (Swarm._pay_upstream_piece).
+_CAPPED_PIECE_SECONDS = 0.25
+_CAPPED_PIECE_MIN = 16 * 1024
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
 UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
@@ -1015,8 +1020,6 @@ class Swarm:
 
         async def accept(piece: bytes) -> None:
             nonlocal index, arrival
-            await self.upstream_bucket.take(len(piece))
-            await self.site_share.take(len(piece))
             transfer.upstream_received += len(piece)
             view = memoryview(piece)
             while view:
@@ -1044,7 +1047,14 @@ class Swarm:
         if arrival is not None:
             transfer.notify()
         try:
-            await upstream_range(start, end, accept)
+            if self.upstream_bucket.rate <= 0 and not self.site_share.enabled:
+                await upstream_range(start, end, accept)
+            else:
+                offset = start
+                while offset <= end:
+                    piece_end = offset + await self._pay_upstream_piece(end + 1 - offset) - 1
+                    await upstream_range(offset, piece_end, accept)
+                    offset = piece_end + 1
         finally:
             # A run that ends early (an error, a cancel) cuts short the answers relaying its chunk.
             if arrival is not None and not arrival.verified:
@@ -1054,6 +1064,28 @@ class Swarm:
                     del transfer.arrivals[arrival.index]
         if index != last + 1:
             raise UpstreamError(f"upstream ended {transfer.digest} early")
+
+    async def _pay_upstream_piece(self, remaining: int) -> int:
+        """Under an upstream cap: waits until the next piece of a range holder's run (of
+        ``remaining`` bytes) is paid for, and returns its length (``_CAPPED_PIECE_SECONDS`` of
+        the rate this node may fetch at now).
+
+        The bytes an upstream request brings are paid for before it is sent, not as they are
+        read. Read-paced, a request brought a receive buffer's worth at the link's rate before
+        any wait (and again each time a read freed it), and the range holders of a site start
+        their runs together: a site's 8 nodes took their 16 Mbit/s link for 1.5 s against an
+        8 Mbit/s site cap (docs/benchmarks.md, twenty-third session). A bucket's ``take`` lets
+        a large amount run it into debt; ``take(0)`` then waits until the debt is paid (and
+        the site's share has been asked for, when it is due: the piece is sized by it)."""
+        buckets = (self.upstream_bucket, self.site_share)
+        for bucket in buckets:
+            await bucket.take(0)
+        rates = [rate for rate in (self.upstream_bucket.rate, self.site_share.rate) if rate > 0]
+        length = min(remaining, max(_CAPPED_PIECE_MIN, int(min(rates, default=0) * _CAPPED_PIECE_SECONDS)))
+        for bucket in buckets:
+            await bucket.take(length)
+            await bucket.take(0)
+        return length
 
     async def _land_upstream_chunk(self, transfer: SwarmTransfer, arrival: Arrival) -> None:
         """Verifies a complete chunk from the upstream and writes it (unless it is here already)."""
