@@ -6,7 +6,8 @@ a read (a receive buffer's worth, again whenever a read freed it) came at the li
 range holders of a site start their runs together, so a site's link ran at its full rate for
 seconds against the cap (docs/benchmarks.md, twenty-third session). Now the run is asked for in
 pieces of a quarter second of the rate, each sent once it is paid for: what has been asked for
-by any moment is at most the rate times the time so far plus the bucket's burst.
+by any moment is at most the rate times the time so far plus the bucket's burst; an upstream
+slow to answer gets larger pieces (twice the time the last one took), still paid before.
 
 The upstream here is a function that records each request and answers it at once, so the
 requests alone set the pace. The bounds are upper bounds on the rate: a slow machine only
@@ -38,9 +39,10 @@ DIGEST = Digest.parse("sha256:" + hashlib.sha256(DATA).hexdigest())
 RATE = 256 * 1024  # bytes/s
 
 
-async def _fetch(tmp_path: Path, **caps: int) -> tuple[float, list[tuple[float, int, int]]]:
+async def _fetch(tmp_path: Path, delay: float = 0.0, **caps: int) -> tuple[float, list[tuple[float, int, int]]]:
     """One node alone in its site (its own budget keeper) fetches DATA's three chunks from the
-    upstream as a range holder; returns when its buckets began and each request (time, start, end)."""
+    upstream as a range holder, the upstream answering each request ``delay`` seconds after it
+    came; returns when its buckets began and each request (time, start, end)."""
     async def no_hello(address: str) -> tuple[str, str]:
         raise AssertionError("no peers in this test")
 
@@ -59,6 +61,7 @@ async def _fetch(tmp_path: Path, **caps: int) -> tuple[float, list[tuple[float, 
 
     async def upstream(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
         requests.append((time.monotonic(), start, end))
+        await trio.sleep(delay)
         await accept(DATA[start:end + 1])
 
     with trio.fail_after(30):
@@ -76,13 +79,19 @@ async def test_without_a_cap_a_run_is_one_request(tmp_path: Path) -> None:
     ({"upstream_rate": RATE}, RATE),  # the node's own bucket holds a second of its rate
     ({"site_upstream_rate": RATE}, RATE // 4),  # the site share's bucket a quarter second
 ], ids=["upstream_rate", "site_upstream_rate"])
+@pytest.mark.parametrize("delay", [0.0, 0.3], ids=["near", "far"])
 async def test_under_a_cap_nothing_is_asked_for_before_it_is_paid_for(
-        tmp_path: Path, caps: dict[str, int], burst: int) -> None:
-    began, requests = await _fetch(tmp_path, **caps)
-    # The run, asked for in contiguous pieces of a quarter second of the rate.
+        tmp_path: Path, caps: dict[str, int], burst: int, delay: float) -> None:
+    began, requests = await _fetch(tmp_path, delay, **caps)
+    # The run, asked for in contiguous pieces: a quarter second of the rate, at most a second's.
     assert [start for _t, start, _end in requests] == [0, *(end + 1 for _t, _start, end in requests[:-1])]
     assert requests[-1][2] == len(DATA) - 1
-    assert max(end + 1 - start for _t, start, end in requests) <= RATE // 4
+    sizes = [end + 1 - start for _t, start, end in requests]
+    assert sizes[0] <= RATE // 4 and max(sizes) <= RATE, sizes
+    if delay:
+        # An upstream that takes 0.3 s to answer gets pieces of twice that (one piece at a
+        # time would otherwise carry a quarter second of the rate every 0.3 s).
+        assert max(sizes[1:]) >= int(RATE * 2 * delay), sizes
     asked = 0
     for at, start, end in requests:
         asked += end + 1 - start

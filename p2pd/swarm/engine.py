@@ -95,8 +95,11 @@ _LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without 
 _READER_RESCUE_AFTER = 20.0
 # Under an upstream cap, a range holder asks the upstream for this many seconds of its rate at a
 # time (at least _CAPPED_PIECE_MIN bytes), each piece paid for before it is asked for
-# (Swarm._pay_upstream_piece).
+# (Swarm._pay_upstream_piece); for twice as long as the last piece took to come, when that
+# is more (a far upstream: one piece at a time must still carry the rate), up to
+# _CAPPED_PIECE_MAX_SECONDS.
 _CAPPED_PIECE_SECONDS = 0.25
+_CAPPED_PIECE_MAX_SECONDS = 1.0
 _CAPPED_PIECE_MIN = 16 * 1024
 
 # Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
@@ -1050,11 +1053,12 @@ class Swarm:
             if self.upstream_bucket.rate <= 0 and not self.site_share.enabled:
                 await upstream_range(start, end, accept)
             else:
-                offset = start
+                offset, took = start, 0.0
                 while offset <= end:
-                    piece_end = offset + await self._pay_upstream_piece(end + 1 - offset) - 1
+                    piece_end = offset + await self._pay_upstream_piece(end + 1 - offset, 2 * took) - 1
+                    asked = time.monotonic()
                     await upstream_range(offset, piece_end, accept)
-                    offset = piece_end + 1
+                    offset, took = piece_end + 1, time.monotonic() - asked
         finally:
             # A run that ends early (an error, a cancel) cuts short the answers relaying its chunk.
             if arrival is not None and not arrival.verified:
@@ -1065,10 +1069,10 @@ class Swarm:
         if index != last + 1:
             raise UpstreamError(f"upstream ended {transfer.digest} early")
 
-    async def _pay_upstream_piece(self, remaining: int) -> int:
+    async def _pay_upstream_piece(self, remaining: int, seconds: float) -> int:
         """Under an upstream cap: waits until the next piece of a range holder's run (of
-        ``remaining`` bytes) is paid for, and returns its length (``_CAPPED_PIECE_SECONDS`` of
-        the rate this node may fetch at now).
+        ``remaining`` bytes) is paid for, and returns its length: ``seconds`` of the rate this
+        node may fetch at now, within ``_CAPPED_PIECE_SECONDS``.. ``_CAPPED_PIECE_MAX_SECONDS``.
 
         The bytes an upstream request brings are paid for before it is sent, not as they are
         read. Read-paced, a request brought a receive buffer's worth at the link's rate before
@@ -1081,7 +1085,8 @@ class Swarm:
         for bucket in buckets:
             await bucket.take(0)
         rates = [rate for rate in (self.upstream_bucket.rate, self.site_share.rate) if rate > 0]
-        length = min(remaining, max(_CAPPED_PIECE_MIN, int(min(rates, default=0) * _CAPPED_PIECE_SECONDS)))
+        seconds = min(_CAPPED_PIECE_MAX_SECONDS, max(_CAPPED_PIECE_SECONDS, seconds))
+        length = min(remaining, max(_CAPPED_PIECE_MIN, int(min(rates, default=0) * seconds)))
         for bucket in buckets:
             await bucket.take(length)
             await bucket.take(0)
