@@ -283,9 +283,9 @@ class Fetcher:
                 download.written = transfer.have.cardinality() * transfer.chunk_size
                 download._release(swarm.released(transfer))
 
-            async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> None:
-                await self._upstream_range(upstream, repository, digest, start, end, accept,
-                                           stall=self.config.swarm.upstream_stall)
+            async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> bool:
+                return await self._upstream_range(upstream, repository, digest, start, end, accept,
+                                                  stall=self.config.swarm.upstream_stall)
 
             on_progress()
             await swarm.run_transfer(transfer, upstream_range, on_progress, download.reader_wait)
@@ -303,8 +303,9 @@ class Fetcher:
         await swarm.announce_complete(digest, size)
 
     async def _upstream_range(self, upstream: Upstream, repository: str, digest: Digest, start: int, end: int,
-                              accept: Callable[[bytes], Awaitable[None]], *, stall: float = 0.0) -> None:
-        """Feeds bytes start..end from the upstream to ``accept``, resuming after failures.
+                              accept: Callable[[bytes], Awaitable[None]], *, stall: float = 0.0) -> bool:
+        """Feeds bytes start..end from the upstream to ``accept``, resuming after failures;
+        True when the upstream ignored the Range asked for (``BlobResponse.range_ignored``).
 
         ``stall`` > 0: a response whose bytes stop for that long, once they flow, is reopened
         where it stopped. On a thin uplink shared by a site's range holders, one holder's flow
@@ -317,12 +318,14 @@ class Fetcher:
         pull-through cache fetching it first)."""
         position = start
         failures_without_progress = 0
+        range_ignored = False
         while position <= end:
             before = position
             try:
                 self.metrics.upstream_fetches.inc()
                 async with (upstream.open_blob(repository, digest, position, end) as response,
                             contextlib.aclosing(_gathered(response.aiter_bytes(), end + 1 - position)) as pieces):
+                    range_ignored = range_ignored or response.range_ignored
                     while True:
                         with trio.move_on_after(stall if stall > 0 and position > before else math.inf) as waited:
                             piece = await anext(pieces, b"")
@@ -349,6 +352,7 @@ class Fetcher:
                 failures_without_progress += 1
                 if failures_without_progress >= self.config.fetch.max_attempts:
                     raise UpstreamError(f"upstream keeps ending {digest} early")
+        return range_ignored
 
     async def _transfer(self, transfer: _Transfer, upstream: Upstream, repository: str) -> None:
         """Fetches from the upstream until the blob is complete and verified."""

@@ -33,6 +33,7 @@ class MemoryBlobResponse:
     def __init__(self, upstream: MemoryUpstream, data: bytes, offset: int, end: int | None = None) -> None:
         self.total_size = len(data)
         self.offset = offset
+        self.range_ignored = False
         self._limit = len(data) if end is None else min(end + 1, len(data))
         self._upstream = upstream
         self._data = data

@@ -154,6 +154,9 @@ class BlobResponse(Protocol):
 
     total_size: int  # size of the whole blob
     offset: int  # offset of the first byte this response carries (== requested offset)
+    # The upstream ignored the Range asked for: it sends the blob from its first byte (those
+    # before ``offset`` are read and dropped here) and on past the end asked for.
+    range_ignored: bool
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         """Yields the blob's bytes from ``offset`` on, as they arrive.
@@ -699,9 +702,11 @@ def _json_media_type(body: bytes) -> tuple[str | None, bool]:
 class _HttpBlobResponse:
     """A streaming blob response; see ``HttpUpstream.open_blob``."""
 
-    def __init__(self, response: httpx.Response, total_size: int, offset: int, skip: int, what: str) -> None:
+    def __init__(self, response: httpx.Response, total_size: int, offset: int, skip: int, what: str,
+                 *, range_ignored: bool = False) -> None:
         self.total_size = total_size
         self.offset = offset
+        self.range_ignored = range_ignored
         self._response = response
         self._skip = skip  # bytes at the start of the body before ``offset`` (Range ignored)
         self._what = what
@@ -962,7 +967,7 @@ class HttpUpstream:
                 raise UpstreamError(f"{what}: response has no Content-Length", status=200)
             if offset > length:
                 raise UpstreamError(f"{what}: offset is past the end of a {length}-byte blob", status=200)
-            return _HttpBlobResponse(response, length, offset, skip=offset, what=what)
+            return _HttpBlobResponse(response, length, offset, skip=offset, what=what, range_ignored=ranged)
         if response.status_code != 206 or not ranged:
             raise UpstreamError(f"{what}: unexpected HTTP {response.status_code}", status=response.status_code)
         match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("content-range", "").strip())

@@ -39,10 +39,12 @@ DIGEST = Digest.parse("sha256:" + hashlib.sha256(DATA).hexdigest())
 RATE = 256 * 1024  # bytes/s
 
 
-async def _fetch(tmp_path: Path, delay: float = 0.0, **caps: int) -> tuple[float, list[tuple[float, int, int]]]:
+async def _fetch(tmp_path: Path, delay: float = 0.0, *, range_ignored: bool = False,
+                 **caps: int) -> tuple[float, list[tuple[float, int, int]]]:
     """One node alone in its site (its own budget keeper) fetches DATA's three chunks from the
     upstream as a range holder, the upstream answering each request ``delay`` seconds after it
-    came; returns when its buckets began and each request (time, start, end)."""
+    came (and saying it ignored the Range, as the fetcher does for a 200 with the whole blob, when
+    ``range_ignored``); returns when its buckets began and each request (time, start, end)."""
     async def no_hello(address: str) -> tuple[str, str]:
         raise AssertionError("no peers in this test")
 
@@ -59,10 +61,11 @@ async def _fetch(tmp_path: Path, delay: float = 0.0, **caps: int) -> tuple[float
     transfer = swarm.start_transfer(DIGEST, len(DATA), fd, hasher.finish(DIGEST))
     requests: list[tuple[float, int, int]] = []
 
-    async def upstream(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
+    async def upstream(start: int, end: int, accept) -> bool:  # type: ignore[no-untyped-def]
         requests.append((time.monotonic(), start, end))
         await trio.sleep(delay)
         await accept(DATA[start:end + 1])
+        return range_ignored
 
     with trio.fail_after(30):
         await swarm._fetch_run_from_upstream(transfer, 0, 2, upstream, lambda: None)
@@ -96,3 +99,10 @@ async def test_under_a_cap_nothing_is_asked_for_before_it_is_paid_for(
     for at, start, end in requests:
         asked += end + 1 - start
         assert asked <= RATE * (at - began) + burst, (asked, at - began)
+
+
+async def test_an_upstream_that_ignores_range_gets_the_rest_of_the_run_in_one_request(tmp_path: Path) -> None:
+    """Such an upstream sends the blob from its first byte for every request (the fetcher reads
+    and drops the bytes before the offset): pieces would cost it the square of the blob."""
+    _began, requests = await _fetch(tmp_path, range_ignored=True, site_upstream_rate=RATE)
+    assert [(start, end) for _t, start, end in requests] == [(0, RATE // 4 - 1), (RATE // 4, len(DATA) - 1)]

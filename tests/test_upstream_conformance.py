@@ -171,6 +171,7 @@ async def backend(
 async def read_blob(upstream: Upstream, digest: Digest, offset: int = 0) -> tuple[int, int, bytes]:
     async with upstream.open_blob(REPOSITORY, digest, offset) as response:
         data = b"".join([piece async for piece in response.aiter_bytes()])
+        assert not response.range_ignored  # every backend here honours Range
         return response.total_size, response.offset, data
 
 

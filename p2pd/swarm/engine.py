@@ -102,8 +102,9 @@ _CAPPED_PIECE_SECONDS = 0.25
 _CAPPED_PIECE_MAX_SECONDS = 1.0
 _CAPPED_PIECE_MIN = 16 * 1024
 
-# Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback.
-UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+# Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback; True
+# when the upstream ignored the Range (it sent the blob from its first byte: see the fetcher).
+UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[bool | None]]
 
 
 @dataclass(eq=False)
@@ -1021,8 +1022,13 @@ class Swarm:
             opened = transfer.arrivals[index] = Arrival(index, bytearray(transfer.bounds(index)[1]))
             return opened
 
+        paid_as_read = self.upstream_bucket.rate <= 0 and not self.site_share.enabled
+
         async def accept(piece: bytes) -> None:
             nonlocal index, arrival
+            if paid_as_read:
+                await self.upstream_bucket.take(len(piece))
+                await self.site_share.take(len(piece))
             transfer.upstream_received += len(piece)
             view = memoryview(piece)
             while view:
@@ -1050,15 +1056,16 @@ class Swarm:
         if arrival is not None:
             transfer.notify()
         try:
-            if self.upstream_bucket.rate <= 0 and not self.site_share.enabled:
-                await upstream_range(start, end, accept)
-            else:
-                offset, took = start, 0.0
-                while offset <= end:
-                    piece_end = offset + await self._pay_upstream_piece(end + 1 - offset, 2 * took) - 1
-                    asked = time.monotonic()
-                    await upstream_range(offset, piece_end, accept)
-                    offset, took = piece_end + 1, time.monotonic() - asked
+            offset, took = start, 0.0
+            while offset <= end and not paid_as_read:
+                piece_end = offset + await self._pay_upstream_piece(end + 1 - offset, 2 * took) - 1
+                asked = time.monotonic()
+                # An upstream that ignores Range sends the blob from its first byte for every
+                # request: pieces would cost it the square of the blob; the rest in one request.
+                paid_as_read = bool(await upstream_range(offset, piece_end, accept))
+                offset, took = piece_end + 1, time.monotonic() - asked
+            if offset <= end:
+                await upstream_range(offset, end, accept)
         finally:
             # A run that ends early (an error, a cancel) cuts short the answers relaying its chunk.
             if arrival is not None and not arrival.verified:
