@@ -154,6 +154,8 @@ def test_link_use_counts_the_seeds_sending_window_and_idle_uplinks() -> None:
     seed_share = int(rate) / (SCENARIOS["matrix-1x-8"].seed_mbit * 1e6 / 8 * 0.25)
     assert use["by_second"] == [[1.0, pytest.approx(0.65, abs=0.01), pytest.approx(seed_share, abs=0.01)],
                                 [2.0, pytest.approx(0.8, abs=0.01), pytest.approx(seed_share, abs=0.01)]]
+    # ... and each node's own [down, up] shares on those seconds (n2's uplink idles in both).
+    assert use["nodes_by_second"] == {"n1": [[0.7, 0.9], [1.0, 0.9]], "n2": [[0.6, 0.25], [0.6, 0.38]]}
     sampler.links = [(0.0, {"s0": (5, 0), "n1": (0, 0)}), (0.25, {"s0": (5, 0), "n1": (9, 9)})]
     assert link_use(sampler, SCENARIOS["matrix-1x-8"]) is None  # the seed sent nothing
 
@@ -304,6 +306,8 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     assert use is not None and use["seed_sending_s"] > 0 and set(use["down"]) == {"n1", "n2", "n3"}
     assert 0 < use["down_mean"] < 1.5 and use["longest_idle_uplink_s"] >= 0
     assert use["by_second"] and all(len(row) == 3 and row[0] > 0 for row in use["by_second"])
+    assert {node: len(rows) for node, rows in use["nodes_by_second"].items()} == dict.fromkeys(
+        ("n1", "n2", "n3"), len(use["by_second"]))
 
     doc = out.read_text()
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in doc

@@ -905,9 +905,22 @@ def link_use(sampler: PortSampler, scenario: Scenario) -> dict[str, Any] | None:
     def seed_share(a: int, b: int) -> float:
         return round((seed_sent(b) - seed_sent(a)) / (seed_capacity * (points[b][0] - points[a][0])), 3)
 
+    seconds = [i for i in range(first + step, len(points), step) if points[i][0] > points[i - step][0]]
     by_second = [[round(points[i][0] - points[first][0], 2), down_share(i - step, i), seed_share(i - step, i)]
-                 for i in range(first + step, len(points), step) if points[i][0] > points[i - step][0]]
+                 for i in seconds]
+
+    def node_share(node: str, a: int, b: int, way: int) -> float | None:
+        if node not in points[a][1] or node not in points[b][1]:
+            return None
+        moved = points[b][1][node][way] - points[a][1][node][way]
+        return round(moved / (capacity * (points[b][0] - points[a][0])), 2)
+
+    # Each node's own [down, up] shares on the same seconds: who idles in the ramp (a range
+    # holder or a node without a range) is what the mean cannot say.
+    nodes_by_second = {node: [[node_share(node, i - step, i, 1), node_share(node, i - step, i, 0)] for i in seconds]
+                       for node in nodes}
     return {"seed_sending_s": round(span, 2), "sample_s": _LINK_SAMPLE_S, "by_second": by_second,
+            "nodes_by_second": nodes_by_second,
             "down_mean": round(sum(down.values()) / len(down), 3), "down_min": min(down.values()),
             "up_mean": round(sum(up.values()) / len(up), 3), "longest_idle_uplink_s": max(idle.values()),
             "down_first_quarter": down_share(first, quarter), "down_rest": down_share(quarter, last),
