@@ -40,7 +40,9 @@ from p2pd.errors import (
     UpstreamUnavailable,
     VerificationError,
 )
+from p2pd.fetcher import Fetcher
 from p2pd.httpd import Request, Response, ServerInfo, serve_http
+from p2pd.metrics import AgentMetrics
 from p2pd.oci import mediatypes
 from p2pd.oci.chunkmap import MIN_CHUNK_SIZE, ChunkHasher
 from p2pd.oci.digest import Digest, digest_of
@@ -641,6 +643,32 @@ async def test_range_ignored_by_the_server_is_skipped_transparently() -> None:
         assert (response.total_size, response.offset) == (len(data), 70_000)
         assert response.range_ignored  # a capped range holder then asks for no more pieces
         assert b"".join([p async for p in response.aiter_bytes()]) == data[70_000:]
+    await upstream.aclose()
+
+
+@pytest.mark.parametrize("honours_range", [True, False])
+async def test_the_fetchers_range_says_whether_the_upstream_ignored_the_range(honours_range: bool) -> None:
+    """``Fetcher._upstream_range`` (a range holder's fetch) accepts only the bytes asked for either
+    way, and returns True when the upstream answered with the whole blob: a capped range holder
+    then asks for the rest of its run at once instead of piece by piece (p2pd.swarm.engine)."""
+    data = IMAGE.layer
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        byte_range = parse_range(request.headers.get("range"), len(data)) if honours_range else None
+        if byte_range is None:
+            return httpx.Response(200, headers={"Content-Length": str(len(data))}, content=streamed(data))
+        return httpx.Response(206, headers={"Content-Range": byte_range.content_range(len(data))},
+                              content=streamed(data[byte_range.start : byte_range.end + 1]))
+
+    upstream = mock_upstream(handler)
+    fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # the range path uses neither
+    accepted = bytearray()
+
+    async def accept(piece: bytes) -> None:
+        accepted.extend(piece)
+
+    ignored = await fetcher._upstream_range(upstream, "app", IMAGE.layer_digest, 70_000, 89_999, accept)
+    assert (ignored, bytes(accepted)) == (not honours_range, data[70_000:90_000])
     await upstream.aclose()
 
 

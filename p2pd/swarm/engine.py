@@ -1022,6 +1022,8 @@ class Swarm:
             opened = transfer.arrivals[index] = Arrival(index, bytearray(transfer.bounds(index)[1]))
             return opened
 
+        # Paid for as they are read: with no cap (the takes return at once), or once the upstream
+        # ignored a piece's Range (below). Otherwise each piece is paid for before it is asked for.
         paid_as_read = self.upstream_bucket.rate <= 0 and not self.site_share.enabled
 
         async def accept(piece: bytes) -> None:
