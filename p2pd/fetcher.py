@@ -285,7 +285,8 @@ class Fetcher:
 
             async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> bool:
                 return await self._upstream_range(upstream, repository, digest, start, end, accept,
-                                                  stall=self.config.swarm.upstream_stall)
+                                                  stall=self.config.swarm.upstream_stall,
+                                                  dropped=swarm.pay_for_dropped_upstream_bytes)
 
             on_progress()
             await swarm.run_transfer(transfer, upstream_range, on_progress, download.reader_wait)
@@ -303,9 +304,12 @@ class Fetcher:
         await swarm.announce_complete(digest, size)
 
     async def _upstream_range(self, upstream: Upstream, repository: str, digest: Digest, start: int, end: int,
-                              accept: Callable[[bytes], Awaitable[None]], *, stall: float = 0.0) -> bool:
+                              accept: Callable[[bytes], Awaitable[None]], *, stall: float = 0.0,
+                              dropped: Callable[[int], Awaitable[None]] | None = None) -> bool:
         """Feeds bytes start..end from the upstream to ``accept``, resuming after failures;
         True when the upstream ignored the Range asked for (``BlobResponse.range_ignored``).
+        ``dropped`` is awaited with each piece of the blob's start such an upstream sent and
+        was dropped (``BlobResponse.aiter_bytes``): the swarm's upstream cap pays for it.
 
         ``stall`` > 0: a response whose bytes stop for that long, once they flow, is reopened
         where it stopped. On a thin uplink shared by a site's range holders, one holder's flow
@@ -324,7 +328,8 @@ class Fetcher:
             try:
                 self.metrics.upstream_fetches.inc()
                 async with (upstream.open_blob(repository, digest, position, end) as response,
-                            contextlib.aclosing(_gathered(response.aiter_bytes(), end + 1 - position)) as pieces):
+                            contextlib.aclosing(_gathered(response.aiter_bytes(dropped),
+                                                          end + 1 - position)) as pieces):
                     range_ignored = range_ignored or response.range_ignored
                     while True:
                         with trio.move_on_after(stall if stall > 0 and position > before else math.inf) as waited:

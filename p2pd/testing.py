@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 
@@ -38,7 +38,8 @@ class MemoryBlobResponse:
         self._upstream = upstream
         self._data = data
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    async def aiter_bytes(self, on_dropped: Callable[[int], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
+        # Range is always honoured here: nothing is dropped (``on_dropped`` is never called).
         upstream = self._upstream
         if upstream.stall_seconds:
             await trio.sleep(upstream.stall_seconds)

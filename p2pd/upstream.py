@@ -39,7 +39,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -158,8 +158,12 @@ class BlobResponse(Protocol):
     # before ``offset`` are read and dropped here) and on past the end asked for.
     range_ignored: bool
 
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
+    def aiter_bytes(self, on_dropped: Callable[[int], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
         """Yields the blob's bytes from ``offset`` on, as they arrive.
+
+        ``on_dropped`` is awaited with the length of each piece read and dropped before
+        ``offset`` (``range_ignored``), before the next piece is read: those bytes crossed the
+        link too, and an upstream cap pays for them as it does for the rest.
 
         Raises:
             UpstreamUnavailable: the connection broke or stalled past the read timeout.
@@ -711,7 +715,7 @@ class _HttpBlobResponse:
         self._skip = skip  # bytes at the start of the body before ``offset`` (Range ignored)
         self._what = what
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    async def aiter_bytes(self, on_dropped: Callable[[int], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
         pieces = self._response.aiter_raw()
         while True:
             with _translate(self._what):
@@ -723,6 +727,8 @@ class _HttpBlobResponse:
                 dropped = min(self._skip, len(piece))
                 self._skip -= dropped
                 piece = piece[dropped:]
+                if on_dropped is not None:
+                    await on_dropped(dropped)
             if piece:
                 yield piece
 

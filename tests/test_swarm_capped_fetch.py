@@ -19,19 +19,24 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
+from p2pd.config import AgentConfig, FetchConfig, UpstreamConfig
+from p2pd.fetcher import Fetcher
 from p2pd.metrics import AgentMetrics
 from p2pd.oci.chunkmap import ChunkHasher
 from p2pd.oci.digest import Digest
 from p2pd.store import BlobStore
-from p2pd.swarm.engine import Swarm
+from p2pd.swarm.engine import Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member, Membership
 from p2pd.swarm.peers import PeerClient
+from p2pd.upstream import HttpUpstream
 
 CHUNK = 128 * 1024
 DATA = random.Random(23).randbytes(3 * CHUNK)
@@ -39,16 +44,11 @@ DIGEST = Digest.parse("sha256:" + hashlib.sha256(DATA).hexdigest())
 RATE = 256 * 1024  # bytes/s
 
 
-async def _fetch(tmp_path: Path, delay: float = 0.0, *, range_ignored: bool = False,
-                 **caps: int) -> tuple[float, list[tuple[float, int, int]]]:
-    """One node alone in its site (its own budget keeper) fetches DATA's three chunks from the
-    upstream as a range holder, the upstream answering each request ``delay`` seconds after it
-    came (and saying it ignored the Range, as the fetcher does for a 200 with the whole blob, when
-    ``range_ignored``); returns when its buckets began and each request (time, start, end)."""
+def _holder(tmp_path: Path, **caps: int) -> tuple[Swarm, SwarmTransfer]:
+    """One node alone in its site (its own budget keeper), about to fetch DATA as a range holder."""
     async def no_hello(address: str) -> tuple[str, str]:
         raise AssertionError("no peers in this test")
 
-    began = time.monotonic()
     me = Member("holder", "127.0.0.1:1", "site")
     swarm = Swarm(me=me, membership=Membership(me, no_hello), client=PeerClient("holder", None),
                   metrics=AgentMetrics(), chunk_size=CHUNK, lease_ttl=15.0, coordinator_backups=1, peer_timeout=5.0,
@@ -58,7 +58,17 @@ async def _fetch(tmp_path: Path, delay: float = 0.0, *, range_ignored: bool = Fa
     hasher = ChunkHasher(CHUNK)
     hasher.update(DATA)
     fd, _existing = store.open_partial(DIGEST)
-    transfer = swarm.start_transfer(DIGEST, len(DATA), fd, hasher.finish(DIGEST))
+    return swarm, swarm.start_transfer(DIGEST, len(DATA), fd, hasher.finish(DIGEST))
+
+
+async def _fetch(tmp_path: Path, delay: float = 0.0, *, range_ignored: bool = False,
+                 **caps: int) -> tuple[float, list[tuple[float, int, int]]]:
+    """The holder fetches DATA's three chunks from the upstream, the upstream answering each
+    request ``delay`` seconds after it came (and saying it ignored the Range, as the fetcher does
+    for a 200 with the whole blob, when ``range_ignored``); returns when its buckets began and
+    each request (time, start, end)."""
+    began = time.monotonic()
+    swarm, transfer = _holder(tmp_path, **caps)
     requests: list[tuple[float, int, int]] = []
 
     async def upstream(start: int, end: int, accept) -> bool:  # type: ignore[no-untyped-def]
@@ -106,3 +116,44 @@ async def test_an_upstream_that_ignores_range_gets_the_rest_of_the_run_in_one_re
     and drops the bytes before the offset): pieces would cost it the square of the blob."""
     _began, requests = await _fetch(tmp_path, range_ignored=True, site_upstream_rate=RATE)
     assert [(start, end) for _t, start, end in requests] == [(0, RATE // 4 - 1), (RATE // 4, len(DATA) - 1)]
+
+
+async def test_the_bytes_before_the_range_that_an_upstream_sends_anyway_are_paid_for(tmp_path: Path) -> None:
+    """An upstream that ignores Range sends the blob from its first byte; the bytes before the
+    range are read and dropped (``BlobResponse.aiter_bytes``), but they crossed the link like the
+    rest: the cap pays for each piece of them as it is read. Wired as the fetcher wires a range
+    holder (``Fetcher._fetch_swarm``): the fetcher's range over the real HTTP client, whose mock
+    transport answers every request with the whole blob and notes when each piece is taken."""
+    swarm, transfer = _holder(tmp_path, upstream_rate=RATE)
+    piece = 16 * 1024
+    taken: list[tuple[float, int]] = []  # (when the client took it, bytes)
+
+    async def whole_blob() -> AsyncIterator[bytes]:
+        for start in range(0, len(DATA), piece):
+            taken.append((time.monotonic(), min(piece, len(DATA) - start)))
+            yield DATA[start:start + piece]
+
+    async def ignores_range(request: httpx.Request) -> httpx.Response:
+        assert request.headers.get("range")  # asked for a range, answered with the whole blob
+        return httpx.Response(200, headers={"Content-Length": str(len(DATA))}, content=whole_blob())
+
+    upstream = HttpUpstream(UpstreamConfig(namespace="registry.test", url="https://registry.test"), FetchConfig(),
+                            transport=httpx.MockTransport(ignores_range))
+    fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # the range path uses neither
+
+    async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> bool:
+        return await fetcher._upstream_range(upstream, "app", DIGEST, start, end, accept,
+                                             dropped=swarm.pay_for_dropped_upstream_bytes)
+
+    began = time.monotonic()
+    with trio.fail_after(30):
+        # Chunks 1 and 2: each request brings chunk 0 first, read and dropped.
+        await swarm._fetch_run_from_upstream(transfer, 1, 2, upstream_range, lambda: None)
+    await upstream.aclose()
+    assert transfer.have.indexes() == [1, 2]
+    read = 0
+    for at, length in taken:
+        # The bucket holds a second of the rate; a piece is paid for once it is read.
+        assert read <= RATE * (at - began) + RATE + piece, (read, at - began)
+        read += length
+    assert read > len(DATA)  # chunk 0 came twice (two requests), and was paid for both times

@@ -127,7 +127,7 @@ async def test_both_upstream_paths_gather(autojump_clock: trio.testing.MockClock
     data = bytes(range(256)) * 1024  # 256 KiB: 2 s, 182 packets
     digest = upstream.add_blob("lab/blob", data)
     body: Callable[[MemoryBlobResponse], AsyncIterator[bytes]] = upstream._body
-    monkeypatch.setattr(MemoryBlobResponse, "aiter_bytes", lambda response: body(response))
+    monkeypatch.setattr(MemoryBlobResponse, "aiter_bytes", lambda response, on_dropped=None: body(response))
     fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # neither path uses them
     if path == "swarm range":
         received = bytearray()

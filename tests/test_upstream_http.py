@@ -643,6 +643,19 @@ async def test_range_ignored_by_the_server_is_skipped_transparently() -> None:
         assert (response.total_size, response.offset) == (len(data), 70_000)
         assert response.range_ignored  # a capped range holder then asks for no more pieces
         assert b"".join([p async for p in response.aiter_bytes()]) == data[70_000:]
+    # Each piece dropped is reported (and awaited: a cap pays for it) before the next is read.
+    events: list[tuple[str, int]] = []
+
+    async def dropped(length: int) -> None:
+        await trio.lowlevel.checkpoint()
+        events.append(("dropped", length))
+
+    async with upstream.open_blob("app", IMAGE.layer_digest, 70_000) as response:
+        async for piece in response.aiter_bytes(dropped):
+            events.append(("kept", len(piece)))
+    assert sum(n for kind, n in events if kind == "dropped") == 70_000
+    assert sum(n for kind, n in events if kind == "kept") == len(data) - 70_000
+    assert events[:7] == [("dropped", 10_000)] * 7  # the body comes in pieces of 10,000 (``streamed``)
     await upstream.aclose()
 
 
@@ -663,12 +676,17 @@ async def test_the_fetchers_range_says_whether_the_upstream_ignored_the_range(ho
     upstream = mock_upstream(handler)
     fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # the range path uses neither
     accepted = bytearray()
+    dropped: list[int] = []
 
     async def accept(piece: bytes) -> None:
         accepted.extend(piece)
 
-    ignored = await fetcher._upstream_range(upstream, "app", IMAGE.layer_digest, 70_000, 89_999, accept)
+    async def drop(length: int) -> None:
+        dropped.append(length)
+
+    ignored = await fetcher._upstream_range(upstream, "app", IMAGE.layer_digest, 70_000, 89_999, accept, dropped=drop)
     assert (ignored, bytes(accepted)) == (not honours_range, data[70_000:90_000])
+    assert sum(dropped) == (0 if honours_range else 70_000)  # what a capped range holder pays for besides
     await upstream.aclose()
 
 

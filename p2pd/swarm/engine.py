@@ -1078,6 +1078,15 @@ class Swarm:
         if index != last + 1:
             raise UpstreamError(f"upstream ended {transfer.digest} early")
 
+    async def pay_for_dropped_upstream_bytes(self, length: int) -> None:
+        """Pays the upstream caps for ``length`` bytes an upstream sent that nobody asked for: it
+        ignored a Range and sent the blob from its first byte, and the bytes before the range
+        were read and dropped. They crossed the site's link like the rest; unpaid, they came at
+        the link's rate (the whole blob's start, again for each range) past any cap. Returns at
+        once without a cap."""
+        await self.upstream_bucket.take(length)
+        await self.site_share.take(length)
+
     async def _pay_upstream_piece(self, remaining: int, seconds: float) -> int:
         """Under an upstream cap: waits until the next piece of a range holder's run (of
         ``remaining`` bytes) is paid for, and returns its length: ``seconds`` of the rate this
