@@ -308,8 +308,9 @@ class Fetcher:
                               dropped: Callable[[int], Awaitable[None]] | None = None) -> bool:
         """Feeds bytes start..end from the upstream to ``accept``, resuming after failures;
         True when the upstream ignored the Range asked for (``BlobResponse.range_ignored``).
-        ``dropped`` is awaited with each piece of the blob's start such an upstream sent and
-        was dropped (``BlobResponse.aiter_bytes``): the swarm's upstream cap pays for it.
+        ``dropped`` is awaited with the length of each piece such an upstream sent that was
+        read and dropped — the blob's start (``BlobResponse.aiter_bytes``) and the end of the
+        last read past ``end``: the swarm's upstream cap pays for them.
 
         ``stall`` > 0: a response whose bytes stop for that long, once they flow, is reopened
         where it stopped. On a thin uplink shared by a site's range holders, one holder's flow
@@ -337,7 +338,12 @@ class Fetcher:
                         if waited.cancelled_caught:
                             self.metrics.upstream_stalls.inc()
                             raise UpstreamError(f"no byte for {stall:g}s")
-                        piece = piece[: end + 1 - position]
+                        wanted = end + 1 - position
+                        if len(piece) > wanted and dropped is not None:
+                            # Read past the end asked for (an upstream that ignored the Range sends
+                            # on to the blob's end): crossed the link too, so the cap pays for it.
+                            await dropped(len(piece) - wanted)
+                        piece = piece[:wanted]
                         if not piece:
                             break
                         position += len(piece)
