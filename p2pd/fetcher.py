@@ -137,6 +137,7 @@ class Fetcher:
         # Set by the daemon when peer-to-peer distribution is on.
         self.swarm: Swarm | None = None
         self.recent_failures: dict[Digest, float] = {}  # digest → until when misses answer 404
+        self._warned_range_ignored: set[str] = set()  # upstreams (namespace) said to ignore Range
 
     def failed_recently(self, digest: Digest) -> bool:
         """Whether a download of ``digest`` failed within ``fetch.failure_hold`` seconds."""
@@ -331,7 +332,9 @@ class Fetcher:
                 async with (upstream.open_blob(repository, digest, position, end) as response,
                             contextlib.aclosing(_gathered(response.aiter_bytes(dropped),
                                                           end + 1 - position)) as pieces):
-                    range_ignored = range_ignored or response.range_ignored
+                    if response.range_ignored:
+                        range_ignored = True
+                        self._note_range_ignored(upstream)
                     while True:
                         with trio.move_on_after(stall if stall > 0 and position > before else math.inf) as waited:
                             piece = await anext(pieces, b"")
@@ -365,6 +368,17 @@ class Fetcher:
                     raise UpstreamError(f"upstream keeps ending {digest} early")
         return range_ignored
 
+    def _note_range_ignored(self, upstream: Upstream) -> None:
+        """Counts an upstream answer that ignored the Range asked for, and says so once per
+        upstream: each range holder of a site then reads the blob from its first byte, so the
+        site fetches more than one copy (and a resumed download starts over)."""
+        self.metrics.upstream_range_ignored.inc()
+        if upstream.namespace not in self._warned_range_ignored:
+            self._warned_range_ignored.add(upstream.namespace)
+            log.warning("upstream %s ignores Range requests (it answers with the whole blob): every range "
+                        "holder reads the blob from its first byte, and a site fetches more than one copy",
+                        upstream.namespace)
+
     async def _transfer(self, transfer: _Transfer, upstream: Upstream, repository: str) -> None:
         """Fetches from the upstream until the blob is complete and verified."""
         download = transfer.download
@@ -374,6 +388,8 @@ class Fetcher:
             try:
                 self.metrics.upstream_fetches.inc()
                 async with upstream.open_blob(repository, download.digest, transfer.offset) as response:
+                    if response.range_ignored:
+                        self._note_range_ignored(upstream)
                     transfer.set_size(response.total_size)
                     fetched = self.metrics.fetched_bytes.labels("upstream")
                     length = response.total_size - transfer.offset

@@ -31,6 +31,10 @@ class AgentMetrics:
                                         registry=self.registry)
         self.upstream_stalls = Counter("p2pd_upstream_stalls", "Upstream range responses reopened after their "
                                        "bytes stopped for [swarm] upstream_stall seconds", registry=self.registry)
+        self.upstream_range_ignored = Counter("p2pd_upstream_range_ignored",
+                                              "Upstream answers to a Range request that sent the whole blob "
+                                              "(the bytes before the range are read and dropped)",
+                                              registry=self.registry)
         self.verification_failures = Counter("p2pd_verification_failures",
                                              "Content that failed digest or chunk verification", ["source"],
                                              registry=self.registry)

@@ -660,7 +660,8 @@ async def test_range_ignored_by_the_server_is_skipped_transparently() -> None:
 
 
 @pytest.mark.parametrize("honours_range", [True, False])
-async def test_the_fetchers_range_says_whether_the_upstream_ignored_the_range(honours_range: bool) -> None:
+async def test_the_fetchers_range_says_whether_the_upstream_ignored_the_range(
+        honours_range: bool, caplog: pytest.LogCaptureFixture) -> None:
     """``Fetcher._upstream_range`` (a range holder's fetch) accepts only the bytes asked for either
     way, and returns True when the upstream answered with the whole blob: a capped range holder
     then asks for the rest of its run at once instead of piece by piece (p2pd.swarm.engine)."""
@@ -674,7 +675,8 @@ async def test_the_fetchers_range_says_whether_the_upstream_ignored_the_range(ho
                               content=streamed(data[byte_range.start : byte_range.end + 1]))
 
     upstream = mock_upstream(handler)
-    fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # the range path uses neither
+    metrics = AgentMetrics()
+    fetcher = Fetcher(AgentConfig(), None, None, metrics)  # type: ignore[arg-type]  # the range path uses neither
     accepted = bytearray()
     dropped: list[int] = []
 
@@ -689,6 +691,11 @@ async def test_the_fetchers_range_says_whether_the_upstream_ignored_the_range(ho
     # What a capped range holder pays for besides: the blob's start, and the rest of the last
     # piece read (the body comes in pieces of 10,000: 80,000..89,999 holds the range's end).
     assert dropped == ([] if honours_range else [10_000] * 7 + [5_000])
+    # Operators see it: a counter, and a warning once per upstream (docs/operations.md).
+    await fetcher._upstream_range(upstream, "app", IMAGE.layer_digest, 70_000, 84_999, accept)
+    assert metrics.upstream_range_ignored._value.get() == (0 if honours_range else 2)
+    warnings = [r for r in caplog.records if "ignores Range" in r.getMessage()]
+    assert len(warnings) == (0 if honours_range else 1)
     await upstream.aclose()
 
 
