@@ -53,6 +53,8 @@ log = logging.getLogger("p2pd.fetcher")
 HOLDBACK = 1024 * 1024
 _SEND_PIECE = 4 * 1024 * 1024
 _READ_PIECE = 1024 * 1024
+# Upstreams whose Range-ignoring is logged (once each); more are counted, not logged.
+_MAX_RANGE_IGNORED_WARNINGS = 1024
 # An upstream body read as it arrives costs one pass through httpx, httpcore, h11 and trio per
 # read, and over a slow link a read returns one burst of packets: a node's CPU per MiB fetched at
 # 4-8 Mbit/s was 7-13x what it is unpaced. A read that returns less than _GATHER_BYTES is followed
@@ -287,7 +289,7 @@ class Fetcher:
             async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> bool:
                 return await self._upstream_range(upstream, repository, digest, start, end, accept,
                                                   stall=self.config.swarm.upstream_stall,
-                                                  dropped=swarm.pay_for_dropped_upstream_bytes)
+                                                  dropped=swarm.pay_for_upstream_bytes)
 
             on_progress()
             await swarm.run_transfer(transfer, upstream_range, on_progress, download.reader_wait)
@@ -373,7 +375,8 @@ class Fetcher:
         upstream: each range holder of a site then reads the blob from its first byte, so the
         site fetches more than one copy (and a resumed download starts over)."""
         self.metrics.upstream_range_ignored.inc()
-        if upstream.namespace not in self._warned_range_ignored:
+        if upstream.namespace not in self._warned_range_ignored \
+                and len(self._warned_range_ignored) < _MAX_RANGE_IGNORED_WARNINGS:
             self._warned_range_ignored.add(upstream.namespace)
             log.warning("upstream %s ignores Range requests (it answers with the whole blob): every range "
                         "holder reads the blob from its first byte, and a site fetches more than one copy",

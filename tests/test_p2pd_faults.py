@@ -47,6 +47,7 @@ from tests.p2pd_support import (
     start_seed,
     write_hosts,
 )
+from tests.swarm_cluster import wait_until
 
 REF = f"{NS}/lab/busybox:latest"
 
@@ -167,6 +168,40 @@ async def test_truncating_upstream_is_resumed_with_range(
         assert gets[0].range is None
         assert [g.range for g in gets[1:]] == [f"bytes={n * cut}-" for n in range(1, len(gets))]
     assert await trio.to_thread.run_sync(containerd.unpack_check, REF) in ("run", "mount")
+
+
+async def test_an_upstream_that_ignores_range_is_resumed_from_its_first_byte_and_counted(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The real seed behind a proxy that drops the Range header (as some proxies and old
+    registries do), and cuts the first answer short: the agent's resume is answered with the
+    whole blob, whose start it reads and drops; the blob is whole and verified, the upstream
+    bytes it kept are the blob once, and the answer that ignored the Range is counted
+    (``p2pd_upstream_range_ignored_total``) and logged once."""
+    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
+    data = random_bytes(2 * MiB)
+    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", data)
+    cut = 600_000
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(truncate_after=cut, ignore_range=True))
+    agent = await start_agent(nursery, agent_config(tmp_path, proxy.url))
+
+    async def cut_once() -> None:
+        # Only the first answer is cut: the resume then comes whole (from the blob's first byte).
+        await wait_until(lambda: any(get.body_bytes >= cut for get in proxy.blob_gets(digest)), interval=0.005)
+        proxy.faults.truncate_after = None
+
+    nursery.start_soon(cut_once)
+    async with client() as http:
+        with trio.fail_after(30):
+            status, _length, received, complete = await get_blob_raw(http, blob_url(agent.info.url, digest))
+    assert (status, complete, "sha256:" + hashlib.sha256(received).hexdigest()) == (200, True, digest)
+    gets = proxy.blob_gets(digest)
+    assert gets[0].range is None and all(get.range is not None and get.range.startswith("bytes=")
+                                         for get in gets[1:]), [g.range for g in gets]
+    # The whole blob came again for the resume: its start crossed twice, and was dropped.
+    assert proxy.blob_bytes(digest) >= len(data) + cut
+    assert agent_metric(agent, "p2pd_fetched_bytes_total", source="upstream") == len(data)
+    assert agent_metric(agent, "p2pd_upstream_range_ignored_total") == len(gets) - 1 >= 1
 
 
 # ---- upstream sending wrong bytes ---------------------------------------------------------------

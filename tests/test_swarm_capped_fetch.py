@@ -143,7 +143,7 @@ async def test_the_bytes_before_the_range_that_an_upstream_sends_anyway_are_paid
 
     async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> bool:
         return await fetcher._upstream_range(upstream, "app", DIGEST, start, end, accept,
-                                             dropped=swarm.pay_for_dropped_upstream_bytes)
+                                             dropped=swarm.pay_for_upstream_bytes)
 
     began = time.monotonic()
     with trio.fail_after(30):

@@ -1029,8 +1029,7 @@ class Swarm:
         async def accept(piece: bytes) -> None:
             nonlocal index, arrival
             if paid_as_read:
-                await self.upstream_bucket.take(len(piece))
-                await self.site_share.take(len(piece))
+                await self.pay_for_upstream_bytes(len(piece))
             transfer.upstream_received += len(piece)
             view = memoryview(piece)
             while view:
@@ -1078,12 +1077,12 @@ class Swarm:
         if index != last + 1:
             raise UpstreamError(f"upstream ended {transfer.digest} early")
 
-    async def pay_for_dropped_upstream_bytes(self, length: int) -> None:
-        """Pays the upstream caps for ``length`` bytes an upstream sent that nobody asked for: it
-        ignored a Range and sent the blob from its first byte, and the bytes before the range
-        were read and dropped. They crossed the site's link like the rest; unpaid, they came at
-        the link's rate (the whole blob's start, again for each range) past any cap. Returns at
-        once without a cap."""
+    async def pay_for_upstream_bytes(self, length: int) -> None:
+        """Pays the upstream caps for ``length`` bytes read from the upstream that were not paid
+        for before they were asked for: a run's bytes when there is no cap (returns at once) or
+        once the upstream ignored a Range, and the bytes such an upstream sends that nobody asked
+        for (the blob's start before the range, read and dropped, and past its end). Those
+        crossed the site's link like the rest; unpaid, they came at the link's rate past the cap."""
         await self.upstream_bucket.take(length)
         await self.site_share.take(length)
 

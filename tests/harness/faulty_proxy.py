@@ -70,6 +70,9 @@ class ProxyFaults:
         hang: blob and chunk-map requests are never answered (no status line).
         chunk_maps: False answers chunk-map requests (``.../blobs/<digest>/chunks``) 404
             like a registry without the endpoint.
+        ignore_range: blob GETs are forwarded without their ``Range`` header (a proxy, or an old
+            registry, that answers every one with the whole blob); ``ProxyRequest.range`` still
+            records what was asked.
     """
 
     truncate_after: int | None = None
@@ -79,6 +82,7 @@ class ProxyFaults:
     pause: float | None = None
     hang: bool = False
     chunk_maps: bool = True
+    ignore_range: bool = False
 
 
 @dataclass
@@ -184,7 +188,8 @@ async def serve_faulty_proxy(
                 seen.status = 404
                 return Response(404, [("Content-Type", "text/plain")], b"404 page not found\n")
             body = await request.body.read(_MAX_REQUEST_BODY)
-            headers = [(k, v) for k, v in request.headers.items() if k not in _DROP_REQUEST]
+            headers = [(k, v) for k, v in request.headers.items() if k not in _DROP_REQUEST
+                       and not (faults.ignore_range and route == "blob" and k == "range")]
             outgoing = client.build_request(
                 request.method, upstream_url + request.target, headers=headers, content=body or None
             )
