@@ -286,10 +286,12 @@ class Fetcher:
                 download.written = transfer.have.cardinality() * transfer.chunk_size
                 download._release(swarm.released(transfer))
 
-            async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> bool:
+            async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]],
+                                     on_range_ignored: Callable[[int], int] | None = None) -> bool:
                 return await self._upstream_range(upstream, repository, digest, start, end, accept,
                                                   stall=self.config.swarm.upstream_stall,
-                                                  dropped=swarm.pay_for_upstream_bytes)
+                                                  dropped=swarm.pay_for_upstream_bytes,
+                                                  on_range_ignored=on_range_ignored)
 
             on_progress()
             await swarm.run_transfer(transfer, upstream_range, on_progress, download.reader_wait)
@@ -308,12 +310,17 @@ class Fetcher:
 
     async def _upstream_range(self, upstream: Upstream, repository: str, digest: Digest, start: int, end: int,
                               accept: Callable[[bytes], Awaitable[None]], *, stall: float = 0.0,
-                              dropped: Callable[[int], Awaitable[None]] | None = None) -> bool:
+                              dropped: Callable[[int], Awaitable[None]] | None = None,
+                              on_range_ignored: Callable[[int], int] | None = None) -> bool:
         """Feeds bytes start..end from the upstream to ``accept``, resuming after failures;
         True when the upstream ignored the Range asked for (``BlobResponse.range_ignored``).
         ``dropped`` is awaited with the length of each piece such an upstream sent that was
         read and dropped — the blob's start (``BlobResponse.aiter_bytes``) and the end of the
-        last read past ``end``: the swarm's upstream cap pays for them.
+        last read past ``end``: the swarm's upstream cap pays for them. ``on_range_ignored``,
+        when given, is called with the offset asked for once such an answer has come, before
+        its body is read: it returns the last byte to read from now on (the swarm reads on to
+        the blob's end when it asked from byte 0), or raises to give the request up before
+        the blob's start crosses the link.
 
         ``stall`` > 0: a response whose bytes stop for that long, once they flow, is reopened
         where it stopped. On a thin uplink shared by a site's range holders, one holder's flow
@@ -337,6 +344,8 @@ class Fetcher:
                     if response.range_ignored:
                         range_ignored = True
                         self._note_range_ignored(upstream)
+                        if on_range_ignored is not None:
+                            end = max(end, on_range_ignored(position))
                     while True:
                         with trio.move_on_after(stall if stall > 0 and position > before else math.inf) as waited:
                             piece = await anext(pieces, b"")
@@ -372,15 +381,16 @@ class Fetcher:
 
     def _note_range_ignored(self, upstream: Upstream) -> None:
         """Counts an upstream answer that ignored the Range asked for, and says so once per
-        upstream: each range holder of a site then reads the blob from its first byte, so the
-        site fetches more than one copy (and a resumed download starts over)."""
+        upstream: a site then fetches each blob from it in one range (its other range holders
+        give their requests up before the blob's start crosses the link: a copy and the start
+        of one more answer per holder), and a resumed download starts over."""
         self.metrics.upstream_range_ignored.inc()
         if upstream.namespace not in self._warned_range_ignored \
                 and len(self._warned_range_ignored) < _MAX_RANGE_IGNORED_WARNINGS:
             self._warned_range_ignored.add(upstream.namespace)
-            log.warning("upstream %s ignores Range requests (it answers with the whole blob): every range "
-                        "holder reads the blob from its first byte, and a site fetches more than one copy",
-                        upstream.namespace)
+            log.warning("upstream %s ignores Range requests (it answers with the whole blob): a site's "
+                        "nodes fetch a blob from it in one range, not several, and a resumed download "
+                        "starts over", upstream.namespace)
 
     async def _transfer(self, transfer: _Transfer, upstream: Upstream, repository: str) -> None:
         """Fetches from the upstream until the blob is complete and verified."""

@@ -212,11 +212,15 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.seed.start()
+        self.start_agents(self.seed.url)
+        return self
+
+    def start_agents(self, upstream_url: str) -> None:
+        """Starts every agent with ``upstream_url`` as its upstream (the seed, or a proxy before it)."""
         for agent in self.agents:
-            agent.start(self.seed.url)
+            agent.start(upstream_url)
         for agent in self.agents:
             agent.wait_ready()
-        return self
 
     def stop(self) -> None:
         running = [agent.proc for agent in self.agents if agent.is_running()]

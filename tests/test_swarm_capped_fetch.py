@@ -71,7 +71,7 @@ async def _fetch(tmp_path: Path, delay: float = 0.0, *, range_ignored: bool = Fa
     swarm, transfer = _holder(tmp_path, **caps)
     requests: list[tuple[float, int, int]] = []
 
-    async def upstream(start: int, end: int, accept) -> bool:  # type: ignore[no-untyped-def]
+    async def upstream(start: int, end: int, accept, on_range_ignored=None) -> bool:  # type: ignore[no-untyped-def]
         requests.append((time.monotonic(), start, end))
         await trio.sleep(delay)
         await accept(DATA[start:end + 1])
@@ -118,42 +118,98 @@ async def test_an_upstream_that_ignores_range_gets_the_rest_of_the_run_in_one_re
     assert [(start, end) for _t, start, end in requests] == [(0, RATE // 4 - 1), (RATE // 4, len(DATA) - 1)]
 
 
+class _RangeIgnoringUpstream:
+    """The fetcher's range over the real HTTP client, wired as ``Fetcher._fetch_swarm`` wires a
+    range holder, whose mock transport answers every request with the whole blob and notes
+    when each piece of it is taken (``taken``) and what each request asked for (``asked``)."""
+
+    def __init__(self, swarm: Swarm, piece: int = 16 * 1024) -> None:
+        self.taken: list[tuple[float, int]] = []  # (when the client took it, bytes)
+        self.asked: list[str] = []
+
+        async def whole_blob() -> AsyncIterator[bytes]:
+            for start in range(0, len(DATA), piece):
+                self.taken.append((time.monotonic(), min(piece, len(DATA) - start)))
+                yield DATA[start:start + piece]
+
+        async def ignores_range(request: httpx.Request) -> httpx.Response:
+            self.asked.append(request.headers["range"])  # asked for a range, answered with the whole blob
+            return httpx.Response(200, headers={"Content-Length": str(len(DATA))}, content=whole_blob())
+
+        self.upstream = HttpUpstream(UpstreamConfig(namespace="registry.test", url="https://registry.test"),
+                                     FetchConfig(), transport=httpx.MockTransport(ignores_range))
+        self.fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # range path uses neither
+        self.swarm = swarm
+        self._piece = piece
+
+    async def __call__(self, start: int, end: int, accept: Callable[[bytes], Awaitable[None]],
+                       on_range_ignored: Callable[[int], int] | None = None) -> bool:
+        return await self.fetcher._upstream_range(self.upstream, "app", DIGEST, start, end, accept,
+                                                  dropped=self.swarm.pay_for_upstream_bytes,
+                                                  on_range_ignored=on_range_ignored)
+
+    def piece_bytes(self) -> int:
+        return self._piece
+
+    def read(self) -> int:
+        return sum(length for _at, length in self.taken)
+
+
 async def test_the_bytes_before_the_range_that_an_upstream_sends_anyway_are_paid_for(tmp_path: Path) -> None:
-    """An upstream that ignores Range sends the blob from its first byte; the bytes before the
-    range are read and dropped (``BlobResponse.aiter_bytes``), but they crossed the link like the
-    rest: the cap pays for each piece of them as it is read. Wired as the fetcher wires a range
-    holder (``Fetcher._fetch_swarm``): the fetcher's range over the real HTTP client, whose mock
-    transport answers every request with the whole blob and notes when each piece is taken."""
+    """An upstream that ignores Range sends the blob from its first byte; in a reader's rescue
+    (one chunk, ``whole_blob_if_range_ignored=False``) the bytes before the chunk are read and
+    dropped (``BlobResponse.aiter_bytes``), but they crossed the link like the rest: the cap
+    pays for each piece of them as it is read."""
     swarm, transfer = _holder(tmp_path, upstream_rate=RATE)
-    piece = 16 * 1024
-    taken: list[tuple[float, int]] = []  # (when the client took it, bytes)
-
-    async def whole_blob() -> AsyncIterator[bytes]:
-        for start in range(0, len(DATA), piece):
-            taken.append((time.monotonic(), min(piece, len(DATA) - start)))
-            yield DATA[start:start + piece]
-
-    async def ignores_range(request: httpx.Request) -> httpx.Response:
-        assert request.headers.get("range")  # asked for a range, answered with the whole blob
-        return httpx.Response(200, headers={"Content-Length": str(len(DATA))}, content=whole_blob())
-
-    upstream = HttpUpstream(UpstreamConfig(namespace="registry.test", url="https://registry.test"), FetchConfig(),
-                            transport=httpx.MockTransport(ignores_range))
-    fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # the range path uses neither
-
-    async def upstream_range(start: int, end: int, accept: Callable[[bytes], Awaitable[None]]) -> bool:
-        return await fetcher._upstream_range(upstream, "app", DIGEST, start, end, accept,
-                                             dropped=swarm.pay_for_upstream_bytes)
-
+    upstream = _RangeIgnoringUpstream(swarm)
     began = time.monotonic()
     with trio.fail_after(30):
         # Chunks 1 and 2: each request brings chunk 0 first, read and dropped.
-        await swarm._fetch_run_from_upstream(transfer, 1, 2, upstream_range, lambda: None)
-    await upstream.aclose()
+        await swarm._fetch_run_from_upstream(transfer, 1, 2, upstream, lambda: None,
+                                             whole_blob_if_range_ignored=False)
+    await upstream.upstream.aclose()
     assert transfer.have.indexes() == [1, 2]
     read = 0
-    for at, length in taken:
+    for at, length in upstream.taken:
         # The bucket holds a second of the rate; a piece is paid for once it is read.
-        assert read <= RATE * (at - began) + RATE + piece, (read, at - began)
+        assert read <= RATE * (at - began) + RATE + upstream.piece_bytes(), (read, at - began)
         read += length
     assert read > len(DATA)  # chunk 0 came twice (two requests), and was paid for both times
+
+
+async def test_a_range_holder_gives_its_run_up_when_the_upstream_sends_the_blob_from_its_start(
+        tmp_path: Path) -> None:
+    """A range holder's run from chunk 1 answered with the whole blob is given up before a byte
+    of it is read: the transfer notes that the upstream ignores Range (the coordinator is told,
+    and the run from chunk 0 brings the rest). Without it each holder of a site read the blob's
+    start to drop it: about half the number of ranges times the blob."""
+    swarm, transfer = _holder(tmp_path)
+    upstream = _RangeIgnoringUpstream(swarm)
+    with trio.fail_after(30):
+        await swarm._fetch_run_from_upstream(transfer, 1, 2, upstream, lambda: None)
+    await upstream.upstream.aclose()
+    assert (transfer.range_ignored, transfer.have.indexes()) == (True, [])
+    assert upstream.asked == [f"bytes={CHUNK}-{len(DATA) - 1}"]
+    assert upstream.read() == 0 and not transfer.arrivals
+    assert swarm._announcement(transfer, DIGEST, want_lease=True).whole_blob
+
+
+@pytest.mark.parametrize("caps", [{}, {"upstream_rate": RATE}], ids=["no-cap", "upstream_rate"])
+async def test_a_run_from_the_first_chunk_reads_a_range_ignoring_answer_to_the_blobs_end(
+        tmp_path: Path, caps: dict[str, int]) -> None:
+    """The run of chunk 0 alone, answered with the whole blob, lands every chunk from that one
+    answer (the blob's bytes cross once): under a cap, what was read by any moment is at most
+    the rate times the time so far plus the bucket's second and a piece."""
+    swarm, transfer = _holder(tmp_path, **caps)
+    upstream = _RangeIgnoringUpstream(swarm)
+    began = time.monotonic()
+    with trio.fail_after(30):
+        await swarm._fetch_run_from_upstream(transfer, 0, 0, upstream, lambda: None)
+    await upstream.upstream.aclose()
+    assert (transfer.range_ignored, transfer.have.is_full(), len(upstream.asked)) == (True, True, 1)
+    assert upstream.read() == len(DATA) == transfer.upstream_bytes
+    read = 0
+    for at, length in upstream.taken:
+        if caps:
+            assert read <= RATE * (at - began) + RATE + upstream.piece_bytes(), (read, at - began)
+        read += length

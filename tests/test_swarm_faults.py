@@ -40,6 +40,7 @@ from p2pd.swarm.node import default_site
 from p2pd.swarm.peers import NODE_HEADER, SIGNATURE_HEADER, TIME_HEADER, PeerClient
 from p2pd.swarm.rendezvous import coordinators
 from p2pd.swarm.tls import PeerTls
+from tests.harness.faulty_proxy import ProxyFaults, serve_faulty_proxy
 from tests.swarm_cluster import (
     Agent,
     Cluster,
@@ -591,6 +592,45 @@ async def test_a_chunk_arriving_slowly_is_waited_for_not_abandoned(tmp_path: Pat
         from_peer = await trio.to_thread.run_sync(partial(fetched, source="peer"))
         stalled = await trio.to_thread.run_sync(requester.metric, "p2pd_stalled_streams_total")
         assert (upstream, from_peer, stalled) == (0, len(data), 0), cluster.logs()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
+async def test_a_site_behind_an_upstream_that_ignores_range_fetches_the_blob_once(
+        tmp_path: Path, key_file: Path, nursery: trio.Nursery) -> None:
+    """Four agents pull one blob at once through a proxy that drops the Range header: every
+    range request is answered with the whole blob from its first byte. The range holders whose
+    range starts later give their requests up as soon as the answer comes (before its body),
+    the coordinator makes the site's split one range, and the holder of the first range reads
+    on to the blob's end. The proxy sends the blob about once, not about half the number of
+    ranges times (16 ranges here: ~8.5 copies, at the proxy's pace ~35 s; with the fix ~4 s)."""
+    data = os.urandom(16 * MiB)
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=2.0, peer_timeout=2.0)
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=4, base=150, config=config)
+    try:
+        await trio.to_thread.run_sync(cluster.seed.start)
+        digest = await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
+        # Paced, so that a request given up after its answer's head has not had megabytes of
+        # the body pushed into the loopback's buffers meanwhile.
+        proxy = await nursery.start(serve_faulty_proxy, cluster.seed.url,
+                                    ProxyFaults(ignore_range=True, rate=4 * MiB))
+        await trio.to_thread.run_sync(cluster.start_agents, proxy.url)
+        await trio.to_thread.run_sync(cluster.wait_members)
+        results: dict[str, object] = {}
+        async with trio.open_nursery() as pulls:
+            for agent in cluster.agents:
+                pulls.start_soon(pull, agent, digest, results)
+        assert results == {agent.node_id: digest for agent in cluster.agents}, cluster.logs()
+        gets = proxy.blob_gets(digest)
+        ignored = [await trio.to_thread.run_sync(a.metric, "p2pd_upstream_range_ignored_total") for a in cluster.agents]
+        kept = [await trio.to_thread.run_sync(partial(a.metric, "p2pd_fetched_bytes_total", source="upstream"))
+                for a in cluster.agents]
+        print(f"\nproxy sent {proxy.blob_bytes(digest) / len(data):.2f} x the blob in {len(gets)} answers "
+              f"(ranges asked: {[g.range for g in gets]}); answers ignoring Range seen per agent {ignored}; "
+              f"upstream bytes kept per agent {kept}")
+        assert sum(ignored) >= 1 and all(g.range for g in gets)
+        assert proxy.blob_bytes(digest) <= 1.25 * len(data), cluster.logs()
+        assert sum(kept) <= 1.25 * len(data)
     finally:
         await trio.to_thread.run_sync(cluster.stop)
 

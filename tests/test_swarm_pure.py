@@ -350,6 +350,7 @@ def test_messages_round_trip() -> None:
         _announce(leased=True, ranges=((0, 3), (8, 11))),
         _announce(have=None, want_lease=False, handoff=True),
         _announce(lessees=(RangeLease("node-b", "127.0.0.11:7000", 0, 3), RangeLease("node-c", "c:1", 4, 7))),
+        _announce(leased=True, ranges=((4, 7),), whole_blob=True),
     ):
         assert decode(encode(message)) == message
     # A message from a node that does not send the newer flags still decodes.
@@ -432,6 +433,7 @@ MALFORMED = [
     pytest.param(msgpack.packb(_announce_dict(complete=1)), id="flag-int"),
     pytest.param(msgpack.packb(_announce_dict(gone="yes")), id="flag-str"),
     pytest.param(msgpack.packb(_announce_dict(leased=None)), id="leased-none"),
+    pytest.param(msgpack.packb(_announce_dict(whole_blob=1)), id="whole-blob-int"),
     pytest.param(msgpack.packb(_announce_dict(digest="sha256:1234")), id="bad-digest"),
     pytest.param(msgpack.packb(_announce_dict(digest=5)), id="digest-int"),
     pytest.param(msgpack.packb(_announce_dict(node="")), id="empty-node"),
@@ -1097,6 +1099,34 @@ def test_a_site_fetches_disjoint_ranges_through_several_nodes() -> None:
     # Another site has its own ranges.
     other = state.announce(_ranged("m0", 12, site="s2"), 16.0)
     assert other.granted and other.ranges == ((0, 3),)
+
+
+def test_a_site_whose_upstream_ignores_range_fetches_the_blob_in_one_range() -> None:
+    """Such an upstream sends every range holder the blob from its first byte: each holder read
+    the blob's start to drop it (about half the number of ranges times the blob). Once a node
+    says so (``whole_blob``), the site's split is one range, leased to the holder of the range
+    from chunk 0 (it reads on to the blob's end); the other holders' leases end."""
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    assert [state.announce(_ranged(n, 12), 0.0).ranges for n in "abc"] == [((0, 3),), ((4, 7),), ((8, 11),)]
+    reply = state.announce(replace(_ranged("b", 12), whole_blob=True), 0.5)
+    assert (reply.granted, reply.ranges) == (False, ())
+    assert [(lease.node, lease.first, lease.last) for lease in reply.lessees] == [("a", 0, 11)]
+    assert state.announce(_ranged("a", 12, {0, 1}), 1.0).ranges == ((0, 11),)
+    assert state.announce(_ranged("c", 12), 1.0).ranges == ()  # its lease ended; no other range
+    assert state.announce(_ranged("d", 12), 1.0).ranges == ()
+    # The other site keeps its split (its upstream, a mirror of its own, may honour Range).
+    assert state.announce(_ranged("m0", 12, site="s2"), 1.0).ranges == ((0, 3),)
+    # Chunks landing anywhere in the one range keep it alive; a holder that dies loses it after
+    # TTL, and the next asker gets the whole range (it fetches from byte 0 what the site lacks).
+    assert state.announce(_ranged("a", 12, set(range(8))), 5.0).ranges == ((0, 11),)
+    assert state.announce(_ranged("c", 12, set(range(8))), 5.0 + TTL - 0.1).ranges == ()
+    assert state.announce(_ranged("c", 12, set(range(8))), 5.0 + TTL + 0.1).ranges == ((0, 11),)
+
+
+def test_a_site_told_first_that_its_upstream_ignores_range_is_split_in_one_range() -> None:
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
+    assert state.announce(replace(_ranged("a", 12), whole_blob=True), 0.0).ranges == ((0, 11),)
+    assert state.announce(_ranged("b", 12), 0.1).ranges == ()
 
 
 def test_a_node_cutting_the_blob_in_other_chunks_does_not_set_the_sites_split() -> None:

@@ -69,7 +69,7 @@ class _Holder:
         self.pieces_in, self.pieces_out = trio.open_memory_channel[bytes | None](0)
         self.fetch_error: BaseException | None = None
 
-    async def upstream(self, start: int, end: int, accept: Accept) -> None:
+    async def upstream(self, start: int, end: int, accept: Accept, on_range_ignored: object = None) -> None:
         """An HTTP Range answer for bytes start..end: the pieces the test feeds, then its end."""
         left = end + 1 - start
         while left > 0:
@@ -322,7 +322,7 @@ async def test_the_blobs_first_chunks_come_from_the_upstream_in_a_request_each_a
     asked: list[tuple[int, int]] = []
     running = peak = 0
 
-    async def upstream(start: int, end: int, accept: Accept) -> None:
+    async def upstream(start: int, end: int, accept: Accept, on_range_ignored: object = None) -> None:
         nonlocal running, peak
         asked.append((start, end))
         running += 1

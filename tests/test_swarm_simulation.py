@@ -566,7 +566,7 @@ def _digest_coordinated_elsewhere(label: bytes) -> Digest:
 
 
 def _slow_upstream(seconds_per_chunk: float, data: bytes):  # type: ignore[no-untyped-def]
-    async def upstream_range(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
+    async def upstream_range(start: int, end: int, accept, on_range_ignored=None) -> None:  # type: ignore[no-untyped-def]
         for offset in range(start, end + 1, _CHUNK):
             await trio.sleep(seconds_per_chunk)
             await accept(data[offset : min(offset + _CHUNK, end + 1)])
@@ -831,7 +831,7 @@ async def test_a_node_waits_for_a_progressing_range_holder_past_stuck_after_but_
             have.set(index)
             await trio.sleep(ttl / 3)
 
-    def upstream(start: int, end: int, accept):  # type: ignore[no-untyped-def]
+    def upstream(start: int, end: int, accept, on_range_ignored=None):  # type: ignore[no-untyped-def]
         upstream_started.append(trio.current_time())
         return _slow_upstream(0.01, data)(start, end, accept)
 
@@ -1127,7 +1127,7 @@ async def test_a_reader_that_waits_gets_its_chunk_from_the_upstream_when_no_peer
     monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
     upstream_asked: list[tuple[int, int]] = []
 
-    async def upstream_range(start: int, end: int, accept) -> None:  # type: ignore[no-untyped-def]
+    async def upstream_range(start: int, end: int, accept, on_range_ignored=None) -> None:  # type: ignore[no-untyped-def]
         upstream_asked.append((start, end))
         await accept(data[start:end + 1])
 

@@ -60,6 +60,13 @@ Rules/invariants:
   (it died, or lied) or gone, and the site's other trusted holders do not cover the range. Its
   holder may have fetched it and died before any peer copied a chunk of it; the range was done,
   so nobody would fetch those chunks until every reader gave up (``stuck_after``).
+- A site whose upstream ignores Range (a node says so: ``Announce.whole_blob``) fetches the blob
+  in one range: every request to such an upstream brings the blob from its first byte, so each
+  range holder would read the start of the blob to drop it (about half the number of ranges
+  times the blob over the site's link). The split becomes one range; the lease of the range
+  that starts at chunk 0 (its holder reads on to the blob's end) becomes its lease, and the
+  others end (their holders gave their requests up). With no such lease, the next asker is
+  granted the whole range, and fetches from byte 0 what the site lacks.
 - A lease is renewed only while its holder makes progress (its bitmap grows); a holder that
   announces but fetches nothing loses the lease ``lease_ttl`` seconds after its last progress.
 - Memory is bounded: at most ``max_digests`` digests and ``max_holders`` holders each;
@@ -117,6 +124,16 @@ class _SiteRanges:
     ranges: list[tuple[int, int]]
     leases: dict[int, _Lease] = field(default_factory=dict)  # range index → live lease
     done: set[int] = field(default_factory=set)
+    whole: bool = False  # one range: the site's upstream ignores Range (see the module's rules)
+
+    def make_whole(self) -> None:
+        """The split as one range, leased to the holder of the range from chunk 0 if any."""
+        count = self.ranges[-1][1] + 1
+        front = next((lease for lease in self.leases.values() if lease.first == 0), None)
+        self.ranges, self.done, self.leases, self.whole = [(0, count - 1)], set(), {}, True
+        if front is not None:
+            front.last = count - 1
+            self.leases[0] = front
 
 
 @dataclass(slots=True)
@@ -213,6 +230,8 @@ class CoordinatorState:
         if lost_holder:
             self._reopen_lost_ranges(state, now)
         site = self._site(state, message)
+        if site is not None and message.whole_blob and not site.whole and site.ranges:
+            site.make_whole()
         have = _bitmap(message.complete, message.have, site)
         if message.complete:
             self._release(state, message.node)  # done: the blob is in the site now

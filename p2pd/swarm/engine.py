@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import trio
 
@@ -102,9 +103,21 @@ _CAPPED_PIECE_SECONDS = 0.25
 _CAPPED_PIECE_MAX_SECONDS = 1.0
 _CAPPED_PIECE_MIN = 16 * 1024
 
-# Fetches bytes [start, end] of the blob from the upstream and feeds them to a callback; True
-# when the upstream ignored the Range (it sent the blob from its first byte: see the fetcher).
-UpstreamRange = Callable[[int, int, Callable[[bytes], Awaitable[None]]], Awaitable[bool | None]]
+
+class UpstreamRange(Protocol):
+    """Fetches bytes ``start..end`` of the blob from the upstream and feeds them to ``accept``;
+    True when the upstream ignored the Range (it sent the blob from its first byte: see the
+    fetcher). ``on_range_ignored``, when given, is called with the offset asked for as soon as
+    an answer turns out to ignore the Range, before any of its bytes is read: it returns the
+    last byte to read instead of ``end`` (at least ``end``), or raises to give the request up."""
+
+    async def __call__(self, start: int, end: int, accept: Callable[[bytes], Awaitable[None]],
+                       on_range_ignored: Callable[[int], int] | None = None) -> bool | None: ...
+
+
+class _RangeIgnored(Exception):
+    """A range holder's request for chunks past the blob's start was answered from its first
+    byte: given up before that start is read (``Swarm._fetch_run_from_upstream``)."""
 
 
 @dataclass(eq=False)
@@ -175,6 +188,9 @@ class SwarmTransfer:
     lease_wait: tuple[float, int] | None = None  # waiting for a lease holder since, with this many chunks
     arrivals: dict[int, Arrival] = field(default_factory=dict)  # chunks arriving from the upstream now
     rescued: set[int] = field(default_factory=set)  # chunks fetched from the upstream for a waiting reader
+    # The upstream answered a range request with the whole blob: the site's coordinator is told
+    # (``Announce.whole_blob``), and this node fetches from the upstream only from byte 0.
+    range_ignored: bool = False
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -392,7 +408,7 @@ class Swarm:
                         complete, have, want_lease, gone,
                         leased=transfer is not None and transfer.leased, disputed=disputed,
                         ranges=transfer.ranges[:MAX_RANGES] if transfer is not None and transfer.leased else (),
-                        lessees=lessees)
+                        lessees=lessees, whole_blob=transfer is not None and transfer.range_ignored)
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):
@@ -471,6 +487,7 @@ class Swarm:
             starving = False  # free request slots and nothing known to ask for: announce sooner
             upstream_running = False
             asked_after: tuple[tuple[int, int], ...] = ()  # the finished ranges we asked the next one after
+            told_range_ignored = False
             while not transfer.have.is_full():
                 now = time.monotonic()
                 # A node that gets no chunks asks for fresh holders (early, whatever the cluster
@@ -482,6 +499,11 @@ class Swarm:
                     asked_after = transfer.ranges
                     next_announce = now
                 if starving and now - announced_at >= self.announce_interval(leased=transfer.leased):
+                    next_announce = now
+                if transfer.range_ignored and not told_range_ignored:
+                    # The coordinator makes the site's split one range at once, so that no other
+                    # holder asks for (and is sent) the blob's start again.
+                    told_range_ignored = True
                     next_announce = now
                 if now >= next_announce or stalled:
                     # The lease holder keeps asking for its lease too: a backup coordinator that
@@ -569,7 +591,8 @@ class Swarm:
 
             async def fetch() -> None:
                 try:
-                    await self._fetch_run_from_upstream(transfer, index, index, upstream_range, on_progress)
+                    await self._fetch_run_from_upstream(transfer, index, index, upstream_range, on_progress,
+                                                        whole_blob_if_range_ignored=False)
                 except (UpstreamError, VerificationError) as exc:
                     log.info("chunk %d of %s from the upstream failed: %s", index, transfer.digest, exc)
                 nursery.cancel_scope.cancel()
@@ -952,15 +975,23 @@ class Swarm:
             # Our range leases (in order); everything missing once nothing arrives any more.
             allowed = [i for first, last in transfer.ranges for i in range(first, last + 1)]
             mine = set(range(transfer.count)) if stuck else set(allowed)
-            first = next((i for i in sorted(mine) if i not in skip_set), None)
-            if first is None:
+            if transfer.range_ignored:
+                # Every request brings the blob from its first byte: one run from there to its
+                # end, landing what is missing, by the node whose lease starts there (the
+                # coordinator's one range, once told) or that is stuck.
+                run = [i for i in range(transfer.count) if i not in skip_set]
+                first, last = 0, transfer.count - 1
+                if 0 not in mine:
+                    run = []
+            else:
+                first = last = next((i for i in sorted(mine) if i not in skip_set), transfer.count)
+                while last + 1 < transfer.count and last + 1 not in skip_set and last + 1 in mine:
+                    last += 1
+                run = list(range(first, min(last, transfer.count - 1) + 1))
+            if not run:
                 with trio.move_on_after(min(1.0, self.stuck_after / 3)):
                     await transfer.wait_changed()
                 continue
-            last = first
-            while last + 1 < transfer.count and last + 1 not in skip_set and last + 1 in mine:
-                last += 1
-            run = range(first, last + 1)
             transfer.requested.update(run)
             try:
                 await self._fetch_run_from_upstream(transfer, first, last, upstream_range, on_progress)
@@ -1007,14 +1038,25 @@ class Swarm:
         return held
 
     async def _fetch_run_from_upstream(self, transfer: SwarmTransfer, first: int, last: int,
-                                       upstream_range: UpstreamRange, on_progress: Callable[[], None]) -> None:
+                                       upstream_range: UpstreamRange, on_progress: Callable[[], None],
+                                       *, whole_blob_if_range_ignored: bool = True) -> None:
         """Chunks ``first..last`` from the upstream in one request, each verified as it completes.
-        The chunk being filled is an ``Arrival`` peers may be served from while it arrives."""
+        The chunk being filled is an ``Arrival`` peers may be served from while it arrives.
+
+        An upstream that ignores Range sends the whole blob for every request, from its first
+        byte. With ``whole_blob_if_range_ignored`` (a range holder's runs), a run from chunk 0
+        then reads on to the blob's end, landing every chunk not here yet, and any other run is
+        given up before a byte of it is read (``SwarmTransfer.range_ignored`` tells the
+        coordinator, which makes the site's split one range): each holder reading the blob's
+        start to drop it cost the site about half the number of ranges times the blob.
+        Otherwise (a reader's rescue: one chunk) the start is read, paid for and dropped."""
         start = transfer.bounds(first)[0]
         end_offset, end_length = transfer.bounds(last)
         end = end_offset + end_length - 1
         index = first
         arrival: Arrival | None = None
+        next_byte = start  # the first byte not read yet
+        paid_to = start - 1  # the last byte paid for before it was asked for
 
         def open_arrival() -> Arrival | None:
             if index > last or index in transfer.have or index in transfer.arrivals:
@@ -1022,14 +1064,29 @@ class Swarm:
             opened = transfer.arrivals[index] = Arrival(index, bytearray(transfer.bounds(index)[1]))
             return opened
 
-        # Paid for as they are read: with no cap (the takes return at once), or once the upstream
-        # ignored a piece's Range (below). Otherwise each piece is paid for before it is asked for.
-        paid_as_read = self.upstream_bucket.rate <= 0 and not self.site_share.enabled
+        # Under a cap each piece is paid for before it is asked for; bytes past what was paid for
+        # are paid for as they are read: all of them with no cap (the takes return at once), the
+        # rest of the run once the upstream ignored a piece's Range (below).
+        capped = self.upstream_bucket.rate > 0 or self.site_share.enabled
+
+        def on_range_ignored(offset: int) -> int:
+            nonlocal last, end
+            transfer.range_ignored = True
+            transfer.notify()
+            if first != 0:
+                raise _RangeIgnored
+            # From byte 0 (or resumed within a run that began there): the whole blob, at once.
+            last = transfer.count - 1
+            end = transfer.size - 1
+            return end
 
         async def accept(piece: bytes) -> None:
-            nonlocal index, arrival
-            if paid_as_read:
-                await self.pay_for_upstream_bytes(len(piece))
+            nonlocal index, arrival, next_byte, paid_to
+            unpaid = next_byte + len(piece) - 1 - paid_to
+            if unpaid > 0:
+                await self.pay_for_upstream_bytes(unpaid)
+                paid_to += unpaid
+            next_byte += len(piece)
             transfer.upstream_received += len(piece)
             view = memoryview(piece)
             while view:
@@ -1053,20 +1110,26 @@ class Swarm:
                 transfer.notify()
                 on_progress()
 
+        hook = on_range_ignored if whole_blob_if_range_ignored else None
         arrival = open_arrival()
         if arrival is not None:
             transfer.notify()
         try:
-            offset, took = start, 0.0
-            while offset <= end and not paid_as_read:
-                piece_end = offset + await self._pay_upstream_piece(end + 1 - offset, 2 * took) - 1
+            took = 0.0
+            in_pieces = capped
+            while next_byte <= end and in_pieces:
+                paid_to = next_byte + await self._pay_upstream_piece(end + 1 - next_byte, 2 * took) - 1
                 asked = time.monotonic()
                 # An upstream that ignores Range sends the blob from its first byte for every
                 # request: pieces would cost it the square of the blob; the rest in one request.
-                paid_as_read = bool(await upstream_range(offset, piece_end, accept))
-                offset, took = piece_end + 1, time.monotonic() - asked
-            if offset <= end:
-                await upstream_range(offset, end, accept)
+                in_pieces = not await upstream_range(next_byte, paid_to, accept, hook)
+                took = time.monotonic() - asked
+            if next_byte <= end:
+                await upstream_range(next_byte, end, accept, hook)
+        except _RangeIgnored:
+            log.info("the upstream ignored the Range of chunks %d-%d of %s; the run from the blob's start brings them",
+                     first, last, transfer.digest)
+            return
         finally:
             # A run that ends early (an error, a cancel) cuts short the answers relaying its chunk.
             if arrival is not None and not arrival.verified:

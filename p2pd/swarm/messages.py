@@ -77,6 +77,9 @@ class Announce:
     # takes the digest over with no state (its predecessor unreachable, perhaps only from some
     # nodes) learns from them which ranges are being fetched, instead of granting them again.
     lessees: tuple[RangeLease, ...] = ()
+    # The upstream answered the node's range request with the whole blob (it ignores Range):
+    # the coordinator makes the site's split of the blob one range (p2pd.swarm.coordinator).
+    whole_blob: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,8 @@ def encode(message: Message) -> bytes:
             body["handoff"] = True
         if message.lessees:
             body["lessees"] = _encode_lessees(message.lessees)
+        if message.whole_blob:
+            body["whole_blob"] = True
     else:
         body = {
             "t": "reply",
@@ -238,7 +243,7 @@ def decode(data: bytes) -> Message:
             raise MessageError("size must be a non-negative integer")
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
             raise MessageError("chunk_size must be a positive integer")
-        flags = [obj.get(k, False) for k in ("complete", "want_lease", "gone", "leased", "handoff")]
+        flags = [obj.get(k, False) for k in ("complete", "want_lease", "gone", "leased", "handoff", "whole_blob")]
         if not all(isinstance(flag, bool) for flag in flags):
             raise MessageError("flags must be booleans")
         try:
@@ -252,7 +257,7 @@ def decode(data: bytes) -> Message:
                         _text(obj.get("site"), "site"), size, chunk_size, flags[0],
                         _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3],
                         tuple(_text(node, "disputed node") for node in disputed), _ranges(obj.get("ranges", [])),
-                        flags[4], _lessees(obj.get("lessees", [])))
+                        flags[4], _lessees(obj.get("lessees", [])), flags[5])
     if kind == "reply":
         holders = obj.get("holders")
         if not isinstance(holders, list):
