@@ -338,32 +338,32 @@ class Fetcher:
             before = position
             try:
                 self.metrics.upstream_fetches.inc()
-                async with (upstream.open_blob(repository, digest, position, end) as response,
-                            contextlib.aclosing(_gathered(response.aiter_bytes(dropped),
-                                                          end + 1 - position)) as pieces):
+                async with upstream.open_blob(repository, digest, position, end) as response:
                     if response.range_ignored:
                         range_ignored = True
                         self._note_range_ignored(upstream)
                         if on_range_ignored is not None:
                             end = max(end, on_range_ignored(position))
-                    while True:
-                        with trio.move_on_after(stall if stall > 0 and position > before else math.inf) as waited:
-                            piece = await anext(pieces, b"")
-                        if waited.cancelled_caught:
-                            self.metrics.upstream_stalls.inc()
-                            raise UpstreamError(f"no byte for {stall:g}s")
-                        wanted = end + 1 - position
-                        if len(piece) > wanted and dropped is not None:
-                            # Read past the end asked for (an upstream that ignored the Range sends
-                            # on to the blob's end): crossed the link too, so the cap pays for it.
-                            await dropped(len(piece) - wanted)
-                        piece = piece[:wanted]
-                        if not piece:
-                            break
-                        position += len(piece)
-                        await accept(piece)
-                        if position > end:
-                            break
+                    async with contextlib.aclosing(_gathered(response.aiter_bytes(dropped),
+                                                             end + 1 - position)) as pieces:
+                        while True:
+                            with trio.move_on_after(stall if stall > 0 and position > before else math.inf) as waited:
+                                piece = await anext(pieces, b"")
+                            if waited.cancelled_caught:
+                                self.metrics.upstream_stalls.inc()
+                                raise UpstreamError(f"no byte for {stall:g}s")
+                            wanted = end + 1 - position
+                            if len(piece) > wanted and dropped is not None:
+                                # Read past the end asked for (an upstream that ignored the Range
+                                # sends on to the blob's end): crossed the link too, so the cap pays.
+                                await dropped(len(piece) - wanted)
+                            piece = piece[:wanted]
+                            if not piece:
+                                break
+                            position += len(piece)
+                            await accept(piece)
+                            if position > end:
+                                break
             except UpstreamNotFound:
                 raise
             except UpstreamError as exc:
