@@ -820,6 +820,21 @@ def test_a_coordinator_taking_over_gives_each_range_holder_back_its_own_range() 
     assert not reply.granted and {lease.first for lease in reply.lessees} == {0, 6}
 
 
+def test_a_coordinator_taking_over_a_site_whose_upstream_ignores_range_gives_the_front_holder_the_one_range() -> None:
+    """The old coordinator died before it told the holder of the range from chunk 0 that the
+    split became one range: the holder names its old range (it reads the blob to its end). A new
+    coordinator told by another node that the upstream ignores Range gives it the one range
+    back, rather than granting it to a node that would fetch the blob a second time."""
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=4)
+    reply = state.announce(replace(_node_announce("c", have=bytes(1), leased=True, ranges=((4, 5),)),
+                                   whole_blob=True), 1.0)
+    assert not reply.granted  # its range is gone with the split
+    reply = state.announce(replace(_node_announce("a", have=bytes([0b11100000]), leased=True, ranges=((0, 1),)),
+                                   whole_blob=True), 1.5)
+    assert reply.granted and reply.ranges == ((0, 7),)
+    assert not state.announce(_node_announce("d", have=bytes(1)), TTL + 0.1).granted  # a holds it
+
+
 def test_a_coordinator_that_a_joining_node_reached_first_takes_over_when_the_running_transfer_reaches_it() -> None:
     """A node joins mid-pull, the digest's coordinator moves to it, and it announces first, with
     nothing: a new transfer as far as the state knows. The nodes already fetching ranges under

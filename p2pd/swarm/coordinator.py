@@ -66,7 +66,9 @@ Rules/invariants:
   times the blob over the site's link). The split becomes one range; the lease of the range
   that starts at chunk 0 (its holder reads on to the blob's end) becomes its lease, and the
   others end (their holders gave their requests up). With no such lease, the next asker is
-  granted the whole range, and fetches from byte 0 what the site lacks.
+  granted the whole range, and fetches from byte 0 what the site lacks. A coordinator taking
+  over gives the one range back to a holder that names a range from chunk 0 (granted before
+  the split became one range, by a predecessor that died before it said so).
 - A lease is renewed only while its holder makes progress (its bitmap grows); a holder that
   announces but fetches nothing loses the lease ``lease_ttl`` seconds after its last progress.
 - Memory is bounded: at most ``max_digests`` digests and ``max_holders`` holders each;
@@ -372,6 +374,10 @@ class CoordinatorState:
         site's split, unfinished and leased to nobody else): the range it is half way through
         is not handed to another node and fetched twice."""
         for first, last in message.ranges:
+            if site.whole and first == 0:
+                # Its range from chunk 0, named as granted before the split became one range (its
+                # run reads on to the blob's end): the one range is its own.
+                first, last = site.ranges[0]
             try:
                 index = site.ranges.index((first, last))
             except ValueError:
