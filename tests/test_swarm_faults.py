@@ -635,6 +635,32 @@ async def test_a_site_behind_an_upstream_that_ignores_range_fetches_the_blob_onc
         await trio.to_thread.run_sync(cluster.stop)
 
 
+async def test_a_range_holder_whose_chunk_takes_longer_than_a_lease_ttl_keeps_its_range(
+        tmp_path: Path, key_file: Path) -> None:
+    """A thin link: each range holder fetches at 16 KiB/s, so a 64 KiB chunk takes ~4 s to
+    arrive, four lease TTLs (1 s). Its lease lapsed before the chunk landed, a node without a
+    range was granted it and fetched it again while the first holder went on: 1.5 copies of the
+    blob in two of two runs before. Bytes arriving keep the lease now; the seed sends it once."""
+    data = os.urandom(256 * 1024)  # 4 chunks of 64 KiB: 2 ranges, 3 nodes asking for none
+    config = write_swarm_config(tmp_path / "swarm.toml", lease_ttl=1.0, peer_timeout=2.0, upstream_rate=16 * 1024)
+    cluster = Cluster(tmp_path / "swarm", key_file=key_file, count=5, base=160, config=config)
+    await trio.to_thread.run_sync(cluster.start)
+    try:
+        digest = await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
+        await trio.to_thread.run_sync(cluster.wait_members)
+        results: dict[str, object] = {}
+        async with trio.open_nursery() as pulls:
+            for agent in cluster.agents:
+                pulls.start_soon(pull, agent, digest, results)
+        assert results == {agent.node_id: digest for agent in cluster.agents}, cluster.logs()
+        sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
+        leases = [await trio.to_thread.run_sync(a.metric, "p2pd_leases_total") for a in cluster.agents]
+        print(f"\nseed sent {sent / len(data):.2f} x the blob; leases granted per agent {leases}")
+        assert sent <= 1.05 * len(data), cluster.logs()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
 # ---- churn: a node joins mid-pull ----------------------------------------------------------
 
 

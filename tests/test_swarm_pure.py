@@ -351,6 +351,7 @@ def test_messages_round_trip() -> None:
         _announce(have=None, want_lease=False, handoff=True),
         _announce(lessees=(RangeLease("node-b", "127.0.0.11:7000", 0, 3), RangeLease("node-c", "c:1", 4, 7))),
         _announce(leased=True, ranges=((4, 7),), whole_blob=True),
+        _announce(leased=True, ranges=((4, 7),), upstream_bytes=123_456),
     ):
         assert decode(encode(message)) == message
     # A message from a node that does not send the newer flags still decodes.
@@ -434,6 +435,8 @@ MALFORMED = [
     pytest.param(msgpack.packb(_announce_dict(gone="yes")), id="flag-str"),
     pytest.param(msgpack.packb(_announce_dict(leased=None)), id="leased-none"),
     pytest.param(msgpack.packb(_announce_dict(whole_blob=1)), id="whole-blob-int"),
+    pytest.param(msgpack.packb(_announce_dict(upstream_bytes=-1)), id="upstream-bytes-negative"),
+    pytest.param(msgpack.packb(_announce_dict(upstream_bytes=True)), id="upstream-bytes-bool"),
     pytest.param(msgpack.packb(_announce_dict(digest="sha256:1234")), id="bad-digest"),
     pytest.param(msgpack.packb(_announce_dict(digest=5)), id="digest-int"),
     pytest.param(msgpack.packb(_announce_dict(node="")), id="empty-node"),
@@ -1114,6 +1117,51 @@ def test_a_site_fetches_disjoint_ranges_through_several_nodes() -> None:
     # Another site has its own ranges.
     other = state.announce(_ranged("m0", 12, site="s2"), 16.0)
     assert other.granted and other.ranges == ((0, 3),)
+
+
+def test_a_lease_lives_on_bytes_arriving_for_a_bounded_time_without_a_chunk_landing() -> None:
+    """On a thin link a chunk may take longer than a lease TTL to reach its holder: the lease
+    lapsed mid-chunk and went to the next node that asked, which fetched the range again. Bytes
+    arriving (``upstream_bytes`` growing) keep it, for at most ``LEASE_PATIENCE_TTLS`` TTLs since a
+    chunk of it last landed (or the grant); without new bytes or chunks it lapses as before (an
+    announcement within a TTL of the last progress still extends it by a TTL)."""
+    def holder(received: int, have: set[int] | None = None) -> Announce:
+        return replace(_ranged("a", 12, have), upstream_bytes=received)
+
+    def taken_by_another(state: CoordinatorState, now: float) -> bool:
+        return state.announce(_ranged("c", 12), now).granted
+
+    bound, step = coordinator.LEASE_PATIENCE_TTLS * TTL, TTL / 3 - 1  # not a divisor of the TTL
+    # One range. Bytes arriving, no chunk landing: a keeps it up to the bound, then it lapses as
+    # if they had stopped, and the next asker gets it.
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
+    assert state.announce(holder(0), 0.0).ranges == ((0, 11),)
+    now = 0.0
+    while now + step < bound:
+        now += step
+        # Another node asks just before the holder's next announcement (the holder's own would
+        # take a lapsed range back, as it did in a site of three nodes).
+        state.announce(holder(int(now * 1000)), now)
+        assert not taken_by_another(state, now + step - 0.5), now
+    renewed = now
+    for later in (bound + 0.1, bound + step):  # more bytes, past the bound: no longer progress
+        state.announce(holder(int(later * 1000)), later)
+    assert not taken_by_another(state, bound + step + 0.1)
+    assert taken_by_another(state, renewed + 2 * TTL + 0.1)
+    # No new bytes and no chunk: the next asker gets it once a TTL has passed without progress.
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
+    state.announce(holder(500), 0.0)
+    for now in (step, 2 * step, TTL - 0.1):
+        state.announce(holder(500), now)
+    assert taken_by_another(state, 2 * TTL + 0.1)
+    # A chunk landing starts the count again.
+    state = CoordinatorState(lease_ttl=TTL, max_ranges=1)
+    state.announce(holder(0), 0.0)
+    now = 0.0
+    while now + step < bound + 2 * TTL:
+        now += step
+        state.announce(holder(int(now * 1000), {0} if now >= bound - TTL else None), now)
+        assert not taken_by_another(state, now + step - 0.5), now
 
 
 def test_a_site_whose_upstream_ignores_range_fetches_the_blob_in_one_range() -> None:

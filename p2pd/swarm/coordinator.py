@@ -71,6 +71,13 @@ Rules/invariants:
   the split became one range, by a predecessor that died before it said so).
 - A lease is renewed only while its holder makes progress (its bitmap grows); a holder that
   announces but fetches nothing loses the lease ``lease_ttl`` seconds after its last progress.
+  Bytes arriving count too (``Announce.upstream_bytes`` grows), for at most
+  ``LEASE_PATIENCE_TTLS`` lease TTLs since its last chunk landed: on a thin link a chunk can take
+  longer than a TTL to reach its holder (a 1 MiB chunk at 1/16 of an 8 Mbit/s uplink: ~17 s),
+  and a lease that lapsed mid-chunk was granted to another node, which fetched the range again
+  while the first went on (a test site of five nodes: 1.5 copies). A holder that claims bytes
+  it does not fetch keeps its lease no longer than readers wait for a lease holder anyway
+  (``p2pd.swarm.engine``).
 - Memory is bounded: at most ``max_digests`` digests and ``max_holders`` holders each;
   the least recently touched are dropped first.
 """
@@ -87,7 +94,7 @@ from .messages import MAX_HOLDERS, MAX_RANGES, Announce, PeerInfo, RangeLease, R
 from .planning import Bitmap
 from .rendezvous import rank
 
-__all__ = ["MIN_RANGE_CHUNKS", "CoordinatorState", "split_ranges"]
+__all__ = ["LEASE_PATIENCE_TTLS", "MIN_RANGE_CHUNKS", "CoordinatorState", "split_ranges"]
 
 MIN_RANGE_CHUNKS = 2  # a range is worth one upstream request: not smaller than this
 
@@ -102,6 +109,9 @@ def split_ranges(count: int, max_ranges: int) -> list[tuple[int, int]]:
 
 _EXPIRY_INTERVAL = 1.0  # seconds between expiry scans of one digest's holders
 _RECLAIM_SLACK = 2.0  # seconds past a holder's longest gap between announcements (lease_ttl / 3)
+# Lease TTLs a lease lives on bytes arriving without a chunk landing (see the rules); the engine
+# waits as long for a range holder's next chunk before it goes to the upstream itself.
+LEASE_PATIENCE_TTLS = 4
 
 
 @dataclass(slots=True)
@@ -119,6 +129,8 @@ class _Lease:
     chunks: int = 0  # chunks the holder had then
     first: int = 0  # the leased range of chunks (inclusive)
     last: int = -1  # -1: the whole blob (size unknown when granted)
+    received: int = 0  # the holder's upstream bytes for the blob, as last announced
+    landed: float | None = None  # when a chunk of the range last landed (None: the grant)
 
 
 @dataclass(slots=True)
@@ -248,8 +260,12 @@ class CoordinatorState:
                     continue
                 # Progress on its own range: chunks from peers do not keep a range lease alive.
                 chunks = sum(1 for i in range(lease.first, lease.last + 1) if i in have) if have is not None else 0
+                landed = lease.progressed if lease.landed is None else lease.landed
                 if chunks > lease.chunks:
-                    lease.chunks, lease.progressed = chunks, now
+                    lease.chunks, lease.progressed, lease.landed = chunks, now, now
+                elif message.upstream_bytes > lease.received and now - landed < LEASE_PATIENCE_TTLS * self.lease_ttl:
+                    lease.progressed = now  # its chunk is arriving, slower than a lease TTL
+                lease.received = max(lease.received, message.upstream_bytes)
                 if now - lease.progressed < self.lease_ttl:
                     lease.expires = now + self.lease_ttl  # the lessee is alive and working
         site_has_copy = any(h.info.complete and h.info.site == message.site and h.info.node not in state.distrusted
@@ -278,7 +294,7 @@ class CoordinatorState:
             if free is not None:
                 first, last = site.ranges[free]
                 held = site.leases[free] = _Lease(message.node, message.address, now + self.lease_ttl, now,
-                                                  0, first, last)
+                                                  0, first, last, message.upstream_bytes)
                 self.leases_granted += 1
                 mine = [held]
         return self._reply(state, site, message, mine if message.want_lease else [], now)
@@ -386,7 +402,8 @@ class CoordinatorState:
             if index in site.done or held is not None:
                 continue  # in, leased to another node, or already given back to this one
             chunks = sum(1 for i in range(first, last + 1) if i in have) if have is not None else 0
-            site.leases[index] = _Lease(message.node, message.address, now + self.lease_ttl, now, chunks, first, last)
+            site.leases[index] = _Lease(message.node, message.address, now + self.lease_ttl, now, chunks, first, last,
+                                        message.upstream_bytes)
             self.leases_granted += 1  # granted again, by this coordinator
 
     def _release(self, state: _DigestState, node: str) -> None:

@@ -45,7 +45,7 @@ from p2pd.oci.digest import Digest
 from ..errors import UpstreamError, VerificationError
 from .budget import SiteBudgets, SiteShare
 from .chunkwire import Exchange
-from .coordinator import CoordinatorState
+from .coordinator import LEASE_PATIENCE_TTLS, CoordinatorState
 from .grants import GrantStore
 from .membership import Member, Membership
 from .messages import MAX_DISPUTED, MAX_RANGES, Announce, BudgetAsk, BudgetGrant, PeerInfo, RangeLease, Reply
@@ -90,7 +90,7 @@ _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after 
 _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a first peer
 _BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
 _HANDOFF_TIMEOUT = 1.0  # seconds a coordinator with no state waits for the member ranked next to answer
-_LEASE_PATIENCE = 4  # lease TTLs a node waits for a range lease holder without a new chunk before the upstream
+_LEASE_PATIENCE = LEASE_PATIENCE_TTLS  # lease TTLs a node waits for a range holder's next chunk before the upstream
 # A local reader (containerd's stream) that has had no byte for this long, waiting for a chunk
 # peers have and none is sending, gets that one chunk from the upstream (Swarm._rescue_reader).
 _READER_RESCUE_AFTER = 20.0
@@ -408,7 +408,8 @@ class Swarm:
                         complete, have, want_lease, gone,
                         leased=transfer is not None and transfer.leased, disputed=disputed,
                         ranges=transfer.ranges[:MAX_RANGES] if transfer is not None and transfer.leased else (),
-                        lessees=lessees, whole_blob=transfer is not None and transfer.range_ignored)
+                        lessees=lessees, whole_blob=transfer is not None and transfer.range_ignored,
+                        upstream_bytes=transfer.upstream_received if transfer is not None and not complete else 0)
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):

@@ -80,6 +80,10 @@ class Announce:
     # The upstream answered the node's range request with the whole blob (it ignores Range):
     # the coordinator makes the site's split of the blob one range (p2pd.swarm.coordinator).
     whole_blob: bool = False
+    # Bytes the node's upstream fetches of the blob have received so far (verified or not): a
+    # range holder on a thin link whose chunk takes longer than a lease TTL to arrive is still
+    # making progress (p2pd.swarm.coordinator).
+    upstream_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +209,8 @@ def encode(message: Message) -> bytes:
             body["lessees"] = _encode_lessees(message.lessees)
         if message.whole_blob:
             body["whole_blob"] = True
+        if message.upstream_bytes:
+            body["upstream_bytes"] = message.upstream_bytes
     else:
         body = {
             "t": "reply",
@@ -250,6 +256,9 @@ def decode(data: bytes) -> Message:
             digest = Digest.parse(_text(obj.get("digest"), "digest"))
         except Exception as exc:
             raise MessageError("invalid digest") from exc
+        upstream_bytes = obj.get("upstream_bytes", 0)
+        if not isinstance(upstream_bytes, int) or isinstance(upstream_bytes, bool) or not 0 <= upstream_bytes < 2**63:
+            raise MessageError("upstream_bytes must be a non-negative integer")
         disputed = obj.get("disputed", [])
         if not isinstance(disputed, list) or len(disputed) > MAX_DISPUTED:
             raise MessageError(f"disputed must be a list of at most {MAX_DISPUTED} node ids")
@@ -257,7 +266,7 @@ def decode(data: bytes) -> Message:
                         _text(obj.get("site"), "site"), size, chunk_size, flags[0],
                         _optional_bytes(obj.get("have"), "have"), flags[1], flags[2], flags[3],
                         tuple(_text(node, "disputed node") for node in disputed), _ranges(obj.get("ranges", [])),
-                        flags[4], _lessees(obj.get("lessees", [])), flags[5])
+                        flags[4], _lessees(obj.get("lessees", [])), flags[5], upstream_bytes)
     if kind == "reply":
         holders = obj.get("holders")
         if not isinstance(holders, list):
