@@ -86,6 +86,19 @@ async def pull(agent: Agent, digest: str, results: dict[str, object]) -> None:
         results[agent.node_id] = exc
 
 
+async def pull_everywhere(cluster: Cluster, digest: str) -> float:
+    """Every agent of ``cluster`` pulls the blob at once; each must get it whole. Returns the seconds
+    the last pull took."""
+    results: dict[str, object] = {}
+    started = trio.current_time()
+    async with trio.open_nursery() as pulls:
+        for agent in cluster.agents:
+            pulls.start_soon(pull, agent, digest, results)
+    elapsed = trio.current_time() - started
+    assert results == {agent.node_id: digest for agent in cluster.agents}, cluster.logs()
+    return elapsed
+
+
 async def _pull(agent: Agent, digest: str) -> str:
     with trio.fail_after(90):
         return await pull_blob(agent, REPOSITORY, digest)
@@ -319,13 +332,7 @@ async def test_a_member_serving_corrupted_chunks_is_banned_and_nothing_wrong_rea
                 await wait_until(lambda agent=agent: evil_id in agent.live_peers())
         nursery.start_soon(evil.announce_forever, cluster.by_id(coordinator).peer_address, len(data))
         await trio.sleep(1.0)  # the coordinator lists the liar as a complete holder
-        results: dict[str, object] = {}
-        started = trio.current_time()
-        async with trio.open_nursery() as pulls:
-            for agent in cluster.agents:
-                pulls.start_soon(pull, agent, digest, results)
-        elapsed = trio.current_time() - started
-        assert results == {a.node_id: digest for a in cluster.agents}, cluster.logs()
+        elapsed = await pull_everywhere(cluster, digest)
 
         failed = {
             a.node_id: await trio.to_thread.run_sync(a.metric, "p2pd_chunks_failed_total") for a in cluster.agents
@@ -382,13 +389,7 @@ async def test_a_member_falsely_claiming_a_copy_does_not_hold_up_the_site(
         nursery.start_soon(liar.announce_forever, cluster.by_id(coordinator).peer_address, len(data))
         await trio.sleep(1.0)  # the coordinator lists the liar as the site's complete copy
         seed_before = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
-        results: dict[str, object] = {}
-        started = trio.current_time()
-        async with trio.open_nursery() as pulls:
-            for agent in cluster.agents:
-                pulls.start_soon(pull, agent, digest, results)
-        elapsed = trio.current_time() - started
-        assert results == {a.node_id: digest for a in cluster.agents}, cluster.logs()
+        elapsed = await pull_everywhere(cluster, digest)
         disputed = sum([await trio.to_thread.run_sync(a.metric, "p2pd_claims_disputed_total") for a in cluster.agents])
         seed_sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes) - seed_before
         print(f"\nliar {liar_id}: {liar.requests['blob']} chunk requests answered 404; {disputed:.0f} disputes; "
@@ -464,11 +465,7 @@ async def test_nodes_without_the_key_are_refused_and_never_become_members(
             assert (await client.get(peer_url, headers=signed_headers(key, "x", "GET", target))).status_code == 200
 
         # Everyone still pulls; the outsiders alone, from the upstream.
-        results: dict[str, object] = {}
-        async with trio.open_nursery() as pulls:
-            for agent in cluster.agents:
-                pulls.start_soon(pull, agent, digest, results)
-        assert results == {a.node_id: digest for a in cluster.agents}
+        await pull_everywhere(cluster, digest)
         for outsider in outsiders:
             assert await trio.to_thread.run_sync(outsider.peer_bytes) == {}
         for agent in honest:
@@ -616,11 +613,7 @@ async def test_a_site_behind_an_upstream_that_ignores_range_fetches_the_blob_onc
                                     ProxyFaults(ignore_range=True, rate=4 * MiB))
         await trio.to_thread.run_sync(cluster.start_agents, proxy.url)
         await trio.to_thread.run_sync(cluster.wait_members)
-        results: dict[str, object] = {}
-        async with trio.open_nursery() as pulls:
-            for agent in cluster.agents:
-                pulls.start_soon(pull, agent, digest, results)
-        assert results == {agent.node_id: digest for agent in cluster.agents}, cluster.logs()
+        await pull_everywhere(cluster, digest)
         gets = proxy.blob_gets(digest)
         ignored = [await trio.to_thread.run_sync(a.metric, "p2pd_upstream_range_ignored_total") for a in cluster.agents]
         kept = [await trio.to_thread.run_sync(partial(a.metric, "p2pd_fetched_bytes_total", source="upstream"))
@@ -648,11 +641,7 @@ async def test_a_range_holder_whose_chunk_takes_longer_than_a_lease_ttl_keeps_it
     try:
         digest = await trio.to_thread.run_sync(push_blob, cluster.seed.url, REPOSITORY, data)
         await trio.to_thread.run_sync(cluster.wait_members)
-        results: dict[str, object] = {}
-        async with trio.open_nursery() as pulls:
-            for agent in cluster.agents:
-                pulls.start_soon(pull, agent, digest, results)
-        assert results == {agent.node_id: digest for agent in cluster.agents}, cluster.logs()
+        await pull_everywhere(cluster, digest)
         sent = await trio.to_thread.run_sync(cluster.seed_blob_bytes)
         leases = [await trio.to_thread.run_sync(a.metric, "p2pd_leases_total") for a in cluster.agents]
         print(f"\nseed sent {sent / len(data):.2f} x the blob; leases granted per agent {leases}")
