@@ -140,7 +140,7 @@ class _RangeIgnoringUpstream:
                                      FetchConfig(), transport=httpx.MockTransport(ignores_range))
         self.fetcher = Fetcher(AgentConfig(), None, None, AgentMetrics())  # type: ignore[arg-type]  # range path uses neither
         self.swarm = swarm
-        self._piece = piece
+        self.piece = piece
 
     async def __call__(self, start: int, end: int, accept: Callable[[bytes], Awaitable[None]],
                        on_range_ignored: Callable[[int], int] | None = None) -> bool:
@@ -148,11 +148,16 @@ class _RangeIgnoringUpstream:
                                                   dropped=self.swarm.pay_for_upstream_bytes,
                                                   on_range_ignored=on_range_ignored)
 
-    def piece_bytes(self) -> int:
-        return self._piece
-
     def read(self) -> int:
         return sum(length for _at, length in self.taken)
+
+    def assert_paid_as_read(self, began: float) -> None:
+        """What the client had taken by each piece is within the rate since ``began``, the
+        bucket's second of burst and the piece itself (a piece is paid for once it is read)."""
+        read = 0
+        for at, length in self.taken:
+            assert read <= RATE * (at - began) + RATE + self.piece, (read, at - began)
+            read += length
 
 
 async def test_the_bytes_before_the_range_that_an_upstream_sends_anyway_are_paid_for(tmp_path: Path) -> None:
@@ -169,12 +174,8 @@ async def test_the_bytes_before_the_range_that_an_upstream_sends_anyway_are_paid
                                              whole_blob_if_range_ignored=False)
     await upstream.upstream.aclose()
     assert transfer.have.indexes() == [1, 2]
-    read = 0
-    for at, length in upstream.taken:
-        # The bucket holds a second of the rate; a piece is paid for once it is read.
-        assert read <= RATE * (at - began) + RATE + upstream.piece_bytes(), (read, at - began)
-        read += length
-    assert read > len(DATA)  # chunk 0 came twice (two requests), and was paid for both times
+    upstream.assert_paid_as_read(began)
+    assert upstream.read() > len(DATA)  # chunk 0 came twice (two requests), and was paid for both times
 
 
 async def test_a_range_holder_gives_its_run_up_when_the_upstream_sends_the_blob_from_its_start(
@@ -208,8 +209,5 @@ async def test_a_run_from_the_first_chunk_reads_a_range_ignoring_answer_to_the_b
     await upstream.upstream.aclose()
     assert (transfer.range_ignored, transfer.have.is_full(), len(upstream.asked)) == (True, True, 1)
     assert upstream.read() == len(DATA) == transfer.upstream_bytes
-    read = 0
-    for at, length in upstream.taken:
-        if caps:
-            assert read <= RATE * (at - began) + RATE + upstream.piece_bytes(), (read, at - began)
-        read += length
+    if caps:
+        upstream.assert_paid_as_read(began)

@@ -976,23 +976,22 @@ class Swarm:
             # Our range leases (in order); everything missing once nothing arrives any more.
             allowed = [i for first, last in transfer.ranges for i in range(first, last + 1)]
             mine = set(range(transfer.count)) if stuck else set(allowed)
+            first = next((i for i in sorted(mine) if i not in skip_set), None)
+            if first is None or (transfer.range_ignored and 0 not in mine):
+                with trio.move_on_after(min(1.0, self.stuck_after / 3)):
+                    await transfer.wait_changed()
+                continue
             if transfer.range_ignored:
                 # Every request brings the blob from its first byte: one run from there to its
                 # end, landing what is missing, by the node whose lease starts there (the
                 # coordinator's one range, once told) or that is stuck.
-                run = [i for i in range(transfer.count) if i not in skip_set]
                 first, last = 0, transfer.count - 1
-                if 0 not in mine:
-                    run = []
+                run = [i for i in range(transfer.count) if i not in skip_set]
             else:
-                first = last = next((i for i in sorted(mine) if i not in skip_set), transfer.count)
+                last = first
                 while last + 1 < transfer.count and last + 1 not in skip_set and last + 1 in mine:
                     last += 1
-                run = list(range(first, min(last, transfer.count - 1) + 1))
-            if not run:
-                with trio.move_on_after(min(1.0, self.stuck_after / 3)):
-                    await transfer.wait_changed()
-                continue
+                run = list(range(first, last + 1))
             transfer.requested.update(run)
             try:
                 await self._fetch_run_from_upstream(transfer, first, last, upstream_range, on_progress)
