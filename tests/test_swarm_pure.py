@@ -23,7 +23,7 @@ import p2pd.cli
 from p2pd.oci.digest import Digest
 from p2pd.swarm import auth, coordinator, messages, planning, rendezvous
 from p2pd.swarm.auth import AuthError
-from p2pd.swarm.coordinator import MIN_RANGE_CHUNKS, CoordinatorState, split_ranges
+from p2pd.swarm.coordinator import MIN_RANGE_CHUNKS, CoordinatorState, leases_at_once, split_ranges
 from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, RangeLease, Reply, decode, encode
 from p2pd.swarm.planning import LESSEE_LOOKAHEAD, Bitmap, ChunkRequest, lessee_view, plan_requests
 
@@ -718,6 +718,9 @@ def test_a_range_holder_is_asked_for_its_next_chunks_as_far_ahead_as_its_share_o
 TTL = 15.0
 
 
+_SMALL_CHUNK = 64 * 1024
+
+
 def _node_announce(
     node: str,
     *,
@@ -731,8 +734,10 @@ def _node_announce(
     ranges: tuple[tuple[int, int], ...] = (),
 ) -> Announce:
     have = None if complete else have
-    return Announce(digest, node, f"{node}:7000", site, 8 * 2**20, 2**20, complete, have, want_lease, gone, leased,
-                    ranges=ranges)
+    # Eight chunks of 64 KiB: small enough that the site's split is set by max_ranges, not by the
+    # bytes in flight (site_split).
+    return Announce(digest, node, f"{node}:7000", site, 8 * _SMALL_CHUNK, _SMALL_CHUNK, complete, have, want_lease,
+                    gone, leased, ranges=ranges)
 
 
 def test_exactly_one_lease_per_digest_and_site_among_concurrent_requesters() -> None:
@@ -1093,8 +1098,8 @@ def _ranged(node: str, chunks: int, have: set[int] | None = None, **fields: obje
     for index in have or set():
         bitmap.set(index)
     message = _node_announce(node, have=bitmap.to_bytes(), **fields)  # type: ignore[arg-type]
-    return Announce(message.digest, node, message.address, message.site, chunks * 2**20, 2**20, message.complete,
-                    message.have, message.want_lease, message.gone, message.leased)
+    return Announce(message.digest, node, message.address, message.site, chunks * _SMALL_CHUNK, _SMALL_CHUNK,
+                    message.complete, message.have, message.want_lease, message.gone, message.leased)
 
 
 def test_a_site_fetches_disjoint_ranges_through_several_nodes() -> None:
@@ -1198,14 +1203,53 @@ def test_a_node_cutting_the_blob_in_other_chunks_does_not_set_the_sites_split() 
     by its chunk count: the others' bitmaps did not fit, no range was ever done and leases ran
     out (a test pull took 3.6 copies from the seed). Each chunk size has its own split."""
     state = CoordinatorState(lease_ttl=TTL, max_ranges=3)
-    size = 12 * 2**20
-    odd = state.announce(Announce(DIGEST, "old", "127.0.0.9:7000", "s1", size, 4 * 2**20, False,
+    size = 12 * _SMALL_CHUNK
+    odd = state.announce(Announce(DIGEST, "old", "127.0.0.9:7000", "s1", size, 4 * _SMALL_CHUNK, False,
                                   Bitmap(3).to_bytes(), True, False), 0.0)
-    assert odd.granted and odd.ranges == ((0, 2),)  # 3 chunks of 4 MiB: one range (at least 2 chunks each)
+    assert odd.granted and odd.ranges == ((0, 2),)  # 3 chunks of 256 KiB: one range (at least 2 chunks each)
     assert state.announce(_ranged("a", 12), 0.1).ranges == ((0, 3),)
     assert state.announce(_ranged("b", 12), 0.2).ranges == ((4, 7),)
     # a's range is done by its own bitmap, read against its own split; it gets the next one.
     assert state.announce(_ranged("a", 12, set(range(4))), 1.0).ranges == ((8, 11),)
+
+
+def test_a_site_starts_with_a_mebibyte_of_chunks_in_flight_and_runs_more_as_its_rate_allows() -> None:
+    """Each range holder's request gets about 1/R of the site's link when R fetch at once, so a
+    chunk (the one every reader needs next too) reaches its holder after R chunks' worth of the
+    link's time: 16 holders of 256 KiB chunks at 3 Mbit/s took 11 s a chunk, readers waited
+    20-38 s for a byte and 44 chunks were rescued from the seed (N = 32 test bed). A site starts
+    with 1 MiB of chunks in flight and runs more leases once its measured upstream rate brings
+    them within 2 s (a fast link, or an upstream with a rate per request). The ranges stay small
+    (a dead holder loses only its own), and a finished range's holder gets the next free one."""
+    assert leases_at_once(64 * 1024, 16) == 16  # the equal-links matrix's small layers: unchanged
+    assert leases_at_once(256 * 1024, 16) == 4
+    assert leases_at_once(2**20, 16) == 2  # never one: its uplink would carry every first copy
+    assert leases_at_once(2**20, 1) == 1 and leases_at_once(64 * 1024, 3) == 3  # max_ranges still bounds
+    assert leases_at_once(256 * 1024, 16, upstream_rate=375_000) == 4  # 3 Mbit/s: 2.9 chunks in 2 s
+    assert leases_at_once(256 * 1024, 16, upstream_rate=1.5 * 2**20) == 12
+    assert leases_at_once(2**20, 16, upstream_rate=100 * 2**20) == 16
+    chunk = 256 * 1024
+
+    def asks(node: str, have: set[int] | None = None) -> Announce:
+        return replace(_ranged(node, 32, have), size=32 * chunk, chunk_size=chunk)
+
+    state = CoordinatorState(lease_ttl=TTL)
+    replies = [state.announce(asks(f"n{i}"), 0.1 * i) for i in range(8)]
+    assert [reply.ranges for reply in replies] == [((0, 1),), ((2, 3),), ((4, 5),), ((6, 7),), (), (), (), ()]
+    assert not state.announce(asks("n4"), 1.0).granted  # four are live
+    # n0 has its range: it is done, and the next free range is n0's at once (its flow goes on).
+    assert state.announce(asks("n0", {0, 1}), 1.1).ranges == ((8, 9),)
+    assert not state.announce(asks("n4"), 1.2).granted
+    # A lease that ends (its holder gone) frees a place: the next asker gets the first free range.
+    state.announce(replace(asks("n1"), gone=True, want_lease=False), 1.3)
+    assert state.announce(asks("n4"), 1.4).ranges == ((2, 3),)
+    assert not state.announce(asks("n5"), 1.5).granted
+    # The holders say what they fetched: 4 MiB in 2 s since the first grant, 2 MiB/s, 16 chunks
+    # in 2 s — more leases run at once.
+    for node in ("n0", "n2", "n3", "n4"):
+        state.announce(replace(asks(node), upstream_bytes=4 * chunk), 2.0)
+    assert state.announce(asks("n5"), 2.0).ranges == ((10, 11),)
+    assert state.announce(asks("n6"), 2.1).ranges == ((12, 13),)
 
 
 def test_a_node_done_with_its_range_gets_the_next_free_one() -> None:

@@ -42,17 +42,18 @@ import trio.testing
 from p2pd.config import SwarmConfig
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, SMALLEST_AUTO_CHUNK, ChunkMap
 from p2pd.oci.digest import Digest
-from p2pd.swarm.coordinator import CoordinatorState, split_ranges
+from p2pd.swarm.coordinator import DEFAULT_MAX_RANGES, CoordinatorState, leases_at_once, split_ranges
 from p2pd.swarm.engine import Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member
 from p2pd.swarm.messages import Announce, Reply
 from p2pd.swarm.peers import PeerError
 from p2pd.swarm.planning import Bitmap, lessee_view, plan_requests
-from p2pd.swarm.rendezvous import coordinators
+from p2pd.swarm.rendezvous import coordinators, rank
 
 ROUND = 0.25  # simulated seconds per round
 CHUNKS = 16  # a 16 MiB layer in 1 MiB chunks
+_AT_ONCE = leases_at_once(2**20, DEFAULT_MAX_RANGES)  # a site's range leases live at once
 UPSTREAM_CHUNKS_PER_ROUND = 4  # 16 MiB/s from the upstream (or the seed)
 CHUNK_WAIT = 2.0  # the peer endpoint waits this long for a chunk in flight
 RETRY_AFTER = 1.0  # what a busy peer answers
@@ -101,6 +102,7 @@ class _Node:
     leased: bool = False
     lessee: str | None = None
     ranges: tuple[tuple[int, int], ...] = ()  # our range leases
+    ranges_told: tuple[tuple[int, int], ...] = ()  # the leases whose completion was announced at once
     lessees: dict[str, tuple[int, int]] = field(default_factory=dict)  # the site's other range holders
     upstream_running: bool = False
     next_announce: float = 0.0
@@ -194,6 +196,7 @@ class Simulation:
             None if complete else node.have.to_bytes(),
             not complete,
             leased=node.leased and not complete,
+            upstream_bytes=node.upstream_chunks * 2**20,  # as a real node says what it fetched
         )
         node.announcements += 1
         state = self.states.setdefault(self.coordinator_id, CoordinatorState(lease_ttl=self.lease_ttl))
@@ -327,7 +330,12 @@ class Simulation:
             for node in active:
                 # As the engine does: on schedule, or early when no chunk came for stuck_after / 3.
                 stalled = node.announcements and now - max(node.last_progress, node.announced_at) >= self.stalled
-                if node.next_announce <= now or stalled:
+                # And at once when its ranges are all here (it gets the next free one), once.
+                finished = bool(node.ranges) and node.ranges != node.ranges_told and all(
+                    i in node.have for first, last in node.ranges for i in range(first, last + 1))
+                if finished:
+                    node.ranges_told = node.ranges
+                if node.next_announce <= now or stalled or finished:
                     self._absorb(node, self._announce(node, now))
                     node.announced_at = now
                     node.next_announce = now + self.swarm.announce_interval(leased=node.leased)
@@ -400,9 +408,11 @@ def _run(results: dict[tuple[int, int], Result], n: int, sites: int = 1) -> Resu
 @pytest.mark.parametrize("n", [100, 1000])
 def test_one_upstream_fetch_per_blob_and_everyone_completes(results: dict[tuple[int, int], Result], n: int) -> None:
     result = _run(results, n)
-    # The site's fetch is split into range leases: several nodes carry first copies, and the
-    # blob still crosses the uplink exactly once.
-    assert [len(nodes) for nodes in result.upstream_nodes.values()] == [len(split_ranges(CHUNKS, 16))]
+    # The site's fetch is split into range leases: several nodes carry first copies (as many as
+    # leases run at once, at least; a holder done with its range takes the next), and the blob
+    # still crosses the uplink exactly once.
+    assert [_AT_ONCE <= len(nodes) <= len(split_ranges(CHUNKS, DEFAULT_MAX_RANGES))
+            for nodes in result.upstream_nodes.values()] == [True]
     assert result.upstream_chunks == CHUNKS
     # Nobody waited long enough for a chunk to give up on its peers and go to the upstream.
     assert result.longest_wait < result.stuck_after
@@ -414,12 +424,9 @@ def test_one_upstream_fetch_per_blob_and_everyone_completes(results: dict[tuple[
 
 def test_one_upstream_fetch_per_blob_per_site_with_three_sites(results: dict[tuple[int, int], Result]) -> None:
     result = _run(results, 1000, sites=3)
-    ranges = len(split_ranges(CHUNKS, 16))
-    assert {site: len(nodes) for site, nodes in result.upstream_nodes.items()} == {
-        "site-0": ranges,
-        "site-1": ranges,
-        "site-2": ranges,
-    }
+    ranges = len(split_ranges(CHUNKS, DEFAULT_MAX_RANGES))
+    assert sorted(result.upstream_nodes) == ["site-0", "site-1", "site-2"]
+    assert all(_AT_ONCE <= len(nodes) <= ranges for nodes in result.upstream_nodes.values())
     assert result.upstream_chunks == 3 * CHUNKS
     assert result.longest_wait < result.stuck_after
 
@@ -478,6 +485,9 @@ class _FakeMembership:
 
     def is_usable(self, node_id: str) -> bool:
         return True
+
+    def get(self, node_id: str) -> Member | None:
+        return next((m for m in self.others if m.node_id == node_id), None)
 
     def success(self, node_id: str) -> None:
         pass
@@ -563,6 +573,17 @@ def _digest_coordinated_elsewhere(label: bytes) -> Digest:
     members = ["lessee", *(f"node-{i:04d}" for i in range(4))]
     return next(d for d in (Digest("sha256", hashlib.sha256(label + b"%d" % i).hexdigest()) for i in range(100))
                 if coordinators(str(d), members, 1) != ["lessee"])
+
+
+def _recording_upstream(data: bytes):  # type: ignore[no-untyped-def]
+    """An upstream that answers every range at once, and the list of the ranges it was asked."""
+    asked: list[tuple[int, int]] = []
+
+    async def upstream_range(start: int, end: int, accept, on_range_ignored=None) -> None:  # type: ignore[no-untyped-def]
+        asked.append((start, end))
+        await accept(data[start:end + 1])
+
+    return upstream_range, asked
 
 
 def _slow_upstream(seconds_per_chunk: float, data: bytes):  # type: ignore[no-untyped-def]
@@ -1125,11 +1146,7 @@ async def test_a_reader_that_waits_gets_its_chunk_from_the_upstream_when_no_peer
         raise AssertionError("unreachable")
 
     monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
-    upstream_asked: list[tuple[int, int]] = []
-
-    async def upstream_range(start: int, end: int, accept, on_range_ignored=None) -> None:  # type: ignore[no-untyped-def]
-        upstream_asked.append((start, end))
-        await accept(data[start:end + 1])
+    upstream_range, upstream_asked = _recording_upstream(data)
 
     def transfer_with(holding: Bitmap, name: str) -> tuple[SwarmTransfer, int]:
         swarm.transfers.pop(digest, None)
@@ -1173,3 +1190,73 @@ async def test_a_reader_that_waits_gets_its_chunk_from_the_upstream_when_no_peer
         await trio.testing.wait_all_tasks_blocked()
     os.close(fd)
     assert upstream_asked == [(0, _CHUNK - 1)] and not transfer.rescued
+
+
+async def test_a_chunk_all_the_readers_of_a_site_wait_for_is_rescued_by_its_first_ranked_nodes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every reader of a site waits at the same chunk at once (a blob's first, at first): 26 of 32
+    nodes fetched a 512 KiB chunk 0 from the seed at the same second, whose link then carried 26
+    copies, and every client gave up on its agent. Of the nodes that lack the chunk, the first
+    ``_RESCUERS_PER_CHUNK`` ranked for it (rendezvous, the same ranking on every node) rescue it
+    after ``_READER_RESCUE_AFTER``; the others after twice that, if it is still not here."""
+    from p2pd.swarm.engine import _READER_RESCUE_AFTER as RESCUE_AFTER
+    from p2pd.swarm.engine import _RESCUERS_PER_CHUNK
+    from p2pd.swarm.peers import PeerChunk
+
+    members = ["lessee", *(f"node-{i:04d}" for i in range(7))]
+    crowded, lacking = members[1], members[2:]
+
+    def ranked(digest: Digest) -> list[str]:
+        return rank(f"{digest}#0", ["lessee", *lacking])
+
+    digest = next(d for d in (Digest("sha256", hashlib.sha256(b"rescuers%d" % i).hexdigest()) for i in range(200))
+                  if coordinators(str(d), members, 1) != ["lessee"]
+                  and ranked(d).index("lessee") >= _RESCUERS_PER_CHUNK)
+    ahead = ranked(digest)[:ranked(digest).index("lessee")]  # the nodes ranked before this one
+    swarm, _client, _ranking = _engine(monkeypatch, len(members), digest, 1)
+    count = 4
+    data = os.urandom(count * _CHUNK)
+
+    async def fetch_chunk(address: str, digest_: Digest, start: int, length: int, grant: str | None = None,
+                          **_kwargs: object) -> PeerChunk:
+        await trio.sleep(3600)  # the crowded peer sends no byte
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    upstream_range, upstream_asked = _recording_upstream(data)
+
+    def transfer_with(holders: list[str], name: str) -> tuple[SwarmTransfer, int]:
+        swarm.transfers.pop(digest, None)
+        fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT)
+        transfer = swarm.start_transfer(digest, count * _CHUNK, fd, None)
+        transfer.hashes = [hashlib.sha256(data[i * _CHUNK:(i + 1) * _CHUNK]).digest() for i in range(count)]
+        for node in members[1:]:
+            transfer.sources[node] = Bitmap.full(count) if node in holders else Bitmap(count)
+            transfer.addresses[node] = f"{node}:7000"
+        return transfer, fd
+
+    async def rescued(transfer: SwarmTransfer, fd: int, *, not_yet: tuple[float, ...], at: float) -> None:
+        """The reader has waited each of ``not_yet`` (no rescue), then ``at``: chunk 0 comes from
+        the upstream, alone."""
+        async with trio.open_nursery() as nursery:
+            await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
+            await trio.testing.wait_all_tasks_blocked()
+            for waited in not_yet:
+                swarm._rescue_reader(transfer, waited, nursery, upstream_range, lambda: None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not upstream_asked and not transfer.rescued
+            swarm._rescue_reader(transfer, at, nursery, upstream_range, lambda: None)
+            with trio.fail_after(5):
+                while 0 not in transfer.have:
+                    await transfer.wait_changed()
+            nursery.cancel_scope.cancel()
+        os.close(fd)
+        assert upstream_asked == [(0, _CHUNK - 1)]
+        upstream_asked.clear()
+
+    # Ranked after two other nodes that lack it: not before twice the wait.
+    await rescued(*transfer_with([crowded], "waits"), not_yet=(RESCUE_AFTER, 2 * RESCUE_AFTER - 0.1),
+                  at=2 * RESCUE_AFTER)
+    # Once the nodes ranked before it have the chunk (sources, not lacking it), it is ranked first.
+    await rescued(*transfer_with([crowded, *ahead], "rescues"), not_yet=(RESCUE_AFTER - 0.1,), at=RESCUE_AFTER)

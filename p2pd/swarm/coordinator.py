@@ -7,11 +7,12 @@ Rules/invariants:
 - The upstream fetch of a site is split into disjoint chunk *ranges* (at least
   ``MIN_RANGE_CHUNKS`` chunks each, at most ``max_ranges``), each leased to one node at a
   time: a node that asks for a lease gets the first range nobody holds or finished, and the
-  next one when it has finished its own. So several nodes carry the first copies of the
-  blob's chunks into the site instead of one uplink carrying them all, and the site still
-  fetches every chunk from the upstream once. A range is finished when its holder's
-  bitmap covers it. Leases are granted only while the site has no complete holder, and a
-  lease expires ``lease_ttl`` seconds after its holder's last announcement with progress.
+  next one when it has finished its own, while fewer than ``leases_at_once`` leases are live
+  (1 MiB of chunks in flight to start with, more as the site's upstream rate shows it can).
+  So several nodes carry the first copies of the blob's chunks into the site instead of one
+  uplink carrying them all, and the site still fetches every chunk from the upstream once. A
+  range is finished when its holder's bitmap covers it. Leases are granted only while the site
+  has no complete holder, and a lease expires ``lease_ttl`` seconds after its holder's last announcement with progress.
   A site has one split per chunk size: nodes cut a blob by its size (``chunk_size_for``), and
   a node that cuts it otherwise (another version or configuration) gets ranges of its own
   split rather than setting the split the others' bitmaps are read against (a second copy
@@ -94,9 +95,39 @@ from .messages import MAX_HOLDERS, MAX_RANGES, Announce, PeerInfo, RangeLease, R
 from .planning import Bitmap
 from .rendezvous import rank
 
-__all__ = ["LEASE_PATIENCE_TTLS", "MIN_RANGE_CHUNKS", "CoordinatorState", "split_ranges"]
+__all__ = ["DEFAULT_MAX_RANGES", "LEASE_PATIENCE_TTLS", "MIN_RANGE_CHUNKS", "RANGE_FLIGHT_BYTES", "CoordinatorState",
+           "leases_at_once", "split_ranges"]
 
 MIN_RANGE_CHUNKS = 2  # a range is worth one upstream request: not smaller than this
+
+
+# How many of a site's range leases run at once. Each holder has one chunk in flight, and when R
+# holders share the site's link each chunk (the one every reader needs next too) reaches its
+# holder only after R chunks' worth of the link's time: 16 holders of 256 KiB chunks behind
+# 3 Mbit/s took 11 s a chunk, readers went 20-38 s without a byte and 44 chunks were rescued from
+# the seed (N = 32 equal links, a 32 MiB layer; benchmarks.md, twenty-sixth session). So a site
+# starts with RANGE_FLIGHT_BYTES of chunks in flight (16 leases of 64 KiB, 4 of 256 KiB, 2 of
+# 1 MiB) and runs more once its measured upstream rate brings that many chunks within
+# RANGE_FLIGHT_SECONDS: on a fast link, or where each request has a rate of its own (a far
+# upstream, a per-connection limit), more requests at once are more bytes: the 1,000-node
+# simulation (a rate per holder) took 22 s instead of 16 with 2 leases of 1 MiB. Never fewer than
+# MIN_LEASES_AT_ONCE: one holder's uplink would carry the first copy of every chunk into the site.
+# The ranges stay small (a holder that dies loses only its own); the next free one goes to the
+# next asker once a lease ends. A member that claims upstream bytes it did not fetch can open at
+# most max_ranges leases at once, what a site had before.
+RANGE_FLIGHT_BYTES = 1 << 20
+RANGE_FLIGHT_SECONDS = 2.0
+MIN_LEASES_AT_ONCE = 2
+DEFAULT_MAX_RANGES = 16
+_RATE_SPAN_MIN = 0.5  # seconds: the shortest span a site's upstream rate is measured over
+
+
+def leases_at_once(chunk_size: int, max_ranges: int, upstream_rate: float = 0.0) -> int:
+    """How many of a site's range leases may run at once for a blob cut in ``chunk_size`` chunks,
+    given the site's measured ``upstream_rate`` (bytes a second; 0: not known yet)."""
+    chunk = max(chunk_size, 1)
+    flight = max(RANGE_FLIGHT_BYTES // chunk, int(upstream_rate * RANGE_FLIGHT_SECONDS) // chunk)
+    return min(max_ranges, max(MIN_LEASES_AT_ONCE, flight))
 
 
 def split_ranges(count: int, max_ranges: int) -> list[tuple[int, int]]:
@@ -139,6 +170,16 @@ class _SiteRanges:
     leases: dict[int, _Lease] = field(default_factory=dict)  # range index → live lease
     done: set[int] = field(default_factory=set)
     whole: bool = False  # one range: the site's upstream ignores Range (see the module's rules)
+    chunk_size: int = 0
+    upstream: dict[str, int] = field(default_factory=dict)  # node → its upstream bytes for the blob
+    started: float | None = None  # when the first lease was granted
+
+    def upstream_rate(self, now: float) -> float:
+        """The site's upstream bytes a second since its first lease (counted over at least
+        ``_RATE_SPAN_MIN``: a range of a few chunks may be done within its first round)."""
+        if self.started is None:
+            return 0.0
+        return sum(self.upstream.values()) / max(now - self.started, _RATE_SPAN_MIN)
 
     def make_whole(self) -> None:
         """The split as one range, leased to the holder of the range from chunk 0 if any."""
@@ -169,7 +210,7 @@ class CoordinatorState:
 
     def __init__(self, *, lease_ttl: float = 15.0, holder_ttl: float = 60.0, complete_ttl: float = 1800.0,
                  max_digests: int = 20_000, max_holders: int = 4096, distrust_ttl: float | None = None,
-                 max_ranges: int = 16, node_id: str | None = None) -> None:
+                 max_ranges: int = DEFAULT_MAX_RANGES, node_id: str | None = None) -> None:
         self.node_id = node_id  # this coordinator's node: a hand-off pauses it only for a node that outranks it
         self.max_ranges = min(max_ranges, MAX_RANGES)
         self.lease_ttl = lease_ttl
@@ -247,6 +288,9 @@ class CoordinatorState:
         if site is not None and message.whole_blob and not site.whole and site.ranges:
             site.make_whole()
         have = _bitmap(message.complete, message.have, site)
+        if site is not None and message.upstream_bytes > 0 and trusted \
+                and (message.node in site.upstream or len(site.upstream) < self.max_holders):
+            site.upstream[message.node] = max(site.upstream.get(message.node, 0), message.upstream_bytes)
         if message.complete:
             self._release(state, message.node)  # done: the blob is in the site now
         elif site is not None:
@@ -291,11 +335,14 @@ class CoordinatorState:
         if message.want_lease and not mine and site is not None and not site_has_copy and not message.gone \
                 and may_grant:
             free = next((i for i in range(len(site.ranges)) if i not in site.leases and i not in site.done), None)
-            if free is not None:
+            at_once = leases_at_once(site.chunk_size, self.max_ranges, site.upstream_rate(now))
+            if free is not None and len(site.leases) < at_once:
                 first, last = site.ranges[free]
                 held = site.leases[free] = _Lease(message.node, message.address, now + self.lease_ttl, now,
                                                   0, first, last, message.upstream_bytes)
                 self.leases_granted += 1
+                if site.started is None:
+                    site.started = now
                 mine = [held]
         return self._reply(state, site, message, mine if message.want_lease else [], now)
 
@@ -382,7 +429,8 @@ class CoordinatorState:
         site = state.sites.get(key)
         if site is None and message.size is not None and message.chunk_size > 0:
             count = -(-message.size // message.chunk_size)
-            site = state.sites[key] = _SiteRanges(split_ranges(max(count, 1), self.max_ranges))
+            site = state.sites[key] = _SiteRanges(split_ranges(max(count, 1), self.max_ranges),
+                                                  chunk_size=message.chunk_size)
         return site
 
     def _reclaim(self, site: _SiteRanges, message: Announce, have: Bitmap | None, now: float) -> None:

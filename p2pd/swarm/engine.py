@@ -18,7 +18,8 @@ Rules/invariants:
 - A node that gets no chunk for ``stuck_after`` seconds fetches the missing ranges from
   the upstream itself; a dead lease holder's lease expires and moves to another node.
 - A local reader that has waited ``_READER_RESCUE_AFTER`` for its next chunk, one peers have
-  and none is sending, gets that one chunk from the upstream (``_rescue_reader``), once.
+  and none is sending, gets that one chunk from the upstream (``_rescue_reader``), once; at the
+  site's first-ranked nodes that lack it, the others after twice as long.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ _LEASE_PATIENCE = LEASE_PATIENCE_TTLS  # lease TTLs a node waits for a range hol
 # A local reader (containerd's stream) that has had no byte for this long, waiting for a chunk
 # peers have and none is sending, gets that one chunk from the upstream (Swarm._rescue_reader).
 _READER_RESCUE_AFTER = 20.0
+# Of the site's nodes that lack a chunk, the ones ranked first for it (rendezvous) rescue it when
+# their readers wait; the others only after twice as long (the rescuers' copies come first). All
+# the readers of a site wait at the same chunk at once: 26 of 32 nodes fetched a blob's first
+# 512 KiB chunk from the seed at the same second, the seed's link then carried 26 copies of it
+# and every client gave up on its agent (equal 3 Mbit/s links, a 64 MiB layer; benchmarks.md,
+# twenty-sixth session).
+_RESCUERS_PER_CHUNK = 2
 # Under an upstream cap, a range holder asks the upstream for this many seconds of its rate at a
 # time (at least _CAPPED_PIECE_MIN bytes), each piece paid for before it is asked for
 # (Swarm._pay_upstream_piece); for twice as long as the last piece took to come, when that
@@ -561,7 +569,9 @@ class Swarm:
         the uplink). Only a chunk that peers have and none is sending is rescued: one not in the
         site yet is its range holder's to bring, one arriving (however slowly) is on its way.
         After ``_READER_RESCUE_AFTER`` it comes from the upstream, once per chunk: a chunk, not
-        the blob. (Asking it of more peers at once after 5 s as well was measured and dropped:
+        the blob; and only at the site's first-ranked nodes that lack it (``_rescuers``), the
+        others waiting twice as long, so a site's readers stuck at one chunk do not all fetch it.
+        (Asking it of more peers at once after 5 s as well was measured and dropped:
         hundreds of extra requests per pull at N = 32, 4 % more bytes on the downlinks, no
         fewer waits.)
         """
@@ -575,11 +585,22 @@ class Swarm:
             return  # not in the site yet: its range holder brings it (stuck_after if it died)
         if any(exchange.received for exchange, chunk in transfer.exchanges.items() if chunk == index):
             return  # on its way, if slowly
+        if waited < 2 * _READER_RESCUE_AFTER and self.me.node_id not in self._rescuers(transfer, index):
+            return  # the site's first-ranked nodes that lack it bring it from the upstream
         transfer.rescued.add(index)
         self.metrics.reader_rescues.inc()
         log.info("chunk %d of %s: a reader waited %.0fs while no peer that has it sent a byte of it; fetching it "
                  "from the upstream", index, transfer.digest, waited)
         nursery.start_soon(self._rescue_from_upstream, transfer, index, upstream_range, on_progress)
+
+    def _rescuers(self, transfer: SwarmTransfer, index: int) -> list[str]:
+        """The nodes of this site, as far as this node knows, that pull the blob and lack chunk
+        ``index`` (this node among them), ranked for it: the first ``_RESCUERS_PER_CHUNK``. The
+        nodes' views differ a little, so a chunk may have a rescuer or two more, not one per node."""
+        lacking = [node for node, bitmap in transfer.sources.items()
+                   if index not in bitmap and (member := self.membership.get(node)) is not None
+                   and member.site == self.me.site]
+        return rank(f"{transfer.digest}#{index}", [*lacking, self.me.node_id])[:_RESCUERS_PER_CHUNK]
 
     async def _rescue_from_upstream(self, transfer: SwarmTransfer, index: int, upstream_range: UpstreamRange,
                                     on_progress: Callable[[], None]) -> None:
