@@ -1196,8 +1196,8 @@ async def test_a_chunk_all_the_readers_of_a_site_wait_for_is_rescued_by_its_firs
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Every reader of a site waits at the same chunk at once (a blob's first, at first): 26 of 32
-    nodes fetched a 512 KiB chunk 0 from the seed at the same second, whose link then carried 26
-    copies, and every client gave up on its agent. Of the nodes that lack the chunk, the first
+    nodes asked the seed for a 512 KiB chunk 0 within two seconds (equal 3 Mbit/s links; in
+    another run every client gave up on its agent). Of the nodes that lack the chunk, the first
     ``_RESCUERS_PER_CHUNK`` ranked for it (rendezvous, the same ranking on every node) rescue it
     after ``_READER_RESCUE_AFTER``; the others after twice that, if it is still not here."""
     from p2pd.swarm.engine import _READER_RESCUE_AFTER as RESCUE_AFTER

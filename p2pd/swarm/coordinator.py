@@ -12,7 +12,8 @@ Rules/invariants:
   So several nodes carry the first copies of the blob's chunks into the site instead of one
   uplink carrying them all, and the site still fetches every chunk from the upstream once. A
   range is finished when its holder's bitmap covers it. Leases are granted only while the site
-  has no complete holder, and a lease expires ``lease_ttl`` seconds after its holder's last announcement with progress.
+  has no complete holder, and a lease expires ``lease_ttl`` seconds after its holder's last
+  announcement with progress.
   A site has one split per chunk size: nodes cut a blob by its size (``chunk_size_for``), and
   a node that cuts it otherwise (another version or configuration) gets ranges of its own
   split rather than setting the split the others' bitmaps are read against (a second copy
@@ -95,8 +96,8 @@ from .messages import MAX_HOLDERS, MAX_RANGES, Announce, PeerInfo, RangeLease, R
 from .planning import Bitmap
 from .rendezvous import rank
 
-__all__ = ["DEFAULT_MAX_RANGES", "LEASE_PATIENCE_TTLS", "MIN_RANGE_CHUNKS", "RANGE_FLIGHT_BYTES", "CoordinatorState",
-           "leases_at_once", "split_ranges"]
+__all__ = ["DEFAULT_MAX_RANGES", "LEASE_PATIENCE_TTLS", "MIN_RANGE_CHUNKS", "CoordinatorState", "leases_at_once",
+           "split_ranges"]
 
 MIN_RANGE_CHUNKS = 2  # a range is worth one upstream request: not smaller than this
 

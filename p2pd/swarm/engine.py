@@ -97,10 +97,10 @@ _LEASE_PATIENCE = LEASE_PATIENCE_TTLS  # lease TTLs a node waits for a range hol
 _READER_RESCUE_AFTER = 20.0
 # Of the site's nodes that lack a chunk, the ones ranked first for it (rendezvous) rescue it when
 # their readers wait; the others only after twice as long (the rescuers' copies come first). All
-# the readers of a site wait at the same chunk at once: 26 of 32 nodes fetched a blob's first
-# 512 KiB chunk from the seed at the same second, the seed's link then carried 26 copies of it
-# and every client gave up on its agent (equal 3 Mbit/s links, a 64 MiB layer; benchmarks.md,
-# twenty-sixth session).
+# the readers of a site wait at the same chunk at once: 26 of 32 nodes asked the seed for a
+# blob's first 512 KiB chunk within two seconds, on top of the range holders' requests (equal
+# 3 Mbit/s links, a 64 MiB layer; in another run of that code every client gave up on its agent;
+# benchmarks.md, twenty-sixth session).
 _RESCUERS_PER_CHUNK = 2
 # Under an upstream cap, a range holder asks the upstream for this many seconds of its rate at a
 # time (at least _CAPPED_PIECE_MIN bytes), each piece paid for before it is asked for
