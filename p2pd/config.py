@@ -146,7 +146,8 @@ class SwarmConfig:
     coordinator_backups: int = 2
     lease_ttl: float = 15.0
     peer_timeout: float = 5.0  # a chunk request with no progress for this long moves to another source
-    max_parallel_chunks: int = 16  # chunk requests in flight (docs/architecture.md, "Request slots")
+    # chunk requests of a blob in flight; fewer of chunks over 128 KiB (docs/architecture.md, "Request slots")
+    max_parallel_chunks: int = 16
     max_requests_per_peer: int = 2
     ban_seconds: float = 300.0  # a peer that sent bad bytes is ignored this long
     suspend_after_failures: int = 3

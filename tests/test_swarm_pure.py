@@ -25,7 +25,7 @@ from p2pd.swarm import auth, coordinator, messages, planning, rendezvous
 from p2pd.swarm.auth import AuthError
 from p2pd.swarm.coordinator import MIN_RANGE_CHUNKS, CoordinatorState, leases_at_once, split_ranges
 from p2pd.swarm.messages import MAX_HOLDERS, Announce, MessageError, PeerInfo, RangeLease, Reply, decode, encode
-from p2pd.swarm.planning import LESSEE_LOOKAHEAD, Bitmap, ChunkRequest, lessee_view, plan_requests
+from p2pd.swarm.planning import LESSEE_LOOKAHEAD, Bitmap, ChunkRequest, lessee_view, plan_requests, request_slots
 
 
 def _digest(name: str) -> Digest:
@@ -610,6 +610,20 @@ def test_equally_rare_chunks_and_sources_are_chosen_at_random() -> None:
     assert max(firsts.values()) < 40
     chosen = Counter(request.source for seed in range(100) for request in plan(seed))
     assert set(chosen) == set(sources) and all(count == 200 for count in chosen.values())  # 2 each, every time
+
+
+def test_a_transfer_keeps_the_bytes_of_its_request_slots_in_flight_not_their_count() -> None:
+    """A node's requests in flight share its downlink, so each chunk takes about as long as all
+    of them: 16 chunks of 512 KiB at 3 Mbit/s are 22 s a chunk, the reader's first one included.
+    Up to 128 KiB a chunk takes a slot; bigger ones take as many as their bytes, never fewer than
+    4 slots in all (several peers sending at once)."""
+    assert request_slots(64 * 1024, 16) == 16  # the matrix's small layers: unchanged
+    assert request_slots(128 * 1024, 16) == 16
+    assert request_slots(256 * 1024, 16) == 8
+    assert request_slots(512 * 1024, 16) == 4
+    assert request_slots(2**20, 16) == 4  # the floor
+    assert request_slots(64 * 1024, 2) == 2 and request_slots(2**20, 2) == 2  # the configured number bounds
+    assert request_slots(256 * 1024, 32) == 16  # a larger configured number keeps its bytes
 
 
 def test_planning_a_large_blob_stops_when_every_source_is_at_its_cap() -> None:

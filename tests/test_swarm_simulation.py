@@ -40,7 +40,7 @@ import trio
 import trio.testing
 
 from p2pd.config import SwarmConfig
-from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, SMALLEST_AUTO_CHUNK, ChunkMap
+from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, SMALLEST_AUTO_CHUNK, ChunkHasher, ChunkMap
 from p2pd.oci.digest import Digest
 from p2pd.swarm.coordinator import DEFAULT_MAX_RANGES, CoordinatorState, leases_at_once, split_ranges
 from p2pd.swarm.engine import Swarm, SwarmTransfer
@@ -1113,6 +1113,32 @@ async def test_a_chunk_claimed_only_while_it_was_asked_for_is_not_a_false_claim(
     os.close(fd)
     assert holder not in transfer.disputed and holder in transfer.sources
     assert transfer.retry_at[holder] <= trio.current_time() + 0.2  # asked again soon
+
+
+@pytest.mark.parametrize(("chunk", "flows"), [(64 * 1024, 4), (128 * 1024, 4), (256 * 1024, 2), (512 * 1024, 1)])
+async def test_the_front_holder_fetches_up_to_half_a_mebibyte_of_first_chunks_in_requests_of_their_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, chunk: int, flows: int
+) -> None:
+    """The holder of a blob's first range fetches its first chunks in a request each, at once (a
+    larger share of a thin uplink for what every reader needs first), but at most 512 KiB of them:
+    where chunks are big few holders fetch at once, chunk 0's flow has a large share already, and
+    four flows of 512 KiB took chunk 0 of a 64 MiB layer 11 s to its holder instead of 7 s."""
+    digest = _digest_coordinated_elsewhere(b"front")
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    data = os.urandom(8 * chunk)
+    hasher = ChunkHasher(chunk)
+    hasher.update(data)
+    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT)
+    transfer = swarm.start_transfer(digest, len(data), fd, hasher.finish(digest))
+    transfer.leased, transfer.ranges = True, ((0, 7),)
+    upstream_range, asked = _recording_upstream(data)
+    try:
+        await swarm._fetch_front_from_upstream(transfer, upstream_range, lambda: None)
+    finally:
+        os.close(fd)
+    front = [(i * chunk, (i + 1) * chunk - 1) for i in range(flows)] if flows > 1 else []
+    assert sorted(asked) == front
+    assert transfer.have.indexes() == [i for i in range(8) if (i * chunk, (i + 1) * chunk - 1) in front]
 
 
 async def test_a_reader_that_waits_gets_its_chunk_from_the_upstream_when_no_peer_sends_it(

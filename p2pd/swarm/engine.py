@@ -61,7 +61,7 @@ from .peers import (
     PeerUnreachable,
     TokenBucket,
 )
-from .planning import Bitmap, lessee_view, plan_requests
+from .planning import Bitmap, lessee_view, plan_requests, request_slots
 from .rendezvous import coordinators, rank
 
 __all__ = ["HOLDBACK", "RELAY_HOLDBACK", "Arrival", "Swarm", "SwarmTransfer"]
@@ -84,6 +84,7 @@ _READ_PIECE = 1024 * 1024
 _COMPLETED_MAPS = 4096
 _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned before the rarest ones
 _FRONT_FLOWS = 4  # a blob's first chunks, fetched from the upstream in a request each, at once
+_FRONT_BYTES = 512 * 1024  # ... at most this many bytes of them (fewer flows for bigger chunks)
 _ENDGAME_CHUNKS = 4  # chunks missing (all requested) from which one in flight is also asked of a second peer
 _SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
@@ -761,7 +762,7 @@ class Swarm:
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
                                       on_progress: Callable[[], None]) -> bool:
         """Starts requests for free slots; True when slots stay free for want of known sources."""
-        room = self.max_parallel_chunks - sum(transfer.busy.values())
+        room = request_slots(transfer.chunk_size, self.max_parallel_chunks) - sum(transfer.busy.values())
         if room <= 0:
             return False
         needed = [i for i in transfer.have.missing() if i not in transfer.requested]
@@ -1031,11 +1032,18 @@ class Swarm:
         up at byte 0 and fetched the layer from the seed. Requests of their own give the first
         chunks a larger share together, and they do not all starve at once. The bytes are the
         same (one copy per site); a range of many chunks is not split further, so a reader
-        that follows it in order is not slowed by parts of it arriving side by side."""
+        that follows it in order is not slowed by parts of it arriving side by side. At most
+        ``_FRONT_BYTES`` of them: where chunks are big, few holders fetch at once (the
+        coordinator's ``leases_at_once``) and the first chunk's own flow has a large share
+        already; split four ways, a 512 KiB chunk 0 of a 64 MiB layer took 11 s instead of 7 s
+        to reach its holder (N = 32, equal 3 Mbit/s links; docs/benchmarks.md, 27th session)."""
         front = next(((first, last) for first, last in transfer.ranges if first == 0), None)
         if front is None or front[1] < 1:
             return
-        chunks = range(0, min(front[1], _FRONT_FLOWS - 1) + 1)
+        flows = min(_FRONT_FLOWS, _FRONT_BYTES // max(1, transfer.chunk_size))
+        if flows < 2:
+            return  # one chunk at a time: the first one alone takes the range's whole share
+        chunks = range(0, min(front[1], flows - 1) + 1)
         busy = transfer.requested | self._held_by_peers(transfer)
         if any(i in transfer.have or i in busy for i in chunks):
             return

@@ -129,6 +129,24 @@ def lessee_view(known: Bitmap | None, count: int, first: int, last: int, lessees
     return view
 
 
+SLOT_CHUNK_BYTES = 128 * 1024  # the chunk size up to which each chunk in flight takes one request slot
+MIN_REQUEST_SLOTS = 4
+
+
+def request_slots(chunk_size: int, max_parallel_chunks: int) -> int:
+    """How many chunk requests a transfer keeps in flight for a blob cut in ``chunk_size``
+    chunks: ``max_parallel_chunks`` of chunks up to ``SLOT_CHUNK_BYTES``, fewer of bigger ones
+    (the same bytes in flight), never fewer than ``MIN_REQUEST_SLOTS``.
+
+    A node's downlink is shared by its requests in flight, so each chunk takes about as long
+    as all of them together: 16 chunks of 512 KiB (a 64 MiB layer) at a 3 Mbit/s link are 22 s
+    a chunk, the first chunk included, while a reader waits for its first byte (N = 32, equal
+    links: bench clients gave up on their agents after 30 s; docs/benchmarks.md, 27th session).
+    The floor keeps several peers sending at once: one peer's upload is a share of its uplink."""
+    chunk = max(chunk_size, 1)
+    return min(max_parallel_chunks, max(MIN_REQUEST_SLOTS, max_parallel_chunks * SLOT_CHUNK_BYTES // chunk))
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkRequest:
     index: int

@@ -67,17 +67,19 @@ _MAX_ANNOUNCE = 1024 * 1024
 _PIECE = 256 * 1024
 _MAX_SLOT_WAITERS = 4  # requests waiting for an upload slot, per slot
 _RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
-# Relays of one arriving chunk, per upload slot, or one per range holder of its blob when they
-# are more. Every reader wants a blob's first chunk at once: with 31 peers relaying it (N = 32,
-# equal links), the fan-out at the chunk's arrival rate was twice the holder's uplink, the
-# holder's own upstream flow starved behind it (its ACKs share that uplink), the chunk took 15 s
-# to arrive and bench clients gave up at byte 0 (docs/benchmarks.md, sixth session). But K range
-# holders share the seed's uplink, so a chunk arrives at ~1/K of it: K relays of it send about
-# what the seed does, no more than a node's uplink as fast as the seed's. With 8 a chunk, the 15
+# Relays of one arriving chunk: one per range holder of its blob (fetching at once), at least 2.
+# K holders share the seed's uplink, so a chunk arrives at ~1/K of it, and K relays of it send
+# about what the seed does, no more than a node's uplink as fast as the seed's. More relays than
+# that share the holder's uplink below the chunk's arrival rate, so every one of them ends later
+# than the chunk itself: every reader wants a blob's first chunk at once, and with 31 peers
+# relaying it (N = 32, equal links) the holder's own upstream flow starved behind them, the chunk
+# took 15 s to arrive and bench clients gave up at byte 0 (docs/benchmarks.md, sixth session);
+# with 8 relays of a 512 KiB chunk that 2 holders fetched (a 64 MiB layer), each relay ran at an
+# eighth of the holder's uplink (27th session). Fewer than K: with 8 relays a chunk, the 15
 # peers of an N = 16 site asked each holder for its arriving chunk, 7 of them waited 2 s
 # (``chunk_wait``) for nothing, and half of every node's request slots sat in those waits in the
-# first seconds of a pull (docs/benchmarks.md, thirteenth session).
-_CHUNK_RELAYS_PER_SLOT = 2
+# first seconds of a pull (thirteenth session).
+_MIN_CHUNK_RELAYS = 2
 _RELAY_STALL = 30.0  # seconds a relayed chunk may go without a new byte before its answer is cut
 _VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
 
@@ -117,7 +119,6 @@ class PeerService:
         self.chunk_wait = chunk_wait
         self.relays = 0
         self.max_relays = _RELAYS_PER_SLOT * max_uploads
-        self.max_relays_per_chunk = _CHUNK_RELAYS_PER_SLOT * max_uploads
         self._verified_grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         # POST /p2p/v1/preheat: JSON request body in, JSON report out (p2pd/preheat.py); None: 404.
         self.preheat_handler: Callable[[bytes], Awaitable[bytes]] | None = None
@@ -303,10 +304,10 @@ class PeerService:
 
     def _relays_per_chunk(self, transfer: SwarmTransfer) -> int:
         """How many answers may relay one chunk of ``transfer`` while it arrives (see
-        ``_CHUNK_RELAYS_PER_SLOT``): the per-slot bound, or the blob's range holders (the other
-        nodes' leases this node knows of, and its own) when they are more."""
+        ``_MIN_CHUNK_RELAYS``): the blob's range holders (the other nodes' leases this node
+        knows of, and its own), at least 2."""
         holders = len(transfer.lessees) + (1 if transfer.leased else 0)
-        return max(self.max_relays_per_chunk, holders)
+        return max(_MIN_CHUNK_RELAYS, holders)
 
     async def _take_slot(self) -> None:
         """Waits (bounded) for an upload slot; raises 429 when none frees in time."""
