@@ -12,7 +12,8 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["LESSEE_LOOKAHEAD", "Bitmap", "ChunkRequest", "lessee_view", "plan_requests"]
+__all__ = ["LESSEE_LOOKAHEAD", "MIN_REQUEST_SLOTS", "SLOT_CHUNK_BYTES", "Bitmap", "ChunkRequest", "lessee_view",
+           "plan_requests", "request_slots"]
 
 
 # The set bits of each byte value, most significant first (bit 0 of a bitmap is 0x80 of byte 0):
