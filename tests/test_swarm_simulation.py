@@ -1115,6 +1115,45 @@ async def test_a_chunk_claimed_only_while_it_was_asked_for_is_not_a_false_claim(
     assert transfer.retry_at[holder] <= trio.current_time() + 0.2  # asked again soon
 
 
+@pytest.mark.parametrize(("chunk", "in_flight"), [(64 * 1024, 16), (256 * 1024, 8), (512 * 1024, 4)])
+async def test_a_node_keeps_a_blobs_request_slots_by_their_bytes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock, chunk: int,
+    in_flight: int,
+) -> None:
+    """Sixteen chunk requests of 64 KiB in flight, as many of bigger chunks as hold 2 MiB (at
+    least 4): every peer holds the whole blob and answers nothing, so the scheduler fills every
+    slot it has, and no more."""
+    digest = _digest_coordinated_elsewhere(b"slots")
+    swarm, _client, _ranking = _engine(monkeypatch, 12, digest, 1)
+    asked: list[int] = []
+
+    async def fetch_chunk(address: str, digest_: Digest, start: int, length: int, grant: str | None = None,
+                          **_kwargs: object) -> NoReturn:
+        asked.append(start // chunk)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    data = os.urandom(32 * chunk)
+    hasher = ChunkHasher(chunk)
+    hasher.update(data)
+    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT)
+    transfer = swarm.start_transfer(digest, len(data), fd, hasher.finish(digest))
+    for member in swarm.membership.live()[1:]:
+        transfer.sources[member.node_id] = Bitmap.full(transfer.count)
+        transfer.addresses[member.node_id] = member.address
+    try:
+        async with trio.open_nursery() as nursery:
+            await swarm._schedule_peer_requests(transfer, nursery, lambda: None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(asked) == len(set(asked)) == in_flight
+            await swarm._schedule_peer_requests(transfer, nursery, lambda: None)  # no free slot: nothing more
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(asked) == in_flight
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize(("chunk", "flows"), [(64 * 1024, 4), (128 * 1024, 4), (256 * 1024, 2), (512 * 1024, 1)])
 async def test_the_front_holder_fetches_up_to_half_a_mebibyte_of_first_chunks_in_requests_of_their_own(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, chunk: int, flows: int

@@ -93,7 +93,7 @@ from dataclasses import dataclass, field
 from p2pd.oci.digest import Digest
 
 from .messages import MAX_HOLDERS, MAX_RANGES, Announce, PeerInfo, RangeLease, Reply
-from .planning import Bitmap
+from .planning import Bitmap, chunks_within
 from .rendezvous import rank
 
 __all__ = ["DEFAULT_MAX_RANGES", "LEASE_PATIENCE_TTLS", "MIN_RANGE_CHUNKS", "CoordinatorState", "leases_at_once",
@@ -126,9 +126,8 @@ _RATE_SPAN_MIN = 0.5  # seconds: the shortest span a site's upstream rate is mea
 def leases_at_once(chunk_size: int, max_ranges: int, upstream_rate: float = 0.0) -> int:
     """How many of a site's range leases may run at once for a blob cut in ``chunk_size`` chunks,
     given the site's measured ``upstream_rate`` (bytes a second; 0: not known yet)."""
-    chunk = max(chunk_size, 1)
-    flight = max(RANGE_FLIGHT_BYTES // chunk, int(upstream_rate * RANGE_FLIGHT_SECONDS) // chunk)
-    return min(max_ranges, max(MIN_LEASES_AT_ONCE, flight))
+    flight = max(RANGE_FLIGHT_BYTES, int(upstream_rate * RANGE_FLIGHT_SECONDS))
+    return chunks_within(flight, chunk_size, at_least=MIN_LEASES_AT_ONCE, at_most=max_ranges)
 
 
 def split_ranges(count: int, max_ranges: int) -> list[tuple[int, int]]:

@@ -61,7 +61,7 @@ from .peers import (
     PeerUnreachable,
     TokenBucket,
 )
-from .planning import Bitmap, lessee_view, plan_requests, request_slots
+from .planning import Bitmap, chunks_within, lessee_view, plan_requests, request_slots
 from .rendezvous import coordinators, rank
 
 __all__ = ["HOLDBACK", "RELAY_HOLDBACK", "Arrival", "Swarm", "SwarmTransfer"]
@@ -1040,7 +1040,7 @@ class Swarm:
         front = next(((first, last) for first, last in transfer.ranges if first == 0), None)
         if front is None or front[1] < 1:
             return
-        flows = min(_FRONT_FLOWS, _FRONT_BYTES // max(1, transfer.chunk_size))
+        flows = chunks_within(_FRONT_BYTES, transfer.chunk_size, at_least=1, at_most=_FRONT_FLOWS)
         if flows < 2:
             return  # one chunk at a time: the first one alone takes the range's whole share
         chunks = range(0, min(front[1], flows - 1) + 1)

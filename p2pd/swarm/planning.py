@@ -12,8 +12,8 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["LESSEE_LOOKAHEAD", "MIN_REQUEST_SLOTS", "SLOT_CHUNK_BYTES", "Bitmap", "ChunkRequest", "lessee_view",
-           "plan_requests", "request_slots"]
+__all__ = ["LESSEE_LOOKAHEAD", "MIN_REQUEST_SLOTS", "SLOT_CHUNK_BYTES", "Bitmap", "ChunkRequest", "chunks_within",
+           "lessee_view", "plan_requests", "request_slots"]
 
 
 # The set bits of each byte value, most significant first (bit 0 of a bitmap is 0x80 of byte 0):
@@ -130,6 +130,14 @@ def lessee_view(known: Bitmap | None, count: int, first: int, last: int, lessees
     return view
 
 
+def chunks_within(budget: int, chunk_size: int, *, at_least: int, at_most: int) -> int:
+    """How many chunks of ``chunk_size`` bytes fit in ``budget`` bytes, kept within
+    ``at_least``..``at_most`` (``at_most`` wins). The swarm bounds what it has in flight in
+    bytes, not chunks: a chunk shares a link with the others in flight, so it takes as long as
+    their bytes together (range leases at once, request slots, the front flows)."""
+    return min(at_most, max(at_least, budget // max(chunk_size, 1)))
+
+
 SLOT_CHUNK_BYTES = 128 * 1024  # the chunk size up to which each chunk in flight takes one request slot
 MIN_REQUEST_SLOTS = 4
 
@@ -144,8 +152,8 @@ def request_slots(chunk_size: int, max_parallel_chunks: int) -> int:
     a chunk, the first chunk included, while a reader waits for its first byte (N = 32, equal
     links: bench clients gave up on their agents after 30 s; docs/benchmarks.md, 27th session).
     The floor keeps several peers sending at once: one peer's upload is a share of its uplink."""
-    chunk = max(chunk_size, 1)
-    return min(max_parallel_chunks, max(MIN_REQUEST_SLOTS, max_parallel_chunks * SLOT_CHUNK_BYTES // chunk))
+    return chunks_within(max_parallel_chunks * SLOT_CHUNK_BYTES, chunk_size, at_least=MIN_REQUEST_SLOTS,
+                         at_most=max_parallel_chunks)
 
 
 @dataclass(frozen=True, slots=True)
