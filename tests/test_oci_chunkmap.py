@@ -60,10 +60,10 @@ def test_chunk_size_for_a_blob() -> None:
     # Small blobs are cut into at least TARGET_CHUNKS chunks, down to SMALLEST_AUTO_CHUNK;
     # large ones keep the configured (largest) size.
     assert [chunk_size_for(size, DEFAULT_CHUNK_SIZE) // 1024 for size in (0, 1, mib, 12 * mib, 16 * mib, 24 * mib,
-                                                                           32 * mib, 64 * mib, 128 * mib,
-                                                                           1024 * mib)] == [
-        64, 64, 64, 64, 128, 128, 256, 512, 1024, 1024]
-    assert chunk_size_for(1024 * mib, 4 * mib) == 4 * mib
+                                                                           32 * mib, 64 * mib, 128 * mib, 256 * mib,
+                                                                           512 * mib, 1024 * mib)] == [
+        64, 64, 64, 64, 64, 64, 64, 128, 256, 512, 1024, 1024]
+    assert chunk_size_for(4096 * mib, 4 * mib) == 4 * mib
     assert chunk_size_for(12 * mib, MIN_CHUNK_SIZE) == MIN_CHUNK_SIZE  # never above the configured size
     rng = random.Random(3)
     sizes = sorted(rng.randrange(0, 2 * 1024 * mib) for _ in range(300))

@@ -53,13 +53,17 @@ def chunk_count(blob_size: int, chunk_size: int) -> int:
 # costs a chunk's transfer time. A 12 MiB layer in 1 MiB chunks gave 8-32 nodes 12 pieces to
 # pass around and the last node waited 2.1x the bound with node links as fast as the seed's (7.3x
 # at N = 32, where clients gave up on the first chunk); in 128 KiB chunks 1.5x and 1.9x, before
-# the relays (docs/benchmarks.md). A hop's share of the whole pull is about range holders (16) ÷
-# chunks, whatever the blob's size: 128 chunks (64 KiB for the matrix's 12 and 8 MiB layers)
-# instead of 64 took the equal-links cells from 1.26x, 1.26x and
-# 1.59x the bound (N = 8, 16, 32) to 1.16x, 1.22x and 1.48-1.51x, for 10-20 % more CPU per MiB
-# (docs/benchmarks.md, nineteenth session). Large blobs keep the configured size: enough chunks
-# already, and fewer requests, hashes and bitmap bits per MiB.
-TARGET_CHUNKS = 128
+# the relays (docs/benchmarks.md). 128 chunks instead of 64 took the equal-links cells from 1.26x,
+# 1.26x and 1.59x the bound (N = 8, 16, 32) to 1.16x, 1.22x and 1.48-1.51x (nineteenth session).
+# Bigger blobs need small chunks too where links are slow: a site runs RANGE_FLIGHT_BYTES of range
+# leases at once (p2pd.swarm.coordinator: 8 holders of 128 KiB, 4 of 256 KiB, 2 of 512 KiB), and
+# the fewer holders, the fewer uplinks carry the first copies into the site and relay them. A
+# 64 MiB layer at equal 3 Mbit/s links, N = 32: 2.03-2.49x in 512 KiB chunks (the old 128),
+# 1.36x in 256 KiB, 1.23x in 128 KiB (this target), 1.34x in 64 KiB; a 128 MiB one 1.82x in
+# 512 KiB, 1.33x in 256 KiB (docs/benchmarks.md, twenty-eighth session). The price is CPU per
+# MiB (1.3-1.5x at 128 KiB against 512 KiB there): very large blobs keep the configured size, where
+# chunks are plenty and a chunk's per-blob bookkeeping grows with their number.
+TARGET_CHUNKS = 512
 SMALLEST_AUTO_CHUNK = 64 * 1024
 
 

@@ -52,7 +52,9 @@ REPOSITORY = "bench/cpu"
 # Set (to the MTU) in the private network namespace the benchmark re-runs itself in.
 _PRIVATE_LOOPBACK_ENV = "P2PD_BENCH_PRIVATE_LOOPBACK_MTU"
 DEFAULT_LINK_MTU = 1500
-DEFAULT_CASES = "64:8,128:64,128:256,1024:128,1024:1024,64:8:4,128:16:4"  # chunk KiB : blob MiB [: sender Mbit/s]
+# chunk KiB : blob MiB [: sender Mbit/s]. A blob is cut in a row's chunks only from TARGET_CHUNKS of
+# them up (chunk_size_for): 1 MiB chunks from 512 MiB, 128 KiB from 64 MiB.
+DEFAULT_CASES = "64:8,128:64,128:256,1024:512,1024:1024,64:8:4,128:64:16"
 
 
 def _cpu_seconds(pid: int, thread: int | None = None) -> float:

@@ -222,12 +222,14 @@ SCENARIOS["two-sites"] = Scenario(
     description="two sites of 8 nodes, each behind its own 16 Mbit/s link to the same seed; site 1 caps its "
                 "upstream at 8 Mbit/s")
 # Issue 11's CPU goal at the chunk size real layers get: the matrix's 8-12 MiB layers are cut in
-# 64 KiB chunks, a layer of 128 MiB or more in 1 MiB ones (chunk_size_for). Same links as the
-# N = 8, 2x cell; tells a per-chunk cost (requests, planning, handshakes) from a per-byte one.
+# 64 KiB chunks, a layer of 512 MiB or more in 1 MiB ones (chunk_size_for). The N = 8, 2x cell's
+# ratio at twice its rates (so that 512 MiB take ~4.5 min); tells a per-chunk cost (requests,
+# planning, handshakes) from a per-byte one.
 SCENARIOS["big-chunks"] = Scenario(
-    "big-chunks", "Big layer (1 MiB chunks)", nodes=8, seed_mbit=16, node_mbit=32, layer_mib=128, client="httpx",
+    "big-chunks", "Big layer (1 MiB chunks)", nodes=8, seed_mbit=16, node_mbit=32, layer_mib=512, client="httpx",
     methods=("p2pd",), p2pd_runs=1,
-    description="the N = 8, 2x matrix cell with a 128 MiB layer, cut in 1 MiB chunks instead of 64 KiB: "
+    description="N = 8, node links 2x the seed's (16 and 32 Mbit/s) with a 512 MiB layer, cut in 1 MiB chunks "
+                "instead of 64 KiB: "
                 "CPU per MiB at the chunk size of real layers")
 # Issue 11: churn during a cluster burst.
 SCENARIOS["churn"] = Scenario(
