@@ -357,7 +357,8 @@ class Storage:
         if chunk_map is not None and chunk_map.size == size:
             self._store_chunk_map(chunk_map)
             # The map p2pd nodes ask for (``?largest=`` their chunk size, by default the same as
-            # ours): smaller chunks for a blob under TARGET_CHUNKS of ours, so hashing it again is cheap.
+            # ours): smaller chunks for a blob under TARGET_CHUNKS of ours (chunk_size_for). Computed
+            # here, one more read of a blob under 512 MiB, so that the nodes' first pull does not wait.
             adaptive = chunk_size_for(size, self.chunk_size)
             if adaptive != self.chunk_size:
                 self._store_chunk_map(self._compute_chunk_map(expected, adaptive))

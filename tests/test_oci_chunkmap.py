@@ -12,7 +12,9 @@ from p2pd.oci.chunkmap import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    MIN_CHUNKS,
     SMALLEST_AUTO_CHUNK,
+    SPREAD_CHUNK,
     TARGET_CHUNKS,
     ChunkHasher,
     ChunkMap,
@@ -57,12 +59,12 @@ def test_validate_chunk_size() -> None:
 
 def test_chunk_size_for_a_blob() -> None:
     mib = 1024 * 1024
-    # Small blobs are cut into at least TARGET_CHUNKS chunks, down to SMALLEST_AUTO_CHUNK;
-    # large ones keep the configured (largest) size.
+    # Small blobs are cut into at least MIN_CHUNKS chunks, down to SMALLEST_AUTO_CHUNK; chunks stay
+    # at SPREAD_CHUNK until a blob has TARGET_CHUNKS of them; large ones keep the configured size.
     assert [chunk_size_for(size, DEFAULT_CHUNK_SIZE) // 1024 for size in (0, 1, mib, 12 * mib, 16 * mib, 24 * mib,
                                                                            32 * mib, 64 * mib, 128 * mib, 256 * mib,
                                                                            512 * mib, 1024 * mib)] == [
-        64, 64, 64, 64, 64, 64, 64, 128, 256, 512, 1024, 1024]
+        64, 64, 64, 64, 128, 128, 128, 128, 256, 512, 1024, 1024]
     assert chunk_size_for(4096 * mib, 4 * mib) == 4 * mib
     assert chunk_size_for(12 * mib, MIN_CHUNK_SIZE) == MIN_CHUNK_SIZE  # never above the configured size
     rng = random.Random(3)
@@ -73,7 +75,8 @@ def test_chunk_size_for_a_blob() -> None:
         assert chosen == sorted(chosen)  # a larger blob never gets smaller chunks
         for size, chunk in zip(sizes, chosen, strict=True):
             if SMALLEST_AUTO_CHUNK < chunk < largest:
-                assert TARGET_CHUNKS <= chunk_count(size, chunk) <= 2 * TARGET_CHUNKS
+                least = MIN_CHUNKS if chunk <= SPREAD_CHUNK else TARGET_CHUNKS
+                assert least <= chunk_count(size, chunk) <= 2 * TARGET_CHUNKS
     with pytest.raises(OCIError):
         chunk_size_for(mib, 1000)
 

@@ -19,8 +19,10 @@ from .errors import OCIError
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
+    "MIN_CHUNKS",
     "MIN_CHUNK_SIZE",
     "SMALLEST_AUTO_CHUNK",
+    "SPREAD_CHUNK",
     "TARGET_CHUNKS",
     "ChunkHasher",
     "ChunkMap",
@@ -47,35 +49,48 @@ def chunk_count(blob_size: int, chunk_size: int) -> int:
     return max(1, -(-blob_size // chunk_size)) if blob_size else 0
 
 
-# A blob is cut into at least this many chunks when that keeps chunks at SMALLEST_AUTO_CHUNK or
-# more. Past its range holder (which relays a chunk while it arrives) a chunk moves
-# store-and-forward: a node passes it on once it has all of it, verified, so every further hop
-# costs a chunk's transfer time. A 12 MiB layer in 1 MiB chunks gave 8-32 nodes 12 pieces to
-# pass around and the last node waited 2.1x the bound with node links as fast as the seed's (7.3x
-# at N = 32, where clients gave up on the first chunk); in 128 KiB chunks 1.5x and 1.9x, before
-# the relays (docs/benchmarks.md). 128 chunks instead of 64 took the equal-links cells from 1.26x,
-# 1.26x and 1.59x the bound (N = 8, 16, 32) to 1.16x, 1.22x and 1.48-1.51x (nineteenth session).
-# Bigger blobs need small chunks too where links are slow: a site runs RANGE_FLIGHT_BYTES of range
-# leases at once (p2pd.swarm.coordinator: 8 holders of 128 KiB, 4 of 256 KiB, 2 of 512 KiB), and
-# the fewer holders, the fewer uplinks carry the first copies into the site and relay them. A
-# 64 MiB layer at equal 3 Mbit/s links, N = 32: 2.03-2.49x in 512 KiB chunks (the old 128),
-# 1.36x in 256 KiB, 1.23x in 128 KiB (this target), 1.34x in 64 KiB; a 128 MiB one 1.82x in
-# 512 KiB, 1.33x in 256 KiB (docs/benchmarks.md, twenty-eighth session). The price is CPU per
-# MiB (1.3-1.5x at 128 KiB against 512 KiB there): very large blobs keep the configured size, where
-# chunks are plenty and a chunk's per-blob bookkeeping grows with their number.
+# How a blob is cut (chunk_size_for). Past its range holder (which relays a chunk while it
+# arrives) a chunk moves store-and-forward: a node passes it on once it has all of it, verified,
+# so every further hop costs a chunk's transfer time. A 12 MiB layer in 1 MiB chunks gave 8-32
+# nodes 12 pieces to pass around and the last node waited 2.1x the bound with node links as fast
+# as the seed's (7.3x at N = 32, where clients gave up on the first chunk); in 128 KiB chunks 1.5x
+# and 1.9x, before the relays (docs/benchmarks.md). So a blob gets at least MIN_CHUNKS: 128
+# instead of 64 took the equal-links cells from 1.26x, 1.26x and 1.59x the bound (N = 8, 16, 32)
+# to 1.16x, 1.22x and 1.48-1.51x (nineteenth session).
+# Bigger blobs need small chunks too where links are slow: a site runs a byte budget of range
+# leases at once (p2pd.swarm.coordinator RANGE_FLIGHT_BYTES: 8 holders of 128 KiB chunks, 4 of
+# 256 KiB, 2 of 512 KiB), and the fewer holders, the fewer uplinks carry the first copies into the
+# site and relay them. A 64 MiB layer at equal 3 Mbit/s links, N = 32: 2.03-2.49x in 512 KiB
+# chunks (128 of them, the rule before), 1.34-1.36x in 256 KiB, 1.23x in 128 KiB, 1.34x in 64 KiB;
+# a 128 MiB one 1.82x in 512 KiB, 1.33x in 256 KiB (docs/benchmarks.md, twenty-eighth session).
+# So chunks stay at SPREAD_CHUNK until a blob has TARGET_CHUNKS of them, and only then grow. Not
+# 64 KiB for those blobs: no faster at N = 32, and on fast links the per-chunk CPU shows (the edge
+# site's 24 MiB layer in 64 KiB chunks: 1.25x against 1.19-1.21x in 128 KiB). The price against
+# the rule before is CPU per MiB (1.3-1.5x at 128 KiB against 512 KiB for the 64 MiB layer):
+# very large blobs keep the configured size, where a node's per-blob bookkeeping grows with the
+# number of chunks.
+MIN_CHUNKS = 128
+SPREAD_CHUNK = 128 * 1024
 TARGET_CHUNKS = 512
 SMALLEST_AUTO_CHUNK = 64 * 1024
 
 
+def _power_of_two_at_most(value: int) -> int:
+    return 1 << (value.bit_length() - 1) if value > 0 else 1
+
+
 def chunk_size_for(blob_size: int, largest: int) -> int:
     """The chunk size every node uses for a blob of ``blob_size`` bytes, given the configured
-    (largest) chunk size: the largest power of two that cuts the blob into ``TARGET_CHUNKS``
-    chunks, between ``SMALLEST_AUTO_CHUNK`` and ``largest``. Nodes and the seed compute it
-    from the size alone, so they agree without talking."""
+    (largest) chunk size: a power of two that cuts the blob into at least ``MIN_CHUNKS`` chunks,
+    no larger than ``SPREAD_CHUNK`` until that cuts it into ``TARGET_CHUNKS`` or more (up to
+    32 MiB in 64 KiB, 16-64 MiB in 128 KiB, 128 MiB in 256 KiB, 256 MiB in 512 KiB, 512 MiB and
+    more in 1 MiB), between ``SMALLEST_AUTO_CHUNK`` and ``largest``. Nodes and the seed compute
+    it from the size alone, so they agree without talking."""
     validate_chunk_size(largest)
-    size = max(blob_size, 0) // TARGET_CHUNKS
-    chosen = 1 << (size.bit_length() - 1) if size else 1
-    return min(largest, max(SMALLEST_AUTO_CHUNK, chosen))
+    size = max(blob_size, 0)
+    few = _power_of_two_at_most(size // MIN_CHUNKS)
+    many = _power_of_two_at_most(size // TARGET_CHUNKS)
+    return min(largest, max(SMALLEST_AUTO_CHUNK, many, min(SPREAD_CHUNK, few)))
 
 
 @dataclass(frozen=True, slots=True)

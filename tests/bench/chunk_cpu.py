@@ -52,9 +52,9 @@ REPOSITORY = "bench/cpu"
 # Set (to the MTU) in the private network namespace the benchmark re-runs itself in.
 _PRIVATE_LOOPBACK_ENV = "P2PD_BENCH_PRIVATE_LOOPBACK_MTU"
 DEFAULT_LINK_MTU = 1500
-# chunk KiB : blob MiB [: sender Mbit/s]. A blob is cut in a row's chunks only from TARGET_CHUNKS of
-# them up (chunk_size_for): 1 MiB chunks from 512 MiB, 128 KiB from 64 MiB.
-DEFAULT_CASES = "64:8,128:64,128:256,1024:512,1024:1024,64:8:4,128:64:16"
+# chunk KiB : blob MiB [: sender Mbit/s]. A blob is cut in a row's chunks only if it is big enough
+# (chunk_size_for): 128 KiB from 16 MiB, 1 MiB from 512 MiB.
+DEFAULT_CASES = "64:8,128:64,128:256,1024:512,1024:1024,64:8:4,128:16:4"
 
 
 def _cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _case(text: str) -> tuple[int, float, float]:
     """``chunk KiB:blob MiB[:sender Mbit/s]`` (no rate: unpaced). The blob must be large enough to
-    be cut in chunks of that size (``chunk_size_for``: at least ``TARGET_CHUNKS`` of them), since
+    be cut in chunks of that size (``chunk_size_for``; ``TARGET_CHUNKS`` of them always are), since
     the chunk size is the agents' largest and smaller blobs get smaller chunks."""
     fields = text.split(":")
     chunk_kib, blob_mib = int(fields[0]), float(fields[1])
