@@ -65,10 +65,10 @@ def chunk_count(blob_size: int, chunk_size: int) -> int:
 # a 128 MiB one 1.82x in 512 KiB, 1.33x in 256 KiB (docs/benchmarks.md, twenty-eighth session).
 # So chunks stay at SPREAD_CHUNK until a blob has TARGET_CHUNKS of them, and only then grow. Not
 # 64 KiB for those blobs: no faster at N = 32, and on fast links the per-chunk CPU shows (the edge
-# site's 24 MiB layer in 64 KiB chunks: 1.25x against 1.19-1.21x in 128 KiB). The price against
-# the rule before is CPU per MiB (1.3-1.5x at 128 KiB against 512 KiB for the 64 MiB layer):
-# very large blobs keep the configured size, where a node's per-blob bookkeeping grows with the
-# number of chunks.
+# site's 24 MiB layer in 64 KiB chunks: 1.25x at 33.6 ms/MiB, against 1.22x at 22.2 in 128 KiB).
+# The price against the rule before is CPU per MiB (1.3-1.5x at 128 KiB against 512 KiB for the
+# 64 MiB layer): very large blobs keep the configured size, where a node's per-blob bookkeeping
+# grows with the number of chunks.
 MIN_CHUNKS = 128
 SPREAD_CHUNK = 128 * 1024
 TARGET_CHUNKS = 512
