@@ -82,9 +82,9 @@ def _power_of_two_at_most(value: int) -> int:
 def chunk_size_for(blob_size: int, largest: int) -> int:
     """The chunk size every node uses for a blob of ``blob_size`` bytes, given the configured
     (largest) chunk size: a power of two that cuts the blob into at least ``MIN_CHUNKS`` chunks,
-    no larger than ``SPREAD_CHUNK`` until that cuts it into ``TARGET_CHUNKS`` or more (up to
-    32 MiB in 64 KiB, 16-64 MiB in 128 KiB, 128 MiB in 256 KiB, 256 MiB in 512 KiB, 512 MiB and
-    more in 1 MiB), between ``SMALLEST_AUTO_CHUNK`` and ``largest``. Nodes and the seed compute
+    no larger than ``SPREAD_CHUNK`` until that cuts it into ``TARGET_CHUNKS`` or more (under
+    16 MiB in 64 KiB, from 16 MiB in 128 KiB, from 128 MiB in 256 KiB, from 256 MiB in 512 KiB,
+    from 512 MiB in 1 MiB), between ``SMALLEST_AUTO_CHUNK`` and ``largest``. Nodes and the seed compute
     it from the size alone, so they agree without talking."""
     validate_chunk_size(largest)
     size = max(blob_size, 0)
