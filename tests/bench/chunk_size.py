@@ -1,9 +1,12 @@
 """``make bench-chunks``: which swarm chunk size distributes one blob to a group of agents fastest.
 
-For every chunk size (default 256 KiB, 1 MiB, 4 MiB, 16 MiB), loopback only:
+For every chunk size (default 128 KiB, 256 KiB, 512 KiB, 1 MiB), loopback only. A size is the
+agents' and the seed's largest; a blob too small for it would be cut in smaller chunks
+(``chunk_size_for``: at least 512 chunks of more than 128 KiB), so a size is refused unless the blob
+(``--blob-mib``) comes in chunks of exactly that size:
 
 1. One seed per size (``[storage] chunk_size = S``, so the chunk map is computed during the
-   push), all pushed the same random blob (``--blob-mib``, default 128), streamed from a file.
+   push), all pushed the same random blob (``--blob-mib``, default 512), streamed from a file.
 2. Each repetition starts ``--agents`` (default 5) fresh agents (new data directories), with
    peer endpoints on distinct addresses 127.0.0.11, 127.0.0.12, ..., static peers, a cluster
    key, no mDNS, ``[swarm] chunk_size = S`` and rate limits that make the transfer
@@ -34,7 +37,7 @@ Writes the section between ``<!-- bench-chunks:start -->`` and ``<!-- bench-chun
 of the Markdown file given by ``--out`` (other sections are kept) and the raw numbers as JSON
 (default ``docs/bench/chunk_size.json`` next to it); prints the section to stdout.
 
-    python -m tests.bench.chunk_size --out docs/benchmarks.md [--sizes 256K,1M,4M,16M] [--reps 3] ...
+    python -m tests.bench.chunk_size --out docs/benchmarks.md [--sizes 128K,256K,512K,1M] [--reps 3] ...
     python -m tests.bench.chunk_size --out docs/benchmarks.md --render-json docs/bench/chunk_size.json
 """
 
@@ -59,6 +62,7 @@ from typing import Any
 
 import httpx
 
+from p2pd.oci.chunkmap import chunk_size_for
 from tests.bench.common import (
     DASH,
     MIB,
@@ -80,7 +84,7 @@ from tests.harness.tools import tail
 MARK_START = "<!-- bench-chunks:start -->"
 MARK_END = "<!-- bench-chunks:end -->"
 SECTION_TITLE = "## Swarm chunk size (make bench-chunks)"
-DEFAULT_SIZES = "256K,1M,4M,16M"
+DEFAULT_SIZES = "128K,256K,512K,1M"
 KIB = 1024
 _PEER_HOST = "127.0.0.{}"
 _FIRST_HOST = 11  # agents' peer endpoints: 127.0.0.11, 127.0.0.12, ...
@@ -618,11 +622,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="raw results (default: OUT's dir/bench/chunk_size.json)")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated chunk sizes (powers of two)")
     parser.add_argument("--agents", type=int, default=5, help="agents per repetition")
-    parser.add_argument("--blob-mib", type=int, default=128, help="size of the random blob")
+    parser.add_argument("--blob-mib", type=int, default=512, help="size of the random blob")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per chunk size")
     parser.add_argument("--upload-rate", type=float, default=20.0, help="MiB/s each agent serves to peers")
     parser.add_argument("--upstream-rate", type=float, default=20.0, help="MiB/s an agent fetches from the seed")
-    parser.add_argument("--max-time", type=float, default=45.0, help="seconds a client may take for the blob")
+    parser.add_argument("--max-time", type=float, default=120.0, help="seconds a client may take for the blob")
     parser.add_argument("--render-json", type=Path, metavar="JSON",
                         help="do not measure: rewrite the section from results saved by an earlier run")
     parser.add_argument("--budget-s", type=float, default=400.0,
@@ -747,6 +751,12 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         return 2
     if args.agents < 2 or args.reps < 1 or args.blob_mib < 1 or args.upload_rate <= 0 or args.upstream_rate <= 0:
         log("need --agents >= 2, --reps >= 1, --blob-mib >= 1 and positive rates")
+        return 2
+    recut = {s: chunk_size_for(args.blob_mib * MIB, s) for s in sizes}
+    if any(cut != s for s, cut in recut.items()):
+        log("--sizes: a " + f"{args.blob_mib} MiB blob is cut in "
+            + ", ".join(f"{cut // KIB} KiB chunks, not {s // KIB}" for s, cut in recut.items() if cut != s)
+            + " (chunk_size_for); use a bigger --blob-mib or smaller sizes")
         return 2
     json_path = args.json or args.render_json or args.out.parent / "bench" / "chunk_size.json"
     if args.render_json is not None:
