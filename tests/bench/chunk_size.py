@@ -579,7 +579,7 @@ def render_section(report: dict[str, Any]) -> str:
         f"with other work just before the run; other work used {load['other_cpu_share']:.0%} of the machine's "
         f"CPU during the transfers.",
         "",
-        render_table(summary, p["reps"]),
+        render_table(summary, min((size["reps"] for size in summary), default=p["reps"])),
         "",
         "Times are from the common release of the clients to the last verified byte (p50 over the "
         f"{p['agents']} nodes, then the median over repetitions; *max* is the last node). Seed egress = "
@@ -629,7 +629,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-time", type=float, default=120.0, help="seconds a client may take for the blob")
     parser.add_argument("--render-json", type=Path, metavar="JSON",
                         help="do not measure: rewrite the section from results saved by an earlier run")
-    parser.add_argument("--budget-s", type=float, default=400.0,
+    parser.add_argument("--budget-s", type=float, default=600.0,
                         help="start no round of repetitions that would likely end after this many seconds")
     return parser
 
