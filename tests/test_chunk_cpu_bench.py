@@ -28,4 +28,4 @@ def test_a_case_whose_blob_would_be_cut_smaller_is_refused(tmp_path: Path,
     be measured in smaller chunks than its row says."""
     with pytest.raises(SystemExit):
         chunk_cpu.main(["--out", str(tmp_path / "b.md"), "--cases", "128:2", "--repeat", "1"])
-    assert "cut in 64 KiB chunks, not 128" in capsys.readouterr().err
+    assert "cut in 64 KiB chunks, not 128 (chunk_size_for); use a blob of at least 16 MiB" in capsys.readouterr().err

@@ -23,5 +23,5 @@ def test_a_size_the_blob_would_be_cut_smaller_than_is_refused(tmp_path: Path) ->
     assert chunk_size.main(["--out", str(tmp_path / "b.md"), "--sizes", "256K,4M", "--blob-mib", "128"],
                            log=said.append) == 2
     assert said == ["--sizes: a 128 MiB blob is cut in 256 KiB chunks, not 4096 (chunk_size_for); "
-                    "use a bigger --blob-mib or smaller sizes"]
+                    "use a blob of at least 2048 MiB"]
     assert not (tmp_path / "b.md").exists()

@@ -1161,7 +1161,7 @@ async def test_the_front_holder_fetches_up_to_half_a_mebibyte_of_first_chunks_in
     """The holder of a blob's first range fetches its first chunks in a request each, at once (a
     larger share of a thin uplink for what every reader needs first), but at most 512 KiB of them:
     where chunks are big few holders fetch at once, chunk 0's flow has a large share already, and
-    four flows of 512 KiB took chunk 0 of a 64 MiB layer 11 s to its holder instead of 7 s."""
+    four flows of 512 KiB took chunk 0 (a 64 MiB layer as cut until 12-07) 11 s to its holder instead of 7 s."""
     digest = _digest_coordinated_elsewhere(b"front")
     swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
     data = os.urandom(8 * chunk)

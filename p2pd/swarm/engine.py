@@ -1035,7 +1035,7 @@ class Swarm:
         that follows it in order is not slowed by parts of it arriving side by side. At most
         ``_FRONT_BYTES`` of them: where chunks are big, few holders fetch at once (the
         coordinator's ``leases_at_once``) and the first chunk's own flow has a large share
-        already; split four ways, a 512 KiB chunk 0 of a 64 MiB layer took 11 s instead of 7 s
+        already; split four ways, a 512 KiB chunk 0 (a 64 MiB layer as cut until 12-07) took 11 s instead of 7 s
         to reach its holder (N = 32, equal 3 Mbit/s links; docs/benchmarks.md, 27th session)."""
         front = next(((first, last) for first, last in transfer.ranges if first == 0), None)
         if front is None or front[1] < 1:

@@ -148,7 +148,7 @@ def request_slots(chunk_size: int, max_parallel_chunks: int) -> int:
     (the same bytes in flight), never fewer than ``MIN_REQUEST_SLOTS``.
 
     A node's downlink is shared by its requests in flight, so each chunk takes about as long
-    as all of them together: 16 chunks of 512 KiB (a 64 MiB layer) at a 3 Mbit/s link are 22 s
+    as all of them together: 16 chunks of 512 KiB (a 64 MiB layer as cut until 12-07) at a 3 Mbit/s link are 22 s
     a chunk, the first chunk included, while a reader waits for its first byte (N = 32, equal
     links: bench clients gave up on their agents after 30 s; docs/benchmarks.md, 27th session).
     The floor keeps several peers sending at once: one peer's upload is a share of its uplink."""

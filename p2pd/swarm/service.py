@@ -74,7 +74,7 @@ _RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
 # than the chunk itself: every reader wants a blob's first chunk at once, and with 31 peers
 # relaying it (N = 32, equal links) the holder's own upstream flow starved behind them, the chunk
 # took 15 s to arrive and bench clients gave up at byte 0 (docs/benchmarks.md, sixth session);
-# with 8 relays of a 512 KiB chunk that 2 holders fetched (a 64 MiB layer), each relay ran at an
+# with 8 relays of a 512 KiB chunk that 2 holders fetched (a 64 MiB layer as cut until 12-07), each relay ran at an
 # eighth of the holder's uplink (27th session). Fewer than K: with 8 relays a chunk, the 15
 # peers of an N = 16 site asked each holder for its arriving chunk, 7 of them waited 2 s
 # (``chunk_wait``) for nothing, and half of every node's request slots sat in those waits in the

@@ -40,14 +40,12 @@ from typing import Any
 import trio
 
 import p2pd.cli
-from p2pd.oci.chunkmap import TARGET_CHUNKS, chunk_size_for
-from tests.bench.common import loadavg, machine_basics, report_header, run_and_publish
+from tests.bench.common import MIB, loadavg, machine_basics, recut, report_header, run_and_publish
 from tests.swarm_cluster import Cluster, pull_blob, push_blob, write_swarm_config
 
 MARK_START = "<!-- bench-chunk-cpu:start -->"
 MARK_END = "<!-- bench-chunk-cpu:end -->"
 SECTION_TITLE = "## An agent's CPU per chunk, from one peer on loopback (make bench-chunk-cpu)"
-MIB = 1024 * 1024
 REPOSITORY = "bench/cpu"
 # Set (to the MTU) in the private network namespace the benchmark re-runs itself in.
 _PRIVATE_LOOPBACK_ENV = "P2PD_BENCH_PRIVATE_LOOPBACK_MTU"
@@ -132,15 +130,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
 
 def _case(text: str) -> tuple[int, float, float]:
     """``chunk KiB:blob MiB[:sender Mbit/s]`` (no rate: unpaced). The blob must be large enough to
-    be cut in chunks of that size (``chunk_size_for``; ``TARGET_CHUNKS`` of them always are), since
-    the chunk size is the agents' largest and smaller blobs get smaller chunks."""
+    be cut in chunks of that size (``recut``), since the chunk size is the agents' largest and
+    smaller blobs get smaller chunks."""
     fields = text.split(":")
     chunk_kib, blob_mib = int(fields[0]), float(fields[1])
-    cut = chunk_size_for(int(blob_mib * MIB), chunk_kib * 1024)
-    if cut != chunk_kib * 1024:
-        raise argparse.ArgumentTypeError(
-            f"{text}: a {blob_mib:g} MiB blob is cut in {cut // 1024} KiB chunks, not {chunk_kib} (chunk_size_for); "
-            f"use a blob of at least {chunk_kib * TARGET_CHUNKS / 1024:g} MiB")
+    problem = recut(int(blob_mib * MIB), chunk_kib * 1024)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
     return chunk_kib, blob_mib, float(fields[2]) if len(fields) > 2 else 0.0
 
 

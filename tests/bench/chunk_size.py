@@ -62,7 +62,6 @@ from typing import Any
 
 import httpx
 
-from p2pd.oci.chunkmap import chunk_size_for
 from tests.bench.common import (
     DASH,
     MIB,
@@ -72,6 +71,7 @@ from tests.bench.common import (
     busy_cores,
     loadavg,
     machine_basics,
+    recut,
     report_header,
     update_doc,
 )
@@ -752,11 +752,9 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     if args.agents < 2 or args.reps < 1 or args.blob_mib < 1 or args.upload_rate <= 0 or args.upstream_rate <= 0:
         log("need --agents >= 2, --reps >= 1, --blob-mib >= 1 and positive rates")
         return 2
-    recut = {s: chunk_size_for(args.blob_mib * MIB, s) for s in sizes}
-    if any(cut != s for s, cut in recut.items()):
-        log("--sizes: a " + f"{args.blob_mib} MiB blob is cut in "
-            + ", ".join(f"{cut // KIB} KiB chunks, not {s // KIB}" for s, cut in recut.items() if cut != s)
-            + " (chunk_size_for); use a bigger --blob-mib or smaller sizes")
+    problems = [problem for size in sizes if (problem := recut(args.blob_mib * MIB, size)) is not None]
+    if problems:
+        log(f"--sizes: {'; '.join(problems)}")
         return 2
     json_path = args.json or args.render_json or args.out.parent / "bench" / "chunk_size.json"
     if args.render_json is not None:

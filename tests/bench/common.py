@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from p2pd.oci.chunkmap import MIN_CHUNKS, TARGET_CHUNKS, chunk_size_for
 from tests.harness.tools import clean_env
 
 MIB = 1024 * 1024
@@ -159,6 +160,19 @@ def tool_version(argv: list[str]) -> str:
 
 
 # ---- report -----------------------------------------------------------------------------
+
+
+def recut(blob_bytes: int, chunk_size: int) -> str | None:
+    """Why a benchmark run with ``chunk_size`` as the agents' largest chunk would not measure
+    that size on a blob of ``blob_bytes`` (``chunk_size_for`` cuts smaller blobs smaller), and
+    the smallest blob that would; None when it would measure it."""
+    cut = chunk_size_for(blob_bytes, chunk_size)
+    if cut == chunk_size:
+        return None
+    least = next(chunk_size * count for count in (MIN_CHUNKS, TARGET_CHUNKS)
+                 if chunk_size_for(chunk_size * count, chunk_size) == chunk_size)
+    return (f"a {blob_bytes / MIB:g} MiB blob is cut in {cut // 1024} KiB chunks, not {chunk_size // 1024} "
+            f"(chunk_size_for); use a blob of at least {least / MIB:g} MiB")
 
 
 def ratio(a: float, b: float) -> float:
