@@ -443,3 +443,30 @@ async def test_a_large_chunk_that_stops_mid_body_times_out_and_a_cancel_ends_it_
         assert scope.cancelled_caught and trio.current_time() - started < 3
     finally:
         await slow.aclose()
+
+
+@pytest.mark.parametrize("length", [65536, 131072])
+async def test_a_chunk_read_for_relaying_lands_in_the_given_buffer_and_reports_each_read(
+        nursery: trio.Nursery, server: Server, length: int) -> None:
+    """An ``Exchange`` with a buffer and a progress callback (a chunk that this node passes on
+    while it arrives: ``p2pd.swarm.engine.Arrival``): the body is read into that buffer, and the
+    callback hears the bytes so far after every read, a record's worth at a time at most for a
+    64 KiB chunk too (it is otherwise read in one 64 KiB step), ending at the chunk's length."""
+    client = PeerClient("me", None, read_timeout=2.0)
+    buffer = bytearray(length)
+    seen: list[int] = []
+    try:
+        server.mode = "trickle"
+        exchange = chunkwire.Exchange(buffer, seen.append)
+        chunk = await client.fetch_chunk(f"127.0.0.1:{server.port}", DIGEST, 0, length, exchange=exchange)
+        assert chunk.data is buffer and bytes(buffer) == BLOB[:length]
+        assert seen == sorted(seen) and seen[-1] == length == exchange.received
+        assert len(seen) >= length // (16 * 1024)
+        assert all(later - earlier <= 16 * 1024 + 8192 for earlier, later in zip([0, *seen], seen, strict=False))
+        # A buffer of another length is not used: the body gets one of its own.
+        server.mode = "ok"
+        other = await client.fetch_chunk(f"127.0.0.1:{server.port}", DIGEST, 0, 1000,
+                                         exchange=chunkwire.Exchange(bytearray(10), seen.append))
+        assert bytes(other.data) == BLOB[:1000] and len(other.data) == 1000
+    finally:
+        await client.aclose()

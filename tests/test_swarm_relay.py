@@ -35,7 +35,7 @@ from p2pd.swarm.chunkwire import Exchange
 from p2pd.swarm.engine import RELAY_HOLDBACK, Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member, Membership
-from p2pd.swarm.peers import PeerChunk, PeerClient, PeerError, PeerRelayCut
+from p2pd.swarm.peers import NODE_HEADER, RELAYED_TO_HEADER, PeerChunk, PeerClient, PeerError, PeerRelayCut
 from p2pd.swarm.service import PeerService
 from tests.swarm_cluster import wait_until
 
@@ -49,13 +49,13 @@ Accept = Callable[[bytes], Awaitable[None]]
 class _Holder:
     """One node that holds the upstream lease for DIGEST, with its peer endpoint."""
 
-    def __init__(self, tmp_path: Path, *, max_uploads: int = 4, upload_rate: int = 0) -> None:
+    def __init__(self, tmp_path: Path, *, max_uploads: int = 4, upload_rate: int = 0, name: str = "holder") -> None:
         async def no_hello(address: str) -> tuple[str, str]:
             raise AssertionError("no peers in this test")
 
-        me = Member("holder", "127.0.0.1:1", "s")
+        me = Member(name, "127.0.0.1:1", "s")
         self.metrics = AgentMetrics()
-        self.swarm = Swarm(me=me, membership=Membership(me, no_hello), client=PeerClient("holder", None),
+        self.swarm = Swarm(me=me, membership=Membership(me, no_hello), client=PeerClient(name, None),
                            metrics=self.metrics, chunk_size=CHUNK, lease_ttl=15.0, coordinator_backups=1,
                            peer_timeout=5.0, max_parallel_chunks=16, max_requests_per_peer=2, ban_seconds=60.0,
                            grants=GrantStore(tmp_path / "peer-grants"))
@@ -105,10 +105,11 @@ class _Holder:
         nursery.start_soon(read)
         return got
 
-    def request(self, index: int) -> Request:
+    def request(self, index: int, asker: str = "") -> Request:
         start = index * CHUNK
         target = f"/p2p/v1/blobs/{DIGEST}"
-        return Request("GET", target, target, {}, Headers([("Range", f"bytes={start}-{start + CHUNK - 1}")]),
+        headers = [("Range", f"bytes={start}-{start + CHUNK - 1}")] + ([(NODE_HEADER, asker)] if asker else [])
+        return Request("GET", target, target, {}, Headers(headers),
                        RequestBody(None), ("127.0.0.1", 1), "1.1")  # type: ignore[arg-type]
 
 
@@ -310,6 +311,148 @@ async def test_a_peer_receives_a_relayed_chunk_before_it_is_complete_at_the_hold
         nursery.cancel_scope.cancel()
     await client.aclose()
     assert isinstance(holder.fetch_error, VerificationError)
+
+
+async def test_past_the_bound_a_request_is_sent_at_once_to_a_node_the_chunk_is_relayed_to(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    """The relay tree's next level: a holder whose relays of its arriving chunk are all taken
+    answers a further asker 404 at once, naming one of the nodes it relays the chunk to
+    (``RELAYED_TO_HEADER``; the one named least so far, never the asker itself), which passes it
+    on as it arrives there. Waiting ``chunk_wait`` for the chunk instead kept half the askers of
+    an N = 32 site idle for 2 s at the start of a pull, each holding a request slot."""
+    holder = _Holder(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.fetch, 0, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        relayed = [await holder.service.handle(holder.request(0, asker)) for asker in ("a", "b")]
+        assert all(response.status == 206 for response in relayed)
+        started = trio.current_time()
+        named = []
+        for asker in ("c", "d", "e", "a"):
+            with pytest.raises(OCIError) as missing:
+                await holder.service.handle(holder.request(0, asker))
+            assert missing.value.status == 404
+            named.append(dict(missing.value.headers)[RELAYED_TO_HEADER])
+        assert trio.current_time() == started  # no wait
+        assert named[:2] in (["a", "b"], ["b", "a"]) and named[2] in ("a", "b") and named[3] == "b"
+        reads: list[list[bytes]] = [[], []]
+        for response, got in zip(relayed, reads, strict=True):
+            nursery.start_soon(_read, response, got)
+        await holder.feed(DATA[:CHUNK])
+    assert all(b"".join(got) == DATA[:CHUNK] for got in reads)
+    assert not holder.transfer.arrivals
+    # Once the chunk is here, a request is served from disk as before (nothing to send it on to).
+    response = await holder.service.handle(holder.request(0, "f"))
+    assert response.status == 206
+    assert response.on_close is not None
+    response.on_close()
+
+
+async def test_a_node_not_fetching_a_chunk_says_so_at_once_and_one_fetching_it_waits_for_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    """A request for a chunk that is neither here, nor on its way (asked of a peer now, arriving,
+    or in this node's own ranges) is answered 404 at once: a relay tree's guess that this node
+    receives it was wrong, and the asker goes to the holder. One on its way waits for it as
+    before (``chunk_wait``): this is how chunks are forwarded as soon as they are verified."""
+    node = _Holder(tmp_path)
+    started = trio.current_time()
+    with pytest.raises(OCIError) as missing:
+        await node.service.handle(node.request(1, "asker"))
+    assert missing.value.status == 404 and trio.current_time() == started
+    node.transfer.requested.add(1)  # asked of a peer now
+    with pytest.raises(OCIError):
+        await node.service.handle(node.request(1, "asker"))
+    assert trio.current_time() - started == pytest.approx(node.service.chunk_wait)
+
+
+async def test_a_chunk_arriving_from_a_peer_is_passed_on_while_it_arrives(tmp_path: Path) -> None:
+    """The second hop, end to end on loopback with the real chunk wire: a node fetching a chunk
+    from the range holder (which relays it from the upstream) passes it on to a third node as the
+    bytes reach it, all but ``RELAY_HOLDBACK`` until it has verified the chunk itself. A chunk that
+    fails at the holder cuts both answers short (``PeerRelayCut``): no node receives it whole.
+    Its relays are bounded by ``MIN_CHUNK_RELAYS`` (a tree node passes each arriving chunk on to
+    a few); past that, an asker is sent on to one of them."""
+    holder = _Holder(tmp_path / "holder")
+    middle = _Holder(tmp_path / "middle", name="middle")
+    client = PeerClient("third", None, read_timeout=2.0)
+    async with trio.open_nursery() as nursery:
+        holder_info = await nursery.start(partial(serve_http, holder.service.handle, "127.0.0.1", 0))
+        middle_info = await nursery.start(partial(serve_http, middle.service.handle, "127.0.0.1", 0))
+        middle.transfer.addresses["holder"] = f"127.0.0.1:{holder_info.port}"
+        nursery.start_soon(holder.fetch, 0, 2)
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def pass_on(index: int, pieces: list[bytes]) -> tuple[object, bytes]:
+            """The middle fetches chunk ``index`` from the holder; the third node asks the middle
+            for it once it is arriving there; the holder is fed ``pieces``."""
+            nursery.start_soon(middle.swarm._fetch_chunk_from, middle.transfer, index, "holder", lambda: None)
+            with trio.fail_after(10):
+                await wait_until(lambda: index in middle.transfer.arrivals, interval=0.01)
+            arrival = middle.transfer.arrivals[index]
+            assert arrival.from_peer
+            exchange = Exchange()
+            answers: list[object] = []
+
+            async def ask() -> None:
+                try:
+                    answers.append(await client.fetch_chunk(f"127.0.0.1:{middle_info.port}", DIGEST, index * CHUNK,
+                                                            CHUNK, exchange=exchange))
+                except PeerError as exc:
+                    answers.append(exc)
+
+            nursery.start_soon(ask)
+            with trio.fail_after(10):
+                await wait_until(lambda: arrival.relays == 1, interval=0.01)
+            await holder.pieces_in.send(pieces[0])
+            with trio.fail_after(10):
+                await wait_until(lambda: exchange.received >= 64 * 1024, interval=0.01)
+            assert index not in holder.transfer.have and index not in middle.transfer.have
+            assert arrival.received < CHUNK
+            for piece in pieces[1:]:
+                await holder.pieces_in.send(piece)
+            with trio.fail_after(10):
+                await wait_until(lambda: bool(answers), interval=0.01)
+            return answers[0], os.pread(middle.transfer.fd, CHUNK, index * CHUNK)
+
+        answer, written = await pass_on(0, [DATA[:100_000], DATA[100_000:CHUNK]])
+        assert isinstance(answer, PeerChunk) and answer.sha256 == hashlib.sha256(DATA[:CHUNK]).digest()
+        assert 0 in middle.transfer.have and written == DATA[:CHUNK] and not middle.transfer.arrivals
+        assert middle.metrics.chunks_relayed._value.get() == 1
+
+        bad = bytearray(DATA[CHUNK:2 * CHUNK])
+        bad[-1] ^= 1
+        answer, _written = await pass_on(1, [bytes(bad[:100_000]), bytes(bad[100_000:])])
+        assert isinstance(answer, PeerRelayCut), answer
+        assert 1 not in middle.transfer.have and not middle.transfer.arrivals
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    await middle.swarm.client.aclose()
+    assert isinstance(holder.fetch_error, VerificationError)
+
+
+async def test_a_peer_arrivals_relays_are_bounded_and_past_them_an_asker_is_sent_on(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    """A node relays a chunk arriving from a peer to ``MIN_CHUNK_RELAYS`` askers (a tree node
+    passes it on to a few, so that its uplink carries about what it receives), whatever the
+    blob's range holders; a further asker is named one of them."""
+    from p2pd.swarm.engine import Arrival
+    from p2pd.swarm.planning import MIN_CHUNK_RELAYS
+
+    node = _Holder(tmp_path)
+    node.transfer.lessees = {f"h{i}": (i, i) for i in range(8)}  # 8 holders: their own chunks get 8 relays
+    arrival = node.transfer.arrivals[0] = Arrival(0, bytearray(CHUNK), from_peer=True)
+    relayed = [await node.service.handle(node.request(0, f"a{i}")) for i in range(MIN_CHUNK_RELAYS)]
+    assert all(response.status == 206 for response in relayed) and arrival.relays == MIN_CHUNK_RELAYS
+    with pytest.raises(OCIError) as missing:
+        await node.service.handle(node.request(0, "late"))
+    assert dict(missing.value.headers)[RELAYED_TO_HEADER] in {f"a{i}" for i in range(MIN_CHUNK_RELAYS)}
+    for response in relayed:
+        assert response.on_close is not None
+        response.on_close()
+    assert arrival.relays == 0 and not arrival.receivers
 
 
 async def test_the_blobs_first_chunks_come_from_the_upstream_in_a_request_each_at_once(

@@ -25,6 +25,7 @@ endpoint does. Run with ``-s`` to see the numbers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -1325,3 +1326,152 @@ async def test_a_chunk_all_the_readers_of_a_site_wait_for_is_rescued_by_its_firs
                   at=2 * RESCUE_AFTER)
     # Once the nodes ranked before it have the chunk (sources, not lacking it), it is ranked first.
     await rescued(*transfer_with([crowded, *ahead], "rescues"), not_yet=(RESCUE_AFTER - 0.1,), at=RESCUE_AFTER)
+
+
+def _site_transfer(digest: Digest, count: int, *, me: str, holders: dict[str, tuple[int, int]],
+                   downloaders: list[str], fd: int = -1) -> SwarmTransfer:
+    """A transfer as node ``me`` sees it: the range ``holders`` (``me`` among them or not), and
+    ``downloaders`` known from their bitmaps (none complete)."""
+    transfer = SwarmTransfer(digest, count * _CHUNK, _CHUNK, fd, True, [None] * count, Bitmap(count))
+    transfer.leased = me in holders
+    transfer.ranges = (holders[me],) if me in holders else ()
+    transfer.lessees = {node: lease for node, lease in holders.items() if node != me}
+    for node in [*holders, *downloaders]:
+        if node != me:
+            transfer.sources[node] = Bitmap(count)
+            transfer.addresses[node] = f"{node}:7000"
+    return transfer
+
+
+@pytest.mark.parametrize(("holders", "downloaders"), [(16, 16), (2, 30), (8, 0), (4, 3)])
+def test_an_arriving_chunks_relay_tree_is_the_same_at_every_node(holders: int, downloaders: int) -> None:
+    """Every node computes the relay tree of a chunk arriving at its range holder alike, without
+    messages: the first ``chunk_relays`` (the holder's bound) ask the holder, downloaders without
+    a range before the other holders (whose uplinks carry their own arriving chunks); each other
+    node asks the one that many places ahead of it, so a node passes an arriving chunk on to at
+    most one more (its uplink carries about what it receives), and every node is in the tree."""
+    from p2pd.swarm.planning import chunk_relays
+
+    digest = Digest.parse("sha256:" + hashlib.sha256(b"tree").hexdigest())
+    count = 4 * holders
+    leases = {f"h{i:02d}": (4 * i, 4 * i + 3) for i in range(holders)}
+    others = [f"d{i:02d}" for i in range(downloaders)]
+    everyone = [*leases, *others]
+    for index in (0, 5, count - 1):
+        lessee = next(node for node, (first, last) in leases.items() if first <= index <= last)
+        views = {}
+        for node in everyone:
+            if node == lessee:
+                continue
+            transfer = _site_transfer(digest, count, me=node, holders=leases,
+                                      downloaders=[d for d in others if d != node])
+            swarm = types.SimpleNamespace(me=Member(node, f"{node}:7000", "s"))
+            downloading = [n for n, bitmap in transfer.sources.items()
+                           if n not in transfer.lessees and not bitmap.is_full()]
+            views[node] = Swarm._relay_parent(swarm, transfer, index, lessee, downloading)  # type: ignore[arg-type]
+            assert Swarm._relay_parent(swarm, transfer, index, lessee, downloading) == views[node]  # cached
+        direct = [node for node, (asks_holder, _parent) in views.items() if asks_holder]
+        assert len(direct) == min(len(views), chunk_relays(holders))
+        if downloaders >= len(direct):
+            assert all(node.startswith("d") for node in direct)  # downloaders without a range first
+        children = Counter(parent for _asks, parent in views.values() if parent is not None)
+        assert all(count_ == 1 for count_ in children.values())
+        assert set(children) <= set(views) and lessee not in children
+        # Every node reaches the holder through its parents.
+        for node in views:
+            hops = 0
+            while not views[node][0]:
+                node = views[node][1]  # type: ignore[assignment]
+                hops += 1
+                assert hops <= len(views)
+
+
+async def test_a_node_sent_on_by_a_holder_asks_the_node_named_and_forgets_it_when_that_fails(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A 404 that names a node the chunk is relayed to (the holder's relays of it are all
+    taken): the chunk is offered at that node on the next plan, although its bitmap lacks it;
+    the named node not sending it (a 404 of its own, a cut relay, an error) drops the hint,
+    and the node that said "not here" is not taken for a false claimant."""
+    from p2pd.swarm.peers import PeerChunk, PeerMissing
+
+    digest = _digest_coordinated_elsewhere(b"hint")
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    count = 4
+    transfer = _site_transfer(digest, count, me="lessee", holders={"node-0000": (0, 3)}, downloaders=["node-0001"])
+    transfer.hashes = [hashlib.sha256(bytes([i]) * _CHUNK).digest() for i in range(count)]
+    answers: dict[tuple[int, str], BaseException] = {(0, "node-0000"): PeerMissing("full", relayed_to="node-0001"),
+                                                      (0, "node-0001"): PeerMissing("not yet")}
+
+    async def fetch_chunk(address: str, digest_: Digest, start: int, length: int, grant: str | None = None,
+                          **_kwargs: object) -> PeerChunk:
+        raise answers[(start // _CHUNK, address.split(":")[0])]
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    assert 0 not in swarm._candidate_sources(transfer)["node-0001"]
+    await swarm._fetch_chunk_from(transfer, 0, "node-0000", lambda: None)
+    assert transfer.relay_hints == {0: "node-0001"}
+    assert 0 in swarm._candidate_sources(transfer)["node-0001"]
+    assert "node-0001" in transfer.sources and 0 not in transfer.sources["node-0001"]  # its own bitmap untouched
+    await swarm._fetch_chunk_from(transfer, 0, "node-0001", lambda: None)
+    assert transfer.relay_hints == {} and not transfer.disputed and "node-0001" in transfer.sources
+    assert transfer.tree_missed == {0}  # next, the holder itself
+
+
+def test_a_chunk_our_relay_tree_parent_did_not_have_is_asked_of_its_holder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay tree is a guess every node makes alike; a parent that answers "not here" for a
+    chunk (it does not fetch it now) sends the node to the chunk's holder, which relays it or
+    names a node that receives it: a slot is not spent again on the same guess."""
+    digest = Digest.parse("sha256:" + hashlib.sha256(b"missed").hexdigest())
+    swarm = types.SimpleNamespace(me=Member("lessee", "lessee:7000", "s"))
+    swarm._relay_parent = functools.partial(Swarm._relay_parent, swarm)
+    transfer = _site_transfer(digest, 4, me="lessee", holders={"h": (0, 3)},
+                              downloaders=[f"d{i}" for i in range(6)])
+    downloaders = [f"d{i}" for i in range(6)]
+    index = next(i for i in range(4)
+                 if not Swarm._relay_parent(swarm, transfer, i, "h", downloaders)[0])  # type: ignore[arg-type]
+    offered = Bitmap(4)
+    offered.set(index)
+    asks: dict[str, Bitmap] = {}
+    allowed = Swarm._super_seed(swarm, transfer, "h", offered, None, 0, downloaders, 3.0, 0.0, asks)  # type: ignore[arg-type]
+    assert index not in allowed and any(index in chunks for chunks in asks.values())
+    transfer.tree_missed.add(index)
+    allowed = Swarm._super_seed(swarm, transfer, "h", offered, None, 0, downloaders, 3.0, 0.0, {})  # type: ignore[arg-type]
+    assert index in allowed
+
+
+async def test_only_a_chunk_asked_of_a_node_that_did_not_claim_it_is_passed_on_while_it_arrives(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A chunk asked of its range holder or of a node of its relay tree (not in their bitmaps:
+    it is arriving there) is open to relays here while it arrives; one a peer has complete is
+    not (it comes at the rate of that peer's upload, and relays of it would only share this
+    node's uplink further). The arrival ends with the fetch: verified, or cut."""
+    from p2pd.swarm.peers import PeerChunk
+
+    digest = _digest_coordinated_elsewhere(b"claimed")
+    swarm, _client, _ranking = _engine(monkeypatch, 5, digest, 1)
+    fd = os.open(tmp_path / "blob", os.O_RDWR | os.O_CREAT)
+    transfer = _site_transfer(digest, 4, me="lessee", holders={"node-0000": (0, 3)}, downloaders=["node-0001"], fd=fd)
+    data = [bytes([i]) * _CHUNK for i in range(4)]
+    transfer.hashes = [hashlib.sha256(chunk).digest() for chunk in data]
+    transfer.sources["node-0001"].set(1)
+    opened: dict[int, bool] = {}
+
+    async def fetch_chunk(address: str, digest_: Digest, start: int, length: int, grant: str | None = None,
+                          **kwargs: object) -> PeerChunk:
+        index = start // _CHUNK
+        arrival = transfer.arrivals.get(index)
+        opened[index] = arrival is not None and arrival.from_peer
+        exchange = kwargs["exchange"]
+        assert (getattr(exchange, "buffer", None) is not None) == opened[index]
+        body = bytearray(data[index])
+        return PeerChunk(body, hashlib.sha256(body).digest(), None, False)
+
+    monkeypatch.setattr(swarm.client, "fetch_chunk", fetch_chunk)
+    await swarm._fetch_chunk_from(transfer, 0, "node-0000", lambda: None)  # arriving at its holder
+    await swarm._fetch_chunk_from(transfer, 1, "node-0001", lambda: None)  # complete there
+    assert opened == {0: True, 1: False}
+    assert {0, 1} <= set(transfer.have.indexes()) and not transfer.arrivals
+    assert os.pread(fd, 2 * _CHUNK, 0) == data[0] + data[1]
+    os.close(fd)

@@ -106,13 +106,25 @@ class _Connection(http.client.HTTPConnection):
 
 class Exchange:
     """One request in flight; ``abort`` may be called from another thread, ``received`` (body
-    bytes so far) read from any: a slow chunk that is still arriving is not a stalled one."""
+    bytes so far) read from any: a slow chunk that is still arriving is not a stalled one.
 
-    def __init__(self) -> None:
+    ``buffer``: where a chunk's body is read (a bytearray of its length, given by the caller so
+    that it can pass the bytes on while they arrive: ``p2pd.swarm.engine.Arrival``); ``progress``
+    is called in the reading thread after every read with the body bytes so far."""
+
+    def __init__(self, buffer: bytearray | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.aborted = False
         self.received = 0
+        self.buffer = buffer
+        self.progress = progress
+
+    def _advance(self, received: int) -> None:
+        self.received = received
+        if self.progress is not None:
+            self.progress(received)
 
     def _attach(self, conn: _Connection) -> None:
         with self._lock:
@@ -311,7 +323,8 @@ class ChunkWire:
             return ChunkAnswer(response.status, headers, bytearray(), None)
         if response.length != length:
             raise ChunkWireError(f"Content-Length {response.length} for a chunk of {length} bytes")
-        body = bytearray(length)
+        body = exchange.buffer if exchange.buffer is not None and len(exchange.buffer) == length \
+            else bytearray(length)
         view = memoryview(body)
         # The socket under the head reader (``SocketIO._sock`` in CPython); without it, or for a
         # body too small to gather, the buffered reads below.
@@ -320,14 +333,16 @@ class ChunkWire:
             _gather_body(response, sock, view, exchange, read_timeout)
         else:
             got = 0
+            # In steps: a buffered readinto returns only when its buffer is full, and the caller
+            # watches ``received`` to tell a slow chunk from a stalled one; a record at a time
+            # when the bytes are passed on as they arrive.
+            step = _GATHER if exchange.progress is not None else _READ_STEP
             while got < length:
-                # In steps: a buffered readinto returns only when its buffer is full, and the
-                # caller watches ``received`` to tell a slow chunk from a stalled one.
-                n = response.readinto(view[got:got + _READ_STEP])
+                n = response.readinto(view[got:got + step])
                 if not n:
                     raise ChunkWireError(f"connection closed after {got} of {length} bytes")
                 got += n
-                exchange.received = got
+                exchange._advance(got)
         return ChunkAnswer(206, headers, body, hashlib.sha256(body).digest())
 
 
@@ -345,7 +360,7 @@ def _gather_body(response: http.client.HTTPResponse, sock: socket.socket, view: 
     if not first:
         raise ChunkWireError(f"connection closed after 0 of {length} bytes")
     view[:got] = first
-    exchange.received = got
+    exchange._advance(got)
     last_byte = time.monotonic()
     gather = True
     mark = 1
@@ -369,7 +384,7 @@ def _gather_body(response: http.client.HTTPResponse, sock: socket.socket, view: 
             if not n:
                 raise ChunkWireError(f"connection closed after {got} of {length} bytes")
             got += n
-            exchange.received = got
+            exchange._advance(got)
             last_byte = time.monotonic()
             gather = True
     finally:

@@ -8,7 +8,9 @@ Rules/invariants:
   alone could serve it).
 - Only a site's range-lease holders fetch from the upstream, each its own chunk ranges.
   Others fetch chunks from holders (rarest first, random among equals, same site first)
-  and may ask a range holder for chunks it is still downloading (it relays them).
+  and may ask a range holder for chunks it is still downloading (it relays them); a chunk
+  arriving at its holder reaches the others through its relay tree (``_relay_parent``), each
+  node passing it on while it arrives there too.
 - Every chunk is checked against a chunk map before it is written: the seed's (trusted)
   when the upstream serves one, otherwise the map the lease holder computed while
   fetching, delivered in signed metadata. A peer whose bytes fail is banned. The whole
@@ -61,7 +63,7 @@ from .peers import (
     PeerUnreachable,
     TokenBucket,
 )
-from .planning import Bitmap, chunks_within, lessee_view, plan_requests, request_slots
+from .planning import Bitmap, chunk_relays, chunks_within, lessee_view, plan_requests, request_slots
 from .rendezvous import coordinators, rank
 
 __all__ = ["HOLDBACK", "RELAY_HOLDBACK", "Arrival", "Swarm", "SwarmTransfer"]
@@ -86,7 +88,6 @@ _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned bef
 _FRONT_FLOWS = 4  # a blob's first chunks, fetched from the upstream in a request each, at once
 _FRONT_BYTES = 512 * 1024  # ... at most this many bytes of them (fewer flows for bigger chunks)
 _ENDGAME_CHUNKS = 4  # chunks missing (all requested) from which one in flight is also asked of a second peer
-_SEEDERS_PER_CHUNK = 2  # downloaders that take a new chunk from the lease holder (super-seeding)
 _SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
 _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a first peer
@@ -131,7 +132,8 @@ class _RangeIgnored(Exception):
 
 @dataclass(eq=False)
 class Arrival:
-    """A chunk whose bytes are arriving here from the upstream, readable while they arrive.
+    """A chunk whose bytes are arriving here (from the upstream or from a peer), readable while
+    they arrive.
 
     A range holder's peers ask it for the chunk it is fetching now; answering only once the
     chunk is complete made every chunk wait a whole chunk-time at the holder, and with every
@@ -140,6 +142,11 @@ class Arrival:
     the bytes as they land (``p2pd.swarm.service``), all but the last ``RELAY_HOLDBACK``, which
     follow only once the chunk is verified; a chunk that fails cuts the answers short, so no
     peer ever receives a whole chunk that was not verified here.
+
+    A chunk arriving from a peer is passed on the same way (``Swarm._fetch_chunk_from``): the
+    worker thread that reads it fills ``buffer`` and ``received`` and wakes the relays every
+    ``_RELAY_STEP``. That is the second hop of an arriving chunk's relay tree
+    (``Swarm._relay_parent``).
     """
 
     index: int
@@ -148,6 +155,8 @@ class Arrival:
     verified: bool = False
     failed: bool = False
     relays: int = 0  # answers relaying it now (the peer service bounds them)
+    from_peer: bool = False  # arriving from a peer (otherwise from the upstream)
+    receivers: dict[str, int] = field(default_factory=dict)  # nodes relayed it now → askers sent on to them
     notified_at: float = -math.inf  # time.monotonic() of the last notify
     _changed: trio.Event = field(default_factory=trio.Event)
 
@@ -186,7 +195,8 @@ class SwarmTransfer:
     peer_bytes: dict[str, int] = field(default_factory=dict)
     upstream_bytes: int = 0
     lessee_only_since: dict[int, float] = field(default_factory=dict)  # chunk → first seen only at the lessee
-    designated: dict[int, tuple[int, bool]] = field(default_factory=dict)  # chunk → (downloaders seen, we may ask)
+    # chunk → (the holders and downloaders it was computed for, we ask its holder, the node we ask instead)
+    designated: dict[int, tuple[tuple[int, int, bool], bool, str | None]] = field(default_factory=dict)
     grant: str | None = None  # shown to peers for a protected blob (p2pd.swarm.grants)
     disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
     exchanges: dict[Exchange, int] = field(default_factory=dict)  # chunk requests in flight → their chunk
@@ -195,7 +205,9 @@ class SwarmTransfer:
     upstream_received: int = 0  # bytes our upstream fetches received (verified or not yet)
     site_chunks: int = 0  # chunks the coordinator's last reply listed at holders (all nodes together)
     lease_wait: tuple[float, int] | None = None  # waiting for a lease holder since, with this many chunks
-    arrivals: dict[int, Arrival] = field(default_factory=dict)  # chunks arriving from the upstream now
+    arrivals: dict[int, Arrival] = field(default_factory=dict)  # chunks arriving now (upstream or a peer)
+    relay_hints: dict[int, str] = field(default_factory=dict)  # chunk → a node it is relayed to now (ask it)
+    tree_missed: set[int] = field(default_factory=set)  # chunks our relay tree's parent did not have: ask the holder
     rescued: set[int] = field(default_factory=set)  # chunks fetched from the upstream for a waiting reader
     # The upstream answered a range request with the whole blob: the site's coordinator is told
     # (``Announce.whole_blob``), and this node fetches from the upstream only from byte 0.
@@ -579,7 +591,8 @@ class Swarm:
         if waited < _READER_RESCUE_AFTER:
             return
         index = transfer.have.prefix()
-        if index >= transfer.count or index in transfer.rescued or index in transfer.arrivals \
+        arrival = transfer.arrivals.get(index)
+        if index >= transfer.count or index in transfer.rescued or (arrival is not None and not arrival.from_peer) \
                 or any(first <= index <= last for first, last in transfer.ranges):
             return  # rescued already, arriving here from the upstream, or due in this node's own range
         if not any(index in bitmap for bitmap in self._candidate_sources(transfer).values()):
@@ -700,8 +713,15 @@ class Swarm:
         now = time.monotonic()
         sources = {node: bitmap for node, bitmap in transfer.sources.items()
                    if self.membership.is_usable(node) and transfer.retry_at.get(node, 0.0) <= now}
+        asks: dict[str, Bitmap] = {}
+        for index, node in list(transfer.relay_hints.items()):
+            if index in transfer.have:
+                del transfer.relay_hints[index]
+            elif node in transfer.addresses and self.membership.is_usable(node) \
+                    and transfer.retry_at.get(node, 0.0) <= now:
+                asks.setdefault(node, Bitmap(transfer.count)).set(index)
         if not transfer.lessees:
-            return sources
+            return self._with_asks(transfer, sources, asks)
         # Runs each time requests are planned, for every range holder (16 holders, 32 sources):
         # chunk sets as integers, each source's taken once, and what every holder shares
         # (downloaders, the wait) computed once. A test per chunk and source here was ~1/8 of
@@ -720,37 +740,44 @@ class Swarm:
             for node, mask in masks.items():
                 if node != lessee:
                     elsewhere |= mask
-            allowed = self._super_seed(transfer, optimistic, known, elsewhere, downloaders, wait, now)
+            allowed = self._super_seed(transfer, lessee, optimistic, known, elsewhere, downloaders, wait, now, asks)
             sources[lessee], masks[lessee] = allowed, allowed.mask()
+        return self._with_asks(transfer, sources, asks)
+
+    @staticmethod
+    def _with_asks(transfer: SwarmTransfer, sources: dict[str, Bitmap], asks: dict[str, Bitmap]) -> dict[str, Bitmap]:
+        """``sources`` with the chunks to take from a node of their relay tree while they arrive
+        there (``asks``: node → chunks): not in its bitmap yet, so offered on top of it (a copy:
+        the bitmap is the node's own)."""
+        for node, chunks in asks.items():
+            known = sources.get(node)
+            sources[node] = chunks if known is None else Bitmap.from_mask(transfer.count, known.mask() | chunks.mask())
         return sources
 
-    def _super_seed(self, transfer: SwarmTransfer, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
-                    elsewhere: int, downloaders: list[str], wait: float, now: float) -> Bitmap:
-        """Which chunks this node may ask the lease holder for (``lessee_bitmap``: what it offers;
-        ``elsewhere``: the chunks this node has or another source holds, as a ``Bitmap.mask``).
+    def _super_seed(self, transfer: SwarmTransfer, lessee: str, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
+                    elsewhere: int, downloaders: list[str], wait: float, now: float,
+                    asks: dict[str, Bitmap]) -> Bitmap:
+        """Which chunks this node may ask the lease holder ``lessee`` for (``lessee_bitmap``: what
+        it offers; ``elsewhere``: the chunks this node has or another source holds, as a
+        ``Bitmap.mask``). Chunks to ask of another node while they arrive there are added to
+        ``asks`` (node → chunks).
 
-        A chunk that only the lease holder has is asked of it by ``_SEEDERS_PER_CHUNK``
-        downloaders (chosen by rendezvous hashing, so all nodes agree without talking);
-        the others fetch it from them. Otherwise every downloader would ask the lease holder
-        for every new chunk and its uplink would carry the image many times over. After
-        ``wait`` seconds anyone may ask, so a slow or lost designated node costs a short
-        delay, never a stall.
+        A chunk that only the lease holder has is asked of it by the first nodes of the chunk's
+        relay tree, and of them by the others (``_relay_parent``), so that no uplink carries
+        more copies of it than the chunk arrives fast enough to fill. Otherwise every downloader
+        would ask the lease holder for every new chunk and its uplink would carry the image many
+        times over. After ``wait`` seconds anyone may ask the holder, so a slow or lost node of
+        the tree costs a short delay, never a stall.
         """
         offered = lessee_bitmap.mask()
         allowed = Bitmap.from_mask(transfer.count, offered & elsewhere)  # plan_requests prefers the other holders
         for index in Bitmap.from_mask(transfer.count, offered & ~elsewhere).indexes():
-            # Cached per chunk, but recomputed when more downloaders become known: a node that
-            # saw only itself at first must not stay "designated" for everything.
-            cached = transfer.designated.get(index)
-            if cached is not None and cached[0] == len(downloaders):
-                designated = cached[1]
-            else:
-                ranked = rank(f"{transfer.digest}:{index}", [*downloaders, self.me.node_id])
-                designated = self.me.node_id in ranked[:_SEEDERS_PER_CHUNK]
-                transfer.designated[index] = (len(downloaders), designated)
-            if designated:
+            direct, parent = self._relay_parent(transfer, index, lessee, downloaders)
+            if direct or index in transfer.tree_missed:
                 allowed.set(index)
                 continue
+            if parent is not None and parent in transfer.addresses:
+                asks.setdefault(parent, Bitmap(transfer.count)).set(index)
             # The wait starts when the lease holder is known to have the chunk, not while it
             # is still only in its lookahead.
             if lessee_has is not None and index in lessee_has:
@@ -758,6 +785,44 @@ class Swarm:
                 if now - first_seen >= wait:
                     allowed.set(index)
         return allowed
+
+    def _relay_parent(self, transfer: SwarmTransfer, index: int, lessee: str,
+                      downloaders: list[str]) -> tuple[bool, str | None]:
+        """Where this node takes chunk ``index`` from while it arrives at its range holder
+        ``lessee``: (True, None) from the holder itself, (False, node) from ``node`` as that
+        one receives it (a relay of a relay), (False, None) nowhere in particular.
+
+        The chunk's relay tree, which every node computes alike (rendezvous hashing, no
+        messages): the nodes that want it, downloaders without a range first, then the other
+        range holders (whose uplinks carry their own arriving chunks), each group in the
+        chunk's order. The first ``chunk_relays`` of them ask the holder, as many as its
+        uplink can feed at the chunk's arrival rate (``p2pd.swarm.service``); each of the rest
+        asks the node that many places ahead of it, a chain under each: every node passes an
+        arriving chunk on to at most one more, so its uplink carries about what it receives,
+        and every node gets every chunk while the holder still receives it, one relay step
+        behind per level. With one relay per arriving chunk and the rest fetched complete
+        (store-and-forward) the nodes of an N = 32 site with equal links took the first
+        copies a chunk-time late, and that debt was the tail (docs/benchmarks.md).
+
+        The tree is a guess from this node's view of the site: a parent that does not fetch the
+        chunk says so at once, and the chunk goes to ``SwarmTransfer.tree_missed`` (asked of the
+        holder, which relays it or names a node that receives it: ``relay_hints``)."""
+        holders = [node for node in transfer.lessees if node != lessee]
+        me = self.me.node_id
+        fanout = chunk_relays(len(transfer.lessees) + (1 if transfer.leased else 0))
+        seen = (len(downloaders), len(holders), transfer.leased)
+        cached = transfer.designated.get(index)
+        if cached is not None and cached[0] == seen:
+            return cached[1], cached[2]
+        key = f"{transfer.digest}:{index}"
+        if transfer.leased:
+            order = rank(key, downloaders) + rank(key, [*holders, me])
+        else:
+            order = rank(key, [*downloaders, me]) + rank(key, holders)
+        place = order.index(me)
+        answer = (True, None) if place < fanout else (False, order[place - fanout])
+        transfer.designated[index] = (seen, *answer)
+        return answer
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
                                       on_progress: Callable[[], None]) -> bool:
@@ -895,7 +960,14 @@ class Swarm:
                 _pwrite_all(transfer.fd, data, offset)
                 return True
 
-            exchange = Exchange()
+            # Passed on while it arrives only when it arrives here as it arrives there: asked of
+            # a node that did not claim it (its range holder, or a node of the chunk's relay tree).
+            # A chunk a peer has complete comes at the rate of that peer's upload, not of the
+            # upstream's, and relays of it (which take no upload slot) would only share this
+            # node's uplink further: with 512 KiB chunks they piled up, readers waited 40-55 s
+            # and were rescued from the upstream (1.6x the image; benchmarks.md, 29th session).
+            arrival = None if claimed else self._open_peer_arrival(transfer, index, length)
+            exchange = Exchange(arrival.buffer, _feeder(arrival)) if arrival is not None else Exchange()
             transfer.exchanges[exchange] = index
             try:
                 # No byte for peer_timeout fails the request (the wire's read timeout); a chunk
@@ -904,9 +976,13 @@ class Swarm:
                 with trio.fail_after(self.peer_timeout * _CHUNK_TIMEOUTS):
                     chunk = await self.client.fetch_chunk(address, transfer.digest, offset, length, transfer.grant,
                                                           exchange=exchange, store=store)
+                if arrival is not None and mapped is not None and chunk.sha256 == mapped:
+                    arrival.verified = True  # the relays send its last bytes
             finally:
                 del transfer.exchanges[exchange]
                 transfer.arriving -= exchange.received
+                if arrival is not None:
+                    _close_arrival(transfer, arrival)
             if chunk.have is not None:
                 with contextlib.suppress(ValueError):
                     transfer.sources[node] = Bitmap(transfer.count, chunk.have)
@@ -943,8 +1019,18 @@ class Swarm:
             # a false claim, nor a dead holder: asked again soon, there or elsewhere.
             log.info("chunk %d of %s: %s", index, transfer.digest, exc)
             transfer.retry_at[node] = time.monotonic() + 0.2
-        except PeerMissing:
+            self._drop_hint(transfer, index, node)
+        except PeerMissing as exc:
             transfer.retry_at[node] = time.monotonic() + 0.2
+            self._drop_hint(transfer, index, node)
+            if exc.relayed_to is not None and exc.relayed_to != self.me.node_id:
+                # Its relays of the chunk are all taken: the node named receives it from it now
+                # and passes it on (the next level of the chunk's relay tree).
+                transfer.relay_hints[index] = exc.relayed_to
+            elif not claimed and node not in transfer.lessees:
+                # Our relay tree's guess was wrong (the node does not fetch the chunk now): the
+                # holder itself, which relays it or names a node that receives it.
+                transfer.tree_missed.add(index)
             if claimed:
                 # It said it had this chunk (a complete copy, or its bitmap) and has not: a stale
                 # or false claim. The coordinator hears of it with our next announcement.
@@ -952,8 +1038,8 @@ class Swarm:
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
                 self.metrics.claims_disputed.inc()
-            elif node not in transfer.lessees:
-                transfer.sources.pop(node, None)
+            # Unclaimed: a chunk on its way to it (a range holder's lookahead, a node of the
+            # chunk's relay tree) that has not come yet. Asked again soon.
         except PeerRefused:
             # It protects this blob and we have no grant it accepts: not a fault of the peer.
             # Without sources, the stuck timer sends us to the upstream.
@@ -961,6 +1047,7 @@ class Swarm:
             transfer.sources.pop(node, None)
             transfer.retry_at[node] = time.monotonic() + self.stuck_after
         except (PeerError, trio.TooSlowError) as exc:
+            self._drop_hint(transfer, index, node)
             # str(trio.TooSlowError()) is empty (and an exception is always truthy): name the reason.
             reason = "timeout" if isinstance(exc, trio.TooSlowError) else str(exc) or type(exc).__name__
             log.info("chunk %d of %s from %s failed: %s", index, transfer.digest, node, reason)
@@ -974,6 +1061,22 @@ class Swarm:
                 log.info("%s stopped answering; telling the coordinator of %s", node, transfer.digest)
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
+
+    @staticmethod
+    def _drop_hint(transfer: SwarmTransfer, index: int, node: str) -> None:
+        """The node we were sent to for a chunk (``relay_hints``) did not deliver it."""
+        if transfer.relay_hints.get(index) == node:
+            del transfer.relay_hints[index]
+
+    @staticmethod
+    def _open_peer_arrival(transfer: SwarmTransfer, index: int, length: int) -> Arrival | None:
+        """A chunk we start fetching from a peer, open to relays while it arrives (``Arrival``);
+        None when it is arriving here already (the upstream, or the endgame's first request)."""
+        if index in transfer.arrivals or index in transfer.have:
+            return None
+        arrival = transfer.arrivals[index] = Arrival(index, bytearray(length), from_peer=True)
+        transfer.notify()  # a request for it waiting at the peer service is relayed at once
+        return arrival
 
     async def _upstream_worker(self, transfer: SwarmTransfer, upstream_range: UpstreamRange,
                                on_progress: Callable[[], None]) -> None:
@@ -1230,6 +1333,33 @@ class Swarm:
         if transfer is None:
             return None
         return base64.b64encode(transfer.have.to_bytes()).decode()
+
+
+def _feeder(arrival: Arrival) -> Callable[[int], None]:
+    """The progress callback of a chunk fetched from a peer, run in the worker thread reading
+    it: counts the bytes in, and wakes the chunk's relays in the event loop every
+    ``_RELAY_STEP`` (or ``_RELAY_TICK`` while bytes trickle) when there are any, so a chunk
+    nobody relays costs no wake-up."""
+    token = trio.lowlevel.current_trio_token()
+
+    def progress(received: int) -> None:
+        before, arrival.received = arrival.received, received
+        if arrival.relays and (received // _RELAY_STEP > before // _RELAY_STEP
+                               or time.monotonic() - arrival.notified_at >= _RELAY_TICK):
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(arrival.notify)
+
+    return progress
+
+
+def _close_arrival(transfer: SwarmTransfer, arrival: Arrival) -> None:
+    """The fetch of a chunk from a peer ended: verified, its relays send the rest; otherwise
+    (a failure, a cancel) they are cut short."""
+    if not arrival.verified:
+        arrival.failed = True
+    arrival.notify()
+    if transfer.arrivals.get(arrival.index) is arrival:
+        del transfer.arrivals[arrival.index]
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:

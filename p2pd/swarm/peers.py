@@ -61,6 +61,10 @@ TIME_HEADER = "X-P2PD-Time"
 SIGNATURE_HEADER = "X-P2PD-Signature"
 HAVE_HEADER = "X-P2PD-Have"
 RELAY_HEADER = "X-P2PD-Relay"  # on a chunk answer sent while the chunk still arrives at the sender
+# On a 404 for a chunk arriving at the sender whose relays are all taken: a node it relays the
+# chunk to now, which passes it on in turn (p2pd.swarm.service, the relay tree).
+RELAYED_TO_HEADER = "X-P2PD-Relayed-To"
+_MAX_NODE_ID = 64
 _MAX_METADATA = 8 * 1024 * 1024
 _CHUNK_THREADS = 32  # chunk downloads at once (the engine asks for ~8 per transfer)
 _MESSAGE_THREADS = 16  # peer messages (hello, announce, budget, chunk map, manifest) at once
@@ -77,7 +81,12 @@ class PeerUnreachable(PeerError):
 
 
 class PeerMissing(PeerError):
-    """The peer does not have the requested content (404)."""
+    """The peer does not have the requested content (404). ``relayed_to``: a node that receives
+    the chunk from it now, to ask instead (``RELAYED_TO_HEADER``)."""
+
+    def __init__(self, message: str, relayed_to: str | None = None) -> None:
+        super().__init__(message)
+        self.relayed_to = relayed_to
 
 
 class PeerRelayCut(PeerError):
@@ -372,7 +381,9 @@ async def _in_thread(limiter: trio.CapacityLimiter, exchange: Exchange,
 def _raise_refusal(status: int, headers: Mapping[str, str], what: str) -> None:
     """The answers callers tell apart: 404 (not there), 403 (no accepted peer grant), 429 (busy)."""
     if status == 404:
-        raise PeerMissing(f"{what}: not found")
+        relayed_to = headers.get(RELAYED_TO_HEADER.lower()) or None
+        raise PeerMissing(f"{what}: not found",
+                          relayed_to if relayed_to is not None and len(relayed_to) <= _MAX_NODE_ID else None)
     if status == 403:
         raise PeerRefused(f"{what}: refused (peer grant)")
     if status == 429:

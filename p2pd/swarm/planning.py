@@ -12,7 +12,8 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["LESSEE_LOOKAHEAD", "MIN_REQUEST_SLOTS", "SLOT_CHUNK_BYTES", "Bitmap", "ChunkRequest", "chunks_within",
+__all__ = ["LESSEE_LOOKAHEAD", "MIN_CHUNK_RELAYS", "MIN_REQUEST_SLOTS", "SLOT_CHUNK_BYTES", "Bitmap", "ChunkRequest",
+           "chunk_relays", "chunks_within",
            "lessee_view", "plan_requests", "request_slots"]
 
 
@@ -136,6 +137,20 @@ def chunks_within(budget: int, chunk_size: int, *, at_least: int, at_most: int) 
     bytes, not chunks: a chunk shares a link with the others in flight, so it takes as long as
     their bytes together (range leases at once, request slots, the front flows)."""
     return min(at_most, max(at_least, budget // max(chunk_size, 1)))
+
+
+MIN_CHUNK_RELAYS = 2
+
+
+def chunk_relays(holders: int) -> int:
+    """How many nodes may take one chunk from a node while it arrives there: one per range
+    holder of its blob fetching at once (``holders``), at least ``MIN_CHUNK_RELAYS``. K holders
+    share the upstream's link, so a chunk arrives at ~1/K of it, and K relays of it send about
+    what the upstream does, no more than a node's uplink as fast as the upstream's. More than
+    that share the uplink below the chunk's arrival rate, so every one of them ends later than
+    the chunk itself (the peer service's rule, p2pd.swarm.service); fewer leave a site's nodes
+    waiting for chunks that are arriving next door (the relay tree, p2pd.swarm.engine)."""
+    return max(MIN_CHUNK_RELAYS, holders)
 
 
 SLOT_CHUNK_BYTES = 128 * 1024  # the chunk size up to which each chunk in flight takes one request slot

@@ -44,12 +44,14 @@ from .peers import (
     NODE_HEADER,
     PROTOCOL_PREFIX,
     RELAY_HEADER,
+    RELAYED_TO_HEADER,
     SIGNATURE_HEADER,
     TIME_HEADER,
     PartialChunkMap,
     TokenBucket,
     encode_chunk_map,
 )
+from .planning import MIN_CHUNK_RELAYS, chunk_relays
 
 __all__ = ["PeerService"]
 
@@ -67,7 +69,8 @@ _MAX_ANNOUNCE = 1024 * 1024
 _PIECE = 256 * 1024
 _MAX_SLOT_WAITERS = 4  # requests waiting for an upload slot, per slot
 _RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
-# Relays of one arriving chunk: one per range holder of its blob (fetching at once), at least 2.
+# Relays of one arriving chunk (``chunk_relays``): one per range holder of its blob (fetching at
+# once), at least 2.
 # K holders share the seed's uplink, so a chunk arrives at ~1/K of it, and K relays of it send
 # about what the seed does, no more than a node's uplink as fast as the seed's. More relays than
 # that share the holder's uplink below the chunk's arrival rate, so every one of them ends later
@@ -79,7 +82,7 @@ _RELAYS_PER_SLOT = 8  # chunks relayed while they arrive, per upload slot
 # peers of an N = 16 site asked each holder for its arriving chunk, 7 of them waited 2 s
 # (``chunk_wait``) for nothing, and half of every node's request slots sat in those waits in the
 # first seconds of a pull (thirteenth session).
-_MIN_CHUNK_RELAYS = 2
+
 _RELAY_STALL = 30.0  # seconds a relayed chunk may go without a new byte before its answer is cut
 _VERIFIED_GRANTS = 4096  # (grant, digest, node) checked once, until the grant expires
 
@@ -272,14 +275,39 @@ class PeerService:
         # forwards chunks as soon as they are verified, or relays one while it arrives.
         chunk = _whole_chunk(transfer, start, end)
 
+        asker = request.headers.get(NODE_HEADER, "") or ""
+
         def relayable() -> Arrival | None:
             arrival = transfer.arrivals.get(chunk) if chunk is not None else None
-            if arrival is None or self.relays >= self.max_relays or arrival.relays >= self._relays_per_chunk(transfer):
+            if arrival is None or self.relays >= self.max_relays \
+                    or arrival.relays >= self._relays_per(transfer, arrival):
                 return None
             return arrival
 
+        def relayed_to() -> str | None:
+            """A node this one relays the chunk to now, when its relays of it are all taken: the
+            asker takes it from there (the next level of the chunk's relay tree) instead of
+            waiting here for nothing."""
+            arrival = transfer.arrivals.get(chunk) if chunk is not None else None
+            if arrival is None or arrival.failed:
+                return None
+            receivers = [node for node in arrival.receivers if node != asker]
+            return min(receivers, key=lambda node: arrival.receivers[node]) if receivers else None
+
+        def on_its_way() -> bool:
+            """Whether the chunk may come here soon: asked of a peer now, arriving, or in this
+            node's own ranges. Otherwise nothing is worth waiting for: a node of a chunk's relay
+            tree that is not fetching it says so at once, and the asker takes it from the holder
+            (with 4 request slots, as for 512 KiB chunks, askers that waited chunk_wait at such
+            nodes for nothing took a 64 MiB pull past 4x the bound; benchmarks.md, 29th session)."""
+            if chunk is None:
+                return True
+            return chunk in transfer.requested or chunk in transfer.arrivals \
+                or any(first <= chunk <= last for first, last in transfer.ranges)
+
         with trio.move_on_after(self.chunk_wait):
-            while not transfer.covers(start, end) and relayable() is None:
+            while not transfer.covers(start, end) and relayable() is None and relayed_to() is None \
+                    and on_its_way():
                 if self.swarm.transfers.get(digest) is not transfer:
                     break
                 await transfer.wait_changed()
@@ -288,10 +316,14 @@ class PeerService:
             headers.append((HAVE_HEADER, have))
         arrival = relayable()
         if not transfer.covers(start, end) and arrival is not None:
-            return self._relay_response(request, transfer, arrival, headers)
+            return self._relay_response(request, transfer, arrival, asker, headers)
         if not transfer.covers(start, end):
-            raise OCIError("BLOB_UNKNOWN", "those chunks are not here yet", status=404,
-                           headers=[(HAVE_HEADER, have)] if have else [])
+            missing = [(HAVE_HEADER, have)] if have else []
+            receiver = relayed_to()
+            if receiver is not None and chunk is not None:
+                transfer.arrivals[chunk].receivers[receiver] += 1
+                missing.append((RELAYED_TO_HEADER, receiver))
+            raise OCIError("BLOB_UNKNOWN", "those chunks are not here yet", status=404, headers=missing)
         await self._take_slot()
         try:
             fd = os.open(self.store.partial_path(digest), os.O_RDONLY)
@@ -302,12 +334,16 @@ class PeerService:
                 raise OCIError("BLOB_UNKNOWN", "not here", status=404) from None
         return self._range_response(request, digest, fd, transfer.size, headers)
 
-    def _relays_per_chunk(self, transfer: SwarmTransfer) -> int:
-        """How many answers may relay one chunk of ``transfer`` while it arrives (see
-        ``_MIN_CHUNK_RELAYS``): the blob's range holders (the other nodes' leases this node
-        knows of, and its own), at least 2."""
-        holders = len(transfer.lessees) + (1 if transfer.leased else 0)
-        return max(_MIN_CHUNK_RELAYS, holders)
+    @staticmethod
+    def _relays_per(transfer: SwarmTransfer, arrival: Arrival) -> int:
+        """How many answers may relay ``arrival`` (a chunk of ``transfer``) while it arrives:
+        from the upstream, the blob's range holders (the other nodes' leases this node knows
+        of, and its own), at least 2 (the comment above ``chunk_relays``); from a peer,
+        ``MIN_CHUNK_RELAYS``: a relay tree's node passes each arriving chunk on to a few, so
+        that its uplink carries about what it receives (``p2pd.swarm.engine.Swarm._relay_parent``)."""
+        if arrival.from_peer:
+            return MIN_CHUNK_RELAYS
+        return chunk_relays(len(transfer.lessees) + (1 if transfer.leased else 0))
 
     async def _take_slot(self) -> None:
         """Waits (bounded) for an upload slot; raises 429 when none frees in time."""
@@ -323,25 +359,28 @@ class PeerService:
             self.metrics.uploads_refused.inc()
             raise OCIError("TOOMANYREQUESTS", "upload limit reached", status=429, headers=[("Retry-After", "1")])
 
-    def _relay_response(self, request: Request, transfer: SwarmTransfer, arrival: Arrival,
+    def _relay_response(self, request: Request, transfer: SwarmTransfer, arrival: Arrival, asker: str,
                         headers: list[tuple[str, str]]) -> Response:
-        """A chunk still arriving from the upstream, sent as its bytes land (``Arrival``).
+        """A chunk still arriving here (from the upstream or a peer), sent as its bytes land
+        (``Arrival``); ``asker`` (its node id) may be named to askers past the bound.
 
         Relays take no upload slot: each runs at the rate the chunk arrives, a fraction of the
         uplink, and a range holder's peers all wait for its next chunk at once. They are
-        bounded by ``max_relays`` and, per chunk, by ``_relays_per_chunk`` instead; past
-        that, a request waits for the chunk as before.
+        bounded by ``max_relays`` and, per chunk, by ``_relays_per`` instead; past that, a
+        request is sent to one of the nodes the chunk is relayed to (``RELAYED_TO_HEADER``).
         """
         offset, length = transfer.bounds(arrival.index)
         headers += [("Content-Range", f"bytes {offset}-{offset + length - 1}/{transfer.size}"), (RELAY_HEADER, "1")]
         self.relays += 1
         arrival.relays += 1
+        arrival.receivers[asker] = 0
         self.metrics.chunks_relayed.inc()
         end_pacing = self._pacing.start(request.pace)
 
         def done() -> None:
             self.relays -= 1
             arrival.relays -= 1
+            arrival.receivers.pop(asker, None)
             if end_pacing is not None:
                 end_pacing()
 
