@@ -1021,6 +1021,9 @@ class Swarm:
             transfer.retry_at[node] = time.monotonic() + 0.2
             self._drop_hint(transfer, index, node)
         except PeerMissing as exc:
+            # Unclaimed, a chunk on its way to it that has not come yet (a range holder's
+            # lookahead, a node of the chunk's relay tree): asked again soon, and not held
+            # against it.
             transfer.retry_at[node] = time.monotonic() + 0.2
             self._drop_hint(transfer, index, node)
             if exc.relayed_to is not None and exc.relayed_to != self.me.node_id:
@@ -1038,8 +1041,6 @@ class Swarm:
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
                 self.metrics.claims_disputed.inc()
-            # Unclaimed: a chunk on its way to it (a range holder's lookahead, a node of the
-            # chunk's relay tree) that has not come yet. Asked again soon.
         except PeerRefused:
             # It protects this blob and we have no grant it accepts: not a fault of the peer.
             # Without sources, the stuck timer sends us to the upstream.

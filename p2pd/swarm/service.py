@@ -373,7 +373,8 @@ class PeerService:
         headers += [("Content-Range", f"bytes {offset}-{offset + length - 1}/{transfer.size}"), (RELAY_HEADER, "1")]
         self.relays += 1
         arrival.relays += 1
-        arrival.receivers[asker] = 0
+        if asker:  # (an asker that does not name itself cannot be named to others)
+            arrival.receivers[asker] = 0
         self.metrics.chunks_relayed.inc()
         end_pacing = self._pacing.start(request.pace)
 
