@@ -196,7 +196,7 @@ class SwarmTransfer:
     upstream_bytes: int = 0
     lessee_only_since: dict[int, float] = field(default_factory=dict)  # chunk → first seen only at the lessee
     # chunk → (the holders and downloaders it was computed for, we ask its holder, the node we ask instead)
-    designated: dict[int, tuple[tuple[int, int, bool], bool, str | None]] = field(default_factory=dict)
+    relay_trees: dict[int, tuple[tuple[int, int, bool], bool, str | None]] = field(default_factory=dict)
     grant: str | None = None  # shown to peers for a protected blob (p2pd.swarm.grants)
     disputed: set[str] = field(default_factory=set)  # peers that lacked chunks they claimed; told to the coordinator
     exchanges: dict[Exchange, int] = field(default_factory=dict)  # chunk requests in flight → their chunk
@@ -811,7 +811,7 @@ class Swarm:
         me = self.me.node_id
         fanout = chunk_relays(len(transfer.lessees) + (1 if transfer.leased else 0))
         seen = (len(downloaders), len(holders), transfer.leased)
-        cached = transfer.designated.get(index)
+        cached = transfer.relay_trees.get(index)
         if cached is not None and cached[0] == seen:
             return cached[1], cached[2]
         key = f"{transfer.digest}:{index}"
@@ -821,7 +821,7 @@ class Swarm:
             order = rank(key, [*downloaders, me]) + rank(key, holders)
         place = order.index(me)
         answer = (True, None) if place < fanout else (False, order[place - fanout])
-        transfer.designated[index] = (seen, *answer)
+        transfer.relay_trees[index] = (seen, *answer)
         return answer
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
