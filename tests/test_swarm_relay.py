@@ -349,6 +349,27 @@ async def test_past_the_bound_a_request_is_sent_at_once_to_a_node_the_chunk_is_r
     response.on_close()
 
 
+async def test_an_asker_that_does_not_name_itself_is_never_named_to_others(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    """A relay to a request without a node id (no such asker among agents, which always send
+    one) leaves nobody to name: a later asker is named a receiver that has an id, or waits."""
+    holder = _Holder(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.fetch, 0, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        relayed = [await holder.service.handle(holder.request(0, asker)) for asker in ("", "a")]
+        for _ in range(2):
+            with pytest.raises(OCIError) as missing:
+                await holder.service.handle(holder.request(0, "c"))
+            assert dict(missing.value.headers)[RELAYED_TO_HEADER] == "a"
+        reads: list[list[bytes]] = [[], []]
+        for response, got in zip(relayed, reads, strict=True):
+            nursery.start_soon(_read, response, got)
+        await holder.feed(DATA[:CHUNK])
+    assert all(b"".join(got) == DATA[:CHUNK] for got in reads)
+
+
 async def test_a_node_not_fetching_a_chunk_says_so_at_once_and_one_fetching_it_waits_for_it(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
 ) -> None:

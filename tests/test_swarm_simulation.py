@@ -1433,10 +1433,10 @@ def test_a_chunk_our_relay_tree_parent_did_not_have_is_asked_of_its_holder(monke
     offered = Bitmap(4)
     offered.set(index)
     asks: dict[str, Bitmap] = {}
-    allowed = Swarm._super_seed(swarm, transfer, "h", offered, None, 0, downloaders, 3.0, 0.0, asks)  # type: ignore[arg-type]
+    allowed = Swarm._offered_by_holder(swarm, transfer, "h", offered, None, 0, downloaders, 3.0, 0.0, asks)  # type: ignore[arg-type]
     assert index not in allowed and any(index in chunks for chunks in asks.values())
     transfer.tree_missed.add(index)
-    allowed = Swarm._super_seed(swarm, transfer, "h", offered, None, 0, downloaders, 3.0, 0.0, {})  # type: ignore[arg-type]
+    allowed = Swarm._offered_by_holder(swarm, transfer, "h", offered, None, 0, downloaders, 3.0, 0.0, {})  # type: ignore[arg-type]
     assert index in allowed
 
 

@@ -88,7 +88,7 @@ _READER_AHEAD = 2  # missing chunks right after the verified prefix, planned bef
 _FRONT_FLOWS = 4  # a blob's first chunks, fetched from the upstream in a request each, at once
 _FRONT_BYTES = 512 * 1024  # ... at most this many bytes of them (fewer flows for bigger chunks)
 _ENDGAME_CHUNKS = 4  # chunks missing (all requested) from which one in flight is also asked of a second peer
-_SUPER_SEED_WAIT_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
+_ANYONE_ASKS_AFTER_MAX = 3.0  # seconds after which anyone may ask the lease holder for a chunk
 _CHUNK_TIMEOUTS = 6  # a chunk request that is still receiving bytes ends after this many peer_timeouts
 _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a first peer
 _BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
@@ -729,7 +729,7 @@ class Swarm:
         masks = {node: bitmap.mask() for node, bitmap in sources.items()}
         downloaders = [node for node, bitmap in transfer.sources.items()
                        if node not in transfer.lessees and not bitmap.is_full()]
-        wait = min(_SUPER_SEED_WAIT_MAX, 2 * self.announce_interval())
+        wait = min(_ANYONE_ASKS_AFTER_MAX, 2 * self.announce_interval())
         have = transfer.have.mask()
         for lessee, (first, last) in transfer.lessees.items():
             if not self.membership.is_usable(lessee) or transfer.retry_at.get(lessee, 0.0) > now:
@@ -740,7 +740,8 @@ class Swarm:
             for node, mask in masks.items():
                 if node != lessee:
                     elsewhere |= mask
-            allowed = self._super_seed(transfer, lessee, optimistic, known, elsewhere, downloaders, wait, now, asks)
+            allowed = self._offered_by_holder(transfer, lessee, optimistic, known, elsewhere, downloaders, wait, now,
+                                              asks)
             sources[lessee], masks[lessee] = allowed, allowed.mask()
         return self._with_asks(transfer, sources, asks)
 
@@ -754,7 +755,7 @@ class Swarm:
             sources[node] = chunks if known is None else Bitmap.from_mask(transfer.count, known.mask() | chunks.mask())
         return sources
 
-    def _super_seed(self, transfer: SwarmTransfer, lessee: str, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
+    def _offered_by_holder(self, transfer: SwarmTransfer, lessee: str, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
                     elsewhere: int, downloaders: list[str], wait: float, now: float,
                     asks: dict[str, Bitmap]) -> Bitmap:
         """Which chunks this node may ask the lease holder ``lessee`` for (``lessee_bitmap``: what
@@ -809,7 +810,7 @@ class Swarm:
         holder, which relays it or names a node that receives it: ``relay_hints``)."""
         holders = [node for node in transfer.lessees if node != lessee]
         me = self.me.node_id
-        fanout = chunk_relays(len(transfer.lessees) + (1 if transfer.leased else 0))
+        direct = chunk_relays(len(transfer.lessees) + (1 if transfer.leased else 0))
         seen = (len(downloaders), len(holders), transfer.leased)
         cached = transfer.relay_trees.get(index)
         if cached is not None and cached[0] == seen:
@@ -820,7 +821,7 @@ class Swarm:
         else:
             order = rank(key, [*downloaders, me]) + rank(key, holders)
         place = order.index(me)
-        answer = (True, None) if place < fanout else (False, order[place - fanout])
+        answer = (True, None) if place < direct else (False, order[place - direct])
         transfer.relay_trees[index] = (seen, *answer)
         return answer
 
@@ -1266,10 +1267,7 @@ class Swarm:
         finally:
             # A run that ends early (an error, a cancel) cuts short the answers relaying its chunk.
             if arrival is not None and not arrival.verified:
-                arrival.failed = True
-                arrival.notify()
-                if transfer.arrivals.get(arrival.index) is arrival:
-                    del transfer.arrivals[arrival.index]
+                _close_arrival(transfer, arrival)
         if index != last + 1:
             raise UpstreamError(f"upstream ended {transfer.digest} early")
 
@@ -1325,9 +1323,7 @@ class Swarm:
                 request.cancel()  # a peer asked for it too (a reader's rescue): not needed any more
         transfer.last_progress = time.monotonic()
         arrival.verified = True
-        arrival.notify()
-        if transfer.arrivals.get(index) is arrival:
-            del transfer.arrivals[index]
+        _close_arrival(transfer, arrival)
 
     def have_header(self, digest: Digest) -> str | None:
         transfer = self.transfers.get(digest)
@@ -1354,8 +1350,8 @@ def _feeder(arrival: Arrival) -> Callable[[int], None]:
 
 
 def _close_arrival(transfer: SwarmTransfer, arrival: Arrival) -> None:
-    """The fetch of a chunk from a peer ended: verified, its relays send the rest; otherwise
-    (a failure, a cancel) they are cut short."""
+    """The fetch of an arriving chunk (from the upstream or a peer) ended: verified, its relays
+    send the rest; otherwise (a failure, a cancel) they are cut short."""
     if not arrival.verified:
         arrival.failed = True
     arrival.notify()
