@@ -12,6 +12,7 @@ piece, so every step is observed, not timed:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import socket
@@ -565,3 +566,40 @@ def test_a_connection_is_paced_by_the_kernel() -> None:
         pace(0)
         assert struct.unpack("=I", sock.getsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, 4)) == (0xFFFFFFFF,)
     assert _pacer(None) is None
+
+
+async def test_each_chunk_request_and_each_404_is_a_debug_line_the_swarm_trace_reads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At DEBUG, a node logs every chunk request it makes (source, route, outcome, time) and its
+    peer service every 404 it answers (why): the lines ``tests.bench.swarm_trace`` reads from a
+    kept ``make bench-swarm`` run, parsed here from the real records so the two cannot drift."""
+    from tests.bench.swarm_trace import parse_log, summarize
+
+    caplog.set_level(logging.DEBUG, logger="p2pd.swarm")
+    holder = _Holder(tmp_path / "holder")
+    middle = _Holder(tmp_path / "middle", name="middle")
+    async with trio.open_nursery() as nursery:
+        holder_info = await nursery.start(partial(serve_http, holder.service.handle, "127.0.0.1", 0))
+        middle.transfer.addresses["holder"] = f"127.0.0.1:{holder_info.port}"
+        middle.transfer.lessees = {"holder": (0, 0)}
+        nursery.start_soon(holder.fetch, 0, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(middle.swarm._fetch_chunk, middle.transfer, 0, "holder", lambda: None)
+        with trio.fail_after(10):
+            await wait_until(lambda: 0 in holder.transfer.arrivals, interval=0.01)
+        await holder.pieces_in.send(DATA[:CHUNK])
+        with trio.fail_after(10):
+            await wait_until(lambda: 0 in middle.transfer.have, interval=0.01)
+        with pytest.raises(OCIError):  # neither here nor on its way: 404 at once
+            await holder.service.handle(holder.request(2, "middle"))
+        nursery.cancel_scope.cancel()
+    await middle.swarm.client.aclose()
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    requests, refusals = parse_log("n", [text.format(record) for record in caplog.records])
+    assert [(r.index, r.source, r.route, r.outcome) for r in requests] == [(0, "holder", "range holder", "verified")]
+    assert requests[0].digest == str(DIGEST) and 0 <= requests[0].end - requests[0].start < 10
+    assert [(r.asker, r.index, r.reason) for r in refusals] == [("middle", 2, "not on its way (not fetched here now)")]
+    summary = summarize(requests, refusals)
+    assert summary["requests"] == 1 and summary["range_holders"] == 1
+    assert summary["outcomes"] == {"range holder: verified": 1}

@@ -925,10 +925,18 @@ class Swarm:
         scope = trio.CancelScope()
         asked = transfer.inflight.setdefault(index, {})
         asked[node] = scope
+        started = time.monotonic()
+        route = _route(transfer, index, node)
+        outcome = "cancelled"
         try:
             with scope:
-                await self._fetch_chunk_from(transfer, index, node, on_progress)
+                outcome = await self._fetch_chunk_from(transfer, index, node, on_progress)
         finally:
+            # One line per chunk request, what ``tests.bench.swarm_trace`` reads: where each
+            # chunk came from, how, and how long each request took (a 64 KiB chunk's relay from
+            # a range holder takes as long as the chunk's arrival there).
+            log.debug("chunk %d of %s from %s (%s): %s after %.3f s", index, transfer.digest, node, route, outcome,
+                      time.monotonic() - started)
             asked.pop(node, None)
             if not asked:
                 transfer.inflight.pop(index, None)
@@ -937,7 +945,8 @@ class Swarm:
             transfer.notify()  # a request slot is free (and maybe a chunk landed): plan again
 
     async def _fetch_chunk_from(self, transfer: SwarmTransfer, index: int, node: str,
-                                on_progress: Callable[[], None]) -> None:
+                                on_progress: Callable[[], None]) -> str:
+        """Asks ``node`` for chunk ``index``; what came of it, in words (the debug log)."""
         offset, length = transfer.bounds(index)
         address = transfer.addresses.get(node)
         # Whether it claimed the chunk when asked. A bitmap that says so only while the request
@@ -949,7 +958,7 @@ class Swarm:
         self.metrics.peer_messages.labels("chunk").inc()
         try:
             if address is None:
-                return
+                return "no address"
             await self.download_bucket.take(length)
             mapped = transfer.hashes[index]
 
@@ -995,13 +1004,14 @@ class Swarm:
                 self.membership.ban(node, self.ban_seconds)
                 transfer.sources.pop(node, None)
                 transfer.disputed.add(node)  # its claims are worth nothing: the coordinator stops counting them
-                return
+                return "failed verification"
             if index in transfer.have:
-                return
+                return "already here"
             if not chunk.stored:
                 await trio.to_thread.run_sync(_pwrite_all, transfer.fd, chunk.data, offset)
             if index in transfer.have:
-                return  # the endgame's other request for it was written meanwhile (the same verified bytes)
+                # The endgame's other request for it was written meanwhile (the same verified bytes).
+                return "already here"
             transfer.have.set(index)
             for other, request in transfer.inflight.get(index, {}).items():
                 if other != node:
@@ -1013,14 +1023,17 @@ class Swarm:
             self.metrics.peer_fetched_bytes.labels(node).inc(length)
             self.membership.success(node)
             on_progress()
+            return "verified"
         except PeerBusy as exc:
             transfer.retry_at[node] = time.monotonic() + exc.retry_after
+            return "busy"
         except PeerRelayCut as exc:
             # The chunk stopped arriving at (or failed at) the range holder that relayed it. Not
             # a false claim, nor a dead holder: asked again soon, there or elsewhere.
             log.info("chunk %d of %s: %s", index, transfer.digest, exc)
             transfer.retry_at[node] = time.monotonic() + 0.2
             self._drop_hint(transfer, index, node)
+            return "relay cut"
         except PeerMissing as exc:
             # Unclaimed, a chunk on its way to it that has not come yet (a range holder's
             # lookahead, a node of the chunk's relay tree): asked again soon, and not held
@@ -1042,12 +1055,14 @@ class Swarm:
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
                 self.metrics.claims_disputed.inc()
+            return f"not there, relayed to {exc.relayed_to}" if exc.relayed_to is not None else "not there"
         except PeerRefused:
             # It protects this blob and we have no grant it accepts: not a fault of the peer.
             # Without sources, the stuck timer sends us to the upstream.
             log.info("%s refused %s: no accepted peer grant", node, transfer.digest)
             transfer.sources.pop(node, None)
             transfer.retry_at[node] = time.monotonic() + self.stuck_after
+            return "refused"
         except (PeerError, trio.TooSlowError) as exc:
             self._drop_hint(transfer, index, node)
             # str(trio.TooSlowError()) is empty (and an exception is always truthy): name the reason.
@@ -1063,6 +1078,7 @@ class Swarm:
                 log.info("%s stopped answering; telling the coordinator of %s", node, transfer.digest)
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
+            return f"failed: {reason}"
 
     @staticmethod
     def _drop_hint(transfer: SwarmTransfer, index: int, node: str) -> None:
@@ -1357,6 +1373,15 @@ def _close_arrival(transfer: SwarmTransfer, arrival: Arrival) -> None:
     arrival.notify()
     if transfer.arrivals.get(arrival.index) is arrival:
         del transfer.arrivals[arrival.index]
+
+
+def _route(transfer: SwarmTransfer, index: int, node: str) -> str:
+    """How a chunk request to ``node`` finds the chunk there, in the debug log's words: a copy it
+    claimed, its range holder's arrival, or a node of its relay tree that receives it now."""
+    known = transfer.sources.get(node)
+    if known is not None and index in known:
+        return "claimed"
+    return "range holder" if node in transfer.lessees else "relay tree"
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:

@@ -96,6 +96,19 @@ def _whole_chunk(transfer: SwarmTransfer, start: int, end: int) -> int | None:
     return index if index < transfer.count and end == offset + length - 1 else None
 
 
+def _why_not_here(transfer: SwarmTransfer, chunk: int, receiver: str | None) -> str:
+    """Why a chunk request was answered 404, in the debug log's words."""
+    if receiver is not None:
+        return f"its relays here are all taken: sent to {receiver}, which receives it from here"
+    if chunk in transfer.arrivals:
+        return "arriving, its relays here all taken"
+    if chunk in transfer.requested:
+        return "asked of a peer, not arriving yet"
+    if any(first <= chunk <= last for first, last in transfer.ranges):
+        return "in this node's range, not arriving from the upstream yet"
+    return "not on its way (not fetched here now)"
+
+
 class PeerService:
     """Request handler of the peer endpoint."""
 
@@ -268,6 +281,7 @@ class PeerService:
                 return self._range_response(request, digest, fd, size, headers)
         transfer = self.swarm.transfers.get(digest)
         if transfer is None:
+            log.debug("%s asked for %s: not fetched here (yet)", request.headers.get(NODE_HEADER) or "a peer", digest)
             raise OCIError("BLOB_UNKNOWN", "not here", status=404)
         byte_range = parse_range(request.headers.get("range"), transfer.size)
         start, end = (0, transfer.size - 1) if byte_range is None else (byte_range.start, byte_range.end)
@@ -323,6 +337,9 @@ class PeerService:
             if receiver is not None and chunk is not None:
                 transfer.arrivals[chunk].receivers[receiver] += 1
                 missing.append((RELAYED_TO_HEADER, receiver))
+            if chunk is not None and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s asked for chunk %d of %s: not here, %s", asker or "a peer", chunk, digest,
+                          _why_not_here(transfer, chunk, receiver))
             raise OCIError("BLOB_UNKNOWN", "those chunks are not here yet", status=404, headers=missing)
         await self._take_slot()
         try:

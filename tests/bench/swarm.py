@@ -442,6 +442,8 @@ class Bed:
     upload_share: float = 0.0
     # Each agent's [swarm] peer_congestion_control (--peer-congestion-control; None: its default).
     peer_congestion_control: str | None = None
+    # The agents' --log-level (--agent-log-level): DEBUG logs every chunk request (tests.bench.swarm_trace).
+    agent_log_level: str = "INFO"
 
     @property
     def seed_host(self) -> str:
@@ -587,7 +589,7 @@ def start_agent(bed: Bed, scenario: Scenario, i: int, *, peer_tls: bool = True) 
     address = net.node_ips[i - 1]
     seed_host = bed.seed_host_of(i)
     cap = scenario.site_cap_mbit(net.site_of(i))
-    argv = [sys.executable, "-m", "p2pd", "--log-level", "INFO", "serve", "--listen",
+    argv = [sys.executable, "-m", "p2pd", "--log-level", bed.agent_log_level, "serve", "--listen",
             f"127.0.0.1:{AGENT_PORT}", "--data", str(net.dir / f"p2pd-{bed.p2pd_generation}-n{i}"),
             "--upstream", f"{seed_host}=http://{seed_host}", "--peer-listen", f"{address}:{PEER_PORT}",
             "--mdns-interface", address, "--cluster-key-file", str(bed.key_file), "--node-id", f"n{i}",
@@ -1249,6 +1251,7 @@ def run_scenario(scenario: Scenario, layout: images.OciLayout, args: argparse.Na
         bed = start_bed(net, seed_upload_rate(scenario, args.seed_share), args.seed_congestion_control)
         bed.upload_share = args.upload_share
         bed.peer_congestion_control = args.peer_congestion_control
+        bed.agent_log_level = args.agent_log_level
         image = push_image(bed, layout, tag)
         limit = bound(image.total_bytes, scenario.nodes, scenario.rates)
         print(f"   pushed {image.ref} ({image.total_bytes / MIB:.2f} MiB); bound {limit['seconds']:.1f} s, "
@@ -1987,6 +1990,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the whole run is stopped (and torn down) after this many seconds")
     parser.add_argument("--workdir", type=Path, help="parent of the run's files (default: the temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the run's files (logs) for debugging")
+    parser.add_argument("--agent-log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"),
+                        help="the agents' log level (DEBUG: a line per chunk request, which "
+                             "python -m tests.bench.swarm_trace reads from a --keep run; default %(default)s)")
     parser.add_argument("--congestion-control", metavar="NAME",
                         help="TCP congestion control in every namespace (e.g. cubic, Debian's default; "
                              "default: the host's, which new namespaces inherit)")
