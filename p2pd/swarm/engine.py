@@ -235,6 +235,11 @@ class SwarmTransfer:
             return False
         return all(index in self.have for index in range(start // self.chunk_size, end // self.chunk_size + 1))
 
+    def in_own_range(self, index: int) -> bool:
+        """Whether chunk ``index`` is in one of this node's range leases (it fetches it from the
+        upstream itself)."""
+        return any(first <= index <= last for first, last in self.ranges)
+
     def ranges_complete(self) -> bool:
         """Whether this node holds every chunk of its range leases (and has some)."""
         return bool(self.ranges) and all(index in self.have for first, last in self.ranges
@@ -593,7 +598,7 @@ class Swarm:
         index = transfer.have.prefix()
         arrival = transfer.arrivals.get(index)
         if index >= transfer.count or index in transfer.rescued or (arrival is not None and not arrival.from_peer) \
-                or any(first <= index <= last for first, last in transfer.ranges):
+                or transfer.in_own_range(index):
             return  # rescued already, arriving here from the upstream, or due in this node's own range
         if not any(index in bitmap for bitmap in self._candidate_sources(transfer).values()):
             return  # not in the site yet: its range holder brings it (stuck_after if it died)
@@ -953,8 +958,7 @@ class Swarm:
         # is out (in another of its answers, or the coordinator's reply) came after its "not
         # here": it got the chunk meanwhile (N = 32 equal links: a range holder's chunk landed
         # just after it answered, the holder was disputed and its range fetched twice).
-        known = transfer.sources.get(node)
-        claimed = known is not None and index in known
+        claimed = _claims(transfer, index, node)
         self.metrics.peer_messages.labels("chunk").inc()
         try:
             if address is None:
@@ -1375,11 +1379,16 @@ def _close_arrival(transfer: SwarmTransfer, arrival: Arrival) -> None:
         del transfer.arrivals[arrival.index]
 
 
+def _claims(transfer: SwarmTransfer, index: int, node: str) -> bool:
+    """Whether ``node``'s last known bitmap says it has chunk ``index``."""
+    known = transfer.sources.get(node)
+    return known is not None and index in known
+
+
 def _route(transfer: SwarmTransfer, index: int, node: str) -> str:
     """How a chunk request to ``node`` finds the chunk there, in the debug log's words: a copy it
     claimed, its range holder's arrival, or a node of its relay tree that receives it now."""
-    known = transfer.sources.get(node)
-    if known is not None and index in known:
+    if _claims(transfer, index, node):
         return "claimed"
     return "range holder" if node in transfer.lessees else "relay tree"
 

@@ -104,7 +104,7 @@ def _why_not_here(transfer: SwarmTransfer, chunk: int, receiver: str | None) -> 
         return "arriving, its relays here all taken"
     if chunk in transfer.requested:
         return "asked of a peer, not arriving yet"
-    if any(first <= chunk <= last for first, last in transfer.ranges):
+    if transfer.in_own_range(chunk):
         return "in this node's range, not arriving from the upstream yet"
     return "not on its way (not fetched here now)"
 
@@ -317,7 +317,7 @@ class PeerService:
             if chunk is None:
                 return True
             return chunk in transfer.requested or chunk in transfer.arrivals \
-                or any(first <= chunk <= last for first, last in transfer.ranges)
+                or transfer.in_own_range(chunk)
 
         with trio.move_on_after(self.chunk_wait):
             while not transfer.covers(start, end) and relayable() is None and relayed_to() is None \

@@ -98,7 +98,8 @@ def parse_log(node: str, lines: Iterable[str]) -> tuple[list[Request], list[Refu
 
 
 def read_bed(directory: Path) -> tuple[list[Request], list[Refusal]]:
-    """Every agent log under ``directory`` (the newest generation of each node's agent)."""
+    """Every agent log under ``directory`` (``p2pd-<generation>-n<i>.log``; a node restarted in
+    the run, as in the churn scenario, counts as one node)."""
     logs = sorted(directory.rglob("p2pd-*-n*.log"))
     if not logs:
         raise SystemExit(f"{directory}: no agent logs (p2pd-*-n*.log); was the run kept (--keep)?")
