@@ -3,6 +3,8 @@ checked against the real records in tests/test_swarm_relay.py)."""
 
 from __future__ import annotations
 
+import datetime
+import json
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,24 @@ def test_a_run_without_debug_lines_is_explained(tmp_path: Path, capsys: pytest.C
     assert "--agent-log-level DEBUG" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--keep"):
         main([str(tmp_path / "empty")])
+
+
+def test_json_lines_are_read_like_text_lines() -> None:
+    """``--log-format json`` (the agents' log for a shipper): the same requests and 404s, each at
+    its UTC time; lines of other levels and lines that are not JSON objects are skipped."""
+    text, refused_text = parse_log("n1", [_request(3.0, 0, "n3", "range holder", "verified", 3.0),
+                                          _refusal(3.5, "n2", 1, "not on its way (not fetched here now)")])
+    at = datetime.datetime.fromtimestamp(text[0].end, datetime.UTC).isoformat(timespec="milliseconds")
+    json_lines = [
+        json.dumps({"time": at, "level": "DEBUG", "logger": "p2pd.swarm",
+                    "message": f"chunk 0 of {DIGEST} from n3 (range holder): verified after 3.000 s"}),
+        json.dumps({"time": at, "level": "INFO", "logger": "p2pd.swarm",
+                    "message": f"chunk 1 of {DIGEST} from n3 (range holder): verified after 1.000 s"}),
+        json.dumps({"time": at, "level": "DEBUG", "logger": "p2pd.swarm.service",
+                    "message": f"n2 asked for chunk 1 of {DIGEST}: not here, not on its way (not fetched here now)"}),
+        "{not json", json.dumps(["a", "list"]), json.dumps({"level": "DEBUG", "time": "yesterday"}),
+    ]
+    got, refused = parse_log("n1", json_lines)
+    assert got == text
+    assert [(r.asker, r.index, r.reason, r.at) for r in refused] == [
+        (r.asker, r.index, r.reason, text[0].end) for r in refused_text]

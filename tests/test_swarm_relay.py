@@ -27,6 +27,7 @@ import trio
 from p2pd.errors import UpstreamError, VerificationError
 from p2pd.httpd import FileBody, Headers, Request, RequestBody, Response, serve_http
 from p2pd.httpd._server import _SO_MAX_PACING_RATE, _pacer
+from p2pd.logformat import JsonFormatter
 from p2pd.metrics import AgentMetrics
 from p2pd.oci.chunkmap import ChunkHasher
 from p2pd.oci.digest import Digest
@@ -37,6 +38,8 @@ from p2pd.swarm.engine import RELAY_HOLDBACK, Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member, Membership
 from p2pd.swarm.peers import NODE_HEADER, RELAYED_TO_HEADER, PeerChunk, PeerClient, PeerError, PeerRelayCut
+from p2pd.swarm.planning import Bitmap
+from p2pd.swarm.rendezvous import coordinators
 from p2pd.swarm.service import PeerService
 from tests.swarm_cluster import wait_until
 
@@ -50,16 +53,18 @@ Accept = Callable[[bytes], Awaitable[None]]
 class _Holder:
     """One node that holds the upstream lease for DIGEST, with its peer endpoint."""
 
-    def __init__(self, tmp_path: Path, *, max_uploads: int = 4, upload_rate: int = 0, name: str = "holder") -> None:
+    def __init__(self, tmp_path: Path, *, max_uploads: int = 4, upload_rate: int = 0, name: str = "holder",
+                 peer_timeout: float = 5.0) -> None:
         async def no_hello(address: str) -> tuple[str, str]:
             raise AssertionError("no peers in this test")
 
         me = Member(name, "127.0.0.1:1", "s")
         self.metrics = AgentMetrics()
-        self.swarm = Swarm(me=me, membership=Membership(me, no_hello), client=PeerClient(name, None),
+        client = PeerClient(name, None, read_timeout=peer_timeout)
+        self.swarm = Swarm(me=me, membership=Membership(me, no_hello), client=client,
                            metrics=self.metrics, chunk_size=CHUNK, lease_ttl=15.0, coordinator_backups=1,
-                           peer_timeout=5.0, max_parallel_chunks=16, max_requests_per_peer=2, ban_seconds=60.0,
-                           grants=GrantStore(tmp_path / "peer-grants"))
+                           peer_timeout=peer_timeout, max_parallel_chunks=16, max_requests_per_peer=2,
+                           ban_seconds=60.0, grants=GrantStore(tmp_path / "peer-grants"))
         self.store = BlobStore(tmp_path / "store", max_bytes=1 << 30)
         self.service = PeerService(swarm=self.swarm, store=self.store, key=None, metrics=self.metrics,
                                    max_uploads=max_uploads, upload_rate=upload_rate, chunk_wait=2.0, slot_wait=0.0)
@@ -600,6 +605,102 @@ async def test_each_chunk_request_and_each_404_is_a_debug_line_the_swarm_trace_r
     assert [(r.index, r.source, r.route, r.outcome) for r in requests] == [(0, "holder", "range holder", "verified")]
     assert requests[0].digest == str(DIGEST) and 0 <= requests[0].end - requests[0].start < 10
     assert [(r.asker, r.index, r.reason) for r in refusals] == [("middle", 2, "not on its way (not fetched here now)")]
+    # The same records as --log-format json writes them: the same requests, at the same times
+    # (the text format's local time to the millisecond, the JSON's UTC).
+    in_json, refused_in_json = parse_log("n", [JsonFormatter().format(record) for record in caplog.records])
+    assert [(r.index, r.source, r.route, r.outcome) for r in in_json] == [(0, "holder", "range holder", "verified")]
+    assert abs(in_json[0].end - requests[0].end) < 0.002
+    assert [(r.asker, r.index, r.reason) for r in refused_in_json] == [(r.asker, r.index, r.reason) for r in refusals]
     summary = summarize(requests, refusals)
     assert summary["requests"] == 1 and summary["range_holders"] == 1
     assert summary["outcomes"] == {"range holder: verified": 1}
+
+
+async def _never_answering(nursery: trio.Nursery) -> str:
+    """An address that accepts connections and never answers on them: a stopped process, or a
+    peer behind a congested uplink as its askers see it."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.abc.Stream] = []
+
+    async def accept() -> None:
+        while True:
+            held.append(await listeners[0].accept())
+
+    nursery.start_soon(accept)
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+def _failures(membership: Membership, node: str) -> int:
+    """The failures in a row ``membership`` counts for ``node``."""
+    return next(count for member, _, count, _, _ in membership.known() if member.node_id == node)
+
+
+async def test_a_chunk_request_that_times_out_counts_against_a_silent_peer_not_a_slow_one(tmp_path: Path) -> None:
+    """No byte of an answer for the read timeout: a peer that sent us nothing else meanwhile (a
+    stopped or dead process) gets a failure — three in a row suspend it, and a suspended range
+    holder is disputed; one that answered us lately, or is sending another answer now, is alive
+    behind a congested uplink: asked again a second later, and not held against it (on thin
+    equal links live range holders were suspended, disputed and their ranges fetched again)."""
+    asker = _Holder(tmp_path, name="asker", peer_timeout=0.3)
+    transfer, swarm = asker.transfer, asker.swarm
+    async with trio.open_nursery() as nursery:
+        address = await _never_answering(nursery)
+        for node in ("gone", "answered", "sending"):
+            swarm.membership.add(Member(node, address, "s"), "test")
+            transfer.addresses[node] = address
+            transfer.sources[node] = Bitmap.full(transfer.count)  # it claims every chunk
+        sending = Exchange()
+        swarm._exchanges_to["sending"] = {sending}  # another request of ours to it, in flight
+        outcomes: dict[str, str] = {}
+
+        async def ask(node: str) -> None:
+            outcomes[node] = await swarm._fetch_chunk_from(transfer, 0, node, lambda: None)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as requests:
+                for node in ("gone", "answered", "sending"):
+                    requests.start_soon(ask, node)
+                await trio.sleep(0.15)  # while the three wait for their answers' first byte:
+                swarm.membership.success("answered")  # a verified chunk from it
+                sending._advance(1)  # a byte of its other answer
+        nursery.cancel_scope.cancel()
+    await swarm.client.aclose()
+    assert outcomes["gone"].startswith("failed: ") and "timeout" in outcomes["gone"]
+    assert _failures(swarm.membership, "gone") == 1
+    for node in ("answered", "sending"):
+        assert outcomes[node].startswith("slow: ") and _failures(swarm.membership, node) == 0
+        assert transfer.retry_at[node] > 0 and node in transfer.sources  # asked again later, its claim kept
+
+
+async def test_an_announcement_that_times_out_counts_against_a_silent_coordinator_not_a_slow_one(
+    tmp_path: Path
+) -> None:
+    """The same for a digest's coordinator: an announcement it leaves unanswered for the peer
+    timeout counts as its failure (three suspend it, and its digests move to the next member)
+    unless it answered us meanwhile — then it is alive behind a congested uplink, and the
+    announcement goes to the backup this once without holding it against the coordinator."""
+    asker = _Holder(tmp_path, name="asker", peer_timeout=0.3)
+    swarm = asker.swarm
+    # A node id the digest's rendezvous ranks above the asker: its coordinator, the asker its backup.
+    coordinator = next(node for node in (f"c{i}" for i in range(100))
+                       if coordinators(str(DIGEST), [node, "asker"], 1) == [node])
+
+    async def announce(answered_meanwhile: bool) -> None:
+        async with trio.open_nursery() as waiting:
+            if answered_meanwhile:
+                async def answer_elsewhere() -> None:
+                    await trio.sleep(0.15)
+                    swarm.membership.success(coordinator)  # e.g. a verified chunk from it
+                waiting.start_soon(answer_elsewhere)
+            with trio.fail_after(10):
+                reply = await swarm.announce(swarm._announcement(asker.transfer, DIGEST, want_lease=True))
+            assert reply is not None  # from the backup (the asker itself)
+
+    async with trio.open_nursery() as nursery:
+        swarm.membership.add(Member(coordinator, await _never_answering(nursery), "s"), "test")
+        await announce(answered_meanwhile=True)
+        assert _failures(swarm.membership, coordinator) == 0
+        await announce(answered_meanwhile=False)
+        assert _failures(swarm.membership, coordinator) == 1
+        nursery.cancel_scope.cancel()
+    await swarm.client.aclose()

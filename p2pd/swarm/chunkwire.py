@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import math
 import socket
 import ssl
 import threading
@@ -69,12 +70,18 @@ class ChunkWireError(Exception):
 
     ``unreachable``: nothing answered at the address — a new connection was refused, reset or
     closed before any answer: the peer's process is gone or restarting. Not a timeout: a peer
-    slow to answer may be overloaded and still at work."""
+    slow to answer may be overloaded and still at work.
 
-    def __init__(self, reason: str, *, relay_cut: bool = False, unreachable: bool = False) -> None:
+    ``timed_out``: no byte came for the read timeout (or the connect timeout): the peer may be
+    gone, stopped, or alive behind an uplink so congested that its packets wait out TCP's
+    retransmission timeouts (the caller tells these apart: ``p2pd.swarm.engine``)."""
+
+    def __init__(self, reason: str, *, relay_cut: bool = False, unreachable: bool = False,
+                 timed_out: bool = False) -> None:
         super().__init__(reason)
         self.relay_cut = relay_cut
         self.unreachable = unreachable
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +117,8 @@ class Exchange:
 
     ``buffer``: where a chunk's body is read (a bytearray of its length, given by the caller so
     that it can pass the bytes on while they arrive: ``p2pd.swarm.engine.Arrival``); ``progress``
-    is called in the reading thread after every read with the body bytes so far."""
+    is called in the reading thread after every read with the body bytes so far;
+    ``last_byte_at`` is the ``time.monotonic()`` of the last read that brought body bytes."""
 
     def __init__(self, buffer: bytearray | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
@@ -118,11 +126,13 @@ class Exchange:
         self._sock: socket.socket | None = None
         self.aborted = False
         self.received = 0
+        self.last_byte_at = -math.inf
         self.buffer = buffer
         self.progress = progress
 
     def _advance(self, received: int) -> None:
         self.received = received
+        self.last_byte_at = time.monotonic()
         if self.progress is not None:
             self.progress(received)
 
@@ -282,14 +292,16 @@ class ChunkWire:
                 conn.close()
                 # (A reset or a close before any answer is the branch above.)
                 refused = isinstance(exc, ConnectionRefusedError | ConnectionAbortedError)
-                raise ChunkWireError(_reason(exc, exchange), unreachable=refused and not exchange.aborted) from None
+                raise ChunkWireError(_reason(exc, exchange), unreachable=refused and not exchange.aborted,
+                                     timed_out=_timed_out(exc, exchange)) from None
             relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
             try:
                 answer = read(response)
             except (OSError, http.client.HTTPException, ValueError, ChunkWireError) as exc:
                 conn.close()
                 reason = str(exc) if isinstance(exc, ChunkWireError) else _reason(exc, exchange)
-                raise ChunkWireError(reason, relay_cut=relay and not exchange.aborted) from None
+                raise ChunkWireError(reason, relay_cut=relay and not exchange.aborted,
+                                     timed_out=_timed_out(exc, exchange)) from None
             if not reused:
                 self._remember_session(address, conn)
             if exchange.aborted or response.will_close:
@@ -402,6 +414,10 @@ def _handshake(conn: _Connection) -> str:
     if not isinstance(sock, ssl.SSLSocket):
         return "plain"
     return "resumed" if sock.session_reused else "full"
+
+
+def _timed_out(exc: BaseException, exchange: Exchange) -> bool:
+    return isinstance(exc, TimeoutError) and not exchange.aborted
 
 
 def _reason(exc: BaseException, exchange: Exchange) -> str:

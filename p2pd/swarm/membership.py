@@ -122,6 +122,12 @@ class Membership:
         entry = self._entries.get(node_id)
         return entry is None or (entry.banned_until <= now and entry.suspended_until <= now)
 
+    def answered_at(self, node_id: str) -> float:
+        """``time.monotonic()`` of the last answer from ``node_id`` (a hello, or a request that
+        succeeded); -inf when none came or the node is not known."""
+        entry = self._entries.get(node_id)
+        return entry.answered_at if entry is not None else float("-inf")
+
     def known(self) -> list[tuple[Member, str, int, float, float]]:
         """(member, sources, failures, suspended_until, banned_until) for ``p2pd status``."""
         return [(e.member, ",".join(sorted(e.sources)), e.failures, e.suspended_until, e.banned_until)

@@ -49,6 +49,7 @@ __all__ = [
     "PeerMissing",
     "PeerRefused",
     "PeerRelayCut",
+    "PeerTimeout",
     "PeerUnreachable",
     "TokenBucket",
     "decode_chunk_map",
@@ -78,6 +79,11 @@ class PeerUnreachable(PeerError):
     """Nothing answers at the peer's address: a new connection was refused, reset or closed
     before any answer (its process is gone or restarting). Not a timeout: a peer slow to answer
     may be overloaded and still at work."""
+
+
+class PeerTimeout(PeerError):
+    """No byte of the answer came for the read timeout: the peer may be gone or stopped, or alive
+    behind a congested uplink (``p2pd.swarm.engine`` tells these apart by what else it hears)."""
 
 
 class PeerMissing(PeerError):
@@ -248,7 +254,8 @@ class PeerClient:
             answer = await _in_thread(self._message_threads, exchange, self._wire.request, address, method, target,
                                       headers, body, _MAX_METADATA)
         except ChunkWireError as exc:
-            raise (PeerUnreachable if exc.unreachable else PeerError)(f"{address}: {exc}") from None
+            error = PeerUnreachable if exc.unreachable else PeerTimeout if exc.timed_out else PeerError
+            raise error(f"{address}: {exc}") from None
         status = answer.status
         _raise_refusal(status, answer.headers, f"{address}{target}")
         if status != 200:
@@ -354,7 +361,7 @@ class PeerClient:
                 # The chunk failed or stopped arriving at the peer while it relayed it: ask
                 # again soon (there or elsewhere), as for a chunk that is not there yet.
                 raise PeerRelayCut(f"{address}: relay of {digest} bytes {start}- cut short: {exc}") from None
-            raise PeerError(f"{address}: {exc}") from None
+            raise (PeerTimeout if exc.timed_out else PeerError)(f"{address}: {exc}") from None
         status = answer.status
         _raise_refusal(status, answer.headers, f"{address}: {digest} bytes {start}-{start + length - 1}")
         if status != 206 or answer.sha256 is None:

@@ -1,12 +1,12 @@
 """``python -m tests.bench.swarm_trace DIR``: where a swarm pull's time went, request by request.
 
-Reads the agents' logs of a ``make bench-swarm`` run kept with ``--keep --agent-log-level DEBUG``
-(``DIR``: the run's testbed directory, ``p2pbed-*``, or a parent holding one) and, with
-``--json`` (the run's raw results), the nodes' link use second by second. Every chunk request an
-agent makes is one DEBUG line (``p2pd.swarm``: which node, how it found the chunk there — a copy
-it *claimed*, its *range holder*'s arrival, a node of its *relay tree* — what came of it, how
-long it took), and every 404 a peer service answers another (``p2pd.swarm.service``: why the
-chunk was not there). Printed, for the blob with the most requests:
+Reads the agents' logs (text or ``--log-format json`` lines) of a ``make bench-swarm`` run kept
+with ``--keep --agent-log-level DEBUG`` (``DIR``: the run's testbed directory, ``p2pbed-*``, or a
+parent holding one) and, with ``--json`` (the run's raw results), the nodes' link use second by
+second. Every chunk request an agent makes is one DEBUG line (``p2pd.swarm``: which node, how
+it found the chunk there — a copy it *claimed*, its *range holder*'s arrival, a node of its
+*relay tree* — what came of it, how long it took), and every 404 a peer service answers another
+(``p2pd.swarm.service``: why the chunk was not there). Printed, for the blob with the most requests:
 
 - the link use of the range holders (the nodes others asked as one) and of the other nodes, per
   second: a node whose downlink is not full while the seed sends is a node that falls behind for
@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_STAMP = r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
-REQUEST_LINE = re.compile(
-    _STAMP + r" DEBUG p2pd\.swarm: chunk (?P<index>\d+) of (?P<digest>\S+) from (?P<source>\S+) "
+# A text line (``--log-format text``, the default): its time, level, and the rest ("logger: message").
+_TEXT_LINE = re.compile(r"(?P<stamp>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?P<level>[A-Z]+) (?P<rest>.*)$")
+REQUEST_MESSAGE = re.compile(
+    r"p2pd\.swarm: chunk (?P<index>\d+) of (?P<digest>\S+) from (?P<source>\S+) "
     r"\((?P<route>[^)]+)\): (?P<outcome>.+) after (?P<seconds>[\d.]+) s$")
-REFUSAL_LINE = re.compile(
-    _STAMP + r" DEBUG p2pd\.swarm\.service: (?P<asker>\S+) asked for chunk (?P<index>\d+) of (?P<digest>\S+): "
+REFUSAL_MESSAGE = re.compile(
+    r"p2pd\.swarm\.service: (?P<asker>\S+) asked for chunk (?P<index>\d+) of (?P<digest>\S+): "
     r"not here, (?P<reason>.+)$")
 _LOG_NAME = re.compile(r"p2pd-\d+-(?P<node>n\d+)\.log$")
 ROUTES = ("claimed", "range holder", "relay tree")
@@ -74,26 +75,43 @@ class Refusal:
     at: float
 
 
-def _stamp(text: str) -> float:
-    return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+def _debug_record(line: str) -> tuple[float, str] | None:
+    """A DEBUG line's time (seconds since the epoch) and "logger: message", from either log format
+    (``--log-format text`` or ``json``); None for any other line."""
+    if line.startswith("{"):
+        try:
+            document = json.loads(line)
+            if not isinstance(document, dict) or document.get("level") != "DEBUG":
+                return None
+            at = datetime.datetime.fromisoformat(document["time"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            return None
+        return at, f"{document.get('logger')}: {document.get('message')}"
+    match = _TEXT_LINE.match(line)
+    if match is None or match["level"] != "DEBUG":
+        return None
+    # The text format's time is local, without a zone, like the agent that wrote it (same machine).
+    return datetime.datetime.strptime(match["stamp"], "%Y-%m-%d %H:%M:%S,%f").timestamp(), match["rest"]
 
 
 def parse_log(node: str, lines: Iterable[str]) -> tuple[list[Request], list[Refusal]]:
-    """The chunk requests and 404 answers in one agent's log (other lines are skipped)."""
+    """The chunk requests and 404 answers in one agent's log, text or JSON lines (other lines are
+    skipped)."""
     requests: list[Request] = []
     refusals: list[Refusal] = []
     for line in lines:
-        line = line.rstrip("\n")
-        if (match := REQUEST_LINE.match(line)) is not None:
-            end = _stamp(match["stamp"])
+        record = _debug_record(line.rstrip("\n"))
+        if record is None:
+            continue
+        at, message = record
+        if (match := REQUEST_MESSAGE.match(message)) is not None:
             requests.append(Request(node, match["digest"], int(match["index"]), match["source"], match["route"],
-                                    match["outcome"], end - float(match["seconds"]), end))
-        elif (match := REFUSAL_LINE.match(line)) is not None:
+                                    match["outcome"], at - float(match["seconds"]), at))
+        elif (match := REFUSAL_MESSAGE.match(message)) is not None:
             reason = match["reason"]
             if reason.startswith("its relays here are all taken"):
                 reason = "its relays here are all taken: sent to a receiver"  # one bucket, whoever was named
-            refusals.append(Refusal(node, match["asker"], match["digest"], int(match["index"]), reason,
-                                    _stamp(match["stamp"])))
+            refusals.append(Refusal(node, match["asker"], match["digest"], int(match["index"]), reason, at))
     return requests, refusals
 
 
