@@ -767,9 +767,9 @@ class Swarm:
             sources[node] = chunks if known is None else Bitmap.from_mask(transfer.count, known.mask() | chunks.mask())
         return sources
 
-    def _offered_by_holder(self, transfer: SwarmTransfer, lessee: str, lessee_bitmap: Bitmap, lessee_has: Bitmap | None,
-                    elsewhere: int, downloaders: list[str], wait: float, now: float,
-                    asks: dict[str, Bitmap]) -> Bitmap:
+    def _offered_by_holder(self, transfer: SwarmTransfer, lessee: str, lessee_bitmap: Bitmap,
+                           lessee_has: Bitmap | None, elsewhere: int, downloaders: list[str], wait: float, now: float,
+                           asks: dict[str, Bitmap]) -> Bitmap:
         """Which chunks this node may ask the lease holder ``lessee`` for (``lessee_bitmap``: what
         it offers; ``elsewhere``: the chunks this node has or another source holds, as a
         ``Bitmap.mask``). Chunks to ask of another node while they arrive there are added to
