@@ -47,7 +47,7 @@ from p2pd.swarm.coordinator import DEFAULT_MAX_RANGES, CoordinatorState, leases_
 from p2pd.swarm.engine import Swarm, SwarmTransfer
 from p2pd.swarm.grants import GrantStore
 from p2pd.swarm.membership import Member
-from p2pd.swarm.messages import Announce, Reply
+from p2pd.swarm.messages import MAX_HOLDERS, Announce, Reply, encode
 from p2pd.swarm.peers import PeerError
 from p2pd.swarm.planning import Bitmap, lessee_view, plan_requests
 from p2pd.swarm.rendezvous import coordinators, rank
@@ -114,6 +114,7 @@ class _Node:
     busy: Counter[str] = field(default_factory=Counter)
     done_at: float | None = None
     announcements: int = 0
+    reply_bytes: int = 0  # the coordinator's replies to it, encoded
     chunk_requests: int = 0
     upstream_chunks: int = 0
     peer_chunks: Counter[str] = field(default_factory=Counter)
@@ -140,6 +141,8 @@ class Result:
     upstream_chunks: int
     coordinator_load: Counter[str]
     peak_announcements_per_second: int
+    reply_bytes: list[int]  # per node: the coordinator's replies to it, encoded
+    peak_reply_bytes_per_second: int  # the coordinator's busiest second, in reply bytes
     sources_per_node: list[int]
     refused: int
     longest_wait: float
@@ -153,7 +156,9 @@ class Result:
             f"{sum(self.chunk_requests) / self.n:.1f}; upstream fetches per site "
             f"{sorted(len(v) for v in self.upstream_nodes.values())}, upstream chunks {self.upstream_chunks} "
             f"({self.upstream_chunks / CHUNKS:.2f} blobs); coordinator peak {self.peak_announcements_per_second}"
-            f" announcements/s; peers per node min {min(self.sources_per_node)}; 429s {self.refused}; longest wait "
+            f" announcements/s, {self.peak_reply_bytes_per_second / 1e6:.2f} MB/s of replies (per node per pull "
+            f"{sum(self.reply_bytes) / len(self.reply_bytes) / 1e3:.1f} kB); peers per node min "
+            f"{min(self.sources_per_node)}; 429s {self.refused}; longest wait "
             f"for a chunk {self.longest_wait:.1f} s (stuck after {self.stuck_after:.0f} s)"
         )
 
@@ -179,6 +184,7 @@ class Simulation:
         self.states: dict[str, CoordinatorState] = {}
         self.load: Counter[str] = Counter()
         self.per_second: Counter[int] = Counter()
+        self.reply_bytes_per_second: Counter[int] = Counter()
         self.pending: dict[str, list[tuple[_Node, int, float]]] = {}  # source -> waiting requests
         self.refused = 0
         self._bitmaps: dict[bytes | None, tuple[Bitmap, int]] = {}
@@ -203,7 +209,12 @@ class Simulation:
         state = self.states.setdefault(self.coordinator_id, CoordinatorState(lease_ttl=self.lease_ttl))
         self.load[self.coordinator_id] += 1
         self.per_second[int(now)] += 1
-        return state.announce(message, now)
+        reply = state.announce(message, now)
+        # What the coordinator's link carries for it (the message, without HTTP, TLS and TCP).
+        size = len(encode(reply))
+        node.reply_bytes += size
+        self.reply_bytes_per_second[int(now)] += size
+        return reply
 
     def _absorb(self, node: _Node, reply: Reply) -> None:
         # As the engine does: the ranges this node fetches, and who fetches the others.
@@ -387,6 +398,8 @@ class Simulation:
             sum(n.upstream_chunks for n in nodes),
             self.load,
             max(self.per_second.values()),
+            [n.reply_bytes for n in nodes],
+            max(self.reply_bytes_per_second.values()),
             [len(n.peer_chunks) for n in nodes if not n.upstream_chunks],
             self.refused,
             max(n.longest_wait for n in nodes),
@@ -444,6 +457,14 @@ def test_announcements_per_pull_do_not_grow_with_the_cluster(results: dict[tuple
     for result in (small, large):
         assert max(result.announcements) <= 30
     assert mean_large <= 1.5 * mean_small
+    # Their bytes do grow with N, up to MAX_HOLDERS holders a reply: bounded, not constant
+    # (docs/benchmarks.md, *Swarm at 1,000 nodes*).
+    bytes_small = sum(small.reply_bytes) / small.n
+    bytes_large = sum(large.reply_bytes) / large.n
+    print(f"reply bytes per node per pull: N=100 {bytes_small / 1e3:.1f} kB; N=1000 {bytes_large / 1e3:.1f} kB; "
+          f"coordinator's busiest second {small.peak_reply_bytes_per_second / 1e6:.2f} and "
+          f"{large.peak_reply_bytes_per_second / 1e6:.2f} MB")
+    assert bytes_large <= (MAX_HOLDERS / 100 + 1) * bytes_small
     # Every announcement of a digest goes to one coordinator, which no other digest loads.
     assert len(large.coordinator_load) == 1
 
