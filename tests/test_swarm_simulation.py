@@ -514,8 +514,8 @@ class _FakeMembership:
     def success(self, node_id: str) -> None:
         pass
 
-    def failure(self, node_id: str) -> None:
-        pass
+    def failure(self, node_id: str, *, began: float | None = None) -> bool:
+        return False
 
 
 class _FakeClient:

@@ -412,17 +412,19 @@ class Swarm:
                 return await self.coordinate(message)
             self.messages_sent += 1
             self.metrics.peer_messages.labels("announce").inc()
+            began = time.monotonic()
             try:
                 with trio.fail_after(self.peer_timeout):
                     reply = await self.client.announce(member.address, message)
             except (PeerError, trio.TooSlowError) as exc:
                 log.info("coordinator %s unreachable for %s: %s", member.node_id, message.digest,
                          str(exc) or "timeout")
-                if not (isinstance(exc, PeerTimeout | trio.TooSlowError) and self._heard_from_lately(member.node_id)):
-                    # (A coordinator that is slow to answer while it sends us chunks is alive behind a
-                    # congested uplink: suspended, its digests would move to a backup that has no
-                    # state, and the range leases it granted be granted again.)
-                    self.membership.failure(member.node_id)
+                # A coordinator slow to answer while it answers or sends us other things is alive
+                # behind a congested uplink: suspended, its digests would move to a backup that
+                # has no state, and the range leases it granted be granted again.
+                timed_out = isinstance(exc, PeerTimeout | trio.TooSlowError)
+                if not (timed_out and self._sending_to_us(member.node_id)):
+                    self.membership.failure(member.node_id, began=began if timed_out else None)
                 continue
             self.membership.success(member.node_id)
             return reply
@@ -966,6 +968,7 @@ class Swarm:
         # here": it got the chunk meanwhile (N = 32 equal links: a range holder's chunk landed
         # just after it answered, the holder was disputed and its range fetched twice).
         claimed = _claims(transfer, index, node)
+        asked_at = time.monotonic()
         self.metrics.peer_messages.labels("chunk").inc()
         try:
             if address is None:
@@ -1083,19 +1086,20 @@ class Swarm:
             self._drop_hint(transfer, index, node)
             # str(trio.TooSlowError()) is empty (and an exception is always truthy): name the reason.
             reason = "timeout" if isinstance(exc, trio.TooSlowError) else str(exc) or type(exc).__name__
-            if isinstance(exc, PeerTimeout | trio.TooSlowError) and self._heard_from_lately(node):
-                # Silent here, but it answered or sent bytes elsewhere meanwhile: alive, its uplink
-                # congested (thin equal links: packets wait out TCP's retransmission timeouts).
-                # Asked again later, not counted as a failure: three in a row suspended live
-                # range holders, their ranges were disputed and fetched from the upstream again
-                # (N = 32 at 1.5 Mbit/s: 1.34x the image; docs/benchmarks.md, 31st session).
+            timed_out = isinstance(exc, PeerTimeout | trio.TooSlowError)
+            transfer.retry_at[node] = time.monotonic() + 1.0
+            counted = not (timed_out and self._sending_to_us(node)) \
+                and self.membership.failure(node, began=asked_at if timed_out else None)
+            if timed_out and not counted:
+                # Silent here, but it answered us or sent bytes of another answer meanwhile: alive,
+                # its uplink congested (thin equal links: packets wait out TCP's retransmission
+                # timeouts). Asked again later, not counted as a failure: three in a row suspended
+                # live range holders, their ranges were disputed and fetched from the upstream
+                # again (N = 32 at 1.5 Mbit/s: 1.34x the image; docs/benchmarks.md, 31st session).
                 log.info("chunk %d of %s from %s: %s, while it sends other answers (slow, not gone)", index,
                          transfer.digest, node, reason)
-                transfer.retry_at[node] = time.monotonic() + 1.0
                 return f"slow: {reason} while it sends other answers"
             log.info("chunk %d of %s from %s failed: %s", index, transfer.digest, node, reason)
-            self.membership.failure(node)
-            transfer.retry_at[node] = time.monotonic() + 1.0
             if not self.membership.is_usable(node) and (node in transfer.lessees or node in transfer.sources):
                 # It stopped answering (suspended): a dead range holder must not keep its range
                 # until lease_ttl while every reader waits for those chunks (containerd gives up
@@ -1106,13 +1110,14 @@ class Swarm:
                 transfer.sources.pop(node, None)
             return f"failed: {reason}"
 
-    def _heard_from_lately(self, node: str) -> bool:
-        """Whether ``node`` answered us, or sent a byte of an answer still in flight, within the
+    def _sending_to_us(self, node: str) -> bool:
+        """Whether ``node`` sent a byte of one of our chunk requests still in flight within the
         last ``peer_timeout``: a request to it that timed out meanwhile met a slow peer, not a
-        gone one (a stopped or dead process sends nothing on any connection)."""
+        gone one (a stopped or dead process sends nothing on any connection). Its answers since
+        a request began are the other sign (``Membership.failure``'s ``began``)."""
         heard = max((exchange.last_byte_at for exchange in self._exchanges_to.get(node, ())),
                     default=-math.inf)
-        return time.monotonic() - max(heard, self.membership.answered_at(node)) < self.peer_timeout
+        return time.monotonic() - heard < self.peer_timeout
 
     @staticmethod
     def _drop_hint(transfer: SwarmTransfer, index: int, node: str) -> None:

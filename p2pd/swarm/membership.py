@@ -122,12 +122,6 @@ class Membership:
         entry = self._entries.get(node_id)
         return entry is None or (entry.banned_until <= now and entry.suspended_until <= now)
 
-    def answered_at(self, node_id: str) -> float:
-        """``time.monotonic()`` of the last answer from ``node_id`` (a hello, or a request that
-        succeeded); -inf when none came or the node is not known."""
-        entry = self._entries.get(node_id)
-        return entry.answered_at if entry is not None else float("-inf")
-
     def known(self) -> list[tuple[Member, str, int, float, float]]:
         """(member, sources, failures, suspended_until, banned_until) for ``p2pd status``."""
         return [(e.member, ",".join(sorted(e.sources)), e.failures, e.suspended_until, e.banned_until)
@@ -144,10 +138,13 @@ class Membership:
             entry.failures = 0
             entry.answered_at = time.monotonic()
 
-    def failure(self, node_id: str) -> None:
+    def failure(self, node_id: str, *, began: float | None = None) -> bool:
+        """Counts a failed request to ``node_id`` (enough in a row suspend it); True if counted.
+        With ``began`` (the request's ``time.monotonic()`` start) it is not counted when the member
+        answered something since: it is alive, the request met a slow moment, not a gone member."""
         entry = self._entries.get(node_id)
-        if entry is None:
-            return
+        if entry is None or (began is not None and entry.answered_at >= began):
+            return False
         entry.failures += 1
         if entry.failures >= self.suspend_after and entry.suspended_until <= time.monotonic():
             entry.suspended_until = time.monotonic() + self.suspend_seconds
@@ -155,6 +152,7 @@ class Membership:
                      self.suspend_seconds, entry.failures)
             self._reprobe_work.set()
             self._notify()
+        return True
 
     def heard_from(self, node_id: str) -> None:
         """An authenticated request came from ``node_id`` (``PeerService``): a suspended peer,
@@ -268,9 +266,8 @@ class Membership:
         except Exception as exc:  # any failure just leaves the address pending
             log.debug("hello to %s failed: %s", address, exc)
             known = self._by_address.get(address)
-            entry = self._entries.get(known) if known is not None else None
-            if entry is not None and entry.answered_at < began:
-                self.failure(entry.member.node_id)
+            if known is not None:
+                self.failure(known, began=began)
             return
         finally:
             self._probing.discard(address)
