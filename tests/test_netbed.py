@@ -267,7 +267,8 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     json_path = tmp_path / "bench" / "swarm.json"
     plots = importlib.util.find_spec("matplotlib") is not None  # the ``bench`` extra; optional here
     argv = [sys.executable, "-m", "tests.bench.swarm", "--quick", "--out", str(out), "--json", str(json_path),
-            "--workdir", str(tmp_path / "work"), "--deadline-s", "75", *([] if plots else ["--no-plots"])]
+            "--workdir", str(tmp_path / "work"), "--deadline-s", "75", *([] if plots else ["--no-plots"]),
+            "--agent-log-level", "DEBUG", "--keep"]  # the logs swarm_trace reads (below)
     before = set(list_namespaces())
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -309,6 +310,14 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     assert {node: len(rows) for node, rows in use["nodes_by_second"].items()} == dict.fromkeys(
         ("n1", "n2", "n3"), len(use["by_second"]))
 
+    # The agents logged every chunk request at DEBUG (--agent-log-level), and the kept run's
+    # logs are what ``python -m tests.bench.swarm_trace`` reads.
+    trace = subprocess.run([sys.executable, "-m", "tests.bench.swarm_trace", str(tmp_path / "work"), "--json",
+                            str(json_path)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert trace.returncode == 0, trace.stdout + trace.stderr
+    assert " chunk requests by 3 nodes" in trace.stdout and "link use, " in trace.stdout, trace.stdout
+
     doc = out.read_text()
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in doc
     section = doc[doc.index(MARK_START):doc.index(MARK_END)]
@@ -336,9 +345,10 @@ def test_tiny_bench_swarm(tmp_path: Path) -> None:
     assert "Link use while the seed was sending" in section and f"N = 3 at 5{X}: down " in section
     if plots:
         assert "bench/swarm-matrix.png" in section
-    # Nothing left behind: namespaces, owner files, work files.
+    # Nothing left behind but what --keep keeps (the testbed's files, logs included): no
+    # namespaces, owner files or other work files.
     assert set(list_namespaces()) - before == set()
-    assert not list((tmp_path / "work").glob("p2pbed-*")) and not list((tmp_path / "work").glob("bench-swarm-*"))
+    assert len(list((tmp_path / "work").glob("p2pbed-*"))) == 1 and not list((tmp_path / "work").glob("bench-swarm-*"))
 
 
 @pytest.mark.root

@@ -352,6 +352,7 @@ def test_messages_round_trip() -> None:
         _announce(lessees=(RangeLease("node-b", "127.0.0.11:7000", 0, 3), RangeLease("node-c", "c:1", 4, 7))),
         _announce(leased=True, ranges=((4, 7),), whole_blob=True),
         _announce(leased=True, ranges=((4, 7),), upstream_bytes=123_456),
+        _announce(compact=True),
     ):
         assert decode(encode(message)) == message
     # A message from a node that does not send the newer flags still decodes.
@@ -378,6 +379,35 @@ def test_messages_round_trip() -> None:
         1.0,
     )
     assert decode(encode(full)) == full
+
+
+def test_a_compact_reply_is_the_same_reply_in_fewer_bytes() -> None:
+    """An asker that announces ``compact`` gets the holders and range leases as arrays, holders of
+    its own site without their site: half the bytes. One that does not (an older node) gets the
+    maps it reads."""
+    # A reply as the N = 32 testbed's coordinators send them (node ids, addresses and site names
+    # as there, 128-chunk bitmaps, 16 range leases), some holders of another site.
+    holders = tuple(PeerInfo(f"n{i}", f"10.88.0.{10 + i}:7080", "net-10-88-0-0" if i % 4 else "net-10-99-0-0",
+                             i % 3 == 0, None if i % 3 == 0 else bytes(16)) for i in range(2, 33))
+    reply = Reply(holders, "n1", "10.88.0.11:7080", True, 15.0, ranges=((0, 7),),
+                  lessees=tuple(RangeLease(f"n{i}", f"10.88.0.{10 + i}:7080", 8 * i, 8 * i + 7) for i in range(16)),
+                  compact=True, site="net-10-88-0-0")
+    data = encode(reply)
+    assert decode(data) == reply
+    maps = encode(replace(reply, compact=False, site=None))
+    assert decode(maps) == replace(reply, compact=False, site=None)
+    assert len(data) < 0.55 * len(maps), (len(data), len(maps))
+    with pytest.raises(ValueError):
+        encode(replace(reply, site=None))
+    # The coordinator answers each asker in the form it announced.
+    state = CoordinatorState()
+    for node in ("node-a", "node-b"):
+        state.announce(_announce(node=node, site="site-a"), 1.0)
+    answer = state.announce(_announce(node="node-c", site="site-a", compact=True), 1.0)
+    assert answer.compact and answer.site == "site-a" and [p.node for p in answer.holders] == ["node-b", "node-a"]
+    assert decode(encode(answer)) == answer
+    old = state.announce(_announce(node="node-d", site="site-a"), 1.0)
+    assert not old.compact and old.site is None and len(old.holders) == 3
 
 
 def _announce_dict(**overrides: object) -> dict[str, object]:
@@ -453,6 +483,21 @@ MALFORMED = [
     pytest.param(msgpack.packb(_reply_dict(holders=[{**_HOLDER, "complete": None}])), id="holder-complete"),
     pytest.param(msgpack.packb(_reply_dict(holders=[{**_HOLDER, "node": 7}])), id="holder-node"),
     pytest.param(msgpack.packb(_reply_dict(granted=1)), id="granted-int"),
+    pytest.param(msgpack.packb(_reply_dict(compact=1, site="s")), id="compact-int"),
+    pytest.param(msgpack.packb(_reply_dict(compact=True)), id="compact-without-site"),
+    pytest.param(msgpack.packb(_reply_dict(compact=True, site="s", holders=[_HOLDER])), id="compact-holder-map"),
+    pytest.param(msgpack.packb(_reply_dict(compact=True, site="s", holders=[["n", "a:1", None, True]])),
+                 id="compact-holder-short"),
+    pytest.param(msgpack.packb(_reply_dict(compact=True, site="s", holders=[["n", "a:1", 3, True, None]])),
+                 id="compact-holder-site-int"),
+    pytest.param(msgpack.packb(_reply_dict(compact=True, site="s", holders=[["n", "a:1", None, 1, None]])),
+                 id="compact-holder-complete-int"),
+    pytest.param(msgpack.packb(_announce_dict(compact="yes")), id="announce-compact-str"),
+    pytest.param(msgpack.packb(_reply_dict(compact=True, site="s", lessees=[{"node": "n", "address": "a:1",
+                                                                              "first": 0, "last": 1}])),
+                 id="compact-lessee-map"),
+    pytest.param(msgpack.packb(_reply_dict(compact=True, site="s", lessees=[["n", "a:1", 2, 1]])),
+                 id="compact-lessee-backwards"),
     pytest.param(msgpack.packb(_reply_dict(lease_ttl="15")), id="ttl-str"),
     pytest.param(msgpack.packb(_reply_dict(lease_ttl=True)), id="ttl-bool"),
     pytest.param(msgpack.packb(_reply_dict(lease_holder="")), id="lease-holder-empty"),

@@ -204,6 +204,7 @@ class Simulation:
             not complete,
             leased=node.leased and not complete,
             upstream_bytes=node.upstream_chunks * 2**20,  # as a real node says what it fetched
+            compact=True,  # as every node of this version reads its replies
         )
         node.announcements += 1
         state = self.states.setdefault(self.coordinator_id, CoordinatorState(lease_ttl=self.lease_ttl))
@@ -1405,6 +1406,61 @@ def test_an_arriving_chunks_relay_tree_is_the_same_at_every_node(holders: int, d
                 node = views[node][1]  # type: ignore[assignment]
                 hops += 1
                 assert hops <= len(views)
+
+
+async def test_a_busy_node_of_a_large_site_leaves_a_new_blobs_ranges_to_the_others(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """In a site with more nodes than a blob has ranges, the blob's coordinator (its uplink
+    carries the replies) asks for no range in the transfer's first second, then only once no
+    other downloader of its site lacks one; a holder of another blob's unfinished range asks for
+    none for 3 s. In a site no larger than a blob's ranges every node asks at once."""
+    members = 20
+    ids = ["lessee", *(f"node-{i:04d}" for i in range(members - 1))]
+    digests = (Digest("sha256", hashlib.sha256(b"busy%d" % i).hexdigest()) for i in range(1000))
+    digest, other = itertools.islice((d for d in digests if coordinators(str(d), ids, 1) == ["lessee"]), 2)
+    swarm, _client, _ranking = _engine(monkeypatch, members, digest, 1, coordinating=True)
+    assert members - 1 > swarm.coordinator.max_ranges
+    count = 64
+    transfer = _site_transfer(digest, count, me="lessee", holders={}, downloaders=[])
+    transfer.started_at = trio.current_time()
+    swarm.transfers[digest] = transfer
+
+    def downloading(node: str, *, asks: bool = True) -> Reply:
+        return swarm.coordinator.announce(Announce(digest, node, f"{node}:7000", "s", count * _CHUNK, _CHUNK, False,
+                                                   bytes(count // 8), asks), trio.current_time())
+
+    assert not swarm._asks_for_range(transfer)  # its first second: the others ask first
+    await trio.sleep(1.0)
+    assert swarm._asks_for_range(transfer)  # nobody else asked: it takes a range after all
+    assert downloading("node-0000").granted and downloading("node-0001").granted
+    downloading("node-0002", asks=False)  # busy with another blob's range: it asks later
+    assert not swarm._asks_for_range(transfer)  # node-0002 lacks a range: it gets the next one
+    await trio.sleep(swarm.coordinator.lease_ttl / 3 + 0.1)  # node-0002 stopped announcing
+    downloading("node-0000")
+    assert swarm._asks_for_range(transfer)
+
+    # A node that fetches a range of another blob, and coordinates nothing.
+    swarm.coordinator = CoordinatorState(lease_ttl=swarm.coordinator.lease_ttl, node_id="lessee")
+    del swarm.transfers[digest]
+    fetching = _site_transfer(other, count, me="lessee", holders={"lessee": (0, 3)}, downloaders=[])
+    swarm.transfers[other] = fetching
+    new = _site_transfer(_digest_coordinated_elsewhere(b"busy new"), count, me="lessee", holders={}, downloaders=[])
+    new.started_at = trio.current_time()
+    swarm.transfers[new.digest] = new
+    assert not swarm._asks_for_range(new)
+    for index in range(4):
+        fetching.have.set(index)  # its range is done
+    assert swarm._asks_for_range(new)
+    fetching.have = Bitmap(count)
+    await trio.sleep(3.0)
+    assert swarm._asks_for_range(new)  # 3 s: it asks anyway
+
+    # A site no larger than a blob's ranges: every node may be needed.
+    small, _client, _ranking = _engine(monkeypatch, 5, _digest_coordinated_elsewhere(b"small"), 1)
+    small.transfers = {other: fetching, new.digest: new}
+    new.started_at = trio.current_time()
+    assert small._asks_for_range(new)
 
 
 async def test_a_node_sent_on_by_a_holder_asks_the_node_named_and_forgets_it_when_that_fails(

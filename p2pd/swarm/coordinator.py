@@ -223,6 +223,7 @@ class CoordinatorState:
         self._digests: OrderedDict[Digest, _DigestState] = OrderedDict()
         self.announcements = 0
         self.leases_granted = 0
+        self._downloads_heard_at = float("-inf")  # the last announcement of another node still downloading
 
     def _expire(self, state: _DigestState, now: float) -> None:
         for site in state.sites.values():
@@ -252,6 +253,8 @@ class CoordinatorState:
         self.announcements += 1
         if message.handoff:
             return self._hand_off(message, now)
+        if message.node != self.node_id and not message.complete and not message.gone:
+            self._downloads_heard_at = now
         state = self._digests.get(message.digest)
         if state is None:
             state = self._digests[message.digest] = _DigestState(predecessor_gone=predecessor_gone)
@@ -362,7 +365,26 @@ class CoordinatorState:
                      first_lease.address if first_lease else None, bool(mine), self.lease_ttl,
                      ranges=tuple((held.first, held.last) for held in mine),
                      lessees=tuple(RangeLease(held.node, held.address, held.first, held.last)
-                                   for _index, held in live[:MAX_RANGES]))
+                                   for _index, held in live[:MAX_RANGES]),
+                     compact=message.compact, site=message.site if message.compact else None)
+
+    def answering_downloads(self, now: float) -> bool:
+        """Whether other nodes downloading a blob announce here now (within a third of a lease
+        TTL, within which every downloader announces): this node's uplink carries the replies."""
+        return now - self._downloads_heard_at <= self.lease_ttl / 3
+
+    def downloader_without_range(self, digest: Digest, site: str, node: str, now: float) -> bool:
+        """Whether a node of ``site`` other than ``node`` announced ``digest`` here lately (within
+        a third of a lease TTL), still downloading it, trusted, and holding none of its ranges: the
+        next free range goes to it when it asks."""
+        state = self._digests.get(digest)
+        if state is None:
+            return False
+        leased = {lease.node for (its_site, _size), ranges in state.sites.items() if its_site == site
+                  for lease in ranges.leases.values()}
+        return any(h.info.site == site and h.info.node != node and not h.info.complete
+                   and now - h.updated <= self.lease_ttl / 3 and h.info.node not in state.distrusted
+                   and h.info.node not in leased for h in state.holders.values())
 
     def knows(self, digest: Digest) -> bool:
         """Whether this coordinator has state for ``digest`` (else it may be taking it over)."""
@@ -378,7 +400,8 @@ class CoordinatorState:
         here is not created by the question."""
         state = self._digests.get(message.digest)
         if state is None:
-            return Reply((), None, None, False, self.lease_ttl)
+            return Reply((), None, None, False, self.lease_ttl, compact=message.compact,
+                         site=message.site if message.compact else None)
         self._expire(state, now)
         if self.node_id is not None and rank(str(message.digest), [message.node, self.node_id])[0] == message.node:
             state.handed_off_until = now + self.lease_ttl

@@ -95,6 +95,12 @@ _JOIN_GRACE = 5.0  # seconds after the start in which a transfer waits for a fir
 _BUSY_ANNOUNCE_INTERVAL = 1.0  # seconds between announcements of a node with enough to request
 _HANDOFF_TIMEOUT = 1.0  # seconds a coordinator with no state waits for the member ranked next to answer
 _LEASE_PATIENCE = LEASE_PATIENCE_TTLS  # lease TTLs a node waits for a range holder's next chunk before the upstream
+# In a site with more nodes than a blob has ranges, a node already busy leaves a new blob's
+# ranges to the others for a while (Swarm._asks_for_range): a range holder of another blob ...
+_OTHER_RANGE_HOLDER_WAIT = 3.0
+# ... and a coordinator answering downloads, after which its own blob's coordinator takes a range
+# only when no other downloader of its site lacks one.
+_COORDINATOR_RANGE_WAIT = 1.0
 # A local reader (containerd's stream) that has had no byte for this long, waiting for a chunk
 # peers have and none is sending, gets that one chunk from the upstream (Swarm._rescue_reader).
 _READER_RESCUE_AFTER = 20.0
@@ -193,6 +199,7 @@ class SwarmTransfer:
     busy: dict[str, int] = field(default_factory=dict)
     retry_at: dict[str, float] = field(default_factory=dict)
     last_progress: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)
     peer_bytes: dict[str, int] = field(default_factory=dict)
     upstream_bytes: int = 0
     lessee_only_since: dict[int, float] = field(default_factory=dict)  # chunk → first seen only at the lessee
@@ -357,6 +364,38 @@ class Swarm:
         interval = max(_BUSY_ANNOUNCE_INTERVAL if busy else 0.25, len(self.membership.live()) / 100.0)
         return min(interval, self.coordinator.lease_ttl / 3) if leased else interval
 
+    def _asks_for_range(self, transfer: SwarmTransfer) -> bool:
+        """Whether this node asks for a range lease of ``transfer``'s blob in its next announcement.
+
+        A range holder's uplink carries the first copies of its range into the site, and a
+        coordinator's carries its replies (3.3 KB, several a second per downloader: 23 % of a
+        3 Mbit/s uplink at N = 32). A node doing either and holding a range of a new blob as
+        well was the last node to finish in most runs of the N = 32 equal-links cell; where the
+        site has more nodes than a blob has ranges, such a node leaves the new blob's ranges to
+        the others: a holder of another blob's unfinished range for ``_OTHER_RANGE_HOLDER_WAIT``
+        seconds of the transfer, a coordinator answering downloads for
+        ``_COORDINATOR_RANGE_WAIT``, and the blob's own coordinator, which sees who asks, for as
+        long as another downloader of its site holds no range (that one is granted the next).
+        Afterwards it asks as any node does, so no range waits long for a taker. A range holder
+        always asks: a backup coordinator learns from it who holds what."""
+        if transfer.leased:
+            return True
+        others = sum(1 for m in self.membership.live() if m.site == self.me.site and m.node_id != self.me.node_id)
+        if others <= self.coordinator.max_ranges:
+            return True  # the site may need every node for the ranges
+        now = time.monotonic()
+        waited = now - transfer.started_at
+        if waited < _OTHER_RANGE_HOLDER_WAIT and any(
+                other is not transfer and other.leased and not other.ranges_complete()
+                for other in self.transfers.values()):
+            return False
+        coordinates_it = self.coordinators_for(transfer.digest)[0].node_id == self.me.node_id
+        if not coordinates_it and not self.coordinator.answering_downloads(now):
+            return True
+        if waited < _COORDINATOR_RANGE_WAIT:
+            return False
+        return not self.coordinator.downloader_without_range(transfer.digest, self.me.site, self.me.node_id, now)
+
     async def coordinate(self, message: Announce) -> Reply:
         """Answers an announcement (a peer's or this node's own) as the digest's coordinator."""
         predecessor_gone = False
@@ -444,7 +483,8 @@ class Swarm:
                         leased=transfer is not None and transfer.leased, disputed=disputed,
                         ranges=transfer.ranges[:MAX_RANGES] if transfer is not None and transfer.leased else (),
                         lessees=lessees, whole_blob=transfer is not None and transfer.range_ignored,
-                        upstream_bytes=transfer.upstream_received if transfer is not None and not complete else 0)
+                        upstream_bytes=transfer.upstream_received if transfer is not None and not complete else 0,
+                        compact=True)
 
     async def announce_complete(self, digest: Digest, size: int) -> None:
         with trio.move_on_after(self.peer_timeout * 2):
@@ -544,7 +584,8 @@ class Swarm:
                 if now >= next_announce or stalled:
                     # The lease holder keeps asking for its lease too: a backup coordinator that
                     # takes over (with no state) then learns who holds it.
-                    reply = await self.announce(self._announcement(transfer, transfer.digest, want_lease=True))
+                    reply = await self.announce(self._announcement(transfer, transfer.digest,
+                                                                   want_lease=self._asks_for_range(transfer)))
                     if reply is None:
                         log.warning("no coordinator reachable for %s; fetching from the upstream", transfer.digest)
                         transfer.leased = True
