@@ -84,8 +84,8 @@ class Announce:
     # range holder on a thin link whose chunk takes longer than a lease TTL to arrive is still
     # making progress (p2pd.swarm.coordinator).
     upstream_bytes: int = 0
-    # The node reads a reply's holders in the compact form (``Reply.compact``): every node of
-    # this version says so; a coordinator answers an announcement without it in the old form.
+    # The node reads replies in the compact form (``Reply.compact``): every node of this version
+    # says so; a coordinator answers an announcement without it in maps, as older nodes read them.
     compact: bool = False
 
 
