@@ -369,15 +369,16 @@ class Swarm:
 
         A range holder's uplink carries the first copies of its range into the site, and a
         coordinator's carries its replies (3.3 KB, several a second per downloader: 23 % of a
-        3 Mbit/s uplink at N = 32). A node doing either and holding a range of a new blob as
-        well was the last node to finish in most runs of the N = 32 equal-links cell; where the
-        site has more nodes than a blob has ranges, such a node leaves the new blob's ranges to
-        the others: a holder of another blob's unfinished range for ``_OTHER_RANGE_HOLDER_WAIT``
-        seconds of the transfer, a coordinator answering downloads for
-        ``_COORDINATOR_RANGE_WAIT``, and the blob's own coordinator, which sees who asks, for as
-        long as another downloader of its site holds no range (that one is granted the next).
-        Afterwards it asks as any node does, so no range waits long for a taker. A range holder
-        always asks: a backup coordinator learns from it who holds what."""
+        3 Mbit/s uplink at N = 32). A node holding ranges of two blobs was the last to finish in
+        8 of 15 runs of the N = 32 equal-links cell, a coordinator holding a range in 2 of 5
+        (docs/benchmarks.md, 31st and 32nd sessions). Where the site has more nodes than a blob
+        has ranges, such a node leaves the new blob's ranges to the others: a holder of another
+        blob's unfinished range for ``_OTHER_RANGE_HOLDER_WAIT`` seconds of the transfer, a
+        coordinator answering downloads for ``_COORDINATOR_RANGE_WAIT``, and the blob's own
+        coordinator, which sees who asks, for as long as another downloader of its site holds no
+        range (that one is granted the next). Afterwards it asks as any node does, so no range
+        waits long for a taker. A range holder always asks: a backup coordinator learns from it
+        who holds what."""
         if transfer.leased:
             return True
         others = sum(1 for m in self.membership.live() if m.site == self.me.site and m.node_id != self.me.node_id)
