@@ -443,6 +443,8 @@ def _reply_dict(**overrides: object) -> dict[str, object]:
 
 
 _HOLDER = {"node": "n", "address": "a:1", "site": "s", "complete": True, "have": None}
+_COMPACT_HOLDER = ["n", "a:1", None, False, b"\x80"]
+_COMPACT_LESSEE = ["n", "a:1", 0, 1]
 
 MALFORMED = [
     pytest.param(b"", id="empty"),
@@ -544,6 +546,14 @@ def test_malformed_messages_raise_message_error(data: bytes) -> None:
             {
                 k: st.sampled_from([v, None, 0, "x", b"x", [], [_HOLDER], {}, True, -1, 2.5])
                 for k, v in _reply_dict().items()
+            }
+        ).map(msgpack.packb),
+        st.fixed_dictionaries(
+            {
+                k: st.sampled_from([v, None, 0, "x", b"x", [], [_COMPACT_HOLDER], [_COMPACT_LESSEE], [_HOLDER], {},
+                                    True, False, -1, 2.5])
+                for k, v in _reply_dict(compact=True, site="s", holders=[_COMPACT_HOLDER],
+                                        lessees=[_COMPACT_LESSEE]).items()
             }
         ).map(msgpack.packb),
     )
