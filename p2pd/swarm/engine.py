@@ -372,7 +372,7 @@ class Swarm:
         3 Mbit/s uplink at N = 32). A node holding ranges of two blobs was the last to finish in
         8 of 15 runs of the N = 32 equal-links cell, a coordinator holding a range in 2 of 5
         (docs/benchmarks.md, 31st and 32nd sessions). Where the site has more nodes than a blob
-        has ranges, such a node leaves the new blob's ranges to the others: a holder of another
+        can have ranges (``max_ranges``), such a node leaves the new blob's ranges to the others: a holder of another
         blob's unfinished range for ``_OTHER_RANGE_HOLDER_WAIT`` seconds of the transfer, a
         coordinator answering downloads for ``_COORDINATOR_RANGE_WAIT``, and the blob's own
         coordinator, which sees who asks, for as long as another downloader of its site holds no
@@ -462,9 +462,7 @@ class Swarm:
                 # A coordinator slow to answer while it answers or sends us other things is alive
                 # behind a congested uplink: suspended, its digests would move to a backup that
                 # has no state, and the range leases it granted be granted again.
-                timed_out = isinstance(exc, PeerTimeout | trio.TooSlowError)
-                if not (timed_out and self._sending_to_us(member.node_id)):
-                    self.membership.failure(member.node_id, began=began if timed_out else None)
+                self._met_slow_peer(member.node_id, exc, began)
                 continue
             self.membership.success(member.node_id)
             return reply
@@ -1128,11 +1126,8 @@ class Swarm:
             self._drop_hint(transfer, index, node)
             # str(trio.TooSlowError()) is empty (and an exception is always truthy): name the reason.
             reason = "timeout" if isinstance(exc, trio.TooSlowError) else str(exc) or type(exc).__name__
-            timed_out = isinstance(exc, PeerTimeout | trio.TooSlowError)
             transfer.retry_at[node] = time.monotonic() + 1.0
-            counted = not (timed_out and self._sending_to_us(node)) \
-                and self.membership.failure(node, began=asked_at if timed_out else None)
-            if timed_out and not counted:
+            if self._met_slow_peer(node, exc, asked_at):
                 # Silent here, but it answered us or sent bytes of another answer meanwhile: alive,
                 # its uplink congested (thin equal links: packets wait out TCP's retransmission
                 # timeouts). Asked again later, not counted as a failure: three in a row suspended
@@ -1151,6 +1146,16 @@ class Swarm:
                 transfer.disputed.add(node)
                 transfer.sources.pop(node, None)
             return f"failed: {reason}"
+
+    def _met_slow_peer(self, node: str, exc: BaseException, began: float) -> bool:
+        """Counts a failed request to ``node`` (begun at ``began``) against it, unless it timed out
+        while the node was alive: it answered since the request began (``Membership.failure``'s
+        ``began``) or sent bytes of another of our requests meanwhile (``_sending_to_us``). True
+        then: the request met a slow peer, not a gone one."""
+        if not isinstance(exc, PeerTimeout | trio.TooSlowError):
+            self.membership.failure(node)
+            return False
+        return self._sending_to_us(node) or not self.membership.failure(node, began=began)
 
     def _sending_to_us(self, node: str) -> bool:
         """Whether ``node`` sent a byte of one of our chunk requests still in flight within the

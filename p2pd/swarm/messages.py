@@ -241,8 +241,7 @@ def encode(message: Message) -> bytes:
         if message.ranges:
             body["ranges"] = [[first, last] for first, last in message.ranges]
         if message.lessees:
-            body["lessees"] = [[lease.node, lease.address, lease.first, lease.last] for lease in message.lessees] \
-                if message.compact else _encode_lessees(message.lessees)
+            body["lessees"] = _encode_lessees(message.lessees, compact=message.compact)
     return msgpack.packb(body)
 
 
@@ -264,7 +263,9 @@ def _compact_peer(value: Any, site: str) -> PeerInfo:
                     site if its_site is None else _text(its_site, "site"), complete, _optional_bytes(have, "have"))
 
 
-def _encode_lessees(lessees: tuple[RangeLease, ...]) -> list[dict[str, Any]]:
+def _encode_lessees(lessees: tuple[RangeLease, ...], *, compact: bool = False) -> list[Any]:
+    if compact:
+        return [[lease.node, lease.address, lease.first, lease.last] for lease in lessees]
     return [{"node": lease.node, "address": lease.address, "first": lease.first, "last": lease.last}
             for lease in lessees]
 
