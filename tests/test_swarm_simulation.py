@@ -1552,3 +1552,44 @@ async def test_only_a_chunk_asked_of_a_node_that_did_not_claim_it_is_passed_on_w
     assert {0, 1} <= set(transfer.have.indexes()) and not transfer.arrivals
     assert os.pread(fd, 2 * _CHUNK, 0) == data[0] + data[1]
     os.close(fd)
+
+
+@pytest.mark.parametrize(("members", "first_ask_after"), [(20, 3.0), (5, 0.0)])
+async def test_the_transfer_loop_asks_for_a_range_only_when_the_busy_node_rule_lets_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock,
+    members: int, first_ask_after: float,
+) -> None:
+    """``Swarm.run_transfer`` itself, not only the decision: in a site of 20, a node fetching
+    another blob's unfinished range announces the new blob without asking for a range during
+    the transfer's first 3 s, then asks, is granted the (only) range and fetches the blob. In a
+    site of 5 the same node asks in its first announcement."""
+    data = random.Random(members).randbytes(8 * _CHUNK)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    swarm, client, _ranking = _engine(monkeypatch, members, digest, 1)
+    asked: list[tuple[float, bool]] = []
+    deliver = client.announce
+
+    async def announce(address: str, message: Announce) -> Reply:
+        if message.digest == digest:
+            asked.append((trio.current_time(), message.want_lease))
+        return await deliver(address, message)
+
+    monkeypatch.setattr(client, "announce", announce)
+    busy = _site_transfer(_digest_coordinated_elsewhere(b"busy"), 16, me="lessee", holders={"lessee": (0, 7)},
+                          downloaders=[])
+    swarm.transfers[busy.digest] = busy  # its range unfinished throughout
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        began = trio.current_time()
+        transfer = swarm.start_transfer(digest, len(data), fd, None)
+        transfer.started_at = transfer.last_progress = began  # the mock clock's, as the engine's
+        await swarm.run_transfer(transfer, _slow_upstream(0.1, data), lambda: None)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    assert transfer.upstream_bytes == len(data)
+    first_ask = next(at for at, wants in asked if wants) - began
+    assert first_ask_after <= first_ask < first_ask_after + 1.0, asked
+    assert all(not wants for at, wants in asked if at - began < first_ask_after), asked
+    if first_ask_after:
+        assert sum(1 for _at, wants in asked if not wants) >= 2, "it announced meanwhile, without asking"
