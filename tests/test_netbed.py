@@ -97,6 +97,32 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed_and_
     result["methods"]["p2pd"]["agent_kernel_share"] = 0.12  # type: ignore[index]
     assert matrix_row(result)["kernel_share"] == 0.12
     assert "| 30 (12%) | " in render_matrix([result], {})  # the agents' CPU per MiB, its kernel share in brackets
+    assert row["in_vain_share"] is None and row["up_holders"] is None  # runs before these were kept
+
+
+def test_the_matrix_says_how_busy_holders_uplinks_were_against_the_others_and_what_was_sent_in_vain() -> None:
+    """Range holders' uplinks and the other nodes' are averaged apart (at equal links the holders'
+    ran full while the others' idled: thirty-third session); bytes served that no node verified
+    as a chunk (cut or cancelled answers) are a share of all bytes served."""
+    mib = 1 << 20
+    nodes = [{"node": "n1", "agent_upstream_bytes": 6 * mib, "agent_peer_served_bytes": 30 * mib,
+              "agent_peer_bytes": 6 * mib},
+             {"node": "n2", "agent_upstream_bytes": 0, "agent_peer_served_bytes": 10 * mib,
+              "agent_peer_bytes": 18 * mib},
+             {"node": "n3", "agent_upstream_bytes": 0, "agent_peer_served_bytes": 0,
+              "agent_peer_bytes": 12 * mib}]
+    use = {"down_mean": 0.8, "down_min": 0.7, "up_mean": 0.7, "longest_idle_uplink_s": 1.0,
+           "up": {"n1": 0.96, "n2": 0.6, "n3": 0.4}}
+    result = {"scenario": {"key": "matrix-1x-3", "nodes": 3}, "rates": {"node_up": 16, "seed_up": 16},
+              "bound": {"seconds": 10.0}, "image": {"blobs": {"sha256:l": 12 * mib}, "layer_digest": "sha256:l"},
+              "methods": {"p2pd": {"nodes": nodes, "p50_s": 12.0, "max_s": 13.0, "seed_egress_ratio": 1.0,
+                                   "failures": 0, "fallbacks": 0, "agent_cpu_ms_per_mib": 30.0,
+                                   "cpu": {"machine_share": 0.4}, "link_use": use}}}
+    row = matrix_row(result)
+    assert row["up_holders"] == pytest.approx(0.96) and row["up_others"] == pytest.approx(0.5)
+    assert row["in_vain_share"] == pytest.approx(4 / 40)  # 40 MiB served, 36 MiB verified by the askers
+    text = render_matrix([result], {})
+    assert "uplinks of the range holders 96% and of the others 50%, sent in vain 10%" in text
 
 
 def test_the_seeds_pacing_is_a_share_of_all_its_links_and_each_section_says_it() -> None:

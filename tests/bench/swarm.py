@@ -1551,8 +1551,24 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     # are counted as they begin (a cut one too; they are few, and its chunk is asked again).
     taken = sum(n.get("chunks_verified", 0) for n in nodes)
     relayed = sum(n.get("chunks_relayed", 0) for n in nodes)
+    # Peer bytes sent in vain: answers cut or cancelled before their chunk was verified (the
+    # endgame's second requests, relays whose own source failed), uplink time that delivered
+    # nothing. And the range holders' uplinks against the others': at equal links a holder's
+    # carries the first copies of its arriving chunks, and holders' uplinks full while the others'
+    # idle is upload the site lacks (thirty-third session).
+    served = sum(n.get("agent_peer_served_bytes", 0) for n in nodes)
+    verified = sum(n.get("agent_peer_bytes", 0) for n in nodes)
+    up = (p.get("link_use") or {}).get("up") or {}
+
+    def mean_uplink(group: Sequence[dict[str, Any]]) -> float | None:
+        shares = [up[n["node"]] for n in group if n.get("node") in up]
+        return sum(shares) / len(shares) if shares else None
+
     return {
         "relayed_share": relayed / taken if taken else None,
+        "in_vain_share": (served - verified) / served if served and verified else None,
+        "up_holders": mean_uplink(holders),
+        "up_others": mean_uplink([n for n in nodes if n not in holders]),
         "longest_wait_s": max(waits) if waits else None,
         "link_use": p.get("link_use"),
         "key": sc["key"], "nodes": sc["nodes"], "ratio": rates["node_up"] / rates["seed_up"],
@@ -1624,10 +1640,14 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
                   + "; ".join(f"N = {r['nodes']} at {r['ratio']:g}{X}: down {_pct(u['down_mean'])} "
                               f"({_pct(u['down_min'])}; first quarter {_pct(u.get('down_first_quarter'))}, "
                               f"the rest {_pct(u.get('down_rest'))}), up {_pct(u['up_mean'])}, idle uplink "
-                              f"{u['longest_idle_uplink_s']:g} s, relayed {_pct(r.get('relayed_share'))}"
+                              f"{u['longest_idle_uplink_s']:g} s, relayed {_pct(r.get('relayed_share'))}, "
+                              f"uplinks of the range holders {_pct(r.get('up_holders'))} and of the others "
+                              f"{_pct(r.get('up_others'))}, sent in vain {_pct(r.get('in_vain_share'))}"
                               for r, u in uses) + ". *Relayed*: of the chunks nodes took from peers, the share "
                   "sent by a range holder while the chunk still arrived there from the seed (the rest went "
-                  "out complete, later).", ""]
+                  "out complete, later). *Sent in vain*: of the chunk bytes nodes sent to peers, those that "
+                  "reached no node as a verified chunk (answers cut or cancelled: the endgame's second "
+                  "requests, relays whose own source failed).", ""]
     if "matrix" in plots:
         lines += [f"![time ÷ bound per matrix cell]({plots['matrix']})", ""]
     return "\n".join(lines)
