@@ -1139,17 +1139,16 @@ async def test_a_chunk_claimed_only_while_it_was_asked_for_is_not_a_false_claim(
 
 
 @pytest.mark.parametrize(("members", "chunk", "in_flight"), [
-    (12, 64 * 1024, 16), (12, 256 * 1024, 8), (12, 512 * 1024, 4),
-    (20, 64 * 1024, 24), (20, 128 * 1024, 24), (20, 256 * 1024, 8)])
+    (12, 64 * 1024, 16), (12, 256 * 1024, 8), (12, 512 * 1024, 4), (20, 64 * 1024, 16)])
 async def test_a_node_keeps_a_blobs_request_slots_by_their_bytes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock, members: int,
     chunk: int, in_flight: int,
 ) -> None:
     """Sixteen chunk requests of 64 KiB in flight, as many of bigger chunks as hold 2 MiB (at
     least 4): every peer holds the whole blob and answers nothing, so the scheduler fills every
-    slot it has, and no more. In a site with more other nodes than a blob has ranges (20
-    members, ``max_ranges`` 16) chunks up to 128 KiB take half as many slots again (24): most
-    requests there are slow relays of arriving chunks; bigger chunks keep their bound."""
+    slot it has, and no more. A site with more other nodes than a blob has ranges (20 members)
+    keeps 16 as well: 24 there (a5ab90f) made thin links worse (docs/benchmarks.md, thirty-third
+    session)."""
     digest = _digest_coordinated_elsewhere(b"slots")
     swarm, _client, _ranking = _engine(monkeypatch, members, digest, 1)
     asked: list[int] = []

@@ -64,7 +64,7 @@ from .peers import (
     PeerUnreachable,
     TokenBucket,
 )
-from .planning import SLOT_CHUNK_BYTES, Bitmap, chunk_relays, chunks_within, lessee_view, plan_requests, request_slots
+from .planning import Bitmap, chunk_relays, chunks_within, lessee_view, plan_requests, request_slots
 from .rendezvous import coordinators, rank
 
 __all__ = ["HOLDBACK", "RELAY_HOLDBACK", "Arrival", "Swarm", "SwarmTransfer"]
@@ -101,9 +101,6 @@ _OTHER_RANGE_HOLDER_WAIT = 3.0
 # ... and a coordinator answering downloads, after which its own blob's coordinator takes a range
 # only when no other downloader of its site lacks one.
 _COORDINATOR_RANGE_WAIT = 1.0
-# In such a site a transfer of small chunks keeps this share of max_parallel_chunks in flight
-# on top of its request slots (Swarm._schedule_peer_requests).
-_LARGE_SITE_EXTRA_SLOTS = 0.5
 # A local reader (containerd's stream) that has had no byte for this long, waiting for a chunk
 # peers have and none is sending, gets that one chunk from the upstream (Swarm._rescue_reader).
 _READER_RESCUE_AFTER = 20.0
@@ -401,9 +398,8 @@ class Swarm:
 
     def _site_outgrows_ranges(self) -> bool:
         """Whether this node's site has more other live members than a blob can have ranges
-        (``max_ranges``): then some of its nodes hold no range of a blob, and the rules that
-        balance range holders and the others apply (``_asks_for_range``,
-        ``_schedule_peer_requests``). One pass over the live members."""
+        (``max_ranges``): then some of its nodes hold no range of a blob, and busy nodes leave a
+        new blob's ranges to the others (``_asks_for_range``). One pass over the live members."""
         others = sum(1 for m in self.membership.live() if m.site == self.me.site and m.node_id != self.me.node_id)
         return others > self.coordinator.max_ranges
 
@@ -891,20 +887,8 @@ class Swarm:
 
     async def _schedule_peer_requests(self, transfer: SwarmTransfer, nursery: trio.Nursery,
                                       on_progress: Callable[[], None]) -> bool:
-        """Starts requests for free slots; True when slots stay free for want of known sources.
-
-        In a site larger than a blob's ranges, a transfer of chunks up to ``SLOT_CHUNK_BYTES``
-        keeps half as many requests again in flight. There most of a node's requests are relays
-        of chunks arriving at the range holders, each at a small share of the upstream's rate,
-        and with 16 of them a node had no slot left for the complete chunks the nodes without a
-        range hold: at N = 32 with equal links their uplinks were 66 % busy against the holders'
-        87 % (73 % with 24 slots; 32 were no better than 24), and the last node 1.42x the bound
-        against 1.39x (means of 23 and 9 runs; docs/benchmarks.md, thirty-third session). Bigger
-        chunks keep their slots: those bound the bytes in flight (``request_slots``)."""
-        slots = request_slots(transfer.chunk_size, self.max_parallel_chunks)
-        if transfer.chunk_size <= SLOT_CHUNK_BYTES and self._site_outgrows_ranges():
-            slots += int(self.max_parallel_chunks * _LARGE_SITE_EXTRA_SLOTS)
-        room = slots - sum(transfer.busy.values())
+        """Starts requests for free slots; True when slots stay free for want of known sources."""
+        room = request_slots(transfer.chunk_size, self.max_parallel_chunks) - sum(transfer.busy.values())
         if room <= 0:
             return False
         needed = [i for i in transfer.have.missing() if i not in transfer.requested]
