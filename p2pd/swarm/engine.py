@@ -381,7 +381,8 @@ class Swarm:
         who holds what."""
         if transfer.leased:
             return True
-        if not self._site_outgrows_ranges():
+        others = sum(1 for m in self.membership.live() if m.site == self.me.site and m.node_id != self.me.node_id)
+        if others <= self.coordinator.max_ranges:
             return True  # the site may need every node for the ranges
         now = time.monotonic()
         waited = now - transfer.started_at
@@ -395,13 +396,6 @@ class Swarm:
         if waited < _COORDINATOR_RANGE_WAIT:
             return False
         return not self.coordinator.downloader_without_range(transfer.digest, self.me.site, self.me.node_id, now)
-
-    def _site_outgrows_ranges(self) -> bool:
-        """Whether this node's site has more other live members than a blob can have ranges
-        (``max_ranges``): then some of its nodes hold no range of a blob, and busy nodes leave a
-        new blob's ranges to the others (``_asks_for_range``). One pass over the live members."""
-        others = sum(1 for m in self.membership.live() if m.site == self.me.site and m.node_id != self.me.node_id)
-        return others > self.coordinator.max_ranges
 
     async def coordinate(self, message: Announce) -> Reply:
         """Answers an announcement (a peer's or this node's own) as the digest's coordinator."""

@@ -1553,7 +1553,8 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     relayed = sum(n.get("chunks_relayed", 0) for n in nodes)
     # Peer bytes sent in vain: answers cut or cancelled before their chunk was verified (the
     # endgame's second requests, relays whose own source failed), uplink time that delivered
-    # nothing. And the range holders' uplinks against the others': at equal links a holder's
+    # nothing; an upper bound, for p2pd_peer_served_bytes counts a complete chunk's answer when it
+    # starts. And the range holders' uplinks against the others': at equal links a holder's
     # carries the first copies of its arriving chunks, and holders' uplinks full while the others'
     # idle is upload the site lacks (thirty-third session).
     served = sum(n.get("agent_peer_served_bytes", 0) for n in nodes)
@@ -1645,8 +1646,10 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
                               f"{_pct(r.get('up_others'))}, sent in vain {_pct(r.get('in_vain_share'))}"
                               for r, u in uses) + ". *Relayed*: of the chunks nodes took from peers, the share "
                   "sent by a range holder while the chunk still arrived there from the seed (the rest went "
-                  "out complete, later). *Sent in vain*: of the chunk bytes nodes sent to peers, those that "
-                  "reached no node as a verified chunk (answers cut or cancelled: the endgame's second "
+                  "out complete, later). *Range holders*: nodes that fetched at least a chunk's worth from the "
+                  "seed (a range of any blob of the image). *Sent in vain*: of the chunk bytes nodes answered "
+                  "peers with (a complete chunk counted when its answer starts, a relay as each piece goes "
+                  "out), those that no node verified (answers cut or cancelled: the endgame's second "
                   "requests, relays whose own source failed).", ""]
     if "matrix" in plots:
         lines += [f"![time ÷ bound per matrix cell]({plots['matrix']})", ""]
