@@ -22,7 +22,7 @@ import trio
 
 from p2pd.oci.digest import Digest
 from p2pd.swarm import chunkwire
-from p2pd.swarm.peers import PeerBusy, PeerClient, PeerError, PeerMissing, PeerRefused, PeerUnreachable
+from p2pd.swarm.peers import PeerBusy, PeerClient, PeerError, PeerMissing, PeerRefused, PeerRelayCut, PeerUnreachable
 from p2pd.swarm.tls import PeerTls
 
 BLOB = os.urandom(3 * 65536 + 123)
@@ -90,6 +90,16 @@ class Server:
         if mode in ("trickle", "pause", "stall-body"):
             await self.send_slowly(stream, f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n"
                                            f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\n\r\n".encode(), body)
+            return True
+        if mode in ("relay-pause", "plain-pause", "relay-stall"):
+            # 30,000 bytes, then a pause (0.6 s, or for ever), then the rest; a relay says so.
+            relay = "X-P2PD-Relay: 1\r\n" if mode.startswith("relay") else ""
+            await stream.send_all(f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n{relay}"
+                                  f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\n\r\n".encode() + body[:30000])
+            if mode == "relay-stall":
+                await trio.sleep_forever()
+            await trio.sleep(0.6)
+            await stream.send_all(body[30000:])
             return True
         if mode == "wrong-range":
             first += 1
@@ -443,6 +453,38 @@ async def test_a_large_chunk_that_stops_mid_body_times_out_and_a_cancel_ends_it_
         assert scope.cancelled_caught and trio.current_time() - started < 3
     finally:
         await slow.aclose()
+
+
+@pytest.mark.parametrize("length", [65536, 131072])
+async def test_a_relayed_answer_may_pause_longer_than_the_read_timeout_and_is_cut_after_its_own(
+        server: Server, length: int) -> None:
+    """A relayed chunk (``X-P2PD-Relay``) comes as fast as it reaches the peer, whose own source
+    may pause: its answer is read with three read timeouts of patience (0.9 s here), a direct
+    answer with one (0.3 s). A relay that stops for good is cut short after its own timeout.
+    Both ways of reading a body: a 64 KiB chunk in buffered steps, a larger one gathered."""
+    client = PeerClient("me", None, read_timeout=0.3)
+    address = f"127.0.0.1:{server.port}"
+    try:
+        server.mode = "relay-pause"  # 0.6 s without a byte, mid-body
+        chunk = await client.fetch_chunk(address, DIGEST, 0, length)
+        assert bytes(chunk.data) == BLOB[:length]
+        server.mode = "plain-pause"
+        with pytest.raises(PeerError, match="timeout"):
+            await client.fetch_chunk(address, DIGEST, 0, length)
+        server.mode = "relay-stall"
+        started = trio.current_time()
+        with pytest.raises(PeerRelayCut, match="timeout"):
+            await client.fetch_chunk(address, DIGEST, 0, length)
+        assert 0.8 <= trio.current_time() - started < 3
+        # The connection a relay used is not left with the relay's patience: a direct answer
+        # that pauses on a connection from the pool still times out after one read timeout.
+        server.mode = "relay-pause"
+        await client.fetch_chunk(address, DIGEST, 0, length)
+        server.mode = "plain-pause"
+        with pytest.raises(PeerError, match="timeout"):
+            await client.fetch_chunk(address, DIGEST, 0, length)
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("length", [65536, 131072])

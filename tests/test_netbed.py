@@ -31,6 +31,7 @@ from tests.bench.swarm import (
     bound,
     congestion_text,
     link_use,
+    log_events,
     main,
     matrix_cell_met,
     matrix_row,
@@ -100,6 +101,28 @@ def test_holders_copies_count_only_nodes_that_fetched_a_chunk_from_the_seed_and_
     assert row["in_vain_share"] is None and row["up_holders"] is None  # runs before these were kept
 
 
+def test_an_agents_log_is_counted_for_failed_requests_relays_cut_short_and_stuck_fallbacks(tmp_path: Path) -> None:
+    """The agent's INFO/WARNING lines the bench counts per node, as ``p2pd.swarm.engine`` writes
+    them (a relay cut's DEBUG line of the request trace is not counted a second time)."""
+    digest = "sha256:" + "ab" * 32
+    log = tmp_path / "p2pd-1-n3.log"
+    log.write_text("\n".join([
+        f"2026-12-07 19:12:23,681 INFO p2pd.swarm: chunk 2 of {digest}: 10.88.0.30:7080: relay of {digest} "
+        "bytes 131072- cut short: timeout",
+        f"2026-12-07 19:12:23,682 DEBUG p2pd.swarm: chunk 2 of {digest} from n20 (range holder): relay cut "
+        "after 15.013 s",
+        f"2026-12-07 19:12:24,396 INFO p2pd.swarm: chunk 0 of {digest}: 10.88.0.38:7080: relay of {digest} "
+        "bytes 0- cut short: connection closed after 0 of 65536 bytes",
+        f"2026-12-07 19:12:25,000 INFO p2pd.swarm: chunk 7 of {digest} from n4 failed: 10.88.0.14:7080: timeout",
+        f"2026-12-07 19:12:40,000 WARNING p2pd.swarm: no chunks of {digest} from peers for 15s; fetching from "
+        "the upstream",
+    ]) + "\n")
+    counts = log_events(log)
+    assert counts["relay_cuts"] == 2 and counts["peer_request_errors"] == 1 and counts["stuck_fallbacks"] == 1
+    assert counts["coordinator_unreachable"] == 0
+    assert set(log_events(tmp_path / "missing.log").values()) == {0}
+
+
 def test_the_matrix_says_how_busy_holders_uplinks_were_against_the_others_and_what_was_sent_in_vain() -> None:
     """Range holders' uplinks and the other nodes' are averaged apart (at equal links the holders'
     ran full while the others' idled: thirty-third session); bytes served that no node verified
@@ -121,8 +144,13 @@ def test_the_matrix_says_how_busy_holders_uplinks_were_against_the_others_and_wh
     row = matrix_row(result)
     assert row["up_holders"] == pytest.approx(0.96) and row["up_others"] == pytest.approx(0.5)
     assert row["in_vain_share"] == pytest.approx(4 / 40)  # 40 MiB served, 36 MiB verified by the askers
+    assert row["relay_cuts"] is None  # runs before the relay cuts were counted
     text = render_matrix([result], {})
-    assert "uplinks of the range holders 96% and of the others 50%, sent in vain 10%" in text
+    assert "uplinks of the range holders 96% and of the others 50%, sent in vain 10%. " in text
+    for node, cuts in zip(nodes, (3, 0, 4), strict=True):
+        node["relay_cuts"] = cuts
+    assert matrix_row(result)["relay_cuts"] == 7
+    assert "sent in vain 10% (7 relays cut short)" in render_matrix([result], {})
 
 
 def test_the_seeds_pacing_is_a_share_of_all_its_links_and_each_section_says_it() -> None:

@@ -18,7 +18,10 @@ Rules:
 - ``Exchange.abort`` (called from the event loop when the caller is cancelled) shuts the
   socket down, so the thread's blocked read ends at once and the connection is dropped.
 - Every socket wait is bounded by ``read_timeout`` (no byte for that long fails the exchange;
-  the caller bounds the whole); a body of another length than asked is an error.
+  the caller bounds the whole); a body of another length than asked is an error. A relayed
+  answer (a chunk still arriving at the peer, ``relay_header``) is read with
+  ``relay_read_timeout``: its bytes come as fast as they reach the peer, and the peer's own
+  source may go quiet for longer than a silent peer would (see ``ChunkWire``).
 - A chunk body is read a TLS record at a time, and the thread sleeps until a record's worth is
   there (``SO_RCVLOWAT``) instead of waking for every few packets: at a tenth of a slow link
   a 16 KiB record comes in 3-4 pieces, and each wake-up takes the GIL from the event loop. The
@@ -167,7 +170,13 @@ class ChunkWire:
     """A pool of keep-alive connections per peer address, used from worker threads."""
 
     def __init__(self, *, tls: ssl.SSLContext | None, connect_timeout: float, read_timeout: float,
-                 relay_header: str | None = None, on_connect: Callable[[str], None] | None = None) -> None:
+                 relay_header: str | None = None, relay_read_timeout: float | None = None,
+                 on_connect: Callable[[str], None] | None = None) -> None:
+        """``relay_read_timeout`` (default ``read_timeout``): how long a relayed answer may go
+        without a byte. A relay's bytes come at its source's pace, and that source (a range
+        holder's upstream flow, or a relay in turn) may pause in TCP loss recovery for seconds
+        and then flow again: the peer then still has the chunk on its way, and cutting the
+        answer throws away what came and cuts the relays this node passes it on to."""
         self._tls = tls
         # Told of every new connection ("full" or "resumed" TLS handshake, or "plain"): each
         # costs CPU at both ends, so operators can see how well connections are reused.
@@ -175,6 +184,7 @@ class ChunkWire:
         self._relay_header = relay_header
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._relay_read_timeout = read_timeout if relay_read_timeout is None else relay_read_timeout
         self._idle: dict[str, list[_Connection]] = {}
         self._sessions: dict[str, tuple[ssl.SSLSession, float]] = {}  # address → (session, full handshake at)
         self._lock = threading.Lock()
@@ -243,7 +253,7 @@ class ChunkWire:
         """
         ranged = {**headers, "Range": f"bytes={start}-{start + length - 1}"}
         return self._exchange(address, "GET", target, ranged, b"", exchange,
-                              lambda response: self._read(response, length, exchange, self._read_timeout))
+                              lambda response, timeout: self._read(response, length, exchange, timeout))
 
     def request(self, address: str, method: str, target: str, headers: Mapping[str, str], body: bytes,
                 max_body: int, exchange: Exchange) -> ChunkAnswer:
@@ -258,10 +268,11 @@ class ChunkWire:
             over ``max_body`` bytes.
         """
         return self._exchange(address, method, target, headers, body, exchange,
-                              lambda response: self._read_small(response, max_body))
+                              lambda response, _timeout: self._read_small(response, max_body))
 
     def _exchange(self, address: str, method: str, target: str, headers: Mapping[str, str], body: bytes,
-                  exchange: Exchange, read: Callable[[http.client.HTTPResponse], ChunkAnswer]) -> ChunkAnswer:
+                  exchange: Exchange,
+                  read: Callable[[http.client.HTTPResponse, float], ChunkAnswer]) -> ChunkAnswer:
         pooled = self._take(address)
         for attempt in (0, 1):
             conn = pooled if attempt == 0 and pooled is not None else _Connection(
@@ -296,7 +307,9 @@ class ChunkWire:
                                      timed_out=_timed_out(exc, exchange)) from None
             relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
             try:
-                answer = read(response)
+                if relay:
+                    conn.sock.settimeout(self._relay_read_timeout)
+                answer = read(response, self._relay_read_timeout if relay else self._read_timeout)
             except (OSError, http.client.HTTPException, ValueError, ChunkWireError) as exc:
                 conn.close()
                 reason = str(exc) if isinstance(exc, ChunkWireError) else _reason(exc, exchange)

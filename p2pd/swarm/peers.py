@@ -69,6 +69,15 @@ _MAX_NODE_ID = 64
 _MAX_METADATA = 8 * 1024 * 1024
 _CHUNK_THREADS = 32  # chunk downloads at once (the engine asks for ~8 per transfer)
 _MESSAGE_THREADS = 16  # peer messages (hello, announce, budget, chunk map, manifest) at once
+# A relayed chunk's answer may go this many read timeouts without a byte (15 s at the default
+# peer_timeout) before the asker cuts it: its bytes come as they reach the relaying node, whose
+# own source pauses now and then — a range holder's upstream flow quiet for up to 5-7 s while TCP
+# recovers from losses at a thin uplink (and reopened after upstream_stall, 6 s), a relay's
+# source waiting out the same. Cut after one read timeout, relays of thin-link chunks ended by the
+# hundred, each throwing away what had come and cutting the relays that node fed in turn
+# (benchmarks.md, thirty-fourth session). The peer bounds a relay itself (no byte of its chunk for
+# 30 s), and the engine bounds every chunk request as a whole.
+_RELAY_READ_TIMEOUTS = 3
 
 
 class PeerError(RemoteError):
@@ -232,7 +241,8 @@ class PeerClient:
             trust_env=False, follow_redirects=False, verify=tls if tls is not None else True)
         # Chunks go over blocking connections in worker threads (see chunkwire: CPU).
         self._wire = ChunkWire(tls=tls, connect_timeout=connect_timeout, read_timeout=read_timeout,
-                               relay_header=RELAY_HEADER, on_connect=on_connect)
+                               relay_header=RELAY_HEADER, relay_read_timeout=_RELAY_READ_TIMEOUTS * read_timeout,
+                               on_connect=on_connect)
         self._wire_threads = trio.CapacityLimiter(_CHUNK_THREADS)
         # Messages have threads of their own: an announcement must not wait behind chunk downloads.
         self._message_threads = trio.CapacityLimiter(_MESSAGE_THREADS)

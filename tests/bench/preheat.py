@@ -46,7 +46,16 @@ def _seed_egress(bed: Any) -> float:
 def run(nodes: int, layer_mib: int, seed_mbit: float, node_mbit: float, workdir: Path | None) -> dict[str, Any]:
     scenario = Scenario("preheat", "Preheat then rollout", nodes=nodes, seed_mbit=seed_mbit, node_mbit=node_mbit,
                         layer_mib=layer_mib, client="httpx", methods=("p2pd",), p2pd_runs=1)
-    build = Path(tempfile.mkdtemp(prefix="preheat-layout-"))
+    # The image's layout is built beside the testbed's files and removed with the run: a
+    # temporary directory of its own was left behind in /tmp by every run (a test's too).
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="preheat-layout-", dir=workdir) as build:
+        return _run_in(Path(build), scenario, nodes, layer_mib, seed_mbit, node_mbit, workdir)
+
+
+def _run_in(build: Path, scenario: Scenario, nodes: int, layer_mib: int, seed_mbit: float, node_mbit: float,
+            workdir: Path | None) -> dict[str, Any]:
     layout = images.build_busybox_layout(build)
     tag = f"preheat-{os.getpid()}"
     images.add_random_layer(layout, "busybox", tag, layer_mib)

@@ -129,6 +129,9 @@ _LOG_EVENTS = {
     "peer_request_errors": re.compile(r"chunk \d+ of \S+ from \S+ failed: "),
     "coordinator_unreachable": re.compile(r"coordinator \S+ unreachable"),
     "stuck_fallbacks": re.compile(r"from peers for \d+s; fetching from the upstream"),
+    # A relayed chunk's answer cut short: its source failed or stopped, or (the asker) no byte of
+    # it came for the relay read timeout; what had come is sent again by someone.
+    "relay_cuts": re.compile(r"relay of \S+ bytes \d+- cut short: "),
 }
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -1449,6 +1452,7 @@ def goal_lines(result: dict[str, Any], *, has_variants: bool = False) -> list[st
             + ", ".join(f"{n['node']} {_size(n['agent_upstream_bytes'])}" for n in holders) + "; "
             f"{sum(n.get('stuck_fallbacks', 0) for n in nodes)} stuck fallbacks, "
             f"{sum(n.get('peer_request_errors', 0) for n in nodes)} failed peer requests, "
+            f"{sum(n.get('relay_cuts', 0) for n in nodes)} relays cut short, "
             f"{p['fallbacks']} client fallbacks to the seed; membership by mDNS took {p['membership_s']} s "
             "before the start (not counted).")
         copies = first["agent_peer_served_bytes"] / result["image"]["total_bytes"]
@@ -1568,6 +1572,9 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "relayed_share": relayed / taken if taken else None,
         "in_vain_share": (served - verified) / served if served and verified else None,
+        # Relayed answers cut short (their askers' logs): a cause of bytes sent in vain, and at
+        # thin links the main one before relays got a read timeout of their own (34th session).
+        "relay_cuts": sum(n["relay_cuts"] for n in nodes) if all("relay_cuts" in n for n in nodes) else None,
         "up_holders": mean_uplink(holders),
         "up_others": mean_uplink([n for n in nodes if n not in holders]),
         "longest_wait_s": max(waits) if waits else None,
@@ -1644,13 +1651,15 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
                               f"{u['longest_idle_uplink_s']:g} s, relayed {_pct(r.get('relayed_share'))}, "
                               f"uplinks of the range holders {_pct(r.get('up_holders'))} and of the others "
                               f"{_pct(r.get('up_others'))}, sent in vain {_pct(r.get('in_vain_share'))}"
+                              + (f" ({r['relay_cuts']} relays cut short)" if r.get("relay_cuts") is not None else "")
                               for r, u in uses) + ". *Relayed*: of the chunks nodes took from peers, the share "
                   "sent by a range holder while the chunk still arrived there from the seed (the rest went "
                   "out complete, later). *Range holders*: nodes that fetched at least a chunk's worth from the "
                   "seed (a range of any blob of the image). *Sent in vain*: of the chunk bytes nodes answered "
                   "peers with (a complete chunk counted when its answer starts, a relay as each piece goes "
                   "out), those that no node verified (answers cut or cancelled: the endgame's second "
-                  "requests, relays whose own source failed).", ""]
+                  "requests, relays whose own source failed or that sent no byte for their asker's relay read "
+                  "timeout; the relays cut short, counted from the askers' logs, in brackets).", ""]
     if "matrix" in plots:
         lines += [f"![time ÷ bound per matrix cell]({plots['matrix']})", ""]
     return "\n".join(lines)
