@@ -145,7 +145,7 @@ class SwarmConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # the largest; small blobs get smaller chunks (chunk_size_for)
     coordinator_backups: int = 2
     lease_ttl: float = 15.0
-    peer_timeout: float = 5.0  # a chunk request with no progress for this long moves to another source
+    peer_timeout: float = 5.0  # a chunk request with no progress for this long moves to another source (a relay: 3x)
     # chunk requests of a blob in flight; fewer of chunks over 128 KiB (docs/architecture.md, "Request slots")
     max_parallel_chunks: int = 16
     max_requests_per_peer: int = 2
