@@ -306,10 +306,10 @@ class ChunkWire:
                 raise ChunkWireError(_reason(exc, exchange), unreachable=refused and not exchange.aborted,
                                      timed_out=_timed_out(exc, exchange)) from None
             relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
+            timeout = self._relay_read_timeout if relay else self._read_timeout
             try:
-                if relay:
-                    conn.sock.settimeout(self._relay_read_timeout)
-                answer = read(response, self._relay_read_timeout if relay else self._read_timeout)
+                conn.sock.settimeout(timeout)  # the buffered reads wait on the socket's own timeout
+                answer = read(response, timeout)
             except (OSError, http.client.HTTPException, ValueError, ChunkWireError) as exc:
                 conn.close()
                 reason = str(exc) if isinstance(exc, ChunkWireError) else _reason(exc, exchange)

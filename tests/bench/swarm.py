@@ -1572,8 +1572,8 @@ def matrix_row(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "relayed_share": relayed / taken if taken else None,
         "in_vain_share": (served - verified) / served if served and verified else None,
-        # Relayed answers cut short (their askers' logs): a cause of bytes sent in vain, and at
-        # thin links the main one before relays got a read timeout of their own (34th session).
+        # Relayed answers cut short (their askers' logs): a cause of bytes sent in vain; at half
+        # the 1x/32 rates 761-901 a pull before relays got a read timeout of their own (34th session).
         "relay_cuts": sum(n["relay_cuts"] for n in nodes) if all("relay_cuts" in n for n in nodes) else None,
         "up_holders": mean_uplink(holders),
         "up_others": mean_uplink([n for n in nodes if n not in holders]),
