@@ -6,7 +6,9 @@ counted (``p2pd_peer_tls_refused_total{reason}``). Every request is real TLS on 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import ssl
 import stat
 from pathlib import Path
@@ -107,6 +109,40 @@ async def test_peers_with_the_cluster_key_talk_and_everyone_else_is_refused_and_
         await outsider.aclose()
     with trio.fail_after(5):
         await wait_until(lambda: min(refused(agent, reason) for reason in ("no_certificate", "unknown_ca", "not_tls")))
+
+
+async def test_a_members_client_trusts_the_cluster_ca_alone_not_the_machines_ca_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peers are reached by address, so the client checks no host name: were the machine's CA
+    store trusted too, any certificate from a public CA would pass for a peer. Here the
+    "machine's store" (``SSL_CERT_FILE``) holds a stranger's CA, whose server the member meets."""
+    key = bytes.fromhex(generate_key())
+    stranger = PeerTls.derived(bytes.fromhex(generate_key()), "n9", tmp_path / "stranger-tls")
+    monkeypatch.setenv("SSL_CERT_FILE", str(stranger.ca_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    member = PeerTls.derived(key, "n2", tmp_path / "n2-tls")
+    client, server = member.client(), member.server()
+    for context in (client, server):
+        assert context.cert_store_stats()["x509_ca"] == 1
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+    # A server presenting the stranger's certificate (and asking nothing of the client).
+    stranger_server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    stranger_server.load_cert_chain(stranger.cert_file, stranger.key_file)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await trio.SSLStream(stream, stranger_server, server_side=True).do_handshake()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as refusal:
+            stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client)
+            await stream.do_handshake()
+        assert "CERTIFICATE_VERIFY_FAILED" in repr(refusal.value.__cause__)
+        nursery.cancel_scope.cancel()
 
 
 async def test_an_operator_ca_issues_node_certificates_and_expired_ones_are_refused(

@@ -12,7 +12,8 @@ Two ways to have a CA (docs/security.md, "Peer transport"):
   and a node is evicted by letting its certificate expire (or by a new CA).
 
 Peers are reached by address, so the client does not check host names; it checks the chain
-to the cluster CA, and the server requires a client certificate from the same CA.
+to the cluster CA (the only CA either side trusts: not the machine's store), and the server
+requires a client certificate from the same CA.
 """
 
 from __future__ import annotations
@@ -151,14 +152,17 @@ class PeerTls:
         write_atomic(files.cert_file, pem_certificate(certificate))
         return files
 
+    # Both contexts are built bare rather than with ``ssl.create_default_context``: for a client
+    # that also loads the machine's CA store, and with host names unchecked any certificate a
+    # public CA issued would pass for a peer. The cluster CA is the only one trusted here.
     def server(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._load(context)
         context.verify_mode = ssl.CERT_REQUIRED
         return context
 
     def client(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         self._load(context)
         context.verify_mode = ssl.CERT_REQUIRED
