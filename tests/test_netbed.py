@@ -151,6 +151,9 @@ def test_the_matrix_says_how_busy_holders_uplinks_were_against_the_others_and_wh
         node["relay_cuts"] = cuts
     assert matrix_row(result)["relay_cuts"] == 7
     assert "sent in vain 10% (7 relays cut short)" in render_matrix([result], {})
+    for node, cuts in zip(nodes, (1, 0, 0), strict=True):
+        node["relay_cuts"] = cuts
+    assert "sent in vain 10% (1 relay cut short)" in render_matrix([result], {})
 
 
 def test_the_seeds_pacing_is_a_share_of_all_its_links_and_each_section_says_it() -> None:

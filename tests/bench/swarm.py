@@ -1363,6 +1363,11 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return DASH if value is None else format(value, spec)
 
 
+def _counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``count`` and ``noun``, plural unless one: "1 relay", "108 relays"."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def _size(count: int) -> str:
     return f"{count / MIB:.2f} MiB" if count >= MIB // 10 else f"{count / 1024:.1f} KiB"
 
@@ -1450,10 +1455,10 @@ def goal_lines(result: dict[str, Any], *, has_variants: bool = False) -> list[st
             f"{first['seconds']:.2f} s ({first['seconds'] / limit['seed_term_s']:.2f}{X} F/u_s), the last node "
             f"{p['max_s'] - first['seconds']:+.2f} s later. Nodes that fetched from the seed: "
             + ", ".join(f"{n['node']} {_size(n['agent_upstream_bytes'])}" for n in holders) + "; "
-            f"{sum(n.get('stuck_fallbacks', 0) for n in nodes)} stuck fallbacks, "
-            f"{sum(n.get('peer_request_errors', 0) for n in nodes)} failed peer requests, "
-            f"{sum(n.get('relay_cuts', 0) for n in nodes)} relays cut short, "
-            f"{p['fallbacks']} client fallbacks to the seed; membership by mDNS took {p['membership_s']} s "
+            f"{_counted(sum(n.get('stuck_fallbacks', 0) for n in nodes), 'stuck fallback')}, "
+            f"{_counted(sum(n.get('peer_request_errors', 0) for n in nodes), 'failed peer request')}, "
+            f"{_counted(sum(n.get('relay_cuts', 0) for n in nodes), 'relay', 'relays')} cut short, "
+            f"{_counted(p['fallbacks'], 'client fallback')} to the seed; membership by mDNS took {p['membership_s']} s "
             "before the start (not counted).")
         copies = first["agent_peer_served_bytes"] / result["image"]["total_bytes"]
         rates = result["rates"]
@@ -1651,7 +1656,8 @@ def render_matrix(cells: Sequence[dict[str, Any]], plots: dict[str, str]) -> str
                               f"{u['longest_idle_uplink_s']:g} s, relayed {_pct(r.get('relayed_share'))}, "
                               f"uplinks of the range holders {_pct(r.get('up_holders'))} and of the others "
                               f"{_pct(r.get('up_others'))}, sent in vain {_pct(r.get('in_vain_share'))}"
-                              + (f" ({r['relay_cuts']} relays cut short)" if r.get("relay_cuts") is not None else "")
+                              + (f" ({_counted(r['relay_cuts'], 'relay')} cut short)"
+                                 if r.get("relay_cuts") is not None else "")
                               for r, u in uses) + ". *Relayed*: of the chunks nodes took from peers, the share "
                   "sent by a range holder while the chunk still arrived there from the seed (the rest went "
                   "out complete, later). *Range holders*: nodes that fetched at least a chunk's worth from the "
