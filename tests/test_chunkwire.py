@@ -58,6 +58,8 @@ class Server:
                         buffer += await stream.receive_some(65536)
                     body, buffer = buffer[:length], buffer[length:]
                     await self.answer_message(stream, body)
+                    if self.mode == "close":
+                        return
                     continue
                 first, last = (int(x) for x in headers["Range"].removeprefix("bytes=").split("-"))
                 if not await self.answer(stream, first, last):
@@ -71,7 +73,8 @@ class Server:
         status, text = (404, b"{}") if self.mode == "404" else (200, b"echo:" + body)
         if self.mode == "large":
             text = b"x" * (8 * 1024 * 1024 + 1)
-        await stream.send_all(f"HTTP/1.1 {status} X\r\nContent-Length: {len(text)}\r\n\r\n".encode() + text)
+        close = "Connection: close\r\n" if self.mode == "close" else ""
+        await stream.send_all(f"HTTP/1.1 {status} X\r\nContent-Length: {len(text)}\r\n{close}\r\n".encode() + text)
 
     async def answer(self, stream: trio.SocketStream, first: int, last: int) -> bool:
         body = BLOB[first:last + 1]
@@ -101,6 +104,10 @@ class Server:
             await trio.sleep(0.6)
             await stream.send_all(body[30000:])
             return True
+        if mode == "close":  # the answer, then the connection closed, as the header says
+            await stream.send_all(f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+                                  f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\n\r\n".encode() + body)
+            return False
         if mode == "wrong-range":
             first += 1
         await stream.send_all(f"HTTP/1.1 206 Partial\r\nContent-Length: {len(body)}\r\n"
@@ -386,6 +393,28 @@ async def test_peer_messages_go_over_the_chunk_connections(server: Server) -> No
         assert answer.status == 200 and bytes(answer.body) == b"echo:" + b"hello" * 1000
         assert server.connections == 1 and opened == ["plain"]
         assert [line.split()[0] for line in server.requests] == ["GET", "GET", "POST"]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("length", [65536, 131072])
+async def test_an_answer_that_closes_its_connection_is_read_whole_and_the_connection_not_kept(
+        server: Server, length: int) -> None:
+    """``Connection: close`` (a peer's server going away, or another implementation): http.client
+    hands the socket to the answer and forgets it, and the answer is still read whole with its
+    read timeout — chunks of both reading paths and a message — on a new connection each time.
+    (Until 12-07 the relay timeout was set through the forgotten socket: an AttributeError that
+    failed a coordinator's hand-off and the pull waiting on it.)"""
+    opened: list[str] = []
+    client = PeerClient("me", None, read_timeout=2.0, on_connect=opened.append)
+    address = f"127.0.0.1:{server.port}"
+    server.mode = "close"
+    try:
+        for _ in range(2):
+            chunk = await client.fetch_chunk(address, DIGEST, 0, length)
+            assert bytes(chunk.data) == BLOB[:length]
+        assert await client.manifest(address, DIGEST) == b"echo:"
+        assert server.connections == 3 and opened == ["plain"] * 3
     finally:
         await client.aclose()
 

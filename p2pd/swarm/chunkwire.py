@@ -291,6 +291,9 @@ class ChunkWire:
                 if method not in ("GET", "HEAD"):
                     conn.putheader("Content-Length", str(len(body)))
                 conn.endheaders(body if body else None)
+                # http.client forgets the socket (conn.sock = None) when an answer says it closes
+                # the connection; the answer still reads from it, with the timeout set below.
+                sock = conn.sock
                 response = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
                 conn.close()
@@ -308,7 +311,7 @@ class ChunkWire:
             relay = self._relay_header is not None and response.getheader(self._relay_header) is not None
             timeout = self._relay_read_timeout if relay else self._read_timeout
             try:
-                conn.sock.settimeout(timeout)  # the buffered reads wait on the socket's own timeout
+                sock.settimeout(timeout)  # the buffered reads wait on the socket's own timeout
                 answer = read(response, timeout)
             except (OSError, http.client.HTTPException, ValueError, ChunkWireError) as exc:
                 conn.close()
