@@ -619,6 +619,9 @@ def test_bitmap_masks_combine_bitmaps_and_round_trip() -> None:
     assert Bitmap.from_mask(11, a.mask() & ~b.mask()).indexes() == [0, 10]  # a negative mask
     assert Bitmap.from_mask(11, ~0) == Bitmap.full(11)  # bits beyond the count dropped
     assert Bitmap.from_mask(0, ~0) == Bitmap(0)
+    # Built from indexes at once, those past either end left out, each set once.
+    assert Bitmap.of(11, [10, 0, 3, 3, -1, 11]) == a
+    assert Bitmap.of(0, [0]) == Bitmap(0)
 
 
 def test_bitmap_queries_match_a_test_of_every_chunk() -> None:

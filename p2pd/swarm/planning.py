@@ -41,6 +41,17 @@ class Bitmap:
             self._bits[-1] &= _tail_mask(count)  # unused bits stay clear
 
     @classmethod
+    def of(cls, count: int, indexes: Iterable[int]) -> Bitmap:
+        """The bitmap of ``count`` chunks with ``indexes`` set (those outside ``0..count-1``
+        left out); bits set in place, not by ``set`` per chunk (the planner builds one per plan)."""
+        bitmap = cls(count)
+        bits = bitmap._bits
+        for index in indexes:
+            if 0 <= index < count:
+                bits[index >> 3] |= 0x80 >> (index & 7)
+        return bitmap
+
+    @classmethod
     def full(cls, count: int) -> Bitmap:
         return cls(count, b"\xff" * ((count + 7) // 8))
 
@@ -209,7 +220,7 @@ def plan_requests(
     # Every source's bitmap is of the blob's chunk count (a bitmap of another count, which
     # would be a bug, is left out: its bits would not line up with the others').
     count = next(iter(sources.values())).count
-    wanted = _mask_of(needed, count)
+    wanted = Bitmap.of(count, needed).mask()
     # Who holds which needed chunk, as one integer per source (Bitmap.mask): planned after every
     # chunk that arrives, with N sources and hundreds of chunks, so the sets are combined in C
     # and the chunks' holder counts added up bit-sliced (a few operations per source), not a
@@ -274,16 +285,6 @@ def _draw(groups: Iterable[list[int]], holders_of: Callable[[int], list[str]], *
                 open_sources.discard(choice)
             plan.append(ChunkRequest(index, choice))
     return plan
-
-
-def _mask_of(indexes: Iterable[int], count: int) -> int:
-    """The chunks ``indexes`` (those within ``0..count-1``) as a ``Bitmap.mask`` (bits set in
-    place rather than through ``Bitmap.set``: a method call per needed chunk, ~10 % of a plan)."""
-    bits = bytearray((count + 7) // 8)
-    for index in indexes:
-        if 0 <= index < count:
-            bits[index >> 3] |= 0x80 >> (index & 7)
-    return int.from_bytes(bits, "big")
 
 
 def _union(masks: Iterable[int]) -> int:

@@ -1363,9 +1363,9 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return DASH if value is None else format(value, spec)
 
 
-def _counted(count: int, noun: str, plural: str | None = None) -> str:
+def _counted(count: int, noun: str) -> str:
     """``count`` and ``noun``, plural unless one: "1 relay", "108 relays"."""
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+    return f"{count} {noun if count == 1 else noun + 's'}"
 
 
 def _size(count: int) -> str:
@@ -1457,7 +1457,7 @@ def goal_lines(result: dict[str, Any], *, has_variants: bool = False) -> list[st
             + ", ".join(f"{n['node']} {_size(n['agent_upstream_bytes'])}" for n in holders) + "; "
             f"{_counted(sum(n.get('stuck_fallbacks', 0) for n in nodes), 'stuck fallback')}, "
             f"{_counted(sum(n.get('peer_request_errors', 0) for n in nodes), 'failed peer request')}, "
-            f"{_counted(sum(n.get('relay_cuts', 0) for n in nodes), 'relay', 'relays')} cut short, "
+            f"{_counted(sum(n.get('relay_cuts', 0) for n in nodes), 'relay')} cut short, "
             f"{_counted(p['fallbacks'], 'client fallback')} to the seed; membership by mDNS took {p['membership_s']} s "
             "before the start (not counted).")
         copies = first["agent_peer_served_bytes"] / result["image"]["total_bytes"]
