@@ -38,7 +38,7 @@ from p2pd.oci.chunkmap import ChunkMap
 from p2pd.oci.digest import Digest
 
 from .config import AgentConfig
-from .errors import P2PDError, RemoteError, UpstreamError, UpstreamNotFound, VerificationError
+from .errors import P2PDError, RemoteError, StoreError, UpstreamError, UpstreamNotFound, VerificationError
 from .metrics import AgentMetrics
 from .store import BlobStore
 from .upstream import Upstream, UpstreamPool
@@ -209,9 +209,45 @@ class Fetcher:
         if chunk_map is not None:
             download.size = chunk_map.size
             download._notify()
-        if self.swarm is not None:
+        if self.swarm is None:
+            await self._fetch_plain(download, upstream, remote_repository, chunk_map)
+            return
+        try:
             await self._fetch_swarm(download, upstream, remote_repository, chunk_map)
             return
+        except Exception as exc:
+            if not _is_swarm_fault(exc):
+                raise
+            if download.complete:  # stored and released: only telling the swarm about it failed
+                log.error("the swarm failed after %s was complete", download.digest, exc_info=exc)
+                return
+            # A defect of the swarm path (an exception nobody meant to raise), not the upstream's
+            # or the disk's: the upstream alone can still serve the blob, so the pull goes on
+            # there, and the client's stream with it (readers keep what was released).
+            self.metrics.swarm_fallbacks.inc()
+            log.error("the swarm's fetch of %s failed unexpectedly; fetching it from the upstream alone",
+                      download.digest, exc_info=exc)
+        await trio.to_thread.run_sync(self._keep_released_prefix, download)
+        await self._fetch_plain(download, upstream, remote_repository, chunk_map)
+        assert download.size is not None  # the plain path completed the blob
+        try:
+            await self.swarm.announce_complete(download.digest, download.size)
+        except Exception:  # the blob is complete and stored: peers learn of it at the next pull
+            log.exception("announcing %s to the swarm failed", download.digest)
+
+    def _keep_released_prefix(self, download: Download) -> None:
+        """Cuts the partial file to the bytes released to readers (runs in a thread): those are
+        verified (with a chunk map) or about to be checked with the whole blob; what the swarm
+        wrote past them may have holes. Readers never read past ``released``."""
+        fd, existing = self.store.open_partial(download.digest)
+        try:
+            os.ftruncate(fd, min(existing, download.released))
+        finally:
+            os.close(fd)
+
+    async def _fetch_plain(self, download: Download, upstream: Upstream, remote_repository: str,
+                           chunk_map: ChunkMap | None) -> None:
+        """The blob from the upstream alone, resuming from a partial file's verified bytes."""
         for fresh_start in (False, True):
             fd, existing = await trio.to_thread.run_sync(self.store.open_partial, download.digest)
             try:
@@ -603,6 +639,16 @@ async def _gathered(pieces: AsyncIterator[bytes], length: int | None) -> AsyncGe
         yield piece
         if pause := gathering.pause_after(len(piece), trio.current_time()):
             await trio.sleep(pause)
+
+
+def _is_swarm_fault(exc: BaseException) -> bool:
+    """Whether a failure of the swarm path is its own (a defect: what remains after every
+    peer failure was handled as a ``PeerError``), not the upstream's, the store's, or a bad
+    blob's, which the plain path would meet as well. A nursery's group is the swarm's fault
+    when any exception in it is."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_swarm_fault(inner) for inner in exc.exceptions)
+    return not isinstance(exc, UpstreamError | StoreError | VerificationError | trio.TooSlowError | trio.Cancelled)
 
 
 def _hash_file(fd: int, size: int, algorithm: str) -> str:

@@ -85,6 +85,9 @@ class AgentMetrics:
         self.reader_rescues = Counter("p2pd_swarm_reader_rescues", "Chunks fetched from the upstream for a local "
                                       "reader that had waited too long while peers that have them sent nothing",
                                       registry=self.registry)
+        self.swarm_fallbacks = Counter("p2pd_swarm_fallbacks", "Blob downloads whose swarm path failed with an "
+                                       "unexpected error (a defect, logged with its traceback) and went on from the "
+                                       "upstream alone", registry=self.registry)
         self.claims_disputed = Counter("p2pd_claims_disputed", "Peers that answered 'not here' for chunks they "
                                        "claimed to hold (reported to the coordinator)", registry=self.registry)
         self.uploads_active = Gauge("p2pd_peer_uploads_active", "Chunk uploads to other nodes in progress "

@@ -32,12 +32,14 @@ def sha256(data: bytes) -> str:
 
 
 def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """A small TOML file of ``[section] key = value`` (numbers and booleans only)."""
+    """A small TOML file of ``[section] key = value`` (numbers, booleans and plain strings)."""
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value!r}")
+            # (A conversion inside the braces would apply to the whole conditional: true → 'true'.)
+            rendered = str(value).lower() if isinstance(value, bool) else repr(value)
+            lines.append(f"{key} = {rendered}")
     path.write_text("\n".join(lines) + "\n")
     return path
 

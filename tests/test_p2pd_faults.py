@@ -25,10 +25,12 @@ from p2pd.fetcher import HOLDBACK, Download, stream_download
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, chunk_size_for
 from p2pd.oci.digest import Digest
 from p2pd.store import BlobStore
+from p2pd.swarm import engine
 from tests.harness import skopeo
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.faulty_proxy import ProxyFaults, serve_faulty_proxy
 from tests.harness.images import MiB, OciLayout
+from tests.harness.net import free_port
 from tests.harness.p2pd_process import P2pdProcess
 from tests.harness.reference_registry import ReferenceRegistry
 from tests.harness.seed_process import SeedProcess
@@ -329,6 +331,68 @@ async def test_concurrent_readers_share_one_upstream_fetch(
     assert min(finished) >= 0.9 * download_time
     # Relative, not a wall-clock target: every reader had bytes well before the first finished.
     assert max(first_byte) < 0.6 * min(finished), (first_byte, finished)
+
+
+# ---- a defect in the swarm path --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_maps", [True, False], ids=["chunk-map", "no-chunk-map"])
+async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_and_the_stream_goes_on(
+    tmp_path: Path,
+    chunk_maps: bool,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception nobody meant to raise (here: landing a chunk from the upstream, once half the
+    blob is here) ends the swarm's part; the blob comes from the upstream alone, from the bytes
+    already released on, and the client's one stream ends with the right blob."""
+    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
+    data = random_bytes(8 * MiB)
+    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", data)
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(rate=16 * MiB, chunk_maps=chunk_maps))
+    monkeypatch.setattr(engine, "_JOIN_GRACE", 0.0)  # a node alone: no wait for peers
+    agent = await start_agent(nursery, agent_config(
+        tmp_path, proxy.url,
+        swarm={"peer_listen": f"127.0.0.1:{free_port()}", "mdns": False, "insecure_peers": True, "peer_tls": False}))
+    released_at_fault: list[int] = []
+    land = engine.Swarm._land_upstream_chunk
+
+    async def land_then_break(swarm: engine.Swarm, transfer: engine.SwarmTransfer, arrival: engine.Arrival) -> None:
+        if transfer.have.cardinality() >= transfer.count // 2:
+            released_at_fault.append(agent.fetcher.in_flight[Digest.parse(digest)].released)
+            raise RuntimeError("an injected defect")
+        await land(swarm, transfer, arrival)
+
+    monkeypatch.setattr(engine.Swarm, "_land_upstream_chunk", land_then_break)
+    async with client() as http:
+        with trio.fail_after(30):
+            status, length, received, complete = await get_blob_raw(http, blob_url(agent.info.url, digest))
+    assert (status, length, complete) == (200, len(data), True)
+    assert "sha256:" + hashlib.sha256(received).hexdigest() == digest
+    assert released_at_fault and released_at_fault[0] > 0  # the client's stream was under way
+    assert agent_metric(agent, "p2pd_swarm_fallbacks_total") == 1
+    # Logged as the defect it is, with its traceback.
+    assert [r.levelname for r in caplog.records if r.name == "p2pd.fetcher"] == ["ERROR"]
+    assert "RuntimeError: an injected defect" in caplog.text
+    assert agent.store.blob_path(Digest.parse(digest)).exists()
+    # The plain path went on from the released bytes: not the whole blob again.
+    assert proxy.blob_bytes(digest) < 2 * len(data)
+
+
+def test_only_the_swarms_own_defects_fall_back_to_the_upstream_alone() -> None:
+    """The upstream's, the store's and a bad blob's failures would meet the plain path too (and a
+    cut or a 404 already sends containerd to its next host); anything else is a defect."""
+    from p2pd.errors import StoreError, UpstreamNotFound, UpstreamUnavailable, VerificationError
+    from p2pd.fetcher import _is_swarm_fault
+
+    not_ours = [UpstreamNotFound("gone"), UpstreamUnavailable("503"), StoreError("disk full"),
+                VerificationError("bad"), trio.TooSlowError()]
+    assert [_is_swarm_fault(exc) for exc in not_ours] == [False] * len(not_ours)
+    assert not _is_swarm_fault(ExceptionGroup("nursery", [UpstreamNotFound("gone"), StoreError("full")]))
+    assert _is_swarm_fault(AttributeError("'NoneType' object has no attribute 'settimeout'"))
+    assert _is_swarm_fault(ExceptionGroup("nursery", [UpstreamNotFound("gone"), KeyError(3)]))
+    assert _is_swarm_fault(ExceptionGroup("outer", [ExceptionGroup("inner", [AssertionError()])]))
 
 
 # ---- crash in the middle of a download ---------------------------------------------------------
