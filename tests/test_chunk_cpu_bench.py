@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ def test_bench_chunk_cpu_tiny(tmp_path: Path) -> None:
     text = out.read_text()
     assert "CPU per chunk" in text and "| 64 KiB | 2 MiB | no | 32 |" in text
     assert "| 64 KiB | 0.5 MiB | 16 Mbit/s | 8 |" in text
+    assert "transport floor (receiver / sender)" in text
+    floors = re.findall(r"\| ([0-9.]+) / ([0-9.]+) ms/MiB \|$", text, re.MULTILINE)
+    assert len(floors) == 2 and all(float(value) > 0 for pair in floors for value in pair), floors
     assert (tmp_path / "bench" / "chunk_cpu.json").exists()
     if os.geteuid() == 0:
         # As root it runs where packets are a real link's size (its own namespace's loopback).

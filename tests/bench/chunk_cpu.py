@@ -11,7 +11,9 @@ done per chunk shows as CPU per MiB that grows as chunks get smaller, and work d
 with the blob at a fixed chunk size. A case may pace the sender (``[swarm] upload_rate``: the
 kernel spreads its packets at that rate, ``SO_MAX_PACING_RATE``) so the chunks arrive as over a
 slow link, a few packets at a time, as they do in the swarm testbed; unpaced, each 16 KiB TLS
-record is there whole when the receiver reads it.
+record is there whole when the receiver reads it. Each case also measures the *transport floor*
+(``tests.bench.transport_floor``): the same chunks between two bare processes on one TLS
+connection with no HTTP and no swarm — what the agents' per-chunk work is to be compared with.
 
 The run happens in a private network namespace (``unshare --net``, root) whose loopback has a
 1500-byte MTU (``--link-mtu``), as a real link has: on the host's loopback (MTU 64 KiB) a whole
@@ -40,6 +42,7 @@ from typing import Any
 import trio
 
 import p2pd.cli
+from tests.bench import transport_floor
 from tests.bench.common import MIB, loadavg, machine_basics, recut, report_header, run_and_publish
 from tests.swarm_cluster import Cluster, pull_blob, push_blob, write_swarm_config
 
@@ -85,7 +88,10 @@ def _measure(root: Path, key_file: Path, chunk_kib: int, blob_mib: float, paced_
         from_peer = receiver.metric("p2pd_fetched_bytes_total", source="peer")
     mib = size / MIB
     chunk = chunk_kib * 1024
+    floor = transport_floor.measure(chunk, size, pacing.get("upload_rate", 0))
     return {"chunk_kib": chunk_kib, "blob_mib": blob_mib, "paced_mbit": paced_mbit, "chunks": -(-size // chunk),
+            "floor_receiver_ms_per_mib": floor["receiver_ms_per_mib"],
+            "floor_sender_ms_per_mib": floor["sender_ms_per_mib"],
             "wall_s": round(wall, 3),
             "sender_ms_per_mib": round((after[0] - before[0]) * 1000 / mib, 1),
             "receiver_ms_per_mib": round((after[1] - before[1]) * 1000 / mib, 1),
@@ -119,7 +125,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     for case in cases:
         mine = [r for r in runs if (r["chunk_kib"], r["blob_mib"], r["paced_mbit"]) == case]
         row = {key: mine[0][key] for key in ("chunk_kib", "blob_mib", "paced_mbit", "chunks")}
-        for key in ("wall_s", "sender_ms_per_mib", "receiver_ms_per_mib", "receiver_loop_ms_per_mib"):
+        for key in ("wall_s", "sender_ms_per_mib", "receiver_ms_per_mib", "receiver_loop_ms_per_mib",
+                    "floor_receiver_ms_per_mib", "floor_sender_ms_per_mib"):
             row[key] = round(statistics.median(r[key] for r in mine), 3 if key == "wall_s" else 1)
         row["from_peer_mib"] = mine[-1]["from_peer_mib"]
         summary.append(row)
@@ -185,16 +192,22 @@ def render_section(report: dict[str, Any]) -> str:
              "the second pull: the receiver's whole process, its event-loop thread alone, and the sender's process, "
              f"per MiB of the blob. Medians of {report['parameters']['repeat']}. *Sender paced*: its `upload_rate` "
              "(the kernel spreads its packets at that rate, so chunks arrive a few packets at a time, as over a slow "
-             "link).", "",
+             "link). *Transport floor*: the same chunks, blob and pacing between two bare Python processes on one "
+             "long-lived TLS connection with 8-byte frames (`tests/bench/transport_floor.py`: no HTTP, no "
+             "authentication, no swarm; the sender trio's `SSLStream` as the agents' peer server is, the receiver "
+             "one thread reading into the chunk's buffer, hashing and writing it, one event-loop wake-up per "
+             "chunk, as the agents' chunk wire does), measured right after the agents' pull: what any chunk "
+             "transport in Python costs here, receiver / sender.", "",
              "| chunk | blob | sender paced | chunks | pull | receiver CPU | of which its event loop | sender CPU "
-             "| from the peer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| from the peer | transport floor (receiver / sender) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
         paced = f"{row['paced_mbit']:g} Mbit/s" if row["paced_mbit"] else "no"
         lines.append(f"| {row['chunk_kib']} KiB | {row['blob_mib']:g} MiB | {paced} | {row['chunks']} | "
                      f"{row['wall_s']:.2f} s | "
                      f"{row['receiver_ms_per_mib']} ms/MiB | {row['receiver_loop_ms_per_mib']} ms/MiB | "
-                     f"{row['sender_ms_per_mib']} ms/MiB | {row['from_peer_mib']:g} MiB |")
+                     f"{row['sender_ms_per_mib']} ms/MiB | {row['from_peer_mib']:g} MiB | "
+                     f"{row['floor_receiver_ms_per_mib']} / {row['floor_sender_ms_per_mib']} ms/MiB |")
     lines += ["", "Raw numbers: [`bench/chunk_cpu.json`](bench/chunk_cpu.json).", ""]
     return "\n".join(lines)
 
