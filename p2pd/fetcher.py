@@ -227,6 +227,12 @@ class Fetcher:
             self.metrics.swarm_fallbacks.inc()
             log.error("the swarm's fetch of %s failed unexpectedly; fetching it from the upstream alone",
                       download.digest, exc_info=exc)
+            try:
+                # Its coordinator releases this node's range leases now: the site's other nodes
+                # fetch those ranges at once instead of waiting out the leases.
+                await self.swarm.announce_gone(download.digest)
+            except Exception:
+                log.exception("telling the swarm that %s is no longer fetched here failed", download.digest)
         await trio.to_thread.run_sync(self._keep_released_prefix, download)
         await self._fetch_plain(download, upstream, remote_repository, chunk_map)
         assert download.size is not None  # the plain path completed the blob

@@ -365,6 +365,14 @@ async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_an
         await land(swarm, transfer, arrival)
 
     monkeypatch.setattr(engine.Swarm, "_land_upstream_chunk", land_then_break)
+    gone: list[Digest] = []
+    announce_gone = engine.Swarm.announce_gone
+
+    async def told_gone(swarm: engine.Swarm, blob: Digest) -> None:
+        gone.append(blob)
+        await announce_gone(swarm, blob)
+
+    monkeypatch.setattr(engine.Swarm, "announce_gone", told_gone)
     async with client() as http:
         with trio.fail_after(30):
             status, length, received, complete = await get_blob_raw(http, blob_url(agent.info.url, digest))
@@ -372,6 +380,7 @@ async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_an
     assert "sha256:" + hashlib.sha256(received).hexdigest() == digest
     assert released_at_fault and released_at_fault[0] > 0  # the client's stream was under way
     assert agent_metric(agent, "p2pd_swarm_fallbacks_total") == 1
+    assert gone == [Digest.parse(digest)]  # its range leases released at once, not left to expire
     # Logged as the defect it is, with its traceback.
     assert [r.levelname for r in caplog.records if r.name == "p2pd.fetcher"] == ["ERROR"]
     assert "RuntimeError: an injected defect" in caplog.text
