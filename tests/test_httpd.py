@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from p2pd.httpd import FileBody, Request, Response, ServerInfo, ServerLimits, SharedPacing, serve_http
-from p2pd.httpd._server import _drained, _SocketPace
+from p2pd.httpd._server import _drained
 from p2pd.oci.errors import OCIError
 
 HOST = "127.0.0.1"
@@ -814,9 +814,6 @@ async def test_drained_looks_when_the_bytes_could_have_left_and_gives_up_at_its_
             self.looks += 1
             return int(self.left)
 
-        async def wait_unsent_below(self, threshold: int) -> bool:
-            return False  # a kernel that cannot tell: the looks below
-
     paced = Queue(speed=32 * 1024, rate=32 * 1024)  # two seconds to leave, at its pace
     start = trio.current_time()
     await _drained(paced, 60)
@@ -833,54 +830,3 @@ async def test_drained_looks_when_the_bytes_could_have_left_and_gives_up_at_its_
     start = trio.current_time()
     await _drained(unpaced, 5)
     assert trio.current_time() == start and unpaced.looks == 0
-
-
-async def test_a_paced_drain_is_woken_by_the_kernel_once_the_bytes_have_left() -> None:
-    """Where the kernel signals it (``TCP_NOTSENT_LOWAT``), the wait for a send queue to empty
-    takes one look and no timer: each look on a timer was a wake-up of the event loop, the most
-    expensive thing a paced sender did per chunk. It still returns only once the bytes have left,
-    and the connection's own mark is put back."""
-    listener = trio.socket.socket()
-    await listener.bind((HOST, 0))
-    listener.listen(1)
-    receiver = trio.socket.socket()
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # before connecting: a window of a few packets
-    await receiver.connect(listener.getsockname())
-    sender, _ = await listener.accept()
-    mark = sender.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-    queued = 0
-    with trio.move_on_after(0.2):  # as much as the send buffer takes, up to 48 KiB
-        while queued < 48 * 1024:
-            queued += await sender.send(bytes(8 * 1024))
-
-    class Counted(_SocketPace):
-        looks = 0
-
-        def unsent(self) -> int:
-            Counted.looks += 1
-            return super().unsent()
-
-    pace = Counted(sender)
-    pace.rate = 1  # paced: its share is held until the queue drains
-    assert pace.unsent() > 4096
-    Counted.looks = 0
-    drained = trio.Event()
-
-    async def drain() -> None:
-        await _drained(pace, 30)
-        drained.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain)
-        with trio.move_on_after(0.3):
-            await drained.wait()
-        assert not drained.is_set()  # the bytes wait for the receiver's window
-        received = 0
-        with trio.fail_after(10):
-            while received < queued:
-                received += len(await receiver.recv(64 * 1024))
-            await drained.wait()
-    assert Counted.looks == 1 and pace.unsent() <= 4096
-    assert sender.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == mark
-    for sock in (sender, receiver, listener):
-        sock.close()

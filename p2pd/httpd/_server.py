@@ -67,7 +67,6 @@ _UNPACED = 0xFFFFFFFF  # the kernel's "no cap" (~0U)
 _SIOCOUTQNSD = 0x894B  # Linux (linux/sockios.h): bytes in a TCP socket's send queue not yet sent
 _DRAIN_LOOK_MIN = 0.01  # seconds: the shortest wait between two looks at a draining send queue
 _DRAIN_ENOUGH = 4096  # bytes still queued that no longer hold a response's share (three packets)
-_TCP_NOTSENT_LOWAT = getattr(socket_module, "TCP_NOTSENT_LOWAT", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,25 +391,6 @@ class _SocketPace:
             return 0
         return max(0, int(struct.unpack("=i", answer)[0]))
 
-    async def wait_unsent_below(self, threshold: int) -> bool:
-        """Waits until fewer than ``threshold`` bytes of the send queue are unsent, woken by the
-        kernel: with ``TCP_NOTSENT_LOWAT`` at ``threshold`` the socket turns writable then (TCP
-        signals it as ACKs come). False at once where that cannot be set (the caller looks on a
-        timer instead). The connection's own mark is put back afterwards."""
-        if _TCP_NOTSENT_LOWAT is None:
-            return False
-        try:
-            before = self._sock.getsockopt(socket_module.IPPROTO_TCP, _TCP_NOTSENT_LOWAT)
-            self._sock.setsockopt(socket_module.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, threshold)
-        except OSError:
-            return False
-        try:
-            await trio.lowlevel.wait_writable(self._sock)
-        finally:
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket_module.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, before)
-        return True
-
 
 def _pacer(sock: socket_module.socket | trio.socket.SocketType | None) -> _SocketPace | None:
     if sock is None or not sys.platform.startswith("linux"):
@@ -423,26 +403,15 @@ class _SendQueue(Protocol):
 
     def unsent(self) -> int: ...
 
-    async def wait_unsent_below(self, threshold: int) -> bool: ...
-
 
 async def _drained(queue: _SendQueue, limit: float) -> None:
     """Returns once the connection's send queue is (nearly) empty, or after ``limit`` seconds; at
-    once when the connection is not paced (a reload lifted the rate: no share to hold).
-
-    The kernel wakes the wait when it can (``wait_unsent_below``): one wake-up per response. Else
-    it looks when the queued bytes could have left at the connection's pace (``rate``): they
-    cannot leave faster, so no look is early — but each look is a timer's wake-up of the event
-    loop (two or three per paced 64 KiB answer), and on the testbed's VM a thread woken by a
-    timer is charged ~60 µs of CPU for it, about twice a socket's wake-up (docs/benchmarks.md,
-    thirty-sixth session)."""
+    once when the connection is not paced (a reload lifted the rate: no share to hold). It looks
+    when the queued bytes could have left at the connection's pace (``rate``): they cannot leave
+    faster, so no look is early — a look or two per response, not one every few milliseconds."""
     if queue.rate <= 0:
         return
     with trio.move_on_after(limit):
-        if queue.unsent() <= _DRAIN_ENOUGH:
-            return
-        if await queue.wait_unsent_below(_DRAIN_ENOUGH + 1):
-            return
         while True:
             left = queue.unsent()  # a poll: the kernel tells no one when a send queue empties
             if left <= _DRAIN_ENOUGH:
