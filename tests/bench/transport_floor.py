@@ -161,15 +161,18 @@ def measure(chunk: int, size: int, rate: int) -> dict[str, float]:
         command = [sys.executable, "-m", "tests.bench.transport_floor"]
         with subprocess.Popen([*command, "send", str(port), str(blob), str(chunk), str(rate), tmp],
                               stdout=subprocess.PIPE, text=True) as sender:
-            assert sender.stdout is not None
-            if sender.stdout.readline().strip() != "ready":
-                sender.kill()
-                raise RuntimeError("the sender did not start")
-            count = -(-size // chunk)
-            receiver = subprocess.run([*command, "receive", str(port), str(count), str(chunk), tmp,
-                                       str(directory / "received")],
-                                      capture_output=True, text=True, timeout=_TIMEOUT, check=True)
-            sent, _ = sender.communicate(timeout=_TIMEOUT)
+            try:
+                assert sender.stdout is not None
+                if sender.stdout.readline().strip() != "ready":
+                    raise RuntimeError("the sender did not start")
+                count = -(-size // chunk)
+                receiver = subprocess.run([*command, "receive", str(port), str(count), str(chunk), tmp,
+                                           str(directory / "received")],
+                                          capture_output=True, text=True, timeout=_TIMEOUT, check=True)
+                sent, _ = sender.communicate(timeout=_TIMEOUT)
+            finally:
+                if sender.poll() is None:  # the receiver failed: the sender may wait for it forever
+                    sender.kill()
         if hashlib.sha256((directory / "received").read_bytes()).digest() != hashlib.sha256(
                 blob.read_bytes()).digest():
             raise RuntimeError("the received blob differs from the sent one")
