@@ -13,6 +13,9 @@ Rules/invariants:
   seconds, so containerd moves on to its next host.
 - Interrupted upstream transfers resume with Range from the last byte written; a partial
   file left by a restart is resumed after rehashing what it holds.
+- A failure of the swarm path that is not the upstream's, the store's or a bad blob's is a
+  defect of ours: logged with its traceback and counted, and the download goes on from the
+  upstream alone from the bytes already released, so the client's stream is not cut.
 - The in-flight table belongs to this module; entries are added synchronously by
   ``start`` (trio is single-threaded, so no two downloads of one digest can start) and
   removed by the download task when it ends.

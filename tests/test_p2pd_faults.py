@@ -15,13 +15,15 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from p2pd.errors import P2PDError
-from p2pd.fetcher import HOLDBACK, Download, stream_download
+from p2pd.daemon import Agent
+from p2pd.errors import P2PDError, StoreError, UpstreamNotFound, UpstreamUnavailable, VerificationError
+from p2pd.fetcher import HOLDBACK, Download, _is_swarm_fault, stream_download
 from p2pd.oci.chunkmap import DEFAULT_CHUNK_SIZE, chunk_size_for
 from p2pd.oci.digest import Digest
 from p2pd.store import BlobStore
@@ -336,6 +338,30 @@ async def test_concurrent_readers_share_one_upstream_fetch(
 # ---- a defect in the swarm path --------------------------------------------------------------------
 
 
+async def _swarm_agent_alone(tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, *,
+                             chunk_maps: bool) -> tuple[bytes, str, Any, Agent]:
+    """An 8 MiB blob on an in-process seed behind a proxy (16 MiB/s; chunk maps shown or not) and
+    an in-process agent with the swarm on and no peers."""
+    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
+    data = random_bytes(8 * MiB)
+    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", data)
+    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(rate=16 * MiB, chunk_maps=chunk_maps))
+    monkeypatch.setattr(engine, "_JOIN_GRACE", 0.0)  # a node alone: no wait for peers
+    agent = await start_agent(nursery, agent_config(
+        tmp_path, proxy.url,
+        swarm={"peer_listen": f"127.0.0.1:{free_port()}", "mdns": False, "insecure_peers": True, "peer_tls": False}))
+    return data, digest, proxy, agent
+
+
+async def _pulled_whole(agent: Agent, digest: str, size: int) -> None:
+    """One GET of the blob through the agent: all of it, right, on one stream."""
+    async with client() as http:
+        with trio.fail_after(30):
+            status, length, received, complete = await get_blob_raw(http, blob_url(agent.info.url, digest))
+    assert (status, length, complete) == (200, size, True)
+    assert "sha256:" + hashlib.sha256(received).hexdigest() == digest
+
+
 @pytest.mark.parametrize("chunk_maps", [True, False], ids=["chunk-map", "no-chunk-map"])
 async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_and_the_stream_goes_on(
     tmp_path: Path,
@@ -347,14 +373,7 @@ async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_an
     """An exception nobody meant to raise (here: landing a chunk from the upstream, once half the
     blob is here) ends the swarm's part; the blob comes from the upstream alone, from the bytes
     already released on, and the client's one stream ends with the right blob."""
-    seed_url, _ = await start_seed(nursery, tmp_path / "seed")
-    data = random_bytes(8 * MiB)
-    digest = await trio.to_thread.run_sync(push_blob, seed_url, "lab/blob", data)
-    proxy = await nursery.start(serve_faulty_proxy, seed_url, ProxyFaults(rate=16 * MiB, chunk_maps=chunk_maps))
-    monkeypatch.setattr(engine, "_JOIN_GRACE", 0.0)  # a node alone: no wait for peers
-    agent = await start_agent(nursery, agent_config(
-        tmp_path, proxy.url,
-        swarm={"peer_listen": f"127.0.0.1:{free_port()}", "mdns": False, "insecure_peers": True, "peer_tls": False}))
+    data, digest, proxy, agent = await _swarm_agent_alone(tmp_path, nursery, monkeypatch, chunk_maps=chunk_maps)
     released_at_fault: list[int] = []
     land = engine.Swarm._land_upstream_chunk
 
@@ -373,11 +392,7 @@ async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_an
         await announce_gone(swarm, blob)
 
     monkeypatch.setattr(engine.Swarm, "announce_gone", told_gone)
-    async with client() as http:
-        with trio.fail_after(30):
-            status, length, received, complete = await get_blob_raw(http, blob_url(agent.info.url, digest))
-    assert (status, length, complete) == (200, len(data), True)
-    assert "sha256:" + hashlib.sha256(received).hexdigest() == digest
+    await _pulled_whole(agent, digest, len(data))
     assert released_at_fault and released_at_fault[0] > 0  # the client's stream was under way
     assert agent_metric(agent, "p2pd_swarm_fallbacks_total") == 1
     assert gone == [Digest.parse(digest)]  # its range leases released at once, not left to expire
@@ -389,12 +404,32 @@ async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_an
     assert proxy.blob_bytes(digest) < 2 * len(data)
 
 
+async def test_a_defect_after_the_blob_is_complete_costs_no_second_fetch(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A defect in telling the swarm about a blob already verified and stored is logged, and the
+    blob is neither fetched again nor failed."""
+    data, digest, proxy, agent = await _swarm_agent_alone(tmp_path, nursery, monkeypatch, chunk_maps=True)
+
+    async def broken(swarm: engine.Swarm, blob: Digest, size: int) -> None:
+        raise RuntimeError("an injected defect")
+
+    monkeypatch.setattr(engine.Swarm, "announce_complete", broken)
+    await _pulled_whole(agent, digest, len(data))
+    with trio.fail_after(10):  # the client has its bytes before the download task tells the swarm
+        await wait_until(lambda: Digest.parse(digest) not in agent.fetcher.in_flight, interval=0.01)
+    assert proxy.blob_bytes(digest) == len(data)  # one copy: no fallback fetch
+    assert agent_metric(agent, "p2pd_swarm_fallbacks_total") == 0
+    assert "RuntimeError: an injected defect" in caplog.text
+    assert not agent.fetcher.failed_recently(Digest.parse(digest))
+
+
 def test_only_the_swarms_own_defects_fall_back_to_the_upstream_alone() -> None:
     """The upstream's, the store's and a bad blob's failures would meet the plain path too (and a
     cut or a 404 already sends containerd to its next host); anything else is a defect."""
-    from p2pd.errors import StoreError, UpstreamNotFound, UpstreamUnavailable, VerificationError
-    from p2pd.fetcher import _is_swarm_fault
-
     not_ours = [UpstreamNotFound("gone"), UpstreamUnavailable("503"), StoreError("disk full"),
                 VerificationError("bad"), trio.TooSlowError()]
     assert [_is_swarm_fault(exc) for exc in not_ours] == [False] * len(not_ours)

@@ -18,6 +18,7 @@ two numbers as JSON; ``measure`` runs it from another program.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -28,12 +29,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from p2pd.swarm.tls import PeerTls, derive_cluster_ca, issue_node_certificate, pem_certificate, pem_private_key
+from p2pd.swarm.tls import PeerTls
 from tests.harness.net import free_port
 
 __all__ = ["measure"]
@@ -49,22 +50,14 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _tls(directory: Path, name: str) -> PeerTls:
-    return PeerTls(directory / "ca.pem", directory / f"{name}.pem", directory / f"{name}.key")
+def _tls(key_file: Path, role: str, directory: Path) -> PeerTls:
+    """This process's peer certificate, derived from the cluster key as an agent's is."""
+    return PeerTls.derived(key_file.read_bytes(), role, directory / role)
 
 
-def _write_tls(directory: Path) -> None:
-    ca_key, ca = derive_cluster_ca(os.urandom(32))
-    (directory / "ca.pem").write_bytes(pem_certificate(ca))
-    for name in ("sender", "receiver"):
-        key, certificate = issue_node_certificate(ca_key, ca, name)
-        (directory / f"{name}.pem").write_bytes(pem_certificate(certificate))
-        (directory / f"{name}.key").write_bytes(pem_private_key(key))
-
-
-async def _send(port: int, blob: Path, chunk: int, rate: int, tls_dir: Path) -> None:
+async def _send(port: int, blob: Path, chunk: int, rate: int, key_file: Path) -> None:
     """Answers one connection's asks, then prints its CPU seconds from the first ask to the end."""
-    context = _tls(tls_dir, "sender").server()
+    context = _tls(key_file, "sender", blob.parent).server()
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     print("ready", flush=True)
     stream = await listeners[0].accept()
@@ -105,7 +98,7 @@ def _read_exactly(sock: socket.socket, view: memoryview) -> None:
 
 
 def _read_chunks(sock: socket.socket, count: int, chunk: int, out: int, token: trio.lowlevel.TrioToken,
-                 on_chunk: Any) -> None:
+                 on_chunk: Callable[[bytes], None]) -> None:
     asked = 0
     for _ in range(min(_ASKS_IN_FLIGHT, count)):
         sock.sendall(_FRAME.pack(asked))
@@ -124,9 +117,9 @@ def _read_chunks(sock: socket.socket, count: int, chunk: int, out: int, token: t
         token.run_sync_soon(on_chunk, digest)
 
 
-async def _receive(port: int, count: int, chunk: int, tls_dir: Path, out_path: Path) -> None:
+async def _receive(port: int, count: int, chunk: int, key_file: Path, out_path: Path) -> None:
     """Takes ``count`` chunks, then prints its CPU seconds from the first ask to the last chunk."""
-    context = _tls(tls_dir, "receiver").client()
+    context = _tls(key_file, "receiver", out_path.parent).client()
     sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=_TIMEOUT), server_hostname=None)
     out = os.open(out_path, os.O_RDWR | os.O_CREAT, 0o600)
     received = 0
@@ -154,27 +147,29 @@ def measure(chunk: int, size: int, rate: int) -> dict[str, float]:
     bytes/s (0: not paced); returns each side's CPU in ms per MiB of the blob."""
     with tempfile.TemporaryDirectory(prefix="transport-floor-") as tmp:
         directory = Path(tmp)
-        _write_tls(directory)
+        key_file = directory / "cluster.key"
+        key_file.write_bytes(os.urandom(32))
         blob = directory / "blob"
-        blob.write_bytes(os.urandom(size))
+        with blob.open("wb") as out:
+            for start in range(0, size, 1 << 22):
+                out.write(os.urandom(min(1 << 22, size - start)))
         port = free_port()
         command = [sys.executable, "-m", "tests.bench.transport_floor"]
-        with subprocess.Popen([*command, "send", str(port), str(blob), str(chunk), str(rate), tmp],
+        with subprocess.Popen([*command, "send", str(port), str(blob), str(chunk), str(rate), str(key_file)],
                               stdout=subprocess.PIPE, text=True) as sender:
             try:
                 assert sender.stdout is not None
                 if sender.stdout.readline().strip() != "ready":
                     raise RuntimeError("the sender did not start")
                 count = -(-size // chunk)
-                receiver = subprocess.run([*command, "receive", str(port), str(count), str(chunk), tmp,
-                                           str(directory / "received")],
+                receiver = subprocess.run([*command, "receive", str(port), str(count), str(chunk),
+                                           str(key_file), str(directory / "received")],
                                           capture_output=True, text=True, timeout=_TIMEOUT, check=True)
                 sent, _ = sender.communicate(timeout=_TIMEOUT)
             finally:
                 if sender.poll() is None:  # the receiver failed: the sender may wait for it forever
                     sender.kill()
-        if hashlib.sha256((directory / "received").read_bytes()).digest() != hashlib.sha256(
-                blob.read_bytes()).digest():
+        if not filecmp.cmp(blob, directory / "received", shallow=False):
             raise RuntimeError("the received blob differs from the sent one")
     mib = size / (1 << 20)
     return {"receiver_ms_per_mib": round(json.loads(receiver.stdout)["cpu_s"] * 1000 / mib, 1),
@@ -184,11 +179,11 @@ def measure(chunk: int, size: int, rate: int) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     role, *args = argv
     if role == "send":
-        port, blob, chunk, rate, tls_dir = args
-        trio.run(_send, int(port), Path(blob), int(chunk), int(rate), Path(tls_dir))
+        port, blob, chunk, rate, key_file = args
+        trio.run(_send, int(port), Path(blob), int(chunk), int(rate), Path(key_file))
     elif role == "receive":
-        port, count, chunk, tls_dir, out = args
-        trio.run(_receive, int(port), int(count), int(chunk), Path(tls_dir), Path(out))
+        port, count, chunk, key_file, out = args
+        trio.run(_receive, int(port), int(count), int(chunk), Path(key_file), Path(out))
     else:
         print(json.dumps(measure(int(role), int(args[0]), int(args[1]))))
     return 0
