@@ -330,10 +330,12 @@ async def hooked_seed(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[tu
     hanging = await start_receiver(nursery)
     hanging.delays.extend([60.0] * 5)  # never answers in time
     config_path = tmp_path / "seed.toml"
+    # What the tests order: the scanner's scan.completed comes whenever it gets to an image.
+    events = 'events = ["push", "tag.moved", "delete"]\n'
     config_path.write_text(
-        f'[[webhooks]]\nname = "fast"\nurl = "{fast.url}"\n{TOML_SECRET}\nbackoff_initial = 0.02\n\n'
+        f'[[webhooks]]\nname = "fast"\nurl = "{fast.url}"\n{TOML_SECRET}\nbackoff_initial = 0.02\n{events}\n'
         f'[[webhooks]]\nname = "hanging"\nurl = "{hanging.url}"\n{TOML_SECRET}\ntimeout = 30\n'
-        'repositories = ["team/**"]\n')
+        f'repositories = ["team/**"]\n{events}')
     config = load_config(config_path, listen="127.0.0.1:0", data=tmp_path / "data")
     info, registry = await nursery.start(partial(serve_seed, config))
     async with httpx.AsyncClient(base_url=info.url, trust_env=False, timeout=30) as client:
