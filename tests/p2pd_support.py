@@ -65,6 +65,15 @@ async def start_seed(nursery: trio.Nursery, data: Path) -> tuple[str, SeedRegist
     return info.url, registry
 
 
+async def downloads_ended(agent: Agent) -> None:
+    """Until the in-process agent has no download in flight (callers bound the wait). A client
+    has a blob's last bytes before the download task renames it into the store and tells the
+    swarm of it: a test that looks at either after a pull waits for this first."""
+    # The fetcher's in-flight table has no event to wait on, and is not worth one for tests.
+    while agent.fetcher.in_flight:  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
 def agent_metric(agent: Agent, name: str, **labels: str) -> float:
     """A sample of the agent's metrics (0.0 if absent)."""
     return agent.metrics.registry.get_sample_value(name, labels) or 0.0

@@ -23,8 +23,16 @@ from tests.harness.images import MiB, OciLayout
 from tests.harness.reference_registry import ReferenceRegistry
 from tests.harness.seed_process import SeedProcess
 from tests.harness.verify import misnamed_blobs
-from tests.p2pd_support import NS, agent_config, agent_metric, blob_sizes, pull, start_agent, write_hosts
-from tests.swarm_cluster import wait_until
+from tests.p2pd_support import (
+    NS,
+    agent_config,
+    agent_metric,
+    blob_sizes,
+    downloads_ended,
+    pull,
+    start_agent,
+    write_hosts,
+)
 
 pytestmark = [pytest.mark.root]
 
@@ -50,8 +58,8 @@ async def test_pull_big_image_from_seed_through_p2pd(
 
     await pull(containerd, ref, hosts)
     assert containerd.image_digest(ref) == pushed
-    with trio.fail_after(10):  # a client has its last bytes before the blob is renamed into the store
-        await wait_until(lambda: not agent.fetcher.in_flight, interval=0.01)
+    with trio.fail_after(10):
+        await downloads_ended(agent)
     assert agent_metric(agent, "p2pd_served_bytes_total") >= image_bytes
     assert agent_metric(agent, "p2pd_fetched_bytes_total", source="upstream") == image_bytes
     assert agent_metric(agent, "p2pd_upstream_fetches_total") == len(sizes)

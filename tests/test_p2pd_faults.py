@@ -42,6 +42,7 @@ from tests.p2pd_support import (
     agent_config,
     agent_metric,
     blob_sizes,
+    downloads_ended,
     get_blob_raw,
     pull,
     push_blob,
@@ -393,8 +394,8 @@ async def test_a_defect_in_the_swarm_path_mid_pull_falls_back_to_the_upstream_an
 
     monkeypatch.setattr(engine.Swarm, "announce_gone", told_gone)
     await _pulled_whole(agent, digest, len(data))
-    with trio.fail_after(10):  # the client has its last bytes before the blob is renamed into the store
-        await wait_until(lambda: Digest.parse(digest) not in agent.fetcher.in_flight, interval=0.01)
+    with trio.fail_after(10):
+        await downloads_ended(agent)
     assert released_at_fault and released_at_fault[0] > 0  # the client's stream was under way
     assert agent_metric(agent, "p2pd_swarm_fallbacks_total") == 1
     assert gone == [Digest.parse(digest)]  # its range leases released at once, not left to expire
@@ -421,8 +422,8 @@ async def test_a_defect_after_the_blob_is_complete_costs_no_second_fetch(
 
     monkeypatch.setattr(engine.Swarm, "announce_complete", broken)
     await _pulled_whole(agent, digest, len(data))
-    with trio.fail_after(10):  # the client has its bytes before the download task tells the swarm
-        await wait_until(lambda: Digest.parse(digest) not in agent.fetcher.in_flight, interval=0.01)
+    with trio.fail_after(10):
+        await downloads_ended(agent)
     assert proxy.blob_bytes(digest) == len(data)  # one copy: no fallback fetch
     assert agent_metric(agent, "p2pd_swarm_fallbacks_total") == 0
     assert "RuntimeError: an injected defect" in caplog.text

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import trio
 
+from p2pd.httpd._server import _SocketPace
 from p2pd.swarm.tls import PeerTls
 from tests.harness.net import free_port
 
 __all__ = ["measure"]
 
-_SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 _ASKS_IN_FLIGHT = 2
 _FRAME = struct.Struct("!Q")
 _TIMEOUT = 120.0
@@ -64,7 +64,7 @@ async def _send(port: int, blob: Path, chunk: int, rate: int, key_file: Path) ->
     for listener in listeners:
         await listener.aclose()
     if rate:
-        stream.socket.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=I", rate))
+        _SocketPace(stream.socket)(rate)  # as the agents' peer server paces an answer
     tls = trio.SSLStream(stream, context, server_side=True)
     await tls.do_handshake()
     fd = os.open(blob, os.O_RDONLY)
